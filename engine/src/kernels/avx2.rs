@@ -1,0 +1,155 @@
+//! x86-64 AVX2 kernels. Chosen at run time by [`super::best`] when the CPU has AVX2, FMA and F16C.
+//!
+//! Ternary rows: a 32-byte block holds 128 codes as `u = code + 1` in four 2-bit planes; shifting
+//! and masking a plane gives 32 unsigned bytes that `maddubs` multiplies with 32 int8 activations.
+//! `Σ u·x − Σ x = Σ code·x`, and `Σ x` is computed once per activation vector.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::Kernels;
+use crate::model::FloatMatrix;
+use crate::quant::GgmlType;
+use crate::ternary::TernaryMatrix;
+
+pub struct Avx2;
+
+impl Avx2 {
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+}
+
+impl Kernels for Avx2 {
+    fn name(&self) -> &'static str {
+        "avx2"
+    }
+
+    fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]) {
+        let xq = &xq[..w.padded_cols()];
+        let sum_x: i32 = xq.iter().map(|&v| v as i32).sum();
+        for (o, r) in out.iter_mut().zip(rows) {
+            // SAFETY: `Avx2` is only handed out by `best()` after `available()` returned true.
+            *o = unsafe { ternary_dot(w.row(r), xq) } - sum_x;
+        }
+    }
+
+    fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        match w.ty {
+            GgmlType::F16 => {
+                for (o, r) in out.iter_mut().zip(rows) {
+                    // SAFETY: as above; the row holds `cols` halves (checked at load).
+                    *o = unsafe { f16_dot(w.row(r), &x[..w.cols]) };
+                }
+            }
+            GgmlType::Q8_0 => {
+                for (o, r) in out.iter_mut().zip(rows) {
+                    // SAFETY: as above; the row holds cols/32 blocks of 34 bytes.
+                    *o = unsafe { q8_0_dot(w.row(r), &x[..w.cols]) };
+                }
+            }
+            _ => {
+                let mut buf = vec![0f32; w.cols];
+                for (o, r) in out.iter_mut().zip(rows) {
+                    w.dequantize_row(r, &mut buf);
+                    // SAFETY: as above.
+                    *o = unsafe { f32_dot(&buf, x) };
+                }
+            }
+        }
+    }
+}
+
+/// `Σ u·x` over one row of 32-byte blocks (u = code + 1 in 0..=2, so no `maddubs` saturation).
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_dot(row: &[u8], xq: &[i8]) -> i32 {
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    for (block, x) in row.chunks_exact(32).zip(xq.chunks_exact(128)) {
+        let b = _mm256_loadu_si256(block.as_ptr() as *const __m256i);
+        let xp = x.as_ptr() as *const __m256i;
+        // Plane g (bits 7-2g..6-2g) holds columns 32g..32g+31.
+        let u0 = _mm256_and_si256(_mm256_srli_epi16(b, 6), mask);
+        let u1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        let u2 = _mm256_and_si256(_mm256_srli_epi16(b, 2), mask);
+        let u3 = _mm256_and_si256(b, mask);
+        let p0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256(xp));
+        let p1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256(xp.add(1)));
+        let p2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256(xp.add(2)));
+        let p3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256(xp.add(3)));
+        // Each i16 lane is at most 2·2·128 = 512 in magnitude, so summing four stays far from overflow.
+        let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    hsum_i32(acc)
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        let h = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
+        let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
+        i += 16;
+    }
+    let mut sum = hsum_f32(_mm256_add_ps(a0, a1));
+    for j in i..n {
+        sum += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * x[j];
+    }
+    sum
+}
+
+/// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (block, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+        let d = _mm256_set1_ps(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+        let mut partial = _mm256_setzero_ps();
+        for k in 0..4 {
+            let q = _mm_loadl_epi64(block.as_ptr().add(2 + 8 * k) as *const __m128i);
+            let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            partial = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(8 * k)), partial);
+        }
+        acc = _mm256_fmadd_ps(d, partial, acc);
+    }
+    hsum_f32(acc)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+        i += 8;
+    }
+    let mut sum = hsum_f32(acc);
+    for j in i..n {
+        sum += a[j] * b[j];
+    }
+    sum
+}

@@ -1,0 +1,65 @@
+//! The hot loops of inference, one implementation per target behind the [`Kernels`] trait.
+//!
+//! [`scalar`] is the reference: plain Rust that says exactly what each kernel computes. Every faster
+//! implementation is tested against it (bit-for-bit on the integer accumulators). [`best`] picks the
+//! fastest one the running CPU supports.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
+use std::ops::Range;
+
+use crate::model::FloatMatrix;
+use crate::ternary::TernaryMatrix;
+
+pub trait Kernels: Send + Sync {
+    /// A short name for logs and `bitnet bench`.
+    fn name(&self) -> &'static str;
+
+    /// The integer part of BitLinear for the rows `rows` of `w`:
+    /// `out[i] = Σ_c code(rows.start + i, c) · xq[c]`.
+    /// `xq` holds `w.padded_cols()` int8 activations (zero past `w.cols`).
+    fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]);
+
+    /// A float matrix-vector product over the rows `rows` of `w` (the LM head):
+    /// `out[i] = Σ_c W(rows.start + i, c) · x[c]`, with `W` decoded from its storage type.
+    fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]);
+}
+
+/// The fastest kernels this CPU supports.
+/// `BITNET_KERNELS=scalar` forces the reference kernels (for debugging and comparisons).
+pub fn best() -> &'static dyn Kernels {
+    if std::env::var("BITNET_KERNELS").is_ok_and(|k| k == "scalar") {
+        return &scalar::Scalar;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::Avx2::available() {
+        return &avx2::Avx2;
+    }
+    &scalar::Scalar
+}
+
+/// Every kernel set this CPU can run, the reference first: what the kernel tests compare.
+pub fn available() -> Vec<&'static dyn Kernels> {
+    let mut all: Vec<&'static dyn Kernels> = vec![&scalar::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    if avx2::Avx2::available() {
+        all.push(&avx2::Avx2);
+    }
+    all
+}
+
+/// Per-token absmax int8 quantization of activations (BitNet b1.58's activation quantizer):
+/// `s = 127 / max(max|x|, 1e-5)`, `q = clamp(round_half_even(x·s), -128, 127)`.
+/// Writes `q` into the first `x.len()` entries of `out`, zeros into the rest (the padding of the
+/// ternary rows), and returns `s`.
+pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = 127.0 / amax.max(1e-5);
+    for (q, &v) in out.iter_mut().zip(x) {
+        *q = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    out[x.len()..].fill(0);
+    s
+}

@@ -1,0 +1,41 @@
+//! The reference kernels: the simplest correct code for each operation.
+
+use std::ops::Range;
+
+use super::Kernels;
+use crate::model::FloatMatrix;
+use crate::ternary::TernaryMatrix;
+
+pub struct Scalar;
+
+impl Kernels for Scalar {
+    fn name(&self) -> &'static str {
+        "scalar"
+    }
+
+    fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]) {
+        for (o, r) in out.iter_mut().zip(rows) {
+            let row = w.row(r);
+            let mut acc = 0i32;
+            // A block of 128 columns is 32 bytes; byte j holds columns j, 32+j, 64+j, 96+j
+            // (bits 7:6, 5:4, 3:2, 1:0) as code + 1.
+            for (block, x) in row.chunks_exact(32).zip(xq.chunks_exact(128)) {
+                for (j, &b) in block.iter().enumerate() {
+                    for g in 0..4 {
+                        let code = ((b >> (6 - 2 * g)) & 3) as i32 - 1;
+                        acc += code * x[32 * g + j] as i32;
+                    }
+                }
+            }
+            *o = acc;
+        }
+    }
+
+    fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        let mut buf = vec![0f32; w.cols];
+        for (o, r) in out.iter_mut().zip(rows) {
+            w.dequantize_row(r, &mut buf);
+            *o = buf.iter().zip(x).map(|(a, b)| a * b).sum();
+        }
+    }
+}

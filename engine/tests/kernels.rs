@@ -1,0 +1,108 @@
+//! Every kernel set against the scalar reference: integer accumulators bit-for-bit, float
+//! products to float tolerance, on random data and shapes that are not multiples of the blocks.
+
+use bitnet_engine::kernels::{self, quantize_activations};
+use bitnet_engine::model::FloatMatrix;
+use bitnet_engine::quant::{self, GgmlType};
+use bitnet_engine::ternary::TernaryMatrix;
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn random_ternary(rng: &mut Rng, rows: usize, cols: usize) -> TernaryMatrix {
+    let codes: Vec<i8> = (0..rows * cols).map(|_| rng.below(3) as i8 - 1).collect();
+    TernaryMatrix::from_codes(rows, cols, &codes, 0.5)
+}
+
+#[test]
+fn ternary_rows_match_the_reference_exactly() {
+    let mut rng = Rng(0x1234_5678);
+    let reference = kernels::available()[0];
+    for &(rows, cols) in &[(1, 1), (3, 127), (17, 128), (40, 192), (33, 320), (64, 576), (9, 1536), (5, 2560)] {
+        let w = random_ternary(&mut rng, rows, cols);
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 3.0).collect();
+        let mut xq = vec![0i8; w.padded_cols()];
+        quantize_activations(&x, &mut xq);
+        // Extreme activations too: -128 and 127 everywhere exercise the widest sums.
+        for xq in [xq.clone(), extreme(cols, w.padded_cols(), -128), extreme(cols, w.padded_cols(), 127)] {
+            let mut want = vec![0i32; rows];
+            reference.ternary_rows(&w, 0..rows, &xq, &mut want);
+            let naive: Vec<i32> = (0..rows)
+                .map(|r| (0..cols).map(|c| w.code(r, c) as i32 * xq[c] as i32).sum())
+                .collect();
+            assert_eq!(want, naive, "scalar kernel vs. the definition, {rows}x{cols}");
+            for k in kernels::available() {
+                let mut got = vec![0i32; rows];
+                k.ternary_rows(&w, 0..rows, &xq, &mut got);
+                assert_eq!(got, want, "{} kernel, {rows}x{cols}", k.name());
+                // A sub-range of rows lands in the right places.
+                if rows > 2 {
+                    let mut part = vec![0i32; rows - 2];
+                    k.ternary_rows(&w, 1..rows - 1, &xq, &mut part);
+                    assert_eq!(part, want[1..rows - 1], "{} kernel, row range", k.name());
+                }
+            }
+        }
+    }
+}
+
+fn extreme(cols: usize, padded: usize, v: i8) -> Vec<i8> {
+    (0..padded).map(|c| if c < cols { v } else { 0 }).collect()
+}
+
+#[test]
+fn activation_quantization_is_absmax_round_half_even() {
+    // max|x| = 127/64 makes the scale exactly 64, so x·s below is exact and the ties are real ties.
+    let x = [1.984375f32, 1.0 / 128.0, 3.0 / 128.0, 5.0 / 128.0, -5.0 / 128.0, -1.984375];
+    let mut q = [0i8; 8];
+    let s = quantize_activations(&x, &mut q);
+    assert_eq!(s, 64.0);
+    // 0.5 → 0, 1.5 → 2, 2.5 → 2, -2.5 → -2 (half to even); padding is zeroed.
+    assert_eq!(q, [127, 0, 2, 2, -2, -127, 0, 0]);
+    let mut q = [1i8; 4];
+    assert_eq!(quantize_activations(&[0.0; 2], &mut q), 127.0 / 1e-5);
+    assert_eq!(q, [0; 4]);
+}
+
+#[test]
+fn float_rows_match_the_reference() {
+    let mut rng = Rng(99);
+    let reference = kernels::available()[0];
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0, GgmlType::Q6_K, GgmlType::Q4_K] {
+        let (rows, cols) = (37, if ty.block_size() == 256 { 512 } else { 576 });
+        let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+        let data = quant::quantize(ty, &src).unwrap();
+        let w = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data };
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+        let mut want = vec![0f32; rows];
+        reference.float_rows(&w, 0..rows, &x, &mut want);
+        // The reference equals the dot product of the dequantized rows.
+        let mut deq = vec![0f32; rows * cols];
+        quant::dequantize(ty, &w.data, &mut deq).unwrap();
+        for r in 0..rows {
+            let d: f64 = (0..cols).map(|c| deq[r * cols + c] as f64 * x[c] as f64).sum();
+            assert!((want[r] as f64 - d).abs() < 1e-4, "{ty:?} scalar row {r}: {} vs {d}", want[r]);
+        }
+        for k in kernels::available() {
+            let mut got = vec![0f32; rows];
+            k.float_rows(&w, 0..rows, &x, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} kernel, {ty:?}: {g} vs {e}", k.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `bitnet bench`: prompt processing and generation speed, measured as llama-bench does:
+//! `pp`: a prompt of `p` tokens evaluated from an empty cache; `tg`: `n` tokens generated one at a
+//! time, each with its logits. One warm-up run, then `r` repetitions; mean and standard deviation.
+
+use std::time::Instant;
+
+use bitnet_engine::Error;
+use clap::Args;
+
+use crate::model_file::Loaded;
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens for the prompt-processing test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    n_prompt: usize,
+    /// Tokens for the generation test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
+    n_gen: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean and standard deviation of tokens/s over the repetitions.
+fn stats(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+pub fn bench(a: BenchArgs) -> Result<(), Error> {
+    if a.reps == 0 {
+        return Err(Error::Invalid("--repetitions must be at least 1".into()));
+    }
+    let m = Loaded::open(&a.model)?;
+    let mut session = m.session()?;
+    if a.n_prompt.max(a.n_gen + 1) > session.ctx() {
+        return Err(Error::ContextFull { needed: a.n_prompt.max(a.n_gen + 1), ctx: session.ctx() });
+    }
+    let vocab = m.model.config.n_vocab as u32;
+    // Fixed pseudo-random tokens: the speed does not depend on which tokens they are.
+    let tokens: Vec<u32> = (0..a.n_prompt.max(a.n_gen + 1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut run = |pp: bool| -> Result<f64, Error> {
+        session.truncate(0);
+        let t = Instant::now();
+        let n = if pp {
+            session.prefill(&tokens[..a.n_prompt])?;
+            a.n_prompt
+        } else {
+            for &tok in &tokens[..a.n_gen] {
+                session.push(tok, true)?;
+            }
+            a.n_gen
+        };
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    let mut measure = |pp: bool, n: usize| -> Result<Option<(f64, f64)>, Error> {
+        if n == 0 {
+            return Ok(None);
+        }
+        m.pool.install(|| run(pp))?; // warm-up
+        let samples = (0..a.reps).map(|_| m.pool.install(|| run(pp))).collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(stats(&samples)))
+    };
+    let pp = measure(true, a.n_prompt)?;
+    let tg = measure(false, a.n_gen)?;
+    let threads = m.pool.current_num_threads();
+    if a.json {
+        let entry = |n: usize, s: Option<(f64, f64)>| s.map(|(tps, sd)| serde_json::json!({"n": n, "tps": tps, "sd": sd}));
+        let out = serde_json::json!({
+            "threads": threads,
+            "kernels": bitnet_engine::kernels::best().name(),
+            "pp": entry(a.n_prompt, pp),
+            "tg": entry(a.n_gen, tg),
+        });
+        println!("{out}");
+    } else {
+        println!("| kernels | threads | test | tokens/s |");
+        println!("| --- | --- | --- | --- |");
+        for (name, n, s) in [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)] {
+            if let Some((tps, sd)) = s {
+                println!("| {} | {threads} | {name}{n} | {tps:.2} ± {sd:.2} |", bitnet_engine::kernels::best().name());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! `bitnet`: the native command-line shell over bitnet-engine.
+
+mod bench;
+mod model_file;
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use bitnet_engine::chat::ChatMessage;
+use bitnet_engine::model::Activation;
+use bitnet_engine::sampling::SamplerParams;
+use bitnet_engine::session::{GenParams, GenStats};
+use bitnet_engine::Error;
+use clap::{Args, Parser, Subcommand};
+
+use model_file::Loaded;
+
+#[derive(Parser)]
+#[command(name = "bitnet", version, about = "Run BitNet b1.58 (ternary) language models", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt, streaming the generated text to stdout.
+    Run(RunArgs),
+    /// Chat interactively with the model's chat template (one message per line on stdin).
+    Chat(ChatArgs),
+    /// Show a GGUF file's metadata and tensors.
+    Info(InfoArgs),
+    /// Print the next-token logits of a prompt as JSON.
+    Logits(LogitsArgs),
+    /// Perplexity of a text file, as llama-perplexity computes it.
+    Perplexity(PerplexityArgs),
+    /// Prompt-processing and generation speed, as llama-bench measures them.
+    Bench(bench::BenchArgs),
+}
+
+/// How to load and run a model: shared by every subcommand that runs one.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file (default: the small model embedded in this binary).
+    #[arg(short, long)]
+    model: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Override the FFN activation (relu2 or silu) read or inferred from the file.
+    #[arg(long, value_parser = parse_activation)]
+    activation: Option<Activation>,
+}
+
+fn parse_activation(s: &str) -> Result<Activation, String> {
+    Activation::parse(s).ok_or_else(|| format!("unknown activation '{s}' (relu2 or silu)"))
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Temperature; 0 = greedy (exact argmax).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (default: a new one each run, printed on stderr).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn gen_params(&self) -> GenParams {
+        let seed = self.seed.unwrap_or_else(|| {
+            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            eprintln!("seed: {seed}");
+            seed
+        });
+        GenParams {
+            max_tokens: self.n_predict,
+            stop: self.stop.clone(),
+            sampler: SamplerParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed,
+            },
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt to continue.
+    #[arg(short, long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// GGUF model file (default: the embedded model).
+    #[arg(short, long)]
+    model: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to evaluate (BOS is added when the model asks for it).
+    #[arg(short, long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    prompt: Option<String>,
+    /// Token ids to evaluate as they are, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// How many of the largest logits to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Also print the whole logit vector.
+    #[arg(long)]
+    all: bool,
+    /// Print one JSON object (the only output format; accepted for compatibility with scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text file to score.
+    #[arg(short, long)]
+    file: std::path::PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Chat(a) => chat(a),
+        Command::Info(a) => model_file::info(a.model.as_deref()),
+        Command::Logits(a) => logits(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_stats(s: &GenStats) {
+    let tps = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
+    eprintln!(
+        "\n[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s | stop: {:?}]",
+        s.n_prompt_eval,
+        tps(s.n_prompt_eval, s.prompt_time),
+        s.n_generated,
+        tps(s.n_generated, s.gen_time),
+        s.stop
+    );
+}
+
+fn stream_to_stdout(text: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (e.g. `| head`) ends generation quietly.
+    out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+}
+
+fn run(a: RunArgs) -> Result<(), Error> {
+    let m = Loaded::open(&a.model)?;
+    let params = a.sampling.gen_params();
+    let prompt = m.tokenizer.encode(&a.prompt, m.tokenizer.add_bos())?;
+    let mut session = m.session()?;
+    let stats = m.pool.install(|| session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout))?;
+    println!();
+    print_stats(&stats);
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<(), Error> {
+    let m = Loaded::open(&a.model)?;
+    let params = a.sampling.gen_params();
+    let mut session = m.session()?;
+    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::Invalid(format!("reading stdin: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line });
+        let prompt = m.tokenizer.encode_chat(&messages, true)?;
+        let mut reply = String::new();
+        let stats = m.pool.install(|| {
+            session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
+                reply.push_str(t);
+                stream_to_stdout(t)
+            })
+        })?;
+        println!();
+        if interactive {
+            print_stats(&stats);
+        }
+        messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<(), Error> {
+    let m = Loaded::open(&a.model)?;
+    let tokens = match (&a.prompt, &a.tokens) {
+        (Some(p), _) => m.tokenizer.encode(p, m.tokenizer.add_bos())?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let mut session = m.session()?;
+    m.pool.install(|| session.prefill(&tokens))?;
+    let logits = session.logits();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]).then(i.cmp(&j)));
+    let top: Vec<serde_json::Value> = order.iter().take(a.top).map(|&i| serde_json::json!([i, logits[i]])).collect();
+    let mut out = serde_json::json!({ "tokens": tokens, "top": top });
+    if a.all {
+        out["logits"] = serde_json::json!(logits);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// llama-perplexity's method: the text is cut into non-overlapping windows of `ctx` tokens, each
+/// evaluated from an empty cache (its first token replaced by BOS when the model adds one), and only
+/// the second half of each window is scored, so every scored token has at least ctx/2 of context.
+fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
+    let m = Loaded::open(&a.model)?;
+    let bytes = std::fs::read(&a.file).map_err(|e| Error::Invalid(format!("{}: {e}", a.file.display())))?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::Invalid(format!("{} is not valid UTF-8", a.file.display())))?;
+    let add_bos = m.tokenizer.add_bos();
+    let tokens = m.tokenizer.encode(&text, add_bos)?;
+    let mut session = m.session()?;
+    let n_ctx = session.ctx();
+    let n_chunks = tokens.len() / n_ctx;
+    if n_chunks == 0 {
+        return Err(Error::Invalid(format!("the text has {} tokens; at least one window of {n_ctx} is needed (lower --ctx)", tokens.len())));
+    }
+    let first = n_ctx / 2;
+    let (mut nll, mut count) = (0f64, 0usize);
+    for chunk in tokens.chunks_exact(n_ctx).take(n_chunks) {
+        let mut window = chunk.to_vec();
+        if add_bos {
+            window[0] = m.tokenizer.bos().expect("add_bos implies a BOS token");
+        }
+        session.truncate(0);
+        m.pool.install(|| -> Result<(), Error> {
+            for (j, &t) in window.iter().enumerate() {
+                let score = j >= first && j + 1 < n_ctx;
+                session.push(t, score)?;
+                if score {
+                    nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
+                    count += 1;
+                }
+            }
+            Ok(())
+        })?;
+        eprint!("[{:.4}]", (nll / count as f64).exp());
+    }
+    eprintln!();
+    println!("windows = {n_chunks}, ctx = {n_ctx}, scored tokens = {count}");
+    println!("PPL = {:.4}", (nll / count as f64).exp());
+    Ok(())
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    logits[i] as f64 - max - sum.ln()
+}

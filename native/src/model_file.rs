@@ -1,0 +1,122 @@
+//! Opening a model: the embedded default or a memory-mapped GGUF file, with a progress bar for big ones.
+
+use std::path::Path;
+
+use bitnet_engine::gguf::{GgufFile, Value};
+use bitnet_engine::kernels;
+use bitnet_engine::model::{LoadOptions, Model};
+use bitnet_engine::session::Session;
+use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_engine::Error;
+
+use crate::ModelArgs;
+
+/// The default model, compiled into the binary so that `bitnet run -p ...` works with no download:
+/// smolbit-135m, converted from `../shared/models/smolbit-135m` by `bitnet convert` (see README).
+static DEFAULT_MODEL: &[u8] = include_bytes!("../../engine/models/smolbit-135m.gguf");
+
+/// The bytes of a GGUF file: mapped from disk, or the embedded model.
+pub enum Bytes {
+    Mapped(memmap2::Mmap),
+    Embedded(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Embedded(b) => b,
+        }
+    }
+}
+
+pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
+    let Some(path) = path else { return Ok(Bytes::Embedded(DEFAULT_MODEL)) };
+    let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    // SAFETY: the file is only read; if another process truncates it while mapped, reads fault, as with
+    // any memory-mapped loader (llama.cpp does the same).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(Bytes::Mapped(map))
+}
+
+/// A model ready to run: weights, tokenizer, and the thread pool to run it on.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub pool: rayon::ThreadPool,
+    ctx: usize,
+}
+
+impl Loaded {
+    pub fn open(a: &ModelArgs) -> Result<Self, Error> {
+        let bytes = open_bytes(a.model.as_deref())?;
+        let gguf = GgufFile::parse(&bytes)?;
+        let tokenizer = Tokenizer::from_metadata(&gguf.metadata)?;
+        let opts = LoadOptions { activation: a.activation };
+        let bar = (bytes.len() > 200 << 20).then(|| {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} {msg}").expect("valid template"));
+            bar
+        });
+        let mut progress = |done: usize, total: usize| {
+            if let Some(b) = &bar {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            }
+        };
+        let model = Model::load(&gguf, &bytes, &opts, &mut progress)?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let ctx = a.ctx.unwrap_or(model.config.n_ctx_train.min(4096));
+        let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
+        Ok(Self { model, tokenizer, pool, ctx })
+    }
+
+    pub fn session(&self) -> Result<Session<'_>, Error> {
+        Session::new(&self.model, kernels::best(), self.ctx)
+    }
+}
+
+/// `bitnet info`: metadata, the choices the engine makes about the model, and the tensor table.
+pub fn info(path: Option<&Path>) -> Result<(), Error> {
+    let bytes = open_bytes(path)?;
+    let g = GgufFile::parse(&bytes)?;
+    println!("GGUF v{}, {} bytes, {} metadata keys, {} tensors, alignment {}", g.version, bytes.len(), g.metadata.len(), g.tensors.len(), g.alignment);
+    println!("\nmetadata:");
+    for (k, v) in &g.metadata {
+        println!("  {k:<45} {}", show_value(v));
+    }
+    match bitnet_engine::model::Config::from_gguf(&g, &LoadOptions::default()) {
+        Ok(c) => {
+            println!("\nmodel: arch {}, {} layers, embd {}, ff {}, heads {}/{} (kv), head dim {}, vocab {}, context {}", c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train);
+            println!("activation: {} ({})", c.activation, c.activation_reason);
+        }
+        Err(e) => println!("\nmodel: not runnable: {e}"),
+    }
+    match Tokenizer::from_metadata(&g.metadata) {
+        Ok(t) => println!("tokenizer: {} tokens, pre-tokenizer {}, add BOS {}", t.vocab_size(), t.pre(), t.add_bos()),
+        Err(e) => println!("tokenizer: unusable: {e}"),
+    }
+    println!("\n{:<32} {:<6} {:<18} {:>12}", "tensor", "type", "shape", "bytes");
+    for t in &g.tensors {
+        println!("{:<32} {:<6} {:<18} {:>12}", t.name, t.ty.name(), format!("{:?}", t.dims), t.size);
+    }
+    Ok(())
+}
+
+/// A metadata value for humans: long arrays are summarized.
+fn show_value(v: &Value) -> String {
+    match v {
+        Value::Str(s) if s.len() > 80 => format!("{:?}... ({} bytes)", &s[..s.floor_char_boundary(60)], s.len()),
+        Value::Str(s) => format!("{s:?}"),
+        Value::Array(a) if a.len() > 8 => format!("[{} items: {}, ...]", a.len(), a.iter().take(3).map(show_value).collect::<Vec<_>>().join(", ")),
+        Value::Array(a) => format!("[{}]", a.iter().map(show_value).collect::<Vec<_>>().join(", ")),
+        other => format!("{other:?}").split(['(', ')']).nth(1).unwrap_or_default().to_string(),
+    }
+}
