@@ -1,0 +1,345 @@
+//! Tokenizer and chat template tests against Hugging Face references.
+//!
+//! tests/fixtures/tokenizer_refs.json comes from tests/scripts/make_tokenizer_refs.py (HF `tokenizers` and
+//! `transformers`). The engine's tokenizers are built the way a GGUF file gives them: tokenizer.json →
+//! metadata_from_hf → Tokenizer::from_metadata, from the same files the script read in the shared data.
+
+use bitnet_engine::chat::{self, ChatMessage, BITNET_TEMPLATE};
+use bitnet_engine::gguf::Value;
+use bitnet_engine::tokenizer::{metadata_from_hf, StreamDecoder, Tokenizer};
+use bitnet_engine::Error;
+use serde_json::Value as J;
+use std::io::Read;
+use std::sync::OnceLock;
+
+const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared");
+const REFS: &str = include_str!("../../tests/fixtures/tokenizer_refs.json");
+
+type Metadata = Vec<(String, Value)>;
+
+fn refs() -> &'static J {
+    static REFS_JSON: OnceLock<J> = OnceLock::new();
+    REFS_JSON.get_or_init(|| serde_json::from_str(REFS).unwrap())
+}
+
+fn read(path: &str) -> String {
+    let path = format!("{SHARED}/{path}");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    if !path.ends_with(".gz") {
+        return String::from_utf8(bytes).unwrap();
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).unwrap();
+    text
+}
+
+fn llama3_metadata() -> &'static Metadata {
+    static MD: OnceLock<Metadata> = OnceLock::new();
+    MD.get_or_init(|| {
+        let config = read("tokenizers/llama3/tokenizer_config.json");
+        metadata_from_hf(&read("tokenizers/llama3/tokenizer.json.gz"), Some(&config)).unwrap()
+    })
+}
+
+fn llama3() -> &'static Tokenizer {
+    static TK: OnceLock<Tokenizer> = OnceLock::new();
+    TK.get_or_init(|| Tokenizer::from_metadata(llama3_metadata()).unwrap())
+}
+
+fn smolbit_metadata() -> Metadata {
+    let config = read("models/smolbit-135m/tokenizer_config.json");
+    metadata_from_hf(&read("models/smolbit-135m/tokenizer.json"), Some(&config)).unwrap()
+}
+
+fn smolbit() -> &'static Tokenizer {
+    static TK: OnceLock<Tokenizer> = OnceLock::new();
+    TK.get_or_init(|| Tokenizer::from_metadata(&smolbit_metadata()).unwrap())
+}
+
+fn ids(v: &J) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn without(md: &Metadata, keys: &[&str]) -> Metadata {
+    md.iter().filter(|(k, _)| !keys.contains(&k.as_str())).cloned().collect()
+}
+
+fn set(md: &mut Metadata, key: &str, v: Value) {
+    md.retain(|(k, _)| k != key);
+    md.push((key.to_owned(), v));
+}
+
+/// Every fixture string: same ids as HF, with and without BOS, and decoding gives the text back.
+fn check_against_hf(tk: &Tokenizer, name: &str) {
+    let r = &refs()[name];
+    let cases = r["cases"].as_array().unwrap();
+    assert!(cases.len() >= 34, "{name}: only {} cases", cases.len());
+    assert_eq!(tk.add_bos(), r["add_bos"].as_bool().unwrap(), "{name}: add_bos");
+    assert_eq!(tk.bos(), Some(r["bos"].as_u64().unwrap() as u32), "{name}: bos");
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        let got = tk.encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}\n  want {want:?}\n  got  {got:?}"));
+            continue;
+        }
+        let with_bos = tk.encode(text, true).unwrap();
+        assert_eq!(with_bos[0], tk.bos().unwrap(), "{name}: {text:?}");
+        assert_eq!(&with_bos[1..], &want[..], "{name}: {text:?}");
+        assert_eq!(tk.decode(&want), text, "{name}: decode");
+    }
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {} differ from HF:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn llama3_ids_match_hf() {
+    assert_eq!(llama3().pre(), "llama-bpe");
+    assert_eq!(llama3().vocab_size(), 128256);
+    check_against_hf(llama3(), "llama3");
+    assert_eq!(llama3().encode("Hello world!", true).unwrap(), [128000, 9906, 1917, 0]);
+}
+
+#[test]
+fn smolbit_ids_match_hf() {
+    assert_eq!(smolbit().pre(), "smollm");
+    assert_eq!(smolbit().vocab_size(), 49152);
+    check_against_hf(smolbit(), "smolbit");
+}
+
+/// Microsoft's 2B4T GGUF has no `tokenizer.ggml.pre` (nor, in some uploads, add_bos_token): the Llama 3 vocabulary
+/// must still get the Llama 3 split and BOS.
+#[test]
+fn llama3_vocabulary_without_pre_key() {
+    let md = without(llama3_metadata(), &["tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token"]);
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    assert_eq!(tk.pre(), "llama-bpe");
+    assert!(tk.add_bos());
+    for case in refs()["llama3"]["cases"].as_array().unwrap() {
+        assert_eq!(tk.encode(case["text"].as_str().unwrap(), false).unwrap(), ids(&case["ids"]));
+    }
+}
+
+#[test]
+fn gpt2_pre_splits_differently() {
+    // The same vocabulary under GPT-2's regex: digits are no longer cut in threes (sanity check that `pre` matters).
+    let mut md = llama3_metadata().clone();
+    set(&mut md, "tokenizer.ggml.pre", Value::Str("gpt2".into()));
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    assert_eq!(tk.pre(), "gpt2");
+    assert!(tk.add_bos(), "add_bos_token = true is in the metadata");
+    let llama = llama3().encode("1234567", false).unwrap();
+    assert_eq!(llama3().decode(&llama), "1234567");
+    assert_eq!(llama.len(), 3);
+    assert_ne!(tk.encode("1234567", false).unwrap(), llama);
+    // Without add_bos_token, only Llama 3 vocabularies default to BOS.
+    let tk = Tokenizer::from_metadata(&without(&md, &["tokenizer.ggml.add_bos_token"])).unwrap();
+    assert!(!tk.add_bos());
+}
+
+#[test]
+fn special_tokens_and_end_of_generation() {
+    let tk = llama3();
+    assert_eq!((tk.bos(), tk.eos()), (Some(128000), Some(128001)));
+    assert_eq!(tk.token_text(128009), Some("<|eot_id|>"));
+    assert_eq!(tk.token_text(1917), Some("Ġworld"));
+    assert_eq!(tk.token_text(128256), None);
+    for id in [128001, 128009] {
+        assert!(tk.is_end_of_generation(id), "{id}");
+    }
+    for id in [128000, 9906, 128006] {
+        assert!(!tk.is_end_of_generation(id), "{id}");
+    }
+    assert_eq!(tk.encode("<|eot_id|>", false).unwrap(), [128009]);
+    assert_eq!(tk.decode(&[128000, 9906, 128009]), "<|begin_of_text|>Hello<|eot_id|>");
+
+    let tk = smolbit();
+    assert_eq!((tk.bos(), tk.eos()), (Some(1), Some(2)));
+    assert!(tk.is_end_of_generation(2) && tk.is_end_of_generation(0) && !tk.is_end_of_generation(1));
+    let config: J = serde_json::from_str(&read("models/smolbit-135m/tokenizer_config.json")).unwrap();
+    assert_eq!(tk.chat_template(), config["chat_template"].as_str());
+}
+
+#[test]
+fn eot_token_id_key_ends_generation() {
+    let mut md = smolbit_metadata();
+    set(&mut md, "tokenizer.ggml.eot_token_id", Value::U32(5));
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    assert!(tk.is_end_of_generation(5));
+    set(&mut md, "tokenizer.ggml.eot_token_id", Value::U32(49152));
+    assert!(matches!(Tokenizer::from_metadata(&md), Err(Error::Metadata { .. })));
+}
+
+#[test]
+fn token_bytes_are_raw_bytes() {
+    let tk = llama3();
+    assert_eq!(tk.token_bytes(1917), b" world");
+    assert_eq!(tk.token_bytes(128009), b"<|eot_id|>");
+    assert_eq!(tk.token_bytes(u32::MAX), b"");
+    // All 256 single bytes are tokens, each standing for exactly that byte.
+    let mut seen = [false; 256];
+    for id in 0..tk.vocab_size() as u32 {
+        if let [b] = tk.token_bytes(id)[..] {
+            seen[b as usize] = true;
+        }
+    }
+    assert!(seen.iter().all(|&s| s));
+}
+
+#[test]
+fn stream_decoder_holds_partial_characters() {
+    for tk in [llama3(), smolbit()] {
+        for text in ["family: 👨‍👩‍👧‍👦 and 🏳️‍🌈 🇺🇸", "日本語のテキスト 🦀🦀🦀", "e\u{301} Привет, ∑ᵢ aᵢ ≈ π 𝔘𝔫𝔦"]
+        {
+            let ids = tk.encode(text, false).unwrap();
+            let mut dec = StreamDecoder::new();
+            let mut out = String::new();
+            let mut held = 0;
+            for &id in &ids {
+                let piece = dec.push(tk, id);
+                assert!(!piece.contains('\u{FFFD}'), "{text:?}: broken piece {piece:?}");
+                held += piece.is_empty() as usize;
+                out.push_str(&piece);
+            }
+            out.push_str(&dec.flush());
+            assert_eq!(out, text);
+            // Emoji and CJK take several byte-level tokens in these vocabularies: some pushes must have held bytes.
+            assert!(held > 0, "{text:?}: no token ended inside a character ({ids:?})");
+        }
+    }
+}
+
+#[test]
+fn stream_decoder_invalid_and_unfinished_bytes() {
+    let tk = llama3();
+    let byte_token = |b: u8| (0..tk.vocab_size() as u32).find(|&id| tk.token_bytes(id) == [b]).unwrap();
+    let mut dec = StreamDecoder::new();
+    // A lone continuation byte can never become UTF-8: replaced at once, and the text after it still comes out.
+    assert_eq!(dec.push(tk, byte_token(0x80)), "\u{FFFD}");
+    assert_eq!(dec.push(tk, byte_token(b'a')), "a");
+    // The first 3 bytes of 🦀 (F0 9F A6 80) are held; a stray ASCII byte then breaks the sequence.
+    assert_eq!(dec.push(tk, byte_token(0xF0)), "");
+    assert_eq!(dec.push(tk, byte_token(0x9F)), "");
+    assert_eq!(dec.push(tk, byte_token(0xA6)), "");
+    assert_eq!(dec.push(tk, byte_token(0x80)), "🦀");
+    assert_eq!(dec.push(tk, byte_token(0xE6)), "");
+    assert_eq!(dec.push(tk, byte_token(b'x')), "\u{FFFD}x");
+    // Unfinished at the end: flush gives it lossily, then nothing.
+    assert_eq!(dec.push(tk, byte_token(0xE6)), "");
+    assert_eq!(dec.flush(), "\u{FFFD}");
+    assert_eq!(dec.flush(), "");
+}
+
+fn messages(chat: &J) -> Vec<ChatMessage> {
+    let m = chat["messages"].as_array().unwrap();
+    m.iter().map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect()
+}
+
+#[test]
+fn chat_templates_match_transformers() {
+    assert_eq!(refs()["bitnet_template"].as_str().unwrap(), BITNET_TEMPLATE);
+    // llama3's tokenizer_config.json has no template: the BitNet one is used.
+    assert_eq!(llama3().chat_template(), None);
+    for (key, tk) in [("chat_bitnet_llama3", llama3()), ("chat_chatml_smolbit", smolbit())] {
+        for chat in refs()[key].as_array().unwrap() {
+            let (msgs, gen) = (messages(chat), chat["add_generation_prompt"].as_bool().unwrap());
+            assert_eq!(tk.render_chat(&msgs, gen).unwrap(), chat["text"].as_str().unwrap(), "{key}");
+            // The BitNet template writes BOS itself: encode_chat must not add a second one.
+            assert_eq!(tk.encode_chat(&msgs, gen).unwrap(), ids(&chat["ids"]), "{key}");
+        }
+    }
+}
+
+#[test]
+fn bitnet_template_exact() {
+    let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " Hi there \n")];
+    let text = chat::render(BITNET_TEMPLATE, &msgs, true, "<|begin_of_text|>", "<|end_of_text|>").unwrap();
+    assert_eq!(text, "<|begin_of_text|>System: Be brief.<|eot_id|>User: Hi there<|eot_id|>Assistant: ");
+    let ids = llama3().encode_chat(&msgs, true).unwrap();
+    assert_eq!(ids.iter().filter(|&&id| id == 128000).count(), 1);
+    assert_eq!(ids[0], 128000);
+    assert_eq!(llama3().decode(&ids), text);
+    // A template without BOS text gets BOS from add_bos, once.
+    let mut md = llama3_metadata().clone();
+    set(&mut md, "tokenizer.chat_template", Value::Str("{% for m in messages %}{{ m.content }}{% endfor %}".into()));
+    let ids = Tokenizer::from_metadata(&md).unwrap().encode_chat(&msgs, true).unwrap();
+    assert_eq!(ids[0], 128000);
+    assert_eq!(llama3().decode(&ids), "<|begin_of_text|>Be brief. Hi there \n");
+}
+
+#[test]
+fn chatml_template_exact() {
+    let msgs = [ChatMessage::new("user", "2+2?")];
+    let text = smolbit().render_chat(&msgs, true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = smolbit().encode_chat(&msgs, true).unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|>");
+    assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 2, "two <|im_end|>");
+}
+
+#[test]
+fn template_features_and_errors() {
+    let msgs = [ChatMessage::new("user", "  hi  ")];
+    // Python string methods, tojson, loop controls, HF whitespace control (trim_blocks, lstrip_blocks).
+    let t = "{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n{{ m.content.strip().upper() }}|{{ m.role | tojson }}\n{% endfor %}";
+    assert_eq!(chat::render(t, &msgs, false, "", "").unwrap(), "HI|\"user\"\n");
+    let t = "{% if messages[0].role == 'user' %}{{ raise_exception('no users here') }}{% endif %}";
+    match chat::render(t, &msgs, false, "", "") {
+        Err(Error::Template(msg)) => assert!(msg.contains("no users here"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(chat::render("{% for %}", &msgs, false, "", ""), Err(Error::Template(_))));
+}
+
+#[test]
+fn metadata_errors() {
+    let md = smolbit_metadata();
+    let mut sp = md.clone();
+    set(&mut sp, "tokenizer.ggml.model", Value::Str("llama".into()));
+    assert!(matches!(Tokenizer::from_metadata(&sp), Err(Error::Unsupported(m)) if m.contains("SentencePiece")));
+    let mut pre = md.clone();
+    set(&mut pre, "tokenizer.ggml.pre", Value::Str("qwen2".into()));
+    assert!(matches!(Tokenizer::from_metadata(&pre), Err(Error::Unsupported(m)) if m.contains("qwen2")));
+    let missing = without(&md, &["tokenizer.ggml.tokens"]);
+    assert!(
+        matches!(Tokenizer::from_metadata(&missing), Err(Error::Metadata { key, .. }) if key == "tokenizer.ggml.tokens")
+    );
+    let mut merges = md.clone();
+    set(&mut merges, "tokenizer.ggml.merges", Value::Array(vec![Value::Str("nospace".into())]));
+    assert!(matches!(Tokenizer::from_metadata(&merges), Err(Error::Metadata { .. })));
+    let mut unknown = md.clone();
+    set(&mut unknown, "tokenizer.ggml.merges", Value::Array(vec![Value::Str("notatoken Ġx".into())]));
+    assert!(matches!(Tokenizer::from_metadata(&unknown), Err(Error::Tokenizer(_))));
+    let mut types = md.clone();
+    set(&mut types, "tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1)]));
+    assert!(matches!(Tokenizer::from_metadata(&types), Err(Error::Metadata { .. })));
+    assert!(metadata_from_hf("{", None).is_err());
+    assert!(matches!(metadata_from_hf(r#"{"model": {"type": "Unigram"}}"#, None), Err(Error::Unsupported(_))));
+}
+
+#[test]
+fn small_handmade_gpt2_tokenizer() {
+    // GPT-2 pre-tokenizer, "a b" string merges, a hole in the ids, config tokens as AddedToken objects, named templates.
+    let tj = r#"{"normalizer": null, "added_tokens": [{"id": 6, "content": "<eos>", "special": true}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "Ġ": 2, "ab": 3, "Ġab": 4}, "merges": ["a b", "Ġ ab"]}}"#;
+    let config = r#"{"eos_token": {"content": "<eos>"}, "chat_template": [{"name": "default", "template": "X"}]}"#;
+    let tk = Tokenizer::from_metadata(&metadata_from_hf(tj, Some(config)).unwrap()).unwrap();
+    assert_eq!((tk.pre(), tk.vocab_size(), tk.bos(), tk.eos(), tk.add_bos()), ("gpt2", 7, None, Some(6), false));
+    assert_eq!(tk.token_text(5), Some("[PAD5]"));
+    assert_eq!(tk.chat_template(), Some("X"));
+    assert_eq!(tk.encode("ab ab<eos>", true).unwrap(), [3, 4, 6]);
+    assert_eq!(tk.decode(&[3, 4, 6]), "ab ab<eos>");
+    assert!(tk.is_end_of_generation(6));
+}

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Reference token ids and chat renderings for engine/tests/tokenizer.rs, from Hugging Face `tokenizers`/`transformers`.
+
+For each tricky string, the ids the HF tokenizer gives (no special tokens added; special-token text in the string is
+parsed as the special token, as both HF and llama.cpp do), for two vocabularies in the shared data:
+  llama3:  shared/tokenizers/llama3/tokenizer.json.gz (BitNet 2B4T's Llama 3 tokenizer: Llama 3 regex, ignore_merges)
+  smolbit: shared/models/smolbit-135m/tokenizer.json (SmolLM2: individual digits + ByteLevel regex)
+plus chat templates rendered by transformers' apply_chat_template (the Jinja settings HF uses) and their ids.
+
+Usage: python3 tests/scripts/make_tokenizer_refs.py  (writes tests/fixtures/tokenizer_refs.json)
+"""
+import gzip
+import json
+from pathlib import Path
+
+import tokenizers
+import transformers
+from transformers import PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared"
+OUT = REPO / "tests" / "fixtures" / "tokenizer_refs.json"
+
+# Must equal chat::BITNET_TEMPLATE (the test checks): microsoft/bitnet-b1.58-2B-4T's tokenizer_config.json template.
+BITNET_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+TEXTS = [
+    "",
+    " ",
+    "\n",
+    "Hello world!",
+    "  leading spaces",
+    "trailing spaces   ",
+    "a    b     c      d",
+    "tabs\tand\t\ttabs\t",
+    "line1\nline2\n\n\nline3\r\nwindows\r\n",
+    "   \n\n  \t \n ",
+    "a  \n  b \t\n\tc",
+    "1234567 and 3.14159 and 1,000,000",
+    "Digits: 0 00 000 0000 12345678901234567890",
+    "abc123def4567ghi89 x1y2z3 v2.0.1-rc3",
+    "I'm sure you'll see it's what we've done, they're here and he'd go; don't",
+    "I'M SURE YOU'LL SEE IT'S WHAT WE'VE DONE, THEY'RE HERE AND HE'D GO; DON'T",
+    "Mixed 'S 'T 'Re 'vE 'M 'Ll 'D 'x ' s''s",
+    "Héllo wörld café naïve façade Ærøskøbing",
+    "e\u0301 a\u0308 n\u0303 Z\u0351\u0360\u0489 o\u0336",
+    "日本語のテキストです。中文测试，한국어 텍스트",
+    "I ❤️ 🦀 and 👍🏽!",
+    "family: 👨‍👩‍👧‍👦 and 🏳️‍🌈 flag 🇺🇸🇯🇵",
+    "🦀🦀🦀",
+    "\U0001F600\U00010348\U000E0001 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "fn main() {\n    let x: Vec<u32> = vec![1, 2, 3];\n    println!(\"{x:?}\");\n}\n",
+    "def f(a, b):\n\treturn a**2 + b // 3  # comment\n",
+    "https://example.com/path?query=1&b=%20x#frag and mailto:a.b@c.org",
+    "<|begin_of_text|>Hello<|eot_id|> world<|end_of_text|>",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "<|eot_id| > <|im_end <|unknown|> <|reserved_special_token_5|>",
+    "مرحبا بالعالم שלום עולם",
+    "नमस्ते दुनिया สวัสดีชาวโลก",
+    "Привет, мир! Γειά σου Κόσμε",
+    "∀x∈ℝ: x² ≥ 0 ⇒ √x ∈ ℂ; ∑ᵢ aᵢ ≈ π",
+    "\ufffd\u200b\u00a0\u2028\u2029\ufeff\u0000\u0007",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!!!!!!!!----------",
+    "Wait... what?!?! (yes) [no] {maybe} <html> &amp; \"quoted\" 'single'",
+    "Ⅻ ① ½ ٣٤٥ ０１２ ²³",
+    "{\"key\": [1, 2.5e-3, null, true], \"k2\": \"v\\n\"}",
+    "\\xff\\xfe %C3%28 \\u{D800} &#xD800; 0xDEADBEEF",
+    "# Title\n\n- item **bold** _it_\n> quote\n",
+    "The quick brown fox jumps over the lazy dog. It's 3:45pm — \"déjà vu\", isn't it?",
+]
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hello!"}], "add_generation_prompt": True},
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "  What is 2+2?  "},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 🦀?\n"},
+        ],
+        "add_generation_prompt": True,
+    },
+    {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "add_generation_prompt": False,
+    },
+]
+
+
+def load_llama3():
+    with gzip.open(SHARED / "tokenizers/llama3/tokenizer.json.gz", "rt", encoding="utf-8") as f:
+        tok = tokenizers.Tokenizer.from_str(f.read())
+    config = json.loads((SHARED / "tokenizers/llama3/tokenizer_config.json").read_text())
+    return tok, config
+
+
+def load_smolbit():
+    tok = tokenizers.Tokenizer.from_file(str(SHARED / "models/smolbit-135m/tokenizer.json"))
+    config = json.loads((SHARED / "models/smolbit-135m/tokenizer_config.json").read_text())
+    return tok, config
+
+
+def vocab_refs(tok, config):
+    bos_id = tok.token_to_id(config["bos_token"])
+    add_bos = tok.encode("x", add_special_tokens=True).ids[0] == bos_id
+    cases = []
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        with_special = tok.encode(text, add_special_tokens=True).ids
+        assert with_special == ([bos_id] + ids if add_bos else ids), text
+        assert tok.decode(ids, skip_special_tokens=False) == text, text
+        cases.append({"text": text, "ids": ids})
+    return {"add_bos": add_bos, "bos": bos_id, "cases": cases}
+
+
+def chat_refs(tok, config, template):
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=config["bos_token"], eos_token=config["eos_token"])
+    out = []
+    for chat in CHATS:
+        text = hf.apply_chat_template(
+            chat["messages"], chat_template=template, add_generation_prompt=chat["add_generation_prompt"], tokenize=False
+        )
+        ids = tok.encode(text, add_special_tokens=False).ids
+        out.append({**chat, "text": text, "ids": ids})
+    return out
+
+
+def main():
+    llama3, llama3_config = load_llama3()
+    smolbit, smolbit_config = load_smolbit()
+    refs = {
+        "generator": f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}",
+        "texts_count": len(TEXTS),
+        "llama3": vocab_refs(llama3, llama3_config),
+        "smolbit": vocab_refs(smolbit, smolbit_config),
+        "bitnet_template": BITNET_TEMPLATE,
+        "chat_bitnet_llama3": chat_refs(llama3, llama3_config, BITNET_TEMPLATE),
+        "chat_chatml_smolbit": chat_refs(smolbit, smolbit_config, smolbit_config["chat_template"]),
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(refs, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(TEXTS)} texts)")
+
+
+if __name__ == "__main__":
+    main()
