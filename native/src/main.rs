@@ -1,6 +1,7 @@
 //! `bitnet`: the native command-line shell over bitnet-engine.
 
 mod bench;
+mod convert;
 mod model_file;
 
 use std::io::{BufRead, Write};
@@ -36,6 +37,10 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed, as llama-bench measures them.
     Bench(bench::BenchArgs),
+    /// Convert a Hugging Face BitNet checkpoint folder to GGUF.
+    Convert(convert::ConvertArgs),
+    /// Repack a GGUF between ternary types (I2_S, TQ2_0, TQ1_0) or requantize its embedding.
+    Quantize(convert::QuantizeArgs),
 }
 
 /// How to load and run a model: shared by every subcommand that runs one.
@@ -176,6 +181,8 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Convert(a) => convert::convert(a),
+        Command::Quantize(a) => convert::quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
