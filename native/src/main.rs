@@ -82,7 +82,7 @@ struct SamplingArgs {
     repeat_penalty: f32,
     #[arg(long, default_value_t = 64)]
     repeat_last_n: usize,
-    /// Random seed (default: a new one each run, printed on stderr).
+    /// Random seed (default: a new one each run, printed with the statistics on stderr).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop before this string (repeatable).
@@ -93,9 +93,7 @@ struct SamplingArgs {
 impl SamplingArgs {
     fn gen_params(&self) -> GenParams {
         let seed = self.seed.unwrap_or_else(|| {
-            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-            eprintln!("seed: {seed}");
-            seed
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
         GenParams {
             max_tokens: self.n_predict,
@@ -193,15 +191,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_stats(s: &GenStats) {
+fn print_stats(s: &GenStats, params: &GenParams) {
     let tps = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
     eprintln!(
-        "\n[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s | stop: {:?}]",
+        "[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s | stop: {:?} | seed: {}]",
         s.n_prompt_eval,
         tps(s.n_prompt_eval, s.prompt_time),
         s.n_generated,
         tps(s.n_generated, s.gen_time),
-        s.stop
+        s.stop,
+        params.sampler.seed
     );
 }
 
@@ -218,7 +217,7 @@ fn run(a: RunArgs) -> Result<(), Error> {
     let mut session = m.session()?;
     let stats = m.pool.install(|| session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout))?;
     println!();
-    print_stats(&stats);
+    print_stats(&stats, &params);
     Ok(())
 }
 
@@ -249,7 +248,7 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
         })?;
         println!();
         if interactive {
-            print_stats(&stats);
+            print_stats(&stats, &params);
         }
         messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
     }

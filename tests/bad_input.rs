@@ -1,0 +1,74 @@
+//! Bad input gets a one-line error and a non-zero exit: never a panic, an abort or a hang.
+
+use bitnet_tests::{bitnet, fixture};
+
+/// Runs `bitnet ARGS`, which must fail cleanly; returns the error line.
+fn fails(args: &[&str]) -> String {
+    let out = bitnet(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "bitnet {args:?}: exit status {:?}, stderr {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "bitnet {args:?} panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "bitnet {args:?}: expected one error line, got {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_string()
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> String {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn truncated_models_fail_cleanly_at_every_section() {
+    let good = std::fs::read(fixture("models/tiny-a-i2_s.gguf")).unwrap();
+    // Cuts inside the header, the metadata (tokenizer arrays), the tensor infos and the data.
+    for cut in [0, 3, 4, 7, 8, 16, 23, 24, 40, 100, 1000, 5000, 20000, 60000, good.len() / 2, good.len() - 1] {
+        let path = temp_file(&format!("cut-{cut}.gguf"), &good[..cut]);
+        let msg = fails(&["logits", "-m", &path, "--tokens", "1,2"]);
+        assert!(msg.contains("GGUF"), "cut at {cut}: {msg}");
+        fails(&["info", "-m", &path]);
+    }
+}
+
+#[test]
+fn hostile_headers_are_rejected_before_allocating() {
+    let mut huge = b"GGUF".to_vec();
+    huge.extend(3u32.to_le_bytes());
+    huge.extend(u64::MAX.to_le_bytes()); // tensor count
+    huge.extend(u64::MAX.to_le_bytes()); // metadata count
+    fails(&["info", "-m", &temp_file("huge-counts.gguf", &huge)]);
+    fails(&["info", "-m", &temp_file("not-gguf.gguf", b"PK\x03\x04 this is a zip file, not a model")]);
+    fails(&["info", "-m", &temp_file("empty.gguf", b"")]);
+    fails(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+}
+
+#[test]
+fn unknown_tensor_type_names_the_tensor() {
+    let mut bytes = std::fs::read(fixture("models/tiny-a-i2_s.gguf")).unwrap();
+    // The first tensor info after the metadata: find its name and patch the type id after its dims.
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("tensor name in file") + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty_at = at + 4 + 8 * n_dims;
+    bytes[ty_at..ty_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let msg = fails(&["logits", "-m", &temp_file("unknown-type.gguf", &bytes), "--tokens", "1"]);
+    assert!(msg.contains("token_embd.weight") && msg.contains("99"), "{msg}");
+}
+
+#[test]
+fn prompts_and_tokens_that_do_not_fit_are_errors() {
+    let model = fixture("models/tiny-a-i2_s.gguf");
+    let model = model.to_str().unwrap();
+    let long = "word ".repeat(100);
+    let msg = fails(&["run", "-m", model, "--ctx", "16", "-p", &long, "-n", "4"]);
+    assert!(msg.contains("context"), "{msg}");
+    let msg = fails(&["logits", "-m", model, "--tokens", "1,999999"]);
+    assert!(msg.contains("999999"), "{msg}");
+    let msg = fails(&["run", "-m", model, "--ctx", "100000", "-p", "hi"]);
+    assert!(msg.contains("context"), "{msg}");
+    let bad_utf8 = temp_file("bad-utf8.txt", b"caf\xe9 au lait");
+    let msg = fails(&["perplexity", "-m", model, "-f", &bad_utf8]);
+    assert!(msg.contains("UTF-8"), "{msg}");
+}

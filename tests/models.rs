@@ -1,0 +1,129 @@
+//! End to end on small BitNet GGUFs this engine has never seen (written by gguf-py, see
+//! tests/fixtures/README.md): `bitnet logits` must give the reference's prompt ids and last-position
+//! logits. The references are an independent numpy implementation reading the same GGUF (float64)
+//! and HF transformers' BitNet model on the same weights (float32).
+//!
+//! Where the reference is free of int8 rounding flips (`stable`), logits agree within 1e-3;
+//! elsewhere a flip moves logits by a few tenths, so top-1 must agree and logits stay within 0.5.
+
+use bitnet_engine::gguf::GgufFile;
+use bitnet_engine::kernels;
+use bitnet_engine::model::{LoadOptions, Model};
+use bitnet_engine::sampling::{Sampler, SamplerParams};
+use bitnet_engine::session::Session;
+use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_tests::{bitnet_json, fixture};
+use serde_json::Value;
+
+fn references() -> Value {
+    let text = std::fs::read_to_string(fixture("models/references.json")).expect("references.json");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vector lengths");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+/// Every fixture file × every prompt, through the `bitnet` binary.
+#[test]
+fn logits_match_independent_references() {
+    let refs = references();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().expect("files") {
+        let model = &refs["models"][info["model"].as_str().expect("model name")];
+        let path = fixture(&format!("models/{file}"));
+        let path = path.to_str().expect("UTF-8 path");
+        for case in model["cases"].as_array().expect("cases") {
+            let name = format!("{file} / {}", case["name"]);
+            let want_ids = ids(&case["ids"]);
+            // Plain prompts go through the tokenizer (BOS added as the model asks); the chat case is
+            // already rendered with its BOS text, so it is evaluated from the reference ids.
+            let out = if case["add_special"].as_bool() == Some(true) {
+                bitnet_json(&["logits", "-m", path, "-p", case["text"].as_str().unwrap(), "--all", "--json", "--top", "5"])
+            } else {
+                let list: Vec<String> = want_ids.iter().map(u32::to_string).collect();
+                bitnet_json(&["logits", "-m", path, "--tokens", &list.join(","), "--all", "--json", "--top", "5"])
+            };
+            assert_eq!(ids(&out["tokens"]), want_ids, "{name}: prompt ids");
+            let got = floats(&out["logits"]);
+            let f64_ref = floats(&case["logits_f64"]);
+            let hf = floats(&case["logits_hf"]);
+            let top = out["top"].as_array().unwrap();
+            assert_eq!(top[0][0].as_u64(), Some(argmax(&got) as u64), "{name}: top list starts with the argmax");
+            assert_eq!(argmax(&got), argmax(&f64_ref), "{name}: top-1 vs numpy float64 reference");
+            assert_eq!(argmax(&got), argmax(&hf), "{name}: top-1 vs HF transformers");
+            let (d_ref, d_hf) = (max_abs_diff(&got, &f64_ref), max_abs_diff(&got, &hf));
+            if case["stable"].as_bool() == Some(true) {
+                assert!(d_ref < 1e-3, "{name}: max |Δ| vs numpy float64 = {d_ref}");
+                assert!(d_hf < 1e-3, "{name}: max |Δ| vs HF transformers = {d_hf}");
+            } else {
+                assert!(d_ref < 0.5 && d_hf < 0.5, "{name}: max |Δ| {d_ref} (numpy), {d_hf} (HF)");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 30, "6 files × 5 prompts");
+}
+
+/// Greedy decoding through the engine API reproduces the reference's continuation wherever the
+/// reference's top-2 margins are wide enough that float noise cannot swap them.
+#[test]
+fn greedy_continuations_match_the_reference() {
+    let refs = references();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().unwrap() {
+        let bytes = std::fs::read(fixture(&format!("models/{file}"))).unwrap();
+        let g = GgufFile::parse(&bytes).unwrap();
+        let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        let tok = Tokenizer::from_metadata(&g.metadata).unwrap();
+        for case in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap() {
+            let gaps = floats(&case["greedy_gaps"]);
+            if case["stable"].as_bool() != Some(true) || gaps.iter().any(|&g| g < 0.01) {
+                continue;
+            }
+            if case["add_special"].as_bool() == Some(true) {
+                assert_eq!(tok.encode(case["text"].as_str().unwrap(), true).unwrap(), ids(&case["ids"]));
+            }
+            let mut s = Session::new(&model, kernels::best(), 128).unwrap();
+            s.prefill(&ids(&case["ids"])).unwrap();
+            let mut sampler = Sampler::new(SamplerParams::greedy());
+            let mut out = Vec::new();
+            for _ in 0..10 {
+                let t = sampler.sample(s.logits(), s.tokens());
+                out.push(t);
+                s.push(t, true).unwrap();
+            }
+            assert_eq!(out, ids(&case["greedy"]), "{file} / {}: greedy continuation", case["name"]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} cases had wide enough margins");
+}
+
+/// The activation the engine picks for files without an activation key, and the override.
+#[test]
+fn activation_is_inferred_and_can_be_overridden() {
+    for (file, want) in [("tiny-a-i2_s.gguf", "architecture bitnet-b1.58"), ("tiny-b-tq2_0.gguf", "byte-level BPE")] {
+        let out = bitnet_tests::bitnet_ok(&["info", "-m", fixture(&format!("models/{file}")).to_str().unwrap()]);
+        let line = out.lines().find(|l| l.starts_with("activation:")).expect("activation line");
+        assert!(line.contains("relu2") && line.contains(want), "{file}: {line}");
+    }
+    let path = fixture("models/tiny-b-tq2_0.gguf");
+    let path = path.to_str().unwrap();
+    let relu2 = bitnet_json(&["logits", "-m", path, "-p", "Hello", "--json", "--all"]);
+    let silu = bitnet_json(&["logits", "-m", path, "-p", "Hello", "--json", "--all", "--activation", "silu"]);
+    assert!(max_abs_diff(&floats(&relu2["logits"]), &floats(&silu["logits"])) > 0.1, "--activation silu changes the model");
+}
