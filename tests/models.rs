@@ -6,6 +6,7 @@
 //! Where the reference is free of int8 rounding flips (`stable`), logits agree within 1e-3;
 //! elsewhere a flip moves logits by a few tenths, so top-1 must agree and logits stay within 0.5.
 
+use bitnet_engine::backend::Cpu;
 use bitnet_engine::gguf::GgufFile;
 use bitnet_engine::kernels;
 use bitnet_engine::model::{LoadOptions, Model};
@@ -97,14 +98,14 @@ fn greedy_continuations_match_the_reference() {
             if case["add_special"].as_bool() == Some(true) {
                 assert_eq!(tok.encode(case["text"].as_str().unwrap(), true).unwrap(), ids(&case["ids"]));
             }
-            let mut s = Session::new(&model, kernels::best(), 128).unwrap();
+            let mut s = Session::new(Box::new(Cpu::new(&model, kernels::best(), 128).unwrap()));
             s.prefill(&ids(&case["ids"])).unwrap();
             let mut sampler = Sampler::new(SamplerParams::greedy());
             let mut out = Vec::new();
             for _ in 0..10 {
                 let t = sampler.sample(s.logits(), s.tokens());
                 out.push(t);
-                s.push(t, true).unwrap();
+                s.push(&[t], true).unwrap();
             }
             assert_eq!(out, ids(&case["greedy"]), "{file} / {}: greedy continuation", case["name"]);
             checked += 1;

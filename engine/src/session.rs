@@ -2,8 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::kernels::Kernels;
-use crate::model::{Model, State};
+use crate::backend::Backend;
 use crate::sampling::{Sampler, SamplerParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
@@ -38,22 +37,24 @@ pub struct GenStats {
     pub stop: StopReason,
 }
 
-/// One sequence on one model: its KV cache and the tokens that fill it.
+/// One sequence on one backend: its KV cache and the tokens that fill it.
 pub struct Session<'m> {
-    pub model: &'m Model,
-    kernels: &'static dyn Kernels,
-    state: State,
+    backend: Box<dyn Backend + 'm>,
     /// The tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
 }
 
 impl<'m> Session<'m> {
-    pub fn new(model: &'m Model, kernels: &'static dyn Kernels, ctx: usize) -> Result<Self> {
-        Ok(Self { model, kernels, state: State::new(&model.config, ctx)?, tokens: Vec::new() })
+    pub fn new(backend: Box<dyn Backend + 'm>) -> Self {
+        Self { backend, tokens: Vec::new() }
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
     }
 
     pub fn ctx(&self) -> usize {
-        self.state.ctx
+        self.backend.ctx()
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -61,7 +62,7 @@ impl<'m> Session<'m> {
     }
 
     pub fn logits(&self) -> &[f32] {
-        &self.state.logits
+        self.backend.logits()
     }
 
     /// Forgets the cache from position `len` on.
@@ -69,11 +70,14 @@ impl<'m> Session<'m> {
         self.tokens.truncate(len);
     }
 
-    /// Appends one token and returns its next-token logits when `want_logits`.
-    pub fn push(&mut self, token: u32, want_logits: bool) -> Result<()> {
+    /// Appends tokens; with `want_logits`, `logits()` then belongs to the last one.
+    pub fn push(&mut self, tokens: &[u32], want_logits: bool) -> Result<()> {
         let pos = self.tokens.len();
-        self.model.forward(self.kernels, &mut self.state, token, pos, want_logits)?;
-        self.tokens.push(token);
+        if pos + tokens.len() > self.ctx() {
+            return Err(Error::ContextFull { needed: pos + tokens.len(), ctx: self.ctx() });
+        }
+        self.backend.forward(tokens, pos, want_logits)?;
+        self.tokens.extend_from_slice(tokens);
         Ok(())
     }
 
@@ -91,9 +95,7 @@ impl<'m> Session<'m> {
         // The last token is always evaluated again so that its logits are fresh.
         let keep = common.min(tokens.len() - 1);
         self.truncate(keep);
-        for (i, &t) in tokens[keep..].iter().enumerate() {
-            self.push(t, keep + i + 1 == tokens.len())?;
-        }
+        self.push(&tokens[keep..], true)?;
         Ok(tokens.len() - keep)
     }
 
@@ -119,7 +121,7 @@ impl<'m> Session<'m> {
             if n_generated == params.max_tokens {
                 break StopReason::MaxTokens;
             }
-            let next = sampler.sample(&self.state.logits, &self.tokens);
+            let next = sampler.sample(self.backend.logits(), &self.tokens);
             if tok.is_end_of_generation(next) {
                 break StopReason::EndToken;
             }
@@ -134,7 +136,7 @@ impl<'m> Session<'m> {
             if self.tokens.len() == self.ctx() {
                 break StopReason::ContextFull;
             }
-            self.push(next, true)?;
+            self.push(&[next], true)?;
         };
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
             let (rest, _) = stops.feed(&decoder.flush());

@@ -56,7 +56,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
             a.n_prompt
         } else {
             for &tok in &tokens[..a.n_gen] {
-                session.push(tok, true)?;
+                session.push(&[tok], true)?;
             }
             a.n_gen
         };
@@ -77,17 +77,17 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
         let entry = |n: usize, s: Option<(f64, f64)>| s.map(|(tps, sd)| serde_json::json!({"n": n, "tps": tps, "sd": sd}));
         let out = serde_json::json!({
             "threads": threads,
-            "kernels": bitnet_engine::kernels::best().name(),
+            "backend": session.backend_name(),
             "pp": entry(a.n_prompt, pp),
             "tg": entry(a.n_gen, tg),
         });
         println!("{out}");
     } else {
-        println!("| kernels | threads | test | tokens/s |");
+        println!("| backend | threads | test | tokens/s |");
         println!("| --- | --- | --- | --- |");
         for (name, n, s) in [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)] {
             if let Some((tps, sd)) = s {
-                println!("| {} | {threads} | {name}{n} | {tps:.2} ± {sd:.2} |", bitnet_engine::kernels::best().name());
+                println!("| {} | {threads} | {name}{n} | {tps:.2} ± {sd:.2} |", session.backend_name());
             }
         }
     }

@@ -302,7 +302,7 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
         m.pool.install(|| -> Result<(), Error> {
             for (j, &t) in window.iter().enumerate() {
                 let score = j >= first && j + 1 < n_ctx;
-                session.push(t, score)?;
+                session.push(&[t], score)?;
                 if score {
                     nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
                     count += 1;

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use bitnet_engine::gguf::{GgufFile, Value};
+use bitnet_engine::backend::Cpu;
 use bitnet_engine::kernels;
 use bitnet_engine::model::{LoadOptions, Model};
 use bitnet_engine::session::Session;
@@ -79,7 +80,7 @@ impl Loaded {
     }
 
     pub fn session(&self) -> Result<Session<'_>, Error> {
-        Session::new(&self.model, kernels::best(), self.ctx)
+        Ok(Session::new(Box::new(Cpu::new(&self.model, kernels::best(), self.ctx)?)))
     }
 }
 
