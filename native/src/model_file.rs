@@ -111,13 +111,20 @@ pub fn info(path: Option<&Path>) -> Result<(), Error> {
     Ok(())
 }
 
-/// A metadata value for humans: long arrays are summarized.
+/// A metadata value for humans: long strings and arrays are summarized.
 fn show_value(v: &Value) -> String {
     match v {
         Value::Str(s) if s.len() > 80 => format!("{:?}... ({} bytes)", &s[..s.floor_char_boundary(60)], s.len()),
         Value::Str(s) => format!("{s:?}"),
-        Value::Array(a) if a.len() > 8 => format!("[{} items: {}, ...]", a.len(), a.iter().take(3).map(show_value).collect::<Vec<_>>().join(", ")),
+        Value::Array(a) if a.len() > 8 => {
+            let head: Vec<String> = a.iter().take(3).map(show_value).collect();
+            format!("[{} items: {}, ...]", a.len(), head.join(", "))
+        }
         Value::Array(a) => format!("[{}]", a.iter().map(show_value).collect::<Vec<_>>().join(", ")),
-        other => format!("{other:?}").split(['(', ')']).nth(1).unwrap_or_default().to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::F32(x) => x.to_string(),
+        Value::F64(x) => x.to_string(),
+        // The integer types; negative ones through f64, which holds every i32 exactly.
+        other => other.as_u64().map(|n| n.to_string()).or_else(|| other.as_f64().map(|x| x.to_string())).unwrap_or_default(),
     }
 }
