@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod model_file;
+mod serve_www;
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Repack a GGUF between ternary types (I2_S, TQ2_0, TQ1_0) or requantize its embedding.
     Quantize(convert::QuantizeArgs),
+    /// Serve the browser demo built by `bash web/build.sh` on 127.0.0.1 (with the headers wasm threads need).
+    ServeWww(serve_www::ServeWwwArgs),
 }
 
 /// How to load and run a model: shared by every subcommand that runs one.
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Convert(a) => convert::convert(a),
         Command::Quantize(a) => convert::quantize(a),
+        Command::ServeWww(a) => serve_www::serve_www(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
