@@ -151,14 +151,15 @@ impl<'m> Session<'m> {
 
 /// Finds stop strings in streamed text. Text that might be the start of a stop string is held back
 /// until it is clear that it is not.
-pub struct StopMatcher<'a> {
-    stops: &'a [String],
+/// It owns its strings so that a server can keep one per running request.
+pub struct StopMatcher {
+    stops: Vec<String>,
     pending: String,
 }
 
-impl<'a> StopMatcher<'a> {
-    pub fn new(stops: &'a [String]) -> Self {
-        Self { stops, pending: String::new() }
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self { stops: stops.to_vec(), pending: String::new() }
     }
 
     /// Adds `text`; returns the text that is safe to emit, and whether a stop string was hit
