@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod model_file;
+mod serve;
 mod serve_www;
 
 use std::io::{BufRead, Write};
@@ -44,6 +45,8 @@ enum Command {
     Quantize(convert::QuantizeArgs),
     /// Serve the browser demo built by `bash web/build.sh` on 127.0.0.1 (with the headers wasm threads need).
     ServeWww(serve_www::ServeWwwArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API (chat, completions, streaming, batching).
+    Serve(serve::ServeArgs),
 }
 
 /// How to load and run a model: shared by every subcommand that runs one.
@@ -185,6 +188,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::convert(a),
         Command::Quantize(a) => convert::quantize(a),
         Command::ServeWww(a) => serve_www::serve_www(a),
+        Command::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

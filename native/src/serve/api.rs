@@ -1,0 +1,214 @@
+//! The OpenAI wire format: request bodies as serde reads them (unknown fields are ignored, known ones
+//! must have the right type), and the responses, stream chunks and error bodies the server writes.
+
+use serde::{Deserialize, Serialize};
+
+/// Fields shared by /v1/chat/completions and /v1/completions, read from the same body as the request
+/// itself (not `#[serde(flatten)]`ed into it, which would lose the path of a bad field). Sampling fields that OpenAI lacks
+/// (top_k, min_p, repeat_penalty, repeat_last_n) are llama-server's.
+#[derive(Deserialize, Default)]
+pub struct Sampling {
+    /// Any name is accepted (the server has one model), but it must be a string.
+    #[allow(dead_code)]
+    pub model: Option<String>,
+    pub max_tokens: Option<u32>,
+    /// The newer name of `max_tokens` in the chat API.
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
+    /// A negative seed (llama-server's -1) means a random one.
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<u32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub n: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    /// Null for an assistant message that only called tools.
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// A content part; only `{"type": "text", "text": ...}` is understood (the model reads text only).
+#[derive(Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+}
+
+/// A prompt: text, a list of one text, or token ids (as the OpenAI API allows).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+/// llama-server's /tokenize.
+#[derive(Deserialize)]
+pub struct TokenizeRequest {
+    pub content: String,
+    #[serde(default)]
+    pub add_special: bool,
+}
+
+/// llama-server's /detokenize.
+#[derive(Deserialize)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from the slot's cache.
+    pub prompt_tokens_details: PromptDetails,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct PromptDetails {
+    pub cached_tokens: usize,
+}
+
+#[derive(Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str, // "chat.completion"
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [ChatChoice<'a>; 1],
+    pub usage: Usage,
+}
+
+#[derive(Serialize)]
+pub struct ChatChoice<'a> {
+    pub index: u32,
+    pub message: AssistantMessage<'a>,
+    pub finish_reason: &'static str,
+    pub logprobs: Option<()>,
+}
+
+#[derive(Serialize)]
+pub struct AssistantMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str, // "chat.completion.chunk"
+    pub created: u64,
+    pub model: &'a str,
+    /// Empty in the final usage chunk (`stream_options.include_usage`).
+    pub choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<&'static str>,
+    pub logprobs: Option<()>,
+}
+
+#[derive(Serialize, Default)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+/// A text completion, or one chunk of a streamed one (same object, as in the OpenAI API).
+#[derive(Serialize)]
+pub struct Completion<'a> {
+    pub id: &'a str,
+    pub object: &'static str, // "text_completion"
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<CompletionChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+pub struct CompletionChoice<'a> {
+    pub index: u32,
+    pub text: &'a str,
+    pub finish_reason: Option<&'static str>,
+    pub logprobs: Option<()>,
+}
+
+#[derive(Serialize)]
+pub struct ModelList<'a> {
+    pub object: &'static str, // "list"
+    pub data: [ModelCard<'a>; 1],
+}
+
+#[derive(Serialize)]
+pub struct ModelCard<'a> {
+    pub id: &'a str,
+    pub object: &'static str, // "model"
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+/// `{"error": {...}}`, the body of every failed request.
+#[derive(Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}

@@ -1,0 +1,57 @@
+"""The official `openai` Python client, unmodified, against `bitnet serve` (run by tests/serve.rs).
+
+Needs: python3 -m pip install openai
+
+Usage: serve_openai_client.py BASE_URL   (the server must run with --api-key test-key)
+Prints "openai client OK" when every check passed; any failure raises.
+"""
+import sys
+
+import openai
+
+base = sys.argv[1].rstrip("/") + "/v1"
+client = openai.OpenAI(base_url=base, api_key="test-key", max_retries=0, timeout=60)
+
+models = client.models.list()
+model = models.data[0].id
+assert model == "tiny-a-i2_s", model
+
+messages = [{"role": "user", "content": "Hello"}]
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+text = chat.choices[0].message.content
+assert chat.choices[0].finish_reason in ("stop", "length"), chat
+assert chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 0, chat.usage
+
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+)
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        pieces.append(choice.delta.content or "")
+        finish = choice.finish_reason or finish
+assert "".join(pieces) == text, ("".join(pieces), text)
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+assert finish == chat.choices[0].finish_reason
+
+done = client.completions.create(model=model, prompt="Once upon", max_tokens=8, temperature=0, seed=3, stop=["\n\n"])
+assert done.object == "text_completion" and done.usage.completion_tokens <= 8, done
+streamed = "".join(c.choices[0].text for c in client.completions.create(
+    model=model, prompt="Once upon", max_tokens=8, temperature=0, seed=3, stop=["\n\n"], stream=True) if c.choices)
+assert streamed == done.choices[0].text, (streamed, done.choices[0].text)
+
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=100000)
+    raise AssertionError("a context overflow was accepted")
+except openai.BadRequestError as e:
+    assert e.code == "context_length_exceeded", e.body
+
+try:
+    openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError:
+    pass
+
+print("openai client OK")

@@ -1,0 +1,400 @@
+//! `bitnet serve` over loopback with a real HTTP client: the OpenAI endpoints, streaming, stop strings,
+//! seeds, cancellation, concurrency (each answer equal to the same request answered alone), overload,
+//! malformed requests, the API key, and the official `openai` Python client.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bitnet_tests::{bitnet_bin, bitnet_ok, fixture, repo};
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+const TINY: &str = "models/tiny-a-i2_s.gguf";
+
+/// A running `bitnet serve`, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    client: Client,
+}
+
+impl Server {
+    /// Starts `bitnet serve --port 0 ARGS` and waits for the address it prints.
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(bitnet_bin())
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start bitnet serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the address");
+        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Server { child, url, client }
+    }
+
+    fn tiny(args: &[&str]) -> Server {
+        let model = fixture(TINY);
+        let mut all = vec!["-m", model.to_str().unwrap(), "-t", "1"];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.client.post(format!("{}{path}", self.url)).json(body).send().expect("POST")
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.client.get(format!("{}{path}", self.url)).send().expect("GET")
+    }
+
+    /// POST that must succeed; returns the JSON body.
+    fn ok(&self, path: &str, body: &Value) -> Value {
+        let r = self.post(path, body);
+        let status = r.status();
+        let text = r.text().unwrap();
+        assert_eq!(status, 200, "{path} {body}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The text of a non-streaming completion.
+    fn complete(&self, body: &Value) -> String {
+        self.ok("/v1/completions", body)["choices"][0]["text"].as_str().unwrap().to_string()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").text().unwrap();
+        let line = text.lines().find(|l| l.starts_with(&format!("bitnet_{name} "))).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Waits until `name` reaches `want` (the engine thread updates metrics asynchronously).
+    fn wait_metric(&self, name: &str, want: f64) {
+        let t0 = Instant::now();
+        while self.metric(name) != want {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{name} stayed at {}, expected {want}", self.metric(name));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON payloads of a server-sent event stream, up to `[DONE]` (which must come).
+fn sse_events(r: Response) -> Vec<Value> {
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut out = Vec::new();
+    for line in BufReader::new(r).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            return out;
+        }
+        out.push(serde_json::from_str(data).unwrap());
+    }
+    panic!("the stream ended without [DONE]: {out:?}");
+}
+
+fn greedy(prompt: &str, max_tokens: usize) -> Value {
+    json!({ "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 })
+}
+
+/// Checks an OpenAI error body and returns its message.
+fn error_of(r: Response, status: u16) -> String {
+    assert_eq!(r.status(), status);
+    let body: Value = r.json().expect("error bodies are JSON");
+    let e = &body["error"];
+    assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    e["message"].as_str().expect("error.message").to_string()
+}
+
+#[test]
+fn endpoints_health_models_tokenize_metrics() {
+    let s = Server::tiny(&[]);
+    assert_eq!(s.get("/health").json::<Value>().unwrap(), json!({ "status": "ok" }));
+    let models: Value = s.get("/v1/models").json().unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny-a-i2_s");
+    let toks = s.ok("/tokenize", &json!({ "content": "Hello world", "add_special": true }));
+    let ids: Vec<u64> = toks["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(ids[0], 512, "BOS first with add_special");
+    let text = s.ok("/detokenize", &json!({ "tokens": &ids[1..] }));
+    assert_eq!(text["content"], "Hello world");
+    let body = s.get("/metrics").text().unwrap();
+    for name in ["requests_total", "generated_tokens_total", "decode_tokens_per_second", "queue_depth", "slots_busy"] {
+        assert!(body.contains(&format!("# TYPE bitnet_{name} ")), "{name} missing from {body}");
+    }
+    s.complete(&greedy("Once", 5));
+    assert_eq!(s.metric("generated_tokens_total"), 5.0);
+    assert_eq!(s.metric("requests_total"), 1.0);
+}
+
+#[test]
+fn completion_equals_bitnet_run() {
+    let s = Server::tiny(&[]);
+    let model = fixture(TINY);
+    let prompt = "The quick brown fox";
+    let body = s.ok("/v1/completions", &greedy(prompt, 24));
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    let usage = &body["usage"];
+    assert_eq!(usage["completion_tokens"], 24);
+    assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + 24));
+    let run = bitnet_ok(&["run", "-m", model.to_str().unwrap(), "-p", prompt, "-n", "24", "--temp", "0"]);
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), run.strip_suffix('\n').unwrap());
+}
+
+#[test]
+fn chat_streaming_matches_non_streaming() {
+    let s = Server::tiny(&[]);
+    let req = json!({
+        "model": "anything",
+        "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": [{ "type": "text", "text": "Hi there" }] }],
+        "max_tokens": 20, "temperature": 0,
+    });
+    let whole = s.ok("/v1/chat/completions", &req);
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let events = sse_events(s.post("/v1/chat/completions", &streamed));
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk" && e["id"] == events[0]["id"]));
+    let pieces: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(pieces, text);
+    let n = events.len();
+    assert_eq!(events[n - 2]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(events[n - 1]["choices"], json!([]));
+    assert_eq!(events[n - 1]["usage"]["completion_tokens"], whole["usage"]["completion_tokens"]);
+    // The second identical request found its whole prompt but the last token in the slot's cache.
+    let prompt_tokens = whole["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(events[n - 1]["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(), Some(prompt_tokens - 1));
+}
+
+#[test]
+fn completion_streaming_and_stop_strings() {
+    let s = Server::tiny(&[]);
+    let full = s.complete(&greedy("Stop here", 40));
+    let events = sse_events(s.post("/v1/completions", &json!({ "prompt": "Stop here", "max_tokens": 40, "temperature": 0, "stream": true })));
+    let pieces: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(pieces, full);
+    // A stop string taken from the middle of the greedy answer: the answer ends right before it.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let req = json!({ "prompt": "Stop here", "max_tokens": 40, "temperature": 0, "stop": [stop.clone(), "never appears"], "stream": stream });
+        let (text, reason) = if stream {
+            let ev = sse_events(s.post("/v1/completions", &req));
+            let text: String = ev.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+            (text, ev.last().unwrap()["choices"][0]["finish_reason"].clone())
+        } else {
+            let body = s.ok("/v1/completions", &req);
+            (body["choices"][0]["text"].as_str().unwrap().to_string(), body["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(text, cut, "stream {stream}");
+        assert_eq!(reason, "stop");
+    }
+    let single = json!({ "prompt": "Stop here", "max_tokens": 40, "temperature": 0, "stop": stop });
+    assert_eq!(s.complete(&single), cut);
+}
+
+#[test]
+fn seeds_reproduce_samples() {
+    let s = Server::tiny(&[]);
+    let req = |seed: i64| json!({ "prompt": "Random", "max_tokens": 30, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": seed });
+    let a = s.complete(&req(7));
+    assert_eq!(a, s.complete(&req(7)));
+    let others: Vec<String> = (8..12).map(|seed| s.complete(&req(seed))).collect();
+    assert!(others.iter().any(|o| *o != a), "five seeds gave the same 30 random tokens");
+    // Penalties change the greedy answer of a model that repeats itself, and are deterministic too.
+    let pen = json!({ "prompt": "Random", "max_tokens": 30, "temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5, "repeat_penalty": 1.3 });
+    assert_eq!(s.complete(&pen), s.complete(&pen));
+}
+
+#[test]
+fn concurrent_requests_equal_their_single_answers() {
+    let s = Server::tiny(&["--slots", "8", "--queue", "32"]);
+    let reqs: Vec<Value> = (0..32)
+        .map(|i| {
+            let mut r = greedy(&format!("Request number {i}: {}", "la ".repeat(i % 7)), 8 + (i * 5) % 29);
+            if i % 4 == 1 {
+                r = json!({ "messages": [{ "role": "user", "content": format!("Question {i}") }], "max_tokens": 16, "temperature": 0 });
+            }
+            r
+        })
+        .collect();
+    let path = |r: &Value| if r.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+    let text = |v: &Value| v["choices"][0]["text"].as_str().or(v["choices"][0]["message"]["content"].as_str()).unwrap().to_string();
+    let alone: Vec<String> = reqs.iter().map(|r| text(&s.ok(path(r), r))).collect();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = reqs.iter().map(|r| sc.spawn(|| text(&s.ok(path(r), r)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "request {i} answered differently under load");
+    }
+    // Several sequences really were decoded in the same steps.
+    assert!(s.metric("decode_rows_total") > s.metric("steps_total") * 1.5);
+}
+
+/// A streaming request on the default model that would run for minutes unless cancelled; returns
+/// once its first text has arrived, with the open response.
+fn start_long_stream(s: &Server) -> BufReader<Response> {
+    let req = json!({ "prompt": "Tell me a long story.", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stream": true });
+    let mut r = BufReader::new(s.post("/v1/completions", &req));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    r
+}
+
+#[test]
+fn disconnect_cancels_and_frees_the_slot() {
+    let s = Server::start(&["--slots", "1", "--ctx", "2048"]);
+    let stream = start_long_stream(&s);
+    assert_eq!(s.metric("slots_busy"), 1.0);
+    drop(stream);
+    s.wait_metric("requests_cancelled_total", 1.0);
+    s.wait_metric("slots_busy", 0.0);
+    // The slot takes new work at once.
+    let t0 = Instant::now();
+    s.complete(&greedy("Hello", 4));
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    // A non-streaming request whose client goes away is cancelled too.
+    let url = s.url.clone();
+    let quick = Client::builder().timeout(Duration::from_millis(1500)).build().unwrap();
+    let req = json!({ "prompt": "Another long story", "max_tokens": 1500, "temperature": 0.8 });
+    assert!(quick.post(format!("{url}/v1/completions")).json(&req).send().is_err(), "expected the client timeout");
+    s.wait_metric("requests_cancelled_total", 2.0);
+    s.wait_metric("slots_busy", 0.0);
+}
+
+#[test]
+fn overload_answers_429() {
+    let s = Server::start(&["--slots", "1", "--queue", "1", "--ctx", "2048"]);
+    let running = start_long_stream(&s);
+    // The second waits in the queue (its client reads nothing yet).
+    let queued = std::thread::scope(|sc| {
+        let waiting = sc.spawn(|| s.post("/v1/completions", &json!({ "prompt": "Queued", "max_tokens": 1500, "stream": true })));
+        s.wait_metric("queue_depth", 1.0);
+        let msg = error_of(s.post("/v1/completions", &greedy("Refused", 4)), 429);
+        assert!(msg.contains("busy"), "{msg}");
+        let msg = error_of(s.post("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "x" }] })), 429);
+        assert!(msg.contains("busy"), "{msg}");
+        drop(running);
+        waiting.join().unwrap()
+    });
+    // The queued one was admitted when the slot freed, and streams.
+    let mut first = String::new();
+    let mut r = BufReader::new(queued);
+    while !first.starts_with("data: ") {
+        first.clear();
+        r.read_line(&mut first).unwrap();
+    }
+    drop(r);
+    s.wait_metric("slots_busy", 0.0);
+    assert_eq!(s.metric("requests_rejected_total"), 2.0);
+}
+
+#[test]
+fn malformed_requests_get_400_with_an_error_body() {
+    let s = Server::tiny(&["--max-body", "4096"]);
+    let raw = |path: &str, body: &str| s.client.post(format!("{}{path}", s.url)).header("content-type", "application/json").body(body.to_string()).send().unwrap();
+    for body in ["", "{", "not json", "[1, 2]", "{\"prompt\": \"a\"} trailing", "\u{0}"] {
+        error_of(raw("/v1/completions", body), 400);
+        error_of(raw("/v1/chat/completions", body), 400);
+    }
+    let cases = [
+        ("/v1/completions", json!({ "prompt": "a", "temperature": "hot" }), "temperature"),
+        ("/v1/completions", json!({ "prompt": "a", "max_tokens": -1 }), "max_tokens"),
+        ("/v1/completions", json!({ "prompt": "a", "max_tokens": 1.5 }), "max_tokens"),
+        ("/v1/completions", json!({ "prompt": "a", "stop": 3 }), "stop"),
+        ("/v1/completions", json!({ "prompt": "a", "seed": "x" }), "seed"),
+        ("/v1/completions", json!({ "prompt": "a", "stream": "yes" }), "stream"),
+        ("/v1/completions", json!({ "prompt": 42 }), "prompt"),
+        ("/v1/completions", json!({ "prompt": [] }), "prompt"),
+        ("/v1/completions", json!({ "prompt": ["a", "b"] }), "prompt"),
+        ("/v1/completions", json!({ "prompt": [1, 99999] }), "prompt"),
+        ("/v1/completions", json!({ "max_tokens": 3 }), "prompt"),
+        ("/v1/completions", json!({ "prompt": "a", "n": 2 }), "n"),
+        ("/v1/completions", json!({ "prompt": "a", "temperature": -1 }), "temperature"),
+        ("/v1/completions", json!({ "prompt": "a", "top_p": 2 }), "top_p"),
+        ("/v1/chat/completions", json!({ "messages": [] }), "messages"),
+        ("/v1/chat/completions", json!({ "messages": "hi" }), "messages"),
+        ("/v1/chat/completions", json!({ "messages": [{ "content": "no role" }] }), "messages"),
+        ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url" }] }] }), "messages"),
+        ("/tokenize", json!({ "content": 5 }), "content"),
+        ("/detokenize", json!({ "tokens": [1, 100000] }), "tokens"),
+        ("/detokenize", json!({ "tokens": [-1] }), "tokens"),
+    ];
+    for (path, body, param) in &cases {
+        let msg = error_of(s.post(path, body), 400);
+        assert!(!msg.is_empty());
+        let r: Value = s.post(path, body).json().unwrap();
+        let got = r["error"]["param"].as_str().unwrap_or("");
+        assert!(got.starts_with(param) || msg.contains(param), "{path} {body}: param {got:?}, message {msg}");
+    }
+    // Context overflow: the tiny model's context is 256 tokens.
+    let long = "word ".repeat(400);
+    let r = s.post("/v1/completions", &json!({ "prompt": long }));
+    let msg = error_of(r, 400);
+    assert!(msg.contains("maximum context length is 256"), "{msg}");
+    let r: Value = s.post("/v1/completions", &json!({ "prompt": "a", "max_tokens": 1000 })).json().unwrap();
+    assert_eq!(r["error"]["code"], "context_length_exceeded");
+    // Too large a body, an unknown endpoint.
+    let big = json!({ "prompt": "x".repeat(5000) });
+    error_of(s.post("/v1/completions", &big), 413);
+    error_of(s.get("/v1/nothing"), 404);
+    // Unknown fields are ignored; the server still answers normally after all of that.
+    let ok = s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 2, "logit_bias": {}, "user": "me", "echo": false }));
+    assert_eq!(ok["usage"]["completion_tokens"], 2);
+}
+
+#[test]
+fn api_key_is_required_except_for_health() {
+    let s = Server::tiny(&["--api-key", "sekret"]);
+    assert_eq!(s.get("/health").status(), 200);
+    let msg = error_of(s.get("/v1/models"), 401);
+    assert!(msg.contains("API key"), "{msg}");
+    let with = |key: &str| s.client.get(format!("{}/v1/models", s.url)).bearer_auth(key).send().unwrap().status();
+    assert_eq!(with("wrong"), 401);
+    assert_eq!(with("sekre"), 401);
+    assert_eq!(with("sekret"), 200);
+    error_of(s.post("/v1/completions", &greedy("a", 2)), 401);
+    error_of(s.get("/metrics"), 401);
+    let r = s.client.post(format!("{}/v1/completions", s.url)).bearer_auth("sekret").json(&greedy("a", 2)).send().unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn binds_loopback_by_default() {
+    let s = Server::tiny(&[]);
+    assert!(s.url.starts_with("http://127.0.0.1:"), "{}", s.url);
+}
+
+/// The official `openai` Python package, unmodified, against the server (CI installs it:
+/// `python3 -m pip install openai`).
+#[test]
+fn official_openai_python_client() {
+    let s = Server::tiny(&["--api-key", "test-key"]);
+    let script = repo().join("tests/scripts/serve_openai_client.py");
+    let out = Command::new("python3").arg(&script).arg(&s.url).output().expect("python3 is needed for this test");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} failed (install the client with `python3 -m pip install openai`):\n{stdout}\n{stderr}", script.display());
+    assert!(stdout.contains("openai client OK"), "{stdout}");
+}
