@@ -106,3 +106,50 @@ fn float_rows_match_the_reference() {
         }
     }
 }
+
+#[test]
+fn f16_rows_decode_subnormals_and_odd_lengths() {
+    // Row 0: subnormal halves only; row 1: zeros, the smallest and largest subnormals, the smallest
+    // normal and one; row 2: anything below one. 43 columns leave a tail after every vector loop.
+    let (rows, cols) = (3, 43);
+    let mut rng = Rng(7);
+    let mut bits = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for _ in 0..cols {
+            let sign = (rng.below(2) as u16) << 15;
+            bits.push(sign | match r {
+                0 => 1 + rng.below(0x3ff) as u16,
+                1 => [0, 1, 0x3ff, 0x400, 0x3c00][rng.below(5) as usize],
+                _ => rng.below(0x3c00) as u16,
+            });
+        }
+    }
+    let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let w = FloatMatrix { ty: GgmlType::F16, rows, cols, row_bytes: 2 * cols, data };
+    let x: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+    for k in kernels::available() {
+        let mut got = vec![0f32; rows];
+        k.float_rows(&w, 0..rows, &x, &mut got);
+        for r in 0..rows {
+            let terms = (0..cols).map(|c| half::f16::from_bits(bits[r * cols + c]).to_f64() * x[c] as f64);
+            let (want, magnitude) = terms.fold((0f64, 0f64), |(s, m), t| (s + t, m + t.abs()));
+            // Relative to Σ|w·x|, so that a row of subnormals is checked at its own scale.
+            assert!((got[r] as f64 - want).abs() <= 1e-5 * magnitude, "{} kernel, F16 row {r}: {} vs {want}", k.name(), got[r]);
+        }
+    }
+}
+
+/// CI runs these tests on emulated CPUs and names the kernel sets each must offer
+/// (`BITNET_EXPECT_KERNELS`, comma-separated in `available()` order), so that a run proves which
+/// variants it covered.
+#[test]
+fn the_expected_kernels_are_available() {
+    let names: Vec<&str> = kernels::available().iter().map(|k| k.name()).collect();
+    println!("available kernels: {}", names.join(","));
+    if let Ok(expected) = std::env::var("BITNET_EXPECT_KERNELS") {
+        assert_eq!(names.join(","), expected);
+    }
+    if std::env::var_os("BITNET_KERNELS").is_none() {
+        assert_eq!(kernels::best().name(), names[names.len() - 1], "best() is the last (fastest) set");
+    }
+}

@@ -7,6 +7,10 @@
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub mod simd128;
 
 use std::ops::Range;
 
@@ -28,25 +32,25 @@ pub trait Kernels: Send + Sync {
 }
 
 /// The fastest kernels this CPU supports.
-/// `BITNET_KERNELS=scalar` forces the reference kernels (for debugging and comparisons).
+/// `BITNET_KERNELS=<name>` picks another available set (`scalar` for the reference; for comparisons).
 pub fn best() -> &'static dyn Kernels {
-    if std::env::var("BITNET_KERNELS").is_ok_and(|k| k == "scalar") {
-        return &scalar::Scalar;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::Avx2::available() {
-        return &avx2::Avx2;
-    }
-    &scalar::Scalar
+    let all = available();
+    let chosen = std::env::var("BITNET_KERNELS").ok().and_then(|name| all.iter().find(|k| k.name() == name).copied());
+    chosen.unwrap_or(all[all.len() - 1])
 }
 
-/// Every kernel set this CPU can run, the reference first: what the kernel tests compare.
+/// Every kernel set this CPU can run, the reference first and the fastest last: what the kernel
+/// tests compare.
 pub fn available() -> Vec<&'static dyn Kernels> {
     let mut all: Vec<&'static dyn Kernels> = vec![&scalar::Scalar];
     #[cfg(target_arch = "x86_64")]
     if avx2::Avx2::available() {
         all.push(&avx2::Avx2);
     }
+    #[cfg(target_arch = "aarch64")]
+    all.extend(neon::Neon::available());
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    all.push(&simd128::Simd128);
     all
 }
 
