@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Builds the browser side of BitNet-Rust:
+#   web/pkg/       the npm package: two wasm builds (st/: single-threaded SIMD128, stable Rust; mt/: threads,
+#                  nightly + build-std + shared memory, with wasm-bindgen-rayon) and the TypeScript worker API
+#   target/www/    the demo site (www/ + the package + the default model), served by `bitnet serve-www`
+# Needs wasm-pack 0.15.1 and wasm-bindgen-cli 0.2.130 on PATH, the wasm32 target on stable and on the pinned
+# nightly (with rust-src), node and npm: tests/scripts/test_web.sh installs all of it.
+#
+#   bash web/build.sh          both builds, the package and the site
+#   bash web/build.sh st       the single-threaded build only (the package then always runs single-threaded)
+#   bash web/build.sh test     the wasm tests (web/tests/web.rs) in headless Chromium, in the threaded build
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(cd .. && pwd)
+NIGHTLY=nightly-2026-05-20
+# Shared memory needs atomics in std (build-std) and these link arguments since nightly-2025-10 (rustc
+# stopped passing --shared-memory; see ../shared/notes/toolchain.md §1).
+MT_RUSTFLAGS='-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128 -C link-arg=--shared-memory -C link-arg=--max-memory=4294967296 -C link-arg=--import-memory -C link-arg=--export=__wasm_init_tls -C link-arg=--export=__tls_size -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base'
+
+[ -x node_modules/.bin/wasm-opt ] && [ -x node_modules/.bin/tsc ] || npm ci --no-audit --no-fund
+# wasm-pack runs the first wasm-opt on PATH: npm's binaryen 132 (Debian's 108 corrupts the output).
+export PATH="$PWD/node_modules/.bin:$PATH"
+
+# Each build has its own target dir: their flags differ, and sharing one would rebuild everything each time.
+st() { # stable Rust; SIMD128 is in every browser since 2021
+  RUSTFLAGS='-C target-feature=+simd128' CARGO_TARGET_DIR="$ROOT/target/wasm-st" wasm-pack "$@"
+}
+mt() { # wasm-pack wants its path argument before cargo's own options
+  RUSTFLAGS="$MT_RUSTFLAGS" CARGO_TARGET_DIR="$ROOT/target/wasm-mt" rustup run "$NIGHTLY" wasm-pack "$@" \
+    --features threads -Z build-std=panic_abort,std
+}
+
+if [ "${1:-}" = test ]; then
+  # Release: the tests then reuse the threaded package build's compiled dependencies.
+  # webdriver.json gives Chromium --enable-unsafe-webgpu (SwiftShader's WebGPU adapter).
+  WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-300} mt test --headless --chrome --release . --test web
+  exit
+fi
+
+BUILDS=${*:-st mt}
+rm -rf pkg
+for build in $BUILDS; do
+  case $build in
+    st) st build --target web --release --no-pack --out-dir pkg/st --out-name bitnet_web . ;;
+    mt) mt build --target web --release --no-pack --out-dir pkg/mt --out-name bitnet_web . ;;
+    *) echo "unknown build '$build' (st, mt or test)" >&2; exit 2 ;;
+  esac
+  rm -f "pkg/$build/.gitignore"
+done
+# The worker type-checks against the single-threaded build's declarations (both builds have the same API).
+[ -d pkg/st ] || { echo "the st build is needed for the TypeScript declarations" >&2; exit 2; }
+
+tsc -p tsconfig.json
+tsc -p tsconfig.worker.json
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
+sed "s/\"VERSION\"/\"$version\"/" js/package.json > pkg/package.json
+cp js/README.md pkg/README.md
+
+site="$ROOT/target/www"
+rm -rf "$site"
+mkdir -p "$site/models"
+cp "$ROOT"/www/* "$site/"
+cp -r pkg "$site/bitnet"
+cp "$ROOT/engine/models/smolbit-135m.gguf" "$site/models/"
+echo "built web/pkg (bitnet-web $version: $BUILDS) and the demo site in target/www"
+echo "serve it: target/release/bitnet serve-www --port 8080"

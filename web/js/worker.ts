@@ -1,0 +1,201 @@
+// The Web Worker that runs the model: loads a wasm build, streams the GGUF file into wasm memory (from the
+// network, the Cache API, a File or bytes), and generates one token per engine call, returning to the event
+// loop in between so that text is posted as it comes and an abort message is seen at the next token.
+
+import type { BuildInfo, GenerationStats, ModelInfo, Progress, Reply, Request, WireSource } from './types.js';
+import { CACHE_NAME } from './types.js';
+
+type Wasm = typeof import('./st/bitnet_web.js');
+type Engine = import('./st/bitnet_web.js').Engine;
+type LoadRequest = Extract<Request, { type: 'load' }>;
+type GenerateRequest = Extract<Request, { type: 'generate' }>;
+
+let wasm: Wasm | undefined;
+let build: BuildInfo | undefined;
+let engine: Engine | undefined;
+let backendNote: string | undefined;
+/** Requests run one at a time, in order; aborts act at once. */
+let queue: Promise<void> = Promise.resolve();
+const aborted = new Set<number>();
+
+const post = (reply: Reply) => self.postMessage(reply);
+
+self.onmessage = (e: MessageEvent<Request>) => {
+  const req = e.data;
+  if (req.type === 'abort') {
+    aborted.add(req.id);
+    return;
+  }
+  queue = queue.then(() => handle(req)).catch((err) => post({ type: 'error', id: req.id, message: describe(err) }));
+};
+
+function describe(err: unknown): string {
+  if (err instanceof WebAssembly.RuntimeError) {
+    // An allocation the browser refused inside the engine aborts the module (Rust cannot recover there).
+    return `the WebAssembly engine stopped (${err.message}): most likely out of memory; reload the model`;
+  }
+  return err instanceof Error ? err.message : String(err);
+}
+
+async function handle(req: Request): Promise<void> {
+  switch (req.type) {
+    case 'load':
+      return load(req);
+    case 'generate':
+      return generate(req);
+    case 'reset':
+      engine?.reset();
+      return post({ type: 'done', id: req.id });
+  }
+}
+
+/** The threaded build when the page is cross-origin isolated (SharedArrayBuffer), else the single-threaded one. */
+async function initWasm(threads: number): Promise<void> {
+  const threaded = threads > 1 && self.crossOriginIsolated === true;
+  // Both builds have the same API (the threaded one adds initThreadPool); the st build's types stand for both.
+  const module = threaded ? './mt/bitnet_web.js' : './st/bitnet_web.js';
+  wasm = (await import(module)) as Wasm;
+  await wasm.default();
+  if (threaded) {
+    await (wasm as unknown as { initThreadPool(n: number): Promise<void> }).initThreadPool(threads);
+  }
+  build = JSON.parse(wasm.buildInfo()) as BuildInfo;
+}
+
+async function load(req: LoadRequest): Promise<void> {
+  if (engine) throw new Error('this worker already holds a model');
+  await initWasm(req.threads);
+  // At most every 50 ms (a download arrives in thousands of chunks), but always a phase's first and last step.
+  let lastPost = 0;
+  let lastPhase = '';
+  const progress = (p: Progress) => {
+    const now = performance.now();
+    if (now - lastPost < 50 && p.loaded !== p.total && p.phase === lastPhase) return;
+    lastPost = now;
+    lastPhase = p.phase;
+    post({ type: 'progress', id: req.id, progress: p });
+  };
+  const backend = await resolveBackend(req.backend);
+  const { body, size, phase, stored, url } = await open(req.source, req.cache);
+  // Throws before anything is read when the model cannot fit in wasm memory.
+  const loader = new wasm!.Loader(size);
+  let loaded = 0;
+  progress({ phase, loaded, total: size });
+  const reader = body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    loader.push(value);
+    loaded += value.length;
+    progress({ phase, loaded, total: size });
+  }
+  await stored;
+  try {
+    const options = JSON.stringify({ backend, ctx: req.ctx, activation: req.activation });
+    engine = loader.load(options, (done: number, total: number) => progress({ phase: 'load', loaded: done, total }));
+  } catch (err) {
+    // A file that does not load is not worth keeping.
+    if (url) await caches.open(CACHE_NAME).then((c) => c.delete(url)).catch(() => {});
+    throw err;
+  }
+  const info = { ...JSON.parse(engine.info()), build, backendNote } as ModelInfo;
+  post({ type: 'loaded', id: req.id, info });
+}
+
+async function resolveBackend(wanted: string): Promise<string> {
+  if (wanted !== 'auto') return wanted;
+  if (!build!.webgpu) {
+    backendNote = 'this build has no WebGPU backend';
+    return 'wasm';
+  }
+  const gpu = (navigator as unknown as { gpu?: { requestAdapter(): Promise<unknown> } }).gpu;
+  const adapter = gpu ? await gpu.requestAdapter().catch(() => null) : null;
+  if (adapter) return 'webgpu';
+  backendNote = gpu ? 'the browser found no WebGPU adapter' : 'this browser has no WebGPU';
+  return 'wasm';
+}
+
+interface Opened {
+  body: ReadableStream<Uint8Array>;
+  size: number;
+  phase: Progress['phase'];
+  /** The cache write of a fresh download, which finishes with the download. */
+  stored?: Promise<void>;
+  /** The cache key, when the model came from or went to the cache. */
+  url?: string;
+}
+
+async function open(source: WireSource, useCache: boolean): Promise<Opened> {
+  if (source.kind === 'blob') return { body: source.blob.stream(), size: source.blob.size, phase: 'read' };
+  if (source.kind === 'bytes') return { body: new Blob([source.bytes]).stream(), size: source.bytes.byteLength, phase: 'read' };
+  const url = source.url;
+  const cache = useCache && self.caches ? await caches.open(CACHE_NAME).catch(() => undefined) : undefined;
+  const hit = await cache?.match(url);
+  if (hit?.body) return { body: hit.body, size: Number(hit.headers.get('content-length')) || 0, phase: 'cache', url };
+  const resp = await fetch(url);
+  if (!resp.ok || !resp.body) throw new Error(`could not download ${url}: HTTP ${resp.status} ${resp.statusText}`);
+  // With Content-Encoding, Content-Length counts compressed bytes: the size is then unknown.
+  const size = resp.headers.get('content-encoding') ? 0 : Number(resp.headers.get('content-length')) || 0;
+  if (!cache) return { body: resp.body, size, phase: 'download' };
+  const [toCache, toWasm] = resp.body.tee();
+  const headers: Record<string, string> = { 'content-type': 'application/octet-stream', 'x-cached-at': String(Date.now()) };
+  if (size) headers['content-length'] = String(size);
+  // A failed cache write (quota) costs only the caching, not the load.
+  const stored = cache.put(url, new Response(toCache, { headers })).catch((e) => console.warn(`bitnet: not cached: ${e}`));
+  return { body: toWasm, size, phase: 'download', stored, url };
+}
+
+/** Resolves after the event loop has run once (a MessageChannel round trip: no 4 ms timer clamp). */
+const channel = new MessageChannel();
+function nextTask(): Promise<void> {
+  return new Promise((resolve) => {
+    channel.port1.onmessage = () => resolve();
+    channel.port2.postMessage(null);
+  });
+}
+
+async function generate(req: GenerateRequest): Promise<void> {
+  if (!engine) throw new Error('no model loaded');
+  const options = JSON.stringify(req.options);
+  if (aborted.delete(req.id)) return post({ type: 'done', id: req.id, stats: notStarted() });
+  const t0 = performance.now();
+  if (req.messages) engine.startChat(JSON.stringify(req.messages), options);
+  else engine.start(req.prompt ?? '', options);
+  const promptMs = performance.now() - t0;
+  let decodeMs = 0;
+  let stopped = false;
+  for (;;) {
+    await nextTask();
+    if (aborted.delete(req.id)) {
+      stopped = true;
+      break;
+    }
+    const t = performance.now();
+    const text = engine.step();
+    decodeMs += performance.now() - t;
+    if (text === undefined) break;
+    if (text) post({ type: 'text', id: req.id, text });
+  }
+  post({ type: 'done', id: req.id, stats: stats(promptMs, decodeMs, stopped) });
+}
+
+function notStarted(): GenerationStats {
+  const zero = { promptTokens: 0, generatedTokens: 0, promptSeconds: 0, decodeSeconds: 0 };
+  return { ...zero, promptTokensPerSecond: 0, decodeTokensPerSecond: 0, stop: 'Aborted', seed: 0, backend: engine!.backend };
+}
+
+function stats(promptMs: number, decodeMs: number, abortedRun: boolean): GenerationStats {
+  const s = JSON.parse(engine!.stats());
+  const perSecond = (n: number, ms: number) => (ms > 0 ? (n * 1000) / ms : 0);
+  return {
+    promptTokens: s.promptTokens ?? 0,
+    generatedTokens: s.generatedTokens ?? 0,
+    promptSeconds: promptMs / 1000,
+    decodeSeconds: decodeMs / 1000,
+    promptTokensPerSecond: perSecond(s.promptTokens ?? 0, promptMs),
+    decodeTokensPerSecond: perSecond(s.generatedTokens ?? 0, decodeMs),
+    stop: abortedRun ? 'Aborted' : s.stop ?? 'Aborted',
+    seed: s.seed,
+    backend: engine!.backend,
+  };
+}

@@ -1,0 +1,302 @@
+//! bitnet-web: bitnet-engine in the browser.
+//!
+//! A thin wasm-bindgen shell for the npm package's Web Worker (`web/js/worker.ts`), which owns everything
+//! JavaScript: fetching with progress, the Cache API, the message protocol, timing. Here:
+//! - [`Loader`] takes a GGUF file chunk by chunk, after checking that it can fit in wasm memory;
+//! - [`Engine`] is a loaded model with one conversation (its KV cache), which generates one token per
+//!   [`Engine::step`] call so that the worker's event loop sees an abort between tokens;
+//! - [`build_info`] says what this build can do (threads, SIMD128, WebGPU).
+//!
+//! Errors become JavaScript exceptions (`Error` with the engine's message).
+//!
+//! A model lives as long as its worker: wasm memory can grow but never shrink, so the JS side frees a
+//! model by terminating the worker, and the model here is never dropped.
+
+mod generate;
+mod loader;
+
+use bitnet_engine::backend::{Backend, Cpu};
+use bitnet_engine::chat::ChatMessage;
+use bitnet_engine::gguf::GgufFile;
+use bitnet_engine::kernels;
+use bitnet_engine::model::{Activation, LoadOptions, Model};
+use bitnet_engine::sampling::SamplerParams;
+use bitnet_engine::session::{GenParams, Session};
+use bitnet_engine::tokenizer::Tokenizer;
+use serde::Deserialize;
+use serde_json::json;
+use wasm_bindgen::prelude::*;
+
+pub use generate::Generation;
+pub use loader::{check_file_size, memory_in_use, FileBuffer, WASM32_LIMIT};
+
+/// Starts rayon's pool of Web Workers (threaded build only; call once, before loading a model).
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
+#[wasm_bindgen(start)]
+fn start() {
+    // Panics (engine bugs; bad input is an Error) show their message in the console, not just "unreachable".
+    console_error_panic_hook::set_once();
+}
+
+/// What this build can do, as JSON: `{version, threads, simd128, kernels, webgpu}`.
+#[wasm_bindgen(js_name = buildInfo)]
+pub fn build_info() -> String {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "threads": cfg!(feature = "threads"),
+        "simd128": cfg!(target_feature = "simd128"),
+        "kernels": kernels::best().name(),
+        "webgpu": false,
+    })
+    .to_string()
+}
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(what: &str, text: &'a str) -> Result<T, JsError> {
+    serde_json::from_str(text).map_err(|e| js_error(format!("bad {what}: {e}")))
+}
+
+/// Load-time choices (JSON from the worker).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadOpts {
+    /// "wasm" (the default) or "webgpu"; the worker resolves "auto".
+    pub backend: Option<String>,
+    /// Context size in tokens (default: the model's, at most 4096, as the native CLI).
+    pub ctx: Option<usize>,
+    /// Overrides the FFN activation ("relu2" or "silu").
+    pub activation: Option<String>,
+}
+
+/// Generation settings (JSON from the worker); the defaults are `bitnet run`'s.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct GenOpts {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    /// The worker always sends one (a random one when the user gave none), so that stats can show it.
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+impl Default for GenOpts {
+    fn default() -> Self {
+        let s = SamplerParams::default();
+        GenOpts {
+            max_tokens: 128,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_last_n: s.repeat_last_n,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenOpts {
+    fn params(self) -> GenParams {
+        let sampler = SamplerParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        };
+        GenParams { max_tokens: self.max_tokens, sampler, stop: self.stop }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// A GGUF file on its way into wasm memory.
+#[wasm_bindgen]
+pub struct Loader {
+    file: FileBuffer,
+}
+
+#[wasm_bindgen]
+impl Loader {
+    /// `size`: the file's byte length when known, else 0. Throws at once when the model cannot fit.
+    #[wasm_bindgen(constructor)]
+    pub fn new(size: f64) -> Result<Loader, JsError> {
+        if !(0.0..=9e15).contains(&size) {
+            return Err(js_error(format!("bad file size {size}")));
+        }
+        Ok(Loader { file: FileBuffer::new(size as u64).map_err(js_error)? })
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), JsError> {
+        self.file.push(chunk).map_err(js_error)
+    }
+
+    /// Bytes received so far.
+    #[wasm_bindgen(getter)]
+    pub fn received(&self) -> f64 {
+        self.file.bytes.len() as f64
+    }
+
+    /// Parses the file and builds the model; `onProgress(done, total)` is called as tensors are repacked.
+    /// The file's bytes are freed afterwards (the model keeps its own copy of the weights).
+    pub fn load(self, options: &str, on_progress: Option<js_sys::Function>) -> Result<Engine, JsError> {
+        let opts: LoadOpts = parse_json("load options", options)?;
+        let mut progress = |done: usize, total: usize| {
+            if let Some(f) = &on_progress {
+                // A throwing callback must not break loading.
+                let _ = f.call2(&JsValue::NULL, &(done as f64).into(), &(total as f64).into());
+            }
+        };
+        Engine::new(&self.file.bytes, &opts, &mut progress)
+    }
+}
+
+/// A loaded model and its one conversation.
+#[wasm_bindgen]
+pub struct Engine {
+    model: &'static Model,
+    tokenizer: Tokenizer,
+    session: Session<'static>,
+    generation: Option<Generation>,
+    seed: u64,
+}
+
+impl Engine {
+    /// Builds the model from a whole GGUF file (the Rust entry point; JS goes through [`Loader`]).
+    pub fn new(bytes: &[u8], opts: &LoadOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine, JsError> {
+        let gguf = GgufFile::parse(bytes).map_err(js_error)?;
+        let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(js_error)?;
+        let activation = match opts.activation.as_deref() {
+            None => None,
+            Some(a) => Some(Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?),
+        };
+        let load = LoadOptions { activation };
+        let config = bitnet_engine::model::Config::from_gguf(&gguf, &load).map_err(js_error)?;
+        let ctx = opts.ctx.unwrap_or(config.n_ctx_train.min(4096));
+        let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
+        loader::check_kv_cache(&config, ctx, weights).map_err(js_error)?;
+        // Never freed: see the crate docs (a model lives as long as its worker).
+        let model: &'static Model = Box::leak(Box::new(Model::load(&gguf, bytes, &load, progress).map_err(js_error)?));
+        let backend: Box<dyn Backend> = match opts.backend.as_deref().unwrap_or("wasm") {
+            "wasm" => Box::new(Cpu::new(model, kernels::best(), ctx).map_err(js_error)?),
+            "webgpu" => return Err(js_error("this build has no WebGPU backend")),
+            other => return Err(js_error(format!("unknown backend '{other}' (wasm or webgpu)"))),
+        };
+        Ok(Engine { model, tokenizer, session: Session::new(backend), generation: None, seed: 0 })
+    }
+
+    fn start_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
+        let opts: GenOpts = parse_json("generation options", options)?;
+        self.seed = opts.seed;
+        self.generation = None;
+        let params = opts.params();
+        let n = self.session.prefill(prompt).map_err(js_error)?;
+        self.generation = Some(Generation::new(&params, n));
+        Ok(n as u32)
+    }
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// What runs the model, e.g. "cpu/simd128".
+    #[wasm_bindgen(getter)]
+    pub fn backend(&self) -> String {
+        self.session.backend_name()
+    }
+
+    /// The model's shape, tokenizer and run-time settings as JSON.
+    pub fn info(&self) -> String {
+        let c = &self.model.config;
+        let t = &self.tokenizer;
+        json!({
+            "arch": c.arch, "nVocab": c.n_vocab, "nCtxTrain": c.n_ctx_train, "nEmbd": c.n_embd, "nLayer": c.n_layer,
+            "nHead": c.n_head, "nHeadKv": c.n_head_kv, "headDim": c.head_dim, "nFf": c.n_ff,
+            "activation": c.activation.to_string(), "ctx": self.session.ctx(), "backend": self.backend(),
+            "threads": rayon::current_num_threads(), "bos": t.bos(), "eos": t.eos(), "addBos": t.add_bos(),
+            "chatTemplate": t.chat_template().is_some(), "memoryBytes": memory_in_use(),
+        })
+        .to_string()
+    }
+
+    /// Token ids of `text`, with BOS first when `add_bos` and the model asks for it.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, JsError> {
+        self.tokenizer.encode(text, add_bos && self.tokenizer.add_bos()).map_err(js_error)
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids)
+    }
+
+    /// The next-token logits after `ids` (evaluated in the conversation's cache, reusing its prefix).
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, JsError> {
+        self.generation = None;
+        self.session.prefill(ids).map_err(js_error)?;
+        Ok(self.session.logits().to_vec())
+    }
+
+    /// Starts continuing `prompt` (BOS added as the model asks): evaluates the prompt and returns how many
+    /// of its tokens were evaluated (the rest were already in the cache). Then call `step` until it returns
+    /// undefined.
+    pub fn start(&mut self, prompt: &str, options: &str) -> Result<u32, JsError> {
+        let ids = self.tokenize(prompt, true)?;
+        self.start_ids(&ids, options)
+    }
+
+    /// Starts a chat reply: `messages` is a JSON array of `{role, content}`, rendered with the model's template.
+    #[wasm_bindgen(js_name = startChat)]
+    pub fn start_chat(&mut self, messages: &str, options: &str) -> Result<u32, JsError> {
+        let messages: Vec<Message> = parse_json("chat messages", messages)?;
+        let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+        let ids = self.tokenizer.encode_chat(&messages, true).map_err(js_error)?;
+        self.start_ids(&ids, options)
+    }
+
+    /// Generates one token: returns its text (often "": held back until a character or a possible stop
+    /// string is complete), or undefined once generation has stopped.
+    pub fn step(&mut self) -> Result<Option<String>, JsError> {
+        let generation = self.generation.as_mut().ok_or_else(|| js_error("no generation started"))?;
+        let s = &mut self.session;
+        let Some(step) = generation.step(&self.tokenizer, s.logits(), s.tokens(), s.ctx()) else { return Ok(None) };
+        if let Some(t) = step.eval {
+            s.push(&[t], true).map_err(js_error)?;
+        }
+        Ok(Some(step.text))
+    }
+
+    /// The current or last generation's counts as JSON: `{promptTokens, generatedTokens, stop, seed}`
+    /// (`stop` is null while it runs).
+    pub fn stats(&self) -> String {
+        let g = self.generation.as_ref();
+        json!({
+            "promptTokens": g.map(|g| g.n_prompt_eval),
+            "generatedTokens": g.map(|g| g.n_generated),
+            "stop": g.and_then(|g| g.stop).map(|s| format!("{s:?}")),
+            "seed": self.seed,
+        })
+        .to_string()
+    }
+
+    /// Forgets the conversation (the KV cache).
+    pub fn reset(&mut self) {
+        self.generation = None;
+        self.session.truncate(0);
+    }
+}

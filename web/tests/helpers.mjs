@@ -1,0 +1,59 @@
+// Shared by the browser tests: the `bitnet` binary, its static server, and headless Chromium.
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+export const ROOT = new URL('../../', import.meta.url).pathname;
+export const BITNET = `${ROOT}target/release/bitnet`;
+/** Screenshots and measurements. */
+export const OUT = `${ROOT}target/web-test`;
+mkdirSync(OUT, { recursive: true });
+
+/** stdout of `bitnet args...` */
+export function bitnet(...args) {
+  return bitnetWithInput('', ...args);
+}
+
+/** stdout of `bitnet args...` with `input` on stdin. */
+export function bitnetWithInput(input, ...args) {
+  return execFileSync(BITNET, args, { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 1 << 26 });
+}
+
+/** The continuation `bitnet run` prints: stdout without the newline it adds at the end. */
+export function nativeRun(...args) {
+  const out = bitnet('run', ...args);
+  if (!out.endsWith('\n')) throw new Error(`unexpected bitnet run output: ${JSON.stringify(out)}`);
+  return out.slice(0, -1);
+}
+
+/** Starts `bitnet serve-www` on a free port; resolves to { url, stop }. */
+export function serve(dir) {
+  const server = spawn(BITNET, ['serve-www', '--port', '0', '--dir', dir], { stdio: ['ignore', 'pipe', 'inherit'] });
+  return new Promise((resolve, reject) => {
+    let out = '';
+    server.on('exit', (code) => reject(new Error(`bitnet serve-www exited with ${code}: ${out}`)));
+    server.stdout.on('data', (d) => {
+      out += d;
+      const m = out.match(/at (http:\/\/127\.0\.0\.1:\d+\/)/);
+      if (m) resolve({ url: m[1], stop: () => server.kill() });
+    });
+  });
+}
+
+/** Headless Chromium with SwiftShader's WebGPU adapter (toolchain.md §4). */
+export function launch() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--enable-unsafe-webgpu'],
+  });
+}
+
+/** A new page whose console errors are collected (shown when a test fails). */
+export async function newPage(browser, log) {
+  const page = await (await browser.newContext({ viewport: { width: 1000, height: 900 } })).newPage();
+  page.on('console', (m) => log.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
+  return page;
+}

@@ -1,0 +1,178 @@
+//! The engine in a real browser, in a dedicated worker as the npm package runs it (`wasm-pack test
+//! --headless --chrome`; tests/scripts/test_web.sh runs them in the threaded build): GGUF files loaded
+//! through the chunked [`Loader`], tokenizer ids and logits against the fixture references (the same ones
+//! the native tests use), the engine's kernel tests for this build's kernels (SIMD128) against the scalar
+//! reference, and the thread pool.
+#![cfg(target_arch = "wasm32")]
+
+use bitnet_engine::gguf::GgufFile;
+use bitnet_engine::kernels;
+use bitnet_engine::tokenizer::{StreamDecoder, Tokenizer};
+use bitnet_web::{Engine, Loader};
+use serde_json::Value;
+use wasm_bindgen::{JsCast, JsError, JsValue};
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_dedicated_worker);
+
+const REFS: &str = include_str!("../../tests/fixtures/models/references.json");
+const TINY_A: &[u8] = include_bytes!("../../tests/fixtures/models/tiny-a-i2_s.gguf");
+const TINY_B: &[u8] = include_bytes!("../../tests/fixtures/models/tiny-b-tq2_0.gguf");
+
+/// The engine's own kernel tests (engine/tests/kernels.rs), called from the browser tests below.
+#[allow(dead_code)]
+mod engine_kernels {
+    include!("../../engine/tests/kernels.rs");
+}
+
+/// In the threaded build, rayon's pool of Web Workers starts before anything uses rayon (all tests run in
+/// one module instance, one after the other).
+async fn setup() {
+    #[cfg(feature = "threads")]
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static STARTED: AtomicBool = AtomicBool::new(false);
+        if !STARTED.swap(true, Ordering::SeqCst) {
+            wasm_bindgen_futures::JsFuture::from(bitnet_web::init_thread_pool(2)).await.expect("thread pool");
+        }
+    }
+}
+
+fn message(e: JsError) -> String {
+    JsValue::from(e).unchecked_into::<js_sys::Error>().message().into()
+}
+
+/// Loads a GGUF file the way the worker does: the size first, then the bytes in chunks.
+fn load(bytes: &[u8], options: &str) -> Result<Engine, String> {
+    let mut loader = Loader::new(bytes.len() as f64).map_err(message)?;
+    for chunk in bytes.chunks(7000) {
+        loader.push(chunk).map_err(message)?;
+    }
+    loader.load(options, None).map_err(message)
+}
+
+fn refs() -> Value {
+    serde_json::from_str(REFS).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+#[wasm_bindgen_test]
+async fn gguf_files_load_from_chunks() {
+    setup().await;
+    let engine = load(TINY_A, r#"{"backend": "wasm", "ctx": 64}"#).unwrap();
+    let info: Value = serde_json::from_str(&engine.info()).unwrap();
+    assert_eq!((info["arch"].as_str(), info["nLayer"].as_u64(), info["nEmbd"].as_u64()), (Some("bitnet-b1.58"), Some(2), Some(96)));
+    assert_eq!((info["nVocab"].as_u64(), info["ctx"].as_u64()), (Some(768), Some(64)));
+    assert_eq!(engine.backend(), format!("cpu/{}", kernels::best().name()));
+    let threads = if cfg!(feature = "threads") { 2 } else { 1 };
+    assert_eq!(info["threads"].as_u64(), Some(threads));
+}
+
+#[wasm_bindgen_test]
+async fn bad_input_is_an_exception_with_a_reason() {
+    setup().await;
+    let too_big = Loader::new(3.0 * (1u64 << 30) as f64).err().map(message).expect("3 GiB cannot load in wasm32");
+    assert!(too_big.contains("3072 MB") && too_big.contains("4096 MB"), "{too_big}");
+    let truncated = load(&TINY_A[..5000], "{}").err().expect("a truncated file");
+    assert!(truncated.starts_with("invalid GGUF file") && truncated.contains("bytes left"), "{truncated}");
+    let backend = load(TINY_A, r#"{"backend": "cuda"}"#).err().expect("an unknown backend");
+    assert!(backend.contains("unknown backend 'cuda'"), "{backend}");
+    let ctx = load(TINY_A, r#"{"ctx": 100000}"#).err().expect("a context beyond the model's");
+    assert!(ctx.contains("context 100000"), "{ctx}");
+    let mut engine = load(TINY_A, "{}").unwrap();
+    let options = engine.start("Hello", r#"{"maxTokens": 3, "temprature": 0}"#).err().map(message).expect("a misspelt option");
+    assert!(options.contains("temprature"), "{options}");
+}
+
+#[wasm_bindgen_test]
+async fn tokenizer_ids_match_huggingface() {
+    setup().await;
+    let refs = refs();
+    let engine = load(TINY_A, "{}").unwrap();
+    let mut checked = 0;
+    for case in refs["models"]["tiny-a"]["cases"].as_array().unwrap() {
+        if case["add_special"].as_bool() == Some(true) {
+            let got = engine.tokenize(case["text"].as_str().unwrap(), true).unwrap();
+            assert_eq!(got, ids(&case["ids"]), "{}", case["name"]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4);
+}
+
+/// The same checks as the native tests (tests/models.rs): top-1 equal, and within 1e-3 of the float64
+/// reference where float noise cannot flip an int8 rounding.
+#[wasm_bindgen_test]
+async fn logits_match_the_references() {
+    setup().await;
+    let refs = refs();
+    for (name, bytes, model) in [("tiny-a-i2_s", TINY_A, "tiny-a"), ("tiny-b-tq2_0", TINY_B, "tiny-b")] {
+        let mut engine = load(bytes, "{}").unwrap();
+        for case in refs["models"][model]["cases"].as_array().unwrap() {
+            let got = engine.logits(&ids(&case["ids"])).unwrap();
+            let want = floats(&case["logits_f64"]);
+            let what = format!("{name} / {}", case["name"]);
+            assert_eq!(argmax(&got), argmax(&want), "{what}: top-1");
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let tolerance = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+            assert!(diff < tolerance, "{what}: max |Δ| = {diff}");
+        }
+    }
+}
+
+/// Greedy generation through `start`/`step` streams the reference's continuation.
+#[wasm_bindgen_test]
+async fn generation_streams_the_greedy_reference() {
+    setup().await;
+    let refs = refs();
+    let tok = Tokenizer::from_metadata(&GgufFile::parse(TINY_A).unwrap().metadata).unwrap();
+    let mut engine = load(TINY_A, "{}").unwrap();
+    let case = &refs["models"]["tiny-a"]["cases"][2]; // "special": stable, wide top-2 margins
+    assert_eq!(case["name"], "special");
+    let mut decoder = StreamDecoder::new();
+    let want: String = ids(&case["greedy"]).iter().map(|&t| decoder.push(&tok, t)).collect::<String>() + &decoder.flush();
+    let n = engine.start(case["text"].as_str().unwrap(), r#"{"maxTokens": 10, "temperature": 0}"#).unwrap();
+    assert_eq!(n as usize, ids(&case["ids"]).len());
+    let mut got = String::new();
+    while let Some(text) = engine.step().unwrap() {
+        got.push_str(&text);
+    }
+    assert_eq!(got, want);
+    let stats: Value = serde_json::from_str(&engine.stats()).unwrap();
+    assert_eq!((stats["generatedTokens"].as_u64(), stats["stop"].as_str()), (Some(10), Some("MaxTokens")));
+}
+
+#[wasm_bindgen_test]
+async fn this_builds_kernels_match_the_scalar_reference() {
+    setup().await;
+    let names: Vec<&str> = kernels::available().iter().map(|k| k.name()).collect();
+    assert_eq!(names, ["scalar", "simd128"], "both wasm builds have SIMD128");
+    engine_kernels::the_expected_kernels_are_available();
+    engine_kernels::ternary_rows_match_the_reference_exactly();
+    engine_kernels::activation_quantization_is_absmax_round_half_even();
+    engine_kernels::float_rows_match_the_reference();
+    engine_kernels::f16_rows_decode_subnormals_and_odd_lengths();
+}
+
+#[cfg(feature = "threads")]
+#[wasm_bindgen_test]
+async fn the_thread_pool_runs_on_two_workers() {
+    setup().await;
+    assert_eq!(rayon::current_num_threads(), 2);
+    let mut seen = rayon::broadcast(|ctx| ctx.index());
+    seen.sort();
+    assert_eq!(seen, [0, 1]);
+    let sum: u64 = rayon::iter::ParallelIterator::sum(rayon::iter::IntoParallelIterator::into_par_iter(0..1_000_000u64));
+    assert_eq!(sum, 499_999_500_000);
+}
