@@ -25,6 +25,9 @@ pub enum Error {
     Invalid(String),
     #[error("conversion: {0}")]
     Convert(String),
+    /// The GPU backend: no adapter, a device error, a model too large for the device's limits.
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

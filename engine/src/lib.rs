@@ -11,10 +11,13 @@
 //! - [`tokenizer`] and [`chat`]: text to token ids and back, chat templates.
 //! - [`sampling`] and [`session`]: choosing the next token, the KV cache, generation with stop rules.
 //! - [`convert`]: Hugging Face BitNet checkpoints to GGUF.
+//! - `cuda` (cargo feature `cuda`): the CUDA backend, kernels in CUDA C compiled at run time by NVRTC.
 
 pub mod backend;
 pub mod chat;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

@@ -1,0 +1,262 @@
+// BitLinear (W1.58A8) on the GPU: y = (Σ code·q) / s · scale, exact in the integer part.
+//
+// Weight layout (made by cuda/pack.rs): each row is `words` u32 words of 16 columns; column 16w + 4g + k is
+// the 2-bit field at bit 8k + 2g of word w, holding u = code + 1. So `(word >> 2g) & 0x03030303` is four
+// int8 lanes (u of columns 16w + 4g .. 16w + 4g + 3) that line up with one int32 word of int8 activations:
+// one dp4a per 4 columns. Rows come in pairs (2p, 2p + 1) whose outputs one epilogue uses together:
+// rotary pairs for q/k, (gate, up) for the FFN, plain neighbours otherwise.
+
+#define EPI_QKV 0    // rotate the pair if it is a rotary pair, then store to q, the key cache or the value cache
+#define EPI_GLU 1    // h[p] = act(gate) * up
+#define EPI_RESID 2  // x[2p] += a, x[2p + 1] += b
+
+// Mirrors `Epilogue` in cuda/mod.rs (#[repr(C)]).
+struct Epilogue {
+    const int* dst;     // QKV: original row (q, then k, then v) of each packed row
+    const int* rope;    // QKV: rotary frequency index of each pair, -1 for none
+    float* out;         // QKV: q; GLU: h; RESID: x. Row t at out + t * out_stride
+    u16* kc;            // QKV: this layer's caches, [ctx][kv_dim] f16
+    u16* vc;
+    const float* cos;   // QKV: [ctx][rope_half]
+    const float* sin;
+    int kind;
+    int out_stride;
+    int q_dim;
+    int kv_dim;
+    int rope_half;
+    int silu;           // GLU: SiLU instead of relu²
+};
+
+__device__ __forceinline__ void store_qkv(const Epilogue& e, int r, int t, int pos, float y) {
+    if (r < e.q_dim) e.out[(i64)t * e.out_stride + r] = y;
+    else if (r < e.q_dim + e.kv_dim) e.kc[(i64)pos * e.kv_dim + r - e.q_dim] = f2h(y);
+    else e.vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
+}
+
+// The outputs a (row 2p) and b (row 2p + 1) of token t at position pos.
+__device__ void epilogue(const Epilogue& e, int p, int t, int pos, float a, float b) {
+    if (e.kind == EPI_GLU) {
+        float act;
+        if (e.silu) {
+            act = a / (1.0f + expf(-a));
+        } else {
+            float r = fmaxf(a, 0.0f);
+            act = r * r;
+        }
+        e.out[(i64)t * e.out_stride + p] = act * b;
+    } else if (e.kind == EPI_RESID) {
+        float* x = e.out + (i64)t * e.out_stride;
+        x[2 * p] += a;
+        x[2 * p + 1] += b;
+    } else {
+        int j = e.rope[p];
+        if (j >= 0) {  // NeoX rotation of (head[j], head[j + rope_dim/2])
+            float c = e.cos[pos * e.rope_half + j], s = e.sin[pos * e.rope_half + j];
+            float ra = a * c - b * s, rb = b * c + a * s;
+            a = ra;
+            b = rb;
+        }
+        store_qkv(e, e.dst[2 * p], t, pos, a);
+        store_qkv(e, e.dst[2 * p + 1], t, pos, b);
+    }
+}
+
+// Σ u·x over 16 columns: one packed word against 16 int8 activations.
+__device__ __forceinline__ int dot16(u32 w, int4 x, int acc) {
+    acc = __dp4a((int)(w & 0x03030303u), x.x, acc);
+    acc = __dp4a((int)((w >> 2) & 0x03030303u), x.y, acc);
+    acc = __dp4a((int)((w >> 4) & 0x03030303u), x.z, acc);
+    acc = __dp4a((int)((w >> 6) & 0x03030303u), x.w, acc);
+    return acc;
+}
+
+// One prompt token's activations: RMSNorm + quantization of row t of `x` (n floats, stride n) into row t of
+// `xq` (kp bytes) and its scale. Grid: one block per token; dynamic shared memory: n floats.
+extern "C" __global__ void __launch_bounds__(256) norm_quant_rows(const float* x, const float* w, int n, int kp,
+                                                                  float eps, i8* xq, float* scales) {
+    extern __shared__ float xs[];
+    __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
+    int t = blockIdx.x;
+    Quant q = norm_quant(x + (i64)t * n, w, n, kp, eps, xs, xq + (i64)t * kp, scratch);
+    if (threadIdx.x == 0) scales[t] = q.s;
+}
+
+#define GEMV_WARPS 8
+#define GEMV_WORDS 16  // words per lane and row held in registers: slices of up to 512 words (8192 columns)
+
+// The lane's words of one unit (a row pair's column slice [w0, w1)); nothing for a dead unit (w1 = w0).
+__device__ __forceinline__ void load_unit(u32* a, u32* b, const u32* ra, const u32* rb, int w0, int w1, int lane) {
+#pragma unroll
+    for (int i = 0; i < GEMV_WORDS; i++) {
+        int w = w0 + lane + 32 * i;
+        a[i] = w < w1 ? __ldg(ra + w) : 0u;
+        b[i] = w < w1 ? __ldg(rb + w) : 0u;
+    }
+}
+
+// Decode BitLinear: one token, fused with the RMSNorm + quantization of its input and with the epilogue.
+// The work is split in units, a row pair's 1/split of the columns (split ∈ {1, 2, 4, 8}, so that short
+// matrices still keep enough loads in flight); warp w of block b takes units b*8 + w, then strides by the
+// grid, which is one wave of resident blocks: each block normalizes its input once. The first unit's
+// weights are loaded before waiting for the previous kernel (programmatic dependent launch).
+// Block: 256 threads; dynamic shared memory: 4 * round_up(n, 4) + 16 * words bytes.
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(const float* x, const float* norm_w, int n, float eps,
+                                                                 const u32* W, int words, const float* row_scale,
+                                                                 int pairs, int split, const int* params, Epilogue e) {
+    extern __shared__ float4 smem4[];
+    float* xs = (float*)smem4;
+    int4* xq = (int4*)(xs + ((n + 3) & ~3));
+    __shared__ float scratch[32];
+    __shared__ int part[2 * GEMV_WARPS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int units = pairs * split, first = blockIdx.x * GEMV_WARPS, stride = gridDim.x * GEMV_WARPS;
+    u32 a[GEMV_WORDS], b[GEMV_WORDS];
+    {
+        int u = first + warp, p = u / split, slice = u % split;
+        int w0 = slice * words / split, w1 = u < units ? (slice + 1) * words / split : w0;
+        const u32* ra = W + (i64)(2 * p) * words;
+        load_unit(a, b, ra, ra + words, w0, w1, lane);
+    }
+    pdl_trigger();
+    pdl_wait();
+    Quant q = norm_quant(x, norm_w, n, words * 16, eps, xs, (i8*)xq, scratch);
+    __syncthreads();
+    for (int base = first; base < units; base += stride) {  // the same trip count for the whole block
+        int u = base + warp, p = u / split, slice = u % split;
+        int w0 = slice * words / split, w1 = u < units ? (slice + 1) * words / split : w0;
+        const u32* ra = W + (i64)(2 * p) * words;
+        if (base != first) load_unit(a, b, ra, ra + words, w0, w1, lane);
+        int acc_a = 0, acc_b = 0;
+#pragma unroll
+        for (int i = 0; i < GEMV_WORDS; i++) {
+            int w = w0 + lane + 32 * i;
+            if (w < w1) {
+                int4 v = xq[w];
+                acc_a = dot16(a[i], v, acc_a);
+                acc_b = dot16(b[i], v, acc_b);
+            }
+        }
+        acc_a = warp_isum(acc_a);
+        acc_b = warp_isum(acc_b);
+        if (split > 1) {  // the slices of a pair are neighbouring warps of this block
+            if (lane == 0) {
+                part[2 * warp] = acc_a;
+                part[2 * warp + 1] = acc_b;
+            }
+            __syncthreads();
+            if (lane == 0 && slice == 0) {
+                acc_a = acc_b = 0;
+                for (int k = 0; k < split; k++) {
+                    acc_a += part[2 * (warp + k)];
+                    acc_b += part[2 * (warp + k) + 1];
+                }
+            }
+            __syncthreads();
+        }
+        if (u < units && slice == 0 && lane == 0) {
+            // Σ (u - 1)·x = Σ u·x - Σ x
+            float ya = (float)(acc_a - q.sum) / q.s * row_scale[2 * p];
+            float yb = (float)(acc_b - q.sum) / q.s * row_scale[2 * p + 1];
+            epilogue(e, p, 0, params[1], ya, yb);
+        }
+    }
+}
+
+// Prompt BitLinear: C[t][r] = Σ_k xq[t][k] · code[r][k] on the tensor cores (int8 mma.sync m16n8k32), the
+// ternary codes expanded to int8 on their way to shared memory. Tile: 64 tokens × 128 packed rows × 64
+// columns; 8 warps as 2 (tokens) × 4 (rows), 32×32 each. Rows of shared tiles are padded to 80 bytes so
+// that the fragment loads hit 32 different banks. xq rows are words * 16 bytes (zero padded).
+#define GM 64
+#define GN 128
+#define GS 80
+
+__device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// int8 codes (u - 1) of the 16 columns of one packed word, in column order.
+__device__ __forceinline__ uint4 expand16(u32 w) {
+    return make_uint4(__vsub4(w & 0x03030303u, 0x01010101u), __vsub4((w >> 2) & 0x03030303u, 0x01010101u),
+                      __vsub4((w >> 4) & 0x03030303u, 0x01010101u), __vsub4((w >> 6) & 0x03030303u, 0x01010101u));
+}
+
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, const float* scales, int T, const u32* W,
+                                                                 int words, const float* row_scale, int pairs,
+                                                                 int pos0, Epilogue e) {
+    __shared__ __align__(16) unsigned char As[GM * GS];
+    __shared__ __align__(16) unsigned char Bs[GN * GS];
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    int m0 = blockIdx.y * GM, n0 = blockIdx.x * GN, rows = 2 * pairs, kp = words * 16;
+    int wm = (warp & 1) * 32, wn = (warp >> 1) * 32;
+    // Global → shared: each thread moves 16 activation bytes and 2 weight words (32 columns) per tile.
+    int xr = tid >> 2, xc = (tid & 3) * 16, wr = tid >> 1, wc = (tid & 1) * 2;
+    bool xok = m0 + xr < T, wok = n0 + wr < rows;
+    const i8* xp = X + (i64)(m0 + xr) * kp + xc;
+    const u32* wp = W + (i64)(n0 + wr) * words + wc;
+    uint2 wv = wok ? *(const uint2*)wp : make_uint2(0x55555555u, 0x55555555u);
+    pdl_trigger();
+    pdl_wait();
+    uint4 xv = xok ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
+    int acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) acc[i][j][k] = 0;
+    int ktiles = words / 4;
+    for (int kt = 0; kt < ktiles; kt++) {
+        __syncthreads();
+        *(uint4*)(As + xr * GS + xc) = xv;
+        *(uint4*)(Bs + wr * GS + wc * 16) = expand16(wv.x);
+        *(uint4*)(Bs + wr * GS + wc * 16 + 16) = expand16(wv.y);
+        __syncthreads();
+        if (kt + 1 < ktiles) {  // the next tile's loads fly while this one is multiplied
+            if (xok) xv = *(const uint4*)(xp + (kt + 1) * 64);
+            if (wok) wv = *(const uint2*)(wp + (kt + 1) * 4);
+        }
+#pragma unroll
+        for (int ks = 0; ks < 64; ks += 32) {
+            u32 af[2][4], bf[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const unsigned char* base = As + (wm + mt * 16 + g) * GS + ks + tig * 4;
+                af[mt][0] = *(const u32*)base;
+                af[mt][1] = *(const u32*)(base + 8 * GS);
+                af[mt][2] = *(const u32*)(base + 16);
+                af[mt][3] = *(const u32*)(base + 8 * GS + 16);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned char* base = Bs + (wn + nt * 8 + g) * GS + ks + tig * 4;
+                bf[nt][0] = *(const u32*)base;
+                bf[nt][1] = *(const u32*)(base + 16);
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) mma_s8(acc[mt][nt], af[mt], bf[nt]);
+        }
+    }
+    // Accumulator (mt, nt, i): token wm + mt*16 + g (+8 for i >= 2), packed row wn + nt*8 + 2*tig (+1 for odd i):
+    // each thread holds whole row pairs.
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int t = m0 + wm + mt * 16 + g + 8 * h, r = n0 + wn + nt * 8 + 2 * tig;
+                if (t < T && r < rows) {
+                    float s = scales[t];
+                    float ya = (float)acc[mt][nt][2 * h] / s * row_scale[r];
+                    float yb = (float)acc[mt][nt][2 * h + 1] / s * row_scale[r + 1];
+                    epilogue(e, r / 2, t, pos0 + t, ya, yb);
+                }
+            }
+}

@@ -1,0 +1,393 @@
+//! The CUDA backend against the CPU: whole forward passes on the fixture models and the default model
+//! (the kernels one by one are unit tests in engine/src/cuda/tests.rs), and a hand-run benchmark on a
+//! 2B4T-shaped model with random weights.
+//!
+//! Needs an NVIDIA GPU with its driver and NVRTC: without one these tests fail. CI only builds them
+//! (`cargo test -p bitnet-engine --features cuda --no-run`); README, development section, says how to run them.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bitnet_engine::backend::{Backend, Cpu};
+use bitnet_engine::cuda::Cuda;
+use bitnet_engine::gguf::GgufFile;
+use bitnet_engine::kernels;
+use bitnet_engine::model::{Activation, Config, FloatMatrix, Layer, LoadOptions, Model};
+use bitnet_engine::quant::GgmlType;
+use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::tokenizer::Tokenizer;
+use half::f16;
+use rayon::prelude::*;
+
+/// A path under engine/: from the source tree, or from the current directory when the test binary was
+/// copied to another checkout (run it from that checkout's engine/).
+fn engine_path(rel: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from(rel)
+    }
+}
+
+fn load(path: &Path) -> (Model, Tokenizer) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let g = GgufFile::parse(&bytes).unwrap();
+    let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    (model, Tokenizer::from_metadata(&g.metadata).unwrap())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+/// The gap between the two largest values.
+fn margin(v: &[f32]) -> f32 {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[0] - sorted[1]
+}
+
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+}
+
+fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(&v, &w)| w * (v * inv)).collect()
+}
+
+/// model.rs's forward pass, written out again with what the GPU keeps in f16 rounded to f16: keys and
+/// values, and the embedding and LM head when stored in another type. The GPU computes this function; it
+/// must agree up to float summation order (the CPU backend differs by the f16 rounding as well, which
+/// can flip int8 activation roundings and move logits by tenths).
+struct Reference<'m> {
+    model: &'m Model,
+    embd: Vec<f32>,
+    head: Vec<f32>,
+    kc: Vec<Vec<f32>>,
+    vc: Vec<Vec<f32>>,
+}
+
+impl<'m> Reference<'m> {
+    fn new(model: &'m Model) -> Self {
+        let decode = |m: &FloatMatrix| {
+            let mut all = vec![0f32; m.rows * m.cols];
+            all.chunks_mut(m.cols).enumerate().for_each(|(r, row)| m.dequantize_row(r, row));
+            f16_round(&all)
+        };
+        let n = model.config.n_layer;
+        Reference {
+            model,
+            embd: decode(&model.token_embd),
+            head: decode(model.lm_head()),
+            kc: vec![vec![]; n],
+            vc: vec![vec![]; n],
+        }
+    }
+
+    fn bitlinear(&self, m: &TernaryMatrix, xn: &[f32]) -> Vec<f32> {
+        let mut xq = vec![0i8; m.padded_cols()];
+        let s = kernels::quantize_activations(xn, &mut xq);
+        let mut acc = vec![0i32; m.rows];
+        acc.par_chunks_mut(64)
+            .enumerate()
+            .for_each(|(i, o)| kernels::best().ternary_rows(m, i * 64..i * 64 + o.len(), &xq, o));
+        acc.iter().map(|&a| a as f32 / s * m.scale).collect()
+    }
+
+    /// The logits after `token`, the next position.
+    fn step(&mut self, token: u32) -> Vec<f32> {
+        let c = &self.model.config;
+        let (hd, kv_dim, half) = (c.head_dim, c.n_head_kv * c.head_dim, c.rope_dim / 2);
+        let pos = self.kc[0].len() / kv_dim;
+        let mut x = self.embd[token as usize * c.n_embd..][..c.n_embd].to_vec();
+        for (l, w) in self.model.layers.iter().enumerate() {
+            let xn = rmsnorm(&x, &w.attn_norm, c.eps);
+            let (mut q, mut k, v) =
+                (self.bitlinear(&w.wq, &xn), self.bitlinear(&w.wk, &xn), self.bitlinear(&w.wv, &xn));
+            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                for j in 0..half {
+                    let inv_freq = (c.rope_base as f64).powf(-2.0 * j as f64 / c.rope_dim as f64);
+                    let angle = pos as f64 * inv_freq;
+                    let (cos, sin) = (angle.cos() as f32, angle.sin() as f32);
+                    let (a, b) = (head[j], head[j + half]);
+                    head[j] = a * cos - b * sin;
+                    head[j + half] = b * cos + a * sin;
+                }
+            }
+            self.kc[l].extend(f16_round(&k));
+            self.vc[l].extend(f16_round(&v));
+            let (group, scale) = (c.n_head / c.n_head_kv, 1.0 / (hd as f32).sqrt());
+            let mut att = vec![0f32; q.len()];
+            for (h, out) in att.chunks_exact_mut(hd).enumerate() {
+                let (qh, off) = (&q[h * hd..(h + 1) * hd], (h / group) * hd);
+                let mut s: Vec<f32> = (0..=pos)
+                    .map(|t| {
+                        qh.iter().zip(&self.kc[l][t * kv_dim + off..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                s.iter_mut().for_each(|v| *v = (*v - max).exp());
+                let sum: f32 = s.iter().sum();
+                for (t, p) in s.iter().enumerate() {
+                    let vh = &self.vc[l][t * kv_dim + off..][..hd];
+                    out.iter_mut().zip(vh).for_each(|(o, v)| *o += p / sum * v);
+                }
+            }
+            let o = self.bitlinear(&w.wo, &rmsnorm(&att, &w.attn_sub_norm, c.eps));
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let xn = rmsnorm(&x, &w.ffn_norm, c.eps);
+            let (g, u) = (self.bitlinear(&w.w_gate, &xn), self.bitlinear(&w.w_up, &xn));
+            let gu: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(&g, &u)| match c.activation {
+                    Activation::Relu2 => g.max(0.0) * g.max(0.0) * u,
+                    Activation::Silu => g / (1.0 + (-g).exp()) * u,
+                })
+                .collect();
+            let d = self.bitlinear(&w.w_down, &rmsnorm(&gu, &w.ffn_sub_norm, c.eps));
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+        let xn = rmsnorm(&x, &self.model.output_norm, c.eps);
+        self.head.par_chunks(c.n_embd).map(|row| row.iter().zip(&xn).map(|(a, b)| a * b).sum()).collect()
+    }
+}
+
+/// How closely the GPU must follow: the f16-rounding reference within `tol`, with the same top-1 where the
+/// reference's top two are `margin` apart; the CPU backend within `tol_cpu` and `margin_cpu` alike.
+struct Tolerance {
+    tol: f32,
+    margin: f32,
+    tol_cpu: f32,
+    margin_cpu: f32,
+}
+
+/// The prompt in one call (the prefill path), then `steps` greedy tokens one at a time (the decode graph),
+/// against the reference and the CPU backend at every position; the GPU's own argmax must be the argmax
+/// of its logits. Returns the largest differences to the reference and to the CPU.
+fn compare(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Tolerance) -> (f32, f32) {
+    let mut cpu = Cpu::new(model, kernels::best(), ctx).unwrap();
+    let mut gpu = Cuda::new(model, ctx).unwrap();
+    let mut reference = Reference::new(model);
+    cpu.forward(prompt, 0, true).unwrap();
+    gpu.forward(prompt, 0, true).unwrap();
+    let mut want = prompt.iter().map(|&tok| reference.step(tok)).last().unwrap();
+    let (mut worst, mut worst_cpu, mut pos) = (0f32, 0f32, prompt.len());
+    for step in 0..=steps {
+        let (c, g) = (cpu.logits(), gpu.logits());
+        let (d, d_cpu) = (max_abs_diff(&want, g), max_abs_diff(c, g));
+        (worst, worst_cpu) = (worst.max(d), worst_cpu.max(d_cpu));
+        assert!(d <= t.tol, "position {pos}: max |Δlogit| to the f16 reference = {d}");
+        assert!(d_cpu <= t.tol_cpu, "position {pos}: max |Δlogit| to the CPU = {d_cpu}");
+        if margin(&want) > t.margin {
+            assert_eq!(argmax(g), argmax(&want), "position {pos}: top-1 vs the f16 reference");
+        }
+        if margin(c) > t.margin_cpu {
+            assert_eq!(argmax(g), argmax(c), "position {pos}: top-1 vs the CPU");
+        }
+        assert_eq!(gpu.argmax().unwrap() as usize, argmax(g), "position {pos}: GPU argmax of its own logits");
+        if step == steps {
+            break;
+        }
+        let next = argmax(c) as u32;
+        cpu.forward(&[next], pos, true).unwrap();
+        gpu.forward(&[next], pos, true).unwrap();
+        want = reference.step(next);
+        pos += 1;
+    }
+    (worst, worst_cpu)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    engine_path("../tests/fixtures/models").join(name)
+}
+
+/// Every fixture model (I2_S, TQ1_0, TQ2_0, F32/F16/BF16-stored ternary, per-tensor scales, tied and untied
+/// heads, GQA, rows that are not multiples of 64) on its reference prompts.
+#[test]
+fn fixture_models_match_the_cpu() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().unwrap() {
+        let (model, _) = load(&fixture(file));
+        for case in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap() {
+            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            // Stable cases have no int8 rounding flip under float noise (make_test_models.py); f16 keys and
+            // values are a larger noise, so against the CPU backend flips move logits by tenths anywhere.
+            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+            let t = Tolerance { tol, margin: 0.05, tol_cpu: 1.0, margin_cpu: 1.0 };
+            let (d, d_cpu) = compare(&model, 64, &ids, 6, &t);
+            eprintln!("{file} / {}: max |Δlogit| {d} (f16 reference), {d_cpu} (CPU)", case["name"]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 30, "6 files × 5 prompts");
+}
+
+/// The default model (smolbit-135m: 30 layers, Q5_0 embedding converted to f16, head dim 64, GQA 3:1),
+/// also with a prompt longer than one prefill batch (512 tokens).
+#[test]
+fn default_model_matches_the_cpu() {
+    let (model, tok) = load(&engine_path("models/smolbit-135m.gguf"));
+    // 30 layers: even float noise flips a few int8 roundings.
+    let t = Tolerance { tol: 1.0, margin: 0.5, tol_cpu: 1.5, margin_cpu: 1.0 };
+    let prompt = tok.encode("The capital of France is", tok.add_bos()).unwrap();
+    let (d, d_cpu) = compare(&model, 1024, &prompt, 8, &t);
+    eprintln!("default model, short prompt: max |Δlogit| {d} (f16 reference), {d_cpu} (CPU)");
+    let text = "Paris is the capital and largest city of France. ".repeat(60);
+    let long = tok.encode(&text, tok.add_bos()).unwrap();
+    assert!(long.len() > 600, "{} tokens", long.len());
+    let (d, d_cpu) = compare(&model, 1024, &long[..600], 4, &t);
+    eprintln!("default model, 600-token prompt: max |Δlogit| {d} (f16 reference), {d_cpu} (CPU)");
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let (model, _) = load(&fixture("tiny-a-i2_s.gguf"));
+    assert!(Cuda::new(&model, 0).is_err(), "empty context");
+    assert!(Cuda::new(&model, model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
+    let mut dev = Cuda::new(&model, 8).unwrap();
+    let n_vocab = model.config.n_vocab as u32;
+    assert!(dev.forward(&[n_vocab], 0, true).is_err(), "token outside the vocabulary");
+    assert!(dev.forward(&[1; 9], 0, false).is_err(), "more tokens than the context");
+    assert!(dev.forward(&[1], 8, true).is_err(), "position past the context");
+    dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, true).expect("a full context");
+}
+
+/// Microsoft's BitNet b1.58 2B4T shapes with random weights (the speed does not depend on the values).
+fn random_2b4t() -> Model {
+    let c = Config {
+        arch: "bitnet-b1.58".into(),
+        n_vocab: 128256,
+        n_ctx_train: 4096,
+        n_embd: 2560,
+        n_layer: 30,
+        n_head: 20,
+        n_head_kv: 5,
+        head_dim: 128,
+        rope_dim: 128,
+        n_ff: 6912,
+        eps: 1e-5,
+        rope_base: 500000.0,
+        activation: Activation::Relu2,
+        activation_reason: "benchmark".into(),
+    };
+    // Bytes whose four 2-bit fields are all valid codes (u = code + 1 in 0..=2).
+    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|g| (b >> (2 * g)) & 3 != 3)).collect();
+    let noise = |seed: u64, i: usize| {
+        let mut z = seed.wrapping_add(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z ^ (z >> 31)
+    };
+    let ternary = |seed: u64, rows: usize, cols: usize| {
+        let mut m = TernaryMatrix { rows, cols, scale: 0.02, data: vec![0; rows * cols.div_ceil(128) * 32] };
+        m.data.par_iter_mut().enumerate().for_each(|(i, b)| *b = valid[(noise(seed, i) % valid.len() as u64) as usize]);
+        m
+    };
+    let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+    let layers = (0..c.n_layer as u64)
+        .map(|l| Layer {
+            attn_norm: vec![1.0; c.n_embd],
+            attn_sub_norm: vec![1.0; q_dim],
+            ffn_norm: vec![1.0; c.n_embd],
+            ffn_sub_norm: vec![1.0; c.n_ff],
+            wq: ternary(l * 8, q_dim, c.n_embd),
+            wk: ternary(l * 8 + 1, kv_dim, c.n_embd),
+            wv: ternary(l * 8 + 2, kv_dim, c.n_embd),
+            wo: ternary(l * 8 + 3, c.n_embd, q_dim),
+            w_gate: ternary(l * 8 + 4, c.n_ff, c.n_embd),
+            w_up: ternary(l * 8 + 5, c.n_ff, c.n_embd),
+            w_down: ternary(l * 8 + 6, c.n_embd, c.n_ff),
+        })
+        .collect();
+    let mut embd = vec![0u8; c.n_vocab * c.n_embd * 2];
+    embd.par_chunks_mut(2).enumerate().for_each(|(i, b)| {
+        let v = (noise(999, i) % 2001) as f32 / 1000.0 - 1.0;
+        b.copy_from_slice(&f16::from_f32(v * 0.05).to_le_bytes());
+    });
+    let token_embd =
+        FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
+    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c }
+}
+
+/// Mean tokens/s of `f` (which processes `n` tokens) over `reps` runs after one warm-up, as `bitnet bench`.
+fn tokens_per_s(n: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let runs: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            n as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    runs.iter().sum::<f64>() / reps as f64
+}
+
+/// `bitnet bench`'s tests through the backend: pp512 (a prompt from an empty cache, logits of its last
+/// token) and tg (tokens one at a time with their logits, from an empty cache and after 1024 tokens).
+fn bench(name: &str, model: &Model) {
+    let ctx = 4096.min(model.config.n_ctx_train);
+    let mut gpu = Cuda::new(model, ctx).unwrap();
+    let vocab = model.config.n_vocab as u32;
+    let tokens: Vec<u32> = (0..2048u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let pp = tokens_per_s(512, 5, || gpu.forward(&tokens[..512], 0, true).unwrap());
+    let tg = |gpu: &mut Cuda, start: usize| {
+        tokens_per_s(128, 3, || {
+            for (i, &t) in tokens[..128].iter().enumerate() {
+                gpu.forward(&[t], start + i, true).unwrap();
+            }
+        })
+    };
+    let tg0 = tg(&mut gpu, 0);
+    // The decode graph alone: no logits read back, no wait between tokens (the argmax read waits once).
+    let steps = tokens_per_s(128, 3, || {
+        for (i, &t) in tokens[..128].iter().enumerate() {
+            gpu.forward(&[t], i, false).unwrap();
+        }
+        gpu.argmax().unwrap();
+    });
+    gpu.forward(&tokens[..1024], 0, false).unwrap();
+    let tg1024 = tg(&mut gpu, 1024);
+    let c = &model.config;
+    let ternary_bytes: usize = model
+        .layers
+        .iter()
+        .map(|l| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .iter()
+                .map(|m| m.rows * m.cols.div_ceil(64) * 16)
+                .sum::<usize>()
+        })
+        .sum();
+    let bytes = ternary_bytes + c.n_vocab * c.n_embd * 2;
+    let floor = 3.35e12 / bytes as f64;
+    println!("| {name} | {} | pp512 | {pp:.0} |", gpu.name());
+    println!(
+        "| {name} | {} | tg128 (from pos 0) | {tg0:.0} ({:.0}% of the {floor:.0} tok/s HBM floor) |",
+        gpu.name(),
+        100.0 * tg0 / floor
+    );
+    println!("| {name} | {} | tg128 (from pos 1024) | {tg1024:.0} |", gpu.name());
+    println!("| {name} | {} | 128 decode steps, no logits | {steps:.0} |", gpu.name());
+}
+
+/// Hand-run: `cargo test -p bitnet-engine --features cuda --release --test cuda -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand on a GPU"]
+fn bench_2b4t_shape_and_default_model() {
+    let (smol, _) = load(&engine_path("models/smolbit-135m.gguf"));
+    bench("smolbit-135m", &smol);
+    let t = Instant::now();
+    let m = random_2b4t();
+    eprintln!("random 2B4T-shaped model built in {:.1} s", t.elapsed().as_secs_f64());
+    bench("2B4T-shaped (random)", &m);
+}
