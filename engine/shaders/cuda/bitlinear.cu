@@ -71,15 +71,17 @@ __device__ __forceinline__ int dot16(u32 w, int4 x, int acc) {
 }
 
 // One prompt token's activations: RMSNorm + quantization of row t of `x` (n floats, stride n) into row t of
-// `xq` (kp bytes) and its scale. Grid: one block per token; dynamic shared memory: n floats.
+// `xq` (kp bytes) and its scale. Grid: one block per token; dynamic shared memory: 2n floats.
 extern "C" __global__ void __launch_bounds__(256) norm_quant_rows(const float* x, const float* w, int n, int kp,
                                                                   float eps, i8* xq, float* scales) {
-    extern __shared__ float xs[];
+    extern __shared__ float4 rows4[];
+    float* xs = (float*)rows4;  // [n] the input, then its normalized values
+    float* ws = xs + n;         // [n] the norm weights
     __shared__ float scratch[32];
     pdl_trigger();
     pdl_wait();
     int t = blockIdx.x;
-    Quant q = norm_quant(x + (i64)t * n, w, n, kp, eps, xs, xq + (i64)t * kp, scratch);
+    Quant q = norm_quant(x + (i64)t * n, w, n, kp, eps, xs, ws, xq + (i64)t * kp, scratch);
     if (threadIdx.x == 0) scales[t] = q.s;
 }
 
@@ -101,13 +103,14 @@ __device__ __forceinline__ void load_unit(u32* a, u32* b, const u32* ra, const u
 // matrices still keep enough loads in flight); warp w of block b takes units b*8 + w, then strides by the
 // grid, which is one wave of resident blocks: each block normalizes its input once. The first unit's
 // weights are loaded before waiting for the previous kernel (programmatic dependent launch).
-// Block: 256 threads; dynamic shared memory: 4 * round_up(n, 4) + 16 * words bytes.
+// Block: 256 threads; dynamic shared memory: 8n + 16 * words bytes.
 extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(const float* x, const float* norm_w, int n, float eps,
                                                                  const u32* W, int words, const float* row_scale,
                                                                  int pairs, int split, const int* params, Epilogue e) {
     extern __shared__ float4 smem4[];
-    float* xs = (float*)smem4;
-    int4* xq = (int4*)(xs + ((n + 3) & ~3));
+    float* xs = (float*)smem4;  // [n] the input, then its normalized values
+    float* ws = xs + n;         // [n] the norm weights
+    int4* xq = (int4*)(ws + n); // [words] int8 activations, 16 per int4
     __shared__ float scratch[32];
     __shared__ int part[2 * GEMV_WARPS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -121,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(const float* x,
     }
     pdl_trigger();
     pdl_wait();
-    Quant q = norm_quant(x, norm_w, n, words * 16, eps, xs, (i8*)xq, scratch);
+    Quant q = norm_quant(x, norm_w, n, words * 16, eps, xs, ws, (i8*)xq, scratch);
     __syncthreads();
     for (int base = first; base < units; base += stride) {  // the same trip count for the whole block
         int u = base + warp, p = u / split, slice = u % split;

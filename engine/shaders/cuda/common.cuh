@@ -93,9 +93,10 @@ __device__ __forceinline__ int block_isum(int v, float* scratch) {
     return warp_isum(v);
 }
 
-// RMSNorm of `x` (n floats) by `w`, then BitNet's per-token absmax int8 quantization, element for element
-// the CPU's `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5),
-// q = clamp(round_half_even(xn * s), -128, 127). `x` is read once, into `xs` (n floats of shared memory);
+// RMSNorm of `x` (n floats, n % 4 == 0) by `w`, then BitNet's per-token absmax int8 quantization, element
+// for element the CPU's `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5),
+// q = clamp(round_half_even(xn * s), -128, 127). `x` and `w` are read once, with all of a thread's loads in
+// flight together (up to n = 4096: one round trip), into `xs` and `ws` (n floats of shared memory each);
 // q goes to dst[0..kp) (zeros past n). Returns s and Σq (the GEMV's correction for codes stored as
 // code + 1). The whole block calls it; dst is visible to the block afterwards.
 struct Quant {
@@ -103,21 +104,39 @@ struct Quant {
     int sum;
 };
 
+#define NQ_LOADS 4
+
 __device__ __forceinline__ Quant norm_quant(const float* x, const float* w, int n, int kp, float eps, float* xs,
-                                            i8* dst, float* scratch) {
+                                            float* ws, i8* dst, float* scratch) {
+    const float4* x4 = (const float4*)x;
+    const float4* w4 = (const float4*)w;
+    int n4 = n >> 2, step = blockDim.x * NQ_LOADS;
     float ss = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = x[i];
-        xs[i] = v;
-        ss += v * v;
+    for (int base = threadIdx.x; base < n4; base += step) {
+        float4 xv[NQ_LOADS], wv[NQ_LOADS];
+#pragma unroll
+        for (int k = 0; k < NQ_LOADS; k++) {
+            int i = base + k * blockDim.x;
+            if (i < n4) {
+                xv[k] = x4[i];
+                wv[k] = w4[i];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < NQ_LOADS; k++) {
+            int i = base + k * blockDim.x;
+            if (i < n4) {
+                ((float4*)xs)[i] = xv[k];
+                ((float4*)ws)[i] = wv[k];
+                ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
+            }
+        }
     }
-    ss = block_sum(ss, scratch);
+    ss = block_sum(ss, scratch);  // its barriers also publish xs and ws
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     float amax = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {  // each thread rereads only what it wrote
-        float v = w[i] * (xs[i] * inv);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ws[i] * (xs[i] * inv);
         xs[i] = v;
         amax = fmaxf(amax, fabsf(v));
     }

@@ -88,9 +88,10 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &mut [$(std::ptr::addr_of!($v) as *mut c_void),*] };
 }
 
-/// Dynamic shared memory of `bitlinear_gemv`: the input (n floats) and its int8 quantization.
+/// Dynamic shared memory of `bitlinear_gemv`: the input and the norm weights (n floats each) and the
+/// input's int8 quantization.
 fn gemv_smem(n: usize, words: usize) -> usize {
-    4 * n.div_ceil(4) * 4 + 16 * words
+    8 * n + 16 * words
 }
 
 /// Dynamic shared memory of `attn_prefill` for heads of `hd`.
@@ -201,7 +202,7 @@ impl Kernels {
         scales: u64,
         t: usize,
     ) -> Result<()> {
-        let (smem, n, kp) = (4 * n, i(n), i(kp));
+        let (smem, n, kp) = (8 * n, i(n), i(kp));
         self.launch(&self.norm_quant_rows, (t, 1), 256, smem, params![x, w, n, kp, eps, xq, scales])
     }
 

@@ -420,12 +420,12 @@ fn all_rows(m: &TernaryMatrix) -> Vec<(&TernaryMatrix, usize)> {
 /// caches, and head dimensions the attention kernels' register tiles cover.
 fn check_shape(c: &Config) -> Result<()> {
     let ok =
-        c.n_embd % 8 == 0 && c.n_ff % 2 == 0 && c.head_dim % 8 == 0 && c.head_dim <= 256 && c.rope_dim <= c.head_dim;
+        c.n_embd % 8 == 0 && c.n_ff % 4 == 0 && c.head_dim % 8 == 0 && c.head_dim <= 256 && c.rope_dim <= c.head_dim;
     if ok {
         return Ok(());
     }
     Err(Error::Unsupported(format!(
-        "CUDA backend: embedding {} (needs a multiple of 8), ff {} (even), head dim {} (a multiple of 8, at most 256)",
+        "CUDA backend: embedding {} (needs a multiple of 8), ff {} (a multiple of 4), head dim {} (a multiple of 8, at most 256)",
         c.n_embd, c.n_ff, c.head_dim
     )))
 }
