@@ -182,13 +182,13 @@ pub struct Engine {
 impl Engine {
     /// Builds the model from a whole GGUF file (the Rust entry point; JS goes through [`Loader`]).
     pub fn new(bytes: &[u8], opts: &LoadOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine, JsError> {
-        let gguf = GgufFile::parse(bytes).map_err(js_error)?;
+        let gguf = GgufFile::parse(bytes).map_err(|e| js_error(bitnet_engine::Error::from(e)))?;
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(js_error)?;
         let activation = match opts.activation.as_deref() {
             None => None,
             Some(a) => Some(Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?),
         };
-        let load = LoadOptions { activation };
+        let load = LoadOptions { activation, ..Default::default() };
         let config = bitnet_engine::model::Config::from_gguf(&gguf, &load).map_err(js_error)?;
         let ctx = opts.ctx.unwrap_or(config.n_ctx_train.min(4096));
         let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
