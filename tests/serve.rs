@@ -142,15 +142,39 @@ fn endpoints_health_models_tokenize_metrics() {
 fn completion_equals_bitnet_run() {
     let s = Server::tiny(&[]);
     let model = fixture(TINY);
-    let prompt = "The quick brown fox";
-    let body = s.ok("/v1/completions", &greedy(prompt, 24));
+    // Over 64 tokens: the server evaluates the prompt in two pieces.
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    let body = s.ok("/v1/completions", &greedy(&prompt, 24));
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     let usage = &body["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 64, "{usage}");
     assert_eq!(usage["completion_tokens"], 24);
     assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + 24));
-    let run = bitnet_ok(&["run", "-m", model.to_str().unwrap(), "-p", prompt, "-n", "24", "--temp", "0"]);
+    let run = bitnet_ok(&["run", "-m", model.to_str().unwrap(), "-p", &prompt, "-n", "24", "--temp", "0"]);
     assert_eq!(body["choices"][0]["text"].as_str().unwrap(), run.strip_suffix('\n').unwrap());
+}
+
+/// The default model, several requests batched together (one with a long prompt evaluated in pieces
+/// between their decode steps): each answer equals `bitnet run`'s for the same prompt.
+#[test]
+fn batched_answers_equal_bitnet_run_on_the_default_model() {
+    let s = Server::start(&["--slots", "4", "--ctx", "512"]);
+    let prompts = [
+        "The capital of France is".to_string(),
+        "Here is a short poem about the sea:".to_string(),
+        format!("{} In summary,", "Rivers carry water from the mountains to the sea. ".repeat(8)),
+        "def fibonacci(n):".to_string(),
+    ];
+    let answers: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = prompts.iter().map(|p| sc.spawn(|| s.complete(&greedy(p, 16)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, answer) in prompts.iter().zip(&answers) {
+        let run = bitnet_ok(&["run", "-p", p, "-n", "16", "--temp", "0"]);
+        assert_eq!(answer, run.strip_suffix('\n').unwrap(), "prompt {p:?}");
+    }
+    assert!(s.metric("decode_rows_total") > s.metric("steps_total"), "the requests never shared a step");
 }
 
 #[test]

@@ -9,7 +9,9 @@ It starts the server itself (--port 0, --slots SLOTS, --ctx CTX), sends a fixed 
 (each client sends its next request as soon as the previous one is answered; a level stops early, with what it
 has, after --max-seconds), then stops the server. Requests are /v1/completions with distinct prompts, sampled
 at temperature 0.8 with a fixed seed each, so every level generates the same tokens; the generated-token count
-comes from each response's `usage`. Prints one Markdown table row per level.
+comes from each response's `usage`. Prints one Markdown table row per level; from the server's /metrics, the mean
+number of sequences per decode step, the mean step time, and the share of the wall time spent in steps (the rest
+is sampling, admission and HTTP).
 """
 import argparse, http.client, json, re, statistics, subprocess, sys, threading, time, urllib.parse
 
@@ -70,11 +72,13 @@ def level(host, port, clients, n_requests, max_tokens, max_seconds):
     wall = time.monotonic() - t0
     after = metrics(host, port)
     steps = after["steps_total"] - before["steps_total"]
+    step_secs = after["step_seconds_total"] - before["step_seconds_total"]
     rows = after["decode_rows_total"] - before["decode_rows_total"]
     lat = sorted(latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
     return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "wall": wall, "tps": tokens[0] / wall,
-            "p50": statistics.median(lat) * 1000, "p99": p(0.99), "batch": rows / max(steps, 1)}
+            "p50": statistics.median(lat) * 1000, "p99": p(0.99), "batch": rows / max(steps, 1),
+            "step_ms": step_secs / max(steps, 1) * 1000, "busy": step_secs / wall * 100}
 
 
 def main():
@@ -99,12 +103,12 @@ def main():
         request(host, port, {"prompt": "warm up", "max_tokens": 4})
         print(f"model {a.model or 'default'}, {a.requests} requests x {a.max_tokens} tokens per level, {a.slots} slots",
               file=sys.stderr)
-        print("| clients | requests | tokens | wall s | tokens/s | p50 ms | p99 ms | mean batch |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| clients | requests | tokens | wall s | tokens/s | p50 ms | p99 ms | mean batch | step ms | in steps |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for c in [int(x) for x in a.clients.split(",")]:
             r = level(host, port, c, a.requests, a.max_tokens, a.max_seconds)
             print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tps']:.1f} | "
-                  f"{r['p50']:.0f} | {r['p99']:.0f} | {r['batch']:.1f} |", flush=True)
+                  f"{r['p50']:.0f} | {r['p99']:.0f} | {r['batch']:.1f} | {r['step_ms']:.0f} | {r['busy']:.0f}% |", flush=True)
     finally:
         server.kill()
         server.wait()

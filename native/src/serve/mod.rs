@@ -73,7 +73,8 @@ struct App {
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
-    let ctx = m.session()?.ctx();
+    // Each slot's context: --ctx, else the model's up to 4096 (as `Loaded::session` chooses it).
+    let ctx = a.model.ctx.unwrap_or(m.model.config.n_ctx_train.min(4096));
     let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize)?;
     let model_id = match &a.model.model {
         Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
@@ -96,7 +97,8 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         // Tests and scripts read this line to find the port.
         println!("listening on http://{addr}");
         std::io::Write::flush(&mut std::io::stdout()).map_err(io)?;
-        eprintln!("model {} ({} slots of {ctx} tokens, queue {})", app.model_id, a.slots, a.queue);
+        let (kernels, threads) = (bitnet_engine::kernels::best().name(), m.pool.current_num_threads());
+        eprintln!("model {} on cpu/{kernels} ({threads} threads): {} slots of {ctx} tokens, queue {}", app.model_id, a.slots, a.queue);
         axum::serve(listener, router(app, a.max_body)).await.map_err(io)
     })
 }
