@@ -3,7 +3,7 @@
 //! running CPU, scalar being the reference). GPU backends implement the same trait.
 
 use crate::kernels::Kernels;
-use crate::model::{Model, State};
+use crate::model::{BatchItem, BatchScratch, Model, State};
 use crate::Result;
 
 pub trait Backend: Send {
@@ -27,11 +27,17 @@ pub struct Cpu<'m> {
     model: &'m Model,
     kernels: &'static dyn Kernels,
     state: State,
+    scratch: BatchScratch,
 }
+
+/// Prompt tokens per tile: each weight matrix is read once per tile. Past a few dozen tokens the
+/// weight traffic is negligible next to the arithmetic; more would only grow the scratch.
+const PROMPT_TILE: usize = 64;
 
 impl<'m> Cpu<'m> {
     pub fn new(model: &'m Model, kernels: &'static dyn Kernels, ctx: usize) -> Result<Self> {
-        Ok(Self { model, kernels, state: State::new(&model.config, ctx)? })
+        let state = State::new(&model.config, ctx)?;
+        Ok(Self { model, kernels, state, scratch: BatchScratch::new(&model.config, PROMPT_TILE) })
     }
 }
 
@@ -45,11 +51,11 @@ impl Backend for Cpu<'_> {
     }
 
     fn forward(&mut self, tokens: &[u32], pos: usize, want_logits: bool) -> Result<()> {
-        for (i, &t) in tokens.iter().enumerate() {
-            let last = i + 1 == tokens.len();
-            self.model.forward(self.kernels, &mut self.state, t, pos + i, want_logits && last)?;
+        if tokens.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut item = [BatchItem { state: &mut self.state, tokens, pos, want_logits }];
+        self.model.forward_batch(self.kernels, &mut self.scratch, &mut item)
     }
 
     fn logits(&self) -> &[f32] {

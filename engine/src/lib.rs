@@ -11,6 +11,7 @@
 //! - [`tokenizer`] and [`chat`]: text to token ids and back, chat templates.
 //! - [`sampling`] and [`session`]: choosing the next token, the KV cache, generation with stop rules.
 //! - [`convert`]: Hugging Face BitNet checkpoints to GGUF.
+//! - `wgpu` (cargo feature `wgpu`): the GPU backend, WGSL kernels for Vulkan, Metal, DX12 and WebGPU.
 //! - `cuda` (cargo feature `cuda`): the CUDA backend, kernels in CUDA C compiled at run time by NVRTC.
 
 pub mod backend;
@@ -27,5 +28,7 @@ pub mod sampling;
 pub mod session;
 pub mod ternary;
 pub mod tokenizer;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use error::{Error, Result};

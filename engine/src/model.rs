@@ -16,6 +16,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::gguf::{GgufFile, TensorInfo, Value};
+use crate::kernels::qhead::{HeadActivations, QuantHead};
 use crate::kernels::{self, Kernels};
 use crate::quant::{self, GgmlType};
 use crate::ternary::TernaryMatrix;
@@ -120,6 +121,9 @@ pub struct Model {
     pub output: Option<FloatMatrix>,
     pub output_norm: Vec<f32>,
     pub layers: Vec<Layer>,
+    /// The LM head requantized for the int8 head kernels (`LoadOptions::head`); the CPU uses it
+    /// instead of the float head when present.
+    pub quant_head: Option<QuantHead>,
 }
 
 /// Choices a user can make at load time.
@@ -127,6 +131,10 @@ pub struct Model {
 pub struct LoadOptions {
     /// Overrides the FFN activation read or inferred from the file.
     pub activation: Option<Activation>,
+    /// Requantizes the LM head to this type at load time (Q8_0, or Q6_K where rows are a multiple
+    /// of 256): the head is most of the bytes a token reads, so decoding gets faster, for a small
+    /// loss of accuracy. A tied head is the embedding, so the input embeddings change with it.
+    pub head: Option<GgmlType>,
 }
 
 const ARCHS: [&str; 3] = ["bitnet-b1.58", "bitnet-25", "bitnet"];
@@ -268,8 +276,33 @@ impl Model {
             });
             progress(i + 2, total);
         }
+        let mut model = Model { config: c, token_embd, output, output_norm, layers, quant_head: None };
+        if let Some(ty) = opts.head {
+            model.requantize_head(ty)?;
+        }
         progress(total, total);
-        Ok(Model { config: c, token_embd, output, output_norm, layers })
+        Ok(model)
+    }
+
+    /// Encodes the LM head as `ty` (ggml's Q8_0 or Q6_K quantizer, rows in parallel) in the layout of
+    /// the int8 head kernels. The float head stays for the embedding and for other backends.
+    fn requantize_head(&mut self, ty: GgmlType) -> Result<()> {
+        let head = self.lm_head();
+        let (rows, cols) = (head.rows, head.cols);
+        let row_bytes = ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
+            Error::Invalid(format!("a {} LM head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)", ty.name()))
+        })?;
+        let mut ggml = vec![0u8; rows * row_bytes];
+        ggml.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
+            || vec![0f32; cols],
+            |row, (r, out)| {
+                head.dequantize_row(r, row);
+                out.copy_from_slice(&quant::quantize(ty, row)?);
+                Ok::<_, Error>(())
+            },
+        )?;
+        self.quant_head = Some(QuantHead::from_ggml(ty, rows, cols, &ggml)?);
+        Ok(())
     }
 
     /// The LM head: `output.weight`, or the embedding when tied.
@@ -321,34 +354,25 @@ fn ternary(g: &GgufFile, bytes: &[u8], name: &str, rows: usize, cols: usize) -> 
     Ok(m)
 }
 
-/// One sequence's KV cache and the scratch buffers of the forward pass: nothing is allocated per token.
+/// One sequence: its KV cache, RoPE tables and next-token logits. The working buffers of the forward
+/// pass live in a [`BatchScratch`], which any number of sequences can share.
 pub struct State {
     pub ctx: usize,
-    k_cache: Vec<f32>, // [layer][pos][n_head_kv * head_dim]
+    kv_dim: usize,
+    k_cache: Vec<f32>, // [layer][pos][kv_dim]
     v_cache: Vec<f32>,
     rope_cos: Vec<f32>, // [pos][rope_dim / 2]
     rope_sin: Vec<f32>,
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,    // [n_head][ctx] attention weights
-    att_out: Vec<f32>, // [n_head * head_dim]
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    xq: Vec<i8>,
-    acc: Vec<i32>,
     pub logits: Vec<f32>,
 }
 
 impl State {
-    /// Buffers for a context of `ctx` tokens (at most the trained context).
+    /// A cache of `ctx` tokens (at most the trained context).
     pub fn new(c: &Config, ctx: usize) -> Result<Self> {
         if ctx == 0 || ctx > c.n_ctx_train {
             return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
         }
-        let kv = c.n_layer * ctx * c.n_head_kv * c.head_dim;
+        let kv_dim = c.n_head_kv * c.head_dim;
         let half = c.rope_dim / 2;
         let (mut rope_cos, mut rope_sin) = (vec![0f32; ctx * half], vec![0f32; ctx * half]);
         for p in 0..ctx {
@@ -359,28 +383,93 @@ impl State {
                 rope_sin[p * half + j] = angle.sin() as f32;
             }
         }
-        let q_dim = c.n_head * c.head_dim;
+        let kv = c.n_layer * ctx * kv_dim;
+        Ok(State { ctx, kv_dim, k_cache: vec![0f32; kv], v_cache: vec![0f32; kv], rope_cos, rope_sin, logits: vec![0f32; c.n_vocab] })
+    }
+
+    /// Keys and values of layer `l`: `[pos][kv_dim]`.
+    fn layer_kv(&self, l: usize) -> (&[f32], &[f32]) {
+        let n = self.ctx * self.kv_dim;
+        (&self.k_cache[l * n..(l + 1) * n], &self.v_cache[l * n..(l + 1) * n])
+    }
+
+    fn store_kv(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let at = (l * self.ctx + pos) * self.kv_dim;
+        self.k_cache[at..at + self.kv_dim].copy_from_slice(k);
+        self.v_cache[at..at + self.kv_dim].copy_from_slice(v);
+    }
+
+    fn rope(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.rope_cos.len() / self.ctx;
+        (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half])
+    }
+}
+
+/// One sequence's share of a [`Model::forward_batch`] call: `tokens` at positions
+/// `pos..pos + tokens.len()` of `state`'s cache (later positions are forgotten). With `want_logits`,
+/// `state.logits` afterwards holds the next-token logits of the last token.
+pub struct BatchItem<'a> {
+    pub state: &'a mut State,
+    pub tokens: &'a [u32],
+    pub pos: usize,
+    pub want_logits: bool,
+}
+
+/// A token of the tile in flight: which item it belongs to, and where.
+struct Row {
+    item: usize,
+    token: u32,
+    pos: usize,
+    logits: bool,
+}
+
+/// The working buffers of [`Model::forward_batch`] for a tile of up to `tile` tokens, each row of
+/// each buffer one token. Made once; nothing is allocated per token.
+pub struct BatchScratch {
+    tile: usize,
+    dims: [usize; 4], // n_embd, q_dim, kv_dim, n_ff: the model this was made for
+    rows: Vec<Row>,
+    x: Vec<f32>,     // [tile][n_embd] the residual stream
+    xn: Vec<f32>,    // [tile][widest] normed activations (and BitLinear outputs)
+    xq: Vec<i8>,     // [tile][padded widest] their int8 quantization
+    sx: Vec<f32>,    // [tile] the quantization scales
+    q: Vec<f32>,     // [tile][q_dim]
+    k: Vec<f32>,     // [tile][kv_dim]
+    v: Vec<f32>,     // [tile][kv_dim]
+    att: Vec<f32>,   // [tile][q_dim] attention outputs
+    gate: Vec<f32>,  // [tile][n_ff]
+    up: Vec<f32>,    // [tile][n_ff]
+    acc: Vec<i32>,   // [tile][widest] integer accumulators, in row chunks (see `bitlinear`)
+    logits: Vec<f32>, // [tokens wanting logits][n_vocab] (grown on first use)
+    head_x: Vec<HeadActivations>, // per token wanting logits, for a quantized head (grown on first use)
+}
+
+impl BatchScratch {
+    /// Buffers for tiles of up to `tile` tokens (at least 1). Bigger tiles read the weights fewer
+    /// times per prompt; one token is all a single sequence's decoding needs.
+    pub fn new(c: &Config, tile: usize) -> Self {
+        let tile = tile.max(1);
+        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
         let widest = c.n_embd.max(q_dim).max(c.n_ff);
         let padded = widest.div_ceil(128) * 128;
-        Ok(State {
-            ctx,
-            k_cache: vec![0f32; kv],
-            v_cache: vec![0f32; kv],
-            rope_cos,
-            rope_sin,
-            x: vec![0f32; c.n_embd],
-            xn: vec![0f32; widest],
-            q: vec![0f32; q_dim],
-            k: vec![0f32; c.n_head_kv * c.head_dim],
-            v: vec![0f32; c.n_head_kv * c.head_dim],
-            att: vec![0f32; c.n_head * ctx],
-            att_out: vec![0f32; q_dim],
-            gate: vec![0f32; c.n_ff],
-            up: vec![0f32; c.n_ff],
-            xq: vec![0i8; padded],
-            acc: vec![0i32; widest.max(q_dim)],
-            logits: vec![0f32; c.n_vocab],
-        })
+        BatchScratch {
+            tile,
+            dims: [c.n_embd, q_dim, kv_dim, c.n_ff],
+            rows: Vec::with_capacity(tile),
+            x: vec![0f32; tile * c.n_embd],
+            xn: vec![0f32; tile * widest],
+            xq: vec![0i8; tile * padded],
+            sx: vec![0f32; tile],
+            q: vec![0f32; tile * q_dim],
+            k: vec![0f32; tile * kv_dim],
+            v: vec![0f32; tile * kv_dim],
+            att: vec![0f32; tile * q_dim],
+            gate: vec![0f32; tile * c.n_ff],
+            up: vec![0f32; tile * c.n_ff],
+            acc: vec![0i32; tile * widest],
+            logits: Vec::new(),
+            head_x: Vec::new(),
+        }
     }
 }
 
@@ -389,20 +478,24 @@ fn rows_per_task(rows: usize) -> usize {
     (rows / (rayon::current_num_threads() * 4)).max(16)
 }
 
-/// `out = W·x` for int8 `xq`, as i32 accumulators, split over threads by rows.
-fn ternary_matvec(k: &dyn Kernels, w: &TernaryMatrix, xq: &[i8], out: &mut [i32]) {
+/// BitLinear for the `n` tokens of a tile: `y[t] = (W·xq[t]) / s[t] · scale`, with `xq` rows of
+/// `w.padded_cols()` and `y` rows of `w.rows`. Threads take chunks of rows; each chunk's
+/// accumulators come back token-major inside the chunk (`Kernels::ternary_gemm`'s layout).
+fn bitlinear(k: &dyn Kernels, w: &TernaryMatrix, xq: &[i8], s: &[f32], n: usize, acc: &mut [i32], y: &mut [f32]) {
     let chunk = rows_per_task(w.rows);
-    out[..w.rows].par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+    let acc = &mut acc[..n * w.rows];
+    acc.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
         let start = i * chunk;
-        k.ternary_rows(w, start..start + o.len(), xq, o);
+        k.ternary_gemm(w, start..start + o.len() / n, &xq[..n * w.padded_cols()], n, o);
     });
-}
-
-/// BitLinear on activations already quantized with scale `s`: `y = acc / s · scale`.
-fn bitlinear(k: &dyn Kernels, w: &TernaryMatrix, xq: &[i8], s: f32, acc: &mut [i32], y: &mut [f32]) {
-    ternary_matvec(k, w, &xq[..w.padded_cols()], acc);
-    for (y, &a) in y.iter_mut().zip(&acc[..w.rows]) {
-        *y = a as f32 / s * w.scale;
+    for (i, o) in acc.chunks(chunk * n).enumerate() {
+        let len = o.len() / n;
+        for t in 0..n {
+            let y = &mut y[t * w.rows + i * chunk..][..len];
+            for (y, &a) in y.iter_mut().zip(&o[t * len..(t + 1) * len]) {
+                *y = a as f32 / s[t] * w.scale;
+            }
+        }
     }
 }
 
@@ -411,6 +504,18 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
         *o = w * (v * inv);
+    }
+}
+
+/// RMSNorm then per-token int8 quantization of the `n` rows of `x` (each `w.len()` long) into rows of
+/// `stride` in `xq`, each with its own scale in `s`; `tmp` holds the normed rows.
+#[allow(clippy::too_many_arguments)]
+fn norm_quantize(x: &[f32], w: &[f32], eps: f32, n: usize, tmp: &mut [f32], xq: &mut [i8], stride: usize, s: &mut [f32]) {
+    let d = w.len();
+    for t in 0..n {
+        let normed = &mut tmp[t * d..(t + 1) * d];
+        rmsnorm(&x[t * d..(t + 1) * d], w, eps, normed);
+        s[t] = kernels::quantize_activations(normed, &mut xq[t * stride..(t + 1) * stride]);
     }
 }
 
@@ -424,105 +529,183 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
 impl Model {
-    /// Runs one token at position `pos` through the network, filling the KV cache at `pos`.
-    /// With `want_logits`, `s.logits` holds the next-token logits afterwards (the LM head is
-    /// the most expensive matrix, so prompt tokens whose logits nobody reads skip it).
-    pub fn forward(&self, k: &dyn Kernels, s: &mut State, token: u32, pos: usize, want_logits: bool) -> Result<()> {
+    /// Runs a batch through the network: each item's tokens at its own positions of its own cache.
+    /// One call serves both (a) a prompt: one item, many consecutive tokens (causal within the call),
+    /// and (b) one decoding step of many sequences: many items, one token each. Tokens are run in
+    /// tiles of up to `scratch`'s size, so each weight matrix is read once per tile, not per token;
+    /// every token is quantized with its own scale, so results do not depend on the tiling.
+    pub fn forward_batch(&self, k: &dyn Kernels, scratch: &mut BatchScratch, items: &mut [BatchItem<'_>]) -> Result<()> {
+        self.check_batch(scratch, items)?;
+        let (mut item, mut i) = (0, 0); // the next token to run: items[item].tokens[i]
+        while item < items.len() {
+            scratch.rows.clear();
+            while scratch.rows.len() < scratch.tile && item < items.len() {
+                let it = &items[item];
+                let last = i + 1 == it.tokens.len();
+                scratch.rows.push(Row { item, token: it.tokens[i], pos: it.pos + i, logits: last && it.want_logits });
+                (item, i) = if last { (item + 1, 0) } else { (item, i + 1) };
+            }
+            self.forward_tile(k, scratch, items);
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, scratch: &BatchScratch, items: &[BatchItem<'_>]) -> Result<()> {
         let c = &self.config;
-        if token as usize >= self.token_embd.rows {
-            return Err(Error::Invalid(format!("token id {token} is outside the vocabulary of {}", self.token_embd.rows)));
+        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        if scratch.dims != [c.n_embd, q_dim, kv_dim, c.n_ff] {
+            return Err(Error::Invalid("the batch scratch was made for another model".into()));
         }
-        if pos >= s.ctx {
-            return Err(Error::ContextFull { needed: pos + 1, ctx: s.ctx });
+        for it in items {
+            let s = &it.state;
+            if s.kv_dim != kv_dim || s.k_cache.len() != c.n_layer * s.ctx * kv_dim || s.logits.len() != c.n_vocab {
+                return Err(Error::Invalid("a state was made for another model".into()));
+            }
+            if it.tokens.is_empty() {
+                return Err(Error::Invalid("a batch item has no tokens".into()));
+            }
+            if it.pos + it.tokens.len() > s.ctx {
+                return Err(Error::ContextFull { needed: it.pos + it.tokens.len(), ctx: s.ctx });
+            }
+            if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= self.token_embd.rows) {
+                return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {}", self.token_embd.rows)));
+            }
         }
-        self.token_embd.dequantize_row(token as usize, &mut s.x);
-        let (hd, kv_dim) = (c.head_dim, c.n_head_kv * c.head_dim);
-        let half = c.rope_dim / 2;
-        let (cos, sin) = (&s.rope_cos[pos * half..(pos + 1) * half], &s.rope_sin[pos * half..(pos + 1) * half]);
+        Ok(())
+    }
+
+    /// Every layer for the tokens in `s.rows`, then the LM head for those that want logits.
+    fn forward_tile(&self, k: &dyn Kernels, s: &mut BatchScratch, items: &mut [BatchItem<'_>]) {
+        let c = &self.config;
+        let n = s.rows.len();
+        let [d, q_dim, kv_dim, n_ff] = s.dims;
+        let hd = c.head_dim;
+        for (x, row) in s.x.chunks_exact_mut(d).zip(&s.rows) {
+            self.token_embd.dequantize_row(row.token as usize, x);
+        }
         for (l, w) in self.layers.iter().enumerate() {
             // Attention.
-            rmsnorm(&s.x, &w.attn_norm, c.eps, &mut s.xn[..c.n_embd]);
-            let sx = kernels::quantize_activations(&s.xn[..c.n_embd], &mut s.xq[..w.wq.padded_cols()]);
-            bitlinear(k, &w.wq, &s.xq, sx, &mut s.acc, &mut s.q);
-            bitlinear(k, &w.wk, &s.xq, sx, &mut s.acc, &mut s.k);
-            bitlinear(k, &w.wv, &s.xq, sx, &mut s.acc, &mut s.v);
-            for head in s.q.chunks_exact_mut(hd).chain(s.k.chunks_exact_mut(hd)) {
-                rope(&mut head[..c.rope_dim], cos, sin);
+            norm_quantize(&s.x, &w.attn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wq.padded_cols(), &mut s.sx);
+            bitlinear(k, &w.wq, &s.xq, &s.sx, n, &mut s.acc, &mut s.q);
+            bitlinear(k, &w.wk, &s.xq, &s.sx, n, &mut s.acc, &mut s.k);
+            bitlinear(k, &w.wv, &s.xq, &s.sx, n, &mut s.acc, &mut s.v);
+            for (t, row) in s.rows.iter().enumerate() {
+                let state = &mut *items[row.item].state;
+                let (q, kk) = (&mut s.q[t * q_dim..(t + 1) * q_dim], &mut s.k[t * kv_dim..(t + 1) * kv_dim]);
+                let (cos, sin) = state.rope(row.pos);
+                for head in q.chunks_exact_mut(hd).chain(kk.chunks_exact_mut(hd)) {
+                    rope(&mut head[..c.rope_dim], cos, sin);
+                }
+                state.store_kv(l, row.pos, kk, &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
-            let layer_kv = l * s.ctx * kv_dim;
-            s.k_cache[layer_kv + pos * kv_dim..][..kv_dim].copy_from_slice(&s.k);
-            s.v_cache[layer_kv + pos * kv_dim..][..kv_dim].copy_from_slice(&s.v);
-            let (kc, vc) = (&s.k_cache[layer_kv..], &s.v_cache[layer_kv..]);
-            attention(c, &s.q, kc, vc, &mut s.att, &mut s.att_out, pos);
-            let q_dim = s.att_out.len();
-            rmsnorm(&s.att_out, &w.attn_sub_norm, c.eps, &mut s.xn[..q_dim]);
-            let sx = kernels::quantize_activations(&s.xn[..q_dim], &mut s.xq[..w.wo.padded_cols()]);
-            bitlinear(k, &w.wo, &s.xq, sx, &mut s.acc, &mut s.xn[..c.n_embd]);
-            s.x.iter_mut().zip(&s.xn).for_each(|(x, d)| *x += d);
+            attention(c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
+            norm_quantize(&s.att, &w.attn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wo.padded_cols(), &mut s.sx);
+            bitlinear(k, &w.wo, &s.xq, &s.sx, n, &mut s.acc, &mut s.xn);
+            s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
 
             // Feed-forward.
-            rmsnorm(&s.x, &w.ffn_norm, c.eps, &mut s.xn[..c.n_embd]);
-            let sx = kernels::quantize_activations(&s.xn[..c.n_embd], &mut s.xq[..w.w_gate.padded_cols()]);
-            bitlinear(k, &w.w_gate, &s.xq, sx, &mut s.acc, &mut s.gate);
-            bitlinear(k, &w.w_up, &s.xq, sx, &mut s.acc, &mut s.up);
-            for (g, &u) in s.gate.iter_mut().zip(&s.up) {
+            norm_quantize(&s.x, &w.ffn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_gate.padded_cols(), &mut s.sx);
+            bitlinear(k, &w.w_gate, &s.xq, &s.sx, n, &mut s.acc, &mut s.gate);
+            bitlinear(k, &w.w_up, &s.xq, &s.sx, n, &mut s.acc, &mut s.up);
+            for (g, &u) in s.gate[..n * n_ff].iter_mut().zip(&s.up) {
                 let a = match c.activation {
                     Activation::Relu2 => g.max(0.0) * g.max(0.0),
                     Activation::Silu => *g / (1.0 + (-*g).exp()),
                 };
                 *g = a * u;
             }
-            rmsnorm(&s.gate, &w.ffn_sub_norm, c.eps, &mut s.xn[..c.n_ff]);
-            let sx = kernels::quantize_activations(&s.xn[..c.n_ff], &mut s.xq[..w.w_down.padded_cols()]);
-            bitlinear(k, &w.w_down, &s.xq, sx, &mut s.acc, &mut s.xn[..c.n_embd]);
-            s.x.iter_mut().zip(&s.xn).for_each(|(x, d)| *x += d);
+            norm_quantize(&s.gate, &w.ffn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_down.padded_cols(), &mut s.sx);
+            bitlinear(k, &w.w_down, &s.xq, &s.sx, n, &mut s.acc, &mut s.xn);
+            s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
         }
-        if want_logits {
-            rmsnorm(&s.x, &self.output_norm, c.eps, &mut s.xn[..c.n_embd]);
-            let head = self.lm_head();
-            let chunk = rows_per_task(head.rows);
-            let xn = &s.xn[..c.n_embd];
-            s.logits.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+        self.head(k, s, items);
+    }
+
+    /// The logits of the tile's tokens that want them, the head's rows read once for all of them.
+    fn head(&self, k: &dyn Kernels, s: &mut BatchScratch, items: &mut [BatchItem<'_>]) {
+        let d = self.config.n_embd;
+        let mut m = 0;
+        for (t, row) in s.rows.iter().enumerate() {
+            if row.logits {
+                rmsnorm(&s.x[t * d..(t + 1) * d], &self.output_norm, self.config.eps, &mut s.xn[m * d..(m + 1) * d]);
+                m += 1;
+            }
+        }
+        if m == 0 {
+            return;
+        }
+        let head = self.lm_head();
+        s.logits.resize(m * head.rows, 0.0); // grows once, to the largest batch seen
+        let chunk = rows_per_task(head.rows);
+        let xn = &s.xn[..m * d];
+        if let Some(qh) = &self.quant_head {
+            s.head_x.resize_with(m.max(s.head_x.len()), HeadActivations::default);
+            for (a, x) in s.head_x.iter_mut().zip(xn.chunks_exact(d)) {
+                a.quantize(qh, x);
+            }
+            let acts = &s.head_x[..m];
+            s.logits.par_chunks_mut(chunk * m).enumerate().for_each(|(i, o)| {
+                let (start, len) = (i * chunk, o.len() / m);
+                for (a, o) in acts.iter().zip(o.chunks_exact_mut(len)) {
+                    k.quant_head_rows(qh, start..start + len, a, o);
+                }
+            });
+        } else {
+            s.logits.par_chunks_mut(chunk * m).enumerate().for_each(|(i, o)| {
                 let start = i * chunk;
-                k.float_rows(head, start..start + o.len(), xn, o);
+                k.float_gemm(head, start..start + o.len() / m, xn, m, o);
             });
         }
-        Ok(())
+        for (t, row) in s.rows.iter().filter(|r| r.logits).enumerate() {
+            let dst = &mut items[row.item].state.logits;
+            for (i, o) in s.logits.chunks(chunk * m).enumerate() {
+                let len = o.len() / m;
+                dst[i * chunk..i * chunk + len].copy_from_slice(&o[t * len..(t + 1) * len]);
+            }
+        }
     }
 }
 
-/// Causal attention of the token at `pos` over one layer's cache, heads in parallel.
-/// `k_cache`/`v_cache` hold `[pos][n_head_kv * head_dim]`; `att` is `[n_head][ctx]` scratch.
-fn attention(c: &Config, q: &[f32], k_cache: &[f32], v_cache: &[f32], att: &mut [f32], out: &mut [f32], pos: usize) {
-    let (hd, kv_dim, group) = (c.head_dim, c.n_head_kv * c.head_dim, c.n_head / c.n_head_kv);
+/// Causal attention for every (token, head) of the tile, in parallel: each token attends to its own
+/// sequence's cache up to its own position (the tile's earlier tokens of the same sequence included:
+/// their keys and values are already stored).
+fn attention(c: &Config, layer: usize, rows: &[Row], items: &[BatchItem<'_>], q: &[f32], out: &mut [f32]) {
+    let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
+    let kv_dim = c.n_head_kv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let ctx = att.len() / c.n_head;
-    out.par_chunks_mut(hd).zip(att.par_chunks_mut(ctx)).enumerate().for_each(|(h, (out, att))| {
-        let qh = &q[h * hd..(h + 1) * hd];
-        let kv_off = (h / group) * hd; // GQA: `group` query heads share one kv head
-        let att = &mut att[..=pos];
-        for (t, a) in att.iter_mut().enumerate() {
-            let kh = &k_cache[t * kv_dim + kv_off..][..hd];
-            *a = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+        let row = &rows[i / c.n_head];
+        let kv_off = (i % c.n_head / group) * hd; // GQA: `group` query heads share one kv head
+        let (keys, values) = items[row.item].state.layer_kv(layer);
+        attend(&q[i * hd..(i + 1) * hd], keys, values, kv_dim, kv_off, row.pos + 1, scale, out);
+    });
+}
+
+/// One head: `out = softmax(q·Kᵀ·scale)·V` over the first `n` cached positions, with a plain
+/// two-pass softmax (max, then exponentials): the same float operations, in the same order, as the
+/// PyTorch reference, so that the int8 roundings downstream agree with it. The scores live in a
+/// per-thread buffer that grows to the longest context seen, so nothing is allocated per token.
+#[allow(clippy::too_many_arguments)]
+fn attend(q: &[f32], keys: &[f32], values: &[f32], kv_dim: usize, off: usize, n: usize, scale: f32, out: &mut [f32]) {
+    thread_local!(static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+    SCORES.with_borrow_mut(|scores| {
+        scores.resize(n.max(scores.len()), 0.0);
+        let scores = &mut scores[..n];
+        for (t, a) in scores.iter_mut().enumerate() {
+            let key = &keys[t * kv_dim + off..][..q.len()];
+            *a = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
         }
-        softmax(att);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for a in scores.iter_mut() {
+            *a = (*a - max).exp();
+            sum += *a;
+        }
         out.fill(0.0);
-        for (t, &a) in att.iter().enumerate() {
-            let vh = &v_cache[t * kv_dim + kv_off..][..hd];
-            out.iter_mut().zip(vh).for_each(|(o, v)| *o += a * v);
+        for (t, &a) in scores.iter().enumerate() {
+            let value = &values[t * kv_dim + off..][..q.len()];
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += a / sum * v);
         }
     });
 }

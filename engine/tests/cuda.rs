@@ -316,7 +316,7 @@ fn random_2b4t() -> Model {
     });
     let token_embd =
         FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
-    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c }
+    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c, quant_head: None }
 }
 
 /// Mean tokens/s of `f` (which processes `n` tokens) over `reps` runs after one warm-up, as `bitnet bench`.

@@ -153,3 +153,101 @@ fn the_expected_kernels_are_available() {
         assert_eq!(kernels::best().name(), names[names.len() - 1], "best() is the last (fastest) set");
     }
 }
+
+#[test]
+fn ternary_gemm_matches_the_reference_rows_exactly() {
+    let mut rng = Rng(0xfeed);
+    let reference = kernels::available()[0];
+    for &(rows, cols, n) in &[(1, 1, 1), (7, 130, 2), (9, 256, 3), (13, 384, 4), (18, 640, 5), (33, 2560, 7), (4, 6912, 1)] {
+        let w = random_ternary(&mut rng, rows, cols);
+        let p = w.padded_cols();
+        let mut xq = vec![0i8; n * p];
+        for t in 0..n {
+            // Each token has its own scale; the last one is all -128, the widest sums.
+            let x: Vec<f32> = (0..cols).map(|_| rng.f32() * (t + 1) as f32).collect();
+            quantize_activations(&x, &mut xq[t * p..(t + 1) * p]);
+        }
+        xq[(n - 1) * p..(n - 1) * p + cols].fill(-128);
+        let mut want = vec![0i32; n * rows];
+        for t in 0..n {
+            reference.ternary_rows(&w, 0..rows, &xq[t * p..(t + 1) * p], &mut want[t * rows..(t + 1) * rows]);
+        }
+        for k in kernels::available() {
+            let mut got = vec![0i32; n * rows];
+            k.ternary_gemm(&w, 0..rows, &xq, n, &mut got);
+            assert_eq!(got, want, "{} gemm, {rows}x{cols}, {n} tokens", k.name());
+            if rows > 2 {
+                let len = rows - 2;
+                let mut part = vec![0i32; n * len];
+                k.ternary_gemm(&w, 1..rows - 1, &xq, n, &mut part);
+                for t in 0..n {
+                    assert_eq!(part[t * len..(t + 1) * len], want[t * rows + 1..(t + 1) * rows - 1], "{} gemm rows", k.name());
+                }
+            }
+        }
+    }
+}
+
+/// Float rows whose length is not a multiple of any vector width, and several vectors at once.
+#[test]
+fn float_rows_and_gemm_match_the_reference_on_ragged_rows() {
+    let mut rng = Rng(7);
+    let reference = kernels::available()[0];
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        for cols in [1, 15, 16, 17, 33, 100, 2561] {
+            let rows = 11;
+            let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+            let data = quant::quantize(ty, &src).unwrap();
+            let w = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data };
+            let n = 3;
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+            let mut want = vec![0f32; n * rows];
+            for t in 0..n {
+                reference.float_rows(&w, 0..rows, &x[t * cols..(t + 1) * cols], &mut want[t * rows..(t + 1) * rows]);
+            }
+            for k in kernels::available() {
+                let mut got = vec![0f32; n * rows];
+                k.float_gemm(&w, 0..rows, &x, n, &mut got);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} kernel, {ty:?} x {cols}: {g} vs {e}", k.name());
+                }
+            }
+        }
+    }
+}
+
+/// The quantized head: every kernel equals the reference, and the reference (int8 activations)
+/// stays close to the float product of the same quantized rows, which checks the lane layout.
+#[test]
+fn quantized_head_matches_the_reference() {
+    use bitnet_engine::kernels::qhead::{HeadActivations, QuantHead};
+    let mut rng = Rng(11);
+    let reference = kernels::available()[0];
+    for (ty, cols) in [(GgmlType::Q8_0, 576), (GgmlType::Q8_0, 1024), (GgmlType::Q8_0, 32), (GgmlType::Q6_K, 512)] {
+        let rows = 23;
+        let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+        let ggml = quant::quantize(ty, &src).unwrap();
+        let h = QuantHead::from_ggml(ty, rows, cols, &ggml).unwrap();
+        let deq = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data: ggml };
+        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 4.0).collect();
+        let mut a = HeadActivations::default();
+        a.quantize(&h, &x);
+        let mut want = vec![0f32; rows];
+        reference.quant_head_rows(&h, 0..rows, &a, &mut want);
+        let mut exact = vec![0f32; rows];
+        reference.float_rows(&deq, 0..rows, &x, &mut exact);
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            deq.dequantize_row(r, &mut row);
+            let magnitude: f32 = row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+            assert!((want[r] - exact[r]).abs() < 0.01 * magnitude, "{ty:?} x {cols} row {r}: {} vs float {}", want[r], exact[r]);
+        }
+        for k in kernels::available() {
+            let mut got = vec![0f32; rows];
+            k.quant_head_rows(&h, 0..rows, &a, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} kernel, {ty:?} x {cols}: {g} vs {e}", k.name());
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod device;
 mod model_file;
 mod serve;
 mod serve_www;
@@ -64,10 +65,22 @@ pub struct ModelArgs {
     /// Override the FFN activation (relu2 or silu) read or inferred from the file.
     #[arg(long, value_parser = parse_activation)]
     activation: Option<Activation>,
+    /// Requantize the LM head at load: q8_0, or q6_k (rows a multiple of 256). Faster decoding, slightly less accurate.
+    #[arg(long, value_parser = parse_head)]
+    head: Option<bitnet_engine::quant::GgmlType>,
+    /// Where to run: cpu, wgpu (the best GPU adapter, a CPU-type one such as llvmpipe included), or auto
+    /// (a real GPU if there is one, else the CPU).
+    #[arg(long, value_enum, default_value_t = device::BackendChoice::Auto)]
+    backend: device::BackendChoice,
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation '{s}' (relu2 or silu)"))
+}
+
+fn parse_head(s: &str) -> Result<bitnet_engine::quant::GgmlType, String> {
+    use bitnet_engine::quant::GgmlType;
+    GgmlType::parse(s).filter(|t| matches!(t, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| format!("unknown head type '{s}' (q8_0 or q6_k)"))
 }
 
 #[derive(Args)]
@@ -144,6 +157,9 @@ struct InfoArgs {
     /// GGUF model file (default: the embedded model).
     #[arg(short, long)]
     model: Option<std::path::PathBuf>,
+    /// List the devices a model can run on instead (GPU adapters, best first, and the CPU).
+    #[arg(long)]
+    devices: bool,
 }
 
 #[derive(Args)]
@@ -177,10 +193,12 @@ struct PerplexityArgs {
 }
 
 fn main() -> ExitCode {
+    device::quiet_headless_vulkan();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
+        Command::Info(a) if a.devices => device::list(),
         Command::Info(a) => model_file::info(a.model.as_deref()),
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),

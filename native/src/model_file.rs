@@ -3,8 +3,6 @@
 use std::path::Path;
 
 use bitnet_engine::gguf::{GgufFile, Value};
-use bitnet_engine::backend::Cpu;
-use bitnet_engine::kernels;
 use bitnet_engine::model::{LoadOptions, Model};
 use bitnet_engine::session::Session;
 use bitnet_engine::tokenizer::Tokenizer;
@@ -47,6 +45,7 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     pub pool: rayon::ThreadPool,
     ctx: usize,
+    devices: crate::device::Devices,
 }
 
 impl Loaded {
@@ -54,7 +53,7 @@ impl Loaded {
         let bytes = open_bytes(a.model.as_deref())?;
         let gguf = GgufFile::parse(&bytes)?;
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata)?;
-        let opts = LoadOptions { activation: a.activation };
+        let opts = LoadOptions { activation: a.activation, head: a.head };
         let bar = (bytes.len() > 200 << 20).then(|| {
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} {msg}").expect("valid template"));
@@ -76,11 +75,11 @@ impl Loaded {
             .num_threads(threads)
             .build()
             .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
-        Ok(Self { model, tokenizer, pool, ctx })
+        Ok(Self { model, tokenizer, pool, ctx, devices: crate::device::Devices::new(a.backend) })
     }
 
     pub fn session(&self) -> Result<Session<'_>, Error> {
-        Ok(Session::new(Box::new(Cpu::new(&self.model, kernels::best(), self.ctx)?)))
+        Ok(Session::new(self.devices.backend(&self.model, self.ctx)?))
     }
 }
 

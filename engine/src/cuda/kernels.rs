@@ -12,10 +12,10 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use crate::{Error, Result};
 
 const SOURCES: [&str; 4] = [
-    include_str!("../../shaders/cuda/common.cuh"),
-    include_str!("../../shaders/cuda/bitlinear.cu"),
-    include_str!("../../shaders/cuda/attention.cu"),
-    include_str!("../../shaders/cuda/head.cu"),
+    include_str!("../../../shaders/cuda/common.cuh"),
+    include_str!("../../../shaders/cuda/bitlinear.cu"),
+    include_str!("../../../shaders/cuda/attention.cu"),
+    include_str!("../../../shaders/cuda/head.cu"),
 ];
 
 /// Epilogue kinds of the BitLinear kernels (EPI_* in bitlinear.cu).

@@ -26,11 +26,37 @@ impl Kernels for Avx2 {
     }
 
     fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]) {
-        let xq = &xq[..w.padded_cols()];
-        let sum_x: i32 = xq.iter().map(|&v| v as i32).sum();
-        for (o, r) in out.iter_mut().zip(rows) {
-            // SAFETY: `Avx2` is only handed out by `best()` after `available()` returned true.
-            *o = unsafe { ternary_dot(w.row(r), xq) } - sum_x;
+        self.ternary_gemm(w, rows, xq, 1, out);
+    }
+
+    fn ternary_gemm(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], n: usize, out: &mut [i32]) {
+        let p = w.padded_cols();
+        assert!(rows.end <= w.rows && xq.len() >= n * p && out.len() >= n * rows.len());
+        let len = rows.len();
+        let mut t = 0;
+        while t < n {
+            let x = &xq[t * p..];
+            let sum_x = |k: usize| x[k * p..(k + 1) * p].iter().map(|&v| v as i32).sum::<i32>();
+            // SAFETY: `Avx2` is only handed out by `available()` after checking the features; the
+            // assert above bounds the activations each call reads.
+            unsafe {
+                if n - t >= GEMM_TOKENS {
+                    let sums: [i32; GEMM_TOKENS] = std::array::from_fn(sum_x);
+                    for r in rows.clone() {
+                        let acc = ternary_dots::<GEMM_TOKENS>(w.row(r), x, p);
+                        for (k, a) in acc.into_iter().enumerate() {
+                            out[(t + k) * len + r - rows.start] = a - sums[k];
+                        }
+                    }
+                    t += GEMM_TOKENS;
+                } else {
+                    let sum = sum_x(0);
+                    for r in rows.clone() {
+                        out[t * len + r - rows.start] = ternary_dots::<1>(w.row(r), x, p)[0] - sum;
+                    }
+                    t += 1;
+                }
+            }
         }
     }
 
@@ -48,41 +74,42 @@ impl Kernels for Avx2 {
                     *o = unsafe { q8_0_dot(w.row(r), &x[..w.cols]) };
                 }
             }
-            _ => {
-                let mut buf = vec![0f32; w.cols];
-                for (o, r) in out.iter_mut().zip(rows) {
-                    w.dequantize_row(r, &mut buf);
-                    // SAFETY: as above.
-                    *o = unsafe { f32_dot(&buf, x) };
-                }
-            }
+            _ => super::scalar::Scalar.float_rows(w, rows, x, out),
         }
     }
 }
 
-/// `Σ u·x` over one row of 32-byte blocks (u = code + 1 in 0..=2, so no `maddubs` saturation).
+/// Tokens a gemm step takes at once: each unpacked weight block is used for all of them.
+const GEMM_TOKENS: usize = 4;
+
+/// `Σ u·x` of one row against `T` activation vectors (`x` at stride `p`); u = code + 1 is in 0..=2,
+/// so `maddubs` never saturates.
 #[target_feature(enable = "avx2")]
-unsafe fn ternary_dot(row: &[u8], xq: &[i8]) -> i32 {
+unsafe fn ternary_dots<const T: usize>(row: &[u8], x: &[i8], p: usize) -> [i32; T] {
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_si256();
-    for (block, x) in row.chunks_exact(32).zip(xq.chunks_exact(128)) {
-        let b = _mm256_loadu_si256(block.as_ptr() as *const __m256i);
-        let xp = x.as_ptr() as *const __m256i;
-        // Plane g (bits 7-2g..6-2g) holds columns 32g..32g+31.
-        let u0 = _mm256_and_si256(_mm256_srli_epi16(b, 6), mask);
-        let u1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        let u2 = _mm256_and_si256(_mm256_srli_epi16(b, 2), mask);
-        let u3 = _mm256_and_si256(b, mask);
-        let p0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256(xp));
-        let p1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256(xp.add(1)));
-        let p2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256(xp.add(2)));
-        let p3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256(xp.add(3)));
-        // Each i16 lane is at most 2·2·128 = 512 in magnitude, so summing four stays far from overflow.
-        let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    let mut acc = [_mm256_setzero_si256(); T];
+    for (b, block) in row.chunks_exact(32).enumerate() {
+        let b8 = _mm256_loadu_si256(block.as_ptr() as *const __m256i);
+        // Plane g (bits 7-2g..6-2g) holds columns 32g..32g+31 of the block.
+        let u = [
+            _mm256_and_si256(_mm256_srli_epi16(b8, 6), mask),
+            _mm256_and_si256(_mm256_srli_epi16(b8, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(b8, 2), mask),
+            _mm256_and_si256(b8, mask),
+        ];
+        for t in 0..T {
+            let xp = x.as_ptr().add(t * p + 128 * b) as *const __m256i;
+            let xs = [0, 1, 2, 3].map(|g| _mm256_loadu_si256(xp.add(g)));
+            // Each i16 lane is at most 2·2·128 = 512 in magnitude, so summing four stays far from overflow.
+            let s = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(u[0], xs[0]), _mm256_maddubs_epi16(u[1], xs[1])),
+                _mm256_add_epi16(_mm256_maddubs_epi16(u[2], xs[2]), _mm256_maddubs_epi16(u[3], xs[3])),
+            );
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s, ones));
+        }
     }
-    hsum_i32(acc)
+    acc.map(|a| hsum_i32(a))
 }
 
 #[target_feature(enable = "avx2")]
@@ -136,20 +163,4 @@ unsafe fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
         acc = _mm256_fmadd_ps(d, partial, acc);
     }
     hsum_f32(acc)
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len();
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
-        i += 8;
-    }
-    let mut sum = hsum_f32(acc);
-    for j in i..n {
-        sum += a[j] * b[j];
-    }
-    sum
 }

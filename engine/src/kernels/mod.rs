@@ -4,9 +4,12 @@
 //! implementation is tested against it (bit-for-bit on the integer accumulators). [`best`] picks the
 //! fastest one the running CPU supports.
 
+pub mod qhead;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -16,6 +19,7 @@ use std::ops::Range;
 
 use crate::model::FloatMatrix;
 use crate::ternary::TernaryMatrix;
+use qhead::{HeadActivations, QuantHead};
 
 pub trait Kernels: Send + Sync {
     /// A short name for logs and `bitnet bench`.
@@ -26,9 +30,36 @@ pub trait Kernels: Send + Sync {
     /// `xq` holds `w.padded_cols()` int8 activations (zero past `w.cols`).
     fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]);
 
+    /// [`Kernels::ternary_rows`] for a tile of `n` tokens, so that the rows are read once for all of
+    /// them: `xq` holds `n` activation vectors of `w.padded_cols()` (each quantized with its own
+    /// scale), `out` holds `n` result vectors of `rows.len()`, token-major:
+    /// `out[t·len + i] = Σ_c code(rows.start + i, c) · xq[t·padded_cols + c]`.
+    /// The default runs the rows once per token (fine when the caller's row range fits in cache).
+    fn ternary_gemm(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], n: usize, out: &mut [i32]) {
+        let (p, len) = (w.padded_cols(), rows.len());
+        for t in 0..n {
+            self.ternary_rows(w, rows.clone(), &xq[t * p..(t + 1) * p], &mut out[t * len..(t + 1) * len]);
+        }
+    }
+
     /// A float matrix-vector product over the rows `rows` of `w` (the LM head):
     /// `out[i] = Σ_c W(rows.start + i, c) · x[c]`, with `W` decoded from its storage type.
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]);
+
+    /// [`Kernels::float_rows`] for `n` vectors (`x`: `n × w.cols`, `out`: `n × rows.len()`, token-major),
+    /// for the LM head of several sequences at once.
+    fn float_gemm(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+        let len = rows.len();
+        for t in 0..n {
+            self.float_rows(w, rows.clone(), &x[t * w.cols..(t + 1) * w.cols], &mut out[t * len..(t + 1) * len]);
+        }
+    }
+
+    /// The opt-in quantized LM head ([`qhead`]): `out[i]` = row `rows.start + i` of `h` times the
+    /// quantized activations `a`. The default is the reference.
+    fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+        qhead::reference_rows(h, rows, a, out);
+    }
 }
 
 /// The fastest kernels this CPU supports.
@@ -47,6 +78,8 @@ pub fn available() -> Vec<&'static dyn Kernels> {
     if avx2::Avx2::available() {
         all.push(&avx2::Avx2);
     }
+    #[cfg(target_arch = "x86_64")]
+    all.extend(avx512::Avx512::available());
     #[cfg(target_arch = "aarch64")]
     all.extend(neon::Neon::available());
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

@@ -1,0 +1,185 @@
+//! Kernel throughput on BitNet b1.58 2B4T shapes, in GB/s of weight bytes streamed, next to the
+//! machine's own memory bandwidth measured in the same run (`memory/read` and `memory/memcpy`).
+//!
+//!     cargo bench -p bitnet-engine --bench kernels                  # everything
+//!     cargo bench -p bitnet-engine --bench kernels -- 'matvec'      # a filter (regex)
+//!
+//! Decoding reads every weight once per token, so the matrix-vector benchmarks rotate through
+//! copies of each matrix totalling `STREAM_BYTES`, more than the last-level cache: the bytes come
+//! from DRAM, as in a real token step. Each runs on 1 and 2 threads (rows split as the model splits
+//! them). `gemm` is prompt processing (128 tokens per weight pass): compute-bound, reported in
+//! weight bytes per second too (×128 for multiply-accumulates per second... see BENCHMARKS.md).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bitnet_engine::kernels::{self, Kernels};
+use bitnet_engine::model::FloatMatrix;
+use bitnet_engine::quant::{self, GgmlType};
+use bitnet_engine::ternary::TernaryMatrix;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
+
+/// Bytes of weights a streaming benchmark cycles through: well past the last-level cache.
+const STREAM_BYTES: usize = 1 << 30;
+const THREADS: [usize; 2] = [1, 2];
+/// (rows, cols) of 2B4T's BitLinear weights: q/o, gate/up, down (k and v are 640 × 2560).
+const SHAPES: [(usize, usize); 3] = [(2560, 2560), (6912, 2560), (2560, 6912)];
+const PROMPT: usize = 128;
+
+/// xorshift64*: deterministic bytes.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// `copies` stacked random ternary matrices of `rows × cols`, as one matrix (valid codes 0..=2 in every field).
+fn ternary(rows: usize, cols: usize, copies: usize) -> TernaryMatrix {
+    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|g| (b >> (2 * g)) & 3 != 3)).collect();
+    let mut rng = Rng(7);
+    let bytes = rows * copies * cols.div_ceil(128) * 32;
+    let data = (0..bytes).map(|_| valid[(rng.next() % valid.len() as u64) as usize]).collect();
+    TernaryMatrix { rows: rows * copies, cols, scale: 1.0, data }
+}
+
+fn activations(n: usize, rng: &mut Rng) -> Vec<i8> {
+    (0..n).map(|_| (rng.next() >> 56) as i8).collect()
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool")
+}
+
+/// Rows per task, as the model chooses them.
+fn chunk(rows: usize) -> usize {
+    (rows / (rayon::current_num_threads() * 4)).max(16)
+}
+
+fn memory(c: &mut Criterion) {
+    let mut g = c.benchmark_group("memory");
+    g.throughput(Throughput::BytesDecimal(STREAM_BYTES as u64));
+    let src = vec![1u8; STREAM_BYTES];
+    let mut dst = vec![0u8; STREAM_BYTES];
+    for threads in THREADS {
+        let pool = pool(threads);
+        g.bench_function(BenchmarkId::new("read", threads), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    src.par_chunks(1 << 20).map(|c| c.chunks_exact(64).fold(0u64, |s, l| s ^ u64::from_le_bytes(l[..8].try_into().unwrap()) ^ u64::from_le_bytes(l[56..].try_into().unwrap()))).reduce(|| 0, |a, b| a ^ b)
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("memcpy", threads), |b| {
+            b.iter(|| pool.install(|| dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))))
+        });
+    }
+    g.finish();
+}
+
+fn matvec(c: &mut Criterion) {
+    let mut rng = Rng(1);
+    let mut g = c.benchmark_group("matvec");
+    for (rows, cols) in SHAPES {
+        let one = rows * cols.div_ceil(128) * 32;
+        let copies = STREAM_BYTES.div_ceil(one);
+        let w = ternary(rows, cols, copies);
+        let xq = activations(w.padded_cols(), &mut rng);
+        let mut out = vec![0i32; rows];
+        g.throughput(Throughput::BytesDecimal(one as u64));
+        for k in kernels::available().into_iter().skip(1) {
+            for threads in THREADS {
+                let pool = pool(threads);
+                let mut copy = 0;
+                g.bench_function(BenchmarkId::new(format!("{rows}x{cols}/{}", k.name()), threads), |b| {
+                    b.iter(|| {
+                        let base = copy * rows;
+                        copy = (copy + 1) % copies;
+                        pool.install(|| {
+                            let n = chunk(rows);
+                            out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
+                                let r = base + i * n;
+                                k.ternary_rows(&w, r..r + o.len(), &xq, o)
+                            })
+                        });
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+fn gemm(c: &mut Criterion) {
+    let mut rng = Rng(2);
+    let mut g = c.benchmark_group("gemm128");
+    g.sample_size(10);
+    for (rows, cols) in SHAPES {
+        let w = ternary(rows, cols, 1);
+        let xq = activations(PROMPT * w.padded_cols(), &mut rng);
+        // Weight bytes × tokens: what a token-by-token pass would stream.
+        g.throughput(Throughput::BytesDecimal((PROMPT * w.data.len()) as u64));
+        for k in kernels::available().into_iter().skip(1) {
+            for threads in THREADS {
+                let pool = pool(threads);
+                let mut out = vec![0i32; PROMPT * rows];
+                g.bench_function(BenchmarkId::new(format!("{rows}x{cols}/{}", k.name()), threads), |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            let n = chunk(rows);
+                            out.par_chunks_mut(n * PROMPT).enumerate().for_each(|(i, o)| {
+                                let r = i * n;
+                                k.ternary_gemm(&w, r..r + o.len() / PROMPT, &xq, PROMPT, o)
+                            })
+                        });
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+/// The tied LM head of 2B4T (128256 × 2560) in F16 and the quantized types a head may have.
+fn head(c: &mut Criterion) {
+    let (rows, cols) = (128_256, 2560);
+    let mut rng = Rng(3);
+    let src: Vec<f32> = (0..rows * cols).map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+    let x: Vec<f32> = (0..cols).map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+    let mut out = vec![0f32; rows];
+    let mut g = c.benchmark_group("head");
+    g.sample_size(10);
+    for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q5_0] {
+        let data = quant::quantize(ty, &src).expect("quantize");
+        let w = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).expect("row size"), data };
+        g.throughput(Throughput::BytesDecimal(w.data.len() as u64));
+        for k in kernels::available().into_iter().skip(1) {
+            for threads in THREADS {
+                let pool = pool(threads);
+                g.bench_function(BenchmarkId::new(format!("{}/{}", ty.name(), k.name()), threads), |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            let n = chunk(rows);
+                            out.par_chunks_mut(n).enumerate().for_each(|(i, o)| k.float_rows(&w, i * n..i * n + o.len(), &x, o))
+                        });
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    targets = memory, matvec, gemm, head
+}
+criterion_main!(benches);

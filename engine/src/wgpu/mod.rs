@@ -1,0 +1,414 @@
+//! The GPU backend through wgpu: one set of WGSL kernels (`shaders/`) for Vulkan, Metal, DX12 and
+//! the browser's WebGPU. Enabled by the `wgpu` cargo feature.
+//!
+//! Per token and layer the device runs five kernels, each a single dispatch:
+//! ```text
+//! qkv      = BitLinear(rmsnorm(x, attn_norm))              ternary.wgsl: norm + int8 quantization fused in
+//! att      = attention(rope(q), rope(k), v, KV cache)      attention.wgsl: also stores k and v in the cache
+//! x       += BitLinear_o(rmsnorm(att, attn_sub_norm))
+//! h        = act(gate) · up, gate/up = BitLinear(rmsnorm(x, ffn_norm))
+//! x       += BitLinear_down(rmsnorm(h, ffn_sub_norm))
+//! ```
+//! then, when logits are wanted, `rmsnorm(x, output_norm)`, the LM head (float.wgsl) and optionally the
+//! argmax (norm.wgsl). Weights are uploaded once ([`GpuModel`]); each [`Wgpu`] context owns its KV cache and
+//! creates every bind group once: per token, the host writes the token id and position into a small
+//! uniform buffer and records the same dispatches again.
+//!
+//! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
+//! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
+
+mod gpu;
+mod kernels;
+mod probe;
+mod weights;
+
+use std::sync::Arc;
+
+pub use gpu::{AdapterDesc, Gpu};
+#[cfg(not(target_arch = "wasm32"))]
+pub use gpu::adapters;
+pub use gpu::adapters_async;
+
+use crate::backend::Backend;
+use crate::model::{Activation, Config, Model};
+use crate::{Error, Result};
+use kernels::{
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MAX_STEPS, MODE_ADD,
+    MODE_GATE_UP, MODE_STORE, STEP_STRIDE,
+};
+use weights::{FloatGpu, TernaryGpu};
+
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    attn_sub_norm: wgpu::Buffer,
+    ffn_norm: wgpu::Buffer,
+    ffn_sub_norm: wgpu::Buffer,
+    qkv: TernaryGpu,
+    wo: TernaryGpu,
+    gate_up: TernaryGpu,
+    down: TernaryGpu,
+}
+
+/// A model's weights on one device, with the compiled kernels: shared by every context ([`Wgpu`]).
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    config: Config,
+    layers: Vec<GpuLayer>,
+    output_norm: wgpu::Buffer,
+    lm_head: FloatGpu,
+    /// The embedding when it is not tied to the LM head.
+    token_embd: Option<FloatGpu>,
+    ternary: Kernel,
+    attention: Kernel,
+    rmsnorm: Kernel,
+    argmax: Kernel,
+    matvec: Kernel,
+    lookup: Kernel,
+}
+
+impl GpuModel {
+    /// Uploads the weights of `model` and compiles the kernels.
+    pub fn upload(gpu: Arc<Gpu>, model: &Model) -> Result<Self> {
+        let c = model.config.clone();
+        if c.head_dim > kernels::WG as usize {
+            return Err(Error::Unsupported(format!("head dim {} on the GPU (at most {})", c.head_dim, kernels::WG)));
+        }
+        let g = &gpu;
+        let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for (i, l) in model.layers.iter().enumerate() {
+            let name = |n: &str| format!("blk.{i}.{n}");
+            layers.push(GpuLayer {
+                attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
+                attn_sub_norm: f32s(&name("attn_sub_norm"), &l.attn_sub_norm),
+                ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
+                ffn_sub_norm: f32s(&name("ffn_sub_norm"), &l.ffn_sub_norm),
+                qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[&l.wq, &l.wk, &l.wv], false)?,
+                wo: TernaryGpu::upload(g, &name("attn_output"), &[&l.wo], false)?,
+                gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[&l.w_gate, &l.w_up], true)?,
+                down: TernaryGpu::upload(g, &name("ffn_down"), &[&l.w_down], false)?,
+            });
+            gpu.check("uploading the weights")?;
+        }
+        let lm_head = FloatGpu::upload(g, "lm_head", model.lm_head())?;
+        let token_embd = match &model.output {
+            Some(_) => Some(FloatGpu::upload(g, "token_embd", &model.token_embd)?),
+            None => None,
+        };
+        let embd_format = token_embd.as_ref().unwrap_or(&lm_head).format;
+        let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
+        let m = GpuModel {
+            output_norm: f32s("output_norm", &model.output_norm),
+            ternary: Kernel::ternary(g, max_cols),
+            attention: Kernel::attention(g, c.head_dim),
+            rmsnorm: Kernel::norm(g, "rmsnorm"),
+            argmax: Kernel::norm(g, "argmax"),
+            matvec: Kernel::float(g, lm_head.format, "matvec"),
+            lookup: Kernel::float(g, embd_format, "lookup"),
+            lm_head,
+            token_embd,
+            layers,
+            config: c,
+            gpu: gpu.clone(),
+        };
+        gpu.check("compiling the kernels")?;
+        Ok(m)
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+}
+
+/// What to compute after the last token of a [`Wgpu::run`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    None,
+    Logits,
+    Argmax,
+}
+
+/// One sequence on the GPU: the KV cache, the activations, and every dispatch of a token, recorded once.
+pub struct Wgpu {
+    m: Arc<GpuModel>,
+    ctx: usize,
+    step: wgpu::Buffer,
+    /// The embedding lookup, one dispatch per shard of the embedding (the host picks the token's).
+    embed: Vec<Dispatch>,
+    /// Five dispatches per layer (see the module documentation).
+    layers: Vec<Dispatch>,
+    /// The final norm and the LM head's shards.
+    head: Vec<Dispatch>,
+    argmax: Dispatch,
+    logits_buf: wgpu::Buffer,
+    logits_read: wgpu::Buffer,
+    best_buf: wgpu::Buffer,
+    best_read: wgpu::Buffer,
+    logits: Vec<f32>,
+    /// Layers recorded per submission within a token (0: a whole token): submitting early lets the GPU
+    /// start while the host records the rest. `BITNET_WGPU_SPLIT` sets it.
+    split: usize,
+}
+
+impl Wgpu {
+    /// Opens the best adapter (a real GPU if there is one, else a CPU-type one such as llvmpipe), uploads
+    /// the model and creates a context of `ctx` tokens.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(model: &Model, ctx: usize) -> Result<Self> {
+        let gpu = Gpu::open(true)?.ok_or_else(|| Error::Gpu("no GPU adapter found".into()))?;
+        Self::with_model(Arc::new(GpuModel::upload(Arc::new(gpu), model)?), ctx)
+    }
+
+    /// A new context on uploaded weights.
+    pub fn with_model(m: Arc<GpuModel>, ctx: usize) -> Result<Self> {
+        let c = &m.config;
+        if ctx == 0 || ctx > c.n_ctx_train {
+            return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
+        }
+        let gpu = &*m.gpu;
+        let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
+        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let kv_bytes = (ctx * kv_dim * 4) as u64;
+        if kv_bytes > gpu.max_binding() {
+            return Err(Error::Gpu(format!("a KV cache layer of {kv_bytes} bytes exceeds the largest storage binding")));
+        }
+        let step = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: MAX_STEPS as u64 * STEP_STRIDE,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let x = f32_buf("x", c.n_embd);
+        let xn = f32_buf("xn", m.lm_head.vpr * m.lm_head.format.per_vec4()); // zero-padded LM head input
+        let qkv = f32_buf("qkv", q_dim + 2 * kv_dim);
+        let att_out = f32_buf("att_out", q_dim);
+        let h = f32_buf("h", c.n_ff);
+        let att = f32_buf("att", c.n_head * ctx);
+        let rope = gpu.storage("rope", bytemuck::cast_slice(&rope_table(c, ctx)));
+        let logits_buf = f32_buf("logits", c.n_vocab);
+        let best_buf = gpu.zeros("best", 4);
+
+        let ternary = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, norm: &wgpu::Buffer, out: &wgpu::Buffer| {
+            let act = u32::from(c.activation == Activation::Silu);
+            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, ..w.params };
+            let uniform = gpu.uniform("ternary params", &p);
+            m.ternary.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, m.ternary.rows_per_group))
+        };
+        let attn_params = AttnParams {
+            head_dim: c.head_dim as u32,
+            group: (c.n_head / c.n_head_kv) as u32,
+            q_dim: q_dim as u32,
+            kv_dim: kv_dim as u32,
+            rope_half: (c.rope_dim / 2) as u32,
+            ctx: ctx as u32,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            _pad: 0,
+        };
+        let attn_uniform = gpu.uniform("attention params", &attn_params);
+        let mut layers = Vec::with_capacity(5 * c.n_layer);
+        for (i, l) in m.layers.iter().enumerate() {
+            let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
+            layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
+            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out], (c.n_head as u32, 1)));
+            layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
+            layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
+            layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
+        }
+
+        let float = |k: &Kernel, fm: &FloatGpu, s: &weights::Shard, input: &wgpu::Buffer, out: &wgpu::Buffer| {
+            let p = FloatParams { rows: s.rows.len() as u32, row_offset: s.rows.start as u32, vpr: fm.vpr as u32, k: fm.cols as u32 };
+            let uniform = gpu.uniform("float params", &p);
+            let g = if k.rows_per_group > 1 { grid(s.rows.len(), k.rows_per_group) } else { (1, 1) };
+            k.dispatch(gpu, &step, &[&uniform, &s.m, &s.d, input, out], g)
+        };
+        let embd = m.token_embd.as_ref().unwrap_or(&m.lm_head);
+        let embed = embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x)).collect();
+        let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
+        let mut head = vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
+        head.extend(m.lm_head.shards.iter().map(|s| float(&m.matvec, &m.lm_head, s, &xn, &logits_buf)));
+        let argmax = m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
+        gpu.check("creating a context")?;
+        Ok(Wgpu {
+            logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
+            best_read: gpu.readback("best", 4),
+            logits: vec![0.0; c.n_vocab],
+            split: std::env::var("BITNET_WGPU_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            m: m.clone(),
+            ctx,
+            step,
+            embed,
+            layers,
+            head,
+            argmax,
+            logits_buf,
+            best_buf,
+        })
+    }
+
+    /// Like [`Backend::forward`] with logits, but only the greedy next token (the argmax of the logits,
+    /// lowest id on ties) comes back from the device: [`Backend::logits`] is not updated.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_argmax(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("no tokens".into()));
+        }
+        self.run(tokens, pos, Head::Argmax)?;
+        let mut best = [0u32];
+        self.m.gpu.read(&self.best_read, &mut best)?;
+        Ok(best[0])
+    }
+
+    /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
+    /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
+        self.run(&[0], 0, Head::Argmax)?;
+        let gpu = &*self.m.gpu;
+        let time = |ds: &[&Dispatch], n: usize| -> Result<f64> {
+            let t = std::time::Instant::now();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for _ in 0..n {
+                    ds.iter().for_each(|d| d.record(&mut pass, 0));
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+            gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let l = &self.layers;
+        let kinds: [(&str, Vec<&Dispatch>); 9] = [
+            ("embedding lookup", vec![&self.embed[0]]),
+            ("qkv (norm + quantize + ternary)", vec![&l[0]]),
+            ("attention (rope + kv store), pos 0", vec![&l[1]]),
+            ("wo (+ residual)", vec![&l[2]]),
+            ("gate/up (+ relu²·up)", vec![&l[3]]),
+            ("down (+ residual)", vec![&l[4]]),
+            ("final norm", vec![&self.head[0]]),
+            ("LM head (all shards)", self.head[1..].iter().collect()),
+            ("argmax", vec![&self.argmax]),
+        ];
+        let mut out = Vec::new();
+        for (name, ds) in kinds {
+            time(&ds, reps)?; // warm-up
+            let (one, two) = (time(&ds, reps)?, time(&ds, 2 * reps)?);
+            out.push((name, (two - one).max(0.0) / reps as f64 * 1e6));
+        }
+        gpu.check("timing the kernels")?;
+        Ok(out)
+    }
+
+    fn check_input(&self, tokens: &[u32], pos: usize) -> Result<()> {
+        let n_vocab = self.m.config.n_vocab;
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {n_vocab}")));
+        }
+        if pos + tokens.len() > self.ctx {
+            return Err(Error::ContextFull { needed: pos + tokens.len(), ctx: self.ctx });
+        }
+        Ok(())
+    }
+
+    /// Records and submits `tokens` at positions `pos..`, then `head` after the last one.
+    fn run(&mut self, tokens: &[u32], pos: usize, head: Head) -> Result<()> {
+        self.check_input(tokens, pos)?;
+        let gpu = &*self.m.gpu;
+        let embd = self.m.token_embd.as_ref().unwrap_or(&self.m.lm_head);
+        let n_layer = self.m.config.n_layer;
+        for (c, chunk) in tokens.chunks(MAX_STEPS).enumerate() {
+            let mut steps = vec![0u8; chunk.len() * STEP_STRIDE as usize];
+            for (i, &token) in chunk.iter().enumerate() {
+                let s = Step { token, pos: (pos + c * MAX_STEPS + i) as u32, _pad: [0; 2] };
+                steps[i * STEP_STRIDE as usize..][..16].copy_from_slice(bytemuck::bytes_of(&s));
+            }
+            gpu.queue.write_buffer(&self.step, 0, &steps);
+            // Segments of work, each submitted as soon as it is recorded.
+            let mut segments: Vec<Vec<(&Dispatch, usize)>> = vec![Vec::new()];
+            for (i, &token) in chunk.iter().enumerate() {
+                segments.last_mut().expect("one").push((&self.embed[embd.shard_of(token as usize)], i));
+                for (l, layer) in self.layers.chunks(5).enumerate() {
+                    segments.last_mut().expect("one").extend(layer.iter().map(|d| (d, i)));
+                    if self.split > 0 && (l + 1) % self.split == 0 && l + 1 < n_layer {
+                        segments.push(Vec::new());
+                    }
+                }
+                if i + 1 < chunk.len() {
+                    segments.push(Vec::new());
+                }
+            }
+            let last_chunk = (c + 1) * MAX_STEPS >= tokens.len();
+            let last_step = chunk.len() - 1;
+            let tail = segments.last_mut().expect("one");
+            if last_chunk && head != Head::None {
+                tail.extend(self.head.iter().map(|d| (d, last_step)));
+            }
+            if last_chunk && head == Head::Argmax {
+                tail.push((&self.argmax, last_step));
+            }
+            let n = segments.len();
+            for (s, seg) in segments.into_iter().enumerate() {
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    for (d, step) in seg {
+                        d.record(&mut pass, step);
+                    }
+                }
+                if last_chunk && s + 1 == n {
+                    match head {
+                        Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
+                        Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
+                        Head::None => {}
+                    }
+                }
+                gpu.queue.submit([enc.finish()]);
+            }
+            gpu.check("running the model")?;
+        }
+        Ok(())
+    }
+}
+
+// Reading results back blocks on the device, which only native targets can do.
+#[cfg(not(target_arch = "wasm32"))]
+impl Backend for Wgpu {
+    fn name(&self) -> String {
+        let a = self.m.gpu.adapter();
+        format!("wgpu/{} ({})", a.name, a.backend)
+    }
+
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize, want_logits: bool) -> Result<()> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.run(tokens, pos, if want_logits { Head::Logits } else { Head::None })?;
+        if want_logits {
+            self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+        }
+        Ok(())
+    }
+
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
+/// The rotary table `[pos][rope_dim / 2]` of (cos, sin), computed as the CPU's `State` computes it.
+fn rope_table(c: &Config, ctx: usize) -> Vec<[f32; 2]> {
+    let half = c.rope_dim / 2;
+    let mut t = Vec::with_capacity(ctx * half);
+    for p in 0..ctx {
+        for j in 0..half {
+            let inv_freq = (c.rope_base as f64).powf(-2.0 * j as f64 / c.rope_dim as f64);
+            let angle = p as f64 * inv_freq;
+            t.push([angle.cos() as f32, angle.sin() as f32]);
+        }
+    }
+    t
+}

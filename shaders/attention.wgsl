@@ -1,0 +1,146 @@
+// Causal attention of the token at `step.pos` for one query head per workgroup, with the rotary
+// embedding (NeoX pairs: i with i + rope_dim/2) and the KV-cache store fused in: each workgroup rotates
+// its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
+// position, and the first query head of each kv group writes them to the cache for later tokens.
+//
+// Prepended by the host: WG, MAX_HD (>= head_dim).
+
+struct Step { token: u32, pos: u32 }
+
+struct Params {
+    head_dim: u32,
+    group: u32,     // query heads per kv head
+    q_dim: u32,     // n_head * head_dim: k starts there in `qkv`, v at q_dim + kv_dim
+    kv_dim: u32,
+    rope_half: u32, // rope_dim / 2
+    ctx: u32,
+    scale: f32,     // 1 / sqrt(head_dim)
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read> rope: array<vec2<f32>>; // [pos][rope_half] (cos, sin)
+@group(0) @binding(4) var<storage, read_write> k_cache: array<f32>; // [pos][kv_dim]
+@group(0) @binding(5) var<storage, read_write> v_cache: array<f32>;
+@group(0) @binding(6) var<storage, read_write> att: array<f32>;     // [head][ctx] scratch
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;     // [n_head * head_dim]
+
+var<workgroup> q: array<f32, MAX_HD>;
+var<workgroup> kp: array<f32, MAX_HD>;
+var<workgroup> vp: array<f32, MAX_HD>;
+var<workgroup> red: array<f32, WG>;
+
+fn sum_f(v: f32, t: u32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red[t] += red[t + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn max_f(v: f32, t: u32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red[t] = max(red[t], red[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
+fn rotated(base: u32, i: u32, pos: u32) -> f32 {
+    let h = p.rope_half;
+    if i < h {
+        let cs = rope[pos * h + i];
+        return qkv[base + i] * cs.x - qkv[base + i + h] * cs.y;
+    }
+    if i < 2u * h {
+        let cs = rope[pos * h + i - h];
+        return qkv[base + i] * cs.x + qkv[base + i - h] * cs.y;
+    }
+    return qkv[base + i];
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let hd = p.head_dim;
+    let head = wid.x;
+    let kvh = head / p.group;
+    let pos = step.pos;
+    let kv_off = kvh * hd;
+    for (var i = t; i < hd; i += WG) {
+        q[i] = rotated(head * hd, i, pos);
+        kp[i] = rotated(p.q_dim + kv_off, i, pos);
+        vp[i] = qkv[p.q_dim + p.kv_dim + kv_off + i];
+        if head % p.group == 0u {
+            k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
+            v_cache[pos * p.kv_dim + kv_off + i] = vp[i];
+        }
+    }
+    workgroupBarrier();
+
+    // Scores, one position per thread.
+    let a = head * p.ctx;
+    var mx = -3.4028235e38;
+    for (var j = t; j <= pos; j += WG) {
+        var sc = 0.0;
+        if j == pos {
+            for (var i = 0u; i < hd; i++) {
+                sc += q[i] * kp[i];
+            }
+        } else {
+            let kb = j * p.kv_dim + kv_off;
+            for (var i = 0u; i < hd; i++) {
+                sc += q[i] * k_cache[kb + i];
+            }
+        }
+        sc *= p.scale;
+        att[a + j] = sc;
+        mx = max(mx, sc);
+    }
+    mx = max_f(mx, t);
+    var sum = 0.0;
+    for (var j = t; j <= pos; j += WG) {
+        let e = exp(att[a + j] - mx);
+        att[a + j] = e;
+        sum += e;
+    }
+    sum = sum_f(sum, t);
+    storageBarrier();
+
+    // Σ_j p_j v_j: thread t takes dimension t % hd of positions j ≡ t / hd (mod WG / hd).
+    let groups = WG / hd;
+    let d = t % hd;
+    let g = t / hd;
+    var o = 0.0;
+    if g < groups {
+        for (var j = g; j <= pos; j += groups) {
+            var v = vp[d];
+            if j != pos {
+                v = v_cache[j * p.kv_dim + kv_off + d];
+            }
+            o += att[a + j] * v;
+        }
+    }
+    red[t] = o;
+    workgroupBarrier();
+    if t < hd {
+        var s = 0.0;
+        for (var gg = 0u; gg < groups; gg++) {
+            s += red[gg * hd + t];
+        }
+        out[head * hd + t] = s / sum;
+    }
+}
