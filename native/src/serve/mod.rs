@@ -75,7 +75,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
     // Each slot's context: --ctx, else the model's up to 4096 (as `Loaded::session` chooses it).
     let ctx = a.model.ctx.unwrap_or(m.model.config.n_ctx_train.min(4096));
-    let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize)?;
+    let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize, ctx)?;
     let model_id = match &a.model.model {
         Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
         None => "smolbit-135m".into(),

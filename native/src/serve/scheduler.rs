@@ -1,7 +1,8 @@
 //! The engine thread. The model is shared read-only; each of N slots owns one sequence's KV cache.
 //! One loop, on one thread, does all the model work: it admits queued requests into free slots, picks
 //! the next token of every generating slot, then evaluates those tokens together with a bounded piece
-//! of the prompts still waiting.
+//! of the prompts still waiting, in one batched forward pass (continuous batching: each weight matrix
+//! is read once per step for all of them, so a step of 16 sequences costs far less than 16 steps).
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
@@ -10,8 +11,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bitnet_engine::kernels::{self, Kernels};
+use bitnet_engine::model::{BatchItem, BatchScratch, State};
 use bitnet_engine::sampling::Sampler;
-use bitnet_engine::session::{GenParams, Session, StopMatcher, StopReason};
+use bitnet_engine::session::{GenParams, StopMatcher, StopReason};
 use bitnet_engine::tokenizer::StreamDecoder;
 use bitnet_engine::Error;
 use tokio::sync::mpsc::UnboundedSender;
@@ -61,13 +64,18 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Allocates `slots` KV caches and starts the engine thread.
-    pub fn start(m: &'static Loaded, slots: usize, queue: usize) -> Result<Self, Error> {
+    /// Allocates `slots` KV caches of `ctx` tokens and starts the engine thread.
+    pub fn start(m: &'static Loaded, slots: usize, queue: usize, ctx: usize) -> Result<Self, Error> {
         let metrics = Arc::new(Metrics::default());
         metrics.slots.store(slots as u64, Relaxed);
-        let slots = (0..slots).map(|_| Ok(Slot { session: m.session()?, last_used: 0, req: None })).collect::<Result<Vec<_>, Error>>()?;
+        let c = &m.model.config;
+        let slots = (0..slots)
+            .map(|_| Ok(Slot { state: State::new(c, ctx)?, cached: Vec::new(), last_used: 0, req: None }))
+            .collect::<Result<Vec<_>, Error>>()?;
+        // One tile holds a whole step: every slot's token and the prompt budget.
+        let scratch = BatchScratch::new(c, slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
-        let engine = Engine { m, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let engine = Engine { m, kernels: kernels::best(), scratch, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
         std::thread::Builder::new()
             .name("bitnet-engine".into())
             .spawn(move || engine.run())
@@ -88,9 +96,10 @@ impl Scheduler {
 }
 
 struct Slot {
-    /// The cache and its tokens, kept after a request ends, so that the next request with the same
-    /// prefix (e.g. the next turn of a chat) reuses them.
-    session: Session<'static>,
+    state: State,
+    /// The tokens whose keys and values are in `state`, in order. They stay after a request ends,
+    /// so that the next request with the same prefix (e.g. the next turn of a chat) reuses them.
+    cached: Vec<u32>,
     last_used: u64,
     req: Option<Running>,
 }
@@ -110,12 +119,12 @@ struct Running {
 impl Slot {
     /// The prompt is fully evaluated and the logits of its last token (or of the last generated one) are ready.
     fn generating(&self) -> bool {
-        self.req.as_ref().is_some_and(|r| self.session.tokens().len() == r.job.prompt.len() + r.n_generated)
+        self.req.as_ref().is_some_and(|r| self.cached.len() == r.job.prompt.len() + r.n_generated)
     }
 
     /// The part of the prompt not evaluated yet.
     fn prompt_left(&self) -> &[u32] {
-        self.req.as_ref().map_or(&[], |r| r.job.prompt.get(self.session.tokens().len()..).unwrap_or_default())
+        self.req.as_ref().map_or(&[], |r| r.job.prompt.get(self.cached.len()..).unwrap_or_default())
     }
 }
 
@@ -128,6 +137,8 @@ struct Work {
 
 struct Engine {
     m: &'static Loaded,
+    kernels: &'static dyn Kernels,
+    scratch: BatchScratch,
     slots: Vec<Slot>,
     queue: Receiver<Job>,
     metrics: Arc<Metrics>,
@@ -177,14 +188,14 @@ impl Engine {
     /// Puts `job` in the free slot whose cache shares the longest prefix with its prompt
     /// (the least recently used one among equals, to keep other conversations cached).
     fn start(&mut self, job: Job) {
-        let common = |s: &Slot| s.session.tokens().iter().zip(&job.prompt).take_while(|(a, b)| a == b).count();
+        let common = |s: &Slot| s.cached.iter().zip(&job.prompt).take_while(|(a, b)| a == b).count();
         let slot = (0..self.slots.len())
             .filter(|&i| self.slots[i].req.is_none())
             .max_by_key(|&i| (common(&self.slots[i]), std::cmp::Reverse(self.slots[i].last_used)))
             .expect("admit checks for a free slot");
         // The last prompt token is always evaluated again, for fresh logits.
         let keep = common(&self.slots[slot]).min(job.prompt.len() - 1);
-        self.slots[slot].session.truncate(keep);
+        self.slots[slot].cached.truncate(keep);
         self.clock += 1;
         self.metrics.busy_slots.fetch_add(1, Relaxed);
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
@@ -257,19 +268,19 @@ impl Engine {
     fn next_token(&mut self, i: usize) -> Result<u32, StopReason> {
         let tok = &self.m.tokenizer;
         let slot = &mut self.slots[i];
-        let (session, r) = (&slot.session, slot.req.as_mut().expect("generating slots run a request"));
-        let history = session.tokens();
+        let (history, logits) = (&slot.cached, &slot.state.logits);
+        let r = slot.req.as_mut().expect("generating slots run a request");
         if r.n_generated == r.job.params.max_tokens {
             return Err(StopReason::MaxTokens);
         }
         let next = if r.job.frequency_penalty != 0.0 || r.job.presence_penalty != 0.0 {
-            let mut logits = session.logits().to_vec();
+            let mut logits = logits.clone();
             let p = &r.job.params.sampler;
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
             penalize(&mut logits, recent, p.repeat_penalty, r.job.frequency_penalty, r.job.presence_penalty);
             r.sampler.sample(&logits, history)
         } else {
-            r.sampler.sample(session.logits(), history)
+            r.sampler.sample(logits, history)
         };
         if tok.is_end_of_generation(next) {
             return Err(StopReason::EndToken);
@@ -282,7 +293,7 @@ impl Engine {
         if hit {
             return Err(StopReason::StopString);
         }
-        if history.len() == session.ctx() {
+        if history.len() == slot.state.ctx {
             return Err(StopReason::ContextFull);
         }
         Ok(next)
@@ -319,27 +330,34 @@ impl Engine {
             let _ = r.job.events.send(Event::Failed(e.to_string()));
         }
         // What the cache holds is unknown after an error.
-        self.slots[i].session.truncate(0);
+        self.slots[i].cached.clear();
         self.release(i);
     }
 
-    /// Evaluates the step's work: the first `n_decode` items are one new token of a generating slot each.
+    /// Evaluates the step's work in one batched forward pass; the first `n_decode` items are one new
+    /// token of a generating slot each. (A slot appears at most once: it either generates or has
+    /// prompt left.)
     fn forward(&mut self, work: &[Work], n_decode: usize) {
         if work.is_empty() {
             return;
         }
         let t0 = Instant::now();
-        let m = self.m;
-        let mut failed = Vec::new();
-        m.pool.install(|| {
-            for w in work {
-                if let Err(e) = self.slots[w.slot].session.push(&w.tokens, w.logits) {
-                    failed.push((w.slot, e));
-                }
+        let mut todo: Vec<Option<&Work>> = vec![None; self.slots.len()];
+        for w in work {
+            todo[w.slot] = Some(w);
+        }
+        let mut items: Vec<BatchItem> = (self.slots.iter_mut().zip(&todo))
+            .filter_map(|(s, w)| w.map(|w| BatchItem { state: &mut s.state, tokens: &w.tokens, pos: s.cached.len(), want_logits: w.logits }))
+            .collect();
+        let (m, k, scratch) = (self.m, self.kernels, &mut self.scratch);
+        let result = m.pool.install(|| m.model.forward_batch(k, scratch, &mut items));
+        drop(items);
+        for w in work {
+            match &result {
+                Ok(()) => self.slots[w.slot].cached.extend_from_slice(&w.tokens),
+                // The batch is checked before anything runs; no slot's cache changed.
+                Err(e) => self.fail(w.slot, Error::Invalid(e.to_string())),
             }
-        });
-        for (slot, e) in failed {
-            self.fail(slot, e);
         }
         add_time(&self.metrics.step_nanos, t0.elapsed());
         self.metrics.steps.fetch_add(1, Relaxed);
