@@ -43,6 +43,8 @@ pub(crate) struct TernaryParams {
 pub(crate) const MODE_STORE: u32 = 0;
 pub(crate) const MODE_ADD: u32 = 1;
 pub(crate) const MODE_GATE_UP: u32 = 2;
+/// The integer accumulators alone, for the test probes (probe.rs, native only).
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) const MODE_RAW: u32 = 3;
 
 /// float.wgsl's `Params`.
@@ -183,7 +185,9 @@ impl Kernel {
         let tpr = threads_per_row("BITNET_WGPU_FLOAT_TPR", 32);
         let consts = [("TPR", tpr), ("FORMAT", format as u32)];
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
-        Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, FLOAT_WGSL, entry, &consts, &slots) }
+        // The lookup copies one row with one workgroup; a matvec gives each workgroup WG / TPR rows.
+        let rows_per_group = if entry == "lookup" { 1 } else { (WG / tpr) as usize };
+        Kernel { rows_per_group, ..Kernel::new(gpu, FLOAT_WGSL, entry, &consts, &slots) }
     }
 
     /// norm.wgsl's `entry` (rmsnorm or argmax).
