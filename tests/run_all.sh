@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
-# Installs what the tests need on a fresh machine of this kind (Debian, Rust via rustup) and runs
+# Installs what the tests need on a fresh machine of this kind (Debian, Rust via rustup, Node) and runs
 # every test. `.ci/run` calls exactly this; so does the README.
+#   1. native: `cargo test --workspace` (the wgpu tests on llvmpipe, software Vulkan: none are skipped);
+#      the build with the CUDA backend is checked (its tests need an NVIDIA GPU: README, Development)
+#   2. the NEON kernels under qemu-aarch64 (with and without dotprod) and SIMD128 under Node's WASI
+#   3. the browser: both wasm builds, the npm package and the demo page in headless Chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { echo "=== $* [$(( $(date +%s) - start )) s]"; }
 
+step "install what is missing"
 # The official OpenAI Python client, which one `bitnet serve` test drives unmodified.
 python3 -m pip install -q --disable-pip-version-check openai
+# llvmpipe, for the wgpu tests (they fail, rather than skip, without an adapter when CI is set).
+if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers libvulkan1
+fi
+export CI=${CI:-true}
 
+step "the CUDA backend builds (without CUDA installed)"
+cargo build -p bitnet-cli --features cuda
+
+step "native tests"
 # The `bitnet` binary the end-to-end tests drive, from the same (dev, optimized) profile as the tests.
 cargo build -p bitnet-cli
 cargo test --workspace
+
+step "AArch64 and WebAssembly kernels"
+bash tests/scripts/test_cross.sh
+
+step "browser"
+bash tests/scripts/test_web.sh
+
+step "all passed"

@@ -22,6 +22,9 @@ MT_RUSTFLAGS='-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128 
 export PATH="$PWD/node_modules/.bin:$PATH"
 
 # Each build has its own target dir: their flags differ, and sharing one would rebuild everything each time.
+# No debug info in the wasm (the workspace's release profile has line tables for native profiling): it
+# would ship in the package, and wasm-opt takes minutes over it.
+export CARGO_PROFILE_RELEASE_DEBUG=false
 st() { # stable Rust; SIMD128 is in every browser since 2021
   RUSTFLAGS='-C target-feature=+simd128' CARGO_TARGET_DIR="$ROOT/target/wasm-st" wasm-pack "$@"
 }
