@@ -12,11 +12,14 @@ use crate::ModelArgs;
 
 /// The default model, compiled into the binary so that `bitnet run -p ...` works with no download:
 /// smolbit-135m, converted from `../shared/models/smolbit-135m` by `bitnet convert` (see README).
+/// (Cargo feature `embedded-model`, on by default; without it the binary is 48 MB smaller and needs `-m`.)
+#[cfg(feature = "embedded-model")]
 static DEFAULT_MODEL: &[u8] = include_bytes!("../../engine/models/smolbit-135m.gguf");
 
 /// The bytes of a GGUF file: mapped from disk, or the embedded model.
 pub enum Bytes {
     Mapped(memmap2::Mmap),
+    #[cfg(feature = "embedded-model")]
     Embedded(&'static [u8]),
 }
 
@@ -25,13 +28,19 @@ impl std::ops::Deref for Bytes {
     fn deref(&self) -> &[u8] {
         match self {
             Bytes::Mapped(m) => m,
+            #[cfg(feature = "embedded-model")]
             Bytes::Embedded(b) => b,
         }
     }
 }
 
 pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
+    #[cfg(feature = "embedded-model")]
     let Some(path) = path else { return Ok(Bytes::Embedded(DEFAULT_MODEL)) };
+    #[cfg(not(feature = "embedded-model"))]
+    let Some(path) = path else {
+        return Err(Error::Invalid("this bitnet was built without the embedded model: give one with -m".into()));
+    };
     let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     // SAFETY: the file is only read; if another process truncates it while mapped, reads fault, as with
     // any memory-mapped loader (llama.cpp does the same).
