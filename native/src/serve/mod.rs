@@ -30,6 +30,7 @@ use futures_util::{stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::device::BackendChoice;
 use crate::model_file::Loaded;
 use crate::ModelArgs;
 use api::*;
@@ -71,6 +72,10 @@ struct App {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
+    // The batched step (continuous batching) is the CPU's forward pass; the GPU backends run one sequence.
+    if matches!(a.model.backend, BackendChoice::Wgpu | BackendChoice::Cuda) {
+        return Err(Error::Unsupported("bitnet serve runs on the CPU for now (--backend cpu or auto)".into()));
+    }
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
     // Each slot's context: --ctx, else the model's up to 4096 (as `Loaded::session` chooses it).
