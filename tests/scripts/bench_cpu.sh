@@ -6,6 +6,7 @@
 #
 # Environment (all optional):
 #   LLAMA_BENCH=path      an existing llama-bench binary (otherwise built once into $CACHE)
+#   BITNET=path           an existing bitnet binary (otherwise built here, release)
 #   LLAMA_CPP_SRC=dir     llama.cpp source to build; else the llama-cpp-python sdist below (found in $CACHE or
 #                         /tmp/lcpp, or fetched with `pip download`), whose vendor/llama.cpp is the source
 #   CACHE=dir             where llama.cpp is built (default ~/.cache/bitnet-bench)
@@ -54,9 +55,11 @@ if [ -z "${LLAMA_BENCH:-}" ]; then
     LLAMA_BENCH=$CACHE/build/bin/llama-bench
     [ -x "$LLAMA_BENCH" ] || build_llama_bench
 fi
-log "building bitnet"
-(cd "$ROOT" && cargo build --release -p bitnet-cli >&2)
-BITNET=$ROOT/target/release/bitnet
+if [ -z "${BITNET:-}" ]; then
+    log "building bitnet"
+    (cd "$ROOT" && cargo build --release -p bitnet-cli >&2)
+    BITNET=$ROOT/target/release/bitnet
+fi
 
 # --- models ------------------------------------------------------------------------------------------------------
 if [ -z "${WORK:-}" ]; then
