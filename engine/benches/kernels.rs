@@ -13,12 +13,16 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use bitnet_engine::kernels::{self, Kernels};
+use bitnet_engine::kernels;
 use bitnet_engine::model::FloatMatrix;
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{valid_ternary_bytes, Rng};
 
 /// Bytes of weights a streaming benchmark cycles through: well past the last-level cache.
 const STREAM_BYTES: usize = 1 << 30;
@@ -27,20 +31,10 @@ const THREADS: [usize; 2] = [1, 2];
 const SHAPES: [(usize, usize); 3] = [(2560, 2560), (6912, 2560), (2560, 6912)];
 const PROMPT: usize = 128;
 
-/// xorshift64*: deterministic bytes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// `copies` stacked random ternary matrices of `rows × cols`, as one matrix (valid codes 0..=2 in every field).
 fn ternary(rows: usize, cols: usize, copies: usize) -> TernaryMatrix {
-    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|g| (b >> (2 * g)) & 3 != 3)).collect();
+    let valid = valid_ternary_bytes();
     let mut rng = Rng(7);
     let bytes = rows * copies * cols.div_ceil(128) * 32;
     let data = (0..bytes).map(|_| valid[(rng.next() % valid.len() as u64) as usize]).collect();

@@ -13,12 +13,14 @@ use bitnet_engine::backend::{Backend, Cpu};
 use bitnet_engine::cuda::Cuda;
 use bitnet_engine::gguf::GgufFile;
 use bitnet_engine::kernels;
-use bitnet_engine::model::{Activation, Config, FloatMatrix, Layer, LoadOptions, Model};
-use bitnet_engine::quant::GgmlType;
+use bitnet_engine::model::{Activation, FloatMatrix, LoadOptions, Model};
 use bitnet_engine::ternary::TernaryMatrix;
 use bitnet_engine::tokenizer::Tokenizer;
 use half::f16;
 use rayon::prelude::*;
+
+mod common;
+use common::random_2b4t;
 
 /// A path under engine/: from the source tree, or from the current directory when the test binary was
 /// copied to another checkout (run it from that checkout's engine/).
@@ -263,61 +265,6 @@ fn bad_input_is_an_error() {
     dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, true).expect("a full context");
 }
 
-/// Microsoft's BitNet b1.58 2B4T shapes with random weights (the speed does not depend on the values).
-fn random_2b4t() -> Model {
-    let c = Config {
-        arch: "bitnet-b1.58".into(),
-        n_vocab: 128256,
-        n_ctx_train: 4096,
-        n_embd: 2560,
-        n_layer: 30,
-        n_head: 20,
-        n_head_kv: 5,
-        head_dim: 128,
-        rope_dim: 128,
-        n_ff: 6912,
-        eps: 1e-5,
-        rope_base: 500000.0,
-        activation: Activation::Relu2,
-        activation_reason: "benchmark".into(),
-    };
-    // Bytes whose four 2-bit fields are all valid codes (u = code + 1 in 0..=2).
-    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|g| (b >> (2 * g)) & 3 != 3)).collect();
-    let noise = |seed: u64, i: usize| {
-        let mut z = seed.wrapping_add(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z ^ (z >> 31)
-    };
-    let ternary = |seed: u64, rows: usize, cols: usize| {
-        let mut m = TernaryMatrix { rows, cols, scale: 0.02, data: vec![0; rows * cols.div_ceil(128) * 32] };
-        m.data.par_iter_mut().enumerate().for_each(|(i, b)| *b = valid[(noise(seed, i) % valid.len() as u64) as usize]);
-        m
-    };
-    let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-    let layers = (0..c.n_layer as u64)
-        .map(|l| Layer {
-            attn_norm: vec![1.0; c.n_embd],
-            attn_sub_norm: vec![1.0; q_dim],
-            ffn_norm: vec![1.0; c.n_embd],
-            ffn_sub_norm: vec![1.0; c.n_ff],
-            wq: ternary(l * 8, q_dim, c.n_embd),
-            wk: ternary(l * 8 + 1, kv_dim, c.n_embd),
-            wv: ternary(l * 8 + 2, kv_dim, c.n_embd),
-            wo: ternary(l * 8 + 3, c.n_embd, q_dim),
-            w_gate: ternary(l * 8 + 4, c.n_ff, c.n_embd),
-            w_up: ternary(l * 8 + 5, c.n_ff, c.n_embd),
-            w_down: ternary(l * 8 + 6, c.n_embd, c.n_ff),
-        })
-        .collect();
-    let mut embd = vec![0u8; c.n_vocab * c.n_embd * 2];
-    embd.par_chunks_mut(2).enumerate().for_each(|(i, b)| {
-        let v = (noise(999, i) % 2001) as f32 / 1000.0 - 1.0;
-        b.copy_from_slice(&f16::from_f32(v * 0.05).to_le_bytes());
-    });
-    let token_embd =
-        FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
-    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c, quant_head: None }
-}
 
 /// Mean tokens/s of `f` (which processes `n` tokens) over `reps` runs after one warm-up, as `bitnet bench`.
 fn tokens_per_s(n: usize, reps: usize, mut f: impl FnMut()) -> f64 {

@@ -6,22 +6,9 @@ use bitnet_engine::model::FloatMatrix;
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
 
-/// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
+mod common;
+use common::Rng;
+
 
 fn random_ternary(rng: &mut Rng, rows: usize, cols: usize) -> TernaryMatrix {
     let codes: Vec<i8> = (0..rows * cols).map(|_| rng.below(3) as i8 - 1).collect();

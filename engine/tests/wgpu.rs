@@ -18,25 +18,9 @@ use bitnet_engine::tokenizer::Tokenizer;
 use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu};
 use std::sync::Arc;
 
-/// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-}
+mod common;
+use common::{random_2b4t, Rng};
+
 
 /// The adapter the tests run on (a CPU-type one is fine), or `None` outside CI when there is none.
 fn gpu() -> Option<Gpu> {
@@ -375,55 +359,6 @@ fn bad_input_is_an_error() {
 // tokens one at a time, each with its logits read back; one warm-up, then the mean of 3 runs. Also tg with only
 // the argmax read back, and each kernel's time per dispatch.
 
-/// A BitNet b1.58 2B4T-shaped model (30 layers, 2560 wide, ff 6912, 20/5 heads of 128, vocab 128256, F16 tied
-/// embedding) with random weights: the real model's speed, generated in memory in a few seconds.
-fn random_2b4t() -> Model {
-    let c = bitnet_engine::model::Config {
-        arch: "bitnet-b1.58".into(),
-        n_vocab: 128_256,
-        n_ctx_train: 4096,
-        n_embd: 2560,
-        n_layer: 30,
-        n_head: 20,
-        n_head_kv: 5,
-        head_dim: 128,
-        rope_dim: 128,
-        n_ff: 6912,
-        eps: 1e-5,
-        rope_base: 500_000.0,
-        activation: Activation::Relu2,
-        activation_reason: "random 2B4T-shaped model".into(),
-    };
-    let mut rng = Rng(0x2b47);
-    // Bytes whose four 2-bit fields are valid codes (u = code + 1 in 0..=2).
-    let valid: Vec<u8> = (0..=255u8).filter(|b| (0..4).all(|i| (b >> (2 * i)) & 3 != 3)).collect();
-    let mut ternary = |rows: usize, cols: usize| TernaryMatrix {
-        rows,
-        cols,
-        scale: 1.0 + rng.f32() * 0.1,
-        data: (0..rows * cols / 4).map(|_| valid[rng.below(valid.len() as u64) as usize]).collect(),
-    };
-    let (e, f, q, kv) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-    let layers = (0..c.n_layer)
-        .map(|_| bitnet_engine::model::Layer {
-            attn_norm: vec![1.0; e],
-            attn_sub_norm: vec![1.0; q],
-            ffn_norm: vec![1.0; e],
-            ffn_sub_norm: vec![1.0; f],
-            wq: ternary(q, e),
-            wk: ternary(kv, e),
-            wv: ternary(kv, e),
-            wo: ternary(e, q),
-            w_gate: ternary(f, e),
-            w_up: ternary(f, e),
-            w_down: ternary(e, f),
-        })
-        .collect();
-    let mut rng = Rng(7);
-    let embd: Vec<u8> = (0..c.n_vocab * e).flat_map(|_| half::f16::from_f32(rng.f32() * 0.05).to_le_bytes()).collect();
-    let token_embd = FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: e, row_bytes: 2 * e, data: embd };
-    Model { output_norm: vec![1.0; e], token_embd, output: None, layers, config: c, quant_head: None }
-}
 
 /// Bytes a decode step must read: every ternary weight and the LM head.
 fn bytes_per_token(m: &Model) -> usize {
