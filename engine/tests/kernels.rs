@@ -238,3 +238,25 @@ fn quantized_head_matches_the_reference() {
         }
     }
 }
+
+/// A Q4_0 or Q5_0 LM head is repacked to Q8_0 for kernels without a path of their own: the values must
+/// stay exactly the same (each block's scale kept, its codes widened to int8).
+#[test]
+fn q4_0_and_q5_0_repack_to_q8_0_exactly() {
+    let mut rng = Rng(0x5eed_4_5);
+    let (rows, cols) = (7, 576);
+    for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
+        let mut x = rng.vec(rows * cols, 2.0);
+        x[..32].fill(0.0); // an all-zero block: scale 0
+        let data = quant::quantize(ty, &x).unwrap();
+        let w = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data };
+        let q8 = w.repacked_q8_0();
+        assert_eq!((q8.ty, q8.rows, q8.cols), (GgmlType::Q8_0, rows, cols));
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            w.dequantize_row(r, &mut a);
+            q8.dequantize_row(r, &mut b);
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{ty:?} row {r}");
+        }
+    }
+}

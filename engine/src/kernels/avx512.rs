@@ -91,6 +91,10 @@ impl Kernels for Avx512 {
         }
     }
 
+    fn reads_fast(&self, ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q6_K)
+    }
+
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
         assert!(rows.end <= w.rows && x.len() >= w.cols && out.len() >= rows.len());
         // SAFETY: as above; rows hold `cols` elements of their type (checked when the matrix was built).

@@ -18,6 +18,7 @@ pub mod simd128;
 use std::ops::Range;
 
 use crate::model::FloatMatrix;
+use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
 use qhead::{HeadActivations, QuantHead};
 
@@ -45,6 +46,12 @@ pub trait Kernels: Send + Sync {
     /// A float matrix-vector product over the rows `rows` of `w` (the LM head):
     /// `out[i] = Σ_c W(rows.start + i, c) · x[c]`, with `W` decoded from its storage type.
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]);
+
+    /// Whether [`Kernels::float_rows`] has a fast path for matrices of type `ty` (the model repacks a
+    /// Q4_0/Q5_0 LM head to Q8_0, with the same values, for kernels that read only Q8_0 fast).
+    fn reads_fast(&self, ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::F16 | GgmlType::Q8_0)
+    }
 
     /// [`Kernels::float_rows`] for `n` vectors (`x`: `n × w.cols`, `out`: `n × rows.len()`, token-major),
     /// for the LM head of several sequences at once.
