@@ -93,7 +93,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     // Scores, one position per thread.
     let a = head * p.ctx;
-    var mx = -3.4028235e38;
+    // -f32::MAX written exactly: Chromium rejects a decimal literal that rounds to it from above.
+    var mx = -0x1.fffffep+127f;
     for (var j = t; j <= pos; j += WG) {
         var sc = 0.0;
         if j == pos {

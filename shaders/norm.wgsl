@@ -44,7 +44,7 @@ fn rmsnorm(@builtin(local_invocation_index) t: u32) {
 // CPU sampler's greedy choice.
 @compute @workgroup_size(WG)
 fn argmax(@builtin(local_invocation_index) t: u32) {
-    var bv = -3.4028235e38;
+    var bv = -0x1.fffffep+127f; // -f32::MAX, exactly (Chromium rejects a decimal literal above it)
     var bi = 0xffffffffu;
     for (var i = t; i < p.n; i += WG) {
         let v = x[i];

@@ -2,7 +2,7 @@
 # The browser side's tests, runnable on a fresh Debian 12 machine: installs what is missing (the recipe of
 # shared/notes/toolchain.md), builds `bitnet` and the two wasm builds with the site (web/build.sh), then runs
 #   1. the wasm tests in headless Chromium (wasm-pack test, threaded build: loading, tokenizer, logits vs the
-#      references, SIMD128 kernels vs scalar, the thread pool),
+#      references, WebGPU (SwiftShader) vs the CPU, SIMD128 kernels vs scalar, the thread pool),
 #   2. the demo page end to end (Playwright: 20 tokens with wasm threads, one thread and WebGPU, each equal to
 #      `bitnet run`; screenshots; browser tokens/s next to `bitnet bench`) and the npm package imported by a
 #      plain ESM page (node --test web/tests/).

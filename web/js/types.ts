@@ -1,6 +1,7 @@
 // The package's public types, and the messages between the page (index.ts) and the worker (worker.ts).
 
-/** Where the model runs. `auto`: WebGPU when the build and the browser have it, else wasm. */
+/** Where the model runs. `auto`: WebGPU on a hardware adapter, else wasm (a software adapter such as
+ *  SwiftShader is slower than the wasm build on the same CPU; ask for `webgpu` to use it anyway). */
 export type Backend = 'auto' | 'wasm' | 'webgpu';
 
 /** A GGUF file: a URL (fetched, and cached with the Cache API), a File or Blob, or the bytes. */
@@ -84,7 +85,7 @@ export interface ModelInfo {
   activation: string;
   /** The context size in use. */
   ctx: number;
-  /** What runs the model, e.g. "cpu/simd128" or "wgpu/... (BrowserWebGpu)". */
+  /** What runs the model, e.g. "cpu/simd128" or "wgpu/unnamed CPU adapter (webgpu)" (browsers may not name it). */
   backend: string;
   /** CPU threads (1 in the single-threaded build). */
   threads: number;

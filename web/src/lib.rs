@@ -3,23 +3,27 @@
 //! A thin wasm-bindgen shell for the npm package's Web Worker (`web/js/worker.ts`), which owns everything
 //! JavaScript: fetching with progress, the Cache API, the message protocol, timing. Here:
 //! - [`Loader`] takes a GGUF file chunk by chunk, after checking that it can fit in wasm memory;
-//! - [`Engine`] is a loaded model with one conversation (its KV cache), which generates one token per
-//!   [`Engine::step`] call so that the worker's event loop sees an abort between tokens;
+//! - [`Engine`] is a loaded model with one conversation (its KV cache), on the CPU (the engine's `Session`)
+//!   or on WebGPU ([`GpuSession`]); it generates one token per [`Engine::step`] call so that the worker's
+//!   event loop sees an abort between tokens;
 //! - [`build_info`] says what this build can do (threads, SIMD128, WebGPU).
 //!
-//! Errors become JavaScript exceptions (`Error` with the engine's message).
+//! Whatever evaluates tokens returns a Promise: WebGPU's results can only be awaited (the CPU's are ready
+//! when the Promise is). Errors become JavaScript exceptions (`Error` with the engine's message).
 //!
 //! A model lives as long as its worker: wasm memory can grow but never shrink, so the JS side frees a
-//! model by terminating the worker, and the model here is never dropped.
+//! model by terminating the worker, and a model here is never dropped (on WebGPU only its host copy is,
+//! once uploaded).
 
 mod generate;
 mod loader;
+mod webgpu;
 
-use bitnet_engine::backend::{Backend, Cpu};
+use bitnet_engine::backend::Cpu;
 use bitnet_engine::chat::ChatMessage;
 use bitnet_engine::gguf::GgufFile;
 use bitnet_engine::kernels;
-use bitnet_engine::model::{Activation, LoadOptions, Model};
+use bitnet_engine::model::{Activation, Config, LoadOptions, Model};
 use bitnet_engine::sampling::SamplerParams;
 use bitnet_engine::session::{GenParams, Session};
 use bitnet_engine::tokenizer::Tokenizer;
@@ -29,6 +33,7 @@ use wasm_bindgen::prelude::*;
 
 pub use generate::Generation;
 pub use loader::{check_file_size, memory_in_use, FileBuffer, WASM32_LIMIT};
+pub use webgpu::GpuSession;
 
 /// Starts rayon's pool of Web Workers (threaded build only; call once, before loading a model).
 #[cfg(feature = "threads")]
@@ -48,7 +53,7 @@ pub fn build_info() -> String {
         "threads": cfg!(feature = "threads"),
         "simd128": cfg!(target_feature = "simd128"),
         "kernels": kernels::best().name(),
-        "webgpu": false,
+        "webgpu": true,
     })
     .to_string()
 }
@@ -157,31 +162,96 @@ impl Loader {
 
     /// Parses the file and builds the model; `onProgress(done, total)` is called as tensors are repacked.
     /// The file's bytes are freed afterwards (the model keeps its own copy of the weights).
-    pub fn load(self, options: &str, on_progress: Option<js_sys::Function>) -> Result<Engine, JsError> {
-        let opts: LoadOpts = parse_json("load options", options)?;
+    pub async fn load(self, options: String, on_progress: Option<js_sys::Function>) -> Result<Engine, JsError> {
+        let opts: LoadOpts = parse_json("load options", &options)?;
         let mut progress = |done: usize, total: usize| {
             if let Some(f) = &on_progress {
                 // A throwing callback must not break loading.
                 let _ = f.call2(&JsValue::NULL, &(done as f64).into(), &(total as f64).into());
             }
         };
-        Engine::new(&self.file.bytes, &opts, &mut progress)
+        Engine::new(&self.file.bytes, &opts, &mut progress).await
+    }
+}
+
+/// Where the model runs, with the conversation's KV cache.
+#[allow(clippy::large_enum_variant)] // one per Engine
+enum Runner {
+    Cpu(Session<'static>),
+    Gpu(GpuSession),
+}
+
+impl Runner {
+    fn name(&self) -> String {
+        match self {
+            Runner::Cpu(s) => s.backend_name(),
+            Runner::Gpu(g) => g.name().to_string(),
+        }
+    }
+
+    fn ctx(&self) -> usize {
+        match self {
+            Runner::Cpu(s) => s.ctx(),
+            Runner::Gpu(g) => g.ctx(),
+        }
+    }
+
+    fn tokens(&self) -> &[u32] {
+        match self {
+            Runner::Cpu(s) => s.tokens(),
+            Runner::Gpu(g) => g.tokens(),
+        }
+    }
+
+    fn logits(&self) -> &[f32] {
+        match self {
+            Runner::Cpu(s) => s.logits(),
+            Runner::Gpu(g) => g.logits(),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Runner::Cpu(s) => s.truncate(len),
+            Runner::Gpu(g) => g.truncate(len),
+        }
+    }
+
+    /// Evaluates `token` after the cached ones; `logits()` then belongs to it.
+    async fn push(&mut self, token: u32) -> bitnet_engine::Result<()> {
+        match self {
+            Runner::Cpu(s) => s.push(&[token], true),
+            Runner::Gpu(g) => g.push(&[token]).await,
+        }
+    }
+
+    /// Makes the cache hold exactly `tokens` (reusing the cached prefix); returns how many were evaluated.
+    async fn prefill(&mut self, tokens: &[u32]) -> bitnet_engine::Result<usize> {
+        match self {
+            Runner::Cpu(s) => s.prefill(tokens),
+            Runner::Gpu(g) => g.prefill(tokens).await,
+        }
     }
 }
 
 /// A loaded model and its one conversation.
 #[wasm_bindgen]
 pub struct Engine {
-    model: &'static Model,
+    config: Config,
     tokenizer: Tokenizer,
-    session: Session<'static>,
+    runner: Runner,
     generation: Option<Generation>,
     seed: u64,
 }
 
 impl Engine {
     /// Builds the model from a whole GGUF file (the Rust entry point; JS goes through [`Loader`]).
-    pub fn new(bytes: &[u8], opts: &LoadOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine, JsError> {
+    pub async fn new(bytes: &[u8], opts: &LoadOpts, progress: &mut dyn FnMut(usize, usize)) -> Result<Engine, JsError> {
+        let gpu = match opts.backend.as_deref().unwrap_or("wasm") {
+            "wasm" => false,
+            "webgpu" => true,
+            other => return Err(js_error(format!("unknown backend '{other}' (wasm or webgpu)"))),
+        };
         let gguf = GgufFile::parse(bytes).map_err(|e| js_error(bitnet_engine::Error::from(e)))?;
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(js_error)?;
         let activation = match opts.activation.as_deref() {
@@ -189,26 +259,28 @@ impl Engine {
             Some(a) => Some(Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?),
         };
         let load = LoadOptions { activation, ..Default::default() };
-        let config = bitnet_engine::model::Config::from_gguf(&gguf, &load).map_err(js_error)?;
+        let config = Config::from_gguf(&gguf, &load).map_err(js_error)?;
         let ctx = opts.ctx.unwrap_or(config.n_ctx_train.min(4096));
-        let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
-        loader::check_kv_cache(&config, ctx, weights).map_err(js_error)?;
-        // Never freed: see the crate docs (a model lives as long as its worker).
-        let model: &'static Model = Box::leak(Box::new(Model::load(&gguf, bytes, &load, progress).map_err(js_error)?));
-        let backend: Box<dyn Backend> = match opts.backend.as_deref().unwrap_or("wasm") {
-            "wasm" => Box::new(Cpu::new(model, kernels::best(), ctx).map_err(js_error)?),
-            "webgpu" => return Err(js_error("this build has no WebGPU backend")),
-            other => return Err(js_error(format!("unknown backend '{other}' (wasm or webgpu)"))),
+        let model = Model::load(&gguf, bytes, &load, progress).map_err(js_error)?;
+        let runner = if gpu {
+            // The weights and the KV cache live on the GPU: the model's host copy is dropped after the upload.
+            Runner::Gpu(GpuSession::open(&model, ctx).await.map_err(js_error)?)
+        } else {
+            let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
+            loader::check_kv_cache(&config, ctx, weights).map_err(js_error)?;
+            // Never freed: see the crate docs (a model lives as long as its worker).
+            let model: &'static Model = Box::leak(Box::new(model));
+            Runner::Cpu(Session::new(Box::new(Cpu::new(model, kernels::best(), ctx).map_err(js_error)?)))
         };
-        Ok(Engine { model, tokenizer, session: Session::new(backend), generation: None, seed: 0 })
+        Ok(Engine { config, tokenizer, runner, generation: None, seed: 0 })
     }
 
-    fn start_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
+    async fn start_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
         let opts: GenOpts = parse_json("generation options", options)?;
         self.seed = opts.seed;
         self.generation = None;
         let params = opts.params();
-        let n = self.session.prefill(prompt).map_err(js_error)?;
+        let n = self.runner.prefill(prompt).await.map_err(js_error)?;
         self.generation = Some(Generation::new(&params, n));
         Ok(n as u32)
     }
@@ -219,17 +291,17 @@ impl Engine {
     /// What runs the model, e.g. "cpu/simd128".
     #[wasm_bindgen(getter)]
     pub fn backend(&self) -> String {
-        self.session.backend_name()
+        self.runner.name()
     }
 
     /// The model's shape, tokenizer and run-time settings as JSON.
     pub fn info(&self) -> String {
-        let c = &self.model.config;
+        let c = &self.config;
         let t = &self.tokenizer;
         json!({
             "arch": c.arch, "nVocab": c.n_vocab, "nCtxTrain": c.n_ctx_train, "nEmbd": c.n_embd, "nLayer": c.n_layer,
             "nHead": c.n_head, "nHeadKv": c.n_head_kv, "headDim": c.head_dim, "nFf": c.n_ff,
-            "activation": c.activation.to_string(), "ctx": self.session.ctx(), "backend": self.backend(),
+            "activation": c.activation.to_string(), "ctx": self.runner.ctx(), "backend": self.backend(),
             "threads": rayon::current_num_threads(), "bos": t.bos(), "eos": t.eos(), "addBos": t.add_bos(),
             "chatTemplate": t.chat_template().is_some(), "memoryBytes": memory_in_use(),
         })
@@ -246,37 +318,37 @@ impl Engine {
     }
 
     /// The next-token logits after `ids` (evaluated in the conversation's cache, reusing its prefix).
-    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, JsError> {
+    pub async fn logits(&mut self, ids: Vec<u32>) -> Result<Vec<f32>, JsError> {
         self.generation = None;
-        self.session.prefill(ids).map_err(js_error)?;
-        Ok(self.session.logits().to_vec())
+        self.runner.prefill(&ids).await.map_err(js_error)?;
+        Ok(self.runner.logits().to_vec())
     }
 
     /// Starts continuing `prompt` (BOS added as the model asks): evaluates the prompt and returns how many
     /// of its tokens were evaluated (the rest were already in the cache). Then call `step` until it returns
     /// undefined.
-    pub fn start(&mut self, prompt: &str, options: &str) -> Result<u32, JsError> {
-        let ids = self.tokenize(prompt, true)?;
-        self.start_ids(&ids, options)
+    pub async fn start(&mut self, prompt: String, options: String) -> Result<u32, JsError> {
+        let ids = self.tokenize(&prompt, true)?;
+        self.start_ids(&ids, &options).await
     }
 
     /// Starts a chat reply: `messages` is a JSON array of `{role, content}`, rendered with the model's template.
     #[wasm_bindgen(js_name = startChat)]
-    pub fn start_chat(&mut self, messages: &str, options: &str) -> Result<u32, JsError> {
-        let messages: Vec<Message> = parse_json("chat messages", messages)?;
+    pub async fn start_chat(&mut self, messages: String, options: String) -> Result<u32, JsError> {
+        let messages: Vec<Message> = parse_json("chat messages", &messages)?;
         let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
         let ids = self.tokenizer.encode_chat(&messages, true).map_err(js_error)?;
-        self.start_ids(&ids, options)
+        self.start_ids(&ids, &options).await
     }
 
     /// Generates one token: returns its text (often "": held back until a character or a possible stop
     /// string is complete), or undefined once generation has stopped.
-    pub fn step(&mut self) -> Result<Option<String>, JsError> {
+    pub async fn step(&mut self) -> Result<Option<String>, JsError> {
         let generation = self.generation.as_mut().ok_or_else(|| js_error("no generation started"))?;
-        let s = &mut self.session;
-        let Some(step) = generation.step(&self.tokenizer, s.logits(), s.tokens(), s.ctx()) else { return Ok(None) };
+        let r = &mut self.runner;
+        let Some(step) = generation.step(&self.tokenizer, r.logits(), r.tokens(), r.ctx()) else { return Ok(None) };
         if let Some(t) = step.eval {
-            s.push(&[t], true).map_err(js_error)?;
+            r.push(t).await.map_err(js_error)?;
         }
         Ok(Some(step.text))
     }
@@ -297,6 +369,6 @@ impl Engine {
     /// Forgets the conversation (the KV cache).
     pub fn reset(&mut self) {
         self.generation = None;
-        self.session.truncate(0);
+        self.runner.truncate(0);
     }
 }

@@ -1,8 +1,8 @@
 // The demo page end to end, as a person (or a script) uses it: `bitnet serve-www` serves the built site with the
 // isolation headers, the page loads the default model and generates 20 tokens (seed 1, temperature 0) with wasm
-// threads, with one thread, and with WebGPU; each text must equal what `bitnet run` prints. Then 64 tokens of
-// another prompt on the warm page measure decode speed, next to `bitnet bench` (target/web-test/results.json,
-// screenshots).
+// threads, with one thread, and with WebGPU (Chromium's SwiftShader adapter); each text must equal what `bitnet run`
+// prints. Then 64 tokens of another prompt on the warm page measure decode speed, next to `bitnet bench`
+// (target/web-test/results.json, screenshots).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
@@ -40,7 +40,7 @@ test('native decode speed (bitnet bench, same machine, same run)', () => {
 });
 
 /** Runs the demo with `query`; checks the text against `bitnet run`; measures 64 tokens of BENCH_PROMPT. */
-async function demo(t, name, query, check) {
+async function demo(name, query, check) {
   const log = [];
   const page = await newPage(browser, log);
   try {
@@ -48,7 +48,6 @@ async function demo(t, name, query, check) {
     await page.goto(`${server.url}?${q}`);
     await page.waitForFunction(() => window.bitnetDemo.done, null, { timeout: 600_000, polling: 200 });
     const d = await page.evaluate(() => ({ ...window.bitnetDemo }));
-    if (d.error?.includes('no WebGPU backend')) return t.skip(d.error);
     assert.equal(d.error, null);
     assert.equal(d.text, expected, `${name}: the page's text vs bitnet run`);
     check(d);
@@ -73,19 +72,19 @@ async function demo(t, name, query, check) {
   }
 }
 
-test('demo: wasm, 2 threads', (t) =>
-  demo(t, 'wasm-threads', 'backend=wasm&threads=2', (d) => {
+test('demo: wasm, 2 threads', () =>
+  demo('wasm-threads', 'backend=wasm&threads=2', (d) => {
     assert.match(d.backend, /^cpu\/simd128$/);
     assert.equal(d.threads, 2);
   }));
 
-test('demo: wasm, single-threaded build', (t) =>
-  demo(t, 'wasm-single', 'backend=wasm&threads=1', (d) => {
+test('demo: wasm, single-threaded build', () =>
+  demo('wasm-single', 'backend=wasm&threads=1', (d) => {
     assert.match(d.backend, /^cpu\/simd128$/);
     assert.equal(d.threads, 1);
   }));
 
-test('demo: WebGPU (SwiftShader)', (t) =>
-  demo(t, 'webgpu', 'backend=webgpu', (d) => {
-    assert.match(d.backend, /^wgpu\//);
+test('demo: WebGPU (SwiftShader)', () =>
+  demo('webgpu', 'backend=webgpu', (d) => {
+    assert.equal(d.backend, 'wgpu/unnamed CPU adapter (webgpu)');
   }));

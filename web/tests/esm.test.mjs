@@ -104,7 +104,9 @@ for (const threads of [2, 1]) {
     assert.ok(got.stats.decodeTokensPerSecond > 0);
     assert.equal(got.info.threads, threads);
     assert.equal(got.info.build.threads, threads > 1);
+    // The second load asked for `auto`: the page's only WebGPU adapter is SwiftShader, which auto skips.
     assert.equal(got.info.backend, 'cpu/simd128');
+    assert.equal(got.info.backendNote, 'the only WebGPU adapter is a software one');
   });
 }
 

@@ -1,7 +1,9 @@
 //! The engine in a real browser, in a dedicated worker as the npm package runs it (`wasm-pack test
 //! --headless --chrome`; tests/scripts/test_web.sh runs them in the threaded build): GGUF files loaded
 //! through the chunked [`Loader`], tokenizer ids and logits against the fixture references (the same ones
-//! the native tests use), this build's kernels (SIMD128) against the scalar reference, and the thread pool.
+//! the native tests use), the WebGPU backend against the CPU (on Chromium's SwiftShader adapter, which
+//! webdriver.json's --enable-unsafe-webgpu provides), this build's kernels (SIMD128) against the scalar
+//! reference, and the thread pool.
 #![cfg(target_arch = "wasm32")]
 
 use bitnet_engine::gguf::GgufFile;
@@ -39,12 +41,12 @@ fn message(e: JsError) -> String {
 }
 
 /// Loads a GGUF file the way the worker does: the size first, then the bytes in chunks.
-fn load(bytes: &[u8], options: &str) -> Result<Engine, String> {
+async fn load(bytes: &[u8], options: &str) -> Result<Engine, String> {
     let mut loader = Loader::new(bytes.len() as f64).map_err(message)?;
     for chunk in bytes.chunks(7000) {
         loader.push(chunk).map_err(message)?;
     }
-    loader.load(options, None).map_err(message)
+    loader.load(options.into(), None).await.map_err(message)
 }
 
 fn refs() -> Value {
@@ -66,7 +68,7 @@ fn argmax(v: &[f32]) -> usize {
 #[wasm_bindgen_test]
 async fn gguf_files_load_from_chunks() {
     setup().await;
-    let engine = load(TINY_A, r#"{"backend": "wasm", "ctx": 64}"#).unwrap();
+    let engine = load(TINY_A, r#"{"backend": "wasm", "ctx": 64}"#).await.unwrap();
     let info: Value = serde_json::from_str(&engine.info()).unwrap();
     assert_eq!((info["arch"].as_str(), info["nLayer"].as_u64(), info["nEmbd"].as_u64()), (Some("bitnet-b1.58"), Some(2), Some(96)));
     assert_eq!((info["nVocab"].as_u64(), info["ctx"].as_u64()), (Some(768), Some(64)));
@@ -80,14 +82,15 @@ async fn bad_input_is_an_exception_with_a_reason() {
     setup().await;
     let too_big = Loader::new(3.0 * (1u64 << 30) as f64).err().map(message).expect("3 GiB cannot load in wasm32");
     assert!(too_big.contains("3072 MB") && too_big.contains("4096 MB"), "{too_big}");
-    let truncated = load(&TINY_A[..5000], "{}").err().expect("a truncated file");
+    let truncated = load(&TINY_A[..5000], "{}").await.err().expect("a truncated file");
     assert!(truncated.starts_with("invalid GGUF file") && truncated.contains("bytes left"), "{truncated}");
-    let backend = load(TINY_A, r#"{"backend": "cuda"}"#).err().expect("an unknown backend");
+    let backend = load(TINY_A, r#"{"backend": "cuda"}"#).await.err().expect("an unknown backend");
     assert!(backend.contains("unknown backend 'cuda'"), "{backend}");
-    let ctx = load(TINY_A, r#"{"ctx": 100000}"#).err().expect("a context beyond the model's");
+    let ctx = load(TINY_A, r#"{"ctx": 100000}"#).await.err().expect("a context beyond the model's");
     assert!(ctx.contains("context 100000"), "{ctx}");
-    let mut engine = load(TINY_A, "{}").unwrap();
-    let options = engine.start("Hello", r#"{"maxTokens": 3, "temprature": 0}"#).err().map(message).expect("a misspelt option");
+    let mut engine = load(TINY_A, "{}").await.unwrap();
+    let options = engine.start("Hello".into(), r#"{"maxTokens": 3, "temprature": 0}"#.into()).await.err().map(message);
+    let options = options.expect("a misspelt option");
     assert!(options.contains("temprature"), "{options}");
 }
 
@@ -95,7 +98,7 @@ async fn bad_input_is_an_exception_with_a_reason() {
 async fn tokenizer_ids_match_huggingface() {
     setup().await;
     let refs = refs();
-    let engine = load(TINY_A, "{}").unwrap();
+    let engine = load(TINY_A, "{}").await.unwrap();
     let mut checked = 0;
     for case in refs["models"]["tiny-a"]["cases"].as_array().unwrap() {
         if case["add_special"].as_bool() == Some(true) {
@@ -114,9 +117,9 @@ async fn logits_match_the_references() {
     setup().await;
     let refs = refs();
     for (name, bytes, model) in [("tiny-a-i2_s", TINY_A, "tiny-a"), ("tiny-b-tq2_0", TINY_B, "tiny-b")] {
-        let mut engine = load(bytes, "{}").unwrap();
+        let mut engine = load(bytes, "{}").await.unwrap();
         for case in refs["models"][model]["cases"].as_array().unwrap() {
-            let got = engine.logits(&ids(&case["ids"])).unwrap();
+            let got = engine.logits(ids(&case["ids"])).await.unwrap();
             let want = floats(&case["logits_f64"]);
             let what = format!("{name} / {}", case["name"]);
             assert_eq!(argmax(&got), argmax(&want), "{what}: top-1");
@@ -127,26 +130,71 @@ async fn logits_match_the_references() {
     }
 }
 
-/// Greedy generation through `start`/`step` streams the reference's continuation.
+/// Greedy generation through `start`/`step` streams the reference's continuation, on the CPU and on WebGPU.
 #[wasm_bindgen_test]
 async fn generation_streams_the_greedy_reference() {
     setup().await;
     let refs = refs();
     let tok = Tokenizer::from_metadata(&GgufFile::parse(TINY_A).unwrap().metadata).unwrap();
-    let mut engine = load(TINY_A, "{}").unwrap();
     let case = &refs["models"]["tiny-a"]["cases"][2]; // "special": stable, wide top-2 margins
     assert_eq!(case["name"], "special");
     let mut decoder = StreamDecoder::new();
     let want: String = ids(&case["greedy"]).iter().map(|&t| decoder.push(&tok, t)).collect::<String>() + &decoder.flush();
-    let n = engine.start(case["text"].as_str().unwrap(), r#"{"maxTokens": 10, "temperature": 0}"#).unwrap();
-    assert_eq!(n as usize, ids(&case["ids"]).len());
-    let mut got = String::new();
-    while let Some(text) = engine.step().unwrap() {
-        got.push_str(&text);
+    for backend in ["wasm", "webgpu"] {
+        let mut engine = load(TINY_A, &format!(r#"{{"backend": "{backend}"}}"#)).await.unwrap();
+        let n = engine.start(case["text"].as_str().unwrap().into(), r#"{"maxTokens": 10, "temperature": 0}"#.into());
+        assert_eq!(n.await.unwrap() as usize, ids(&case["ids"]).len());
+        let mut got = String::new();
+        while let Some(text) = engine.step().await.unwrap() {
+            got.push_str(&text);
+        }
+        assert_eq!(got, want, "{backend}");
+        let stats: Value = serde_json::from_str(&engine.stats()).unwrap();
+        assert_eq!((stats["generatedTokens"].as_u64(), stats["stop"].as_str()), (Some(10), Some("MaxTokens")), "{backend}");
     }
-    assert_eq!(got, want);
-    let stats: Value = serde_json::from_str(&engine.stats()).unwrap();
-    assert_eq!((stats["generatedTokens"].as_u64(), stats["stop"].as_str()), (Some(10), Some("MaxTokens")));
+}
+
+/// WebGPU against the CPU as engine/tests/wgpu.rs checks the native wgpu backend (`compare_with_cpu`): each
+/// reference prompt, then 6 greedy tokens one at a time (the cache's prefix is reused); the same top-1 where
+/// the CPU's top two are more than 0.05 apart, and max |Δ| within 1e-3 after a stable prompt (no int8
+/// rounding flips under float noise), 0.5 elsewhere (a flip or two: WGSL sums in another order).
+/// SwiftShader has no shader-f16, which the kernels do not need.
+#[wasm_bindgen_test]
+async fn webgpu_logits_match_the_cpu() {
+    setup().await;
+    let refs = refs();
+    let mut checked = 0;
+    for (name, bytes, model) in [("tiny-a-i2_s", TINY_A, "tiny-a"), ("tiny-b-tq2_0", TINY_B, "tiny-b")] {
+        let mut cpu = load(bytes, r#"{"backend": "wasm", "ctx": 64}"#).await.unwrap();
+        let mut gpu = load(bytes, r#"{"backend": "webgpu", "ctx": 64}"#).await.unwrap();
+        assert!(gpu.backend().starts_with("wgpu/") && gpu.backend().ends_with("(webgpu)"), "{}", gpu.backend());
+        let (mut stable_worst, mut worst) = (0f32, 0f32);
+        for case in refs["models"][model]["cases"].as_array().unwrap() {
+            let mut ids = ids(&case["ids"]);
+            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+            for step in 0..=6 {
+                let what = format!("{name} / {} + {step} tokens", case["name"]);
+                let want = cpu.logits(ids.clone()).await.unwrap();
+                let got = gpu.logits(ids.clone()).await.unwrap();
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= if step == 0 { tol } else { 0.5 }, "{what}: max |Δ| = {diff}");
+                let top = argmax(&want);
+                let mut sorted = want.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] > 0.05 {
+                    assert_eq!(argmax(&got), top, "{what}: top-1");
+                }
+                if step == 0 && tol < 0.5 {
+                    stable_worst = stable_worst.max(diff);
+                }
+                worst = worst.max(diff);
+                ids.push(top as u32);
+            }
+            checked += 1;
+        }
+        console_log!("{name}: WebGPU vs CPU: max |Δ| {stable_worst} after stable prompts, {worst} anywhere");
+    }
+    assert_eq!(checked, 10, "2 models × 5 prompts");
 }
 
 /// SIMD128 against the scalar reference in the browser's own wasm engine (engine/tests/kernels.rs has the

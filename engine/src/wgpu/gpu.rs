@@ -1,6 +1,7 @@
 //! The device: choosing an adapter, creating buffers, compiling kernels, reading results back.
 
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use wgpu::util::DeviceExt;
 
@@ -29,8 +30,10 @@ impl AdapterDesc {
             wgpu::DeviceType::Other => "other",
         };
         let driver = format!("{} {}", info.driver, info.driver_info).trim().to_string();
+        // Browsers may keep the adapter's description to themselves (Chromium's SwiftShader does).
+        let name = if info.name.is_empty() { format!("unnamed {kind} adapter") } else { info.name };
         Self {
-            name: info.name,
+            name,
             backend: info.backend.to_string(),
             kind,
             driver,
@@ -106,7 +109,7 @@ impl Gpu {
         let error = Arc::new(Mutex::new(None));
         let sink = error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&sink);
             slot.get_or_insert_with(|| e.to_string());
         }));
         let dot4 = inst.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
@@ -120,6 +123,11 @@ impl Gpu {
 
     pub fn adapter(&self) -> &AdapterDesc {
         &self.adapter
+    }
+
+    /// The backend's name for logs and `bitnet bench`: "wgpu/<adapter> (<graphics API>)".
+    pub fn backend_name(&self) -> String {
+        format!("wgpu/{} ({})", self.adapter.name, self.adapter.backend)
     }
 
     /// Uses the plain-WGSL integer dot product even where `dot4I8Packed` exists (to test the fallback).
@@ -137,7 +145,7 @@ impl Gpu {
 
     /// Turns an error the device reported since the last check into an `Err`.
     pub(crate) fn check(&self, what: &str) -> Result<()> {
-        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match lock(&self.error).take() {
             Some(e) => Err(Error::Gpu(format!("{what}: {e}"))),
             None => Ok(()),
         }
@@ -201,19 +209,40 @@ impl Gpu {
     /// Waits for the submitted work and copies the first `out.len()` values of a readback buffer.
     #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn read<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, out: &mut [T]) -> Result<()> {
+        pollster::block_on(self.read_async(buf, out))
+    }
+
+    /// [`Gpu::read`] for the browser, where nothing may block: the map completes from the event loop.
+    pub(crate) async fn read_async<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, out: &mut [T]) -> Result<()> {
         let bytes = std::mem::size_of_val(out) as u64;
         let slice = buf.slice(..bytes);
-        let (tx, rx) = std::sync::mpsc::channel();
+        let mapped = Arc::new(Mutex::new(Mapped::default()));
+        let callback = mapped.clone();
         slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
+            let mut m = lock(&callback);
+            m.result = Some(r);
+            if let Some(waker) = m.waker.take() {
+                waker.wake();
+            }
         });
+        // Natively only a poll runs the device (and the callback); a browser runs both on its own.
+        #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))?;
+        let result = std::future::poll_fn(|cx| {
+            let mut m = lock(&mapped);
+            match m.result.take() {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    m.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
         self.check("running the kernels")?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("the buffer map was dropped".into()))?
-            .map_err(|e| Error::Gpu(format!("reading back results: {e}")))?;
+        result.map_err(|e| Error::Gpu(format!("reading back results: {e}")))?;
         {
             let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back results: {e}")))?;
             bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&view);
@@ -221,4 +250,16 @@ impl Gpu {
         buf.unmap();
         Ok(())
     }
+}
+
+/// A buffer map's outcome, which wgpu hands to a callback (wgpu always calls it, with an error if the map
+/// fails), and the task waiting for it.
+#[derive(Default)]
+struct Mapped {
+    result: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+    waker: Option<Waker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

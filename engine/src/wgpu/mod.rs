@@ -16,6 +16,10 @@
 //!
 //! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
 //! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
+//!
+//! In a browser (wasm32) nothing may block on the device: there [`Gpu::open_async`] opens the adapter
+//! and [`Wgpu::forward_async`] awaits the logits, in place of `Gpu::open` and the
+//! [`Backend`](crate::backend::Backend) implementation.
 
 mod gpu;
 mod kernels;
@@ -29,6 +33,7 @@ pub use gpu::{AdapterDesc, Gpu};
 pub use gpu::adapters;
 pub use gpu::adapters_async;
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::backend::Backend;
 use crate::model::{Activation, Config, Model};
 use crate::{Error, Result};
@@ -258,6 +263,22 @@ impl Wgpu {
         Ok(best[0])
     }
 
+    /// [`Backend::forward`] with logits for the browser, where nothing may block: the same work is
+    /// submitted, then the readback is awaited; [`Wgpu::logits`] then holds the last token's logits.
+    pub async fn forward_async(&mut self, tokens: &[u32], pos: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("no tokens".into()));
+        }
+        self.run(tokens, pos, Head::Logits)?;
+        self.m.gpu.read_async(&self.logits_read, &mut self.logits).await
+    }
+
+    /// The logits of the last forward pass that read them back ([`Backend::logits`], also where the
+    /// `Backend` trait is not implemented: in the browser).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
     /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
     /// over `reps`. Barriers between the copies count, as they do in a forward pass.
@@ -371,12 +392,12 @@ impl Wgpu {
     }
 }
 
-// Reading results back blocks on the device, which only native targets can do.
+// Reading results back blocks on the device, which only native targets can do (and `Backend` is `Send`,
+// which wgpu's objects in a browser are not): the browser uses `forward_async`.
 #[cfg(not(target_arch = "wasm32"))]
 impl Backend for Wgpu {
     fn name(&self) -> String {
-        let a = self.m.gpu.adapter();
-        format!("wgpu/{} ({})", a.name, a.backend)
+        self.m.gpu.backend_name()
     }
 
     fn ctx(&self) -> usize {
