@@ -11,16 +11,14 @@ use std::time::Instant;
 
 use bitnet_engine::backend::{Backend, Cpu};
 use bitnet_engine::cuda::Cuda;
-use bitnet_engine::gguf::GgufFile;
 use bitnet_engine::kernels;
-use bitnet_engine::model::{Activation, FloatMatrix, LoadOptions, Model};
+use bitnet_engine::model::{Activation, FloatMatrix, Model};
 use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::tokenizer::Tokenizer;
 use half::f16;
 use rayon::prelude::*;
 
 mod common;
-use common::random_2b4t;
+use common::{argmax, load, max_abs_diff, random_2b4t};
 
 /// A path under engine/: from the source tree, or from the current directory when the test binary was
 /// copied to another checkout (run it from that checkout's engine/).
@@ -33,20 +31,6 @@ fn engine_path(rel: &str) -> PathBuf {
     }
 }
 
-fn load(path: &Path) -> (Model, Tokenizer) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let g = GgufFile::parse(&bytes).unwrap();
-    let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
-    (model, Tokenizer::from_metadata(&g.metadata).unwrap())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
-}
 
 /// The gap between the two largest values.
 fn margin(v: &[f32]) -> f32 {

@@ -9,17 +9,15 @@
 use std::path::{Path, PathBuf};
 
 use bitnet_engine::backend::{Backend, Cpu};
-use bitnet_engine::gguf::GgufFile;
 use bitnet_engine::kernels::{self, quantize_activations};
-use bitnet_engine::model::{Activation, FloatMatrix, LoadOptions, Model};
+use bitnet_engine::model::{Activation, FloatMatrix, Model};
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::tokenizer::Tokenizer;
 use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu};
 use std::sync::Arc;
 
 mod common;
-use common::{random_2b4t, Rng};
+use common::{argmax, load, max_abs_diff, random_2b4t, Rng};
 
 
 /// The adapter the tests run on (a CPU-type one is fine), or `None` outside CI when there is none.
@@ -219,24 +217,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
 }
 
-fn load(path: &Path) -> Model {
-    load_with_tokenizer(path).0
-}
-
-fn load_with_tokenizer(path: &Path) -> (Model, Tokenizer) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let g = GgufFile::parse(&bytes).unwrap();
-    let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
-    (model, Tokenizer::from_metadata(&g.metadata).unwrap())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
-}
 
 /// The prompt in one call, then `steps` greedy tokens one at a time; at every position with logits the
 /// GPU's must match the CPU's: same top-1 where the CPU's top two are `margin` apart (more where a rounding
@@ -302,7 +282,7 @@ fn fixture_models_match_the_cpu() {
     }
     let (mut checked, mut stable_worst, mut worst) = (0, 0f32, 0f32);
     for (file, info) in refs["files"].as_object().unwrap() {
-        let model = load(&fixture(file));
+        let (model, _) = load(&fixture(file));
         let gm = upload(gpu().unwrap(), &model);
         let variants = [upload(gpu().unwrap().without_dot4(), &model), upload(gpu().unwrap().with_max_shard(8192), &model)];
         for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate() {
@@ -329,7 +309,7 @@ fn fixture_models_match_the_cpu() {
 #[test]
 fn default_model_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    let (model, tok) = load_with_tokenizer(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf"));
+    let (model, tok) = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf"));
     let prompt = tok.encode("The capital of France is", tok.add_bos()).unwrap();
     // A real 30-layer model amplifies float noise through int8 rounding flips: on the CPU alone, scaling
     // one norm weight vector by 1 + 1e-6 moves these logits by 0.24 to 0.43. Hence the wider tolerance.
@@ -340,7 +320,7 @@ fn default_model_matches_the_cpu() {
 #[test]
 fn bad_input_is_an_error() {
     let Some(gpu) = gpu() else { return };
-    let model = load(&fixture("tiny-a-i2_s.gguf"));
+    let (model, _) = load(&fixture("tiny-a-i2_s.gguf"));
     let m = Arc::new(GpuModel::upload(Arc::new(gpu), &model).unwrap());
     assert!(Wgpu::with_model(m.clone(), 0).is_err(), "empty context");
     assert!(Wgpu::with_model(m.clone(), model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
@@ -419,7 +399,7 @@ fn bench(name: &str, model: &Model) {
 #[test]
 #[ignore]
 fn bench_default_model() {
-    bench("smolbit-135m", &load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf")));
+    bench("smolbit-135m", &load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf")).0);
 }
 
 #[test]

@@ -2,9 +2,13 @@
 //! BitNet b1.58 2B4T-shaped model built in memory for the speed runs.
 #![allow(dead_code)] // each test file uses its own subset
 
-use bitnet_engine::model::{Activation, Config, FloatMatrix, Layer, Model};
+use std::path::Path;
+
+use bitnet_engine::gguf::GgufFile;
+use bitnet_engine::model::{Activation, Config, FloatMatrix, Layer, LoadOptions, Model};
 use bitnet_engine::quant::GgmlType;
 use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::tokenizer::Tokenizer;
 use rayon::prelude::*;
 
 /// A small deterministic generator (xorshift64*), so failures reproduce.
@@ -30,6 +34,23 @@ impl Rng {
     pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.f32() * scale).collect()
     }
+}
+
+/// A GGUF file's model and tokenizer, loaded as `bitnet` loads them.
+pub fn load(path: &Path) -> (Model, Tokenizer) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let g = GgufFile::parse(&bytes).unwrap();
+    let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    (model, Tokenizer::from_metadata(&g.metadata).unwrap())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The index of the largest value (the lowest index among equals), as greedy sampling picks.
+pub fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
 }
 
 /// Every byte whose four 2-bit fields are valid ternary codes (u = code + 1 in 0..=2).
