@@ -69,6 +69,30 @@ pub trait Kernels: Send + Sync {
     }
 }
 
+/// Float rows of any storage type, decoded a piece at a time into a stack buffer (no allocation per
+/// call; 256 elements are whole blocks of every type): `acc_dot(acc, piece, x)` adds a piece's dot
+/// product to `acc`. The fallback of every kernel set for types it has no direct path for.
+pub(crate) fn decoded_rows(
+    w: &FloatMatrix,
+    rows: Range<usize>,
+    x: &[f32],
+    out: &mut [f32],
+    acc_dot: impl Fn(f32, &[f32], &[f32]) -> f32,
+) {
+    const PIECE: usize = 256;
+    let piece_bytes = w.ty.row_bytes(PIECE).expect("every float type encodes 256 elements");
+    let mut buf = [0f32; PIECE];
+    for (o, r) in out.iter_mut().zip(rows) {
+        let mut acc = 0f32;
+        for (bytes, x) in w.row(r).chunks(piece_bytes).zip(x[..w.cols].chunks(PIECE)) {
+            let buf = &mut buf[..x.len()];
+            crate::quant::dequantize(w.ty, bytes, buf).expect("row checked at load");
+            acc = acc_dot(acc, buf, x);
+        }
+        *o = acc;
+    }
+}
+
 /// The fastest kernels this CPU supports.
 /// `BITNET_KERNELS=<name>` picks another available set (`scalar` for the reference; for comparisons).
 pub fn best() -> &'static dyn Kernels {

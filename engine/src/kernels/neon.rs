@@ -12,11 +12,10 @@ use std::ops::Range;
 
 use super::Kernels;
 use crate::model::FloatMatrix;
-use crate::quant::{self, GgmlType};
+use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
 
 /// Elements per piece of a row decoded by the generic float path: whole blocks of every type.
-const PIECE: usize = 256;
 
 /// NEON kernels, with or without the dot-product instructions for the ternary rows.
 pub struct Neon {
@@ -79,21 +78,8 @@ impl Kernels for Neon {
                     *o = unsafe { q8_0_dot(w.row(r), x) };
                 }
             }
-            _ => {
-                // Decoded a piece at a time into a stack buffer, as in the scalar kernel.
-                let mut buf = [0f32; PIECE];
-                let piece_bytes = w.ty.row_bytes(PIECE).expect("every float type encodes 256 elements");
-                for (o, r) in out.iter_mut().zip(rows) {
-                    let mut acc = 0f32;
-                    for (bytes, x) in w.row(r).chunks(piece_bytes).zip(x.chunks(PIECE)) {
-                        let buf = &mut buf[..x.len()];
-                        quant::dequantize(w.ty, bytes, buf).expect("row checked at load");
-                        // SAFETY: NEON is always present.
-                        acc += unsafe { f32_dot(buf, x) };
-                    }
-                    *o = acc;
-                }
-            }
+            // SAFETY (NEON): always present on AArch64.
+            _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + unsafe { f32_dot(a, b) }),
         }
     }
 }

@@ -4,7 +4,6 @@ use std::ops::Range;
 
 use super::Kernels;
 use crate::model::FloatMatrix;
-use crate::quant;
 use crate::ternary::TernaryMatrix;
 
 pub struct Scalar;
@@ -33,19 +32,6 @@ impl Kernels for Scalar {
     }
 
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
-        // Rows are decoded a piece at a time into a stack buffer: no allocation per call. A piece of
-        // 256 elements is whole blocks of every type (blocks are 1, 32 or 256 elements).
-        const PIECE: usize = 256;
-        let piece_bytes = w.ty.row_bytes(PIECE).expect("every float type encodes 256 elements");
-        let mut buf = [0f32; PIECE];
-        for (o, r) in out.iter_mut().zip(rows) {
-            let mut acc = 0f32;
-            for (bytes, x) in w.row(r).chunks(piece_bytes).zip(x[..w.cols].chunks(PIECE)) {
-                let buf = &mut buf[..x.len()];
-                quant::dequantize(w.ty, bytes, buf).expect("row checked at load");
-                acc = buf.iter().zip(x).fold(acc, |acc, (a, b)| acc + a * b);
-            }
-            *o = acc;
-        }
+        super::decoded_rows(w, rows, x, out, |acc, a, b| a.iter().zip(b).fold(acc, |acc, (a, b)| acc + a * b));
     }
 }

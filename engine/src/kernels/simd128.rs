@@ -11,11 +11,10 @@ use std::ops::Range;
 
 use super::Kernels;
 use crate::model::FloatMatrix;
-use crate::quant::{self, GgmlType};
+use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
 
 /// Elements per piece of a row decoded by the generic float path: whole blocks of every type.
-const PIECE: usize = 256;
 
 pub struct Simd128;
 
@@ -45,20 +44,7 @@ impl Kernels for Simd128 {
                     *o = q8_0_dot(w.row(r), x);
                 }
             }
-            _ => {
-                // Decoded a piece at a time into a stack buffer, as in the scalar kernel.
-                let mut buf = [0f32; PIECE];
-                let piece_bytes = w.ty.row_bytes(PIECE).expect("every float type encodes 256 elements");
-                for (o, r) in out.iter_mut().zip(rows) {
-                    let mut acc = 0f32;
-                    for (bytes, x) in w.row(r).chunks(piece_bytes).zip(x.chunks(PIECE)) {
-                        let buf = &mut buf[..x.len()];
-                        quant::dequantize(w.ty, bytes, buf).expect("row checked at load");
-                        acc += f32_dot(buf, x);
-                    }
-                    *o = acc;
-                }
-            }
+            _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + f32_dot(a, b)),
         }
     }
 }
