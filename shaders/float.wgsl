@@ -90,9 +90,13 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
-// out = row `step.token` (which the host knows lies in this shard): the embedding lookup.
+// out = row `step.token` if it lies in this shard: the embedding lookup. Every shard has a dispatch and
+// only the token's does work, so that a token's dispatches do not depend on its id.
 @compute @workgroup_size(WG)
 fn lookup(@builtin(local_invocation_index) t: u32) {
+    if step.token < p.row_offset || step.token - p.row_offset >= p.rows {
+        return;
+    }
     let base = (step.token - p.row_offset) * p.vpr;
     for (var v = t; v < p.vpr; v += WG) {
         for (var j = 0u; j < EPV / 4u; j++) {

@@ -394,6 +394,22 @@ fn bench(name: &str, model: &Model) {
     for (kernel, us) in dev.time_kernels(200).unwrap() {
         println!("| {name} | kernel {kernel} | {us:.2} µs per dispatch |");
     }
+    for (part, us) in dev.time_host(50).unwrap() {
+        println!("| {name} | host: {part} | {us:.1} µs per token |");
+    }
+}
+
+/// The host's share of a decode step alone (on llvmpipe too, where the device time says little).
+#[test]
+#[ignore]
+fn bench_host_side() {
+    let Some(gpu) = gpu() else { return };
+    let (model, _) = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf"));
+    let mut dev = Wgpu::with_model(upload(gpu, &model), 64).unwrap();
+    dev.time_host(5).unwrap(); // warm-up
+    for (part, us) in dev.time_host(50).unwrap() {
+        println!("| smolbit-135m | host: {part} | {us:.1} µs per token |");
+    }
 }
 
 #[test]

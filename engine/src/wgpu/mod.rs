@@ -12,7 +12,8 @@
 //! then, when logits are wanted, `rmsnorm(x, output_norm)`, the LM head (float.wgsl) and optionally the
 //! argmax (norm.wgsl). Weights are uploaded once ([`GpuModel`]); each [`Wgpu`] context owns its KV cache and
 //! creates every bind group once: per token, the host writes the token id and position into a small
-//! uniform buffer and records the same dispatches again.
+//! uniform buffer and submits the same dispatches again. A decode step's command buffer is recorded while
+//! the device runs the step before it (see [`Wgpu::run`]).
 //!
 //! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
 //! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
@@ -138,7 +139,7 @@ pub struct Wgpu {
     m: Arc<GpuModel>,
     ctx: usize,
     step: wgpu::Buffer,
-    /// The embedding lookup, one dispatch per shard of the embedding (the host picks the token's).
+    /// The embedding lookup, one dispatch per shard of the embedding (only the token's shard does work).
     embed: Vec<Dispatch>,
     /// Five dispatches per layer (see the module documentation).
     layers: Vec<Dispatch>,
@@ -150,9 +151,8 @@ pub struct Wgpu {
     best_buf: wgpu::Buffer,
     best_read: wgpu::Buffer,
     logits: Vec<f32>,
-    /// Layers recorded per submission within a token (0: a whole token): submitting early lets the GPU
-    /// start while the host records the rest. `BITNET_WGPU_SPLIT` sets it.
-    split: usize,
+    /// A token at step slot 0 with this head, recorded ahead (see [`Wgpu::run`]).
+    ready: Option<(Head, wgpu::CommandBuffer)>,
 }
 
 impl Wgpu {
@@ -237,7 +237,7 @@ impl Wgpu {
             logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
             best_read: gpu.readback("best", 4),
             logits: vec![0.0; c.n_vocab],
-            split: std::env::var("BITNET_WGPU_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            ready: None,
             m: m.clone(),
             ctx,
             step,
@@ -321,6 +321,33 @@ impl Wgpu {
         Ok(out)
     }
 
+    /// Host time (µs) of the parts of a one-token step with logits, for tuning: recording its command
+    /// buffer (which [`Wgpu::run`] does while the device runs the step before), writing the step and
+    /// submitting (what the device waits for), and reading the logits back once the device is done.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time_host(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
+        let gpu = self.m.gpu.clone();
+        let idle = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(drop).map_err(|e| Error::Gpu(e.to_string()));
+        let mut sums = [0.0; 3];
+        for i in 0..reps {
+            idle()?;
+            let t = std::time::Instant::now();
+            let cmd = self.record(0, Head::Logits);
+            let recorded = t.elapsed();
+            gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, _pad: [0; 2] }));
+            gpu.queue.submit([cmd]);
+            let submitted = t.elapsed();
+            idle()?;
+            let t = std::time::Instant::now();
+            gpu.read(&self.logits_read, &mut self.logits)?;
+            for (sum, d) in sums.iter_mut().zip([recorded, submitted - recorded, t.elapsed()]) {
+                *sum += d.as_secs_f64() * 1e6 / reps as f64;
+            }
+        }
+        gpu.check("timing the host")?;
+        Ok(["record a token", "write the step and submit", "read the logits back"].into_iter().zip(sums).collect())
+    }
+
     fn check_input(&self, tokens: &[u32], pos: usize) -> Result<()> {
         let n_vocab = self.m.config.n_vocab;
         if let Some(t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
@@ -332,63 +359,54 @@ impl Wgpu {
         Ok(())
     }
 
-    /// Records and submits `tokens` at positions `pos..`, then `head` after the last one.
+    /// Submits `tokens` at positions `pos..`, one command buffer per token, then `head` after the last.
+    ///
+    /// A token's dispatches do not depend on its id or position (the `step` uniform holds those), so the
+    /// command buffer of a one-token step (slot 0, the next call's likely head) is recorded right after
+    /// submitting, while the device works: the next decode step then only writes `step` and submits, and
+    /// the device does not wait for the host to record ~150 dispatches. A recorded buffer is used only
+    /// where it matches (slot 0, same head); otherwise it is dropped and the token recorded on the spot.
     fn run(&mut self, tokens: &[u32], pos: usize, head: Head) -> Result<()> {
         self.check_input(tokens, pos)?;
-        let gpu = &*self.m.gpu;
-        let embd = self.m.token_embd.as_ref().unwrap_or(&self.m.lm_head);
-        let n_layer = self.m.config.n_layer;
         for (c, chunk) in tokens.chunks(MAX_STEPS).enumerate() {
+            let first = pos + c * MAX_STEPS;
             let mut steps = vec![0u8; chunk.len() * STEP_STRIDE as usize];
-            for (i, &token) in chunk.iter().enumerate() {
-                let s = Step { token, pos: (pos + c * MAX_STEPS + i) as u32, _pad: [0; 2] };
-                steps[i * STEP_STRIDE as usize..][..16].copy_from_slice(bytemuck::bytes_of(&s));
+            for (i, (&token, entry)) in chunk.iter().zip(steps.chunks_exact_mut(STEP_STRIDE as usize)).enumerate() {
+                let s = Step { token, pos: (first + i) as u32, _pad: [0; 2] };
+                entry[..16].copy_from_slice(bytemuck::bytes_of(&s));
             }
-            gpu.queue.write_buffer(&self.step, 0, &steps);
-            // Segments of work, each submitted as soon as it is recorded.
-            let mut segments: Vec<Vec<(&Dispatch, usize)>> = vec![Vec::new()];
-            for (i, &token) in chunk.iter().enumerate() {
-                segments.last_mut().expect("one").push((&self.embed[embd.shard_of(token as usize)], i));
-                for (l, layer) in self.layers.chunks(5).enumerate() {
-                    segments.last_mut().expect("one").extend(layer.iter().map(|d| (d, i)));
-                    if self.split > 0 && (l + 1) % self.split == 0 && l + 1 < n_layer {
-                        segments.push(Vec::new());
-                    }
-                }
-                if i + 1 < chunk.len() {
-                    segments.push(Vec::new());
-                }
-            }
+            self.m.gpu.queue.write_buffer(&self.step, 0, &steps);
             let last_chunk = (c + 1) * MAX_STEPS >= tokens.len();
-            let last_step = chunk.len() - 1;
-            let tail = segments.last_mut().expect("one");
-            if last_chunk && head != Head::None {
-                tail.extend(self.head.iter().map(|d| (d, last_step)));
+            for slot in 0..chunk.len() {
+                let h = if last_chunk && slot + 1 == chunk.len() { head } else { Head::None };
+                let cmd = match self.ready.take() {
+                    Some((rh, cmd)) if slot == 0 && rh == h => cmd,
+                    _ => self.record(slot, h),
+                };
+                self.m.gpu.queue.submit([cmd]);
             }
-            if last_chunk && head == Head::Argmax {
-                tail.push((&self.argmax, last_step));
-            }
-            let n = segments.len();
-            for (s, seg) in segments.into_iter().enumerate() {
-                let mut enc = gpu.device.create_command_encoder(&Default::default());
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    for (d, step) in seg {
-                        d.record(&mut pass, step);
-                    }
-                }
-                if last_chunk && s + 1 == n {
-                    match head {
-                        Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
-                        Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
-                        Head::None => {}
-                    }
-                }
-                gpu.queue.submit([enc.finish()]);
-            }
-            gpu.check("running the model")?;
         }
-        Ok(())
+        self.ready = Some((head, self.record(0, head)));
+        self.m.gpu.check("running the model")
+    }
+
+    /// The command buffer of the token at step slot `slot`, then `head`.
+    fn record(&self, slot: usize, head: Head) -> wgpu::CommandBuffer {
+        let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            let tail: &[Dispatch] = if head == Head::None { &[] } else { &self.head };
+            let argmax = (head == Head::Argmax).then_some(&self.argmax);
+            for d in self.embed.iter().chain(&self.layers).chain(tail).chain(argmax) {
+                d.record(&mut pass, slot);
+            }
+        }
+        match head {
+            Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
+            Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
+            Head::None => {}
+        }
+        enc.finish()
     }
 }
 

@@ -70,8 +70,8 @@ impl Gpu {
         let mut xp = x.to_vec();
         xp.resize(fm.vpr * fm.format.per_vec4(), 0.0);
         let (x, out, step) = (self.storage("x", bytemuck::cast_slice(&xp)), self.zeros("out", n as u64 * 4), self.probe_step(token));
-        let shards = if entry == "lookup" { &fm.shards[fm.shard_of(token as usize)..][..1] } else { &fm.shards[..] };
-        let dispatches: Vec<Dispatch> = shards
+        let dispatches: Vec<Dispatch> = fm
+            .shards
             .iter()
             .map(|s| {
                 let p = FloatParams { rows: s.rows.len() as u32, row_offset: s.rows.start as u32, vpr: fm.vpr as u32, k: fm.cols as u32 };

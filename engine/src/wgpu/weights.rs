@@ -125,11 +125,6 @@ impl FloatGpu {
         gpu.check(label)?;
         Ok(FloatGpu { format, cols: m.cols, vpr, shards })
     }
-
-    /// The shard holding row `r`.
-    pub fn shard_of(&self, r: usize) -> usize {
-        self.shards.iter().position(|s| s.rows.contains(&r)).unwrap_or(0)
-    }
 }
 
 /// Rows decoded to f32, each zero-padded to `padded` columns.
