@@ -3,50 +3,66 @@
 
 #define DEC_CHUNK 128
 
-// Decode (one query, flash-decoding): block (c, h) handles keys [c*128, c*128 + 128) of head h (a thread per
-// key for the scores; warp w sums the values of keys w, w+4, ..., its lanes over the head's dims), and
-// writes its partial output with its softmax max and sum; the last block of a head to finish merges the
-// partials into out (no second launch). Blocks past the current position exit at once, so one grid fits
-// every step of a CUDA graph. Block: 128 threads; dynamic shared memory: (5 * head_dim + 128) floats.
-extern "C" __global__ void __launch_bounds__(128, 8) attn_decode(const float* q, const u16* kc, const u16* vc, int hd,
-                                                                 int kv_dim, int group, float scale, const int* params,
-                                                                 float* part_o, float* part_ml, int max_chunks,
-                                                                 u32* counters, float* out) {
-    extern __shared__ float sm[];
-    float* qs = sm;              // [hd]
-    float* ps = qs + hd;         // [DEC_CHUNK]
-    float* os = ps + DEC_CHUNK;  // [4][hd] per-warp partial outputs
+// Decode (one query, flash-decoding): block (c, h) handles keys [c*128, c*128 + 128) of head h. The keys and
+// values of earlier tokens are constant during the step, so they are copied into shared memory before
+// waiting for the previous kernel (programmatic dependent launch); only q and the current token's key and
+// value (written by that kernel) are read after. A thread per key for the scores; warp w sums the values of
+// keys w, w+4, ..., its lanes over the head's dims. With one chunk the block writes the output; with several
+// it writes its partial output with its softmax max and sum, and the last block of a head to finish merges
+// the partials into out (no second launch). Blocks past the current position exit at once, so one grid fits
+// every step of a CUDA graph. Block: 128 threads; dynamic shared memory: attn_decode_smem in cuda/kernels.rs.
+extern "C" __global__ void __launch_bounds__(128) attn_decode(const float* q, const u16* kc, const u16* vc, int hd,
+                                                              int kv_dim, int group, float scale, const int* params,
+                                                              float* part_o, float* part_ml, int max_chunks,
+                                                              u32* counters, float* out) {
+    extern __shared__ float4 sm4[];
+    int kstride = hd + 8;                        // u16 per key row in shared memory: padded against bank conflicts
+    u16* ks = (u16*)sm4;                         // [DEC_CHUNK][kstride]
+    u16* vs = ks + DEC_CHUNK * kstride;          // [DEC_CHUNK][hd]
+    float* qs = (float*)(vs + DEC_CHUNK * hd);   // [hd]
+    float* ps = qs + hd;                         // [DEC_CHUNK]
+    float* os = ps + DEC_CHUNK;                  // [4][hd] per-warp partial outputs
     __shared__ float scratch[32];
     __shared__ int last;
     int pos = params[1], nchunks = pos / DEC_CHUNK + 1;
     int c = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kvh = h / group;
     pdl_trigger();
     if (c >= nchunks) return;
+    int t0 = c * DEC_CHUNK, n = min(DEC_CHUNK, pos + 1 - t0), pieces = hd / 8;  // 16-byte pieces per row
+    const u16* kbase = kc + (i64)t0 * kv_dim + kvh * hd;
+    const u16* vbase = vc + (i64)t0 * kv_dim + kvh * hd;
+    int cached = t0 + n - 1 == pos ? n - 1 : n;  // keys of earlier tokens in this chunk
+    for (int i = tid; i < cached * pieces; i += blockDim.x) {
+        int j = i / pieces, k = i % pieces;
+        cp_async16(ks + j * kstride + 8 * k, kbase + (i64)j * kv_dim + 8 * k);
+        cp_async16(vs + j * hd + 8 * k, vbase + (i64)j * kv_dim + 8 * k);
+    }
     pdl_wait();
     for (int d = tid; d < hd; d += blockDim.x) qs[d] = q[h * hd + d];
+    if (cached < n && tid < pieces) {  // the current token
+        *(uint4*)(ks + cached * kstride + 8 * tid) = *(const uint4*)(kbase + (i64)cached * kv_dim + 8 * tid);
+        *(uint4*)(vs + cached * hd + 8 * tid) = *(const uint4*)(vbase + (i64)cached * kv_dim + 8 * tid);
+    }
+    cp_async_wait();
     __syncthreads();
-    int t = c * DEC_CHUNK + tid;
     float s = NEG_INF;
-    if (t <= pos) {
-        const uint4* k = (const uint4*)(kc + (i64)t * kv_dim + kvh * hd);
+    if (tid < n) {
+        const uint4* k = (const uint4*)(ks + tid * kstride);
         float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; i++)  // head_dim <= 256: at most 32 loads of 8 values, all in flight
-            if (i < hd / 8) dot = dot8h(k[i], qs + 8 * i, dot);
+        for (int i = 0; i < pieces; i++) dot = dot8h(k[i], qs + 8 * i, dot);
         s = dot * scale;
     }
     float m = block_max(s, scratch);
-    float p = t <= pos ? expf(s - m) : 0.0f;
+    float p = tid < n ? expf(s - m) : 0.0f;
     ps[tid] = p;
     float l = block_sum(p, scratch);  // its barriers also publish ps
-    int n = min(DEC_CHUNK, pos + 1 - c * DEC_CHUNK), words = hd / 2;
+    int words = hd / 2;
     float o[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) o[i] = 0.0f;
-    const u16* vbase = vc + (i64)c * DEC_CHUNK * kv_dim + kvh * hd;
 #pragma unroll 4
     for (int j = warp; j < n; j += 4) {
-        const u32* vr = (const u32*)(vbase + (i64)j * kv_dim);
+        const u32* vr = (const u32*)(vs + j * hd);
         float pj = ps[j];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -67,6 +83,10 @@ extern "C" __global__ void __launch_bounds__(128, 8) attn_decode(const float* q,
         }
     }
     __syncthreads();
+    if (nchunks == 1) {
+        for (int d = tid; d < hd; d += blockDim.x) out[h * hd + d] = (os[d] + os[hd + d] + os[2 * hd + d] + os[3 * hd + d]) / l;
+        return;
+    }
     float* po = part_o + ((i64)h * max_chunks + c) * hd;
     for (int d = tid; d < hd; d += blockDim.x) po[d] = os[d] + os[hd + d] + os[2 * hd + d] + os[3 * hd + d];
     if (tid == 0) {

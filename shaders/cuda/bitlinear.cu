@@ -33,8 +33,23 @@ __device__ __forceinline__ void store_qkv(const Epilogue& e, int r, int t, int p
     else e.vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
 }
 
-// The outputs a (row 2p) and b (row 2p + 1) of token t at position pos.
-__device__ void epilogue(const Epilogue& e, int p, int t, int pos, float a, float b) {
+// The rotation of pair p at position pos (QKV): cos and sin of its frequency, or none.
+struct Rotation {
+    float c, s;
+    bool on;
+};
+
+__device__ __forceinline__ Rotation rotation(const Epilogue& e, int p, int pos) {
+    Rotation r = {1.0f, 0.0f, false};
+    if (e.kind == EPI_QKV) {
+        int j = e.rope[p];
+        if (j >= 0) r = {e.cos[pos * e.rope_half + j], e.sin[pos * e.rope_half + j], true};
+    }
+    return r;
+}
+
+// The outputs a (row 2p) and b (row 2p + 1) of token t at position pos; `rot` is rotation(e, p, pos).
+__device__ void epilogue(const Epilogue& e, int p, int t, int pos, Rotation rot, float a, float b) {
     if (e.kind == EPI_GLU) {
         float act;
         if (e.silu) {
@@ -49,10 +64,8 @@ __device__ void epilogue(const Epilogue& e, int p, int t, int pos, float a, floa
         x[2 * p] += a;
         x[2 * p + 1] += b;
     } else {
-        int j = e.rope[p];
-        if (j >= 0) {  // NeoX rotation of (head[j], head[j + rope_dim/2])
-            float c = e.cos[pos * e.rope_half + j], s = e.sin[pos * e.rope_half + j];
-            float ra = a * c - b * s, rb = b * c + a * s;
+        if (rot.on) {  // NeoX rotation of (head[j], head[j + rope_dim/2])
+            float ra = a * rot.c - b * rot.s, rb = b * rot.c + a * rot.s;
             a = ra;
             b = rb;
         }
@@ -78,91 +91,93 @@ extern "C" __global__ void __launch_bounds__(256) norm_quant_rows(const float* x
     float* xs = (float*)rows4;  // [n] the input, then its normalized values
     float* ws = xs + n;         // [n] the norm weights
     __shared__ float scratch[32];
+    norm_weights_async(w, n, ws);
     pdl_trigger();
     pdl_wait();
     int t = blockIdx.x;
-    Quant q = norm_quant(x + (i64)t * n, w, n, kp, eps, xs, ws, xq + (i64)t * kp, scratch);
-    if (threadIdx.x == 0) scales[t] = q.s;
+    float s = norm_quant(x + (i64)t * n, n, kp, eps, xs, ws, xq + (i64)t * kp, scratch);
+    if (threadIdx.x == 0) scales[t] = s;
 }
 
-#define GEMV_WARPS 8
-#define GEMV_WORDS 16  // words per lane and row held in registers: slices of up to 512 words (8192 columns)
+#define GEMV_THREADS 512
 
-// The lane's words of one unit (a row pair's column slice [w0, w1)); nothing for a dead unit (w1 = w0).
-__device__ __forceinline__ void load_unit(u32* a, u32* b, const u32* ra, const u32* rb, int w0, int w1, int lane) {
-#pragma unroll
-    for (int i = 0; i < GEMV_WORDS; i++) {
-        int w = w0 + lane + 32 * i;
-        a[i] = w < w1 ? __ldg(ra + w) : 0u;
-        b[i] = w < w1 ? __ldg(rb + w) : 0u;
+// The constants of a row pair's epilogue.
+struct PairConst {
+    float sa, sb;  // the rows' scales
+    Rotation rot;
+};
+
+// Starts copying row pairs [c0, c1) of W (contiguous: 2 rows of `words` words each) into `wsm` and loads their
+// epilogue constants into `pc` (shared memory; a barrier publishes them).
+__device__ __forceinline__ void stage_pairs(u32* wsm, PairConst* pc, const u32* W, int words, const float* row_scale,
+                                            int c0, int c1, const Epilogue& e, int pos) {
+    const uint4* src = (const uint4*)(W + (i64)2 * c0 * words);
+    int pieces = (c1 - c0) * words / 2;  // 16-byte pieces (words % 4 == 0)
+    for (int i = threadIdx.x; i < pieces; i += blockDim.x) cp_async16((uint4*)wsm + i, src + i);
+    for (int i = threadIdx.x; i < c1 - c0; i += blockDim.x) {
+        int p = c0 + i;
+        PairConst k = {row_scale[2 * p], row_scale[2 * p + 1], rotation(e, p, pos)};
+        pc[i] = k;
     }
 }
 
 // Decode BitLinear: one token, fused with the RMSNorm + quantization of its input and with the epilogue.
-// The work is split in units, a row pair's 1/split of the columns (split ∈ {1, 2, 4, 8}, so that short
-// matrices still keep enough loads in flight); warp w of block b takes units b*8 + w, then strides by the
-// grid, which is one wave of resident blocks: each block normalizes its input once. The first unit's
-// weights are loaded before waiting for the previous kernel (programmatic dependent launch).
-// Block: 256 threads; dynamic shared memory: 8n + 16 * words bytes.
-extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(const float* x, const float* norm_w, int n, float eps,
-                                                                 const u32* W, int words, const float* row_scale,
-                                                                 int pairs, int split, const int* params, Epilogue e) {
+// Block b owns a contiguous range of row pairs; the grid is at most one block per multiprocessor, so that
+// the next kernel's blocks fit beside this one's. Before waiting for the previous kernel (programmatic
+// dependent launch) a block starts copying all its weights (up to `chunk` pairs: what its shared memory
+// budget holds; more come in later chunks) and the norm weights into shared memory with cp.async, so that
+// the weights stream from memory while the kernels before it finish. Then the input is normalized and
+// quantized, and warp w computes pairs w, w + 16, ... of the block (its lanes over the words). Each lane sums
+// its activations once: the correction for codes stored as code + 1.
+// Block: 512 threads; dynamic shared memory: gemv_smem in cuda/kernels.rs.
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS) bitlinear_gemv(const float* x, const float* norm_w, int n,
+                                                                          float eps, const u32* W, int words,
+                                                                          const float* row_scale, int pairs, int chunk,
+                                                                          const int* params, Epilogue e) {
     extern __shared__ float4 smem4[];
-    float* xs = (float*)smem4;  // [n] the input, then its normalized values
-    float* ws = xs + n;         // [n] the norm weights
-    int4* xq = (int4*)(ws + n); // [words] int8 activations, 16 per int4
+    float* xs = (float*)smem4;                          // [n] the input, then its normalized values
+    float* ws = xs + n;                                 // [n] the norm weights
+    int4* xq = (int4*)(ws + n);                         // [words] int8 activations, 16 per int4
+    u32* wsm = (u32*)(xq + words);                      // [chunk][2][words] weights
+    PairConst* pc = (PairConst*)(wsm + (i64)chunk * 2 * words);  // [chunk]
     __shared__ float scratch[32];
-    __shared__ int part[2 * GEMV_WARPS];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int units = pairs * split, first = blockIdx.x * GEMV_WARPS, stride = gridDim.x * GEMV_WARPS;
-    u32 a[GEMV_WORDS], b[GEMV_WORDS];
-    {
-        int u = first + warp, p = u / split, slice = u % split;
-        int w0 = slice * words / split, w1 = u < units ? (slice + 1) * words / split : w0;
-        const u32* ra = W + (i64)(2 * p) * words;
-        load_unit(a, b, ra, ra + words, w0, w1, lane);
-    }
+    int per = (pairs + gridDim.x - 1) / gridDim.x, p0 = blockIdx.x * per, p1 = min(p0 + per, pairs);
+    int pos = params[1];  // written before the graph's first kernel, so readable before pdl_wait
     pdl_trigger();
+    if (p0 >= p1) return;
+    stage_pairs(wsm, pc, W, words, row_scale, p0, min(p0 + chunk, p1), e, pos);
+    norm_weights_async(norm_w, n, ws);
     pdl_wait();
-    Quant q = norm_quant(x, norm_w, n, words * 16, eps, xs, ws, (i8*)xq, scratch);
-    __syncthreads();
-    for (int base = first; base < units; base += stride) {  // the same trip count for the whole block
-        int u = base + warp, p = u / split, slice = u % split;
-        int w0 = slice * words / split, w1 = u < units ? (slice + 1) * words / split : w0;
-        const u32* ra = W + (i64)(2 * p) * words;
-        if (base != first) load_unit(a, b, ra, ra + words, w0, w1, lane);
-        int acc_a = 0, acc_b = 0;
-#pragma unroll
-        for (int i = 0; i < GEMV_WORDS; i++) {
-            int w = w0 + lane + 32 * i;
-            if (w < w1) {
+    float s = norm_quant(x, n, words * 16, eps, xs, ws, (i8*)xq, scratch);  // also publishes wsm and pc
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int xsum = 0;
+    for (int w = lane; w < words; w += 32) {
+        int4 v = xq[w];
+        xsum = __dp4a(v.x, 0x01010101, __dp4a(v.y, 0x01010101, __dp4a(v.z, 0x01010101, __dp4a(v.w, 0x01010101, xsum))));
+    }
+    for (int c0 = p0; c0 < p1; c0 += chunk) {
+        int c1 = min(c0 + chunk, p1);
+        if (c0 != p0) {  // weights past the shared-memory budget: load the next chunk once this one is done
+            __syncthreads();
+            stage_pairs(wsm, pc, W, words, row_scale, c0, c1, e, pos);
+            cp_async_wait();
+            __syncthreads();
+        }
+        for (int i = warp; i < c1 - c0; i += warps) {
+            const u32* ra = wsm + (i64)2 * i * words;
+            int acc_a = -xsum, acc_b = -xsum;  // Σ (u - 1)·x = Σ u·x - Σ x
+#pragma unroll 4
+            for (int w = lane; w < words; w += 32) {
                 int4 v = xq[w];
-                acc_a = dot16(a[i], v, acc_a);
-                acc_b = dot16(b[i], v, acc_b);
+                acc_a = dot16(ra[w], v, acc_a);
+                acc_b = dot16(ra[words + w], v, acc_b);
             }
-        }
-        acc_a = warp_isum(acc_a);
-        acc_b = warp_isum(acc_b);
-        if (split > 1) {  // the slices of a pair are neighbouring warps of this block
+            acc_a = warp_isum(acc_a);
+            acc_b = warp_isum(acc_b);
             if (lane == 0) {
-                part[2 * warp] = acc_a;
-                part[2 * warp + 1] = acc_b;
+                PairConst k = pc[i];
+                epilogue(e, c0 + i, 0, pos, k.rot, (float)acc_a / s * k.sa, (float)acc_b / s * k.sb);
             }
-            __syncthreads();
-            if (lane == 0 && slice == 0) {
-                acc_a = acc_b = 0;
-                for (int k = 0; k < split; k++) {
-                    acc_a += part[2 * (warp + k)];
-                    acc_b += part[2 * (warp + k) + 1];
-                }
-            }
-            __syncthreads();
-        }
-        if (u < units && slice == 0 && lane == 0) {
-            // Σ (u - 1)·x = Σ u·x - Σ x
-            float ya = (float)(acc_a - q.sum) / q.s * row_scale[2 * p];
-            float yb = (float)(acc_b - q.sum) / q.s * row_scale[2 * p + 1];
-            epilogue(e, p, 0, params[1], ya, yb);
         }
     }
 }
@@ -259,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
                     float s = scales[t];
                     float ya = (float)acc[mt][nt][2 * h] / s * row_scale[r];
                     float yb = (float)acc[mt][nt][2 * h + 1] / s * row_scale[r + 1];
-                    epilogue(e, r / 2, t, pos0 + t, ya, yb);
+                    epilogue(e, r / 2, t, pos0 + t, rotation(e, r / 2, pos0 + t), ya, yb);
                 }
             }
 }

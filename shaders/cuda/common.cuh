@@ -84,54 +84,78 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
-__device__ __forceinline__ int block_isum(int v, float* scratch) {
-    v = warp_isum(v);
+// The block's best (value, index) pair: the largest value, the lowest index among equal ones. Every thread
+// passes its own and thread 0 gets the result; `sval` and `sidx` hold one entry per warp.
+__device__ __forceinline__ void block_argmax(float& v, int& i, float* sval, int* sidx) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+    __syncthreads();  // earlier readers of sval/sidx are done
+    if ((threadIdx.x & 31) == 0) {
+        sval[threadIdx.x >> 5] = v;
+        sidx[threadIdx.x >> 5] = i;
+    }
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = __int_as_float(v);
-    __syncthreads();
-    v = (threadIdx.x & 31) < (blockDim.x >> 5) ? __float_as_int(scratch[threadIdx.x & 31]) : 0;
-    return warp_isum(v);
+    if (threadIdx.x == 0)
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (sval[w] > v || (sval[w] == v && sidx[w] < i)) {
+                v = sval[w];
+                i = sidx[w];
+            }
 }
 
-// RMSNorm of `x` (n floats, n % 4 == 0) by `w`, then BitNet's per-token absmax int8 quantization, element
-// for element the CPU's `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5),
-// q = clamp(round_half_even(xn * s), -128, 127). `x` and `w` are read once, with all of a thread's loads in
-// flight together (up to n = 4096: one round trip), into `xs` and `ws` (n floats of shared memory each);
-// q goes to dst[0..kp) (zeros past n). Returns s and Σq (the GEMV's correction for codes stored as
-// code + 1). The whole block calls it; dst is visible to the block afterwards.
-struct Quant {
-    float s;
-    int sum;
-};
+// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80+): issued before `pdl_wait` for
+// constant data, so that its latency overlaps the previous kernel; `cp_async_wait` waits for this thread's
+// copies (a barrier then publishes them to the block).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
 
-#define NQ_LOADS 4
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
 
-__device__ __forceinline__ Quant norm_quant(const float* x, const float* w, int n, int kp, float eps, float* xs,
-                                            float* ws, i8* dst, float* scratch) {
+// Starts copying the norm weights `w` (n floats, n % 4 == 0, 16-byte aligned) into `ws`, for `norm_quant`.
+__device__ __forceinline__ void norm_weights_async(const float* w, int n, float* ws) {
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) cp_async16(ws + 4 * i, w + 4 * i);
+}
+
+// RMSNorm of `x` (n floats, n % 4 == 0) by the weights in `ws` (being copied by `norm_weights_async`), then
+// BitNet's per-token absmax int8 quantization, element for element the CPU's `rmsnorm` +
+// `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5), q = clamp(round_half_even(xn * s), -128, 127).
+// `x` is read once, with all of a thread's loads in flight together (up to n = 8192: one round trip), into
+// `xs` (n floats of shared memory); q goes to dst[0..kp) (zeros past n). Returns s. The whole block calls
+// it; dst is visible to the block afterwards.
+#define NQ_LOADS 8
+
+__device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, float* xs, const float* ws,
+                                            i8* dst, float* scratch) {
     const float4* x4 = (const float4*)x;
-    const float4* w4 = (const float4*)w;
     int n4 = n >> 2, step = blockDim.x * NQ_LOADS;
     float ss = 0.0f;
     for (int base = threadIdx.x; base < n4; base += step) {
-        float4 xv[NQ_LOADS], wv[NQ_LOADS];
+        float4 xv[NQ_LOADS];
 #pragma unroll
         for (int k = 0; k < NQ_LOADS; k++) {
             int i = base + k * blockDim.x;
-            if (i < n4) {
-                xv[k] = x4[i];
-                wv[k] = w4[i];
-            }
+            if (i < n4) xv[k] = x4[i];
         }
 #pragma unroll
         for (int k = 0; k < NQ_LOADS; k++) {
             int i = base + k * blockDim.x;
             if (i < n4) {
                 ((float4*)xs)[i] = xv[k];
-                ((float4*)ws)[i] = wv[k];
                 ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
             }
         }
     }
+    cp_async_wait();
     ss = block_sum(ss, scratch);  // its barriers also publish xs and ws
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     float amax = 0.0f;
@@ -142,15 +166,11 @@ __device__ __forceinline__ Quant norm_quant(const float* x, const float* w, int 
     }
     amax = block_max(amax, scratch);
     float s = 127.0f / fmaxf(amax, 1e-5f);
-    int sum = 0;
     for (int i = threadIdx.x; i < kp; i += blockDim.x) {
         int q = 0;
         if (i < n) q = (int)fminf(fmaxf(rintf(xs[i] * s), -128.0f), 127.0f);
         dst[i] = (i8)q;
-        sum += q;
     }
-    Quant r;
-    r.s = s;
-    r.sum = block_isum(sum, scratch);
-    return r;
+    __syncthreads();
+    return s;
 }

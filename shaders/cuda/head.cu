@@ -30,37 +30,47 @@ extern "C" __global__ void __launch_bounds__(256) lm_head(const float* x, const 
     __syncthreads();
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (int r = blockIdx.x * 8 + warp; r < rows; r += gridDim.x * 8) {
+    // Two rows at a time (r, then r + stride), so that twice as many loads are in flight.
+    int stride = gridDim.x * 8;
+    for (int r = blockIdx.x * 8 + warp; r < rows; r += 2 * stride) {
+        int r2 = r + stride < rows ? r + stride : r;
         const uint4* row = (const uint4*)(E + (i64)r * n);
-        float acc = 0.0f;
+        const uint4* row2 = (const uint4*)(E + (i64)r2 * n);
+        float acc = 0.0f, acc2 = 0.0f;
 #pragma unroll 4
-        for (int i = lane; i < n / 8; i += 32) acc = dot8h(row[i], xs + 8 * i, acc);
+        for (int i = lane; i < n / 8; i += 32) {
+            uint4 a = row[i], b = row2[i];
+            acc = dot8h(a, xs + 8 * i, acc);
+            acc2 = dot8h(b, xs + 8 * i, acc2);
+        }
         acc = warp_sum(acc);
-        if (lane == 0) logits[r] = acc;
+        acc2 = warp_sum(acc2);
+        if (lane == 0) {
+            logits[r] = acc;
+            logits[r2] = acc2;
+        }
         if (acc > bv) {  // rows rise within a warp: strict > keeps the lowest index
             bv = acc;
             bi = r;
         }
+        if (acc2 > bv) {
+            bv = acc2;
+            bi = r2;
+        }
     }
-    if (lane == 0) {
-        wval[warp] = bv;
-        widx[warp] = bi;
-    }
-    __syncthreads();
+    block_argmax(bv, bi, wval, widx);
     if (threadIdx.x == 0) {
-        for (int w = 1; w < 8; w++)
-            if (wval[w] > bv || (wval[w] == bv && widx[w] < bi)) {
-                bv = wval[w];
-                bi = widx[w];
-            }
         block_val[blockIdx.x] = bv;
         block_idx[blockIdx.x] = bi;
         __threadfence();
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
     }
     __syncthreads();
-    if (!last || threadIdx.x != 0) return;
-    for (int b = 0; b < (int)gridDim.x; b++) {
+    if (!last) return;
+    // The last block reduces the blocks' bests, a few per thread (read past L1: other blocks wrote them).
+    bv = NEG_INF;
+    bi = 0x7fffffff;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
         float v = __ldcg(&block_val[b]);
         int i = __ldcg(&block_idx[b]);
         if (v > bv || (v == bv && i < bi)) {
@@ -68,6 +78,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head(const float* x, const 
             bi = i;
         }
     }
-    *best = bi;
-    *counter = 0;
+    block_argmax(bv, bi, wval, widx);
+    if (threadIdx.x == 0) {
+        *best = bi;
+        *counter = 0;
+    }
 }

@@ -51,10 +51,10 @@ pub struct Linear {
     pub scales: u64,
     pub words: usize,
     pub pairs: usize,
-    /// Units (warps' work) per row pair in the decode kernel: 1, 2, 4 or 8 column slices.
-    pub split: u32,
-    /// Blocks of the decode kernel.
+    /// Blocks of the decode kernel, each owning a contiguous range of pairs.
     pub blocks: usize,
+    /// Pairs a decode block holds in shared memory at once.
+    pub chunk: usize,
 }
 
 /// Queries per block of the prompt attention kernel, and keys per step (PQ, PK in attention.cu).
@@ -66,6 +66,8 @@ pub const DEC_CHUNK: usize = 128;
 pub struct Kernels {
     stream: Arc<CudaStream>,
     pub sms: u32,
+    /// The dynamic shared memory of a block of `bitlinear_gemv`, at most.
+    max_smem: usize,
     /// Launch with programmatic dependent launch (see common.cuh), on by default on sm_90+.
     pdl: bool,
     norm_quant_rows: CudaFunction,
@@ -88,10 +90,21 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &mut [$(std::ptr::addr_of!($v) as *mut c_void),*] };
 }
 
-/// Dynamic shared memory of `bitlinear_gemv`: the input and the norm weights (n floats each) and the
-/// input's int8 quantization.
-fn gemv_smem(n: usize, words: usize) -> usize {
-    8 * n + 16 * words
+/// Bytes of a row pair's epilogue constants in shared memory (`PairConst` in bitlinear.cu).
+const PAIR_CONST: usize = 20;
+/// Dynamic shared memory a decode block aims to stay under, so that the next kernel's block fits beside it.
+const GEMV_SMEM_BUDGET: usize = 100 * 1024;
+
+/// Dynamic shared memory of `bitlinear_gemv`: the input and the norm weights (n floats each), the input's
+/// int8 quantization, and `chunk` row pairs of weights with their epilogue constants.
+fn gemv_smem(n: usize, words: usize, chunk: usize) -> usize {
+    8 * n + 16 * words + chunk * (8 * words + PAIR_CONST)
+}
+
+/// Dynamic shared memory of `attn_decode` for heads of `hd`: a chunk's keys (rows padded by 16 bytes) and
+/// values in f16, then q, the probabilities and four partial outputs in f32.
+fn attn_decode_smem(hd: usize) -> usize {
+    2 * DEC_CHUNK * (2 * hd + 8) + 4 * (5 * hd + DEC_CHUNK)
 }
 
 /// Dynamic shared memory of `attn_prefill` for heads of `hd`.
@@ -116,11 +129,15 @@ impl Kernels {
         let module = ctx.load_module(ptx)?;
         let f = |name: &str| module.load_function(name);
         let pdl = major >= 9 && std::env::var("BITNET_CUDA_PDL").map_or(true, |v| v != "0");
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let gemv = f("bitlinear_gemv")?;
+        let gemv_fixed = gemv.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
         let k = Kernels {
             pdl,
+            max_smem: (optin - gemv_fixed) as usize,
             sms: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             norm_quant_rows: f("norm_quant_rows")?,
-            gemv: f("bitlinear_gemv")?,
+            gemv,
             gemm: f("bitlinear_gemm")?,
             attn_decode: f("attn_decode")?,
             attn_prefill: f("attn_prefill")?,
@@ -130,8 +147,7 @@ impl Kernels {
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        for f in [&k.attn_prefill, &k.gemv, &k.norm_quant_rows] {
+        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows] {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -172,20 +188,18 @@ impl Kernels {
         Ok(())
     }
 
-    /// The split and the grid of the decode kernel for `pairs` row pairs of `words` words and an input of
-    /// `n` floats: about 8 warps of work per multiprocessor (unless `split` is given; every block pays for
-    /// normalizing the input, so fewer, fuller blocks measured faster on an H100), slices of at most 512
-    /// words (what a lane holds in registers), one wave of resident blocks.
-    pub fn plan_gemv(&self, pairs: usize, words: usize, n: usize, split: Option<u32>) -> Result<(u32, usize)> {
-        let min_split = words.div_ceil(512).next_power_of_two();
-        let want = (self.sms as usize * 8).div_ceil(pairs.max(1)).next_power_of_two().min(8);
-        let split = split.map_or(want.max(min_split), |s| s as usize);
-        if split > 8 || split < min_split {
-            return Err(Error::Unsupported(format!("CUDA backend: rows of {} columns (at most 65536)", words * 16)));
+    /// The grid and the chunk of the decode kernel for `pairs` row pairs of `words` words and an input of `n`
+    /// floats: one block per multiprocessor (or `blocks`), each holding as many of its pairs in shared memory
+    /// as the budget allows.
+    pub fn plan_gemv(&self, pairs: usize, words: usize, n: usize, blocks: Option<usize>) -> Result<(usize, usize)> {
+        let blocks = blocks.unwrap_or(self.sms as usize).clamp(1, pairs.max(1));
+        let per_block = pairs.div_ceil(blocks);
+        let room = GEMV_SMEM_BUDGET.saturating_sub(gemv_smem(n, words, 0)) / (8 * words + PAIR_CONST);
+        let chunk = room.clamp(1, per_block.max(1));
+        if gemv_smem(n, words, chunk) > self.max_smem {
+            return Err(Error::Unsupported(format!("CUDA backend: BitLinear of {n} inputs ({} columns packed)", words * 16)));
         }
-        let per_sm = self.gemv.occupancy_max_active_blocks_per_multiprocessor(256, gemv_smem(n, words), None)?;
-        let blocks = (pairs * split).div_ceil(8).min(self.sms as usize * per_sm.max(1) as usize);
-        Ok((split as u32, blocks))
+        Ok((blocks, chunk))
     }
 
     /// Rows `0..t` of `x` (n floats each): RMSNorm by `w` and int8 quantization into `xq` (rows of `kp`
@@ -210,10 +224,10 @@ impl Kernels {
     /// then the epilogue `e` at the position `params[1]`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(&self, x: u64, norm_w: u64, n: usize, eps: f32, lin: &Linear, params: u64, e: &Epilogue) -> Result<()> {
-        let smem = gemv_smem(n, lin.words);
-        let (n, words, pairs, split) = (i(n), i(lin.words), i(lin.pairs), lin.split as i32);
-        let p = params![x, norm_w, n, eps, lin.w, words, lin.scales, pairs, split, params, *e];
-        self.launch(&self.gemv, (lin.blocks, 1), 256, smem, p)
+        let smem = gemv_smem(n, lin.words, lin.chunk);
+        let (n, words, pairs, chunk) = (i(n), i(lin.words), i(lin.pairs), i(lin.chunk));
+        let p = params![x, norm_w, n, eps, lin.w, words, lin.scales, pairs, chunk, params, *e];
+        self.launch(&self.gemv, (lin.blocks, 1), 512, smem, p)
     }
 
     /// Prompt BitLinear of `t` tokens already quantized (`xq`, `scales`) at positions `pos0..`.
@@ -240,7 +254,7 @@ impl Kernels {
     ) -> Result<()> {
         let (hd, kv_dim, group, scale, mc) = (i(d.hd), i(d.kv_dim), i(d.group), d.scale(), i(max_chunks));
         let p = params![q, kc, vc, hd, kv_dim, group, scale, params, part_o, part_ml, mc, counters, out];
-        self.launch(&self.attn_decode, (max_chunks, d.n_head), 128, 4 * (5 * d.hd + DEC_CHUNK), p)
+        self.launch(&self.attn_decode, (max_chunks, d.n_head), 128, attn_decode_smem(d.hd), p)
     }
 
     /// Causal attention of `t` prompt tokens at positions `pos0..` (`q`, `out`: rows of n_head × hd floats).

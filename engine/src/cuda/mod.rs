@@ -76,8 +76,8 @@ impl DeviceLinear {
         let p = pack::pack(rows, cols);
         let (w, scales) = (upload(s, &p.data)?, upload(s, &p.scales)?);
         let pairs = rows.len() / 2;
-        let (split, blocks) = k.plan_gemv(pairs, p.words, cols, None)?;
-        let lin = Linear { w: w.ptr, scales: scales.ptr, words: p.words, pairs, split, blocks };
+        let (blocks, chunk) = k.plan_gemv(pairs, p.words, cols, None)?;
+        let lin = Linear { w: w.ptr, scales: scales.ptr, words: p.words, pairs, blocks, chunk };
         Ok(Self { _w: w, _scales: scales, lin })
     }
 }

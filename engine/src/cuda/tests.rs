@@ -43,12 +43,12 @@ impl Gpu {
         out.truncate(n);
         out
     }
-    /// A packed matrix for the decode kernel with `split` slices per pair (and the planned grid, or `blocks`).
-    fn linear(&self, m: &[(&TernaryMatrix, usize)], cols: usize, split: u32) -> (Linear, Buf<u32>, Buf<f32>) {
+    /// A packed matrix for the decode kernel on `blocks` blocks (None: the planned grid).
+    fn linear(&self, m: &[(&TernaryMatrix, usize)], cols: usize, blocks: Option<usize>) -> (Linear, Buf<u32>, Buf<f32>) {
         let p = pack::pack(m, cols);
         let (w, sc) = (self.up(&p.data), self.up(&p.scales));
-        let (split, blocks) = self.k.plan_gemv(m.len() / 2, p.words, cols, Some(split)).unwrap();
-        (Linear { w: w.ptr, scales: sc.ptr, words: p.words, pairs: m.len() / 2, split, blocks }, w, sc)
+        let (blocks, chunk) = self.k.plan_gemv(m.len() / 2, p.words, cols, blocks).unwrap();
+        (Linear { w: w.ptr, scales: sc.ptr, words: p.words, pairs: m.len() / 2, blocks, chunk }, w, sc)
     }
 }
 
@@ -136,22 +136,21 @@ fn bitlinear_kernels_are_exact() {
         let w = uniform(&mut r, cols, 0.5, 1.5);
         let all: Vec<_> = (0..rows).map(|i| (&m, i)).collect();
         let params = g.up(&[0i32, 0]);
-        // Decode, every split.
+        // Decode: the planned grid, and grids whose blocks own uneven shares, or more pairs than their shared
+        // memory holds (then they load them in several chunks).
         let x = int_valued(&mut r, cols);
         let want = cpu_bitlinear(&m, &x, &w, EPS);
         let (xb, wb) = (g.up(&x), g.up(&w));
-        for (split, one_block) in [(1, false), (2, false), (4, false), (8, false), (2, true)] {
-            let (mut lin, _w, _s) = g.linear(&all, cols, split);
-            if one_block {
-                lin.blocks = 1; // every warp strides over many units
-            }
+        for blocks in [None, Some(1), Some(3)] {
+            let (lin, _w, _s) = g.linear(&all, cols, blocks);
             let out = g.zeros::<f32>(rows);
             let e = Epilogue { out: out.ptr, kind: EPI_RESID, out_stride: rows as i32, ..Default::default() };
             g.k.gemv(xb.ptr, wb.ptr, cols, EPS, &lin, params.ptr, &e).unwrap();
-            assert_eq!(g.down(&out, rows), want, "gemv {rows}x{cols} split {split}, {} blocks", lin.blocks);
+            let what = format!("gemv {rows}x{cols}, {} blocks of {} chunked pairs", lin.blocks, lin.chunk);
+            assert_eq!(g.down(&out, rows), want, "{what}");
         }
         // Prompt: tokens not a multiple of the 64-token tile.
-        let (lin, _w, _s) = g.linear(&all, cols, 1);
+        let (lin, _w, _s) = g.linear(&all, cols, None);
         for t in [1, 77, 130] {
             let x = int_valued(&mut r, t * cols);
             let kp = lin.words * 16;
@@ -233,7 +232,7 @@ fn qkv_epilogue_ropes_and_fills_the_cache() {
         let ctx = 256;
         let (cos, sin) = pack::rope_tables(&c, ctx);
         let half = c.rope_dim / 2;
-        let (lin, _w, _s) = g.linear(&rows, c.n_embd, 2);
+        let (lin, _w, _s) = g.linear(&rows, c.n_embd, Some(5));
         let (dst_b, rope_b, cos_b, sin_b) = (g.up(&dst), g.up(&rope), g.up(&cos), g.up(&sin));
         let norm = uniform(&mut r, c.n_embd, 0.5, 1.5);
         let wb = g.up(&norm);
@@ -293,7 +292,7 @@ fn glu_epilogue_matches_the_cpu() {
     let (n_ff, n_embd) = (320, 128);
     let (gate, up) = (ternary(&mut r, n_ff, n_embd, 0.5), ternary(&mut r, n_ff, n_embd, 0.3));
     let rows: Vec<_> = (0..n_ff).flat_map(|i| [(&gate, i), (&up, i)]).collect();
-    let (lin, _w, _s) = g.linear(&rows, n_embd, 4);
+    let (lin, _w, _s) = g.linear(&rows, n_embd, Some(7));
     let norm = uniform(&mut r, n_embd, 0.5, 1.5);
     let x = int_valued(&mut r, n_embd);
     let (xb, wb, params, h) = (g.up(&x), g.up(&norm), g.up(&[0i32, 0]), g.zeros::<f32>(n_ff));
@@ -466,15 +465,13 @@ fn decode_kernel_times() {
         let (w, sc) = (g.up(&p.data), g.up(&p.scales));
         let (x, nw, out) = (g.up(&uniform(&mut r, cols, -1.0, 1.0)), g.up(&vec![1f32; cols]), g.zeros::<f32>(rows));
         let e = Epilogue { out: out.ptr, kind: EPI_RESID, out_stride: rows as i32, ..Default::default() };
-        // The planned split and grid, then other splits with the planned grid and with a block per 8 units.
-        let (planned, _) = g.k.plan_gemv(rows / 2, p.words, cols, None).unwrap();
-        for split in [planned, 1, 2, 4, 8] {
-            let Ok((split, blocks)) = g.k.plan_gemv(rows / 2, p.words, cols, Some(split)) else { continue };
-            for blocks in [blocks, (rows / 2 * split as usize).div_ceil(8)] {
-                let lin = Linear { w: w.ptr, scales: sc.ptr, words: p.words, pairs: rows / 2, split, blocks };
-                let what = format!("gemv {name} s{split} b{blocks}");
-                time(&what, p.data.len() * 4, &|| g.k.gemv(x.ptr, nw.ptr, cols, EPS, &lin, params.ptr, &e).unwrap());
-            }
+        // The planned grid (a block per multiprocessor), then half and twice as many blocks.
+        let sms = g.k.sms as usize;
+        for blocks in [sms, sms / 2, 2 * sms] {
+            let (blocks, chunk) = g.k.plan_gemv(rows / 2, p.words, cols, Some(blocks)).unwrap();
+            let lin = Linear { w: w.ptr, scales: sc.ptr, words: p.words, pairs: rows / 2, blocks, chunk };
+            let what = format!("gemv {name} b{blocks} c{chunk}");
+            time(&what, p.data.len() * 4, &|| g.k.gemv(x.ptr, nw.ptr, cols, EPS, &lin, params.ptr, &e).unwrap());
         }
     }
     let dims = AttnDims { n_head: 20, hd: 128, kv_dim: 640, group: 4 };
