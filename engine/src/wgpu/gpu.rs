@@ -176,7 +176,7 @@ impl Gpu {
     pub(crate) fn storage(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         // A binding cannot be empty, and sizes must be multiples of 4.
         let mut padded;
-        let contents = if bytes.is_empty() || bytes.len() % 4 != 0 {
+        let contents = if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
             padded = bytes.to_vec();
             padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
             &padded[..]

@@ -99,8 +99,8 @@ pub(crate) struct FloatGpu {
 impl FloatGpu {
     pub fn upload(gpu: &Gpu, label: &str, m: &FloatMatrix) -> Result<Self> {
         let native = match m.ty {
-            GgmlType::F16 if m.cols % 8 == 0 => Some(Format::F16),
-            GgmlType::BF16 if m.cols % 8 == 0 => Some(Format::BF16),
+            GgmlType::F16 if m.cols.is_multiple_of(8) => Some(Format::F16),
+            GgmlType::BF16 if m.cols.is_multiple_of(8) => Some(Format::BF16),
             GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_0 if q8_lossless(m) => Some(Format::Q8),
             _ => None,
         };
@@ -162,7 +162,7 @@ fn q8_row(m: &FloatMatrix, r: usize) -> Option<(Vec<f32>, Vec<i8>)> {
 }
 
 fn q8_lossless(m: &FloatMatrix) -> bool {
-    m.cols % 32 == 0 && (0..m.rows).all(|r| q8_row(m, r).is_some())
+    m.cols.is_multiple_of(32) && (0..m.rows).all(|r| q8_row(m, r).is_some())
 }
 
 fn to_q8(m: &FloatMatrix, rows: Range<usize>) -> (Vec<u8>, Vec<f32>) {
