@@ -33,23 +33,31 @@ __device__ __forceinline__ void store_qkv(const Epilogue& e, int r, int t, int p
     else e.vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
 }
 
-// The rotation of pair p at position pos (QKV): cos and sin of its frequency, or none.
-struct Rotation {
+// What the epilogue of pair p at position pos needs besides its outputs (QKV): the rotation (cos and sin of
+// its frequency, if it is a rotary pair) and the rows its outputs go to.
+struct PairInfo {
     float c, s;
-    bool on;
+    int rot;
+    int ra, rb;
 };
 
-__device__ __forceinline__ Rotation rotation(const Epilogue& e, int p, int pos) {
-    Rotation r = {1.0f, 0.0f, false};
+__device__ __forceinline__ PairInfo pair_info(const Epilogue& e, int p, int pos) {
+    PairInfo k = {1.0f, 0.0f, 0, 0, 0};
     if (e.kind == EPI_QKV) {
         int j = e.rope[p];
-        if (j >= 0) r = {e.cos[pos * e.rope_half + j], e.sin[pos * e.rope_half + j], true};
+        if (j >= 0) {
+            k.c = e.cos[pos * e.rope_half + j];
+            k.s = e.sin[pos * e.rope_half + j];
+            k.rot = 1;
+        }
+        k.ra = e.dst[2 * p];
+        k.rb = e.dst[2 * p + 1];
     }
-    return r;
+    return k;
 }
 
-// The outputs a (row 2p) and b (row 2p + 1) of token t at position pos; `rot` is rotation(e, p, pos).
-__device__ void epilogue(const Epilogue& e, int p, int t, int pos, Rotation rot, float a, float b) {
+// The outputs a (row 2p) and b (row 2p + 1) of token t at position pos; `k` is pair_info(e, p, pos).
+__device__ void epilogue(const Epilogue& e, const PairInfo& k, int p, int t, int pos, float a, float b) {
     if (e.kind == EPI_GLU) {
         float act;
         if (e.silu) {
@@ -64,13 +72,13 @@ __device__ void epilogue(const Epilogue& e, int p, int t, int pos, Rotation rot,
         x[2 * p] += a;
         x[2 * p + 1] += b;
     } else {
-        if (rot.on) {  // NeoX rotation of (head[j], head[j + rope_dim/2])
-            float ra = a * rot.c - b * rot.s, rb = b * rot.c + a * rot.s;
+        if (k.rot) {  // NeoX rotation of (head[j], head[j + rope_dim/2])
+            float ra = a * k.c - b * k.s, rb = b * k.c + a * k.s;
             a = ra;
             b = rb;
         }
-        store_qkv(e, e.dst[2 * p], t, pos, a);
-        store_qkv(e, e.dst[2 * p + 1], t, pos, b);
+        store_qkv(e, k.ra, t, pos, a);
+        store_qkv(e, k.rb, t, pos, b);
     }
 }
 
@@ -84,40 +92,62 @@ __device__ __forceinline__ int dot16(u32 w, int4 x, int acc) {
 }
 
 // One prompt token's activations: RMSNorm + quantization of row t of `x` (n floats, stride n) into row t of
-// `xq` (kp bytes) and its scale. Grid: one block per token; dynamic shared memory: 2n floats.
-extern "C" __global__ void __launch_bounds__(256) norm_quant_rows(const float* x, const float* w, int n, int kp,
+// `xq` (kp bytes) and its scale. Grid: one block of 512 threads per token; dynamic shared memory: n floats.
+extern "C" __global__ void __launch_bounds__(512) norm_quant_rows(const float* x, const float* w, int n, int kp,
                                                                   float eps, i8* xq, float* scales) {
-    extern __shared__ float4 rows4[];
-    float* xs = (float*)rows4;  // [n] the input, then its normalized values
-    float* ws = xs + n;         // [n] the norm weights
+    extern __shared__ float4 ws4[];
+    float* ws = (float*)ws4;  // [n] the norm weights
     __shared__ float scratch[32];
     norm_weights_async(w, n, ws);
     pdl_trigger();
     pdl_wait();
     int t = blockIdx.x;
-    float s = norm_quant(x + (i64)t * n, n, kp, eps, xs, ws, xq + (i64)t * kp, scratch);
+    float s = norm_quant(x + (i64)t * n, n, kp, eps, ws, (int*)(xq + (i64)t * kp), scratch);
     if (threadIdx.x == 0) scales[t] = s;
 }
 
 #define GEMV_THREADS 512
 
-// The constants of a row pair's epilogue.
+// What a decode block keeps of each of its row pairs: the rows' scales, the epilogue's needs and (residual
+// epilogue) the values added to.
 struct PairConst {
-    float sa, sb;  // the rows' scales
-    Rotation rot;
+    float sa, sb;
+    PairInfo info;
+    float xa, xb;
 };
 
-// Starts copying row pairs [c0, c1) of W (contiguous: 2 rows of `words` words each) into `wsm` and loads their
-// epilogue constants into `pc` (shared memory; a barrier publishes them).
+// Starts copying row pairs [c0, c1) of W (contiguous: 2 rows of `words` words each) into `wsm` and loads
+// their constants into `pc` (shared memory; a barrier publishes them).
 __device__ __forceinline__ void stage_pairs(u32* wsm, PairConst* pc, const u32* W, int words, const float* row_scale,
                                             int c0, int c1, const Epilogue& e, int pos) {
     const uint4* src = (const uint4*)(W + (i64)2 * c0 * words);
     int pieces = (c1 - c0) * words / 2;  // 16-byte pieces (words % 4 == 0)
     for (int i = threadIdx.x; i < pieces; i += blockDim.x) cp_async16((uint4*)wsm + i, src + i);
     for (int i = threadIdx.x; i < c1 - c0; i += blockDim.x) {
-        int p = c0 + i;
-        PairConst k = {row_scale[2 * p], row_scale[2 * p + 1], rotation(e, p, pos)};
-        pc[i] = k;
+        pc[i].sa = row_scale[2 * (c0 + i)];
+        pc[i].sb = row_scale[2 * (c0 + i) + 1];
+        pc[i].info = pair_info(e, c0 + i, pos);
+    }
+}
+
+// The residual epilogue's current values of pairs [c0, c1), written by earlier kernels: read after pdl_wait.
+__device__ __forceinline__ void stage_residual(PairConst* pc, int c0, int c1, const Epilogue& e) {
+    if (e.kind != EPI_RESID) return;
+    for (int i = threadIdx.x; i < c1 - c0; i += blockDim.x) {
+        pc[i].xa = e.out[2 * (c0 + i)];
+        pc[i].xb = e.out[2 * (c0 + i) + 1];
+    }
+}
+
+// The epilogue of pair p (staged as `k`) from its integer dot products.
+__device__ __forceinline__ void gemv_epilogue(const Epilogue& e, const PairConst& k, int p, int pos, float s, int acc_a,
+                                              int acc_b) {
+    float ya = (float)acc_a / s * k.sa, yb = (float)acc_b / s * k.sb;
+    if (e.kind == EPI_RESID) {
+        e.out[2 * p] = k.xa + ya;
+        e.out[2 * p + 1] = k.xb + yb;
+    } else {
+        epilogue(e, k.info, p, 0, pos, ya, yb);
     }
 }
 
@@ -125,18 +155,17 @@ __device__ __forceinline__ void stage_pairs(u32* wsm, PairConst* pc, const u32* 
 // Block b owns a contiguous range of row pairs; the grid is at most one block per multiprocessor, so that
 // the next kernel's blocks fit beside this one's. Before waiting for the previous kernel (programmatic
 // dependent launch) a block starts copying all its weights (up to `chunk` pairs: what its shared memory
-// budget holds; more come in later chunks) and the norm weights into shared memory with cp.async, so that
-// the weights stream from memory while the kernels before it finish. Then the input is normalized and
-// quantized, and warp w computes pairs w, w + 16, ... of the block (its lanes over the words). Each lane sums
-// its activations once: the correction for codes stored as code + 1.
+// budget holds; more come in later chunks) and the norm weights into shared memory with cp.async, and loads
+// the epilogue's constants, so that all of it streams from memory while the kernels before it finish. Then
+// the input is normalized and quantized, and warp w computes pairs w and w + 16, then w + 32 and w + 48, ...
+// (two at a time: more independent work in flight; its lanes over the words).
 // Block: 512 threads; dynamic shared memory: gemv_smem in cuda/kernels.rs.
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS) bitlinear_gemv(const float* x, const float* norm_w, int n,
                                                                           float eps, const u32* W, int words,
                                                                           const float* row_scale, int pairs, int chunk,
                                                                           const int* params, Epilogue e) {
     extern __shared__ float4 smem4[];
-    float* xs = (float*)smem4;                          // [n] the input, then its normalized values
-    float* ws = xs + n;                                 // [n] the norm weights
+    float* ws = (float*)smem4;                          // [n] the norm weights
     int4* xq = (int4*)(ws + n);                         // [words] int8 activations, 16 per int4
     u32* wsm = (u32*)(xq + words);                      // [chunk][2][words] weights
     PairConst* pc = (PairConst*)(wsm + (i64)chunk * 2 * words);  // [chunk]
@@ -148,35 +177,40 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) bitlinear_gemv(const 
     stage_pairs(wsm, pc, W, words, row_scale, p0, min(p0 + chunk, p1), e, pos);
     norm_weights_async(norm_w, n, ws);
     pdl_wait();
-    float s = norm_quant(x, n, words * 16, eps, xs, ws, (i8*)xq, scratch);  // also publishes wsm and pc
+    stage_residual(pc, p0, min(p0 + chunk, p1), e);
+    float s = norm_quant(x, n, words * 16, eps, ws, (int*)xq, scratch);  // its barriers publish wsm and pc
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    int xsum = 0;
-    for (int w = lane; w < words; w += 32) {
-        int4 v = xq[w];
-        xsum = __dp4a(v.x, 0x01010101, __dp4a(v.y, 0x01010101, __dp4a(v.z, 0x01010101, __dp4a(v.w, 0x01010101, xsum))));
-    }
     for (int c0 = p0; c0 < p1; c0 += chunk) {
         int c1 = min(c0 + chunk, p1);
         if (c0 != p0) {  // weights past the shared-memory budget: load the next chunk once this one is done
             __syncthreads();
             stage_pairs(wsm, pc, W, words, row_scale, c0, c1, e, pos);
+            stage_residual(pc, c0, c1, e);
             cp_async_wait();
             __syncthreads();
         }
-        for (int i = warp; i < c1 - c0; i += warps) {
-            const u32* ra = wsm + (i64)2 * i * words;
-            int acc_a = -xsum, acc_b = -xsum;  // Σ (u - 1)·x = Σ u·x - Σ x
+        for (int i = warp; i < c1 - c0; i += 2 * warps) {
+            int j = i + warps < c1 - c0 ? i + warps : i;  // the second pair (the first again if there is none)
+            const u32* ri = wsm + (i64)2 * i * words;
+            const u32* rj = wsm + (i64)2 * j * words;
+            int ia = 0, ib = 0, ja = 0, jb = 0, xsum = 0;
 #pragma unroll 4
             for (int w = lane; w < words; w += 32) {
                 int4 v = xq[w];
-                acc_a = dot16(ra[w], v, acc_a);
-                acc_b = dot16(ra[words + w], v, acc_b);
+                ia = dot16(ri[w], v, ia);
+                ib = dot16(ri[words + w], v, ib);
+                ja = dot16(rj[w], v, ja);
+                jb = dot16(rj[words + w], v, jb);
+                xsum = __dp4a(v.x, 0x01010101, __dp4a(v.y, 0x01010101, __dp4a(v.z, 0x01010101, __dp4a(v.w, 0x01010101, xsum))));
             }
-            acc_a = warp_isum(acc_a);
-            acc_b = warp_isum(acc_b);
+            // Σ (u - 1)·x = Σ u·x - Σ x
+            ia = warp_isum(ia - xsum);
+            ib = warp_isum(ib - xsum);
+            ja = warp_isum(ja - xsum);
+            jb = warp_isum(jb - xsum);
             if (lane == 0) {
-                PairConst k = pc[i];
-                epilogue(e, c0 + i, 0, pos, k.rot, (float)acc_a / s * k.sa, (float)acc_b / s * k.sb);
+                gemv_epilogue(e, pc[i], c0 + i, pos, s, ia, ib);
+                if (j != i) gemv_epilogue(e, pc[j], c0 + j, pos, s, ja, jb);
             }
         }
     }
@@ -274,7 +308,7 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
                     float s = scales[t];
                     float ya = (float)acc[mt][nt][2 * h] / s * row_scale[r];
                     float yb = (float)acc[mt][nt][2 * h + 1] / s * row_scale[r + 1];
-                    epilogue(e, r / 2, t, pos0 + t, rotation(e, r / 2, pos0 + t), ya, yb);
+                    epilogue(e, pair_info(e, r / 2, pos0 + t), r / 2, t, pos0 + t, ya, yb);
                 }
             }
 }

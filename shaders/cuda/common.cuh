@@ -126,51 +126,56 @@ __device__ __forceinline__ void norm_weights_async(const float* w, int n, float*
     for (int i = threadIdx.x; i < n / 4; i += blockDim.x) cp_async16(ws + 4 * i, w + 4 * i);
 }
 
-// RMSNorm of `x` (n floats, n % 4 == 0) by the weights in `ws` (being copied by `norm_weights_async`), then
-// BitNet's per-token absmax int8 quantization, element for element the CPU's `rmsnorm` +
-// `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5), q = clamp(round_half_even(xn * s), -128, 127).
-// `x` is read once, with all of a thread's loads in flight together (up to n = 8192: one round trip), into
-// `xs` (n floats of shared memory); q goes to dst[0..kp) (zeros past n). Returns s. The whole block calls
-// it; dst is visible to the block afterwards.
-#define NQ_LOADS 8
+// RMSNorm of `x` (n floats, n % 4 == 0, n <= 32 * blockDim.x) by the weights in `ws` (being copied by
+// `norm_weights_async`), then BitNet's per-token absmax int8 quantization, element for element the CPU's
+// `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5), q = clamp(round_half_even(xn * s),
+// -128, 127). Each thread loads its (at most 8) float4 of x at once and keeps them in registers; q goes to
+// dst[0..kp) as packed int8 (zeros past n). Returns s. The whole block calls it; dst is visible to the block
+// afterwards.
+#define NQ 8
 
-__device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, float* xs, const float* ws,
-                                            i8* dst, float* scratch) {
+__device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, const float* ws, int* dst,
+                                            float* scratch) {
     const float4* x4 = (const float4*)x;
-    int n4 = n >> 2, step = blockDim.x * NQ_LOADS;
+    const float4* w4 = (const float4*)ws;
+    int n4 = n >> 2;
+    float4 v[NQ];
     float ss = 0.0f;
-    for (int base = threadIdx.x; base < n4; base += step) {
-        float4 xv[NQ_LOADS];
 #pragma unroll
-        for (int k = 0; k < NQ_LOADS; k++) {
-            int i = base + k * blockDim.x;
-            if (i < n4) xv[k] = x4[i];
-        }
-#pragma unroll
-        for (int k = 0; k < NQ_LOADS; k++) {
-            int i = base + k * blockDim.x;
-            if (i < n4) {
-                ((float4*)xs)[i] = xv[k];
-                ss += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
-            }
-        }
+    for (int k = 0; k < NQ; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) v[k] = x4[i];
     }
+#pragma unroll
+    for (int k = 0; k < NQ; k++)
+        if (threadIdx.x + k * blockDim.x < n4) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     cp_async_wait();
-    ss = block_sum(ss, scratch);  // its barriers also publish xs and ws
+    ss = block_sum(ss, scratch);  // its barriers also publish ws
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = ws[i] * (xs[i] * inv);
-        xs[i] = v;
-        amax = fmaxf(amax, fabsf(v));
+#pragma unroll
+    for (int k = 0; k < NQ; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            float4 w = w4[i];
+            v[k] = make_float4(w.x * (v[k].x * inv), w.y * (v[k].y * inv), w.z * (v[k].z * inv), w.w * (v[k].w * inv));
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
+        }
     }
     amax = block_max(amax, scratch);
     float s = 127.0f / fmaxf(amax, 1e-5f);
-    for (int i = threadIdx.x; i < kp; i += blockDim.x) {
-        int q = 0;
-        if (i < n) q = (int)fminf(fmaxf(rintf(xs[i] * s), -128.0f), 127.0f);
-        dst[i] = (i8)q;
+#pragma unroll
+    for (int k = 0; k < NQ; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            int q0 = (int)fminf(fmaxf(rintf(v[k].x * s), -128.0f), 127.0f);
+            int q1 = (int)fminf(fmaxf(rintf(v[k].y * s), -128.0f), 127.0f);
+            int q2 = (int)fminf(fmaxf(rintf(v[k].z * s), -128.0f), 127.0f);
+            int q3 = (int)fminf(fmaxf(rintf(v[k].w * s), -128.0f), 127.0f);
+            dst[i] = (q0 & 0xff) | (q1 & 0xff) << 8 | (q2 & 0xff) << 16 | (q3 & 0xff) << 24;
+        }
     }
+    for (int i = n4 + threadIdx.x; i < kp / 4; i += blockDim.x) dst[i] = 0;
     __syncthreads();
     return s;
 }

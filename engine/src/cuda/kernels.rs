@@ -90,15 +90,17 @@ macro_rules! params {
     ($($v:expr),* $(,)?) => { &mut [$(std::ptr::addr_of!($v) as *mut c_void),*] };
 }
 
-/// Bytes of a row pair's epilogue constants in shared memory (`PairConst` in bitlinear.cu).
-const PAIR_CONST: usize = 20;
+/// Bytes of a row pair's constants in shared memory (`PairConst` in bitlinear.cu).
+const PAIR_CONST: usize = 36;
+/// The longest input the fused RMSNorm + quantization takes: 8 float4 per thread of a 512-thread block.
+pub const MAX_NORM: usize = 16384;
 /// Dynamic shared memory a decode block aims to stay under, so that the next kernel's block fits beside it.
 const GEMV_SMEM_BUDGET: usize = 100 * 1024;
 
-/// Dynamic shared memory of `bitlinear_gemv`: the input and the norm weights (n floats each), the input's
-/// int8 quantization, and `chunk` row pairs of weights with their epilogue constants.
+/// Dynamic shared memory of `bitlinear_gemv`: the norm weights (n floats), the input's int8 quantization,
+/// and `chunk` row pairs of weights with their constants.
 fn gemv_smem(n: usize, words: usize, chunk: usize) -> usize {
-    8 * n + 16 * words + chunk * (8 * words + PAIR_CONST)
+    4 * n + 16 * words + chunk * (8 * words + PAIR_CONST)
 }
 
 /// Dynamic shared memory of `attn_decode` for heads of `hd`: a chunk's keys (rows padded by 16 bytes) and
@@ -151,6 +153,13 @@ impl Kernels {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
+        // Every kernel asks for the same split of each multiprocessor's L1 and shared memory (all shared
+        // memory: the kernels stage what they reuse there), so that consecutive kernels never wait for a
+        // multiprocessor to drain and change it.
+        let carveout = CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+        for f in [&k.norm_quant_rows, &k.gemv, &k.gemm, &k.attn_decode, &k.attn_prefill, &k.embed, &k.lm_head] {
+            f.set_attribute(carveout, 100)?;
+        }
         Ok(k)
     }
 
@@ -189,14 +198,18 @@ impl Kernels {
     }
 
     /// The grid and the chunk of the decode kernel for `pairs` row pairs of `words` words and an input of `n`
-    /// floats: one block per multiprocessor (or `blocks`), each holding as many of its pairs in shared memory
-    /// as the budget allows.
+    /// floats: `blocks`, or about 32 KB of weights per block between half a block and two blocks per
+    /// multiprocessor (on an H100: small matrices ran fastest on half the multiprocessors, the
+    /// gate/up matrix on two blocks per multiprocessor), each holding as many of its pairs in shared
+    /// memory as the budget allows.
     pub fn plan_gemv(&self, pairs: usize, words: usize, n: usize, blocks: Option<usize>) -> Result<(usize, usize)> {
-        let blocks = blocks.unwrap_or(self.sms as usize).clamp(1, pairs.max(1));
+        let sms = self.sms as usize;
+        let by_size = (pairs * 8 * words).div_ceil(32 * 1024).clamp(sms.div_ceil(2), 2 * sms);
+        let blocks = blocks.unwrap_or(by_size).clamp(1, pairs.max(1));
         let per_block = pairs.div_ceil(blocks);
         let room = GEMV_SMEM_BUDGET.saturating_sub(gemv_smem(n, words, 0)) / (8 * words + PAIR_CONST);
         let chunk = room.clamp(1, per_block.max(1));
-        if gemv_smem(n, words, chunk) > self.max_smem {
+        if n > MAX_NORM || gemv_smem(n, words, chunk) > self.max_smem {
             return Err(Error::Unsupported(format!("CUDA backend: BitLinear of {n} inputs ({} columns packed)", words * 16)));
         }
         Ok((blocks, chunk))
@@ -216,8 +229,8 @@ impl Kernels {
         scales: u64,
         t: usize,
     ) -> Result<()> {
-        let (smem, n, kp) = (8 * n, i(n), i(kp));
-        self.launch(&self.norm_quant_rows, (t, 1), 256, smem, params![x, w, n, kp, eps, xq, scales])
+        let (smem, n, kp) = (4 * n, i(n), i(kp));
+        self.launch(&self.norm_quant_rows, (t, 1), 512, smem, params![x, w, n, kp, eps, xq, scales])
     }
 
     /// Decode BitLinear of one token: `x` (n floats) normalized by `norm_w`, quantized, times `lin`,

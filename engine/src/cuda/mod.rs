@@ -6,7 +6,9 @@
 //! - Decode (one token): per layer five kernels, each BitLinear fused with the RMSNorm and int8
 //!   quantization of its input and with its epilogue (RoPE + KV-cache store, relu²·up, residual add);
 //!   attention is flash-decoding over 128-key chunks. The step is one CUDA graph, replayed for every
-//!   token; the LM head with the argmax is a second one. Nothing is allocated per token.
+//!   token (a second one ends with the LM head and its argmax, for steps whose logits are wanted).
+//!   Nothing is allocated per token; the logits come back by DMA into page-locked memory that
+//!   [`Backend::logits`] returns as it is.
 //! - Prompts: tensor-core int8 GEMM (mma.sync) with the same epilogues, and flash-style attention.
 //!
 //! Libraries are loaded at run time (libcuda, libnvrtc), so a build with this feature runs anywhere and
@@ -143,9 +145,9 @@ pub struct Cuda {
     rope_cos: Buf<f32>,
     rope_sin: Buf<f32>,
     b: Buffers,
-    logits: Vec<f32>,
+    /// The decode step, without and with the LM head.
     step: Option<Graph>,
-    head_graph: Option<Graph>,
+    step_head: Option<Graph>,
 }
 
 /// Whether a CUDA driver, NVRTC and at least one device are present (for `--backend auto`).
@@ -224,7 +226,6 @@ impl Cuda {
             qkv_rope: upload(s, &rope)?,
             rope_cos: upload(s, &cos)?,
             rope_sin: upload(s, &sin)?,
-            logits: vec![0f32; c.n_vocab],
             c,
             ctx,
             name,
@@ -233,10 +234,14 @@ impl Cuda {
             layers,
             b,
             step: None,
-            head_graph: None,
+            step_head: None,
         };
+        cuda.b.logits_host.as_mut_slice()?.fill(0.0);
         cuda.step = Some(cuda.capture(|g| g.decode_layers())?);
-        cuda.head_graph = Some(cuda.capture(|g| g.lm_head(g.b.x.ptr))?);
+        cuda.step_head = Some(cuda.capture(|g| {
+            g.decode_layers()?;
+            g.lm_head(g.b.x.ptr)
+        })?);
         stream.synchronize()?;
         Ok(cuda)
     }
@@ -407,7 +412,6 @@ impl Cuda {
     fn read_logits(&mut self) -> Result<()> {
         self.stream.memcpy_dtoh(&self.b.logits.mem, &mut self.b.logits_host)?;
         self.stream.synchronize()?;
-        self.logits.copy_from_slice(self.b.logits_host.as_slice()?);
         Ok(())
     }
 }
@@ -417,16 +421,22 @@ fn all_rows(m: &TernaryMatrix) -> Vec<(&TernaryMatrix, usize)> {
 }
 
 /// Shapes the kernels handle: even row counts (row pairs), 16-byte rows of f16 for the head and the
-/// caches, and head dimensions the attention kernels' register tiles cover.
+/// caches, head dimensions the attention kernels' register tiles cover, and BitLinear inputs the fused
+/// normalization holds in registers.
 fn check_shape(c: &Config) -> Result<()> {
-    let ok =
-        c.n_embd % 8 == 0 && c.n_ff % 4 == 0 && c.head_dim % 8 == 0 && c.head_dim <= 256 && c.rope_dim <= c.head_dim;
+    let widest = c.n_embd.max(c.n_ff).max(c.n_head * c.head_dim);
+    let ok = c.n_embd % 8 == 0
+        && c.n_ff % 4 == 0
+        && c.head_dim % 8 == 0
+        && c.head_dim <= 256
+        && c.rope_dim <= c.head_dim
+        && widest <= kernels::MAX_NORM;
     if ok {
         return Ok(());
     }
     Err(Error::Unsupported(format!(
-        "CUDA backend: embedding {} (needs a multiple of 8), ff {} (a multiple of 4), head dim {} (a multiple of 8, at most 256)",
-        c.n_embd, c.n_ff, c.head_dim
+        "CUDA backend: embedding {} (needs a multiple of 8), ff {} (a multiple of 4), head dim {} (a multiple of 8, at most 256), inputs of at most {}",
+        c.n_embd, c.n_ff, c.head_dim, kernels::MAX_NORM
     )))
 }
 
@@ -451,10 +461,8 @@ impl Backend for Cuda {
         }
         if tokens.len() == 1 {
             self.stream.memcpy_htod(&[tokens[0] as i32, pos as i32], &mut self.b.params.mem)?;
-            self.step.as_ref().expect("captured in new").0.launch()?;
-            if want_logits {
-                self.head_graph.as_ref().expect("captured in new").0.launch()?;
-            }
+            let graph = if want_logits { &self.step_head } else { &self.step };
+            graph.as_ref().expect("captured in new").0.launch()?;
         } else {
             let (mut start, mut last) = (pos, 0);
             for chunk in tokens.chunks(MAX_BATCH.min(self.ctx)) {
@@ -474,6 +482,7 @@ impl Backend for Cuda {
     }
 
     fn logits(&self) -> &[f32] {
-        &self.logits
+        // `forward` synchronized the stream after the read-back: this waits for nothing.
+        self.b.logits_host.as_slice().expect("the logits' read-back has completed")
     }
 }

@@ -101,7 +101,7 @@ const EPS: f32 = 1e-5;
 fn norm_quant_matches_the_cpu() {
     let g = gpu();
     let mut r = rng(1);
-    for n in [96, 2560, 6912] {
+    for n in [96, 2560, 6912, 16384] {
         let kp = pack::words(n) * 16;
         for exact in [true, false] {
             let t = 3;
@@ -465,10 +465,10 @@ fn decode_kernel_times() {
         let (w, sc) = (g.up(&p.data), g.up(&p.scales));
         let (x, nw, out) = (g.up(&uniform(&mut r, cols, -1.0, 1.0)), g.up(&vec![1f32; cols]), g.zeros::<f32>(rows));
         let e = Epilogue { out: out.ptr, kind: EPI_RESID, out_stride: rows as i32, ..Default::default() };
-        // The planned grid (a block per multiprocessor), then half and twice as many blocks.
+        // The planned grid, then a block per multiprocessor, half and twice as many.
         let sms = g.k.sms as usize;
-        for blocks in [sms, sms / 2, 2 * sms] {
-            let (blocks, chunk) = g.k.plan_gemv(rows / 2, p.words, cols, Some(blocks)).unwrap();
+        for blocks in [None, Some(sms), Some(sms / 2), Some(2 * sms)] {
+            let (blocks, chunk) = g.k.plan_gemv(rows / 2, p.words, cols, blocks).unwrap();
             let lin = Linear { w: w.ptr, scales: sc.ptr, words: p.words, pairs: rows / 2, blocks, chunk };
             let what = format!("gemv {name} b{blocks} c{chunk}");
             time(&what, p.data.len() * 4, &|| g.k.gemv(x.ptr, nw.ptr, cols, EPS, &lin, params.ptr, &e).unwrap());
