@@ -3,8 +3,7 @@
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
 // position, and the first query head of each kv group writes them to the cache for later tokens.
 //
-// Prepended by the host: WG, MAX_HD (>= head_dim), the reductions (reduce_subgroup.wgsl or
-// reduce_shared.wgsl).
+// Prepended by the host: WG, MAX_HD (>= head_dim).
 
 struct Step { token: u32, pos: u32 }
 
@@ -32,6 +31,34 @@ var<workgroup> kp: array<f32, MAX_HD>;
 var<workgroup> vp: array<f32, MAX_HD>;
 var<workgroup> red: array<f32, WG>;
 
+fn sum_f(v: f32, t: u32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red[t] += red[t + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn max_f(v: f32, t: u32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red[t] = max(red[t], red[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
 // Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
 fn rotated(base: u32, i: u32, pos: u32) -> f32 {
     let h = p.rope_half;
@@ -47,8 +74,7 @@ fn rotated(base: u32, i: u32, pos: u32) -> f32 {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, l: Lanes) {
-    let t = l.t;
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let hd = p.head_dim;
     let head = wid.x;
     let kvh = head / p.group;
@@ -85,14 +111,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, l: Lanes) {
         att[a + j] = sc;
         mx = max(mx, sc);
     }
-    mx = wg_max_f(mx, l);
+    mx = max_f(mx, t);
     var sum = 0.0;
     for (var j = t; j <= pos; j += WG) {
         let e = exp(att[a + j] - mx);
         att[a + j] = e;
         sum += e;
     }
-    sum = wg_sum_f(sum, l);
+    sum = sum_f(sum, t);
     storageBarrier();
 
     // Σ_j p_j v_j: thread t takes dimension t % hd of positions j ≡ t / hd (mod WG / hd).

@@ -1,7 +1,7 @@
 // The final RMS norm before the LM head (one workgroup; the other norms are fused into ternary.wgsl),
 // and the greedy argmax over the logits, so that generation can read back one id instead of the vocabulary.
 //
-// Prepended by the host: WG and the reductions (reduce_subgroup.wgsl or reduce_shared.wgsl).
+// Prepended by the host: WG.
 
 struct Step { token: u32, pos: u32 }
 
@@ -21,13 +21,20 @@ var<workgroup> red: array<f32, WG>;
 var<workgroup> red_i: array<u32, WG>;
 
 @compute @workgroup_size(WG)
-fn rmsnorm(l: Lanes) {
-    let t = l.t;
+fn rmsnorm(@builtin(local_invocation_index) t: u32) {
     var ss = 0.0;
     for (var i = t; i < p.n; i += WG) {
         ss += x[i] * x[i];
     }
-    let inv = 1.0 / sqrt(wg_sum_f(ss, l) / f32(p.n) + p.eps);
+    red[t] = ss;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red[t] += red[t + s];
+        }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / sqrt(red[0] / f32(p.n) + p.eps);
     for (var i = t; i < p.n; i += WG) {
         out[i] = w[i] * (x[i] * inv);
     }

@@ -8,10 +8,7 @@
 // 0x03030303` of the block's word i holds u for the four consecutive columns 32g + 4i .. 32g + 4i + 3:
 // exactly one packed word of activations. Σ code·x = Σ u·x - Σ x.
 //
-// Prepended by the host: WG, TPR (threads per row), XQ_VEC4 (workgroup activation words / 4), dot4(), and
-// the reductions (reduce_subgroup.wgsl or reduce_shared.wgsl).
-
-const ONES: u32 = 0x01010101u; // dot4(ONES, word) = the sum of its four int8
+// Prepended by the host: WG, TPR (threads per row), XQ_VEC4 (workgroup activation words / 4), dot4().
 
 struct Step { token: u32, pos: u32 }
 
@@ -38,10 +35,61 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<u32>; // f32 bits (mode 3: i32 bits)
 
 const RPW: u32 = WG / TPR; // rows per workgroup
-const XW: u32 = (XQ_VEC4 * 4u + WG - 1u) / WG; // activation words (4 inputs) per thread, at most
 
 var<workgroup> xq: array<vec4<u32>, XQ_VEC4>;
+var<workgroup> red_f: array<f32, WG>;
+var<workgroup> red_i: array<i32, WG>;
 var<workgroup> ys: array<f32, RPW>;
+
+fn sum_f(v: f32, t: u32) -> f32 {
+    red_f[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red_f[t] += red_f[t + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red_f[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn max_f(v: f32, t: u32) -> f32 {
+    red_f[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red_f[t] = max(red_f[t], red_f[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red_f[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn sum_i(v: i32, t: u32) -> i32 {
+    red_i[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            red_i[t] += red_i[t + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red_i[0];
+    workgroupBarrier();
+    return r;
+}
+
+// The normalized input element i (as the CPU computes it: w · (x · inv)).
+fn input(i: u32, inv: f32) -> f32 {
+    if p.prenorm == 1u {
+        return norm[i] * (x[i] * inv);
+    }
+    return x[i];
+}
 
 fn activation(g: f32) -> f32 {
     if p.act == 0u {
@@ -61,76 +109,47 @@ fn row_scale(row: u32) -> f32 {
     return select(p.scale2, p.scale1, row < p.seg2);
 }
 
-// Input word `wi` (elements 4wi .. 4wi + 3, zero past k) of x, and of the norm weights.
-fn x4(wi: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    for (var b = 0u; b < 4u; b++) {
-        if wi * 4u + b < p.k {
-            v[b] = x[wi * 4u + b];
-        }
-    }
-    return v;
-}
-
-fn norm4(wi: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    for (var b = 0u; b < 4u; b++) {
-        if wi * 4u + b < p.k {
-            v[b] = norm[wi * 4u + b];
-        }
-    }
-    return v;
-}
-
-fn amax4(v: vec4<f32>) -> f32 {
-    let a = abs(v);
-    return max(max(a.x, a.y), max(a.z, a.w));
-}
-
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, l: Lanes) {
-    let t = l.t;
-    let words = p.vpr * 16u; // activation words of a padded row
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let k = p.k;
 
-    // Prologue: RMS norm, absmax, int8 quantization (round half to even). Each thread loads its words of
-    // the input (and of the norm) once, all loads in flight together, and keeps them in registers.
-    var xs: array<vec4<f32>, XW>;
-    var ss = 0.0;
-    for (var j = 0u; j < XW; j++) {
-        xs[j] = x4(t + j * WG);
-        ss += dot(xs[j], xs[j]);
+    // Prologue: RMS norm, absmax, int8 quantization (round half to even), Σq.
+    var inv = 1.0;
+    if p.prenorm == 1u {
+        var ss = 0.0;
+        for (var i = t; i < k; i += WG) {
+            ss += x[i] * x[i];
+        }
+        ss = sum_f(ss, t);
+        inv = 1.0 / sqrt(ss / f32(k) + p.eps);
     }
     var amax = 0.0;
-    if p.prenorm == 1u {
-        var ns: array<vec4<f32>, XW>;
-        for (var j = 0u; j < XW; j++) {
-            ns[j] = norm4(t + j * WG);
-        }
-        let inv = 1.0 / sqrt(wg_sum_f(ss, l) / f32(p.k) + p.eps);
-        for (var j = 0u; j < XW; j++) {
-            xs[j] = ns[j] * (xs[j] * inv); // as the CPU computes it: w · (x · inv)
-        }
+    for (var i = t; i < k; i += WG) {
+        amax = max(amax, abs(input(i, inv)));
     }
-    for (var j = 0u; j < XW; j++) {
-        amax = max(amax, amax4(xs[j]));
-    }
-    amax = wg_max_f(amax, l);
+    amax = max_f(amax, t);
     let s = 127.0 / max(amax, 1e-5);
-    for (var j = 0u; j < XW; j++) {
-        let wi = t + j * WG;
-        if wi < words {
-            let q = vec4<i32>(clamp(round(xs[j] * s), vec4<f32>(-128.0), vec4<f32>(127.0)));
-            let b = vec4<u32>(q) & vec4<u32>(0xffu);
-            xq[wi / 4u][wi % 4u] = b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+    var qsum = 0;
+    for (var wi = t; wi < p.vpr * 16u; wi += WG) {
+        var word = 0u;
+        for (var b = 0u; b < 4u; b++) {
+            let i = wi * 4u + b;
+            var q = 0;
+            if i < k {
+                q = i32(clamp(round(input(i, inv) * s), -128.0, 127.0));
+            }
+            qsum += q;
+            word |= (u32(q) & 0xffu) << (8u * b);
         }
+        xq[wi / 4u][wi % 4u] = word;
     }
-    workgroupBarrier();
+    qsum = sum_i(qsum, t); // also the barrier that publishes xq
 
-    // Body: TPR threads per row, each over every TPR-th vec4 (64 columns) of the row. Σ u·x - Σ x: the
-    // row's threads together cover every activation word once, so Σ x comes with the dot products.
+    // Body: TPR threads per row, each over every TPR-th vec4 (64 columns) of the row.
     let first = (wid.x + wid.y * nwg.x) * RPW;
-    let local = slot(l) / TPR;
-    let lane = slot(l) % TPR;
+    let local = t / TPR;
+    let lane = t % TPR;
     let row = first + local;
     var acc = 0;
     if row < p.rows {
@@ -143,14 +162,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 let u = (wv >> vec4<u32>(sh)) & vec4<u32>(0x03030303u);
                 let xv = xq[xb + 2u * g];
                 acc += dot4(u.x, xv.x) + dot4(u.y, xv.y) + dot4(u.z, xv.z) + dot4(u.w, xv.w);
-                acc -= dot4(ONES, xv.x) + dot4(ONES, xv.y) + dot4(ONES, xv.z) + dot4(ONES, xv.w);
             }
         }
     }
-    let a = row_sum_i(acc, TPR, l);
+    red_i[t] = acc;
+    workgroupBarrier();
+    for (var st = TPR / 2u; st > 0u; st >>= 1u) {
+        if lane < st {
+            red_i[t] += red_i[t + st];
+        }
+        workgroupBarrier();
+    }
 
     // Epilogue.
     if lane == 0u && row < p.rows {
+        let a = red_i[t] - qsum;
         let y = f32(a) / s * row_scale(row);
         switch p.mode {
             case 0u: { out[row] = bitcast<u32>(y); }
@@ -159,7 +185,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             default: { out[row] = bitcast<u32>(a); }
         }
     }
-    if p.mode == 3u && row == 0u && lane == 0u {
+    if p.mode == 3u && row == 0u && t == 0u {
         out[p.rows] = bitcast<u32>(s); // the activation scale, for the tests
     }
     workgroupBarrier();

@@ -32,11 +32,11 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
-/// The adapter as it is, with the plain-WGSL `dot4I8Packed` fallback, and with the workgroup-memory
-/// reductions in place of subgroup operations.
-fn fallbacks() -> Vec<Gpu> {
+/// The adapter, with `dot4I8Packed` and with the plain-WGSL fallback.
+fn both_dot4() -> Vec<Gpu> {
     let Some(a) = gpu() else { return vec![] };
-    vec![a, gpu().expect("opened once").without_dot4(), gpu().expect("opened once").without_subgroups()]
+    let b = gpu().expect("opened once").without_dot4();
+    vec![a, b]
 }
 
 fn random_ternary(rng: &mut Rng, rows: usize, cols: usize, scale: f32) -> TernaryMatrix {
@@ -59,7 +59,7 @@ fn ulps(a: f32, b: f32) -> u32 {
 #[test]
 fn bitlinear_accumulators_are_exact() {
     let mut rng = Rng(0x5eed_0001);
-    for gpu in fallbacks() {
+    for gpu in both_dot4() {
         for &(rows, cols) in &[(1, 1), (3, 127), (17, 128), (40, 192), (33, 320), (64, 576), (9, 1536), (70, 2560), (5, 6912)] {
             let w = random_ternary(&mut rng, rows, cols, 0.5);
             let mut inputs = vec![rng.vec(cols, 3.0)];
@@ -105,51 +105,49 @@ fn assert_close(got: &[f32], want: &[f32], step: f32, what: &str) {
 #[test]
 fn fused_bitlinear_matches_the_cpu() {
     let mut rng = Rng(0x5eed_0002);
-    for gpu in fallbacks() {
-        for &(cols, eps) in &[(96, 1e-5), (576, 1e-6), (2560, 1e-5)] {
-            let parts = [random_ternary(&mut rng, cols, cols, 0.7), random_ternary(&mut rng, 33, cols, 1.3), random_ternary(&mut rng, 20, cols, 0.01)];
-            let x = rng.vec(cols, 2.0);
-            let norm: Vec<f32> = (0..cols).map(|_| 1.0 + 0.2 * rng.f32()).collect();
-            let refs: Vec<&TernaryMatrix> = parts.iter().collect();
-            let got = gpu.probe_bitlinear(&refs, &x, &norm, eps, None).unwrap();
-            let mut at = 0;
-            for w in &parts {
-                let (want, s) = cpu_bitlinear(w, &x, &norm, eps);
-                assert_close(&got[at..at + w.rows], &want, w.scale / s, &format!("stacked part of {cols} columns"));
-                at += w.rows;
-            }
-            // Accumulating into the residual.
-            let w = &parts[0];
-            let residual = rng.vec(w.rows, 5.0);
-            let got = gpu.probe_bitlinear(&[w], &x, &norm, eps, Some(&residual)).unwrap();
-            let (y, s) = cpu_bitlinear(w, &x, &norm, eps);
-            let want: Vec<f32> = residual.iter().zip(&y).map(|(r, y)| r + y).collect();
-            assert_close(&got, &want, w.scale / s, "residual");
+    let Some(gpu) = gpu() else { return };
+    for &(cols, eps) in &[(96, 1e-5), (576, 1e-6), (2560, 1e-5)] {
+        let parts = [random_ternary(&mut rng, cols, cols, 0.7), random_ternary(&mut rng, 33, cols, 1.3), random_ternary(&mut rng, 20, cols, 0.01)];
+        let x = rng.vec(cols, 2.0);
+        let norm: Vec<f32> = (0..cols).map(|_| 1.0 + 0.2 * rng.f32()).collect();
+        let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+        let got = gpu.probe_bitlinear(&refs, &x, &norm, eps, None).unwrap();
+        let mut at = 0;
+        for w in &parts {
+            let (want, s) = cpu_bitlinear(w, &x, &norm, eps);
+            assert_close(&got[at..at + w.rows], &want, w.scale / s, &format!("stacked part of {cols} columns"));
+            at += w.rows;
         }
+        // Accumulating into the residual.
+        let w = &parts[0];
+        let residual = rng.vec(w.rows, 5.0);
+        let got = gpu.probe_bitlinear(&[w], &x, &norm, eps, Some(&residual)).unwrap();
+        let (y, s) = cpu_bitlinear(w, &x, &norm, eps);
+        let want: Vec<f32> = residual.iter().zip(&y).map(|(r, y)| r + y).collect();
+        assert_close(&got, &want, w.scale / s, "residual");
     }
 }
 
 #[test]
 fn gate_up_applies_the_activation() {
     let mut rng = Rng(0x5eed_0003);
-    for gpu in fallbacks() {
-        for act in [Activation::Relu2, Activation::Silu] {
-            let (n_ff, cols) = (300, 200);
-            let (gate, up) = (random_ternary(&mut rng, n_ff, cols, 0.9), random_ternary(&mut rng, n_ff, cols, 1.1));
-            let x = rng.vec(cols, 1.0);
-            let norm: Vec<f32> = (0..cols).map(|_| 1.0 + 0.2 * rng.f32()).collect();
-            let got = gpu.probe_gate_up(&gate, &up, act, &x, &norm, 1e-5).unwrap();
-            let ((g, s), (u, _)) = (cpu_bitlinear(&gate, &x, &norm, 1e-5), cpu_bitlinear(&up, &x, &norm, 1e-5));
-            // One int8 flip moves gate or up by a step of scale / s: bound what that does to act(g)·u.
-            let (dg, du) = (2.0 * gate.scale / s, 2.0 * up.scale / s);
-            for i in 0..n_ff {
-                let (a, da) = match act {
-                    Activation::Relu2 => (g[i].max(0.0) * g[i].max(0.0), dg * (2.0 * g[i].abs() + dg)),
-                    Activation::Silu => (g[i] / (1.0 + (-g[i]).exp()), 1.1 * dg),
-                };
-                let tol = da * u[i].abs() + a.abs() * du + da * du + 1e-5 * (a * u[i]).abs();
-                assert!((got[i] - a * u[i]).abs() <= tol, "{act}: [{i}] {} vs {}", got[i], a * u[i]);
-            }
+    let Some(gpu) = gpu() else { return };
+    for act in [Activation::Relu2, Activation::Silu] {
+        let (n_ff, cols) = (300, 200);
+        let (gate, up) = (random_ternary(&mut rng, n_ff, cols, 0.9), random_ternary(&mut rng, n_ff, cols, 1.1));
+        let x = rng.vec(cols, 1.0);
+        let norm: Vec<f32> = (0..cols).map(|_| 1.0 + 0.2 * rng.f32()).collect();
+        let got = gpu.probe_gate_up(&gate, &up, act, &x, &norm, 1e-5).unwrap();
+        let ((g, s), (u, _)) = (cpu_bitlinear(&gate, &x, &norm, 1e-5), cpu_bitlinear(&up, &x, &norm, 1e-5));
+        // One int8 flip moves gate or up by a step of scale / s: bound what that does to act(g)·u.
+        let (dg, du) = (2.0 * gate.scale / s, 2.0 * up.scale / s);
+        for i in 0..n_ff {
+            let (a, da) = match act {
+                Activation::Relu2 => (g[i].max(0.0) * g[i].max(0.0), dg * (2.0 * g[i].abs() + dg)),
+                Activation::Silu => (g[i] / (1.0 + (-g[i]).exp()), 1.1 * dg),
+            };
+            let tol = da * u[i].abs() + a.abs() * du + da * du + 1e-5 * (a * u[i]).abs();
+            assert!((got[i] - a * u[i]).abs() <= tol, "{act}: [{i}] {} vs {}", got[i], a * u[i]);
         }
     }
 }
@@ -275,8 +273,7 @@ fn upload(gpu: Gpu, model: &Model) -> Arc<GpuModel> {
 
 /// Every fixture model (every weight type: I2_S, TQ1_0, TQ2_0, F32/F16/BF16-stored ternary, per-tensor
 /// scales, tied and untied heads, GQA) on its reference prompts; the first prompt also with the
-/// plain-WGSL dot product, with the workgroup-memory reductions and with the LM head and embedding split
-/// into shards.
+/// plain-WGSL dot product and with the LM head and embedding split into shards.
 #[test]
 fn fixture_models_match_the_cpu() {
     let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
@@ -287,11 +284,7 @@ fn fixture_models_match_the_cpu() {
     for (file, info) in refs["files"].as_object().unwrap() {
         let (model, _) = load(&fixture(file));
         let gm = upload(gpu().unwrap(), &model);
-        let variants = [
-            upload(gpu().unwrap().without_dot4(), &model),
-            upload(gpu().unwrap().without_subgroups(), &model),
-            upload(gpu().unwrap().with_max_shard(8192), &model),
-        ];
+        let variants = [upload(gpu().unwrap().without_dot4(), &model), upload(gpu().unwrap().with_max_shard(8192), &model)];
         for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate() {
             let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             // Stable prompts have no int8 rounding flips under small float noise: logits agree to 1e-3.

@@ -74,9 +74,6 @@ pub struct Gpu {
     adapter: AdapterDesc,
     /// Whether WGSL's `dot4I8Packed` is there (else the kernels use a plain-WGSL version).
     pub(crate) dot4: bool,
-    /// The smallest subgroup size where the reductions use subgroup operations (else `None`: trees in
-    /// workgroup memory).
-    pub(crate) subgroups: Option<u32>,
     /// The first error the device reported since the last check (wgpu reports errors asynchronously).
     error: Arc<Mutex<Option<String>>>,
     /// A lower bound than the adapter's on the bytes of one binding (to test sharding on small models).
@@ -99,13 +96,10 @@ impl Gpu {
         let Some((desc, adapter)) = found.into_iter().next() else { return Ok(None) };
         // Ask for everything the adapter allows: the 2B4T embedding alone is 657 MB.
         let limits = adapter.limits();
-        // Subgroups only natively: the reductions need WGSL's `subgroup_id`, which browsers may lack.
-        let subgroups = (!cfg!(target_arch = "wasm32") && adapter.features().contains(wgpu::Features::SUBGROUP))
-            .then(|| adapter.get_info().subgroup_min_size);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("bitnet"),
-                required_features: if subgroups.is_some() { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
+                required_features: wgpu::Features::empty(),
                 required_limits: limits.clone(),
                 memory_hints: wgpu::MemoryHints::Performance,
                 ..Default::default()
@@ -119,7 +113,7 @@ impl Gpu {
             slot.get_or_insert_with(|| e.to_string());
         }));
         let dot4 = inst.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
-        Ok(Some(Gpu { device, queue, limits, adapter: desc, dot4, subgroups, error, binding_cap: u64::MAX }))
+        Ok(Some(Gpu { device, queue, limits, adapter: desc, dot4, error, binding_cap: u64::MAX }))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -139,12 +133,6 @@ impl Gpu {
     /// Uses the plain-WGSL integer dot product even where `dot4I8Packed` exists (to test the fallback).
     pub fn without_dot4(mut self) -> Self {
         self.dot4 = false;
-        self
-    }
-
-    /// Uses the workgroup-memory reductions even where subgroup operations exist (to test the fallback).
-    pub fn without_subgroups(mut self) -> Self {
-        self.subgroups = None;
         self
     }
 

@@ -120,11 +120,9 @@ pub(crate) fn grid(n: usize, per_group: usize) -> (u32, u32) {
     (x, groups.div_ceil(x))
 }
 
-/// The constants and helpers prepended to a shader: the reductions (`Lanes`, `slot`, `wg_sum_f`,
-/// `wg_max_f`, `row_sum_i`) with or without subgroup operations, and `dot4`.
+/// The constants and helpers prepended to a shader.
 fn header(gpu: &Gpu, consts: &[(&str, u32)]) -> String {
-    let mut h = if gpu.subgroups.is_some() { REDUCE_SUBGROUP_WGSL } else { REDUCE_SHARED_WGSL }.to_string();
-    h += &format!("const WG: u32 = {WG}u;\n");
+    let mut h = format!("const WG: u32 = {WG}u;\n");
     for (name, v) in consts {
         h += &format!("const {name}: u32 = {v}u;\n");
     }
@@ -144,8 +142,6 @@ fn header(gpu: &Gpu, consts: &[(&str, u32)]) -> String {
 pub(crate) const TERNARY_WGSL: &str = include_str!("../../../shaders/ternary.wgsl");
 pub(crate) const FLOAT_WGSL: &str = include_str!("../../../shaders/float.wgsl");
 pub(crate) const NORM_WGSL: &str = include_str!("../../../shaders/norm.wgsl");
-const REDUCE_SUBGROUP_WGSL: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
-const REDUCE_SHARED_WGSL: &str = include_str!("../../../shaders/reduce_shared.wgsl");
 pub(crate) const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl");
 
 impl Kernel {
@@ -178,8 +174,7 @@ impl Kernel {
 
     /// ternary.wgsl for inputs of up to `max_cols` (padded) columns.
     pub fn ternary(gpu: &Gpu, max_cols: usize) -> Kernel {
-        // Gate/up pairs need 2 rows a group, and with subgroups a row's threads must share one.
-        let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", 16).min(WG / 2).min(gpu.subgroups.unwrap_or(WG));
+        let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", 16).min(WG / 2); // gate/up pairs need 2 rows a group
         let consts = [("TPR", tpr), ("XQ_VEC4", (max_cols / 16).max(1) as u32)];
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
         Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) }
