@@ -19,9 +19,10 @@ mod pack;
 #[cfg(test)]
 mod tests;
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
@@ -115,6 +116,8 @@ struct Buffers {
     logits: Buf<f32>,
     /// Page-locked: the logits come back by DMA, without a staging copy.
     logits_host: PinnedHostSlice<f32>,
+    /// Its address (for the copy captured in the decode graph).
+    logits_host_ptr: usize,
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
     head_counter: Buf<u32>,
@@ -236,11 +239,11 @@ impl Cuda {
             step: None,
             step_head: None,
         };
-        cuda.b.logits_host.as_mut_slice()?.fill(0.0);
         cuda.step = Some(cuda.capture(|g| g.decode_layers())?);
         cuda.step_head = Some(cuda.capture(|g| {
             g.decode_layers()?;
-            g.lm_head(g.b.x.ptr)
+            g.lm_head(g.b.x.ptr)?;
+            g.copy_logits()
         })?);
         stream.synchronize()?;
         Ok(cuda)
@@ -252,6 +255,9 @@ impl Cuda {
         let kp = [c.n_embd, q_dim, c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
         let max_chunks = ctx.div_ceil(DEC_CHUNK);
         let blocks = k.lm_head_blocks(c.n_vocab);
+        // SAFETY: a plain (cached, not write-combined) page-locked allocation, freed with the buffers.
+        let mut logits_host = unsafe { s.context().alloc_pinned_with_flags::<f32>(c.n_vocab, 0) }?;
+        logits_host.as_mut_slice()?.fill(0.0);
         Ok(Buffers {
             x: zeros(s, t * c.n_embd)?,
             q: zeros(s, t * q_dim)?,
@@ -268,8 +274,8 @@ impl Cuda {
             att_counters: zeros(s, c.n_head)?,
             max_chunks,
             logits: zeros(s, c.n_vocab)?,
-            // SAFETY: a plain (cached, not write-combined) page-locked allocation, freed with the buffers.
-            logits_host: unsafe { s.context().alloc_pinned_with_flags::<f32>(c.n_vocab, 0) }?,
+            logits_host_ptr: logits_host.as_mut_ptr()? as usize,
+            logits_host,
             block_val: zeros(s, blocks)?,
             block_idx: zeros(s, blocks)?,
             head_counter: zeros(s, 1)?,
@@ -409,9 +415,27 @@ impl Cuda {
         Ok(best[0] as u32)
     }
 
-    fn read_logits(&mut self) -> Result<()> {
-        self.stream.memcpy_dtoh(&self.b.logits.mem, &mut self.b.logits_host)?;
-        self.stream.synchronize()?;
+    /// Queues the copy of the logits into page-locked host memory.
+    fn copy_logits(&self) -> Result<()> {
+        self.stream.context().bind_to_thread()?;
+        let bytes = self.c.n_vocab * std::mem::size_of::<f32>();
+        // SAFETY: both buffers hold n_vocab floats and live as long as `self`, which owns the graph that
+        // replays this copy.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(self.b.logits_host_ptr as *mut c_void, self.b.logits.ptr, bytes, self.stream.cu_stream())
+        }
+        .result()?;
+        Ok(())
+    }
+
+    /// The decode step's token and position, set on the device by two asynchronous 4-byte memsets (no host
+    /// buffer that a later call could overwrite before its copy has run).
+    fn set_params(&self, token: u32, pos: usize) -> Result<()> {
+        self.stream.context().bind_to_thread()?;
+        for (i, v) in [token, pos as u32].into_iter().enumerate() {
+            // SAFETY: `params` holds two 32-bit values.
+            unsafe { sys::cuMemsetD32Async(self.b.params.at(i), v, 1, self.stream.cu_stream()) }.result()?;
+        }
         Ok(())
     }
 }
@@ -460,9 +484,12 @@ impl Backend for Cuda {
             return Ok(());
         }
         if tokens.len() == 1 {
-            self.stream.memcpy_htod(&[tokens[0] as i32, pos as i32], &mut self.b.params.mem)?;
+            self.set_params(tokens[0], pos)?;
             let graph = if want_logits { &self.step_head } else { &self.step };
             graph.as_ref().expect("captured in new").0.launch()?;
+            if want_logits {
+                self.stream.synchronize()?; // the graph copied the logits back
+            }
         } else {
             let (mut start, mut last) = (pos, 0);
             for chunk in tokens.chunks(MAX_BATCH.min(self.ctx)) {
@@ -472,13 +499,11 @@ impl Backend for Cuda {
             }
             if want_logits {
                 self.lm_head(self.b.x.at((last - 1) * self.c.n_embd))?;
+                self.copy_logits()?;
+                self.stream.synchronize()?;
             }
         }
-        if want_logits {
-            self.read_logits()
-        } else {
-            Ok(())
-        }
+        Ok(())
     }
 
     fn logits(&self) -> &[f32] {
