@@ -449,9 +449,9 @@ fn all_rows(m: &TernaryMatrix) -> Vec<(&TernaryMatrix, usize)> {
 /// normalization holds in registers.
 fn check_shape(c: &Config) -> Result<()> {
     let widest = c.n_embd.max(c.n_ff).max(c.n_head * c.head_dim);
-    let ok = c.n_embd % 8 == 0
-        && c.n_ff % 4 == 0
-        && c.head_dim % 8 == 0
+    let ok = c.n_embd.is_multiple_of(8)
+        && c.n_ff.is_multiple_of(4)
+        && c.head_dim.is_multiple_of(8)
         && c.head_dim <= 256
         && c.rope_dim <= c.head_dim
         && widest <= kernels::MAX_NORM;
