@@ -3,7 +3,7 @@
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
 // position, and the first query head of each kv group writes them to the cache for later tokens.
 //
-// Prepended by the host: WG, MAX_HD (>= head_dim).
+// Prepended by the host: WG, MAX_HD (>= head_dim), and reduce.wgsl.
 
 struct Step { token: u32, pos: u32 }
 
@@ -29,35 +29,7 @@ struct Params {
 var<workgroup> q: array<f32, MAX_HD>;
 var<workgroup> kp: array<f32, MAX_HD>;
 var<workgroup> vp: array<f32, MAX_HD>;
-var<workgroup> red: array<f32, WG>;
-
-fn sum_f(v: f32, t: u32) -> f32 {
-    red[t] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red[t] += red[t + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn max_f(v: f32, t: u32) -> f32 {
-    red[t] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red[t] = max(red[t], red[t + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
+var<workgroup> red: array<f32, WG>; // the partial Σ p·v
 
 // Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
 fn rotated(base: u32, i: u32, pos: u32) -> f32 {

@@ -77,16 +77,15 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             }
         }
     }
+    // The row's first thread adds up its TPR partial sums: one barrier, where a tree takes log2(TPR).
     red[t] = acc;
     workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            red[t] += red[t + s];
-        }
-        workgroupBarrier();
-    }
     if lane == 0u && row < p.rows {
-        out[p.row_offset + row] = red[t];
+        var sum = 0.0;
+        for (var j = 0u; j < TPR; j++) {
+            sum += red[t + j];
+        }
+        out[p.row_offset + row] = sum;
     }
 }
 

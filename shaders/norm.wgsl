@@ -1,7 +1,7 @@
 // The final RMS norm before the LM head (one workgroup; the other norms are fused into ternary.wgsl),
 // and the greedy argmax over the logits, so that generation can read back one id instead of the vocabulary.
 //
-// Prepended by the host: WG.
+// Prepended by the host: WG and reduce.wgsl.
 
 struct Step { token: u32, pos: u32 }
 
@@ -26,17 +26,20 @@ fn rmsnorm(@builtin(local_invocation_index) t: u32) {
     for (var i = t; i < p.n; i += WG) {
         ss += x[i] * x[i];
     }
-    red[t] = ss;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red[t] += red[t + s];
-        }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / sqrt(red[0] / f32(p.n) + p.eps);
+    let inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.n) + p.eps);
     for (var i = t; i < p.n; i += WG) {
         out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+// Entry `dst` of the argmax's reduction becomes entry `src` if that is larger, or as large at a lower
+// index (the sentinel index 0xffffffff is the highest).
+fn better(dst: u32, src: u32) {
+    let v = red[src];
+    let i = red_i[src];
+    if v > red[dst] || (v == red[dst] && i < red_i[dst]) {
+        red[dst] = v;
+        red_i[dst] = i;
     }
 }
 
@@ -53,21 +56,21 @@ fn argmax(@builtin(local_invocation_index) t: u32) {
             bi = i;
         }
     }
+    // Two levels as in reduce.wgsl: R2 threads each take the best of 16 into the first of them, then
+    // thread 0 the best of those.
     red[t] = bv;
     red_i[t] = bi;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            let ov = red[t + s];
-            let oi = red_i[t + s];
-            if ov > red[t] || (ov == red[t] && oi < red_i[t]) {
-                red[t] = ov;
-                red_i[t] = oi;
-            }
+    if t < R2 {
+        for (var j = 16u * t + 1u; j < 16u * t + 16u; j++) {
+            better(16u * t, j);
         }
-        workgroupBarrier();
     }
+    workgroupBarrier();
     if t == 0u {
+        for (var j = 1u; j < R2; j++) {
+            better(0u, 16u * j);
+        }
         best[0] = select(red_i[0], 0u, red_i[0] == 0xffffffffu);
     }
 }

@@ -8,7 +8,9 @@
 // 0x03030303` of the block's word i holds u for the four consecutive columns 32g + 4i .. 32g + 4i + 3:
 // exactly one packed word of activations. Σ code·x = Σ u·x - Σ x.
 //
-// Prepended by the host: WG, TPR (threads per row), XQ_VEC4 (workgroup activation words / 4), dot4().
+// Prepended by the host: WG, TPR (threads per row), XQ_VEC4 (workgroup activation words / 4), dot4(), and
+// reduce.wgsl. The host pads every buffer to whole vec4s: x and the norm weights are read 4 floats at a
+// time (fewer, wider loads), and the word straddling k is masked.
 
 struct Step { token: u32, pos: u32 }
 
@@ -30,65 +32,40 @@ struct Params {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> norm: array<f32>;
+@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> out: array<u32>; // f32 bits (mode 3: i32 bits)
 
 const RPW: u32 = WG / TPR; // rows per workgroup
+const ONES: u32 = 0x01010101u; // dot4(word, ONES) = the sum of the word's four int8
 
 var<workgroup> xq: array<vec4<u32>, XQ_VEC4>;
-var<workgroup> red_f: array<f32, WG>;
-var<workgroup> red_i: array<i32, WG>;
-var<workgroup> ys: array<f32, RPW>;
+// Σq in two levels as in reduce.wgsl, its barriers shared with the body's: the first publishes xq too,
+// the second is the row sums'.
+var<workgroup> qred1: array<vec4<i32>, WG / 4u>;
+var<workgroup> qred2: array<vec4<i32>, R2 / 4u>;
+var<workgroup> row_part: array<i32, WG>; // the body's partial dot products, TPR per row
 
-fn sum_f(v: f32, t: u32) -> f32 {
-    red_f[t] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red_f[t] += red_f[t + s];
-        }
-        workgroupBarrier();
+// `v`, word `wi` of the input (elements 4wi .. 4wi + 3), with the elements past k zeroed.
+fn below_k(v: vec4<f32>, wi: u32) -> vec4<f32> {
+    if 4u * wi + 4u <= p.k {
+        return v;
     }
-    let r = red_f[0];
-    workgroupBarrier();
-    return r;
+    return select(vec4<f32>(0.0), v, 4u * wi + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k));
 }
 
-fn max_f(v: f32, t: u32) -> f32 {
-    red_f[t] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red_f[t] = max(red_f[t], red_f[t + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red_f[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn sum_i(v: i32, t: u32) -> i32 {
-    red_i[t] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            red_i[t] += red_i[t + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red_i[0];
-    workgroupBarrier();
-    return r;
-}
-
-// The normalized input element i (as the CPU computes it: w · (x · inv)).
-fn input(i: u32, inv: f32) -> f32 {
+// Word `wi` of the input, normalized as the CPU does it: w · (x · inv).
+fn input4(wi: u32, inv: f32) -> vec4<f32> {
     if p.prenorm == 1u {
-        return norm[i] * (x[i] * inv);
+        return below_k(norm[wi] * (x[wi] * inv), wi);
     }
-    return x[i];
+    return below_k(x[wi], wi);
+}
+
+// The four int8 of `q` (integers in [-128, 127]) packed into a word, the first in the low byte.
+fn pack4(q: vec4<f32>) -> u32 {
+    let b = vec4<u32>(vec4<i32>(q)) & vec4<u32>(0xffu);
+    return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
 }
 
 fn activation(g: f32) -> f32 {
@@ -109,87 +86,106 @@ fn row_scale(row: u32) -> f32 {
     return select(p.scale2, p.scale1, row < p.seg2);
 }
 
+// A row's accumulator Σ u·q - Σ q: the partial sums of its TPR threads, less Σq.
+fn row_acc(local: u32, qsum: i32) -> i32 {
+    var a = -qsum;
+    for (var j = 0u; j < TPR; j++) {
+        a += row_part[local * TPR + j];
+    }
+    return a;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
-    let k = p.k;
-
-    // Prologue: RMS norm, absmax, int8 quantization (round half to even), Σq.
-    var inv = 1.0;
-    if p.prenorm == 1u {
-        var ss = 0.0;
-        for (var i = t; i < k; i += WG) {
-            ss += x[i] * x[i];
-        }
-        ss = sum_f(ss, t);
-        inv = 1.0 / sqrt(ss / f32(k) + p.eps);
-    }
-    var amax = 0.0;
-    for (var i = t; i < k; i += WG) {
-        amax = max(amax, abs(input(i, inv)));
-    }
-    amax = max_f(amax, t);
-    let s = 127.0 / max(amax, 1e-5);
-    var qsum = 0;
-    for (var wi = t; wi < p.vpr * 16u; wi += WG) {
-        var word = 0u;
-        for (var b = 0u; b < 4u; b++) {
-            let i = wi * 4u + b;
-            var q = 0;
-            if i < k {
-                q = i32(clamp(round(input(i, inv) * s), -128.0, 127.0));
-            }
-            qsum += q;
-            word |= (u32(q) & 0xffu) << (8u * b);
-        }
-        xq[wi / 4u][wi % 4u] = word;
-    }
-    qsum = sum_i(qsum, t); // also the barrier that publishes xq
-
-    // Body: TPR threads per row, each over every TPR-th vec4 (64 columns) of the row.
     let first = (wid.x + wid.y * nwg.x) * RPW;
     let local = t / TPR;
     let lane = t % TPR;
     let row = first + local;
+    // The thread's first weight vector, loaded now (from DRAM) so that its latency hides behind the
+    // prologue. Rows past the end load their matrix's last row and use nothing.
+    let base = min(row, p.rows - 1u) * p.vpr;
+    let last = base + p.vpr - 1u;
+    var wv = w[min(base + lane, last)];
+
+    // Prologue: RMS norm, absmax, int8 quantization (round half to even), Σq. x and the norm weights
+    // come from global memory again in each pass, but from L1 after the first.
+    let kw = (p.k + 3u) / 4u; // words holding input
+    var inv = 1.0;
+    if p.prenorm == 1u {
+        var ss = 0.0;
+        for (var wi = t; wi < kw; wi += WG) {
+            let v = below_k(x[wi], wi);
+            ss += dot(v, v);
+        }
+        inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+    }
+    var amax = 0.0;
+    for (var wi = t; wi < kw; wi += WG) {
+        amax = max(amax, max4(abs(input4(wi, inv))));
+    }
+    let s = 127.0 / max(max_f(amax, t), 1e-5);
+    var qsum = 0;
+    for (var wi = t; wi < p.vpr * 16u; wi += WG) {
+        var word = 0u;
+        if wi < kw {
+            word = pack4(clamp(round(input4(wi, inv) * s), vec4<f32>(-128.0), vec4<f32>(127.0)));
+            qsum += dot4(word, ONES);
+        }
+        xq[wi / 4u][wi % 4u] = word;
+    }
+    qred1[t / 4u][t % 4u] = qsum;
+    workgroupBarrier(); // publishes xq and the Σq partials
+    if t < R2 {
+        let b = 4u * t;
+        let q4 = (qred1[b] + qred1[b + 1u]) + (qred1[b + 2u] + qred1[b + 3u]);
+        qred2[t / 4u][t % 4u] = (q4.x + q4.y) + (q4.z + q4.w);
+    }
+
+    // Body: TPR threads per row, each over every TPR-th vec4 (64 columns) of the row, loading the next
+    // vector of weights before using the one it has.
     var acc = 0;
     if row < p.rows {
-        let base = row * p.vpr;
         for (var v = lane; v < p.vpr; v += TPR) {
-            let wv = w[base + v];
+            let next = w[min(base + v + TPR, last)];
             let xb = (v >> 1u) * 8u + (v & 1u);
-            for (var g = 0u; g < 4u; g++) {
+            for (var i = 0u; i < 4u; i++) {
+                // Lanes on different 128-column blocks start at different groups: taking the same g, their
+                // vec4s of xq would lie 128 bytes apart, in the same banks (a 4-way conflict per quarter warp).
+                let g = (i + (v >> 1u)) & 3u;
                 let sh = 6u - 2u * g;
                 let u = (wv >> vec4<u32>(sh)) & vec4<u32>(0x03030303u);
                 let xv = xq[xb + 2u * g];
                 acc += dot4(u.x, xv.x) + dot4(u.y, xv.y) + dot4(u.z, xv.z) + dot4(u.w, xv.w);
             }
+            wv = next;
         }
     }
-    red_i[t] = acc;
-    workgroupBarrier();
-    for (var st = TPR / 2u; st > 0u; st >>= 1u) {
-        if lane < st {
-            red_i[t] += red_i[t + st];
-        }
-        workgroupBarrier();
-    }
+    row_part[t] = acc;
+    workgroupBarrier(); // publishes the row sums' parts and Σq's second level
 
-    // Epilogue.
+    // Epilogue, by each row's first thread (in mode 2, each row pair's: gate at the even row, up next).
     if lane == 0u && row < p.rows {
-        let a = red_i[t] - qsum;
+        var q4 = qred2[0];
+        for (var i = 1u; i < R2 / 4u; i++) {
+            q4 += qred2[i];
+        }
+        let qsum = (q4.x + q4.y) + (q4.z + q4.w);
+        let a = row_acc(local, qsum);
         let y = f32(a) / s * row_scale(row);
         switch p.mode {
             case 0u: { out[row] = bitcast<u32>(y); }
             case 1u: { out[row] = bitcast<u32>(bitcast<f32>(out[row]) + y); }
-            case 2u: { ys[local] = y; }
+            case 2u: {
+                if (row & 1u) == 0u && row + 1u < p.rows {
+                    let up = f32(row_acc(local + 1u, qsum)) / s * row_scale(row + 1u);
+                    out[row / 2u] = bitcast<u32>(activation(y) * up);
+                }
+            }
             default: { out[row] = bitcast<u32>(a); }
         }
-    }
-    if p.mode == 3u && row == 0u && t == 0u {
-        out[p.rows] = bitcast<u32>(s); // the activation scale, for the tests
-    }
-    workgroupBarrier();
-    if p.mode == 2u && t < RPW / 2u && first + 2u * t + 1u < p.rows {
-        out[first / 2u + t] = bitcast<u32>(activation(ys[2u * t]) * ys[2u * t + 1u]);
+        if p.mode == 3u && row == 0u {
+            out[p.rows] = bitcast<u32>(s); // the activation scale, for the tests
+        }
     }
 }

@@ -162,11 +162,12 @@ impl Gpu {
     }
 
     pub(crate) fn storage(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-        // A binding cannot be empty, and sizes must be multiples of 4.
+        // A binding cannot be empty, and the kernels read f32 arrays as whole vec4s: sizes are multiples
+        // of 16, the padding zeros.
         let mut padded;
-        let contents = if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
+        let contents = if bytes.is_empty() || !bytes.len().is_multiple_of(16) {
             padded = bytes.to_vec();
-            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            padded.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
             &padded[..]
         } else {
             bytes
@@ -178,11 +179,11 @@ impl Gpu {
         })
     }
 
-    /// A zeroed storage buffer of `bytes` bytes.
+    /// A zeroed storage buffer of `bytes` bytes (padded as [`Gpu::storage`] pads).
     pub(crate) fn zeros(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
+            size: bytes.max(16).next_multiple_of(16),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })

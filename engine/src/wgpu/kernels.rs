@@ -6,6 +6,7 @@
 
 use super::gpu::Gpu;
 use super::weights::Format;
+use crate::{Error, Result};
 
 /// Workgroup size of every kernel (the WebGPU minimum for `maxComputeInvocationsPerWorkgroup`).
 pub(crate) const WG: u32 = 256;
@@ -139,10 +140,14 @@ fn header(gpu: &Gpu, consts: &[(&str, u32)]) -> String {
     h
 }
 
-pub(crate) const TERNARY_WGSL: &str = include_str!("../../../shaders/ternary.wgsl");
+// WGSL has no includes: the workgroup reductions come first in the kernels that use them.
+pub(crate) const TERNARY_WGSL: &str =
+    concat!(include_str!("../../../shaders/reduce.wgsl"), include_str!("../../../shaders/ternary.wgsl"));
 pub(crate) const FLOAT_WGSL: &str = include_str!("../../../shaders/float.wgsl");
-pub(crate) const NORM_WGSL: &str = include_str!("../../../shaders/norm.wgsl");
-pub(crate) const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl");
+pub(crate) const NORM_WGSL: &str =
+    concat!(include_str!("../../../shaders/reduce.wgsl"), include_str!("../../../shaders/norm.wgsl"));
+pub(crate) const ATTENTION_WGSL: &str =
+    concat!(include_str!("../../../shaders/reduce.wgsl"), include_str!("../../../shaders/attention.wgsl"));
 
 impl Kernel {
     /// Compiles `entry` of `source` (after a header defining `consts`) for bindings 0 (step) and `slots`.
@@ -172,12 +177,21 @@ impl Kernel {
         Kernel { pipeline, layout, slots: slots.to_vec(), rows_per_group: 1 }
     }
 
-    /// ternary.wgsl for inputs of up to `max_cols` (padded) columns.
-    pub fn ternary(gpu: &Gpu, max_cols: usize) -> Kernel {
+    /// ternary.wgsl for inputs of up to `max_cols` (padded) columns, or an error where its workgroup memory
+    /// would exceed the adapter's (WebGPU guarantees 16 KiB: inputs of up to 13,184 columns).
+    pub fn ternary(gpu: &Gpu, max_cols: usize) -> Result<Kernel> {
+        let xq_vec4 = (max_cols / 16).max(1) as u32;
+        // The int8 activations (xq), then reduce.wgsl's two levels, Σq's two, and the row parts.
+        let bytes = 16 * xq_vec4 + 3 * 4 * WG + 2 * 4 * (WG / 16);
+        let limit = gpu.limits.max_compute_workgroup_storage_size;
+        if bytes > limit {
+            let why = format!("BitLinear over {max_cols} columns needs {bytes} bytes of workgroup memory");
+            return Err(Error::Gpu(format!("{why}, the adapter has {limit}")));
+        }
         let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", 16).min(WG / 2); // gate/up pairs need 2 rows a group
-        let consts = [("TPR", tpr), ("XQ_VEC4", (max_cols / 16).max(1) as u32)];
+        let consts = [("TPR", tpr), ("XQ_VEC4", xq_vec4)];
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
-        Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) }
+        Ok(Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) })
     }
 
     /// float.wgsl's `entry` (matvec or lookup) for matrices stored as `format`.

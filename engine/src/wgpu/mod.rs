@@ -105,7 +105,7 @@ impl GpuModel {
         let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
         let m = GpuModel {
             output_norm: f32s("output_norm", &model.output_norm),
-            ternary: Kernel::ternary(g, max_cols),
+            ternary: Kernel::ternary(g, max_cols)?,
             attention: Kernel::attention(g, c.head_dim),
             rmsnorm: Kernel::norm(g, "rmsnorm"),
             argmax: Kernel::norm(g, "argmax"),
