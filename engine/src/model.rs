@@ -468,7 +468,7 @@ pub struct BatchScratch {
     att: Vec<f32>,   // [tile][q_dim] attention outputs
     gate: Vec<f32>,  // [tile][n_ff]
     up: Vec<f32>,    // [tile][n_ff]
-    acc: Vec<i32>,   // [tile][widest] integer accumulators, in row chunks (see `bitlinear`)
+    acc: Vec<i32>,   // [tile][rows of the matrices of one `bitlinear`] integer accumulators, in row chunks
     logits: Vec<f32>, // [tokens wanting logits][n_vocab] (grown on first use)
     head_x: Vec<HeadActivations>, // per token wanting logits, for a quantized head (grown on first use)
 }
@@ -495,7 +495,7 @@ impl BatchScratch {
             att: vec![0f32; tile * q_dim],
             gate: vec![0f32; tile * c.n_ff],
             up: vec![0f32; tile * c.n_ff],
-            acc: vec![0i32; tile * widest],
+            acc: vec![0i32; tile * (q_dim + 2 * kv_dim).max(2 * c.n_ff).max(widest)],
             logits: Vec::new(),
             head_x: Vec::new(),
         }
@@ -507,29 +507,52 @@ fn rows_per_task(rows: usize) -> usize {
     (rows / (rayon::current_num_threads() * 4)).max(16)
 }
 
-/// BitLinear for the `n` tokens of a tile: `y[t] = (W·xq[t]) / s[t] · scale`, with `xq` rows of
-/// `w.padded_cols()` and `y` rows of `w.rows`. Threads take chunks of rows; each chunk's
+/// BitLinear of the matrices `ws`, which share their input (q, k and v; gate and up), for the `n`
+/// tokens of a tile: `ys[j][t] = (ws[j]·xq[t]) / s[t] · ws[j].scale`, with `xq` rows of
+/// `padded_cols()` and `ys[j]` rows of `ws[j].rows`. All their rows are one parallel loop, so the
+/// threads meet once per input, not once per matrix. Threads take chunks of rows; each chunk's
 /// accumulators come back token-major inside the chunk (`Kernels::ternary_gemm`'s layout).
-fn bitlinear(k: &dyn Kernels, w: &TernaryMatrix, xq: &[i8], s: &[f32], n: usize, acc: &mut [i32], y: &mut [f32]) {
-    let chunk = rows_per_task(w.rows);
-    let acc = &mut acc[..n * w.rows];
-    acc.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
-        let start = i * chunk;
-        k.ternary_gemm(w, start..start + o.len() / n, &xq[..n * w.padded_cols()], n, o);
+fn bitlinear<const M: usize>(
+    k: &dyn Kernels,
+    ws: [&TernaryMatrix; M],
+    xq: &[i8],
+    s: &[f32],
+    n: usize,
+    acc: &mut [i32],
+    ys: [&mut [f32]; M],
+) {
+    let mut rest = acc;
+    let accs = ws.map(|w| {
+        let (acc, r) = std::mem::take(&mut rest).split_at_mut(n * w.rows);
+        rest = r;
+        acc
     });
-    for (i, o) in acc.chunks(chunk * n).enumerate() {
-        let len = o.len() / n;
-        for t in 0..n {
-            let y = &mut y[t * w.rows + i * chunk..][..len];
-            for (y, &a) in y.iter_mut().zip(&o[t * len..(t + 1) * len]) {
-                *y = a as f32 / s[t] * w.scale;
+    let xq = &xq[..n * ws[0].padded_cols()];
+    ws.into_par_iter().zip(accs).zip(ys).for_each(|((w, acc), y)| {
+        let chunk = rows_per_task(w.rows);
+        acc.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
+            let start = i * chunk;
+            k.ternary_gemm(w, start..start + o.len() / n, xq, n, o);
+        });
+        for (i, o) in acc.chunks(chunk * n).enumerate() {
+            let len = o.len() / n;
+            for t in 0..n {
+                let y = &mut y[t * w.rows + i * chunk..][..len];
+                for (y, &a) in y.iter_mut().zip(&o[t * len..(t + 1) * len]) {
+                    *y = a as f32 / s[t] * w.scale;
+                }
             }
         }
-    }
+    });
 }
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    // Σ x² in 16 lanes, which vectorizes; a single running sum is a chain of dependent additions.
+    let mut lanes = [0f32; 16];
+    for c in x.chunks(16) {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v * v);
+    }
+    let ms = lanes.iter().sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
         *o = w * (v * inv);
@@ -616,9 +639,7 @@ impl Model {
         for (l, w) in self.layers.iter().enumerate() {
             // Attention.
             norm_quantize(&s.x, &w.attn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wq.padded_cols(), &mut s.sx);
-            bitlinear(k, &w.wq, &s.xq, &s.sx, n, &mut s.acc, &mut s.q);
-            bitlinear(k, &w.wk, &s.xq, &s.sx, n, &mut s.acc, &mut s.k);
-            bitlinear(k, &w.wv, &s.xq, &s.sx, n, &mut s.acc, &mut s.v);
+            bitlinear(k, [&w.wq, &w.wk, &w.wv], &s.xq, &s.sx, n, &mut s.acc, [&mut s.q, &mut s.k, &mut s.v]);
             for (t, row) in s.rows.iter().enumerate() {
                 let state = &mut *items[row.item].state;
                 let (q, kk) = (&mut s.q[t * q_dim..(t + 1) * q_dim], &mut s.k[t * kv_dim..(t + 1) * kv_dim]);
@@ -630,13 +651,12 @@ impl Model {
             }
             attention(c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
             norm_quantize(&s.att, &w.attn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wo.padded_cols(), &mut s.sx);
-            bitlinear(k, &w.wo, &s.xq, &s.sx, n, &mut s.acc, &mut s.xn);
+            bitlinear(k, [&w.wo], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
             s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
 
             // Feed-forward.
             norm_quantize(&s.x, &w.ffn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_gate.padded_cols(), &mut s.sx);
-            bitlinear(k, &w.w_gate, &s.xq, &s.sx, n, &mut s.acc, &mut s.gate);
-            bitlinear(k, &w.w_up, &s.xq, &s.sx, n, &mut s.acc, &mut s.up);
+            bitlinear(k, [&w.w_gate, &w.w_up], &s.xq, &s.sx, n, &mut s.acc, [&mut s.gate, &mut s.up]);
             for (g, &u) in s.gate[..n * n_ff].iter_mut().zip(&s.up) {
                 let a = match c.activation {
                     Activation::Relu2 => g.max(0.0) * g.max(0.0),
@@ -645,7 +665,7 @@ impl Model {
                 *g = a * u;
             }
             norm_quantize(&s.gate, &w.ffn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_down.padded_cols(), &mut s.sx);
-            bitlinear(k, &w.w_down, &s.xq, &s.sx, n, &mut s.acc, &mut s.xn);
+            bitlinear(k, [&w.w_down], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
             s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
         }
         self.head(k, s, items);
