@@ -216,7 +216,8 @@ impl Kernels {
     }
 
     /// Rows `0..t` of `x` (n floats each): RMSNorm by `w` and int8 quantization into `xq` (rows of `kp`
-    /// bytes) and `scales`.
+    /// bytes) and `scales`. A block per row with a thread per float4 of it (up to 512: then each holds
+    /// several): small models' rows need no 512-thread reductions.
     #[allow(clippy::too_many_arguments)]
     pub fn norm_quant_rows(
         &self,
@@ -229,8 +230,9 @@ impl Kernels {
         scales: u64,
         t: usize,
     ) -> Result<()> {
+        let threads = (n / 4).next_multiple_of(32).clamp(32, 512) as u32;
         let (smem, n, kp) = (4 * n, i(n), i(kp));
-        self.launch(&self.norm_quant_rows, (t, 1), 512, smem, params![x, w, n, kp, eps, xq, scales])
+        self.launch(&self.norm_quant_rows, (t, 1), threads, smem, params![x, w, n, kp, eps, xq, scales])
     }
 
     /// Decode BitLinear of one token: `x` (n floats) normalized by `norm_w`, quantized, times `lin`,
