@@ -12,6 +12,8 @@ use crate::{Error, Result};
 pub(crate) const WG: u32 = 256;
 /// Byte distance between step entries (the largest `minUniformBufferOffsetAlignment`).
 pub(crate) const STEP_STRIDE: u64 = 256;
+/// The longest rows (columns) of a BitLinear that `Kernel::ternary` without `long_rows` is tuned for.
+pub(crate) const SHORT_ROW: usize = 4096;
 /// Tokens encoded per submission.
 pub(crate) const MAX_STEPS: usize = 64;
 
@@ -178,8 +180,11 @@ impl Kernel {
     }
 
     /// ternary.wgsl for inputs of up to `max_cols` (padded) columns, or an error where its workgroup memory
-    /// would exceed the adapter's (WebGPU guarantees 16 KiB: inputs of up to 13,184 columns).
-    pub fn ternary(gpu: &Gpu, max_cols: usize) -> Result<Kernel> {
+    /// would exceed the adapter's (WebGPU guarantees 16 KiB: inputs of up to 13,184 columns). Its threads
+    /// per row suit rows of up to [`SHORT_ROW`] columns (8), or `long_rows` (16): on an H100 the
+    /// 2560-column gate/up matrix ran 15 µs with 8 against 20 µs with 16, the 6912-column down matrix 17
+    /// against 15.
+    pub fn ternary(gpu: &Gpu, max_cols: usize, long_rows: bool) -> Result<Kernel> {
         let xq_vec4 = (max_cols / 16).max(1) as u32;
         // The int8 activations (xq), then reduce.wgsl's two levels, Σq's two, and the row parts.
         let bytes = 16 * xq_vec4 + 3 * 4 * WG + 2 * 4 * (WG / 16);
@@ -188,7 +193,8 @@ impl Kernel {
             let why = format!("BitLinear over {max_cols} columns needs {bytes} bytes of workgroup memory");
             return Err(Error::Gpu(format!("{why}, the adapter has {limit}")));
         }
-        let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", 16).min(WG / 2); // gate/up pairs need 2 rows a group
+        let default = if long_rows { 16 } else { 8 };
+        let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", default).min(WG / 2); // gate/up pairs need 2 rows a group
         let consts = [("TPR", tpr), ("XQ_VEC4", xq_vec4)];
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
         Ok(Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) })

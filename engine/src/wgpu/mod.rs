@@ -40,7 +40,7 @@ use crate::model::{Activation, Config, Model};
 use crate::{Error, Result};
 use kernels::{
     grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MAX_STEPS, MODE_ADD,
-    MODE_GATE_UP, MODE_STORE, STEP_STRIDE,
+    MODE_GATE_UP, MODE_STORE, SHORT_ROW, STEP_STRIDE,
 };
 use weights::{FloatGpu, TernaryGpu};
 
@@ -64,7 +64,8 @@ pub struct GpuModel {
     lm_head: FloatGpu,
     /// The embedding when it is not tied to the LM head.
     token_embd: Option<FloatGpu>,
-    ternary: Kernel,
+    /// BitLinear for rows of up to `SHORT_ROW` columns, and for longer ones.
+    ternary: [Kernel; 2],
     attention: Kernel,
     rmsnorm: Kernel,
     argmax: Kernel,
@@ -105,7 +106,7 @@ impl GpuModel {
         let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
         let m = GpuModel {
             output_norm: f32s("output_norm", &model.output_norm),
-            ternary: Kernel::ternary(g, max_cols)?,
+            ternary: [Kernel::ternary(g, max_cols, false)?, Kernel::ternary(g, max_cols, true)?],
             attention: Kernel::attention(g, c.head_dim),
             rmsnorm: Kernel::norm(g, "rmsnorm"),
             argmax: Kernel::norm(g, "argmax"),
@@ -197,7 +198,8 @@ impl Wgpu {
             let act = u32::from(c.activation == Activation::Silu);
             let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, ..w.params };
             let uniform = gpu.uniform("ternary params", &p);
-            m.ternary.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, m.ternary.rows_per_group))
+            let k = &m.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)];
+            k.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
         };
         let attn_params = AttnParams {
             head_dim: c.head_dim as u32,

@@ -3,7 +3,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use super::gpu::Gpu;
-use super::kernels::{grid, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE};
+use super::kernels::{grid, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW};
 use super::weights::{FloatGpu, TernaryGpu};
 use crate::model::{Activation, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -31,7 +31,8 @@ impl Gpu {
     }
 
     fn probe_ternary(&self, w: &TernaryGpu, p: TernaryParams, x: &[f32], norm: &[f32], out: &[f32], n: usize) -> Result<Vec<u32>> {
-        let k = Kernel::ternary(self, (p.vpr * 64) as usize)?;
+        let cols = p.vpr as usize * 64;
+        let k = Kernel::ternary(self, cols, cols > SHORT_ROW)?;
         let (x, norm, out) = (self.storage("x", bytemuck::cast_slice(x)), self.storage("norm", bytemuck::cast_slice(norm)), self.storage("out", bytemuck::cast_slice(out)));
         let d = k.dispatch(self, &self.probe_step(0), &[&self.uniform("params", &p), &w.buf, &x, &norm, &out], grid(p.rows as usize, k.rows_per_group));
         self.probe_run(&[d], &out, n)
