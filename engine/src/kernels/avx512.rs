@@ -211,9 +211,16 @@ unsafe fn token_tile<D: Dot, const R: usize, const T: usize>(
     }
 }
 
-/// How far ahead of the rows being read their next bytes are requested: one core's hardware
-/// prefetchers alone keep too few lines in flight to stream at the memory's bandwidth.
-const PREFETCH: usize = 4096;
+/// Requests the line at `offset` of each row of the tile two tiles after the one at `tile` (`rows`
+/// rows of `stride` bytes): the same place in rows the kernel reads soon. One core's hardware
+/// prefetchers alone keep too few lines in flight to stream from DRAM at the memory's bandwidth
+/// (and one linear prefetch stream fell behind the rows of tiles longer than its distance).
+#[inline(always)]
+unsafe fn prefetch_ahead(tile: *const u8, rows: usize, stride: usize, offset: usize) {
+    for r in 0..rows {
+        _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add((2 * rows + r) * stride + offset) as *const i8);
+    }
+}
 
 /// `Σ_c u(r, c)·x(t, c)` for rows `r0..r0 + R` and the `T` activation vectors at `x` (stride `p`).
 #[inline(always)]
@@ -225,9 +232,8 @@ unsafe fn tile<D: Dot, const R: usize, const T: usize>(w: &TernaryMatrix, r0: us
     let mut acc_a = [[_mm512_setzero_si512(); T]; R];
     let mut acc_b = [[_mm512_setzero_si512(); T]; R];
     for b in 0..p / 128 {
-        // The tile's rows are contiguous: R·32 bytes a step. Fetch that much, PREFETCH bytes ahead.
-        for k in (0..R * 32).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + R * 32 * b + k) as *const i8);
+        if b % 2 == 0 {
+            prefetch_ahead(wp, R, stride, 32 * b); // a line is two steps
         }
         let block = |r: usize| _mm512_broadcast_i64x4(_mm256_loadu_si256(wp.add(r * stride + 32 * b) as *const __m256i));
         let xs = x.add(128 * b);
@@ -307,11 +313,7 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
     let mut acc1 = [_mm512_setzero_ps(); R];
     let mut i = 0;
     while i + 32 <= n {
-        // As in the ternary tiles: R contiguous rows, R·64 bytes a step.
-        let ahead = (row(0) as *const i8).wrapping_add(PREFETCH + R * 2 * i);
-        for k in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * k));
-        }
+        prefetch_ahead(row(0) as *const u8, R, w.row_bytes, 2 * i);
         let (x0, x1) = (_mm512_loadu_ps(xp.add(i)), _mm512_loadu_ps(xp.add(i + 16)));
         for r in 0..R {
             let h0 = _mm256_loadu_si256(row(r).add(i) as *const __m256i);
