@@ -116,7 +116,8 @@ struct Buffers {
     logits: Buf<f32>,
     /// Page-locked: the logits come back by DMA, without a staging copy.
     logits_host: PinnedHostSlice<f32>,
-    /// Its address (for the copy captured in the decode graph).
+    /// Its address, taken once: the copy captured in the decode graph needs it, and asking `logits_host`
+    /// for it waits on an event, which a thread capturing a graph may not do.
     logits_host_ptr: usize,
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
