@@ -22,7 +22,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(const float* q, co
     float* qs = (float*)(vs + DEC_CHUNK * hd);   // [hd]
     float* ps = qs + hd;                         // [DEC_CHUNK]
     float* os = ps + DEC_CHUNK;                  // [4][hd] per-warp partial outputs
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     __shared__ int last;
     int pos = params[1], nchunks = pos / DEC_CHUNK + 1;
     int c = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kvh = h / group;
@@ -55,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(const float* q, co
     float m = block_max(s, scratch);
     float p = tid < n ? expf(s - m) : 0.0f;
     ps[tid] = p;
-    float l = block_sum(p, scratch);  // its barriers also publish ps
+    float l = block_sum(p, scratch + 32);  // its barrier also publishes ps
     int words = hd / 2;
     float o[8];
 #pragma unroll

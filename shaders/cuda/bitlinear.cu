@@ -97,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(512) norm_quant_rows(const float* x
                                                                   float eps, i8* xq, float* scales) {
     extern __shared__ float4 ws4[];
     float* ws = (float*)ws4;  // [n] the norm weights
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     norm_weights_async(w, n, ws);
     pdl_trigger();
     pdl_wait();
@@ -169,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) bitlinear_gemv(const 
     int4* xq = (int4*)(ws + n);                         // [words] int8 activations, 16 per int4
     u32* wsm = (u32*)(xq + words);                      // [chunk][2][words] weights
     PairConst* pc = (PairConst*)(wsm + (i64)chunk * 2 * words);  // [chunk]
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     int per = (pairs + gridDim.x - 1) / gridDim.x, p0 = blockIdx.x * per, p1 = min(p0 + per, pairs);
     int pos = params[1];  // written before the graph's first kernel, so readable before pdl_wait
     pdl_trigger();

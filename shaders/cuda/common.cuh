@@ -54,21 +54,26 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Integer sums and maxima take one redux instruction (sm_80+) where float sums take five dependent
+// shuffles. A float's maximum is taken as an integer's: `ordered` maps floats (not NaN) to ints of the same
+// order, and back.
+__device__ __forceinline__ int ordered(int i) {
+    return i >= 0 ? i : i ^ 0x7fffffff;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    return __int_as_float(ordered(__reduce_max_sync(0xffffffffu, ordered(__float_as_int(v)))));
 }
 
 __device__ __forceinline__ int warp_isum(int v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+    return __reduce_add_sync(0xffffffffu, v);
 }
 
 // Block-wide reductions (blockDim.x a multiple of 32): every thread gets the result. `scratch` holds 32
-// values; the leading barrier lets consecutive calls reuse it.
+// values. There is no barrier before the partials are written (one less on the critical path): a reduction
+// that follows another without a barrier in between must use its own scratch.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = warp_sum(v);
-    __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
     v = (threadIdx.x & 31) < (blockDim.x >> 5) ? scratch[threadIdx.x & 31] : 0.0f;
@@ -77,7 +82,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = warp_max(v);
-    __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
     v = (threadIdx.x & 31) < (blockDim.x >> 5) ? scratch[threadIdx.x & 31] : NEG_INF;
@@ -131,7 +135,7 @@ __device__ __forceinline__ void norm_weights_async(const float* w, int n, float*
 // `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5), q = clamp(round_half_even(xn * s),
 // -128, 127). Each thread loads its (at most 8) float4 of x at once and keeps them in registers; q goes to
 // dst[0..kp) as packed int8 (zeros past n). Returns s. The whole block calls it; dst is visible to the block
-// afterwards.
+// afterwards. `scratch`: 64 floats (one reduction's 32 each).
 #define NQ 8
 
 __device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, const float* ws, int* dst,
@@ -150,7 +154,7 @@ __device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float
     for (int k = 0; k < NQ; k++)
         if (threadIdx.x + k * blockDim.x < n4) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     cp_async_wait();
-    ss = block_sum(ss, scratch);  // its barriers also publish ws
+    ss = block_sum(ss, scratch);  // its barrier also publishes ws
     float inv = 1.0f / sqrtf(ss / (float)n + eps);
     float amax = 0.0f;
 #pragma unroll
@@ -162,7 +166,7 @@ __device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float
             amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
         }
     }
-    amax = block_max(amax, scratch);
+    amax = block_max(amax, scratch + 32);
     float s = 127.0f / fmaxf(amax, 1e-5f);
 #pragma unroll
     for (int k = 0; k < NQ; k++) {

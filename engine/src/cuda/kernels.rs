@@ -149,7 +149,7 @@ impl Kernels {
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows] {
+        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head] {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -288,10 +288,11 @@ impl Kernels {
         self.launch(&self.embed, (t, 1), 256, 0, params![e, n, tokens, x])
     }
 
-    /// Blocks of the LM head kernel for `rows` rows (the size of its per-block scratch): four per
-    /// multiprocessor, one wave, rows strided over them.
+    /// Blocks of the LM head kernel for `rows` rows (the size of its per-block scratch): about four per
+    /// multiprocessor (one wave), as many as give every block the same number of 16-row groups.
     pub fn lm_head_blocks(&self, rows: usize) -> usize {
-        rows.div_ceil(8).min(self.sms as usize * 4)
+        let groups = rows.div_ceil(16);
+        groups.div_ceil(groups.div_ceil(self.sms as usize * 4))
     }
 
     /// `logits = E · rmsnorm(x, norm_w)` and `*best = argmax(logits)`.

@@ -7,8 +7,8 @@
 //!   quantization of its input and with its epilogue (RoPE + KV-cache store, relu²·up, residual add);
 //!   attention is flash-decoding over 128-key chunks. The step is one CUDA graph, replayed for every
 //!   token (a second one ends with the LM head and its argmax, for steps whose logits are wanted).
-//!   Nothing is allocated per token; the logits come back by DMA into page-locked memory that
-//!   [`Backend::logits`] returns as it is.
+//!   Nothing is allocated per token; the LM head writes the logits straight into page-locked host memory
+//!   that [`Backend::logits`] returns as it is.
 //! - Prompts: tensor-core int8 GEMM (mma.sync) with the same epilogues, and flash-style attention.
 //!
 //! Libraries are loaded at run time (libcuda, libnvrtc), so a build with this feature runs anywhere and
@@ -113,12 +113,12 @@ struct Buffers {
     part_ml: Buf<f32>,
     att_counters: Buf<u32>,
     max_chunks: usize,
-    logits: Buf<f32>,
-    /// Page-locked: the logits come back by DMA, without a staging copy.
+    /// The logits, in page-locked host memory mapped into the device's address space: the LM head writes
+    /// them there itself, in whole lines, while it runs (a copy after it would cost ~10 us a token).
     logits_host: PinnedHostSlice<f32>,
-    /// Its address, taken once: the copy captured in the decode graph needs it, and asking `logits_host`
-    /// for it waits on an event, which a thread capturing a graph may not do.
-    logits_host_ptr: usize,
+    /// Its device address, taken once: a graph being captured may not ask `logits_host` for anything
+    /// (that waits on an event).
+    logits_dev: u64,
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
     head_counter: Buf<u32>,
@@ -243,8 +243,7 @@ impl Cuda {
         cuda.step = Some(cuda.capture(|g| g.decode_layers())?);
         cuda.step_head = Some(cuda.capture(|g| {
             g.decode_layers()?;
-            g.lm_head(g.b.x.ptr)?;
-            g.copy_logits()
+            g.lm_head(g.b.x.ptr)
         })?);
         stream.synchronize()?;
         Ok(cuda)
@@ -256,9 +255,15 @@ impl Cuda {
         let kp = [c.n_embd, q_dim, c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
         let max_chunks = ctx.div_ceil(DEC_CHUNK);
         let blocks = k.lm_head_blocks(c.n_vocab);
-        // SAFETY: a plain (cached, not write-combined) page-locked allocation, freed with the buffers.
-        let mut logits_host = unsafe { s.context().alloc_pinned_with_flags::<f32>(c.n_vocab, 0) }?;
+        // SAFETY: a cached (not write-combined: the host reads it) page-locked allocation, mapped into the
+        // device's address space, freed with the buffers.
+        let mut logits_host =
+            unsafe { s.context().alloc_pinned_with_flags::<f32>(c.n_vocab, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?;
         logits_host.as_mut_slice()?.fill(0.0);
+        let mut logits_dev = 0;
+        // SAFETY: the pointer is the start of a mapped page-locked allocation.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut logits_dev, logits_host.as_mut_ptr()? as *mut c_void, 0) }
+            .result()?;
         Ok(Buffers {
             x: zeros(s, t * c.n_embd)?,
             q: zeros(s, t * q_dim)?,
@@ -274,8 +279,7 @@ impl Cuda {
             part_ml: zeros(s, c.n_head * max_chunks * 2)?,
             att_counters: zeros(s, c.n_head)?,
             max_chunks,
-            logits: zeros(s, c.n_vocab)?,
-            logits_host_ptr: logits_host.as_mut_ptr()? as usize,
+            logits_dev,
             logits_host,
             block_val: zeros(s, blocks)?,
             block_idx: zeros(s, blocks)?,
@@ -401,7 +405,7 @@ impl Cuda {
             c.eps,
             e,
             c.n_vocab,
-            b.logits.ptr,
+            b.logits_dev,
             val,
             idx,
             counter,
@@ -414,19 +418,6 @@ impl Cuda {
         let mut best = [0i32; 1];
         self.stream.memcpy_dtoh(&self.b.best.mem, &mut best)?;
         Ok(best[0] as u32)
-    }
-
-    /// Queues the copy of the logits into page-locked host memory.
-    fn copy_logits(&self) -> Result<()> {
-        self.stream.context().bind_to_thread()?;
-        let bytes = self.c.n_vocab * std::mem::size_of::<f32>();
-        // SAFETY: both buffers hold n_vocab floats and live as long as `self`, which owns the graph that
-        // replays this copy.
-        unsafe {
-            sys::cuMemcpyDtoHAsync_v2(self.b.logits_host_ptr as *mut c_void, self.b.logits.ptr, bytes, self.stream.cu_stream())
-        }
-        .result()?;
-        Ok(())
     }
 
     /// The decode step's token and position, set on the device by two asynchronous 4-byte memsets (no host
@@ -489,7 +480,7 @@ impl Backend for Cuda {
             let graph = if want_logits { &self.step_head } else { &self.step };
             graph.as_ref().expect("captured in new").0.launch()?;
             if want_logits {
-                self.stream.synchronize()?; // the graph copied the logits back
+                self.stream.synchronize()?; // the LM head has written the logits
             }
         } else {
             let (mut start, mut last) = (pos, 0);
@@ -500,7 +491,6 @@ impl Backend for Cuda {
             }
             if want_logits {
                 self.lm_head(self.b.x.at((last - 1) * self.c.n_embd))?;
-                self.copy_logits()?;
                 self.stream.synchronize()?;
             }
         }
@@ -508,7 +498,7 @@ impl Backend for Cuda {
     }
 
     fn logits(&self) -> &[f32] {
-        // `forward` synchronized the stream after the read-back: this waits for nothing.
-        self.b.logits_host.as_slice().expect("the logits' read-back has completed")
+        // `forward` synchronized the stream after the LM head: this waits for nothing.
+        self.b.logits_host.as_slice().expect("the LM head has completed")
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{sys, CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 
 use super::kernels::{AttnDims, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
@@ -396,7 +396,8 @@ fn attention_kernels_match_the_reference() {
 fn embedding_and_lm_head_match_the_cpu() {
     let g = gpu();
     let mut r = rng(6);
-    for (rows, n) in [(768, 96), (5000, 2560)] {
+    // 1001 rows: the last block has a single row.
+    for (rows, n) in [(768, 96), (1001, 64), (5000, 2560)] {
         let e = f16_round(&uniform(&mut r, rows * n, -1.0, 1.0));
         let eb = g.up(&e.iter().map(|&v| f16::from_f32(v).to_bits()).collect::<Vec<_>>());
         // Embedding: exact rows.
@@ -508,5 +509,14 @@ fn decode_kernel_times() {
         (g.zeros::<f32>(blocks), g.zeros::<i32>(blocks), g.zeros::<u32>(1), g.zeros::<i32>(1));
     time("lm_head 128256x2560", rows * n * 2, &|| {
         g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, logits.ptr, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
+    });
+    // As the backend runs it: the logits written into mapped page-locked host memory.
+    // SAFETY: a mapped page-locked allocation of `rows` floats, alive until the end of the test.
+    let mut host = unsafe { g.s.context().alloc_pinned_with_flags::<f32>(rows, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.unwrap();
+    let mut mapped = 0;
+    // SAFETY: the start of the mapped allocation above.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host.as_mut_ptr().unwrap() as *mut _, 0) }.result().unwrap();
+    time("lm_head 128256x2560, logits to host", rows * n * 2, &|| {
+        g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, mapped, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
     });
 }
