@@ -52,7 +52,9 @@ extern "C" __global__ void __launch_bounds__(256) lm_head(const float* x, const 
         const uint4* row = (const uint4*)(E + (i64)a * n);
         const uint4* row2 = (const uint4*)(E + (i64)b * n);
         float acc = 0.0f, acc2 = 0.0f;
-#pragma unroll 4
+        // Five loads of each row in flight per lane (2B4T's 2560 columns are ten per lane): 2% faster than four
+        // or eight on an H100.
+#pragma unroll 5
         for (int i = lane; i < n / 8; i += 32) {
             // Read once: "last use" loads (ld.global.lu) ran 4% faster than plain ones on an H100, 2% faster
             // than streaming (.cs) ones.
