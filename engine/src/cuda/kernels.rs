@@ -199,12 +199,14 @@ impl Kernels {
 
     /// The grid and the chunk of the decode kernel for `pairs` row pairs of `words` words and an input of `n`
     /// floats: `blocks`, or about 32 KB of weights per block (16 KB for inputs longer than 4096, whose
-    /// normalization takes longer), between half a block and two blocks per multiprocessor: on an H100
-    /// the small 2B4T matrices ran fastest on half the multiprocessors, gate/up and down on two blocks per
-    /// multiprocessor. Each block holds as many of its pairs in shared memory as the budget allows.
+    /// normalization takes longer), between half a block and one and a half blocks per multiprocessor: on
+    /// an H100 the small 2B4T matrices ran fastest on half the multiprocessors; gate/up and down, alone, on
+    /// two blocks per multiprocessor, but in the decode step 1.5 did better (2B4T tg128 1010 -> 1021 tok/s):
+    /// with two, the registers left no room for the next kernel's blocks to start early and load their
+    /// weights. Each block holds as many of its pairs in shared memory as the budget allows.
     pub fn plan_gemv(&self, pairs: usize, words: usize, n: usize, blocks: Option<usize>) -> Result<(usize, usize)> {
         let sms = self.sms as usize;
-        let by_size = ((pairs * 8 * words).div_ceil(32 * 1024) * n.div_ceil(4096)).clamp(sms.div_ceil(2), 2 * sms);
+        let by_size = ((pairs * 8 * words).div_ceil(32 * 1024) * n.div_ceil(4096)).clamp(sms.div_ceil(2), 3 * sms / 2);
         let blocks = blocks.unwrap_or(by_size).clamp(1, pairs.max(1));
         let per_block = pairs.div_ceil(blocks);
         let room = GEMV_SMEM_BUDGET.saturating_sub(gemv_smem(n, words, 0)) / (8 * words + PAIR_CONST);
