@@ -20,6 +20,14 @@ pub trait Backend: Send {
 
     /// The logits of the last `forward` that asked for them.
     fn logits(&self) -> &[f32];
+
+    /// Like `forward` with logits, but returns only the greedy next token: the argmax of the logits
+    /// (the lowest id among equal maxima). GPU backends take it on the device and read back only the id
+    /// (`logits` may then be out of date).
+    fn forward_greedy(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+        self.forward(tokens, pos, true)?;
+        Ok(crate::sampling::argmax(self.logits().iter().copied()))
+    }
 }
 
 /// The CPU backend: the model's weights in host memory, threads from the current rayon pool.

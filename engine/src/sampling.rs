@@ -71,6 +71,12 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new() }
     }
 
+    /// Whether the pick is the plain argmax of the logits, which a GPU backend can take on its device
+    /// ([`crate::backend::Backend::forward_greedy`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && self.params.repeat_penalty == 1.0
+    }
+
     /// Picks the next token. `history` is every token so far (prompt included), for the penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
@@ -81,7 +87,7 @@ impl Sampler {
             penalize(&mut self.candidates, recent, p.repeat_penalty);
         }
         if p.temperature <= 0.0 {
-            return argmax(&self.candidates);
+            return argmax(self.candidates.iter().map(|c| c.1)); // still every token, in id order
         }
         if p.top_k > 0 && p.top_k < self.candidates.len() {
             top_k(&mut self.candidates, p.top_k);
@@ -98,14 +104,15 @@ impl Sampler {
 }
 
 /// The first index of the largest logit (ties go to the lower id, like argmax everywhere).
-fn argmax(c: &[(u32, f32)]) -> u32 {
-    let mut best = c[0];
-    for &x in &c[1..] {
+pub fn argmax(logits: impl IntoIterator<Item = f32>) -> u32 {
+    let mut it = logits.into_iter().enumerate();
+    let Some(mut best) = it.next() else { return 0 };
+    for x in it {
         if x.1 > best.1 {
             best = x;
         }
     }
-    best.0
+    best.0 as u32
 }
 
 /// llama.cpp's repetition penalty: divide positive logits, multiply negative ones, once per distinct token.

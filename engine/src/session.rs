@@ -81,6 +81,17 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
+    /// Appends one token and returns the greedy next token ([`Backend::forward_greedy`]).
+    pub fn push_greedy(&mut self, token: u32) -> Result<u32> {
+        let pos = self.tokens.len();
+        if pos + 1 > self.ctx() {
+            return Err(Error::ContextFull { needed: pos + 1, ctx: self.ctx() });
+        }
+        let next = self.backend.forward_greedy(&[token], pos)?;
+        self.tokens.push(token);
+        Ok(next)
+    }
+
     /// Makes the cache hold exactly `tokens`, evaluating only what differs from what is already
     /// cached (the longest common prefix is kept: a chat turn re-evaluates only the new messages).
     /// Afterwards `logits()` belongs to the last token. Returns how many tokens were evaluated.
@@ -117,11 +128,16 @@ impl<'m> Session<'m> {
         let mut decoder = StreamDecoder::new();
         let mut stops = StopMatcher::new(&params.stop);
         let mut n_generated = 0;
+        // A plain greedy pick is taken by the backend with each step (on a GPU only the id comes back).
+        let mut picked = None;
         let stop = loop {
             if n_generated == params.max_tokens {
                 break StopReason::MaxTokens;
             }
-            let next = sampler.sample(self.backend.logits(), &self.tokens);
+            let next = match picked.take() {
+                Some(t) => t,
+                None => sampler.sample(self.backend.logits(), &self.tokens),
+            };
             if tok.is_end_of_generation(next) {
                 break StopReason::EndToken;
             }
@@ -136,7 +152,11 @@ impl<'m> Session<'m> {
             if self.tokens.len() == self.ctx() {
                 break StopReason::ContextFull;
             }
-            self.push(&[next], true)?;
+            if sampler.is_plain_greedy() {
+                picked = Some(self.push_greedy(next)?);
+            } else {
+                self.push(&[next], true)?;
+            }
         };
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
             let (rest, _) = stops.feed(&decoder.flush());

@@ -61,6 +61,18 @@ fn upload<T: DeviceRepr>(s: &Arc<CudaStream>, host: &[T]) -> Result<Buf<T>> {
     Ok(Buf { mem, ptr })
 }
 
+/// `n` zeros in page-locked host memory mapped into the device's address space, and their device address.
+fn mapped<T: DeviceRepr + ValidAsZeroBits + Default + Copy>(s: &Arc<CudaStream>, n: usize) -> Result<(PinnedHostSlice<T>, u64)> {
+    // SAFETY: a cached (not write-combined: the host reads it) page-locked allocation, mapped into the
+    // device's address space.
+    let mut host = unsafe { s.context().alloc_pinned_with_flags::<T>(n, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?;
+    host.as_mut_slice()?.fill(T::default());
+    let mut dev = 0;
+    // SAFETY: the pointer is the start of a mapped page-locked allocation.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host.as_mut_ptr()? as *mut c_void, 0) }.result()?;
+    Ok((host, dev))
+}
+
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<Buf<T>> {
     let mem = s.alloc_zeros::<T>(n.max(1))?;
     let ptr = mem.device_ptr(s).0;
@@ -117,16 +129,17 @@ struct Buffers {
     part_ml: Buf<f32>,
     att_counters: Buf<u32>,
     max_chunks: usize,
-    /// The logits, in page-locked host memory mapped into the device's address space: the LM head writes
-    /// them there itself, in whole lines, while it runs (a copy after it would cost ~10 us a token).
+    /// The logits and their argmax, in page-locked host memory mapped into the device's address space:
+    /// the LM head writes them there itself while it runs (no copy after it). With their device addresses,
+    /// taken once: a graph being captured may not ask a `PinnedHostSlice` for anything (that waits on an
+    /// event).
     logits_host: PinnedHostSlice<f32>,
-    /// Its device address, taken once: a graph being captured may not ask `logits_host` for anything
-    /// (that waits on an event).
     logits_dev: u64,
+    best_host: PinnedHostSlice<i32>,
+    best_dev: u64,
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
     head_counter: Buf<u32>,
-    best: Buf<i32>,
 }
 
 /// A captured CUDA graph.
@@ -259,17 +272,10 @@ impl Cuda {
         let kp = [c.n_embd, q_dim, c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
         let max_chunks = ctx.div_ceil(DEC_CHUNK);
         let blocks = k.lm_head_blocks(c.n_vocab);
-        // SAFETY: a cached (not write-combined: the host reads it) page-locked allocation, mapped into the
-        // device's address space, freed with the buffers.
-        let mut logits_host =
-            unsafe { s.context().alloc_pinned_with_flags::<f32>(c.n_vocab, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?;
-        logits_host.as_mut_slice()?.fill(0.0);
+        let (logits_host, logits_dev) = mapped(s, c.n_vocab)?;
+        let (best_host, best_dev) = mapped(s, 1)?;
         // SAFETY: a plain page-locked allocation, freed with the buffers.
         let mut params_host = unsafe { s.context().alloc_pinned_with_flags::<u32>(2, 0) }?;
-        let mut logits_dev = 0;
-        // SAFETY: the pointer is the start of a mapped page-locked allocation.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut logits_dev, logits_host.as_mut_ptr()? as *mut c_void, 0) }
-            .result()?;
         Ok(Buffers {
             x: zeros(s, t * c.n_embd)?,
             q: zeros(s, t * q_dim)?,
@@ -292,7 +298,8 @@ impl Cuda {
             block_val: zeros(s, blocks)?,
             block_idx: zeros(s, blocks)?,
             head_counter: zeros(s, 1)?,
-            best: zeros(s, 1)?,
+            best_host,
+            best_dev,
         })
     }
 
@@ -425,15 +432,8 @@ impl Cuda {
             val,
             idx,
             counter,
-            b.best.ptr,
+            b.best_dev,
         )
-    }
-
-    /// The argmax of the last logits, computed on the GPU (the lowest id among equal maxima).
-    pub fn argmax(&self) -> Result<u32> {
-        let mut best = [0i32; 1];
-        self.stream.memcpy_dtoh(&self.b.best.mem, &mut best)?;
-        Ok(best[0] as u32)
     }
 
     /// The next decode step's token and position, for its graph to copy in (one node of the graph instead
@@ -516,5 +516,11 @@ impl Backend for Cuda {
     fn logits(&self) -> &[f32] {
         // `forward` synchronized the stream after the LM head: this waits for nothing.
         self.b.logits_host.as_slice().expect("the LM head has completed")
+    }
+
+    /// The LM head took the argmax on the device (the logits are there as well).
+    fn forward_greedy(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+        self.forward(tokens, pos, true)?;
+        Ok(self.b.best_host.as_slice()?[0] as u32)
     }
 }
