@@ -3,9 +3,13 @@
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
 // position, and the first query head of each kv group writes them to the cache for later tokens.
 //
+// A prompt tile runs one workgroup per (head, token) of the tile's step.n tokens, at positions step.pos
+// onwards. A token attends to the tile's earlier tokens too, whose keys another workgroup computes: so
+// `store_kv` first writes the whole tile's keys and values to the cache, and `main` reads them there.
+//
 // Prepended by the host: WG, MAX_HD (>= head_dim), and reduce.wgsl.
 
-struct Step { token: u32, pos: u32 }
+struct Step { token: u32, pos: u32, row: u32, n: u32 }
 
 struct Params {
     head_dim: u32,
@@ -15,6 +19,9 @@ struct Params {
     rope_half: u32, // rope_dim / 2
     ctx: u32,
     scale: f32,     // 1 / sqrt(head_dim)
+    qkv_stride: u32, // a tile's rows: from one token's q, k, v to the next's
+    out_stride: u32, // and from one token's output to the next's
+    cached: u32,     // 1: the token's k and v are in the cache already (a tile, after store_kv)
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -23,8 +30,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> rope: array<vec2<f32>>; // [pos][rope_half] (cos, sin)
 @group(0) @binding(4) var<storage, read_write> k_cache: array<f32>; // [pos][kv_dim]
 @group(0) @binding(5) var<storage, read_write> v_cache: array<f32>;
-@group(0) @binding(6) var<storage, read_write> att: array<f32>;     // [head][ctx] scratch
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;     // [n_head * head_dim]
+@group(0) @binding(6) var<storage, read_write> att: array<f32>;     // [token][head][ctx] scratch
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;     // [token][n_head * head_dim]
 
 var<workgroup> q: array<f32, MAX_HD>;
 var<workgroup> kp: array<f32, MAX_HD>;
@@ -45,26 +52,51 @@ fn rotated(base: u32, i: u32, pos: u32) -> f32 {
     return qkv[base + i];
 }
 
+// A tile's keys (rotated) and values into the cache: one workgroup per (kv head, token).
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn store_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let tok = wid.y;
+    if tok >= step.n || t >= p.head_dim {
+        return;
+    }
+    let pos = step.pos + tok;
+    let kv_off = wid.x * p.head_dim;
+    let kb = tok * p.qkv_stride + p.q_dim + kv_off;
+    k_cache[pos * p.kv_dim + kv_off + t] = rotated(kb, t, pos);
+    v_cache[pos * p.kv_dim + kv_off + t] = qkv[kb + p.kv_dim + t];
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32) {
+    let tok = wid.y;
+    if tok >= step.n {
+        return;
+    }
     let hd = p.head_dim;
     let head = wid.x;
     let kvh = head / p.group;
-    let pos = step.pos;
+    let pos = step.pos + tok;
     let kv_off = kvh * hd;
+    let qb = tok * p.qkv_stride;
     for (var i = t; i < hd; i += WG) {
-        q[i] = rotated(head * hd, i, pos);
-        kp[i] = rotated(p.q_dim + kv_off, i, pos);
-        vp[i] = qkv[p.q_dim + p.kv_dim + kv_off + i];
-        if head % p.group == 0u {
-            k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
-            v_cache[pos * p.kv_dim + kv_off + i] = vp[i];
+        q[i] = rotated(qb + head * hd, i, pos);
+        if p.cached == 1u {
+            kp[i] = k_cache[pos * p.kv_dim + kv_off + i];
+            vp[i] = v_cache[pos * p.kv_dim + kv_off + i];
+        } else {
+            kp[i] = rotated(qb + p.q_dim + kv_off, i, pos);
+            vp[i] = qkv[qb + p.q_dim + p.kv_dim + kv_off + i];
+            if head % p.group == 0u {
+                k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
+                v_cache[pos * p.kv_dim + kv_off + i] = vp[i];
+            }
         }
     }
     workgroupBarrier();
 
     // Scores, one position per thread.
-    let a = head * p.ctx;
+    let a = (tok * nwg.x + head) * p.ctx;
     // -f32::MAX written exactly: Chromium rejects a decimal literal that rounds to it from above.
     var mx = -0x1.fffffep+127f;
     for (var j = t; j <= pos; j += WG) {
@@ -114,6 +146,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var gg = 0u; gg < groups; gg++) {
             s += red[gg * hd + t];
         }
-        out[head * hd + t] = s / sum;
+        out[tok * p.out_stride + head * hd + t] = s / sum;
     }
 }

@@ -13,7 +13,7 @@ use bitnet_engine::kernels::{self, quantize_activations};
 use bitnet_engine::model::{Activation, FloatMatrix, Model};
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu};
+use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu, TILE};
 use std::sync::Arc;
 
 mod common;
@@ -78,6 +78,34 @@ fn bitlinear_accumulators_are_exact() {
                 let xq_dev: Vec<i8> = x.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect();
                 xq[..cols].copy_from_slice(&xq_dev);
                 assert_eq!(acc, scalar_acc(&w, &xq), "{rows}x{cols}: accumulators ({})", gpu.adapter().name);
+            }
+        }
+    }
+}
+
+/// The prompt GEMM (tile.wgsl): every token's accumulators bit for bit, over token counts that fill
+/// no tile exactly (one to two tiles), odd row counts (a row pair's second row missing) and odd widths.
+#[test]
+fn prompt_gemm_accumulators_are_exact() {
+    let mut rng = Rng(0x5eed_0006);
+    for gpu in both_dot4() {
+        for &(rows, cols, n) in &[(1, 1, 3), (3, 127, TILE + 5), (17, 128, 1), (40, 192, TILE), (33, 320, 2 * TILE - 1), (64, 576, 7), (70, 2560, 9), (5, 6912, TILE + 1)] {
+            let w = random_ternary(&mut rng, rows, cols, 0.5);
+            let mut ties: Vec<f32> = (0..cols).map(|i| (i % 9) as f32 - 4.5).collect();
+            ties[0] = 127.0;
+            let xs: Vec<Vec<f32>> = (0..n).map(|i| if i % 5 == 1 { ties.clone() } else { rng.vec(cols, 1.0 + i as f32) }).collect();
+            let got = gpu.probe_gemm_acc(&w, &xs).unwrap();
+            assert_eq!(got.len(), n);
+            // The tile quantizes as the decode kernel does: the same scale, to the bit.
+            let (_, s_decode) = gpu.probe_bitlinear_acc(&w, &xs[0]).unwrap();
+            assert_eq!(got[0].1, s_decode, "{rows}x{cols}: the tile's and the decode step's scale");
+            for (t, (x, (acc, s))) in xs.iter().zip(got).enumerate() {
+                let mut xq = vec![0i8; w.padded_cols()];
+                let s_cpu = quantize_activations(x, &mut xq);
+                assert!(ulps(s, s_cpu) <= 2, "{rows}x{cols} token {t}: s = {s} on the GPU, {s_cpu} on the CPU");
+                let xq_dev: Vec<i8> = x.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect();
+                xq[..cols].copy_from_slice(&xq_dev);
+                assert_eq!(acc, scalar_acc(&w, &xq), "{rows}x{cols} token {t} of {n}: accumulators ({})", gpu.adapter().name);
             }
         }
     }
@@ -315,6 +343,41 @@ fn default_model_matches_the_cpu() {
     // one norm weight vector by 1 + 1e-6 moves these logits by 0.24 to 0.43. Hence the wider tolerance.
     let (first, worst) = compare_with_cpu(&model, &upload(gpu, &model), &prompt, 8, 1.0, 0.1);
     eprintln!("default model: max |Δlogit| {first} after the prompt, {worst} anywhere");
+}
+
+/// A prompt of more than one tile (the last one partial) in one call: its logits are those of the same
+/// tokens run one at a time through the decode path (the same int8 activations and float operations), the
+/// decode steps after it continue identically, and both match the CPU.
+#[test]
+fn prompt_tiles_match_token_by_token() {
+    let Some(gpu) = gpu() else { return };
+    let (model, tok) = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf"));
+    let text = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, Berlin is the capital of \
+                Germany, and Madrid is the capital of Spain. The tallest mountain in the world is";
+    let prompt = tok.encode(text, tok.add_bos()).unwrap();
+    assert!(prompt.len() > TILE && prompt.len() % TILE != 0, "{} tokens", prompt.len());
+    let gm = upload(gpu, &model);
+    compare_with_cpu(&model, &gm, &prompt, 2, 1.0, 0.1);
+
+    let (mut tiled, mut single) = (Wgpu::with_model(gm.clone(), 64).unwrap(), Wgpu::with_model(gm, 64).unwrap());
+    tiled.forward(&prompt, 0, true).unwrap();
+    for (i, &t) in prompt.iter().enumerate() {
+        single.forward(&[t], i, i + 1 == prompt.len()).unwrap();
+    }
+    let mut pos = prompt.len();
+    for step in 0..4 {
+        let d = max_abs_diff(tiled.logits(), single.logits());
+        eprintln!("position {pos}: max |Δlogit| {d} between the prompt in tiles and token by token");
+        assert!(d <= 1e-4, "position {pos}: max |Δlogit| = {d}");
+        let next = argmax(single.logits());
+        assert_eq!(argmax(tiled.logits()), next, "position {pos}: top-1");
+        if step == 3 {
+            break;
+        }
+        tiled.forward(&[next as u32], pos, true).unwrap();
+        single.forward(&[next as u32], pos, true).unwrap();
+        pos += 1;
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use super::gpu::Gpu;
-use super::kernels::{grid, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW};
+use super::kernels::{grid, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW, TILE};
 use super::weights::{FloatGpu, TernaryGpu};
 use crate::model::{Activation, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -11,7 +11,7 @@ use crate::Result;
 
 impl Gpu {
     fn probe_step(&self, token: u32) -> wgpu::Buffer {
-        self.uniform("step", &Step { token, pos: 0, _pad: [0; 2] })
+        self.uniform("step", &Step { token, pos: 0, row: 0, n: 1 })
     }
 
     /// Runs `dispatches` (step 0) and reads back the first `n` values of `out`.
@@ -45,6 +45,33 @@ impl Gpu {
         let p = TernaryParams { mode: MODE_RAW, prenorm: 0, ..g.params };
         let raw = self.probe_ternary(&g, p, x, x, &vec![0.0; w.rows + 1], w.rows + 1)?;
         Ok((raw[..w.rows].iter().map(|&a| a as i32).collect(), f32::from_bits(raw[w.rows])))
+    }
+
+    /// A prompt's BitLinear integer part (tile.wgsl): quantizes each of `xs` as it is (no norm) and runs
+    /// the GEMM, in tiles as the forward pass does; returns each token's accumulators and activation scale.
+    pub fn probe_gemm_acc(&self, w: &TernaryMatrix, xs: &[Vec<f32>]) -> Result<Vec<(Vec<i32>, f32)>> {
+        let g = TernaryGpu::upload(self, "w", &[w], false)?;
+        let stride = w.cols.next_multiple_of(4);
+        let p = TernaryParams { mode: MODE_RAW, prenorm: 0, x_stride: (stride / 4) as u32, out_stride: w.rows as u32, ..g.params };
+        let (quantize, gemm, params) = (Kernel::tile(self, "quantize"), Kernel::tile(self, "gemm"), self.uniform("params", &p));
+        let (words, scales) = (self.zeros("words", (TILE * g.params.vpr as usize * 64) as u64), self.zeros("scales", TILE as u64 * 8));
+        let (x, out) = (self.zeros("x", (TILE * stride * 4) as u64), self.zeros("out", (TILE * w.rows * 4) as u64));
+        let mut got = Vec::with_capacity(xs.len());
+        for chunk in xs.chunks(TILE) {
+            let mut rows = vec![0f32; TILE * stride];
+            rows.chunks_exact_mut(stride).zip(chunk).for_each(|(r, x)| r[..x.len()].copy_from_slice(x));
+            self.queue.write_buffer(&x, 0, bytemuck::cast_slice(&rows));
+            let step = self.uniform("step", &Step { token: 0, pos: 0, row: 0, n: chunk.len() as u32 });
+            let d = [
+                // No norm: the norm weights' binding goes unused.
+                quantize.dispatch(self, &step, &[&params, &words, &x, &x, &scales], (TILE as u32, 1)),
+                gemm.dispatch(self, &step, &[&params, &g.buf, &words, &scales, &out], grid(w.rows, gemm.rows_per_group)),
+            ];
+            let acc: Vec<i32> = self.probe_run(&d, &out, chunk.len() * w.rows)?;
+            let s: Vec<f32> = self.probe_run(&[], &scales, 2 * chunk.len())?;
+            got.extend(acc.chunks_exact(w.rows).zip(s.chunks_exact(2)).map(|(a, s)| (a.to_vec(), s[0])));
+        }
+        Ok(got)
     }
 
     /// The fused kernel as the forward pass runs it: `rmsnorm(x, norm)`, quantization, and BitLinear of
