@@ -111,6 +111,47 @@ fn prompt_gemm_accumulators_are_exact() {
     }
 }
 
+/// Softmax attention of the last position over all of them, in f64 (GQA: `n_head_kv` key/value heads).
+fn attention_f64(head_dim: usize, n_head_kv: usize, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
+    let (n_head, kv_dim) = (q.len() / head_dim, n_head_kv * head_dim);
+    let mut out = vec![0f32; q.len()];
+    for h in 0..n_head {
+        let (qh, off) = (&q[h * head_dim..(h + 1) * head_dim], h / (n_head / n_head_kv) * head_dim);
+        let scores: Vec<f64> = keys
+            .chunks_exact(kv_dim)
+            .map(|k| qh.iter().zip(&k[off..]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (head_dim as f64).sqrt())
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for i in 0..head_dim {
+            out[h * head_dim + i] = (e.iter().zip(values.chunks_exact(kv_dim)).map(|(e, v)| e * v[off + i] as f64).sum::<f64>() / sum) as f32;
+        }
+    }
+    out
+}
+
+/// Decode attention split over the sequence (flash-decoding), at positions on both sides of chunk
+/// boundaries and with a chunk a workgroup wide: the single pass's result and the exact one, to float
+/// tolerance.
+#[test]
+fn split_attention_matches_the_single_pass() {
+    let mut rng = Rng(0x5eed_0007);
+    let Some(gpu) = gpu() else { return };
+    let (head_dim, n_head, n_head_kv) = (64, 6, 2);
+    for &(chunk, pos) in &[(8, 7), (8, 8), (8, 9), (8, 15), (8, 16), (8, 17), (8, 63), (3, 40), (256, 256), (256, 700), (256, 1023)] {
+        let n = pos + 1;
+        let q = rng.vec(n_head * head_dim, 2.0);
+        let (keys, values) = (rng.vec(n * n_head_kv * head_dim, 2.0), rng.vec(n * n_head_kv * head_dim, 1.0));
+        let want = attention_f64(head_dim, n_head_kv, &q, &keys, &values);
+        let single = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, 0).unwrap();
+        let split = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, chunk).unwrap();
+        let (ds, dp) = (max_abs_diff(&single, &want), max_abs_diff(&split, &want));
+        assert!(ds <= 1e-5 && dp <= 1e-5, "chunk {chunk}, position {pos}: max |Δ| {ds} single pass, {dp} split");
+        assert!(max_abs_diff(&split, &single) <= 1e-5, "chunk {chunk}, position {pos}: split vs single pass");
+    }
+}
+
 /// The CPU's rmsnorm, quantization and BitLinear scaling, for the fused kernel's checks.
 fn cpu_bitlinear(w: &TernaryMatrix, x: &[f32], norm: &[f32], eps: f32) -> (Vec<f32>, f32) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -301,7 +342,8 @@ fn upload(gpu: Gpu, model: &Model) -> Arc<GpuModel> {
 
 /// Every fixture model (every weight type: I2_S, TQ1_0, TQ2_0, F32/F16/BF16-stored ternary, per-tensor
 /// scales, tied and untied heads, GQA) on its reference prompts; the first prompt also with the
-/// plain-WGSL dot product and with the LM head and embedding split into shards.
+/// plain-WGSL dot product, with the LM head and embedding split into shards, and with the decode steps'
+/// attention split over the sequence in chunks of 2 positions (from position 4 on).
 #[test]
 fn fixture_models_match_the_cpu() {
     let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
@@ -312,7 +354,11 @@ fn fixture_models_match_the_cpu() {
     for (file, info) in refs["files"].as_object().unwrap() {
         let (model, _) = load(&fixture(file));
         let gm = upload(gpu().unwrap(), &model);
-        let variants = [upload(gpu().unwrap().without_dot4(), &model), upload(gpu().unwrap().with_max_shard(8192), &model)];
+        let variants = [
+            upload(gpu().unwrap().without_dot4(), &model),
+            upload(gpu().unwrap().with_max_shard(8192), &model),
+            upload(gpu().unwrap().with_attention_chunk(2), &model),
+        ];
         for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate() {
             let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             // Stable prompts have no int8 rounding flips under small float noise: logits agree to 1e-3.

@@ -14,6 +14,10 @@ pub(crate) const WG: u32 = 256;
 pub(crate) const STEP_STRIDE: u64 = 256;
 /// The longest rows (columns) of a BitLinear that `Kernel::ternary` without `long_rows` is tuned for.
 pub(crate) const SHORT_ROW: usize = 4096;
+/// Positions per workgroup of a decode step's attention split over the sequence (attention.wgsl): one per
+/// thread in the scores' loop.
+pub(crate) const ATTN_CHUNK: usize = WG as usize;
+
 /// Prompt tokens per tile (tile.wgsl): each weight row is read once per tile. 32 tokens are one warp of
 /// the GEMM's threads per row pair, and keep the tile's buffers small.
 pub const TILE: usize = 32;
@@ -92,7 +96,7 @@ pub(crate) struct AttnParams {
     pub qkv_stride: u32,
     pub out_stride: u32,
     pub cached: u32,
-    pub _pad: u32,
+    pub chunk: u32,
 }
 
 /// What a binding after the step holds.
@@ -241,9 +245,9 @@ impl Kernel {
         Kernel::new(gpu, NORM_WGSL, entry, &[], &[Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write])
     }
 
-    /// attention.wgsl's `entry` (main, or store_kv for a prompt tile).
+    /// attention.wgsl's `entry` (main; store_kv for a prompt tile; combine for a split decode step).
     pub fn attention(gpu: &Gpu, head_dim: usize, entry: &str) -> Kernel {
-        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
+        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
         Kernel::new(gpu, ATTENTION_WGSL, entry, &[("MAX_HD", head_dim as u32)], &slots)
     }
 

@@ -79,6 +79,8 @@ pub struct GpuModel {
     quantize: Kernel,
     gemm: Kernel,
     store_kv: Kernel,
+    /// Merges the chunks of a decode step's attention split over the sequence.
+    combine: Kernel,
     rmsnorm: Kernel,
     argmax: Kernel,
     matvec: Kernel,
@@ -123,6 +125,7 @@ impl GpuModel {
             quantize: Kernel::tile(g, "quantize"),
             gemm: Kernel::tile(g, "gemm"),
             store_kv: Kernel::attention(g, c.head_dim, "store_kv"),
+            combine: Kernel::attention(g, c.head_dim, "combine"),
             rmsnorm: Kernel::norm(g, "rmsnorm"),
             argmax: Kernel::norm(g, "argmax"),
             matvec: Kernel::float(g, lm_head.format, "matvec"),
@@ -171,6 +174,10 @@ pub struct Wgpu {
     embed: Vec<Dispatch>,
     /// Five dispatches per layer (see the module documentation).
     layers: Vec<Dispatch>,
+    /// Per layer, its attention split over the sequence and the merge of the chunks: in place of the
+    /// single-pass attention from [`Wgpu::split_from`] positions on.
+    split_attention: Vec<[Dispatch; 2]>,
+    split_from: usize,
     /// The final norm and the LM head's shards.
     head: Vec<Dispatch>,
     argmax: Dispatch,
@@ -180,8 +187,8 @@ pub struct Wgpu {
     best_buf: wgpu::Buffer,
     best_read: wgpu::Buffer,
     logits: Vec<f32>,
-    /// A token at step slot 0 with this head, recorded ahead (see [`Wgpu::run`]).
-    ready: Option<(Head, wgpu::CommandBuffer)>,
+    /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
+    ready: Option<(Head, bool, wgpu::CommandBuffer)>,
 }
 
 impl Wgpu {
@@ -241,9 +248,13 @@ impl Wgpu {
             qkv_stride: 0,
             out_stride: 0,
             cached: 0,
-            _pad: 0,
+            chunk: 0,
         };
         let attn_uniform = gpu.uniform("attention params", &attn_params);
+        // Attention split over the sequence: each head's chunks' partial results, `head_dim + 2` floats each.
+        let chunk = gpu.attn_chunk;
+        let part = f32_buf("attention chunks", c.n_head * ctx.div_ceil(chunk) * (c.head_dim + 2));
+        let split_uniform = gpu.uniform("split attention params", &AttnParams { chunk: chunk as u32, ..attn_params });
 
         // A prompt tile's buffers: one row per token, each rounded up to whole vec4s (the kernels' loads).
         let s4 = |n: usize| n.next_multiple_of(4);
@@ -272,16 +283,22 @@ impl Wgpu {
         let tile_attn_uniform = gpu.uniform("tile attention params", &tile_attn);
 
         let mut layers = Vec::with_capacity(5 * c.n_layer);
+        let mut split_attention = Vec::with_capacity(c.n_layer);
         let mut tile_layers = Vec::with_capacity(10 * c.n_layer);
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
             layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
-            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out], (c.n_head as u32, 1)));
+            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part], (c.n_head as u32, 1)));
             layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
             layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
             layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
+            let split = [&split_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part];
+            split_attention.push([
+                m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
+                m.combine.dispatch(gpu, &step, &split, (c.n_head as u32, 1)),
+            ]);
 
-            let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t];
+            let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t, &part];
             tile_layers.extend(tile_bitlinear(&l.qkv, MODE_STORE, &x_t, c.n_embd, &l.attn_norm, &qkv_t, q_dim + 2 * kv_dim));
             tile_layers.push(m.store_kv.dispatch(gpu, &step, &attn, (c.n_head_kv as u32, TILE as u32)));
             tile_layers.push(m.attention.dispatch(gpu, &step, &attn, (c.n_head as u32, TILE as u32)));
@@ -319,6 +336,10 @@ impl Wgpu {
             step,
             embed,
             layers,
+            split_attention,
+            // One chunk's positions are what the single pass takes per workgroup; the split's second
+            // dispatch pays off only past that (where exactly is for measuring on each GPU).
+            split_from: 2 * chunk,
             head,
             argmax,
             tile,
@@ -410,7 +431,7 @@ impl Wgpu {
         for i in 0..reps {
             idle()?;
             let t = std::time::Instant::now();
-            let cmd = self.record(Head::Logits);
+            let cmd = self.record(Head::Logits, false);
             let recorded = t.elapsed();
             gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, row: 0, n: 1 }));
             gpu.queue.submit([cmd]);
@@ -450,9 +471,10 @@ impl Wgpu {
         let queue = &self.m.gpu.queue;
         if let [token] = *tokens {
             queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token, pos: pos as u32, row: 0, n: 1 }));
+            let split = pos >= self.split_from;
             let cmd = match self.ready.take() {
-                Some((rh, cmd)) if rh == head => cmd,
-                _ => self.record(head),
+                Some((rh, rs, cmd)) if rh == head && rs == split => cmd,
+                _ => self.record(head, split),
             };
             queue.submit([cmd]);
         } else {
@@ -467,17 +489,24 @@ impl Wgpu {
                 queue.submit([self.record_tile(chunk.len(), if last { head } else { Head::None })]);
             }
         }
-        self.ready = Some((head, self.record(head)));
+        let split = pos + tokens.len() >= self.split_from;
+        self.ready = Some((head, split, self.record(head, split)));
         self.m.gpu.check("running the model")
     }
 
-    /// The command buffer of a decode step, then `head`.
-    fn record(&self, head: Head) -> wgpu::CommandBuffer {
+    /// The command buffer of a decode step, with attention split over the sequence or not, then `head`.
+    fn record(&self, head: Head, split: bool) -> wgpu::CommandBuffer {
         let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            for d in self.embed.iter().chain(&self.layers) {
-                d.record(&mut pass, 0);
+            self.embed.iter().for_each(|d| d.record(&mut pass, 0));
+            for (i, d) in self.layers.iter().enumerate() {
+                // Each layer's second dispatch is its attention.
+                if split && i % 5 == 1 {
+                    self.split_attention[i / 5].iter().for_each(|d| d.record(&mut pass, 0));
+                } else {
+                    d.record(&mut pass, 0);
+                }
             }
             self.record_head(&mut pass, head);
         }
