@@ -175,7 +175,7 @@ pub struct Wgpu {
     /// Five dispatches per layer (see the module documentation).
     layers: Vec<Dispatch>,
     /// Per layer, its attention split over the sequence and the merge of the chunks: in place of the
-    /// single-pass attention from [`Wgpu::split_from`] positions on.
+    /// single-pass attention from position `split_from` on.
     split_attention: Vec<[Dispatch; 2]>,
     split_from: usize,
     /// The final norm and the LM head's shards.
@@ -380,7 +380,9 @@ impl Wgpu {
 
     /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
     /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
-    /// over `reps`. Barriers between the copies count, as they do in a forward pass.
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then attention at the
+    /// context's last position in one pass and split over the sequence (where to switch), and a full
+    /// prompt tile's dispatches of one layer.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         self.run(&[0], 0, Head::Argmax)?;
@@ -411,11 +413,27 @@ impl Wgpu {
             ("argmax", vec![&self.argmax]),
         ];
         let mut out = Vec::new();
-        for (name, ds) in kinds {
+        let mut measure = |name, ds: Vec<&Dispatch>| -> Result<()> {
             time(&ds, reps)?; // warm-up
             let (one, two) = (time(&ds, reps)?, time(&ds, 2 * reps)?);
             out.push((name, (two - one).max(0.0) / reps as f64 * 1e6));
+            Ok(())
+        };
+        for (name, ds) in kinds {
+            measure(name, ds)?;
         }
+        let step = |s: Step| gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&s));
+        step(Step { token: 0, pos: (self.ctx - 1) as u32, row: 0, n: 1 });
+        measure("attention, last position of the context, single pass", vec![&l[1]])?;
+        measure("attention, last position of the context, split + combine", self.split_attention[0].iter().collect())?;
+        step(Step { token: 0, pos: 0, row: 0, n: TILE as u32 });
+        let t = &self.tile.layers;
+        measure("prompt tile: qkv quantize", vec![&t[0]])?;
+        measure("prompt tile: qkv GEMM", vec![&t[1]])?;
+        measure("prompt tile: kv store + attention", vec![&t[2], &t[3]])?;
+        measure("prompt tile: gate/up GEMM", vec![&t[7]])?;
+        measure("prompt tile: down GEMM", vec![&t[9]])?;
+        measure("prompt tile: a whole layer", t[..10].iter().collect())?;
         gpu.check("timing the kernels")?;
         Ok(out)
     }
