@@ -9,7 +9,7 @@
 // Appended by the host to reduce.wgsl and ternary.wgsl (whose `p`, `x`, `norm`, `w` and `out` these
 // kernels use; WGSL allows two variables at one binding when no entry point uses both), with TILE.
 
-@group(0) @binding(2) var<storage, read_write> words: array<u32>;         // quantize: [token][vpr * 16]
+@group(0) @binding(2) var<storage, read_write> words: array<u32>;         // quantize: vec4 j of token t at j·TILE + t
 @group(0) @binding(5) var<storage, read_write> scales: array<vec2<f32>>; // quantize: [token] (s, Σq)
 @group(0) @binding(3) var<storage, read> tq: array<vec4<u32>>;          // gemm: `words` as vec4
 @group(0) @binding(4) var<storage, read> ts: array<vec2<f32>>;          // gemm: `scales`
@@ -33,7 +33,8 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             word = quantize4(x0, wi, sc.x, sc.y);
             qsum += dot4(word, ONES);
         }
-        words[tok * n + wi] = word;
+        // Token-interleaved vec4s: the GEMM's threads (consecutive tokens) then load consecutive vec4s.
+        words[((wi / 4u) * TILE + tok) * 4u + wi % 4u] = word;
     }
     // Σq is an integer below 2^24 in magnitude (6912 columns × 128): the f32 sum is exact.
     let total = sum_f(f32(qsum), t);
@@ -43,8 +44,9 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 }
 
 // One thread per (row pair, token), the tile's tokens on consecutive threads: the threads of a row pair
-// load the same weight words (one memory read, broadcast), and each keeps two accumulators in
-// registers. Two rows a thread halve the activation loads per weight, and keep gate/up pairs together.
+// load the same weight words (one memory read, broadcast) and adjacent activation vec4s, and each keeps
+// two accumulators in registers. Two rows a thread halve the activation loads per weight, and keep
+// gate/up pairs together.
 @compute @workgroup_size(WG)
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
@@ -55,17 +57,16 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let b0 = row * p.vpr;
     let b1 = min(row + 1u, p.rows - 1u) * p.vpr; // a last odd row pairs with itself, stored once
-    let xt = tok * p.vpr * 4u;
     var a0 = 0;
     var a1 = 0;
     for (var v = 0u; v < p.vpr; v++) {
         let w0 = w[b0 + v];
         let w1 = w[b1 + v];
         // Activations of columns 32g + 4i .. of the weight vector's block half, as in ternary.wgsl.
-        let xb = xt + (v >> 1u) * 8u + (v & 1u);
+        let xb = (v >> 1u) * 8u + (v & 1u);
         for (var g = 0u; g < 4u; g++) {
             let sh = vec4<u32>(6u - 2u * g);
-            let xv = tq[xb + 2u * g];
+            let xv = tq[(xb + 2u * g) * TILE + tok];
             let u0 = (w0 >> sh) & vec4<u32>(0x03030303u);
             let u1 = (w1 >> sh) & vec4<u32>(0x03030303u);
             a0 += dot4(u0.x, xv.x) + dot4(u0.y, xv.y) + dot4(u0.z, xv.z) + dot4(u0.w, xv.w);
