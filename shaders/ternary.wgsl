@@ -152,14 +152,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var wv = w[min(base + lane, last)];
 
     // Prologue: RMS norm, absmax, int8 quantization, Σq.
-    let scales = row_scales(0u, t);
-    let s = scales.y;
+    let sc = row_scales(0u, t);
+    let s = sc.y;
     let kw = (p.k + 3u) / 4u;
     var qsum = 0;
     for (var wi = t; wi < p.vpr * 16u; wi += WG) {
         var word = 0u;
         if wi < kw {
-            word = quantize4(0u, wi, scales.x, s);
+            word = quantize4(0u, wi, sc.x, s);
             qsum += dot4(word, ONES);
         }
         xq[wi / 4u][wi % 4u] = word;

@@ -410,19 +410,20 @@ fn prompt_tiles_match_token_by_token() {
     for (i, &t) in prompt.iter().enumerate() {
         single.forward(&[t], i, i + 1 == prompt.len()).unwrap();
     }
-    let mut pos = prompt.len();
-    for step in 0..4 {
+    // The logits before position `pos` agree; returns their top-1, the next token.
+    let same = |tiled: &Wgpu, single: &Wgpu, pos: usize| -> u32 {
         let d = max_abs_diff(tiled.logits(), single.logits());
         eprintln!("position {pos}: max |Δlogit| {d} between the prompt in tiles and token by token");
         assert!(d <= 1e-4, "position {pos}: max |Δlogit| = {d}");
         let next = argmax(single.logits());
         assert_eq!(argmax(tiled.logits()), next, "position {pos}: top-1");
-        if step == 3 {
-            break;
-        }
-        tiled.forward(&[next as u32], pos, true).unwrap();
-        single.forward(&[next as u32], pos, true).unwrap();
-        pos += 1;
+        next as u32
+    };
+    let mut next = same(&tiled, &single, prompt.len());
+    for pos in prompt.len()..prompt.len() + 3 {
+        tiled.forward(&[next], pos, true).unwrap();
+        single.forward(&[next], pos, true).unwrap();
+        next = same(&tiled, &single, pos + 1);
     }
 }
 
