@@ -5,7 +5,7 @@
 //
 // Prepended by the host: WG, TPR, and `const FORMAT: u32` (0 F32, 1 F16, 2 BF16, 3 Q8).
 
-struct Step { token: u32, pos: u32 }
+struct Step { token: u32, pos: u32, row: u32 }
 
 struct Params {
     rows: u32,       // rows in this shard
@@ -89,21 +89,23 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
-// out = row `step.token` if it lies in this shard: the embedding lookup. Every shard has a dispatch and
-// only the token's does work, so that a token's dispatches do not depend on its id.
+// Row `step.row` of `out` (rows of k rounded up to vec4s) = row `step.token` of the matrix, if it lies in
+// this shard: the embedding lookup. Every shard has a dispatch and only the token's does work, so that a
+// token's dispatches do not depend on its id.
 @compute @workgroup_size(WG)
 fn lookup(@builtin(local_invocation_index) t: u32) {
     if step.token < p.row_offset || step.token - p.row_offset >= p.rows {
         return;
     }
     let base = (step.token - p.row_offset) * p.vpr;
+    let out0 = step.row * ((p.k + 3u) / 4u * 4u);
     for (var v = t; v < p.vpr; v += WG) {
         for (var j = 0u; j < EPV / 4u; j++) {
             let q = quad(base + v, j);
             for (var e = 0u; e < 4u; e++) {
                 let c = v * EPV + j * 4u + e;
                 if c < p.k {
-                    out[c] = q[e];
+                    out[out0 + c] = q[e];
                 }
             }
         }

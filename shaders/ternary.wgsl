@@ -12,7 +12,7 @@
 // reduce.wgsl. The host pads every buffer to whole vec4s: x and the norm weights are read 4 floats at a
 // time (fewer, wider loads), and the word straddling k is masked.
 
-struct Step { token: u32, pos: u32 }
+struct Step { token: u32, pos: u32, row: u32, n: u32 } // n: tokens in a prompt tile (tile.wgsl)
 
 struct Params {
     rows: u32,    // weight rows
@@ -27,6 +27,8 @@ struct Params {
     scale0: f32,
     scale1: f32,
     scale2: f32,
+    x_stride: u32,   // a prompt tile's input rows: vec4 from one token's to the next (tile.wgsl)
+    out_stride: u32, // and its output rows: elements from one token's to the next
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -54,18 +56,44 @@ fn below_k(v: vec4<f32>, wi: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, 4u * wi + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k));
 }
 
-// Word `wi` of the input, normalized as the CPU does it: w · (x · inv).
-fn input4(wi: u32, inv: f32) -> vec4<f32> {
+// Word `wi` of the input row starting at vec4 `x0`, normalized as the CPU does it: w · (x · inv).
+fn input4(x0: u32, wi: u32, inv: f32) -> vec4<f32> {
     if p.prenorm == 1u {
-        return below_k(norm[wi] * (x[wi] * inv), wi);
+        return below_k(norm[wi] * (x[x0 + wi] * inv), wi);
     }
-    return below_k(x[wi], wi);
+    return below_k(x[x0 + wi], wi);
 }
 
 // The four int8 of `q` (integers in [-128, 127]) packed into a word, the first in the low byte.
 fn pack4(q: vec4<f32>) -> u32 {
     let b = vec4<u32>(vec4<i32>(q)) & vec4<u32>(0xffu);
     return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}
+
+// The RMS norm's 1 / rms (1 without prenorm) and the int8 scale s = 127 / absmax of the input row at
+// vec4 `x0`, from the whole workgroup. x and the norm weights come from global memory again in each
+// pass, but from L1 after the first.
+fn row_scales(x0: u32, t: u32) -> vec2<f32> {
+    let kw = (p.k + 3u) / 4u; // words holding input
+    var inv = 1.0;
+    if p.prenorm == 1u {
+        var ss = 0.0;
+        for (var wi = t; wi < kw; wi += WG) {
+            let v = below_k(x[x0 + wi], wi);
+            ss += dot(v, v);
+        }
+        inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+    }
+    var amax = 0.0;
+    for (var wi = t; wi < kw; wi += WG) {
+        amax = max(amax, max4(abs(input4(x0, wi, inv))));
+    }
+    return vec2<f32>(inv, 127.0 / max(max_f(amax, t), 1e-5));
+}
+
+// Word `wi` of the input row at `x0` quantized to int8 (round half to even) and packed.
+fn quantize4(x0: u32, wi: u32, inv: f32, s: f32) -> u32 {
+    return pack4(clamp(round(input4(x0, wi, inv) * s), vec4<f32>(-128.0), vec4<f32>(127.0)));
 }
 
 fn activation(g: f32) -> f32 {
@@ -84,6 +112,21 @@ fn row_scale(row: u32) -> f32 {
         return p.scale0;
     }
     return select(p.scale2, p.scale1, row < p.seg2);
+}
+
+// Writes output row `row` (accumulator `a`, BitLinear output `y`; `up`: the up row's output in mode 2)
+// at `base` + the row's index.
+fn store(row: u32, a: i32, y: f32, up: f32, base: u32) {
+    switch p.mode {
+        case 0u: { out[base + row] = bitcast<u32>(y); }
+        case 1u: { out[base + row] = bitcast<u32>(bitcast<f32>(out[base + row]) + y); }
+        case 2u: {
+            if (row & 1u) == 0u && row + 1u < p.rows {
+                out[base + row / 2u] = bitcast<u32>(activation(y) * up);
+            }
+        }
+        default: { out[base + row] = bitcast<u32>(a); }
+    }
 }
 
 // A row's accumulator Σ u·q - Σ q: the partial sums of its TPR threads, less Σq.
@@ -108,28 +151,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let last = base + p.vpr - 1u;
     var wv = w[min(base + lane, last)];
 
-    // Prologue: RMS norm, absmax, int8 quantization (round half to even), Σq. x and the norm weights
-    // come from global memory again in each pass, but from L1 after the first.
-    let kw = (p.k + 3u) / 4u; // words holding input
-    var inv = 1.0;
-    if p.prenorm == 1u {
-        var ss = 0.0;
-        for (var wi = t; wi < kw; wi += WG) {
-            let v = below_k(x[wi], wi);
-            ss += dot(v, v);
-        }
-        inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
-    }
-    var amax = 0.0;
-    for (var wi = t; wi < kw; wi += WG) {
-        amax = max(amax, max4(abs(input4(wi, inv))));
-    }
-    let s = 127.0 / max(max_f(amax, t), 1e-5);
+    // Prologue: RMS norm, absmax, int8 quantization, Σq.
+    let sc = row_scales(0u, t);
+    let s = sc.y;
+    let kw = (p.k + 3u) / 4u;
     var qsum = 0;
     for (var wi = t; wi < p.vpr * 16u; wi += WG) {
         var word = 0u;
         if wi < kw {
-            word = pack4(clamp(round(input4(wi, inv) * s), vec4<f32>(-128.0), vec4<f32>(127.0)));
+            word = quantize4(0u, wi, sc.x, s);
             qsum += dot4(word, ONES);
         }
         xq[wi / 4u][wi % 4u] = word;
@@ -172,18 +202,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         let qsum = (q4.x + q4.y) + (q4.z + q4.w);
         let a = row_acc(local, qsum);
-        let y = f32(a) / s * row_scale(row);
-        switch p.mode {
-            case 0u: { out[row] = bitcast<u32>(y); }
-            case 1u: { out[row] = bitcast<u32>(bitcast<f32>(out[row]) + y); }
-            case 2u: {
-                if (row & 1u) == 0u && row + 1u < p.rows {
-                    let up = f32(row_acc(local + 1u, qsum)) / s * row_scale(row + 1u);
-                    out[row / 2u] = bitcast<u32>(activation(y) * up);
-                }
-            }
-            default: { out[row] = bitcast<u32>(a); }
+        var up = 0.0;
+        if p.mode == 2u && (row & 1u) == 0u && row + 1u < p.rows {
+            up = f32(row_acc(local + 1u, qsum)) / s * row_scale(row + 1u);
         }
+        store(row, a, f32(a) / s * row_scale(row), up, 0u);
         if p.mode == 3u && row == 0u {
             out[p.rows] = bitcast<u32>(s); // the activation scale, for the tests
         }

@@ -13,7 +13,7 @@ use bitnet_engine::kernels::{self, quantize_activations};
 use bitnet_engine::model::{Activation, FloatMatrix, Model};
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu};
+use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu, TILE};
 use std::sync::Arc;
 
 mod common;
@@ -80,6 +80,75 @@ fn bitlinear_accumulators_are_exact() {
                 assert_eq!(acc, scalar_acc(&w, &xq), "{rows}x{cols}: accumulators ({})", gpu.adapter().name);
             }
         }
+    }
+}
+
+/// The prompt GEMM (tile.wgsl): every token's accumulators bit for bit, over token counts that fill
+/// no tile exactly (one to two tiles), odd row counts (a row pair's second row missing) and odd widths.
+#[test]
+fn prompt_gemm_accumulators_are_exact() {
+    let mut rng = Rng(0x5eed_0006);
+    for gpu in both_dot4() {
+        for &(rows, cols, n) in &[(1, 1, 3), (3, 127, TILE + 5), (17, 128, 1), (40, 192, TILE), (33, 320, 2 * TILE - 1), (64, 576, 7), (70, 2560, 9), (5, 6912, TILE + 1)] {
+            let w = random_ternary(&mut rng, rows, cols, 0.5);
+            let mut ties: Vec<f32> = (0..cols).map(|i| (i % 9) as f32 - 4.5).collect();
+            ties[0] = 127.0;
+            let xs: Vec<Vec<f32>> = (0..n).map(|i| if i % 5 == 1 { ties.clone() } else { rng.vec(cols, 1.0 + i as f32) }).collect();
+            let got = gpu.probe_gemm_acc(&w, &xs).unwrap();
+            assert_eq!(got.len(), n);
+            // The tile quantizes as the decode kernel does: the same scale, to the bit.
+            let (_, s_decode) = gpu.probe_bitlinear_acc(&w, &xs[0]).unwrap();
+            assert_eq!(got[0].1, s_decode, "{rows}x{cols}: the tile's and the decode step's scale");
+            for (t, (x, (acc, s))) in xs.iter().zip(got).enumerate() {
+                let mut xq = vec![0i8; w.padded_cols()];
+                let s_cpu = quantize_activations(x, &mut xq);
+                assert!(ulps(s, s_cpu) <= 2, "{rows}x{cols} token {t}: s = {s} on the GPU, {s_cpu} on the CPU");
+                let xq_dev: Vec<i8> = x.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect();
+                xq[..cols].copy_from_slice(&xq_dev);
+                assert_eq!(acc, scalar_acc(&w, &xq), "{rows}x{cols} token {t} of {n}: accumulators ({})", gpu.adapter().name);
+            }
+        }
+    }
+}
+
+/// Softmax attention of the last position over all of them, in f64 (GQA: `n_head_kv` key/value heads).
+fn attention_f64(head_dim: usize, n_head_kv: usize, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
+    let (n_head, kv_dim) = (q.len() / head_dim, n_head_kv * head_dim);
+    let mut out = vec![0f32; q.len()];
+    for h in 0..n_head {
+        let (qh, off) = (&q[h * head_dim..(h + 1) * head_dim], h / (n_head / n_head_kv) * head_dim);
+        let scores: Vec<f64> = keys
+            .chunks_exact(kv_dim)
+            .map(|k| qh.iter().zip(&k[off..]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (head_dim as f64).sqrt())
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for i in 0..head_dim {
+            out[h * head_dim + i] = (e.iter().zip(values.chunks_exact(kv_dim)).map(|(e, v)| e * v[off + i] as f64).sum::<f64>() / sum) as f32;
+        }
+    }
+    out
+}
+
+/// Decode attention split over the sequence (flash-decoding), at positions on both sides of chunk
+/// boundaries and with a chunk a workgroup wide: the single pass's result and the exact one, to float
+/// tolerance.
+#[test]
+fn split_attention_matches_the_single_pass() {
+    let mut rng = Rng(0x5eed_0007);
+    let Some(gpu) = gpu() else { return };
+    let (head_dim, n_head, n_head_kv) = (64, 6, 2);
+    for &(chunk, pos) in &[(8, 7), (8, 8), (8, 9), (8, 15), (8, 16), (8, 17), (8, 63), (3, 40), (256, 256), (256, 700), (256, 1023)] {
+        let n = pos + 1;
+        let q = rng.vec(n_head * head_dim, 2.0);
+        let (keys, values) = (rng.vec(n * n_head_kv * head_dim, 2.0), rng.vec(n * n_head_kv * head_dim, 1.0));
+        let want = attention_f64(head_dim, n_head_kv, &q, &keys, &values);
+        let single = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, 0).unwrap();
+        let split = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, chunk).unwrap();
+        let (ds, dp) = (max_abs_diff(&single, &want), max_abs_diff(&split, &want));
+        assert!(ds <= 1e-5 && dp <= 1e-5, "chunk {chunk}, position {pos}: max |Δ| {ds} single pass, {dp} split");
+        assert!(max_abs_diff(&split, &single) <= 1e-5, "chunk {chunk}, position {pos}: split vs single pass");
     }
 }
 
@@ -273,7 +342,8 @@ fn upload(gpu: Gpu, model: &Model) -> Arc<GpuModel> {
 
 /// Every fixture model (every weight type: I2_S, TQ1_0, TQ2_0, F32/F16/BF16-stored ternary, per-tensor
 /// scales, tied and untied heads, GQA) on its reference prompts; the first prompt also with the
-/// plain-WGSL dot product and with the LM head and embedding split into shards.
+/// plain-WGSL dot product, with the LM head and embedding split into shards, and with the decode steps'
+/// attention split over the sequence in chunks of 2 positions (from position 4 on).
 #[test]
 fn fixture_models_match_the_cpu() {
     let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
@@ -284,7 +354,11 @@ fn fixture_models_match_the_cpu() {
     for (file, info) in refs["files"].as_object().unwrap() {
         let (model, _) = load(&fixture(file));
         let gm = upload(gpu().unwrap(), &model);
-        let variants = [upload(gpu().unwrap().without_dot4(), &model), upload(gpu().unwrap().with_max_shard(8192), &model)];
+        let variants = [
+            upload(gpu().unwrap().without_dot4(), &model),
+            upload(gpu().unwrap().with_max_shard(8192), &model),
+            upload(gpu().unwrap().with_attention_chunk(2), &model),
+        ];
         for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate() {
             let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             // Stable prompts have no int8 rounding flips under small float noise: logits agree to 1e-3.
@@ -315,6 +389,42 @@ fn default_model_matches_the_cpu() {
     // one norm weight vector by 1 + 1e-6 moves these logits by 0.24 to 0.43. Hence the wider tolerance.
     let (first, worst) = compare_with_cpu(&model, &upload(gpu, &model), &prompt, 8, 1.0, 0.1);
     eprintln!("default model: max |Δlogit| {first} after the prompt, {worst} anywhere");
+}
+
+/// A prompt of more than one tile (the last one partial) in one call: its logits are those of the same
+/// tokens run one at a time through the decode path (the same int8 activations and float operations), the
+/// decode steps after it continue identically, and both match the CPU.
+#[test]
+fn prompt_tiles_match_token_by_token() {
+    let Some(gpu) = gpu() else { return };
+    let (model, tok) = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolbit-135m.gguf"));
+    let text = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, Berlin is the capital of \
+                Germany, and Madrid is the capital of Spain. The tallest mountain in the world is";
+    let prompt = tok.encode(text, tok.add_bos()).unwrap();
+    assert!(prompt.len() > TILE && prompt.len() % TILE != 0, "{} tokens", prompt.len());
+    let gm = upload(gpu, &model);
+    compare_with_cpu(&model, &gm, &prompt, 2, 1.0, 0.1);
+
+    let (mut tiled, mut single) = (Wgpu::with_model(gm.clone(), 64).unwrap(), Wgpu::with_model(gm, 64).unwrap());
+    tiled.forward(&prompt, 0, true).unwrap();
+    for (i, &t) in prompt.iter().enumerate() {
+        single.forward(&[t], i, i + 1 == prompt.len()).unwrap();
+    }
+    // The logits before position `pos` agree; returns their top-1, the next token.
+    let same = |tiled: &Wgpu, single: &Wgpu, pos: usize| -> u32 {
+        let d = max_abs_diff(tiled.logits(), single.logits());
+        eprintln!("position {pos}: max |Δlogit| {d} between the prompt in tiles and token by token");
+        assert!(d <= 1e-4, "position {pos}: max |Δlogit| = {d}");
+        let next = argmax(single.logits());
+        assert_eq!(argmax(tiled.logits()), next, "position {pos}: top-1");
+        next as u32
+    };
+    let mut next = same(&tiled, &single, prompt.len());
+    for pos in prompt.len()..prompt.len() + 3 {
+        tiled.forward(&[next], pos, true).unwrap();
+        single.forward(&[next], pos, true).unwrap();
+        next = same(&tiled, &single, pos + 1);
+    }
 }
 
 #[test]

@@ -78,6 +78,8 @@ pub struct Gpu {
     error: Arc<Mutex<Option<String>>>,
     /// A lower bound than the adapter's on the bytes of one binding (to test sharding on small models).
     binding_cap: u64,
+    /// Positions per workgroup where a decode step's attention is split over the sequence.
+    pub(crate) attn_chunk: usize,
 }
 
 impl Gpu {
@@ -113,7 +115,8 @@ impl Gpu {
             slot.get_or_insert_with(|| e.to_string());
         }));
         let dot4 = inst.wgsl_language_features().contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
-        Ok(Some(Gpu { device, queue, limits, adapter: desc, dot4, error, binding_cap: u64::MAX }))
+        let attn_chunk = super::kernels::ATTN_CHUNK;
+        Ok(Some(Gpu { device, queue, limits, adapter: desc, dot4, error, binding_cap: u64::MAX, attn_chunk }))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -140,6 +143,14 @@ impl Gpu {
     /// binding could hold more: tests use it to exercise sharding on small models.
     pub fn with_max_shard(mut self, bytes: u64) -> Self {
         self.binding_cap = bytes;
+        self
+    }
+
+    /// Splits a decode step's attention over the sequence in chunks of `positions` (from two chunks on)
+    /// instead of [`ATTN_CHUNK`](super::kernels::ATTN_CHUNK): tests use it to cross chunk boundaries on
+    /// short contexts.
+    pub fn with_attention_chunk(mut self, positions: usize) -> Self {
+        self.attn_chunk = positions.max(1);
         self
     }
 

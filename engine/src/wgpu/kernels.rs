@@ -1,8 +1,8 @@
 //! The compute pipelines (WGSL in `shaders/`), their parameter blocks and bind groups.
 //!
 //! Every bind group has the per-token step (token id, position) at binding 0, a uniform bound with a
-//! dynamic offset into one buffer of [`MAX_STEPS`] entries: the bind groups are created once per context,
-//! and a prompt's tokens are told apart by the offset alone.
+//! dynamic offset into one buffer of [`TILE`] entries: the bind groups are created once per context,
+//! and a prompt tile's tokens are told apart by the offset alone.
 
 use super::gpu::Gpu;
 use super::weights::Format;
@@ -14,15 +14,25 @@ pub(crate) const WG: u32 = 256;
 pub(crate) const STEP_STRIDE: u64 = 256;
 /// The longest rows (columns) of a BitLinear that `Kernel::ternary` without `long_rows` is tuned for.
 pub(crate) const SHORT_ROW: usize = 4096;
-/// Tokens encoded per submission.
-pub(crate) const MAX_STEPS: usize = 64;
+/// Positions per workgroup of a decode step's attention split over the sequence (attention.wgsl): one per
+/// thread in the scores' loop.
+pub(crate) const ATTN_CHUNK: usize = WG as usize;
 
+/// Prompt tokens per tile (tile.wgsl): each weight row is read once per tile. 32 tokens are one warp of
+/// the GEMM's threads per row pair, and keep the tile's buffers small.
+pub const TILE: usize = 32;
+
+/// A token's entry in the step buffer. A prompt tile's kernels run at the first token's entry, which
+/// holds the tile's first position and its number of tokens.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Step {
     pub token: u32,
     pub pos: u32,
-    pub _pad: [u32; 2],
+    /// The token's row in the tile's buffers (0 when decoding).
+    pub row: u32,
+    /// Tokens in the tile (1 when decoding).
+    pub n: u32,
 }
 
 /// ternary.wgsl's `Params`.
@@ -41,6 +51,9 @@ pub(crate) struct TernaryParams {
     pub scale0: f32,
     pub scale1: f32,
     pub scale2: f32,
+    pub x_stride: u32,
+    pub out_stride: u32,
+    pub _pad: [u32; 2],
 }
 
 pub(crate) const MODE_STORE: u32 = 0;
@@ -80,7 +93,10 @@ pub(crate) struct AttnParams {
     pub rope_half: u32,
     pub ctx: u32,
     pub scale: f32,
-    pub _pad: u32,
+    pub qkv_stride: u32,
+    pub out_stride: u32,
+    pub cached: u32,
+    pub chunk: u32,
 }
 
 /// What a binding after the step holds.
@@ -148,6 +164,11 @@ pub(crate) const TERNARY_WGSL: &str =
 pub(crate) const FLOAT_WGSL: &str = include_str!("../../../shaders/float.wgsl");
 pub(crate) const NORM_WGSL: &str =
     concat!(include_str!("../../../shaders/reduce.wgsl"), include_str!("../../../shaders/norm.wgsl"));
+pub(crate) const TILE_WGSL: &str = concat!(
+    include_str!("../../../shaders/reduce.wgsl"),
+    include_str!("../../../shaders/ternary.wgsl"),
+    include_str!("../../../shaders/tile.wgsl")
+);
 pub(crate) const ATTENTION_WGSL: &str =
     concat!(include_str!("../../../shaders/reduce.wgsl"), include_str!("../../../shaders/attention.wgsl"));
 
@@ -200,6 +221,15 @@ impl Kernel {
         Ok(Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) })
     }
 
+    /// tile.wgsl's `entry` (quantize or gemm), for a prompt tile. ternary.wgsl's GEMV constants must be
+    /// defined but go unused: 1 keeps its unused workgroup arrays small.
+    pub fn tile(gpu: &Gpu, entry: &str) -> Kernel {
+        let consts = [("TPR", 1), ("XQ_VEC4", 1), ("TILE", TILE as u32)];
+        let slots = [Slot::Uniform, if entry == "quantize" { Slot::Write } else { Slot::Read }, Slot::Read, Slot::Read, Slot::Write];
+        // A gemm workgroup takes WG / TILE row pairs.
+        Kernel { rows_per_group: 2 * WG as usize / TILE, ..Kernel::new(gpu, TILE_WGSL, entry, &consts, &slots) }
+    }
+
     /// float.wgsl's `entry` (matvec or lookup) for matrices stored as `format`.
     pub fn float(gpu: &Gpu, format: Format, entry: &str) -> Kernel {
         let tpr = threads_per_row(gpu, "BITNET_WGPU_FLOAT_TPR", 32);
@@ -215,9 +245,10 @@ impl Kernel {
         Kernel::new(gpu, NORM_WGSL, entry, &[], &[Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write])
     }
 
-    pub fn attention(gpu: &Gpu, head_dim: usize) -> Kernel {
-        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
-        Kernel::new(gpu, ATTENTION_WGSL, "main", &[("MAX_HD", head_dim as u32)], &slots)
+    /// attention.wgsl's `entry` (main; store_kv for a prompt tile; combine for a split decode step).
+    pub fn attention(gpu: &Gpu, head_dim: usize, entry: &str) -> Kernel {
+        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
+        Kernel::new(gpu, ATTENTION_WGSL, entry, &[("MAX_HD", head_dim as u32)], &slots)
     }
 
     /// A dispatch of this kernel over `resources` (one per slot, in order).

@@ -15,6 +15,13 @@
 //! uniform buffer and submits the same dispatches again. A decode step's command buffer is recorded while
 //! the device runs the step before it (see [`Wgpu::run`]).
 //!
+//! A prompt runs in tiles of up to [`TILE`] tokens, each tile one command buffer: per layer, each BitLinear
+//! becomes two dispatches (tile.wgsl: norm + quantization of the tile's rows, then a GEMM that reads each
+//! weight row once for all of them), and attention two (store the tile's keys and values, then attend, one
+//! workgroup per head and token). Only the tile's last token goes through the LM head. A token's int8
+//! activations, accumulators and float operations are those of the decode path, so a prompt in tiles gives
+//! the logits of the same prompt run token by token.
+//!
 //! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
 //! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
 //!
@@ -33,14 +40,15 @@ pub use gpu::{AdapterDesc, Gpu};
 #[cfg(not(target_arch = "wasm32"))]
 pub use gpu::adapters;
 pub use gpu::adapters_async;
+pub use kernels::TILE;
 
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::Backend;
 use crate::model::{Activation, Config, Model};
 use crate::{Error, Result};
 use kernels::{
-    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MAX_STEPS, MODE_ADD,
-    MODE_GATE_UP, MODE_STORE, SHORT_ROW, STEP_STRIDE,
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP,
+    MODE_STORE, SHORT_ROW, STEP_STRIDE,
 };
 use weights::{FloatGpu, TernaryGpu};
 
@@ -67,6 +75,12 @@ pub struct GpuModel {
     /// BitLinear for rows of up to `SHORT_ROW` columns, and for longer ones.
     ternary: [Kernel; 2],
     attention: Kernel,
+    /// A prompt tile's kernels: norm + quantization, the ternary GEMM, the keys' and values' store.
+    quantize: Kernel,
+    gemm: Kernel,
+    store_kv: Kernel,
+    /// Merges the chunks of a decode step's attention split over the sequence.
+    combine: Kernel,
     rmsnorm: Kernel,
     argmax: Kernel,
     matvec: Kernel,
@@ -107,7 +121,11 @@ impl GpuModel {
         let m = GpuModel {
             output_norm: f32s("output_norm", &model.output_norm),
             ternary: [Kernel::ternary(g, max_cols, false)?, Kernel::ternary(g, max_cols, true)?],
-            attention: Kernel::attention(g, c.head_dim),
+            attention: Kernel::attention(g, c.head_dim, "main"),
+            quantize: Kernel::tile(g, "quantize"),
+            gemm: Kernel::tile(g, "gemm"),
+            store_kv: Kernel::attention(g, c.head_dim, "store_kv"),
+            combine: Kernel::attention(g, c.head_dim, "combine"),
             rmsnorm: Kernel::norm(g, "rmsnorm"),
             argmax: Kernel::norm(g, "argmax"),
             matvec: Kernel::float(g, lm_head.format, "matvec"),
@@ -135,25 +153,42 @@ enum Head {
     Argmax,
 }
 
+/// A prompt tile's dispatches, and its residual stream: `[TILE][n_embd rounded up to 4]`.
+struct Tile {
+    /// The embedding lookup, recorded once per token of the tile (at its step slot).
+    embed: Vec<Dispatch>,
+    /// Ten dispatches per layer: a BitLinear is a quantization and a GEMM, attention a store and itself.
+    layers: Vec<Dispatch>,
+    x: wgpu::Buffer,
+    x_stride: usize,
+}
+
 /// One sequence on the GPU: the KV cache, the activations, and every dispatch of a token, recorded once.
 pub struct Wgpu {
     m: Arc<GpuModel>,
     ctx: usize,
     step: wgpu::Buffer,
+    /// The residual stream of a decode step (the head's input).
+    x: wgpu::Buffer,
     /// The embedding lookup, one dispatch per shard of the embedding (only the token's shard does work).
     embed: Vec<Dispatch>,
     /// Five dispatches per layer (see the module documentation).
     layers: Vec<Dispatch>,
+    /// Per layer, its attention split over the sequence and the merge of the chunks: in place of the
+    /// single-pass attention from position `split_from` on.
+    split_attention: Vec<[Dispatch; 2]>,
+    split_from: usize,
     /// The final norm and the LM head's shards.
     head: Vec<Dispatch>,
     argmax: Dispatch,
+    tile: Tile,
     logits_buf: wgpu::Buffer,
     logits_read: wgpu::Buffer,
     best_buf: wgpu::Buffer,
     best_read: wgpu::Buffer,
     logits: Vec<f32>,
-    /// A token at step slot 0 with this head, recorded ahead (see [`Wgpu::run`]).
-    ready: Option<(Head, wgpu::CommandBuffer)>,
+    /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
+    ready: Option<(Head, bool, wgpu::CommandBuffer)>,
 }
 
 impl Wgpu {
@@ -180,7 +215,7 @@ impl Wgpu {
         }
         let step = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step"),
-            size: MAX_STEPS as u64 * STEP_STRIDE,
+            size: TILE as u64 * STEP_STRIDE,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -209,17 +244,67 @@ impl Wgpu {
             rope_half: (c.rope_dim / 2) as u32,
             ctx: ctx as u32,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
-            _pad: 0,
+            // A decode step: one token (row 0), its k and v from `qkv`.
+            qkv_stride: 0,
+            out_stride: 0,
+            cached: 0,
+            chunk: 0,
         };
         let attn_uniform = gpu.uniform("attention params", &attn_params);
+        // Attention split over the sequence: each head's chunks' partial results, `head_dim + 2` floats each.
+        let chunk = gpu.attn_chunk;
+        let part = f32_buf("attention chunks", c.n_head * ctx.div_ceil(chunk) * (c.head_dim + 2));
+        let split_uniform = gpu.uniform("split attention params", &AttnParams { chunk: chunk as u32, ..attn_params });
+
+        // A prompt tile's buffers: one row per token, each rounded up to whole vec4s (the kernels' loads).
+        let s4 = |n: usize| n.next_multiple_of(4);
+        let x_t = f32_buf("x tile", TILE * s4(c.n_embd));
+        let qkv_t = f32_buf("qkv tile", TILE * s4(q_dim + 2 * kv_dim));
+        let att_out_t = f32_buf("att_out tile", TILE * s4(q_dim));
+        let h_t = f32_buf("h tile", TILE * s4(c.n_ff));
+        let att_t = f32_buf("att tile", TILE * c.n_head * ctx);
+        let widest = m.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max().unwrap_or(1);
+        let words_t = gpu.zeros("int8 tile", (TILE * widest as usize * 64) as u64);
+        let scales_t = f32_buf("int8 scales tile", 2 * TILE);
+        // A BitLinear of the tile: its rows of `input` (`in_len` long) normed, quantized, then the GEMM into
+        // rows of `out` (`out_len` long).
+        let tile_bitlinear = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, in_len: usize, norm: &wgpu::Buffer,
+                              out: &wgpu::Buffer, out_len: usize| {
+            let act = u32::from(c.activation == Activation::Silu);
+            let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
+            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
+            let uniform = gpu.uniform("tile params", &p);
+            [
+                m.quantize.dispatch(gpu, &step, &[&uniform, &words_t, input, norm, &scales_t], (TILE as u32, 1)),
+                m.gemm.dispatch(gpu, &step, &[&uniform, &w.buf, &words_t, &scales_t, out], grid(p.rows as usize, m.gemm.rows_per_group)),
+            ]
+        };
+        let tile_attn = AttnParams { qkv_stride: s4(q_dim + 2 * kv_dim) as u32, out_stride: s4(q_dim) as u32, cached: 1, ..attn_params };
+        let tile_attn_uniform = gpu.uniform("tile attention params", &tile_attn);
+
         let mut layers = Vec::with_capacity(5 * c.n_layer);
+        let mut split_attention = Vec::with_capacity(c.n_layer);
+        let mut tile_layers = Vec::with_capacity(10 * c.n_layer);
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
             layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
-            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out], (c.n_head as u32, 1)));
+            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part], (c.n_head as u32, 1)));
             layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
             layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
             layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
+            let split = [&split_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part];
+            split_attention.push([
+                m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
+                m.combine.dispatch(gpu, &step, &split, (c.n_head as u32, 1)),
+            ]);
+
+            let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t, &part];
+            tile_layers.extend(tile_bitlinear(&l.qkv, MODE_STORE, &x_t, c.n_embd, &l.attn_norm, &qkv_t, q_dim + 2 * kv_dim));
+            tile_layers.push(m.store_kv.dispatch(gpu, &step, &attn, (c.n_head_kv as u32, TILE as u32)));
+            tile_layers.push(m.attention.dispatch(gpu, &step, &attn, (c.n_head as u32, TILE as u32)));
+            tile_layers.extend(tile_bitlinear(&l.wo, MODE_ADD, &att_out_t, q_dim, &l.attn_sub_norm, &x_t, c.n_embd));
+            tile_layers.extend(tile_bitlinear(&l.gate_up, MODE_GATE_UP, &x_t, c.n_embd, &l.ffn_norm, &h_t, c.n_ff));
+            tile_layers.extend(tile_bitlinear(&l.down, MODE_ADD, &h_t, c.n_ff, &l.ffn_sub_norm, &x_t, c.n_embd));
         }
 
         let float = |k: &Kernel, fm: &FloatGpu, s: &weights::Shard, input: &wgpu::Buffer, out: &wgpu::Buffer| {
@@ -230,6 +315,12 @@ impl Wgpu {
         };
         let embd = m.token_embd.as_ref().unwrap_or(&m.lm_head);
         let embed = embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x)).collect();
+        let tile = Tile {
+            embed: embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x_t)).collect(),
+            layers: tile_layers,
+            x: x_t,
+            x_stride: s4(c.n_embd),
+        };
         let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
         let mut head = vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
         head.extend(m.lm_head.shards.iter().map(|s| float(&m.matvec, &m.lm_head, s, &xn, &logits_buf)));
@@ -245,8 +336,14 @@ impl Wgpu {
             step,
             embed,
             layers,
+            split_attention,
+            // One chunk's positions are what the single pass takes per workgroup; the split's second
+            // dispatch pays off only past that (where exactly is for measuring on each GPU).
+            split_from: 2 * chunk,
             head,
             argmax,
+            tile,
+            x,
             logits_buf,
             best_buf,
         })
@@ -283,7 +380,9 @@ impl Wgpu {
 
     /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
     /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
-    /// over `reps`. Barriers between the copies count, as they do in a forward pass.
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then attention at the
+    /// context's last position in one pass and split over the sequence (where to switch), and a full
+    /// prompt tile's dispatches of one layer.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         self.run(&[0], 0, Head::Argmax)?;
@@ -314,11 +413,27 @@ impl Wgpu {
             ("argmax", vec![&self.argmax]),
         ];
         let mut out = Vec::new();
-        for (name, ds) in kinds {
+        let mut measure = |name, ds: Vec<&Dispatch>| -> Result<()> {
             time(&ds, reps)?; // warm-up
             let (one, two) = (time(&ds, reps)?, time(&ds, 2 * reps)?);
             out.push((name, (two - one).max(0.0) / reps as f64 * 1e6));
+            Ok(())
+        };
+        for (name, ds) in kinds {
+            measure(name, ds)?;
         }
+        let step = |s: Step| gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&s));
+        step(Step { token: 0, pos: (self.ctx - 1) as u32, row: 0, n: 1 });
+        measure("attention, last position of the context, single pass", vec![&l[1]])?;
+        measure("attention, last position of the context, split + combine", self.split_attention[0].iter().collect())?;
+        step(Step { token: 0, pos: 0, row: 0, n: TILE as u32 });
+        let t = &self.tile.layers;
+        measure("prompt tile: qkv quantize", vec![&t[0]])?;
+        measure("prompt tile: qkv GEMM", vec![&t[1]])?;
+        measure("prompt tile: kv store + attention", vec![&t[2], &t[3]])?;
+        measure("prompt tile: gate/up GEMM", vec![&t[7]])?;
+        measure("prompt tile: down GEMM", vec![&t[9]])?;
+        measure("prompt tile: a whole layer", t[..10].iter().collect())?;
         gpu.check("timing the kernels")?;
         Ok(out)
     }
@@ -334,9 +449,9 @@ impl Wgpu {
         for i in 0..reps {
             idle()?;
             let t = std::time::Instant::now();
-            let cmd = self.record(0, Head::Logits);
+            let cmd = self.record(Head::Logits, false);
             let recorded = t.elapsed();
-            gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, _pad: [0; 2] }));
+            gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, row: 0, n: 1 }));
             gpu.queue.submit([cmd]);
             let submitted = t.elapsed();
             idle()?;
@@ -361,54 +476,96 @@ impl Wgpu {
         Ok(())
     }
 
-    /// Submits `tokens` at positions `pos..`, one command buffer per token, then `head` after the last.
+    /// Submits `tokens` at positions `pos..`, then `head` after the last: one token as a decode step, more
+    /// in prompt tiles of up to [`TILE`] tokens, one command buffer each.
     ///
     /// A token's dispatches do not depend on its id or position (the `step` uniform holds those), so the
-    /// command buffer of a one-token step (slot 0, the next call's likely head) is recorded right after
+    /// command buffer of a decode step (with the next call's likely head) is recorded right after
     /// submitting, while the device works: the next decode step then only writes `step` and submits, and
     /// the device does not wait for the host to record ~150 dispatches. A recorded buffer is used only
-    /// where it matches (slot 0, same head); otherwise it is dropped and the token recorded on the spot.
+    /// where its head matches; otherwise it is dropped and the step recorded on the spot.
     fn run(&mut self, tokens: &[u32], pos: usize, head: Head) -> Result<()> {
         self.check_input(tokens, pos)?;
-        for (c, chunk) in tokens.chunks(MAX_STEPS).enumerate() {
-            let first = pos + c * MAX_STEPS;
-            let mut steps = vec![0u8; chunk.len() * STEP_STRIDE as usize];
-            for (i, (&token, entry)) in chunk.iter().zip(steps.chunks_exact_mut(STEP_STRIDE as usize)).enumerate() {
-                let s = Step { token, pos: (first + i) as u32, _pad: [0; 2] };
-                entry[..16].copy_from_slice(bytemuck::bytes_of(&s));
-            }
-            self.m.gpu.queue.write_buffer(&self.step, 0, &steps);
-            let last_chunk = (c + 1) * MAX_STEPS >= tokens.len();
-            for slot in 0..chunk.len() {
-                let h = if last_chunk && slot + 1 == chunk.len() { head } else { Head::None };
-                let cmd = match self.ready.take() {
-                    Some((rh, cmd)) if slot == 0 && rh == h => cmd,
-                    _ => self.record(slot, h),
-                };
-                self.m.gpu.queue.submit([cmd]);
+        let queue = &self.m.gpu.queue;
+        if let [token] = *tokens {
+            queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token, pos: pos as u32, row: 0, n: 1 }));
+            let split = pos >= self.split_from;
+            let cmd = match self.ready.take() {
+                Some((rh, rs, cmd)) if rh == head && rs == split => cmd,
+                _ => self.record(head, split),
+            };
+            queue.submit([cmd]);
+        } else {
+            for (c, chunk) in tokens.chunks(TILE).enumerate() {
+                let mut steps = vec![0u8; chunk.len() * STEP_STRIDE as usize];
+                for (i, (&token, entry)) in chunk.iter().zip(steps.chunks_exact_mut(STEP_STRIDE as usize)).enumerate() {
+                    let s = Step { token, pos: (pos + c * TILE + i) as u32, row: i as u32, n: chunk.len() as u32 };
+                    entry[..16].copy_from_slice(bytemuck::bytes_of(&s));
+                }
+                queue.write_buffer(&self.step, 0, &steps);
+                let last = (c + 1) * TILE >= tokens.len();
+                queue.submit([self.record_tile(chunk.len(), if last { head } else { Head::None })]);
             }
         }
-        self.ready = Some((head, self.record(0, head)));
+        let split = pos + tokens.len() >= self.split_from;
+        self.ready = Some((head, split, self.record(head, split)));
         self.m.gpu.check("running the model")
     }
 
-    /// The command buffer of the token at step slot `slot`, then `head`.
-    fn record(&self, slot: usize, head: Head) -> wgpu::CommandBuffer {
+    /// The command buffer of a decode step, with attention split over the sequence or not, then `head`.
+    fn record(&self, head: Head, split: bool) -> wgpu::CommandBuffer {
         let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            let tail: &[Dispatch] = if head == Head::None { &[] } else { &self.head };
-            let argmax = (head == Head::Argmax).then_some(&self.argmax);
-            for d in self.embed.iter().chain(&self.layers).chain(tail).chain(argmax) {
-                d.record(&mut pass, slot);
+            self.embed.iter().for_each(|d| d.record(&mut pass, 0));
+            for (i, d) in self.layers.iter().enumerate() {
+                // Each layer's second dispatch is its attention.
+                if split && i % 5 == 1 {
+                    self.split_attention[i / 5].iter().for_each(|d| d.record(&mut pass, 0));
+                } else {
+                    d.record(&mut pass, 0);
+                }
             }
+            self.record_head(&mut pass, head);
         }
+        self.copy_head(&mut enc, head);
+        enc.finish()
+    }
+
+    /// The command buffer of a prompt tile of `n` tokens (their steps at slots `0..n`), then `head` for
+    /// its last token, whose residual row is copied to the decode step's `x` first.
+    fn record_tile(&self, n: usize, head: Head) -> wgpu::CommandBuffer {
+        let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for slot in 0..n {
+                self.tile.embed.iter().for_each(|d| d.record(&mut pass, slot));
+            }
+            self.tile.layers.iter().for_each(|d| d.record(&mut pass, 0));
+        }
+        if head != Head::None {
+            let row = (self.tile.x_stride * 4) as u64;
+            enc.copy_buffer_to_buffer(&self.tile.x, (n - 1) as u64 * row, &self.x, 0, self.m.config.n_embd as u64 * 4);
+            self.record_head(&mut enc.begin_compute_pass(&Default::default()), head);
+            self.copy_head(&mut enc, head);
+        }
+        enc.finish()
+    }
+
+    /// The final norm and the LM head of `x`, and the argmax where asked.
+    fn record_head(&self, pass: &mut wgpu::ComputePass, head: Head) {
+        let tail: &[Dispatch] = if head == Head::None { &[] } else { &self.head };
+        let argmax = (head == Head::Argmax).then_some(&self.argmax);
+        tail.iter().chain(argmax).for_each(|d| d.record(pass, 0));
+    }
+
+    /// Copies what `head` computed to the buffer the host reads.
+    fn copy_head(&self, enc: &mut wgpu::CommandEncoder, head: Head) {
         match head {
             Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
             Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
             Head::None => {}
         }
-        enc.finish()
     }
 }
 

@@ -3,7 +3,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use super::gpu::Gpu;
-use super::kernels::{grid, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW};
+use super::kernels::{grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW, TILE};
 use super::weights::{FloatGpu, TernaryGpu};
 use crate::model::{Activation, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -11,7 +11,7 @@ use crate::Result;
 
 impl Gpu {
     fn probe_step(&self, token: u32) -> wgpu::Buffer {
-        self.uniform("step", &Step { token, pos: 0, _pad: [0; 2] })
+        self.uniform("step", &Step { token, pos: 0, row: 0, n: 1 })
     }
 
     /// Runs `dispatches` (step 0) and reads back the first `n` values of `out`.
@@ -45,6 +45,72 @@ impl Gpu {
         let p = TernaryParams { mode: MODE_RAW, prenorm: 0, ..g.params };
         let raw = self.probe_ternary(&g, p, x, x, &vec![0.0; w.rows + 1], w.rows + 1)?;
         Ok((raw[..w.rows].iter().map(|&a| a as i32).collect(), f32::from_bits(raw[w.rows])))
+    }
+
+    /// A prompt's BitLinear integer part (tile.wgsl): quantizes each of `xs` as it is (no norm) and runs
+    /// the GEMM, in tiles as the forward pass does; returns each token's accumulators and activation scale.
+    pub fn probe_gemm_acc(&self, w: &TernaryMatrix, xs: &[Vec<f32>]) -> Result<Vec<(Vec<i32>, f32)>> {
+        let g = TernaryGpu::upload(self, "w", &[w], false)?;
+        let stride = w.cols.next_multiple_of(4);
+        let p = TernaryParams { mode: MODE_RAW, prenorm: 0, x_stride: (stride / 4) as u32, out_stride: w.rows as u32, ..g.params };
+        let (quantize, gemm, params) = (Kernel::tile(self, "quantize"), Kernel::tile(self, "gemm"), self.uniform("params", &p));
+        let (words, scales) = (self.zeros("words", (TILE * g.params.vpr as usize * 64) as u64), self.zeros("scales", TILE as u64 * 8));
+        let (x, out) = (self.zeros("x", (TILE * stride * 4) as u64), self.zeros("out", (TILE * w.rows * 4) as u64));
+        let mut got = Vec::with_capacity(xs.len());
+        for chunk in xs.chunks(TILE) {
+            let mut rows = vec![0f32; TILE * stride];
+            rows.chunks_exact_mut(stride).zip(chunk).for_each(|(r, x)| r[..x.len()].copy_from_slice(x));
+            self.queue.write_buffer(&x, 0, bytemuck::cast_slice(&rows));
+            let step = self.uniform("step", &Step { token: 0, pos: 0, row: 0, n: chunk.len() as u32 });
+            let d = [
+                // No norm: the norm weights' binding goes unused.
+                quantize.dispatch(self, &step, &[&params, &words, &x, &x, &scales], (TILE as u32, 1)),
+                gemm.dispatch(self, &step, &[&params, &g.buf, &words, &scales, &out], grid(w.rows, gemm.rows_per_group)),
+            ];
+            let acc: Vec<i32> = self.probe_run(&d, &out, chunk.len() * w.rows)?;
+            let s: Vec<f32> = self.probe_run(&[], &scales, 2 * chunk.len())?;
+            got.extend(acc.chunks_exact(w.rows).zip(s.chunks_exact(2)).map(|(a, s)| (a.to_vec(), s[0])));
+        }
+        Ok(got)
+    }
+
+    /// A decode step's attention at position `keys.len() / kv_dim - 1` (`q`: the token's query heads;
+    /// `keys`, `values`: rows of `n_head_kv` heads for positions 0 to the token's own), with no rotary
+    /// embedding: in one pass (`chunk` 0), or split over the sequence in chunks of `chunk` positions.
+    pub fn probe_attention(&self, head_dim: usize, n_head_kv: usize, q: &[f32], keys: &[f32], values: &[f32], chunk: usize) -> Result<Vec<f32>> {
+        let (q_dim, kv_dim) = (q.len(), n_head_kv * head_dim);
+        let (n_head, ctx) = (q_dim / head_dim, keys.len() / kv_dim);
+        let pos = ctx - 1;
+        let p = AttnParams {
+            head_dim: head_dim as u32,
+            group: (n_head / n_head_kv) as u32,
+            q_dim: q_dim as u32,
+            kv_dim: kv_dim as u32,
+            rope_half: 0,
+            ctx: ctx as u32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            qkv_stride: 0,
+            out_stride: 0,
+            cached: 0,
+            chunk: chunk as u32,
+        };
+        let qkv = [q, &keys[pos * kv_dim..], &values[pos * kv_dim..]].concat();
+        let f32s = |label: &str, v: &[f32]| self.storage(label, bytemuck::cast_slice(v));
+        let (qkv, kc, vc) = (f32s("qkv", &qkv), f32s("keys", keys), f32s("values", values));
+        let (rope, att, out) = (self.zeros("rope", 16), self.zeros("att", (n_head * ctx * 4) as u64), self.zeros("out", q_dim as u64 * 4));
+        let part = self.zeros("part", (n_head * ctx.div_ceil(chunk.max(1)) * (head_dim + 2) * 4) as u64);
+        let step = self.uniform("step", &Step { token: 0, pos: pos as u32, row: 0, n: 1 });
+        let resources = [&self.uniform("params", &p), &qkv, &rope, &kc, &vc, &att, &out, &part];
+        let (main, combine) = (Kernel::attention(self, head_dim, "main"), Kernel::attention(self, head_dim, "combine"));
+        let dispatches = if chunk == 0 {
+            vec![main.dispatch(self, &step, &resources, (n_head as u32, 1))]
+        } else {
+            vec![
+                main.dispatch(self, &step, &resources, (n_head as u32, ctx.div_ceil(chunk) as u32)),
+                combine.dispatch(self, &step, &resources, (n_head as u32, 1)),
+            ]
+        };
+        self.probe_run(&dispatches, &out, q_dim)
     }
 
     /// The fused kernel as the forward pass runs it: `rmsnorm(x, norm)`, quantization, and BitLinear of
