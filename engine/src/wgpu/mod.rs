@@ -595,10 +595,6 @@ impl Backend for Wgpu {
     fn logits(&self) -> &[f32] {
         &self.logits
     }
-
-    fn forward_greedy(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
-        self.forward_argmax(tokens, pos)
-    }
 }
 
 /// The rotary table `[pos][rope_dim / 2]` of (cos, sin), computed as the CPU's `State` computes it.
