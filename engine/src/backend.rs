@@ -22,8 +22,8 @@ pub trait Backend: Send {
     fn logits(&self) -> &[f32];
 
     /// Like `forward` with logits, but returns only the greedy next token: the argmax of the logits
-    /// (the lowest id among equal maxima). GPU backends take it on the device and read back only the id
-    /// (`logits` may then be out of date).
+    /// (the lowest id among equal maxima). A backend that can take it faster on its device does so (CUDA:
+    /// the LM head's own argmax); `logits` may then be out of date.
     fn forward_greedy(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
         self.forward(tokens, pos, true)?;
         Ok(crate::sampling::argmax(self.logits().iter().copied()))
