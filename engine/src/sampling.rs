@@ -207,7 +207,8 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_and_distribution_follows_probabilities() {
         let logits = [0.0f32, (3f32).ln(), f32::NEG_INFINITY];
-        let params = SamplerParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
+        let params =
+            SamplerParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
         let run = |p: SamplerParams| {
             let mut s = Sampler::new(p);
             (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()

@@ -31,7 +31,6 @@ fn engine_path(rel: &str) -> PathBuf {
     }
 }
 
-
 /// The gap between the two largest values.
 fn margin(v: &[f32]) -> f32 {
     let mut sorted = v.to_vec();
@@ -251,7 +250,6 @@ fn bad_input_is_an_error() {
     assert!(dev.forward(&[1], 8, true).is_err(), "position past the context");
     dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, true).expect("a full context");
 }
-
 
 /// Mean tokens/s of `f` (which processes `n` tokens) over `reps` runs after one warm-up, as `bitnet bench`.
 fn tokens_per_s(n: usize, reps: usize, mut f: impl FnMut()) -> f64 {

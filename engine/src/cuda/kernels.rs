@@ -212,7 +212,10 @@ impl Kernels {
         let room = GEMV_SMEM_BUDGET.saturating_sub(gemv_smem(n, words, 0)) / (8 * words + PAIR_CONST);
         let chunk = room.clamp(1, per_block.max(1));
         if n > MAX_NORM || gemv_smem(n, words, chunk) > self.max_smem {
-            return Err(Error::Unsupported(format!("CUDA backend: BitLinear of {n} inputs ({} columns packed)", words * 16)));
+            return Err(Error::Unsupported(format!(
+                "CUDA backend: BitLinear of {n} inputs ({} columns packed)",
+                words * 16
+            )));
         }
         Ok((blocks, chunk))
     }

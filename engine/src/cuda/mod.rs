@@ -62,7 +62,10 @@ fn upload<T: DeviceRepr>(s: &Arc<CudaStream>, host: &[T]) -> Result<Buf<T>> {
 }
 
 /// `n` zeros in page-locked host memory mapped into the device's address space, and their device address.
-fn mapped<T: DeviceRepr + ValidAsZeroBits + Default + Copy>(s: &Arc<CudaStream>, n: usize) -> Result<(PinnedHostSlice<T>, u64)> {
+fn mapped<T: DeviceRepr + ValidAsZeroBits + Default + Copy>(
+    s: &Arc<CudaStream>,
+    n: usize,
+) -> Result<(PinnedHostSlice<T>, u64)> {
     // SAFETY: a cached (not write-combined: the host reads it) page-locked allocation, mapped into the
     // device's address space.
     let mut host = unsafe { s.context().alloc_pinned_with_flags::<T>(n, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?;

@@ -44,7 +44,12 @@ impl Gpu {
         out
     }
     /// A packed matrix for the decode kernel on `blocks` blocks (None: the planned grid).
-    fn linear(&self, m: &[(&TernaryMatrix, usize)], cols: usize, blocks: Option<usize>) -> (Linear, Buf<u32>, Buf<f32>) {
+    fn linear(
+        &self,
+        m: &[(&TernaryMatrix, usize)],
+        cols: usize,
+        blocks: Option<usize>,
+    ) -> (Linear, Buf<u32>, Buf<f32>) {
         let p = pack::pack(m, cols);
         let (w, sc) = (self.up(&p.data), self.up(&p.scales));
         let (blocks, chunk) = self.k.plan_gemv(m.len() / 2, p.words, cols, blocks).unwrap();
@@ -512,10 +517,13 @@ fn decode_kernel_times() {
     });
     // As the backend runs it: the logits written into mapped page-locked host memory.
     // SAFETY: a mapped page-locked allocation of `rows` floats, alive until the end of the test.
-    let mut host = unsafe { g.s.context().alloc_pinned_with_flags::<f32>(rows, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.unwrap();
+    let mut host =
+        unsafe { g.s.context().alloc_pinned_with_flags::<f32>(rows, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.unwrap();
     let mut mapped = 0;
     // SAFETY: the start of the mapped allocation above.
-    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host.as_mut_ptr().unwrap() as *mut _, 0) }.result().unwrap();
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host.as_mut_ptr().unwrap() as *mut _, 0) }
+        .result()
+        .unwrap();
     time("lm_head 128256x2560, logits to host", rows * n * 2, &|| {
         g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, mapped, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
     });
