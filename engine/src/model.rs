@@ -576,13 +576,12 @@ fn norm_quantize(x: &[f32], w: &[f32], eps: f32, n: usize, tmp: &mut [f32], xq: 
     }
 }
 
-/// NeoX-style rotary embedding of one head: element i pairs with i + rope_dim/2.
+/// NeoX-style rotary embedding of one head: element i pairs with i + rope_dim/2. The halves are zipped, so
+/// the loop has no bounds checks and the compiler may vectorize it.
 fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = cos.len();
-    for j in 0..half {
-        let (a, b) = (head[j], head[j + half]);
-        head[j] = a * cos[j] - b * sin[j];
-        head[j + half] = b * cos[j] + a * sin[j];
+    let (lo, hi) = head.split_at_mut(cos.len());
+    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+        (*a, *b) = (*a * c - *b * s, *b * c + *a * s);
     }
 }
 
@@ -724,7 +723,15 @@ impl Model {
 /// Causal attention for every (token, head) of the tile, in parallel: each token attends to its own
 /// sequence's cache up to its own position (the tile's earlier tokens of the same sequence included:
 /// their keys and values are already stored).
-fn attention(k: &dyn Kernels, c: &Config, layer: usize, rows: &[Row], items: &[BatchItem<'_>], q: &[f32], out: &mut [f32]) {
+fn attention(
+    k: &dyn Kernels,
+    c: &Config,
+    layer: usize,
+    rows: &[Row],
+    items: &[BatchItem<'_>],
+    q: &[f32],
+    out: &mut [f32],
+) {
     let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
     let kv_dim = c.n_head_kv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -739,9 +746,18 @@ fn attention(k: &dyn Kernels, c: &Config, layer: usize, rows: &[Row], items: &[B
 /// One head: `out = softmax(q·Kᵀ·scale)·V` over the first `n` cached positions (key and value `t` are
 /// the rows at `t·stride`), with a plain two-pass softmax (max, then exponentials) as in the PyTorch
 /// reference. The scores live in a per-thread buffer that grows to the longest context seen, so
-/// nothing is allocated per token.
+/// nothing is allocated per token. Public for the benchmarks.
 #[allow(clippy::too_many_arguments)]
-fn attend(k: &dyn Kernels, q: &[f32], keys: &[f16], values: &[f16], stride: usize, n: usize, scale: f32, out: &mut [f32]) {
+pub fn attend(
+    k: &dyn Kernels,
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     thread_local!(static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
     SCORES.with_borrow_mut(|scores| {
         scores.resize(n.max(scores.len()), 0.0);
