@@ -149,7 +149,7 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
 }
 
 /// Softmax in place: `x[i] = e^(x[i] − max x) / Σ_j e^(x[j] − max x)`. Attention at long contexts takes
-/// millions of exponentials per token, and `f32::exp` is a libm call per value: [`exp_nonpositive`] is
+/// millions of exponentials per token, and `f32::exp` is a libm call per value: `exp_nonpositive` is
 /// plain arithmetic that vectorizes, and the maximum and the sum run in 16 lanes for the same reason.
 pub fn softmax(x: &mut [f32]) {
     let mut lanes = [f32::NEG_INFINITY; 16];
