@@ -175,8 +175,9 @@ pub fn softmax(x: &mut [f32]) {
 fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     let k = round_ties_even_small(x * std::f32::consts::LOG2_E);
-    // ln 2 in two parts: k·0.693359375 is exact, so r keeps the bits that one product would lose.
-    let r = x - k * 0.693_359_375 + k * 2.121_944_4e-4;
+    // ln 2 in two parts: 0.6933594 is 355/512 exactly, so k·355/512 is exact and r keeps the bits that
+    // one product would lose.
+    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
     let p = p * r + 8.333_452e-3;
