@@ -148,46 +148,6 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
     s
 }
 
-/// Softmax in place: `x[i] = e^(x[i] − max x) / Σ_j e^(x[j] − max x)`. Attention at long contexts takes
-/// millions of exponentials per token, and `f32::exp` is a libm call per value: `exp_nonpositive` is
-/// plain arithmetic that vectorizes, and the maximum and the sum run in 16 lanes for the same reason.
-pub fn softmax(x: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    for c in x.chunks(16) {
-        lanes.iter_mut().zip(c).for_each(|(m, &v)| *m = m.max(v));
-    }
-    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sums = [0f32; 16];
-    for c in x.chunks_mut(16) {
-        for (s, v) in sums.iter_mut().zip(c) {
-            *v = exp_nonpositive(*v - max);
-            *s += *v;
-        }
-    }
-    let inv = 1.0 / sums.iter().sum::<f32>();
-    x.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `e^x` for `x ≤ 0` to about 1 ulp (Cephes' `expf`): `e^x = 2^k · e^r` with `k = round(x / ln 2)` and
-/// `|r| ≤ ln 2 / 2`, `e^r` by its degree-7 polynomial. Below −87, where `2^k` would leave the normal
-/// floats, it returns `e^−87 ≈ 1.6e−38`: negligible next to the maximum's `e^0 = 1` in the sum.
-#[inline]
-fn exp_nonpositive(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let k = round_ties_even_small(x * std::f32::consts::LOG2_E);
-    // ln 2 in two parts: 0.6933594 is 355/512 exactly, so k·355/512 is exact and r keeps the bits that
-    // one product would lose.
-    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_66;
-    let p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
-    f32::from_bits(((k as i32 + 127) << 23) as u32) * er
-}
-
 /// `v.round_ties_even()` for |v| < 2²² (every `v·s` above is within ±127), as plain arithmetic that
 /// vectorizes: x86-64's baseline has no rounding instruction, so `round_ties_even` is a libm call per
 /// value there. The sum with 1.5·2²³ has no fraction bits, so the addition itself rounds half to even
