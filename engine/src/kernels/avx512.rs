@@ -351,44 +351,28 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn attn_scores(q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
     let n = q.len();
-    let qp = q.as_ptr();
     for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
         let key = key[..n].as_ptr() as *const i16;
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i + 32 <= n {
-            let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(i) as *const __m256i));
-            let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(i + 16) as *const __m256i));
-            acc0 = _mm512_fmadd_ps(k0, _mm512_loadu_ps(qp.add(i)), acc0);
-            acc1 = _mm512_fmadd_ps(k1, _mm512_loadu_ps(qp.add(i + 16)), acc1);
-            i += 32;
-        }
-        while i < n {
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
             let m = lanes(n - i);
             let k = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, key.add(i)));
-            acc0 = _mm512_fmadd_ps(k, _mm512_maskz_loadu_ps(m, qp.add(i)), acc0);
-            i += 16;
+            acc = _mm512_fmadd_ps(k, _mm512_maskz_loadu_ps(m, q.as_ptr().add(i)), acc);
         }
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        *o = _mm512_reduce_add_ps(acc);
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn attn_values(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
     let n = out.len();
-    let op = out.as_mut_ptr();
     for (value, &p) in values.chunks(stride).zip(p) {
-        let (value, p) = (value[..n].as_ptr() as *const i16, _mm512_set1_ps(p));
-        let mut i = 0;
-        while i + 16 <= n {
-            let v = _mm512_cvtph_ps(_mm256_loadu_si256(value.add(i) as *const __m256i));
-            _mm512_storeu_ps(op.add(i), _mm512_fmadd_ps(p, v, _mm512_loadu_ps(op.add(i))));
-            i += 16;
-        }
-        if i < n {
+        let value = value[..n].as_ptr() as *const i16;
+        for i in (0..n).step_by(16) {
             let m = lanes(n - i);
             let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, value.add(i)));
-            _mm512_mask_storeu_ps(op.add(i), m, _mm512_fmadd_ps(p, v, _mm512_maskz_loadu_ps(m, op.add(i))));
+            let o = out.as_mut_ptr().add(i);
+            _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(p), v, _mm512_maskz_loadu_ps(m, o)));
         }
     }
 }
