@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p bitnet-engine --bench kernels                  # everything
 //!     cargo bench -p bitnet-engine --bench kernels -- 'matvec'      # a filter (regex)
+//!     cargo bench -p bitnet-engine --bench kernels -- 'attention'   # attention over an f16 KV cache
 //!
 //! Decoding reads every weight once per token, so the matrix-vector benchmarks rotate through
 //! copies of each matrix totalling `STREAM_BYTES`, more than the last-level cache: the bytes come
@@ -14,10 +15,11 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bitnet_engine::kernels;
-use bitnet_engine::model::FloatMatrix;
+use bitnet_engine::model::{attend, FloatMatrix};
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
 use rayon::prelude::*;
 
 #[path = "../tests/common/mod.rs"]
@@ -171,9 +173,50 @@ fn head(c: &mut Criterion) {
     g.finish();
 }
 
+/// One token's attention over one layer's f16 KV cache in 2B4T's shape (20 query heads over 5 kv heads
+/// of 128) at 512 and 4096 cached positions, heads in parallel as the model runs them; in GB/s of cache
+/// read (keys and values). A token reads every layer's cache once, so the runs rotate through copies
+/// totalling `STREAM_BYTES`, as the matrix-vector ones do.
+fn attention(c: &mut Criterion) {
+    let (n_head, n_head_kv, hd) = (20, 5, 128);
+    let kv_dim = n_head_kv * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut rng = Rng(4);
+    let q = rng.vec(n_head * hd, 1.0);
+    let mut out = vec![0f32; n_head * hd];
+    let mut g = c.benchmark_group("attention");
+    for n in [512, 4096] {
+        let layer = n * kv_dim; // halves of keys, and as many of values
+        let copies = STREAM_BYTES.div_ceil(4 * layer);
+        let mut halves = |len| (0..len).map(|_| f16::from_f32(rng.f32() * 2.0)).collect::<Vec<f16>>();
+        let (keys, values) = (halves(copies * layer), halves(copies * layer));
+        g.throughput(Throughput::BytesDecimal(4 * layer as u64));
+        for k in kernels::available() {
+            for threads in THREADS {
+                let pool = pool(threads);
+                let mut copy = 0;
+                g.bench_function(BenchmarkId::new(format!("{n}/{}", k.name()), threads), |b| {
+                    b.iter(|| {
+                        let base = copy * layer;
+                        copy = (copy + 1) % copies;
+                        pool.install(|| {
+                            out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
+                                let at = base + h / (n_head / n_head_kv) * hd;
+                                attend(k, &q[h * hd..(h + 1) * hd], &keys[at..], &values[at..], kv_dim, n, scale, o);
+                            })
+                        });
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
-    targets = memory, matvec, gemm, head
+    targets = memory, matvec, gemm, head, attention
 }
 criterion_main!(benches);

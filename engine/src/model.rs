@@ -13,6 +13,8 @@
 
 use std::fmt;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::gguf::{GgufFile, TensorInfo, Value};
@@ -388,8 +390,10 @@ fn ternary(g: &GgufFile, bytes: &[u8], name: &str, rows: usize, cols: usize) -> 
 pub struct State {
     pub ctx: usize,
     kv_dim: usize,
-    k_cache: Vec<f32>, // [layer][pos][kv_dim]
-    v_cache: Vec<f32>,
+    // [layer][pos][kv_dim], keys after RoPE. Stored as f16, as llama.cpp's default cache and our CUDA
+    // backend do: half the memory, and half the bytes each token's attention reads at long contexts.
+    k_cache: Vec<f16>,
+    v_cache: Vec<f16>,
     rope_cos: Vec<f32>, // [pos][rope_dim / 2]
     rope_sin: Vec<f32>,
     pub logits: Vec<f32>,
@@ -413,19 +417,20 @@ impl State {
             }
         }
         let kv = c.n_layer * ctx * kv_dim;
-        Ok(State { ctx, kv_dim, k_cache: vec![0f32; kv], v_cache: vec![0f32; kv], rope_cos, rope_sin, logits: vec![0f32; c.n_vocab] })
+        Ok(State { ctx, kv_dim, k_cache: vec![f16::ZERO; kv], v_cache: vec![f16::ZERO; kv], rope_cos, rope_sin, logits: vec![0f32; c.n_vocab] })
     }
 
     /// Keys and values of layer `l`: `[pos][kv_dim]`.
-    fn layer_kv(&self, l: usize) -> (&[f32], &[f32]) {
+    fn layer_kv(&self, l: usize) -> (&[f16], &[f16]) {
         let n = self.ctx * self.kv_dim;
         (&self.k_cache[l * n..(l + 1) * n], &self.v_cache[l * n..(l + 1) * n])
     }
 
+    /// Stores a position's keys and values, rounded to the nearest f16.
     fn store_kv(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
         let at = (l * self.ctx + pos) * self.kv_dim;
-        self.k_cache[at..at + self.kv_dim].copy_from_slice(k);
-        self.v_cache[at..at + self.kv_dim].copy_from_slice(v);
+        self.k_cache[at..at + self.kv_dim].convert_from_f32_slice(k);
+        self.v_cache[at..at + self.kv_dim].convert_from_f32_slice(v);
     }
 
     fn rope(&self, pos: usize) -> (&[f32], &[f32]) {
@@ -571,13 +576,12 @@ fn norm_quantize(x: &[f32], w: &[f32], eps: f32, n: usize, tmp: &mut [f32], xq: 
     }
 }
 
-/// NeoX-style rotary embedding of one head: element i pairs with i + rope_dim/2.
+/// NeoX-style rotary embedding of one head: element i pairs with i + rope_dim/2. The halves are zipped, so
+/// the loop has no bounds checks and the compiler may vectorize it.
 fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = cos.len();
-    for j in 0..half {
-        let (a, b) = (head[j], head[j + half]);
-        head[j] = a * cos[j] - b * sin[j];
-        head[j + half] = b * cos[j] + a * sin[j];
+    let (lo, hi) = head.split_at_mut(cos.len());
+    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+        (*a, *b) = (*a * c - *b * s, *b * c + *a * s);
     }
 }
 
@@ -649,7 +653,7 @@ impl Model {
                 }
                 state.store_kv(l, row.pos, kk, &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
-            attention(c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
+            attention(k, c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
             norm_quantize(&s.att, &w.attn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wo.padded_cols(), &mut s.sx);
             bitlinear(k, [&w.wo], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
             s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
@@ -719,7 +723,15 @@ impl Model {
 /// Causal attention for every (token, head) of the tile, in parallel: each token attends to its own
 /// sequence's cache up to its own position (the tile's earlier tokens of the same sequence included:
 /// their keys and values are already stored).
-fn attention(c: &Config, layer: usize, rows: &[Row], items: &[BatchItem<'_>], q: &[f32], out: &mut [f32]) {
+fn attention(
+    k: &dyn Kernels,
+    c: &Config,
+    layer: usize,
+    rows: &[Row],
+    items: &[BatchItem<'_>],
+    q: &[f32],
+    out: &mut [f32],
+) {
     let (hd, group) = (c.head_dim, c.n_head / c.n_head_kv);
     let kv_dim = c.n_head_kv * hd;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -727,34 +739,39 @@ fn attention(c: &Config, layer: usize, rows: &[Row], items: &[BatchItem<'_>], q:
         let row = &rows[i / c.n_head];
         let kv_off = (i % c.n_head / group) * hd; // GQA: `group` query heads share one kv head
         let (keys, values) = items[row.item].state.layer_kv(layer);
-        attend(&q[i * hd..(i + 1) * hd], keys, values, kv_dim, kv_off, row.pos + 1, scale, out);
+        attend(k, &q[i * hd..(i + 1) * hd], &keys[kv_off..], &values[kv_off..], kv_dim, row.pos + 1, scale, out);
     });
 }
 
-/// One head: `out = softmax(q·Kᵀ·scale)·V` over the first `n` cached positions, with a plain
-/// two-pass softmax (max, then exponentials): the same float operations, in the same order, as the
-/// PyTorch reference, so that the int8 roundings downstream agree with it. The scores live in a
-/// per-thread buffer that grows to the longest context seen, so nothing is allocated per token.
+/// One head: `out = softmax(q·Kᵀ·scale)·V` over the first `n` cached positions (key and value `t` are
+/// the rows at `t·stride`), with a two-pass softmax (max, then exponentials) as in the PyTorch
+/// reference (a vectorized `exp` measured no faster: the exponentials are a few % of the time). The scores
+/// live in a per-thread buffer that grows to the longest context seen, so nothing is allocated per token.
+/// Public for the benchmarks.
 #[allow(clippy::too_many_arguments)]
-fn attend(q: &[f32], keys: &[f32], values: &[f32], kv_dim: usize, off: usize, n: usize, scale: f32, out: &mut [f32]) {
+pub fn attend(
+    k: &dyn Kernels,
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     thread_local!(static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
     SCORES.with_borrow_mut(|scores| {
         scores.resize(n.max(scores.len()), 0.0);
         let scores = &mut scores[..n];
-        for (t, a) in scores.iter_mut().enumerate() {
-            let key = &keys[t * kv_dim + off..][..q.len()];
-            *a = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-        }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        k.attn_scores(q, keys, stride, scores);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
         let mut sum = 0.0;
         for a in scores.iter_mut() {
-            *a = (*a - max).exp();
+            *a = (*a * scale - max).exp();
             sum += *a;
         }
+        scores.iter_mut().for_each(|a| *a /= sum);
         out.fill(0.0);
-        for (t, &a) in scores.iter().enumerate() {
-            let value = &values[t * kv_dim + off..][..q.len()];
-            out.iter_mut().zip(value).for_each(|(o, v)| *o += a / sum * v);
-        }
+        k.attn_values(scores, values, stride, out);
     });
 }

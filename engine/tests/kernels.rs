@@ -5,6 +5,7 @@ use bitnet_engine::kernels::{self, quantize_activations};
 use bitnet_engine::model::FloatMatrix;
 use bitnet_engine::quant::{self, GgmlType};
 use bitnet_engine::ternary::TernaryMatrix;
+use half::f16;
 
 mod common;
 use common::Rng;
@@ -122,6 +123,72 @@ fn f16_rows_decode_subnormals_and_odd_lengths() {
             let (want, magnitude) = terms.fold((0f64, 0f64), |(s, m), t| (s + t, m + t.abs()));
             // Relative to Σ|w·x|, so that a row of subnormals is checked at its own scale.
             assert!((got[r] as f64 - want).abs() <= 1e-5 * magnitude, "{} kernel, F16 row {r}: {} vs {want}", k.name(), got[r]);
+        }
+    }
+}
+
+/// `n` random halves as a KV cache holds them: mostly values in ±4, with zeros and subnormals mixed in
+/// (the integer-bit conversions of NEON-less and wasm code paths must get those right too).
+fn random_halves(rng: &mut Rng, n: usize) -> Vec<f16> {
+    (0..n)
+        .map(|_| match rng.below(8) {
+            0 => f16::from_bits(rng.below(0x400) as u16 | (rng.below(2) as u16) << 15), // zero or subnormal
+            _ => f16::from_f32(rng.f32() * 4.0),
+        })
+        .collect()
+}
+
+/// One head's attention over `n` cached positions, as in the model: rows of `hd` halves at a stride of
+/// `stride` (several kv heads per position), starting at a head offset. Head dims 64 and 128 are the
+/// real models'; the others leave tails after every vector width.
+const ATTN_SHAPES: [(usize, usize); 8] = [(1, 1), (16, 5), (17, 3), (64, 33), (100, 7), (128, 1), (128, 70), (200, 9)];
+
+#[test]
+fn attention_scores_match_the_reference() {
+    let mut rng = Rng(0xa77e);
+    let reference = kernels::available()[0];
+    for (hd, n) in ATTN_SHAPES {
+        let (stride, off) = (3 * hd + 5, hd + 2);
+        let keys = random_halves(&mut rng, off + n * stride);
+        let q = rng.vec(hd, 2.0);
+        let mut want = vec![0f32; n];
+        reference.attn_scores(&q, &keys[off..], stride, &mut want);
+        for k in kernels::available() {
+            let mut got = vec![f32::NAN; n];
+            k.attn_scores(&q, &keys[off..], stride, &mut got);
+            for t in 0..n {
+                let terms = (0..hd).map(|i| q[i] as f64 * keys[off + t * stride + i].to_f64());
+                let (exact, magnitude) = terms.fold((0f64, 0f64), |(s, m), x| (s + x, m + x.abs()));
+                // Relative to Σ|q·k|: the summation order differs between kernels.
+                let tol = 1e-5 * magnitude + 1e-30;
+                assert!((want[t] as f64 - exact).abs() <= tol, "scalar, head dim {hd}, key {t}: {} vs {exact}", want[t]);
+                assert!((got[t] as f64 - exact).abs() <= tol, "{}, head dim {hd}, key {t}: {} vs {exact}", k.name(), got[t]);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_values_match_the_reference() {
+    let mut rng = Rng(0x5a1e);
+    let reference = kernels::available()[0];
+    for (hd, n) in ATTN_SHAPES {
+        let (stride, off) = (2 * hd + 3, hd);
+        let values = random_halves(&mut rng, off + n * stride);
+        let p: Vec<f32> = (0..n).map(|_| rng.f32().abs()).collect();
+        let start = rng.vec(hd, 1.0); // the kernel adds to what `out` holds
+        let mut want = start.clone();
+        reference.attn_values(&p, &values[off..], stride, &mut want);
+        for k in kernels::available() {
+            let mut got = start.clone();
+            k.attn_values(&p, &values[off..], stride, &mut got);
+            for i in 0..hd {
+                let terms = (0..n).map(|t| p[t] as f64 * values[off + t * stride + i].to_f64());
+                let (exact, magnitude) = terms.fold((start[i] as f64, start[i].abs() as f64), |(s, m), x| (s + x, m + x.abs()));
+                let tol = 1e-5 * magnitude + 1e-30;
+                assert!((want[i] as f64 - exact).abs() <= tol, "scalar, head dim {hd}, element {i}: {} vs {exact}", want[i]);
+                assert!((got[i] as f64 - exact).abs() <= tol, "{}, head dim {hd}, element {i}: {} vs {exact}", k.name(), got[i]);
+            }
         }
     }
 }

@@ -14,7 +14,9 @@ Writes (deterministic, seeded):
   tiny-b-scale.gguf       same model, BF16 weights holding the bare codes (+1/0/-1) and per-tensor
                           blk.N.<name>.scale F32 [1] tensors holding the scale
   references.json         prompt ids + last-position logits (HF transformers float32, numpy float64 and
-                          float32 references reading each GGUF), stability flags, greedy continuations
+                          float32 references reading each GGUF), stability flags, greedy continuations;
+                          every reference rounds keys (after RoPE) and values to f16, as the engine's KV
+                          cache stores them
 All files of one model are the SAME model exactly: every per-tensor scale is an f16-representable number
 (so F16 storage and TQ's f16 block scale d are exact) and the HF folder stores weight_scale = f32(1/scale)
 (transformers divides by it), with f32(1/weight_scale) == scale checked.
@@ -292,6 +294,14 @@ def check_gguf(path, c, w):
 def hf_logits(folder, ids_list):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.models.bitnet import modeling_bitnet
+    eager = modeling_bitnet.eager_attention_forward
+
+    def f16_cache_attention(module, query, key, value, *args, **kwargs):
+        # The engine's KV cache holds f16: round keys (after RoPE) and values as it stores them.
+        return eager(module, query, key.to(torch.float16).float(), value.to(torch.float16).float(), *args, **kwargs)
+
+    modeling_bitnet.eager_attention_forward = f16_cache_attention   # looked up at each call
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     out = []

@@ -10,7 +10,8 @@ It does not use gguf.quants (the writer's quantizers), so a bug on either side s
 
 The forward pass is the W1.58A8 BitNet block (RMSNorm, BitLinear with per-token int8 absmax activations,
 NeoX RoPE, GQA, attn/ffn sub-norms, relu^2) exactly as in /work/shared/models/smolbit-135m/reference.py,
-with the GGUF scale multiplying: y = acc / s_x * scale.
+with the GGUF scale multiplying: y = acc / s_x * scale, and with keys (after RoPE) and values rounded to
+f16 as the engine's KV cache stores them.
 """
 from enum import IntEnum
 
@@ -244,6 +245,8 @@ class Forward:
             self.margins.pop()
             v = self.bitlinear(h, ly["attn_v"], (i, "qkv")).reshape(T, KV, D).transpose(1, 0, 2)
             q, k = self.rope(q, pos), self.rope(k, pos)
+            # The engine's KV cache holds f16: keys (after RoPE) and values are rounded to the nearest f16.
+            k, v = k.astype(np.float16).astype(dt), v.astype(np.float16).astype(dt)
             rep = H // KV
             k, v = np.repeat(k, rep, 0), np.repeat(v, rep, 0)      # head h uses kv head h // rep
             sc = (q @ k.transpose(0, 2, 1)) / dt(np.sqrt(D))

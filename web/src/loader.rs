@@ -49,7 +49,7 @@ pub fn check_file_size(size: u64) -> Result<(), MemoryError> {
 
 /// Refuses a context whose KV cache cannot fit next to the weights.
 pub fn check_kv_cache(c: &Config, ctx: usize, weights: u64) -> Result<(), MemoryError> {
-    let kv = 2 * 4 * (c.n_layer * ctx * c.n_head_kv * c.head_dim) as u64;
+    let kv = 2 * 2 * (c.n_layer * ctx * c.n_head_kv * c.head_dim) as u64; // keys and values, f16
     if memory_in_use() + weights + kv <= WASM32_LIMIT {
         return Ok(());
     }

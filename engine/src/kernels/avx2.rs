@@ -7,6 +7,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use half::f16;
+
 use super::Kernels;
 use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
@@ -76,6 +78,16 @@ impl Kernels for Avx2 {
             }
             _ => super::scalar::Scalar.float_rows(w, rows, x, out),
         }
+    }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        // SAFETY: features checked by `available()`; every row is a bounds-checked slice.
+        unsafe { attn_scores(q, keys, stride, out) }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { attn_values(p, values, stride, out) }
     }
 }
 
@@ -161,6 +173,38 @@ unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
         sum += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * x[j];
     }
     sum
+}
+
+/// The row loops of the attention kernels, compiled with the features so that the row kernels inline.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_scores(q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+    for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+        *o = f16_dot(bytemuck::cast_slice(&key[..q.len()]), q);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attn_values(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+    for (value, &p) in values.chunks(stride).zip(p) {
+        f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out);
+    }
+}
+
+/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let pv = _mm256_set1_ps(p);
+    let mut i = 0;
+    while i + 8 <= n {
+        let w = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(2 * i) as *const __m128i));
+        let o = out.as_mut_ptr().add(i);
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(pv, w, _mm256_loadu_ps(o)));
+        i += 8;
+    }
+    for j in i..n {
+        out[j] += p * f16::from_le_bytes([v[2 * j], v[2 * j + 1]]).to_f32();
+    }
 }
 
 /// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q.

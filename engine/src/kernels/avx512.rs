@@ -16,6 +16,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use half::f16;
+
 use super::qhead::{self, HeadActivations, QuantHead};
 use super::Kernels;
 use crate::model::FloatMatrix;
@@ -107,6 +109,16 @@ impl Kernels for Avx512 {
                 _ => super::scalar::Scalar.float_rows(w, rows, x, out),
             }
         }
+    }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        // SAFETY: features as above; every row is a bounds-checked slice.
+        unsafe { attn_scores(q, keys, stride, out) }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { attn_values(p, values, stride, out) }
     }
 }
 
@@ -324,7 +336,7 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
         i += 32;
     }
     while i < n {
-        let m = if n - i >= 16 { 0xffff } else { (1u16 << (n - i)) - 1 };
+        let m = lanes(n - i);
         let x0 = _mm512_maskz_loadu_ps(m, xp.add(i));
         for r in 0..R {
             let h = _mm256_maskz_loadu_epi16(m, row(r).add(i) as *const i16);
@@ -333,6 +345,46 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
         i += 16;
     }
     std::array::from_fn(|r| _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])))
+}
+
+/// The attention kernels: 16 halves → 16 floats per `vcvtph2ps`, the row's tail masked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn attn_scores(q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+    let n = q.len();
+    for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+        let key = key[..n].as_ptr() as *const i16;
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let m = lanes(n - i);
+            let k = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, key.add(i)));
+            acc = _mm512_fmadd_ps(k, _mm512_maskz_loadu_ps(m, q.as_ptr().add(i)), acc);
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn attn_values(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+    let n = out.len();
+    for (value, &p) in values.chunks(stride).zip(p) {
+        let value = value[..n].as_ptr() as *const i16;
+        for i in (0..n).step_by(16) {
+            let m = lanes(n - i);
+            let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, value.add(i)));
+            let o = out.as_mut_ptr().add(i);
+            _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(p), v, _mm512_maskz_loadu_ps(m, o)));
+        }
+    }
+}
+
+/// The mask of the first `min(left, 16)` lanes.
+#[inline(always)]
+fn lanes(left: usize) -> u16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        (1u16 << left) - 1
+    }
 }
 
 /// The f16 scale at the start of a block, broadcast.

@@ -17,6 +17,8 @@ pub mod simd128;
 
 use std::ops::Range;
 
+use half::f16;
+
 use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
@@ -61,6 +63,15 @@ pub trait Kernels: Send + Sync {
             self.float_rows(w, rows.clone(), &x[t * w.cols..(t + 1) * w.cols], &mut out[t * len..(t + 1) * len]);
         }
     }
+
+    /// Attention scores of one query head against `out.len()` cached keys: `out[t] = Σ_i q[i]·key_t[i]`,
+    /// where key `t` is the f16 row `keys[t·stride..][..q.len()]` (the cache holds every kv head of a
+    /// position, so one head's rows are `kv_dim` apart).
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]);
+
+    /// The attention-weighted sum of one head's cached values: `out[i] += Σ_t p[t]·value_t[i]`, where
+    /// value `t` is the f16 row `values[t·stride..][..out.len()]`.
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]);
 
     /// The opt-in quantized LM head ([`qhead`]): `out[i]` = row `rows.start + i` of `h` times the
     /// quantized activations `a`. The default is the reference.

@@ -10,6 +10,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
+use half::f16;
+
 use super::Kernels;
 use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
@@ -80,6 +82,20 @@ impl Kernels for Neon {
             }
             // SAFETY (NEON): always present on AArch64.
             _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + unsafe { f32_dot(a, b) }),
+        }
+    }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+            // SAFETY: NEON is always present; the slice holds the key's `q.len()` halves.
+            *o = unsafe { f16_dot(bytemuck::cast_slice(&key[..q.len()]), q) };
+        }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        for (value, &p) in values.chunks(stride).zip(p) {
+            // SAFETY: NEON is always present; the slice holds the value's `out.len()` halves.
+            unsafe { f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out) };
         }
     }
 }
@@ -159,6 +175,22 @@ unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
         sum += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * x[j];
     }
     sum
+}
+
+/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves, four at a time.
+#[target_feature(enable = "neon")]
+unsafe fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let mut i = 0;
+    while i + 4 <= n {
+        let h = vld1_u16(v.as_ptr().add(2 * i) as *const u16);
+        let o = out.as_mut_ptr().add(i);
+        vst1q_f32(o, vfmaq_n_f32(vld1q_f32(o), widen_f16(h), p));
+        i += 4;
+    }
+    for j in i..n {
+        out[j] += p * f16::from_le_bytes([v[2 * j], v[2 * j + 1]]).to_f32();
+    }
 }
 
 /// Four halves (as bits) to floats with `fcvtl`, an Armv8.0 NEON instruction. Its intrinsic,

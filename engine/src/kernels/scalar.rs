@@ -2,6 +2,8 @@
 
 use std::ops::Range;
 
+use half::f16;
+
 use super::Kernels;
 use crate::model::FloatMatrix;
 use crate::ternary::TernaryMatrix;
@@ -33,5 +35,18 @@ impl Kernels for Scalar {
 
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
         super::decoded_rows(w, rows, x, out, |acc, a, b| a.iter().zip(b).fold(acc, |acc, (a, b)| acc + a * b));
+    }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+            *o = q.iter().zip(&key[..q.len()]).map(|(q, k)| q * k.to_f32()).sum();
+        }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        let n = out.len();
+        for (value, &p) in values.chunks(stride).zip(p) {
+            out.iter_mut().zip(&value[..n]).for_each(|(o, v)| *o += p * v.to_f32());
+        }
     }
 }

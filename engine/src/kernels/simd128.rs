@@ -9,6 +9,8 @@
 use std::arch::wasm32::*;
 use std::ops::Range;
 
+use half::f16;
+
 use super::Kernels;
 use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
@@ -47,6 +49,18 @@ impl Kernels for Simd128 {
             _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + f32_dot(a, b)),
         }
     }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+            *o = f16_dot(bytemuck::cast_slice(&key[..q.len()]), q);
+        }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        for (value, &p) in values.chunks(stride).zip(p) {
+            f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out);
+        }
+    }
 }
 
 /// 16 bytes from `p`; the caller's slice holds them.
@@ -61,6 +75,13 @@ fn load_f32(p: &[f32]) -> v128 {
     assert!(p.len() >= 4);
     // SAFETY: as in `load`.
     unsafe { v128_load(p.as_ptr() as *const v128) }
+}
+
+/// Four floats to `p`.
+fn store_f32(p: &mut [f32], v: v128) {
+    assert!(p.len() >= 4);
+    // SAFETY: as in `load`.
+    unsafe { v128_store(p.as_mut_ptr() as *mut v128, v) }
 }
 
 /// `Σ u·x` over one row: int16 products (at most 2·128 in magnitude, 16 per lane per block) are
@@ -123,6 +144,24 @@ fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
         sum += half::f16::from_le_bytes([b[0], b[1]]).to_f32() * x;
     }
     sum
+}
+
+/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves, eight at a time.
+fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+    let (n, pv) = (out.len(), f32x4_splat(p));
+    let mut outs = out.chunks_exact_mut(8);
+    for (o, h) in (&mut outs).zip(v.chunks_exact(16)) {
+        let h = load(h);
+        let (lo, hi) = o.split_at_mut(4);
+        store_f32(lo, f32x4_add(load_f32(lo), f32x4_mul(pv, widen_f16(u32x4_extend_low_u16x8(h)))));
+        store_f32(hi, f32x4_add(load_f32(hi), f32x4_mul(pv, widen_f16(u32x4_extend_high_u16x8(h)))));
+    }
+    let tail = outs.into_remainder();
+    let done = n - tail.len();
+    for (j, o) in tail.iter_mut().enumerate() {
+        let b = &v[2 * (done + j)..];
+        *o += p * f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
 }
 
 /// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q.
