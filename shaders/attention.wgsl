@@ -1,7 +1,9 @@
 // Causal attention of the token at `step.pos` for one query head per workgroup, with the rotary
 // embedding (NeoX pairs: i with i + rope_dim/2) and the KV-cache store fused in: each workgroup rotates
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
-// position, and the first query head of each kv group writes them to the cache for later tokens.
+// position, and the first query head of each kv group writes them to the cache for later tokens. Keys
+// and values are rounded to f16 (`quantizeToF16`) as the CPU and CUDA caches store them, so that all
+// backends attend over the same values; they are kept in f32 words (halving the cache is left to do).
 //
 // A prompt tile runs one workgroup per (head, token) of the tile's step.n tokens, at positions step.pos
 // onwards. A token attends to the tile's earlier tokens too, whose keys another workgroup computes: so
@@ -70,8 +72,8 @@ fn store_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let pos = step.pos + tok;
     let kv_off = wid.x * p.head_dim;
     let kb = tok * p.qkv_stride + p.q_dim + kv_off;
-    k_cache[pos * p.kv_dim + kv_off + t] = rotated(kb, t, pos);
-    v_cache[pos * p.kv_dim + kv_off + t] = qkv[kb + p.kv_dim + t];
+    k_cache[pos * p.kv_dim + kv_off + t] = quantizeToF16(rotated(kb, t, pos));
+    v_cache[pos * p.kv_dim + kv_off + t] = quantizeToF16(qkv[kb + p.kv_dim + t]);
 }
 
 @compute @workgroup_size(WG)
@@ -97,8 +99,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             kp[i] = k_cache[pos * p.kv_dim + kv_off + i];
             vp[i] = v_cache[pos * p.kv_dim + kv_off + i];
         } else {
-            kp[i] = rotated(qb + p.q_dim + kv_off, i, pos);
-            vp[i] = qkv[qb + p.q_dim + p.kv_dim + kv_off + i];
+            kp[i] = quantizeToF16(rotated(qb + p.q_dim + kv_off, i, pos));
+            vp[i] = quantizeToF16(qkv[qb + p.q_dim + p.kv_dim + kv_off + i]);
             if head % p.group == 0u && c == 0u {
                 k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
                 v_cache[pos * p.kv_dim + kv_off + i] = vp[i];

@@ -142,7 +142,10 @@ fn split_attention_matches_the_single_pass() {
     for &(chunk, pos) in &[(8, 7), (8, 8), (8, 9), (8, 15), (8, 16), (8, 17), (8, 63), (3, 40), (256, 256), (256, 700), (256, 1023)] {
         let n = pos + 1;
         let q = rng.vec(n_head * head_dim, 2.0);
+        // Values an f16 cache holds exactly (the kernel rounds the current position's key and value to f16).
+        let f16_exact = |v: Vec<f32>| v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
         let (keys, values) = (rng.vec(n * n_head_kv * head_dim, 2.0), rng.vec(n * n_head_kv * head_dim, 1.0));
+        let (keys, values) = (f16_exact(keys), f16_exact(values));
         let want = attention_f64(head_dim, n_head_kv, &q, &keys, &values);
         let single = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, 0).unwrap();
         let split = gpu.probe_attention(head_dim, n_head_kv, &q, &keys, &values, chunk).unwrap();
