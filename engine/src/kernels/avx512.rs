@@ -111,14 +111,14 @@ impl Kernels for Avx512 {
         }
     }
 
+    // Attention takes the AVX2 loops (every AVX-512 CPU has AVX2, FMA and F16C): 16-wide masked rows measured
+    // slower on 128-wide heads (4096 positions, 2 threads: 3.12 ms against 2.62; BENCHMARKS.md).
     fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
-        // SAFETY: features as above; every row is a bounds-checked slice.
-        unsafe { attn_scores(q, keys, stride, out) }
+        super::avx2::Avx2.attn_scores(q, keys, stride, out)
     }
 
     fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { attn_values(p, values, stride, out) }
+        super::avx2::Avx2.attn_values(p, values, stride, out)
     }
 }
 
@@ -345,36 +345,6 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
         i += 16;
     }
     std::array::from_fn(|r| _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])))
-}
-
-/// The attention kernels: 16 halves → 16 floats per `vcvtph2ps`, the row's tail masked.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn attn_scores(q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
-    let n = q.len();
-    for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
-        let key = key[..n].as_ptr() as *const i16;
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            let m = lanes(n - i);
-            let k = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, key.add(i)));
-            acc = _mm512_fmadd_ps(k, _mm512_maskz_loadu_ps(m, q.as_ptr().add(i)), acc);
-        }
-        *o = _mm512_reduce_add_ps(acc);
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn attn_values(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
-    let n = out.len();
-    for (value, &p) in values.chunks(stride).zip(p) {
-        let value = value[..n].as_ptr() as *const i16;
-        for i in (0..n).step_by(16) {
-            let m = lanes(n - i);
-            let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, value.add(i)));
-            let o = out.as_mut_ptr().add(i);
-            _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(p), v, _mm512_maskz_loadu_ps(m, o)));
-        }
-    }
 }
 
 /// The mask of the first `min(left, 16)` lanes.
