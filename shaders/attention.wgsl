@@ -2,8 +2,8 @@
 // embedding (NeoX pairs: i with i + rope_dim/2) and the KV-cache store fused in: each workgroup rotates
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
 // position, and the first query head of each kv group writes them to the cache for later tokens. Keys
-// and values are rounded to f16 (`quantizeToF16`) as the CPU and CUDA caches store them, so that all
-// backends attend over the same values; they are kept in f32 words (halving the cache is left to do).
+// and values are rounded to f16 (`f16_round`) as the CPU and CUDA caches store them, so that all backends
+// attend over the same values; they are kept in f32 words (halving the cache is left to do).
 //
 // A prompt tile runs one workgroup per (head, token) of the tile's step.n tokens, at positions step.pos
 // onwards. A token attends to the tile's earlier tokens too, whose keys another workgroup computes: so
@@ -49,6 +49,14 @@ var<workgroup> vp: array<f32, MAX_HD>;
 var<workgroup> red: array<f32, WG>; // the partial Σ p·v
 
 // Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
+// x rounded to the nearest f16 (ties to even), as the CPU's `half::f16::from_f32`: integer operations on its
+// bits, because `quantizeToF16` rounds as the implementation likes (SwiftShader's results differed from the
+// CPU's). Exact over f16's normal range, where keys and values are; a subnormal keeps 10 bits (f16 has fewer).
+fn f16_round(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    return bitcast<f32>((b + 0x0fffu + ((b >> 13u) & 1u)) & 0xffffe000u);
+}
+
 fn rotated(base: u32, i: u32, pos: u32) -> f32 {
     let h = p.rope_half;
     if i < h {
@@ -72,8 +80,8 @@ fn store_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let pos = step.pos + tok;
     let kv_off = wid.x * p.head_dim;
     let kb = tok * p.qkv_stride + p.q_dim + kv_off;
-    k_cache[pos * p.kv_dim + kv_off + t] = quantizeToF16(rotated(kb, t, pos));
-    v_cache[pos * p.kv_dim + kv_off + t] = quantizeToF16(qkv[kb + p.kv_dim + t]);
+    k_cache[pos * p.kv_dim + kv_off + t] = f16_round(rotated(kb, t, pos));
+    v_cache[pos * p.kv_dim + kv_off + t] = f16_round(qkv[kb + p.kv_dim + t]);
 }
 
 @compute @workgroup_size(WG)
@@ -99,8 +107,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             kp[i] = k_cache[pos * p.kv_dim + kv_off + i];
             vp[i] = v_cache[pos * p.kv_dim + kv_off + i];
         } else {
-            kp[i] = quantizeToF16(rotated(qb + p.q_dim + kv_off, i, pos));
-            vp[i] = quantizeToF16(qkv[qb + p.q_dim + p.kv_dim + kv_off + i]);
+            kp[i] = f16_round(rotated(qb + p.q_dim + kv_off, i, pos));
+            vp[i] = f16_round(qkv[qb + p.q_dim + p.kv_dim + kv_off + i]);
             if head % p.group == 0u && c == 0u {
                 k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
                 v_cache[pos * p.kv_dim + kv_off + i] = vp[i];
