@@ -764,10 +764,11 @@ pub fn attend(
         scores.resize(n.max(scores.len()), 0.0);
         let scores = &mut scores[..n];
         k.attn_scores(q, keys, stride, scores);
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        scores.iter_mut().for_each(|a| *a *= scale);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0;
         for a in scores.iter_mut() {
-            *a = (*a * scale - max).exp();
+            *a = (*a - max).exp();
             sum += *a;
         }
         scores.iter_mut().for_each(|a| *a /= sum);
