@@ -23,7 +23,11 @@ pub fn bitnet_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let bin = dir.join(format!("bitnet{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not found: build it first with `cargo build -p bitnet-cli` (same profile)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p bitnet-cli` (same profile)",
+        bin.display()
+    );
     bin
 }
 

@@ -53,7 +53,17 @@ fn logits_match_independent_references() {
             // Plain prompts go through the tokenizer (BOS added as the model asks); the chat case is
             // already rendered with its BOS text, so it is evaluated from the reference ids.
             let out = if case["add_special"].as_bool() == Some(true) {
-                bitnet_json(&["logits", "-m", path, "-p", case["text"].as_str().unwrap(), "--all", "--json", "--top", "5"])
+                bitnet_json(&[
+                    "logits",
+                    "-m",
+                    path,
+                    "-p",
+                    case["text"].as_str().unwrap(),
+                    "--all",
+                    "--json",
+                    "--top",
+                    "5",
+                ])
             } else {
                 let list: Vec<String> = want_ids.iter().map(u32::to_string).collect();
                 bitnet_json(&["logits", "-m", path, "--tokens", &list.join(","), "--all", "--json", "--top", "5"])
@@ -126,5 +136,8 @@ fn activation_is_inferred_and_can_be_overridden() {
     let path = path.to_str().unwrap();
     let relu2 = bitnet_json(&["logits", "-m", path, "-p", "Hello", "--json", "--all"]);
     let silu = bitnet_json(&["logits", "-m", path, "-p", "Hello", "--json", "--all", "--activation", "silu"]);
-    assert!(max_abs_diff(&floats(&relu2["logits"]), &floats(&silu["logits"])) > 0.1, "--activation silu changes the model");
+    assert!(
+        max_abs_diff(&floats(&relu2["logits"]), &floats(&silu["logits"])) > 0.1,
+        "--activation silu changes the model"
+    );
 }

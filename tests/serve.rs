@@ -31,7 +31,11 @@ impl Server {
             .expect("start bitnet serve");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the address");
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
         let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
         Server { child, url, client }
     }
@@ -67,7 +71,10 @@ impl Server {
 
     fn metric(&self, name: &str) -> f64 {
         let text = self.get("/metrics").text().unwrap();
-        let line = text.lines().find(|l| l.starts_with(&format!("bitnet_{name} "))).unwrap_or_else(|| panic!("no {name} in {text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("bitnet_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
@@ -211,7 +218,10 @@ fn chat_streaming_matches_non_streaming() {
 fn completion_streaming_and_stop_strings() {
     let s = Server::tiny(&[]);
     let full = s.complete(&greedy("Stop here", 40));
-    let events = sse_events(s.post("/v1/completions", &json!({ "prompt": "Stop here", "max_tokens": 40, "temperature": 0, "stream": true })));
+    let events = sse_events(s.post(
+        "/v1/completions",
+        &json!({ "prompt": "Stop here", "max_tokens": 40, "temperature": 0, "stream": true }),
+    ));
     let pieces: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
     assert_eq!(pieces, full);
     // A stop string taken from the middle of the greedy answer: the answer ends right before it.
@@ -261,7 +271,9 @@ fn concurrent_requests_equal_their_single_answers() {
         })
         .collect();
     let path = |r: &Value| if r.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
-    let text = |v: &Value| v["choices"][0]["text"].as_str().or(v["choices"][0]["message"]["content"].as_str()).unwrap().to_string();
+    let text = |v: &Value| {
+        v["choices"][0]["text"].as_str().or(v["choices"][0]["message"]["content"].as_str()).unwrap().to_string()
+    };
     let alone: Vec<String> = reqs.iter().map(|r| text(&s.ok(path(r), r))).collect();
     let together: Vec<String> = std::thread::scope(|sc| {
         let handles: Vec<_> = reqs.iter().map(|r| sc.spawn(|| text(&s.ok(path(r), r)))).collect();
@@ -277,7 +289,8 @@ fn concurrent_requests_equal_their_single_answers() {
 /// A streaming request on the default model that would run for minutes unless cancelled; returns
 /// once its first text has arrived, with the open response.
 fn start_long_stream(s: &Server) -> BufReader<Response> {
-    let req = json!({ "prompt": "Tell me a long story.", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stream": true });
+    let req =
+        json!({ "prompt": "Tell me a long story.", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stream": true });
     let mut r = BufReader::new(s.post("/v1/completions", &req));
     let mut line = String::new();
     while !line.starts_with("data: ") {
@@ -316,11 +329,13 @@ fn overload_answers_429() {
     let running = start_long_stream(&s);
     // The second waits in the queue (its client reads nothing yet).
     let queued = std::thread::scope(|sc| {
-        let waiting = sc.spawn(|| s.post("/v1/completions", &json!({ "prompt": "Queued", "max_tokens": 1500, "stream": true })));
+        let waiting =
+            sc.spawn(|| s.post("/v1/completions", &json!({ "prompt": "Queued", "max_tokens": 1500, "stream": true })));
         s.wait_metric("queue_depth", 1.0);
         let msg = error_of(s.post("/v1/completions", &greedy("Refused", 4)), 429);
         assert!(msg.contains("busy"), "{msg}");
-        let msg = error_of(s.post("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "x" }] })), 429);
+        let msg =
+            error_of(s.post("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "x" }] })), 429);
         assert!(msg.contains("busy"), "{msg}");
         drop(running);
         waiting.join().unwrap()
@@ -340,7 +355,14 @@ fn overload_answers_429() {
 #[test]
 fn malformed_requests_get_400_with_an_error_body() {
     let s = Server::tiny(&["--max-body", "4096"]);
-    let raw = |path: &str, body: &str| s.client.post(format!("{}{path}", s.url)).header("content-type", "application/json").body(body.to_string()).send().unwrap();
+    let raw = |path: &str, body: &str| {
+        s.client
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    };
     for body in ["", "{", "not json", "[1, 2]", "{\"prompt\": \"a\"} trailing", "\u{0}"] {
         error_of(raw("/v1/completions", body), 400);
         error_of(raw("/v1/chat/completions", body), 400);
@@ -363,7 +385,11 @@ fn malformed_requests_get_400_with_an_error_body() {
         ("/v1/chat/completions", json!({ "messages": [] }), "messages"),
         ("/v1/chat/completions", json!({ "messages": "hi" }), "messages"),
         ("/v1/chat/completions", json!({ "messages": [{ "content": "no role" }] }), "messages"),
-        ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url" }] }] }), "messages"),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url" }] }] }),
+            "messages",
+        ),
         ("/tokenize", json!({ "content": 5 }), "content"),
         ("/detokenize", json!({ "tokens": [1, 100000] }), "tokens"),
         ("/detokenize", json!({ "tokens": [-1] }), "tokens"),
@@ -387,7 +413,10 @@ fn malformed_requests_get_400_with_an_error_body() {
     error_of(s.post("/v1/completions", &big), 413);
     error_of(s.get("/v1/nothing"), 404);
     // Unknown fields are ignored; the server still answers normally after all of that.
-    let ok = s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 2, "logit_bias": {}, "user": "me", "echo": false }));
+    let ok = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": "a", "max_tokens": 2, "logit_bias": {}, "user": "me", "echo": false }),
+    );
     assert_eq!(ok["usage"]["completion_tokens"], 2);
 }
 
@@ -403,7 +432,8 @@ fn api_key_is_required_except_for_health() {
     assert_eq!(with("sekret"), 200);
     error_of(s.post("/v1/completions", &greedy("a", 2)), 401);
     error_of(s.get("/metrics"), 401);
-    let r = s.client.post(format!("{}/v1/completions", s.url)).bearer_auth("sekret").json(&greedy("a", 2)).send().unwrap();
+    let r =
+        s.client.post(format!("{}/v1/completions", s.url)).bearer_auth("sekret").json(&greedy("a", 2)).send().unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -421,6 +451,10 @@ fn official_openai_python_client() {
     let script = repo().join("tests/scripts/serve_openai_client.py");
     let out = Command::new("python3").arg(&script).arg(&s.url).output().expect("python3 is needed for this test");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{} failed (install the client with `python3 -m pip install openai`):\n{stdout}\n{stderr}", script.display());
+    assert!(
+        out.status.success(),
+        "{} failed (install the client with `python3 -m pip install openai`):\n{stdout}\n{stderr}",
+        script.display()
+    );
     assert!(stdout.contains("openai client OK"), "{stdout}");
 }

@@ -60,8 +60,15 @@ fn top20_logits_match_the_pytorch_reference() {
 
 #[test]
 fn greedy_text_matches_the_reference_sample() {
-    let samples: Value = serde_json::from_str(&std::fs::read_to_string(shared("models/smolbit-135m/reference_samples.json")).unwrap()).unwrap();
-    let sample = samples["samples"].as_array().unwrap().iter().find(|s| s["prompt"] == "Once upon a time" && s["temperature"] == 0.0).unwrap();
+    let samples: Value =
+        serde_json::from_str(&std::fs::read_to_string(shared("models/smolbit-135m/reference_samples.json")).unwrap())
+            .unwrap();
+    let sample = samples["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["prompt"] == "Once upon a time" && s["temperature"] == 0.0)
+        .unwrap();
     let out = bitnet_ok(&["run", "-m", f16_model(), "-p", "Once upon a time", "-n", "24", "--temp", "0"]);
     let want: String = sample["text"].as_str().unwrap().chars().take(100).collect();
     let got = out.trim_end_matches('\n');
@@ -77,7 +84,12 @@ fn chat_answers_through_the_template_and_keeps_history() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd what is the capital of Italy?\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd what is the capital of Italy?\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();

@@ -33,7 +33,6 @@ const THREADS: [usize; 2] = [1, 2];
 const SHAPES: [(usize, usize); 3] = [(2560, 2560), (6912, 2560), (2560, 6912)];
 const PROMPT: usize = 128;
 
-
 /// `copies` stacked random ternary matrices of `rows × cols`, as one matrix (valid codes 0..=2 in every field).
 fn ternary(rows: usize, cols: usize, copies: usize) -> TernaryMatrix {
     let valid = valid_ternary_bytes();
@@ -66,12 +65,23 @@ fn memory(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("read", threads), |b| {
             b.iter(|| {
                 pool.install(|| {
-                    src.par_chunks(1 << 20).map(|c| c.chunks_exact(64).fold(0u64, |s, l| s ^ u64::from_le_bytes(l[..8].try_into().unwrap()) ^ u64::from_le_bytes(l[56..].try_into().unwrap()))).reduce(|| 0, |a, b| a ^ b)
+                    src.par_chunks(1 << 20)
+                        .map(|c| {
+                            c.chunks_exact(64).fold(0u64, |s, l| {
+                                s ^ u64::from_le_bytes(l[..8].try_into().unwrap())
+                                    ^ u64::from_le_bytes(l[56..].try_into().unwrap())
+                            })
+                        })
+                        .reduce(|| 0, |a, b| a ^ b)
                 })
             })
         });
         g.bench_function(BenchmarkId::new("memcpy", threads), |b| {
-            b.iter(|| pool.install(|| dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))))
+            b.iter(|| {
+                pool.install(|| {
+                    dst.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s))
+                })
+            })
         });
     }
     g.finish();
@@ -162,7 +172,9 @@ fn head(c: &mut Criterion) {
                     b.iter(|| {
                         pool.install(|| {
                             let n = chunk(rows);
-                            out.par_chunks_mut(n).enumerate().for_each(|(i, o)| k.float_rows(&w, i * n..i * n + o.len(), &x, o))
+                            out.par_chunks_mut(n)
+                                .enumerate()
+                                .for_each(|(i, o)| k.float_rows(&w, i * n..i * n + o.len(), &x, o))
                         });
                         black_box(&out);
                     })

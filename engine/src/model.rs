@@ -166,7 +166,9 @@ fn md<'a>(g: &'a GgufFile, key: &str) -> Result<&'a Value> {
 
 fn md_usize(g: &GgufFile, key: &str) -> Result<usize> {
     let v = md(g, key)?;
-    let n = v.as_u64().ok_or_else(|| Error::Metadata { key: key.into(), reason: format!("expected an integer, found {v:?}") })?;
+    let n = v
+        .as_u64()
+        .ok_or_else(|| Error::Metadata { key: key.into(), reason: format!("expected an integer, found {v:?}") })?;
     usize::try_from(n)
         .ok()
         .filter(|&n| n > 0 && n < (1 << 31))
@@ -212,7 +214,8 @@ impl Config {
                 "attention shape: {n_head} heads, {n_head_kv} kv heads, head dim {head_dim}, rope dim {rope_dim}"
             )));
         }
-        let token_embd = g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+        let token_embd =
+            g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
         let n_vocab = match g.get(&k("vocab_size")) {
             Some(_) => md_usize(g, &k("vocab_size"))?,
             None => token_embd.rows(),
@@ -257,8 +260,12 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
         return Ok((Activation::Relu2, format!("architecture {arch} implies relu²")));
     }
     match g.get("tokenizer.ggml.model").and_then(Value::as_str) {
-        Some("gpt2") => Ok((Activation::Relu2, "no activation key; byte-level BPE vocabulary means a 2B4T-style model".into())),
-        Some("llama") => Ok((Activation::Silu, "no activation key; SentencePiece vocabulary means a bitnet_b1_58 model".into())),
+        Some("gpt2") => {
+            Ok((Activation::Relu2, "no activation key; byte-level BPE vocabulary means a 2B4T-style model".into()))
+        }
+        Some("llama") => {
+            Ok((Activation::Silu, "no activation key; SentencePiece vocabulary means a bitnet_b1_58 model".into()))
+        }
         other => Err(Error::Unsupported(format!(
             "cannot infer the activation of arch 'bitnet' (tokenizer model {other:?}): pass --activation relu2|silu"
         ))),
@@ -267,7 +274,12 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
 
 impl Model {
     /// Loads and repacks every tensor. `progress(done, total)` is called once per tensor group.
-    pub fn load(g: &GgufFile, bytes: &[u8], opts: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        g: &GgufFile,
+        bytes: &[u8],
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let c = Config::from_gguf(g, opts)?;
         let total = c.n_layer + 2;
         let token_embd = float_matrix(g, bytes, "token_embd.weight", c.n_embd, c.n_vocab)?;
@@ -320,9 +332,13 @@ impl Model {
     fn requantize_head(&mut self, ty: GgmlType) -> Result<()> {
         let head = self.lm_head();
         let (rows, cols) = (head.rows, head.cols);
-        let row_bytes = ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
-            Error::Invalid(format!("a {} LM head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)", ty.name()))
-        })?;
+        let row_bytes =
+            ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "a {} LM head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)",
+                    ty.name()
+                ))
+            })?;
         let mut ggml = vec![0u8; rows * row_bytes];
         ggml.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
             || vec![0f32; cols],
@@ -367,7 +383,8 @@ fn vector(g: &GgufFile, bytes: &[u8], name: &str, len: usize) -> Result<Vec<f32>
         return Err(Error::Tensor { tensor: name.into(), reason: format!("shape {:?}, expected [{len}]", t.dims) });
     }
     let mut out = vec![0f32; len];
-    quant::dequantize(t.ty, g.tensor_data(bytes, t), &mut out).map_err(|e| Error::Tensor { tensor: name.into(), reason: e.to_string() })?;
+    quant::dequantize(t.ty, g.tensor_data(bytes, t), &mut out)
+        .map_err(|e| Error::Tensor { tensor: name.into(), reason: e.to_string() })?;
     Ok(out)
 }
 
@@ -417,7 +434,15 @@ impl State {
             }
         }
         let kv = c.n_layer * ctx * kv_dim;
-        Ok(State { ctx, kv_dim, k_cache: vec![f16::ZERO; kv], v_cache: vec![f16::ZERO; kv], rope_cos, rope_sin, logits: vec![0f32; c.n_vocab] })
+        Ok(State {
+            ctx,
+            kv_dim,
+            k_cache: vec![f16::ZERO; kv],
+            v_cache: vec![f16::ZERO; kv],
+            rope_cos,
+            rope_sin,
+            logits: vec![0f32; c.n_vocab],
+        })
     }
 
     /// Keys and values of layer `l`: `[pos][kv_dim]`.
@@ -463,18 +488,18 @@ pub struct BatchScratch {
     tile: usize,
     dims: [usize; 4], // n_embd, q_dim, kv_dim, n_ff: the model this was made for
     rows: Vec<Row>,
-    x: Vec<f32>,     // [tile][n_embd] the residual stream
-    xn: Vec<f32>,    // [tile][widest] normed activations (and BitLinear outputs)
-    xq: Vec<i8>,     // [tile][padded widest] their int8 quantization
-    sx: Vec<f32>,    // [tile] the quantization scales
-    q: Vec<f32>,     // [tile][q_dim]
-    k: Vec<f32>,     // [tile][kv_dim]
-    v: Vec<f32>,     // [tile][kv_dim]
-    att: Vec<f32>,   // [tile][q_dim] attention outputs
-    gate: Vec<f32>,  // [tile][n_ff]
-    up: Vec<f32>,    // [tile][n_ff]
-    acc: Vec<i32>,   // [tile][rows of the matrices of one `bitlinear`] integer accumulators, in row chunks
-    logits: Vec<f32>, // [tokens wanting logits][n_vocab] (grown on first use)
+    x: Vec<f32>,                  // [tile][n_embd] the residual stream
+    xn: Vec<f32>,                 // [tile][widest] normed activations (and BitLinear outputs)
+    xq: Vec<i8>,                  // [tile][padded widest] their int8 quantization
+    sx: Vec<f32>,                 // [tile] the quantization scales
+    q: Vec<f32>,                  // [tile][q_dim]
+    k: Vec<f32>,                  // [tile][kv_dim]
+    v: Vec<f32>,                  // [tile][kv_dim]
+    att: Vec<f32>,                // [tile][q_dim] attention outputs
+    gate: Vec<f32>,               // [tile][n_ff]
+    up: Vec<f32>,                 // [tile][n_ff]
+    acc: Vec<i32>,                // [tile][rows of the matrices of one `bitlinear`] integer accumulators, in row chunks
+    logits: Vec<f32>,             // [tokens wanting logits][n_vocab] (grown on first use)
     head_x: Vec<HeadActivations>, // per token wanting logits, for a quantized head (grown on first use)
 }
 
@@ -567,7 +592,16 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// RMSNorm then per-token int8 quantization of the `n` rows of `x` (each `w.len()` long) into rows of
 /// `stride` in `xq`, each with its own scale in `s`; `tmp` holds the normed rows.
 #[allow(clippy::too_many_arguments)]
-fn norm_quantize(x: &[f32], w: &[f32], eps: f32, n: usize, tmp: &mut [f32], xq: &mut [i8], stride: usize, s: &mut [f32]) {
+fn norm_quantize(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    n: usize,
+    tmp: &mut [f32],
+    xq: &mut [i8],
+    stride: usize,
+    s: &mut [f32],
+) {
     let d = w.len();
     for t in 0..n {
         let normed = &mut tmp[t * d..(t + 1) * d];
@@ -591,7 +625,12 @@ impl Model {
     /// and (b) one decoding step of many sequences: many items, one token each. Tokens are run in
     /// tiles of up to `scratch`'s size, so each weight matrix is read once per tile, not per token;
     /// every token is quantized with its own scale, so results do not depend on the tiling.
-    pub fn forward_batch(&self, k: &dyn Kernels, scratch: &mut BatchScratch, items: &mut [BatchItem<'_>]) -> Result<()> {
+    pub fn forward_batch(
+        &self,
+        k: &dyn Kernels,
+        scratch: &mut BatchScratch,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<()> {
         self.check_batch(scratch, items)?;
         let (mut item, mut i) = (0, 0); // the next token to run: items[item].tokens[i]
         while item < items.len() {
@@ -625,7 +664,10 @@ impl Model {
                 return Err(Error::ContextFull { needed: it.pos + it.tokens.len(), ctx: s.ctx });
             }
             if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= self.token_embd.rows) {
-                return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {}", self.token_embd.rows)));
+                return Err(Error::Invalid(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.token_embd.rows
+                )));
             }
         }
         Ok(())

@@ -28,7 +28,8 @@ fn tokens(model: &Model, n: usize, seed: u32) -> Vec<u32> {
 fn one_by_one(model: &Model, k: &dyn Kernels, state: &mut State, tokens: &[u32], pos: usize) {
     let mut scratch = BatchScratch::new(&model.config, 1);
     for (i, t) in tokens.iter().enumerate() {
-        let mut item = [BatchItem { state: &mut *state, tokens: std::slice::from_ref(t), pos: pos + i, want_logits: true }];
+        let mut item =
+            [BatchItem { state: &mut *state, tokens: std::slice::from_ref(t), pos: pos + i, want_logits: true }];
         model.forward_batch(k, &mut scratch, &mut item).unwrap();
     }
 }

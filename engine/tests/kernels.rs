@@ -10,7 +10,6 @@ use half::f16;
 mod common;
 use common::Rng;
 
-
 fn random_ternary(rng: &mut Rng, rows: usize, cols: usize) -> TernaryMatrix {
     let codes: Vec<i8> = (0..rows * cols).map(|_| rng.below(3) as i8 - 1).collect();
     TernaryMatrix::from_codes(rows, cols, &codes, 0.5)
@@ -29,9 +28,8 @@ fn ternary_rows_match_the_reference_exactly() {
         for xq in [xq.clone(), extreme(cols, w.padded_cols(), -128), extreme(cols, w.padded_cols(), 127)] {
             let mut want = vec![0i32; rows];
             reference.ternary_rows(&w, 0..rows, &xq, &mut want);
-            let naive: Vec<i32> = (0..rows)
-                .map(|r| (0..cols).map(|c| w.code(r, c) as i32 * xq[c] as i32).sum())
-                .collect();
+            let naive: Vec<i32> =
+                (0..rows).map(|r| (0..cols).map(|c| w.code(r, c) as i32 * xq[c] as i32).sum()).collect();
             assert_eq!(want, naive, "scalar kernel vs. the definition, {rows}x{cols}");
             for k in kernels::available() {
                 let mut got = vec![0i32; rows];
@@ -70,7 +68,16 @@ fn activation_quantization_is_absmax_round_half_even() {
 fn float_rows_match_the_reference() {
     let mut rng = Rng(99);
     let reference = kernels::available()[0];
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_0, GgmlType::Q6_K, GgmlType::Q4_K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_0,
+        GgmlType::Q6_K,
+        GgmlType::Q4_K,
+    ] {
         let (rows, cols) = (37, if ty.block_size() == 256 { 512 } else { 576 });
         let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
         let data = quant::quantize(ty, &src).unwrap();
@@ -105,11 +112,13 @@ fn f16_rows_decode_subnormals_and_odd_lengths() {
     for r in 0..rows {
         for _ in 0..cols {
             let sign = (rng.below(2) as u16) << 15;
-            bits.push(sign | match r {
-                0 => 1 + rng.below(0x3ff) as u16,
-                1 => [0, 1, 0x3ff, 0x400, 0x3c00][rng.below(5) as usize],
-                _ => rng.below(0x3c00) as u16,
-            });
+            bits.push(
+                sign | match r {
+                    0 => 1 + rng.below(0x3ff) as u16,
+                    1 => [0, 1, 0x3ff, 0x400, 0x3c00][rng.below(5) as usize],
+                    _ => rng.below(0x3c00) as u16,
+                },
+            );
         }
     }
     let data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
@@ -122,7 +131,12 @@ fn f16_rows_decode_subnormals_and_odd_lengths() {
             let terms = (0..cols).map(|c| half::f16::from_bits(bits[r * cols + c]).to_f64() * x[c] as f64);
             let (want, magnitude) = terms.fold((0f64, 0f64), |(s, m), t| (s + t, m + t.abs()));
             // Relative to Σ|w·x|, so that a row of subnormals is checked at its own scale.
-            assert!((got[r] as f64 - want).abs() <= 1e-5 * magnitude, "{} kernel, F16 row {r}: {} vs {want}", k.name(), got[r]);
+            assert!(
+                (got[r] as f64 - want).abs() <= 1e-5 * magnitude,
+                "{} kernel, F16 row {r}: {} vs {want}",
+                k.name(),
+                got[r]
+            );
         }
     }
 }
@@ -161,8 +175,17 @@ fn attention_scores_match_the_reference() {
                 let (exact, magnitude) = terms.fold((0f64, 0f64), |(s, m), x| (s + x, m + x.abs()));
                 // Relative to Σ|q·k|: the summation order differs between kernels.
                 let tol = 1e-5 * magnitude + 1e-30;
-                assert!((want[t] as f64 - exact).abs() <= tol, "scalar, head dim {hd}, key {t}: {} vs {exact}", want[t]);
-                assert!((got[t] as f64 - exact).abs() <= tol, "{}, head dim {hd}, key {t}: {} vs {exact}", k.name(), got[t]);
+                assert!(
+                    (want[t] as f64 - exact).abs() <= tol,
+                    "scalar, head dim {hd}, key {t}: {} vs {exact}",
+                    want[t]
+                );
+                assert!(
+                    (got[t] as f64 - exact).abs() <= tol,
+                    "{}, head dim {hd}, key {t}: {} vs {exact}",
+                    k.name(),
+                    got[t]
+                );
             }
         }
     }
@@ -184,10 +207,20 @@ fn attention_values_match_the_reference() {
             k.attn_values(&p, &values[off..], stride, &mut got);
             for i in 0..hd {
                 let terms = (0..n).map(|t| p[t] as f64 * values[off + t * stride + i].to_f64());
-                let (exact, magnitude) = terms.fold((start[i] as f64, start[i].abs() as f64), |(s, m), x| (s + x, m + x.abs()));
+                let (exact, magnitude) =
+                    terms.fold((start[i] as f64, start[i].abs() as f64), |(s, m), x| (s + x, m + x.abs()));
                 let tol = 1e-5 * magnitude + 1e-30;
-                assert!((want[i] as f64 - exact).abs() <= tol, "scalar, head dim {hd}, element {i}: {} vs {exact}", want[i]);
-                assert!((got[i] as f64 - exact).abs() <= tol, "{}, head dim {hd}, element {i}: {} vs {exact}", k.name(), got[i]);
+                assert!(
+                    (want[i] as f64 - exact).abs() <= tol,
+                    "scalar, head dim {hd}, element {i}: {} vs {exact}",
+                    want[i]
+                );
+                assert!(
+                    (got[i] as f64 - exact).abs() <= tol,
+                    "{}, head dim {hd}, element {i}: {} vs {exact}",
+                    k.name(),
+                    got[i]
+                );
             }
         }
     }
@@ -212,7 +245,9 @@ fn the_expected_kernels_are_available() {
 fn ternary_gemm_matches_the_reference_rows_exactly() {
     let mut rng = Rng(0xfeed);
     let reference = kernels::available()[0];
-    for &(rows, cols, n) in &[(1, 1, 1), (7, 130, 2), (9, 256, 3), (13, 384, 4), (18, 640, 5), (33, 2560, 7), (4, 6912, 1)] {
+    for &(rows, cols, n) in
+        &[(1, 1, 1), (7, 130, 2), (9, 256, 3), (13, 384, 4), (18, 640, 5), (33, 2560, 7), (4, 6912, 1)]
+    {
         let w = random_ternary(&mut rng, rows, cols);
         let p = w.padded_cols();
         let mut xq = vec![0i8; n * p];
@@ -235,7 +270,12 @@ fn ternary_gemm_matches_the_reference_rows_exactly() {
                 let mut part = vec![0i32; n * len];
                 k.ternary_gemm(&w, 1..rows - 1, &xq, n, &mut part);
                 for t in 0..n {
-                    assert_eq!(part[t * len..(t + 1) * len], want[t * rows + 1..(t + 1) * rows - 1], "{} gemm rows", k.name());
+                    assert_eq!(
+                        part[t * len..(t + 1) * len],
+                        want[t * rows + 1..(t + 1) * rows - 1],
+                        "{} gemm rows",
+                        k.name()
+                    );
                 }
             }
         }
@@ -263,7 +303,11 @@ fn float_rows_and_gemm_match_the_reference_on_ragged_rows() {
                 let mut got = vec![0f32; n * rows];
                 k.float_gemm(&w, 0..rows, &x, n, &mut got);
                 for (g, e) in got.iter().zip(&want) {
-                    assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} kernel, {ty:?} x {cols}: {g} vs {e}", k.name());
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{} kernel, {ty:?} x {cols}: {g} vs {e}",
+                        k.name()
+                    );
                 }
             }
         }
@@ -294,7 +338,12 @@ fn quantized_head_matches_the_reference() {
         for r in 0..rows {
             deq.dequantize_row(r, &mut row);
             let magnitude: f32 = row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
-            assert!((want[r] - exact[r]).abs() < 0.01 * magnitude, "{ty:?} x {cols} row {r}: {} vs float {}", want[r], exact[r]);
+            assert!(
+                (want[r] - exact[r]).abs() < 0.01 * magnitude,
+                "{ty:?} x {cols} row {r}: {} vs float {}",
+                want[r],
+                exact[r]
+            );
         }
         for k in kernels::available() {
             let mut got = vec![0f32; rows];

@@ -19,7 +19,6 @@ use std::sync::Arc;
 mod common;
 use common::{argmax, load, max_abs_diff, random_2b4t, Rng};
 
-
 /// The adapter the tests run on (a CPU-type one is fine), or `None` outside CI when there is none.
 fn gpu() -> Option<Gpu> {
     match Gpu::open(true).expect("opening the adapter") {
@@ -60,7 +59,9 @@ fn ulps(a: f32, b: f32) -> u32 {
 fn bitlinear_accumulators_are_exact() {
     let mut rng = Rng(0x5eed_0001);
     for gpu in both_dot4() {
-        for &(rows, cols) in &[(1, 1), (3, 127), (17, 128), (40, 192), (33, 320), (64, 576), (9, 1536), (70, 2560), (5, 6912)] {
+        for &(rows, cols) in
+            &[(1, 1), (3, 127), (17, 128), (40, 192), (33, 320), (64, 576), (9, 1536), (70, 2560), (5, 6912)]
+        {
             let w = random_ternary(&mut rng, rows, cols, 0.5);
             let mut inputs = vec![rng.vec(cols, 3.0)];
             // absmax 127 makes s = 1, and then x.5 values are ties: round half to even decides them.
@@ -89,11 +90,21 @@ fn bitlinear_accumulators_are_exact() {
 fn prompt_gemm_accumulators_are_exact() {
     let mut rng = Rng(0x5eed_0006);
     for gpu in both_dot4() {
-        for &(rows, cols, n) in &[(1, 1, 3), (3, 127, TILE + 5), (17, 128, 1), (40, 192, TILE), (33, 320, 2 * TILE - 1), (64, 576, 7), (70, 2560, 9), (5, 6912, TILE + 1)] {
+        for &(rows, cols, n) in &[
+            (1, 1, 3),
+            (3, 127, TILE + 5),
+            (17, 128, 1),
+            (40, 192, TILE),
+            (33, 320, 2 * TILE - 1),
+            (64, 576, 7),
+            (70, 2560, 9),
+            (5, 6912, TILE + 1),
+        ] {
             let w = random_ternary(&mut rng, rows, cols, 0.5);
             let mut ties: Vec<f32> = (0..cols).map(|i| (i % 9) as f32 - 4.5).collect();
             ties[0] = 127.0;
-            let xs: Vec<Vec<f32>> = (0..n).map(|i| if i % 5 == 1 { ties.clone() } else { rng.vec(cols, 1.0 + i as f32) }).collect();
+            let xs: Vec<Vec<f32>> =
+                (0..n).map(|i| if i % 5 == 1 { ties.clone() } else { rng.vec(cols, 1.0 + i as f32) }).collect();
             let got = gpu.probe_gemm_acc(&w, &xs).unwrap();
             assert_eq!(got.len(), n);
             // The tile quantizes as the decode kernel does: the same scale, to the bit.
@@ -105,7 +116,12 @@ fn prompt_gemm_accumulators_are_exact() {
                 assert!(ulps(s, s_cpu) <= 2, "{rows}x{cols} token {t}: s = {s} on the GPU, {s_cpu} on the CPU");
                 let xq_dev: Vec<i8> = x.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect();
                 xq[..cols].copy_from_slice(&xq_dev);
-                assert_eq!(acc, scalar_acc(&w, &xq), "{rows}x{cols} token {t} of {n}: accumulators ({})", gpu.adapter().name);
+                assert_eq!(
+                    acc,
+                    scalar_acc(&w, &xq),
+                    "{rows}x{cols} token {t} of {n}: accumulators ({})",
+                    gpu.adapter().name
+                );
             }
         }
     }
@@ -119,13 +135,17 @@ fn attention_f64(head_dim: usize, n_head_kv: usize, q: &[f32], keys: &[f32], val
         let (qh, off) = (&q[h * head_dim..(h + 1) * head_dim], h / (n_head / n_head_kv) * head_dim);
         let scores: Vec<f64> = keys
             .chunks_exact(kv_dim)
-            .map(|k| qh.iter().zip(&k[off..]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (head_dim as f64).sqrt())
+            .map(|k| {
+                qh.iter().zip(&k[off..]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (head_dim as f64).sqrt()
+            })
             .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f64 = e.iter().sum();
         for i in 0..head_dim {
-            out[h * head_dim + i] = (e.iter().zip(values.chunks_exact(kv_dim)).map(|(e, v)| e * v[off + i] as f64).sum::<f64>() / sum) as f32;
+            out[h * head_dim + i] =
+                (e.iter().zip(values.chunks_exact(kv_dim)).map(|(e, v)| e * v[off + i] as f64).sum::<f64>() / sum)
+                    as f32;
         }
     }
     out
@@ -139,7 +159,9 @@ fn split_attention_matches_the_single_pass() {
     let mut rng = Rng(0x5eed_0007);
     let Some(gpu) = gpu() else { return };
     let (head_dim, n_head, n_head_kv) = (64, 6, 2);
-    for &(chunk, pos) in &[(8, 7), (8, 8), (8, 9), (8, 15), (8, 16), (8, 17), (8, 63), (3, 40), (256, 256), (256, 700), (256, 1023)] {
+    for &(chunk, pos) in
+        &[(8, 7), (8, 8), (8, 9), (8, 15), (8, 16), (8, 17), (8, 63), (3, 40), (256, 256), (256, 700), (256, 1023)]
+    {
         let n = pos + 1;
         let q = rng.vec(n_head * head_dim, 2.0);
         // Values an f16 cache holds exactly (the kernel rounds the current position's key and value to f16).
@@ -179,7 +201,11 @@ fn fused_bitlinear_matches_the_cpu() {
     let mut rng = Rng(0x5eed_0002);
     let Some(gpu) = gpu() else { return };
     for &(cols, eps) in &[(96, 1e-5), (576, 1e-6), (2560, 1e-5)] {
-        let parts = [random_ternary(&mut rng, cols, cols, 0.7), random_ternary(&mut rng, 33, cols, 1.3), random_ternary(&mut rng, 20, cols, 0.01)];
+        let parts = [
+            random_ternary(&mut rng, cols, cols, 0.7),
+            random_ternary(&mut rng, 33, cols, 1.3),
+            random_ternary(&mut rng, 20, cols, 0.01),
+        ];
         let x = rng.vec(cols, 2.0);
         let norm: Vec<f32> = (0..cols).map(|_| 1.0 + 0.2 * rng.f32()).collect();
         let refs: Vec<&TernaryMatrix> = parts.iter().collect();
@@ -260,11 +286,22 @@ fn lm_head_and_embedding_match_the_cpu_for_every_type() {
             for r in 0..m.rows {
                 m.dequantize_row(r, &mut row);
                 let bound: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-                assert!((got[r] - want[r]).abs() <= 1e-5 * bound + 1e-6, "{} x{cols}: row {r}: {} vs {}", ty.name(), got[r], want[r]);
+                assert!(
+                    (got[r] - want[r]).abs() <= 1e-5 * bound + 1e-6,
+                    "{} x{cols}: row {r}: {} vs {}",
+                    ty.name(),
+                    got[r],
+                    want[r]
+                );
             }
             for r in [0, 1, 40, 76] {
                 m.dequantize_row(r, &mut row);
-                assert_eq!(gpu.probe_lookup(&m, r as u32).unwrap(), row, "{} x{cols}: lookup of row {r} is exact", ty.name());
+                assert_eq!(
+                    gpu.probe_lookup(&m, r as u32).unwrap(),
+                    row,
+                    "{} x{cols}: lookup of row {r} is exact",
+                    ty.name()
+                );
             }
         }
     }
@@ -274,13 +311,15 @@ fn lm_head_and_embedding_match_the_cpu_for_every_type() {
 fn argmax_is_the_greedy_choice() {
     let mut rng = Rng(0x5eed_0005);
     let Some(gpu) = gpu() else { return };
-    let mut cases = vec![vec![0.5, 2.0, -1.0, 2.0], vec![f32::NEG_INFINITY; 5], vec![1.0; 1000], rng.vec(128_256, 10.0)];
+    let mut cases =
+        vec![vec![0.5, 2.0, -1.0, 2.0], vec![f32::NEG_INFINITY; 5], vec![1.0; 1000], rng.vec(128_256, 10.0)];
     let mut late = vec![-1.0f32; 5000];
     late[4321] = 3.0;
     late[4999] = 3.0;
     cases.push(late);
     for x in cases {
-        let want = bitnet_engine::sampling::Sampler::new(bitnet_engine::sampling::SamplerParams::greedy()).sample(&x, &[]);
+        let want =
+            bitnet_engine::sampling::Sampler::new(bitnet_engine::sampling::SamplerParams::greedy()).sample(&x, &[]);
         assert_eq!(gpu.probe_argmax(&x).unwrap(), want, "argmax of {} values", x.len());
     }
 }
@@ -289,13 +328,19 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
 }
 
-
 /// The prompt in one call, then `steps` greedy tokens one at a time; at every position with logits the
 /// GPU's must match the CPU's: same top-1 where the CPU's top two are `margin` apart (more where a rounding
 /// flipped), and within `tol` at
 /// the prompt's last position, 0.5 (an int8 rounding flip or two) after it.
 /// Returns the difference at the prompt's last position and the largest one.
-fn compare_with_cpu(model: &Model, gm: &Arc<GpuModel>, prompt: &[u32], steps: usize, tol: f32, margin: f32) -> (f32, f32) {
+fn compare_with_cpu(
+    model: &Model,
+    gm: &Arc<GpuModel>,
+    prompt: &[u32],
+    steps: usize,
+    tol: f32,
+    margin: f32,
+) -> (f32, f32) {
     let ctx = 64;
     let name = gm.gpu().adapter().name.clone();
     let mut cpu = Cpu::new(model, kernels::best(), ctx).unwrap();
@@ -349,7 +394,8 @@ fn upload(gpu: Gpu, model: &Model) -> Arc<GpuModel> {
 /// attention split over the sequence in chunks of 2 positions (from position 4 on).
 #[test]
 fn fixture_models_match_the_cpu() {
-    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
     if gpu().is_none() {
         return;
     }
@@ -362,7 +408,8 @@ fn fixture_models_match_the_cpu() {
             upload(gpu().unwrap().with_max_shard(8192), &model),
             upload(gpu().unwrap().with_attention_chunk(2), &model),
         ];
-        for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate() {
+        for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate()
+        {
             let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             // Stable prompts have no int8 rounding flips under small float noise: logits agree to 1e-3.
             // Elsewhere (and on the generated tokens, which nobody checked for flips) a flip moves logits
@@ -452,10 +499,14 @@ fn bad_input_is_an_error() {
 // tokens one at a time, each with its logits read back; one warm-up, then the mean of 3 runs. Also tg with only
 // the argmax read back, and each kernel's time per dispatch.
 
-
 /// Bytes a decode step must read: every ternary weight and the LM head.
 fn bytes_per_token(m: &Model) -> usize {
-    let t: usize = m.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).map(|w| w.data.len()).sum();
+    let t: usize = m
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        .map(|w| w.data.len())
+        .sum();
     t + m.lm_head().data.len()
 }
 
@@ -465,7 +516,13 @@ fn bench(name: &str, model: &Model) {
     let t = std::time::Instant::now();
     let m = Arc::new(GpuModel::upload(Arc::new(gpu), model).unwrap());
     let mut dev = Wgpu::with_model(m, model.config.n_ctx_train.min(4096)).unwrap();
-    eprintln!("{name}: uploaded in {:.2} s to {} ({}, {})", t.elapsed().as_secs_f64(), adapter.name, adapter.kind, adapter.backend);
+    eprintln!(
+        "{name}: uploaded in {:.2} s to {} ({}, {})",
+        t.elapsed().as_secs_f64(),
+        adapter.name,
+        adapter.kind,
+        adapter.backend
+    );
     let n_vocab = model.config.n_vocab as u32;
     let tokens: Vec<u32> = (0..128u32).map(|i| (i * 7919 + 13) % n_vocab).collect();
     let mut time = |what: &str, f: &mut dyn FnMut(&mut Wgpu)| -> f64 {
@@ -478,7 +535,11 @@ fn bench(name: &str, model: &Model) {
             })
             .collect();
         let mean = runs.iter().sum::<f64>() / runs.len() as f64;
-        eprintln!("{name}: {what}: {:.3} ms (runs {:?} ms)", mean * 1e3, runs.iter().map(|r| (r * 1e4).round() / 10.0).collect::<Vec<_>>());
+        eprintln!(
+            "{name}: {what}: {:.3} ms (runs {:?} ms)",
+            mean * 1e3,
+            runs.iter().map(|r| (r * 1e4).round() / 10.0).collect::<Vec<_>>()
+        );
         mean
     };
     let pp = time("pp128", &mut |d| d.forward(&tokens, 0, true).unwrap());

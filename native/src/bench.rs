@@ -74,7 +74,8 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
     let tg = measure(false, a.n_gen)?;
     let threads = m.pool.current_num_threads();
     if a.json {
-        let entry = |n: usize, s: Option<(f64, f64)>| s.map(|(tps, sd)| serde_json::json!({"n": n, "tps": tps, "sd": sd}));
+        let entry =
+            |n: usize, s: Option<(f64, f64)>| s.map(|(tps, sd)| serde_json::json!({"n": n, "tps": tps, "sd": sd}));
         let out = serde_json::json!({
             "threads": threads,
             "backend": session.backend_name(),

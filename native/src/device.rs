@@ -37,7 +37,9 @@ impl Devices {
     /// A backend for one session of `ctx` tokens.
     pub fn backend<'m>(&self, model: &'m Model, ctx: usize) -> Result<Box<dyn Backend + 'm>, Error> {
         #[cfg(feature = "cuda")]
-        if self.choice == BackendChoice::Cuda || (self.choice == BackendChoice::Auto && bitnet_engine::cuda::available()) {
+        if self.choice == BackendChoice::Cuda
+            || (self.choice == BackendChoice::Auto && bitnet_engine::cuda::available())
+        {
             return Ok(Box::new(bitnet_engine::cuda::Cuda::new(model, ctx)?));
         }
         #[cfg(not(feature = "cuda"))]
@@ -101,6 +103,10 @@ pub fn list() -> Result<(), Error> {
     }
     #[cfg(not(feature = "wgpu"))]
     println!("this bitnet was built without the `wgpu` feature: CPU only");
-    println!("cpu: {} kernels, {} threads", kernels::best().name(), std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "cpu: {} kernels, {} threads",
+        kernels::best().name(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     Ok(())
 }

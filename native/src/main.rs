@@ -80,7 +80,9 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
 
 fn parse_head(s: &str) -> Result<bitnet_engine::quant::GgmlType, String> {
     use bitnet_engine::quant::GgmlType;
-    GgmlType::parse(s).filter(|t| matches!(t, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| format!("unknown head type '{s}' (q8_0 or q6_k)"))
+    GgmlType::parse(s)
+        .filter(|t| matches!(t, GgmlType::Q8_0 | GgmlType::Q6_K))
+        .ok_or_else(|| format!("unknown head type '{s}' (q8_0 or q6_k)"))
 }
 
 #[derive(Args)]
@@ -251,7 +253,8 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
     let m = Loaded::open(&a.model)?;
     let params = a.sampling.gen_params();
     let mut session = m.session()?;
-    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
+    let mut messages: Vec<ChatMessage> =
+        a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let mut lines = std::io::stdin().lock().lines();
     loop {
@@ -308,14 +311,18 @@ fn logits(a: LogitsArgs) -> Result<(), Error> {
 fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let m = Loaded::open(&a.model)?;
     let bytes = std::fs::read(&a.file).map_err(|e| Error::Invalid(format!("{}: {e}", a.file.display())))?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::Invalid(format!("{} is not valid UTF-8", a.file.display())))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| Error::Invalid(format!("{} is not valid UTF-8", a.file.display())))?;
     let add_bos = m.tokenizer.add_bos();
     let tokens = m.tokenizer.encode(&text, add_bos)?;
     let mut session = m.session()?;
     let n_ctx = session.ctx();
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
-        return Err(Error::Invalid(format!("the text has {} tokens; at least one window of {n_ctx} is needed (lower --ctx)", tokens.len())));
+        return Err(Error::Invalid(format!(
+            "the text has {} tokens; at least one window of {n_ctx} is needed (lower --ctx)",
+            tokens.len()
+        )));
     }
     let first = n_ctx / 2;
     let (mut nll, mut count) = (0f64, 0usize);

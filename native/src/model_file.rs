@@ -36,9 +36,13 @@ impl std::ops::Deref for Bytes {
 
 pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
     #[cfg(feature = "embedded-model")]
-    let Some(path) = path else { return Ok(Bytes::Embedded(DEFAULT_MODEL)) };
+    let Some(path) = path
+    else {
+        return Ok(Bytes::Embedded(DEFAULT_MODEL));
+    };
     #[cfg(not(feature = "embedded-model"))]
-    let Some(path) = path else {
+    let Some(path) = path
+    else {
         return Err(Error::Invalid("this bitnet was built without the embedded model: give one with -m".into()));
     };
     let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
@@ -65,7 +69,9 @@ impl Loaded {
         let opts = LoadOptions { activation: a.activation, head: a.head };
         let bar = (bytes.len() > 200 << 20).then(|| {
             let bar = indicatif::ProgressBar::new(1);
-            bar.set_style(indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} {msg}").expect("valid template"));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} {msg}").expect("valid template"),
+            );
             bar
         });
         let mut progress = |done: usize, total: usize| {
@@ -96,14 +102,24 @@ impl Loaded {
 pub fn info(path: Option<&Path>) -> Result<(), Error> {
     let bytes = open_bytes(path)?;
     let g = GgufFile::parse(&bytes)?;
-    println!("GGUF v{}, {} bytes, {} metadata keys, {} tensors, alignment {}", g.version, bytes.len(), g.metadata.len(), g.tensors.len(), g.alignment);
+    println!(
+        "GGUF v{}, {} bytes, {} metadata keys, {} tensors, alignment {}",
+        g.version,
+        bytes.len(),
+        g.metadata.len(),
+        g.tensors.len(),
+        g.alignment
+    );
     println!("\nmetadata:");
     for (k, v) in &g.metadata {
         println!("  {k:<45} {}", show_value(v));
     }
     match bitnet_engine::model::Config::from_gguf(&g, &LoadOptions::default()) {
         Ok(c) => {
-            println!("\nmodel: arch {}, {} layers, embd {}, ff {}, heads {}/{} (kv), head dim {}, vocab {}, context {}", c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train);
+            println!(
+                "\nmodel: arch {}, {} layers, embd {}, ff {}, heads {}/{} (kv), head dim {}, vocab {}, context {}",
+                c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train
+            );
             println!("activation: {} ({})", c.activation, c.activation_reason);
         }
         Err(e) => println!("\nmodel: not runnable: {e}"),
@@ -133,6 +149,8 @@ fn show_value(v: &Value) -> String {
         Value::F32(x) => x.to_string(),
         Value::F64(x) => x.to_string(),
         // The integer types; negative ones through f64, which holds every i32 exactly.
-        other => other.as_u64().map(|n| n.to_string()).or_else(|| other.as_f64().map(|x| x.to_string())).unwrap_or_default(),
+        other => {
+            other.as_u64().map(|n| n.to_string()).or_else(|| other.as_f64().map(|x| x.to_string())).unwrap_or_default()
+        }
     }
 }

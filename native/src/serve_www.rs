@@ -24,7 +24,10 @@ pub struct ServeWwwArgs {
 pub fn serve_www(a: ServeWwwArgs) -> Result<(), Error> {
     let io = |what: &str, e: std::io::Error| Error::Invalid(format!("{what}: {e}"));
     if !a.dir.join("index.html").is_file() {
-        return Err(Error::Invalid(format!("{} has no index.html: build the site with `bash web/build.sh`", a.dir.display())));
+        return Err(Error::Invalid(format!(
+            "{} has no index.html: build the site with `bash web/build.sh`",
+            a.dir.display()
+        )));
     }
     let root = a.dir.canonicalize().map_err(|e| io(&a.dir.display().to_string(), e))?;
     let listener = TcpListener::bind(("127.0.0.1", a.port)).map_err(|e| io(&format!("127.0.0.1:{}", a.port), e))?;
@@ -165,7 +168,9 @@ mod tests {
         assert_eq!(resolve(&root, "/?prompt=hi&n=20"), Some(root.join("index.html")));
         assert_eq!(resolve(&root, "/sub%20dir/a.wasm"), Some(root.join("sub dir/a.wasm")));
         assert_eq!(mime(&root.join("sub dir/a.wasm")), "application/wasm");
-        for bad in ["/../etc/passwd", "/sub%20dir/../../x", "//etc/passwd", "/%2e%2e/x", "/missing.js", "/%zz", "nohash"] {
+        for bad in
+            ["/../etc/passwd", "/sub%20dir/../../x", "//etc/passwd", "/%2e%2e/x", "/missing.js", "/%zz", "nohash"]
+        {
             assert_eq!(resolve(&root, bad), None, "{bad}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -256,7 +256,9 @@ impl Engine {
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(js_error)?;
         let activation = match opts.activation.as_deref() {
             None => None,
-            Some(a) => Some(Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?),
+            Some(a) => Some(
+                Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?,
+            ),
         };
         let load = LoadOptions { activation, ..Default::default() };
         let config = Config::from_gguf(&gguf, &load).map_err(js_error)?;

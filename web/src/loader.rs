@@ -89,7 +89,8 @@ impl FileBuffer {
 
 /// Grows `v` by `extra` bytes, reporting a browser's refusal instead of aborting.
 fn reserve(v: &mut Vec<u8>, extra: u64) -> Result<(), MemoryError> {
-    let extra = usize::try_from(extra).map_err(|_| MemoryError(format!("{extra} bytes do not fit in wasm32 memory")))?;
+    let extra =
+        usize::try_from(extra).map_err(|_| MemoryError(format!("{extra} bytes do not fit in wasm32 memory")))?;
     v.try_reserve(extra).map_err(|_| {
         MemoryError(format!(
             "the browser refused to grow WebAssembly memory to {} MB for the model file (the device may be short \

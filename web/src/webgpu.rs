@@ -23,7 +23,8 @@ impl GpuSession {
     /// Opens the browser's WebGPU adapter (a software one such as SwiftShader too: WebGPU was asked for by
     /// name; the worker's `auto` skips those), uploads the weights and creates a context of `ctx` tokens.
     pub async fn open(model: &Model, ctx: usize) -> Result<Self> {
-        let gpu = Gpu::open_async(true).await?.ok_or_else(|| Error::Gpu("the browser found no WebGPU adapter".into()))?;
+        let gpu =
+            Gpu::open_async(true).await?.ok_or_else(|| Error::Gpu("the browser found no WebGPU adapter".into()))?;
         let name = gpu.backend_name();
         // The engine shares these by `Arc` (natively across threads); in a browser they stay on this one.
         #[allow(clippy::arc_with_non_send_sync)]

@@ -70,7 +70,10 @@ async fn gguf_files_load_from_chunks() {
     setup().await;
     let engine = load(TINY_A, r#"{"backend": "wasm", "ctx": 64}"#).await.unwrap();
     let info: Value = serde_json::from_str(&engine.info()).unwrap();
-    assert_eq!((info["arch"].as_str(), info["nLayer"].as_u64(), info["nEmbd"].as_u64()), (Some("bitnet-b1.58"), Some(2), Some(96)));
+    assert_eq!(
+        (info["arch"].as_str(), info["nLayer"].as_u64(), info["nEmbd"].as_u64()),
+        (Some("bitnet-b1.58"), Some(2), Some(96))
+    );
     assert_eq!((info["nVocab"].as_u64(), info["ctx"].as_u64()), (Some(768), Some(64)));
     assert_eq!(engine.backend(), format!("cpu/{}", kernels::best().name()));
     let threads = if cfg!(feature = "threads") { 2 } else { 1 };
@@ -139,7 +142,8 @@ async fn generation_streams_the_greedy_reference() {
     let case = &refs["models"]["tiny-a"]["cases"][2]; // "special": stable, wide top-2 margins
     assert_eq!(case["name"], "special");
     let mut decoder = StreamDecoder::new();
-    let want: String = ids(&case["greedy"]).iter().map(|&t| decoder.push(&tok, t)).collect::<String>() + &decoder.flush();
+    let want: String =
+        ids(&case["greedy"]).iter().map(|&t| decoder.push(&tok, t)).collect::<String>() + &decoder.flush();
     for backend in ["wasm", "webgpu"] {
         let mut engine = load(TINY_A, &format!(r#"{{"backend": "{backend}"}}"#)).await.unwrap();
         let n = engine.start(case["text"].as_str().unwrap().into(), r#"{"maxTokens": 10, "temperature": 0}"#.into());
@@ -150,7 +154,11 @@ async fn generation_streams_the_greedy_reference() {
         }
         assert_eq!(got, want, "{backend}");
         let stats: Value = serde_json::from_str(&engine.stats()).unwrap();
-        assert_eq!((stats["generatedTokens"].as_u64(), stats["stop"].as_str()), (Some(10), Some("MaxTokens")), "{backend}");
+        assert_eq!(
+            (stats["generatedTokens"].as_u64(), stats["stop"].as_str()),
+            (Some(10), Some("MaxTokens")),
+            "{backend}"
+        );
     }
 }
 
@@ -249,6 +257,7 @@ async fn the_thread_pool_runs_on_two_workers() {
     let mut seen = rayon::broadcast(|ctx| ctx.index());
     seen.sort();
     assert_eq!(seen, [0, 1]);
-    let sum: u64 = rayon::iter::ParallelIterator::sum(rayon::iter::IntoParallelIterator::into_par_iter(0..1_000_000u64));
+    let sum: u64 =
+        rayon::iter::ParallelIterator::sum(rayon::iter::IntoParallelIterator::into_par_iter(0..1_000_000u64));
     assert_eq!(sum, 499_999_500_000);
 }

@@ -236,7 +236,12 @@ unsafe fn prefetch_ahead(tile: *const u8, rows: usize, stride: usize, offset: us
 
 /// `Σ_c u(r, c)·x(t, c)` for rows `r0..r0 + R` and the `T` activation vectors at `x` (stride `p`).
 #[inline(always)]
-unsafe fn tile<D: Dot, const R: usize, const T: usize>(w: &TernaryMatrix, r0: usize, x: *const i8, p: usize) -> [[i32; T]; R] {
+unsafe fn tile<D: Dot, const R: usize, const T: usize>(
+    w: &TernaryMatrix,
+    r0: usize,
+    x: *const i8,
+    p: usize,
+) -> [[i32; T]; R] {
     let stride = p / 4;
     let wp = w.data.as_ptr().add(r0 * stride);
     let halves = |lo: u8, hi: u8| _mm512_inserti64x4(_mm512_set1_epi8(lo as i8), _mm256_set1_epi8(hi as i8), 1);
@@ -247,7 +252,8 @@ unsafe fn tile<D: Dot, const R: usize, const T: usize>(w: &TernaryMatrix, r0: us
         if b % 2 == 0 {
             prefetch_ahead(wp, R, stride, 32 * b); // a line is two steps
         }
-        let block = |r: usize| _mm512_broadcast_i64x4(_mm256_loadu_si256(wp.add(r * stride + 32 * b) as *const __m256i));
+        let block =
+            |r: usize| _mm512_broadcast_i64x4(_mm256_loadu_si256(wp.add(r * stride + 32 * b) as *const __m256i));
         let xs = x.add(128 * b);
         let ua: [__m512i; R] = std::array::from_fn(|r| _mm512_and_si512(block(r), mask_a));
         for t in 0..T {
@@ -445,18 +451,23 @@ unsafe fn q6_k_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f
     for b in 0..w.cols / 256 {
         for r in 0..R {
             let blk = row(r).add(210 * b);
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk.add(208) as *const u16).read_unaligned() as i32)));
+            let d =
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk.add(208) as *const u16).read_unaligned() as i32)));
             let mut sum = _mm512_setzero_ps();
             for half in 0..2 {
                 let ql = blk.add(64 * half);
-                let (lo, hi) = (_mm256_loadu_si256(ql as *const __m256i), _mm256_loadu_si256(ql.add(32) as *const __m256i));
+                let (lo, hi) =
+                    (_mm256_loadu_si256(ql as *const __m256i), _mm256_loadu_si256(ql.add(32) as *const __m256i));
                 let qh = _mm256_loadu_si256(blk.add(128 + 32 * half) as *const __m256i);
                 // The four runs of 32 values, each its nibble | its two high bits moved to bits 4-5.
                 let runs = [
                     _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), high2)),
                     _mm256_or_si256(_mm256_and_si256(hi, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), high2)),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), low4), _mm256_and_si256(qh, high2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), low4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2),
+                    ),
                 ];
                 let scales = blk.add(192 + 8 * half) as *const i8;
                 for (k, q) in runs.into_iter().enumerate() {

@@ -4,14 +4,14 @@
 //! implementation is tested against it (bit-for-bit on the integer accumulators). [`best`] picks the
 //! fastest one the running CPU supports.
 
-pub mod qhead;
-pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
+pub mod qhead;
+pub mod scalar;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub mod simd128;
 

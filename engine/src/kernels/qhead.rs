@@ -66,11 +66,20 @@ pub fn lane_position(c: usize, cols: usize, l: usize) -> usize {
 impl QuantHead {
     /// Repacks rows already encoded as ggml Q8_0 or Q6_K (`rows × row_bytes(ty, cols)`).
     pub fn from_ggml(ty: GgmlType, rows: usize, cols: usize, ggml: &[u8]) -> Result<Self> {
-        let src_row = ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
-            Error::Invalid(format!("a {} head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)", ty.name()))
-        })?;
+        let src_row =
+            ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "a {} head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)",
+                    ty.name()
+                ))
+            })?;
         if ggml.len() != rows * src_row {
-            return Err(Error::Invalid(format!("{} head data of {} bytes, expected {}", ty.name(), ggml.len(), rows * src_row)));
+            return Err(Error::Invalid(format!(
+                "{} head data of {} bytes, expected {}",
+                ty.name(),
+                ggml.len(),
+                rows * src_row
+            )));
         }
         let mut data = vec![0u8; rows * src_row];
         data.par_chunks_mut(src_row).zip(ggml.par_chunks(src_row)).for_each(|(dst, src)| match ty {

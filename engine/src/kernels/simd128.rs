@@ -95,7 +95,8 @@ fn ternary_dot(row: &[u8], xq: &[i8]) -> i32 {
         // Bytes 0..16 and 16..32 of the block hold columns 32g + 0..16 and 32g + 16..32 of plane g.
         for half in 0..2 {
             let b = load(&block[16 * half..]);
-            let planes = [u8x16_shr(b, 6), v128_and(u8x16_shr(b, 4), mask), v128_and(u8x16_shr(b, 2), mask), v128_and(b, mask)];
+            let planes =
+                [u8x16_shr(b, 6), v128_and(u8x16_shr(b, 4), mask), v128_and(u8x16_shr(b, 2), mask), v128_and(b, mask)];
             for (g, u) in planes.into_iter().enumerate() {
                 let xv = load(&x[32 * g + 16 * half..]);
                 s = i16x8_add(s, i16x8_add(i16x8_extmul_low_i8x16(u, xv), i16x8_extmul_high_i8x16(u, xv)));
@@ -173,7 +174,12 @@ fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
         for k in 0..2 {
             let q = load(&block[2 + 16 * k..]);
             let (q0, q1) = (i16x8_extend_low_i8x16(q), i16x8_extend_high_i8x16(q));
-            let w = [i32x4_extend_low_i16x8(q0), i32x4_extend_high_i16x8(q0), i32x4_extend_low_i16x8(q1), i32x4_extend_high_i16x8(q1)];
+            let w = [
+                i32x4_extend_low_i16x8(q0),
+                i32x4_extend_high_i16x8(q0),
+                i32x4_extend_low_i16x8(q1),
+                i32x4_extend_high_i16x8(q1),
+            ];
             for (j, w) in w.into_iter().enumerate() {
                 partial = f32x4_add(partial, f32x4_mul(f32x4_convert_i32x4(w), load_f32(&x[16 * k + 4 * j..])));
             }

@@ -43,8 +43,10 @@ impl AdapterDesc {
 
     /// Preference order: discrete, integrated, virtual, other, CPU.
     fn rank(&self) -> u8 {
-        ["discrete GPU", "integrated GPU", "virtual GPU", "other", "CPU"].iter().position(|k| *k == self.kind).unwrap_or(4)
-            as u8
+        ["discrete GPU", "integrated GPU", "virtual GPU", "other", "CPU"]
+            .iter()
+            .position(|k| *k == self.kind)
+            .unwrap_or(4) as u8
     }
 }
 

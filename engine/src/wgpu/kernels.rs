@@ -183,7 +183,8 @@ impl Kernel {
         });
         let mut entries = vec![layout_entry(0, Slot::Uniform, true)];
         entries.extend(slots.iter().enumerate().map(|(i, &s)| layout_entry(i as u32 + 1, s, false)));
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &entries });
+        let layout =
+            device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &entries });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(entry),
             bind_group_layouts: &[Some(&layout)],
@@ -225,7 +226,13 @@ impl Kernel {
     /// defined but go unused: 1 keeps its unused workgroup arrays small.
     pub fn tile(gpu: &Gpu, entry: &str) -> Kernel {
         let consts = [("TPR", 1), ("XQ_VEC4", 1), ("TILE", TILE as u32)];
-        let slots = [Slot::Uniform, if entry == "quantize" { Slot::Write } else { Slot::Read }, Slot::Read, Slot::Read, Slot::Write];
+        let slots = [
+            Slot::Uniform,
+            if entry == "quantize" { Slot::Write } else { Slot::Read },
+            Slot::Read,
+            Slot::Read,
+            Slot::Write,
+        ];
         // A gemm workgroup takes WG / TILE row pairs.
         Kernel { rows_per_group: 2 * WG as usize / TILE, ..Kernel::new(gpu, TILE_WGSL, entry, &consts, &slots) }
     }
@@ -247,7 +254,8 @@ impl Kernel {
 
     /// attention.wgsl's `entry` (main; store_kv for a prompt tile; combine for a split decode step).
     pub fn attention(gpu: &Gpu, head_dim: usize, entry: &str) -> Kernel {
-        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
+        let slots =
+            [Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
         Kernel::new(gpu, ATTENTION_WGSL, entry, &[("MAX_HD", head_dim as u32)], &slots)
     }
 
@@ -263,9 +271,16 @@ impl Kernel {
             }),
         }];
         entries.extend(
-            resources.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() }),
+            resources
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() }),
         );
-        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries });
+        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &self.layout,
+            entries: &entries,
+        });
         Dispatch { pipeline: self.pipeline.clone(), bind, grid }
     }
 }
@@ -293,5 +308,9 @@ fn layout_entry(binding: u32, slot: Slot, dynamic: bool) -> wgpu::BindGroupLayou
 /// SwiftShader: 0.9 s a token instead of 8.5 s).
 pub(crate) fn threads_per_row(gpu: &Gpu, var: &str, default: u32) -> u32 {
     let default = if cfg!(target_arch = "wasm32") && gpu.adapter().is_cpu { 1 } else { default };
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|t: &u32| t.is_power_of_two() && *t <= WG).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|t: &u32| t.is_power_of_two() && *t <= WG)
+        .unwrap_or(default)
 }

@@ -36,10 +36,10 @@ mod weights;
 
 use std::sync::Arc;
 
-pub use gpu::{AdapterDesc, Gpu};
 #[cfg(not(target_arch = "wasm32"))]
 pub use gpu::adapters;
 pub use gpu::adapters_async;
+pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -211,7 +211,9 @@ impl Wgpu {
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
         let kv_bytes = (ctx * kv_dim * 4) as u64;
         if kv_bytes > gpu.max_binding() {
-            return Err(Error::Gpu(format!("a KV cache layer of {kv_bytes} bytes exceeds the largest storage binding")));
+            return Err(Error::Gpu(format!(
+                "a KV cache layer of {kv_bytes} bytes exceeds the largest storage binding"
+            )));
         }
         let step = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step"),
@@ -263,23 +265,39 @@ impl Wgpu {
         let att_out_t = f32_buf("att_out tile", TILE * s4(q_dim));
         let h_t = f32_buf("h tile", TILE * s4(c.n_ff));
         let att_t = f32_buf("att tile", TILE * c.n_head * ctx);
-        let widest = m.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max().unwrap_or(1);
+        let widest =
+            m.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max().unwrap_or(1);
         let words_t = gpu.zeros("int8 tile", (TILE * widest as usize * 64) as u64);
         let scales_t = f32_buf("int8 scales tile", 2 * TILE);
         // A BitLinear of the tile: its rows of `input` (`in_len` long) normed, quantized, then the GEMM into
         // rows of `out` (`out_len` long).
-        let tile_bitlinear = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, in_len: usize, norm: &wgpu::Buffer,
-                              out: &wgpu::Buffer, out_len: usize| {
+        let tile_bitlinear = |w: &TernaryGpu,
+                              mode: u32,
+                              input: &wgpu::Buffer,
+                              in_len: usize,
+                              norm: &wgpu::Buffer,
+                              out: &wgpu::Buffer,
+                              out_len: usize| {
             let act = u32::from(c.activation == Activation::Silu);
             let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
             let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
             let uniform = gpu.uniform("tile params", &p);
             [
                 m.quantize.dispatch(gpu, &step, &[&uniform, &words_t, input, norm, &scales_t], (TILE as u32, 1)),
-                m.gemm.dispatch(gpu, &step, &[&uniform, &w.buf, &words_t, &scales_t, out], grid(p.rows as usize, m.gemm.rows_per_group)),
+                m.gemm.dispatch(
+                    gpu,
+                    &step,
+                    &[&uniform, &w.buf, &words_t, &scales_t, out],
+                    grid(p.rows as usize, m.gemm.rows_per_group),
+                ),
             ]
         };
-        let tile_attn = AttnParams { qkv_stride: s4(q_dim + 2 * kv_dim) as u32, out_stride: s4(q_dim) as u32, cached: 1, ..attn_params };
+        let tile_attn = AttnParams {
+            qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
+            out_stride: s4(q_dim) as u32,
+            cached: 1,
+            ..attn_params
+        };
         let tile_attn_uniform = gpu.uniform("tile attention params", &tile_attn);
 
         let mut layers = Vec::with_capacity(5 * c.n_layer);
@@ -288,7 +306,12 @@ impl Wgpu {
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
             layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
-            layers.push(m.attention.dispatch(gpu, &step, &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part], (c.n_head as u32, 1)));
+            layers.push(m.attention.dispatch(
+                gpu,
+                &step,
+                &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part],
+                (c.n_head as u32, 1),
+            ));
             layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
             layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
             layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
@@ -299,7 +322,15 @@ impl Wgpu {
             ]);
 
             let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t, &part];
-            tile_layers.extend(tile_bitlinear(&l.qkv, MODE_STORE, &x_t, c.n_embd, &l.attn_norm, &qkv_t, q_dim + 2 * kv_dim));
+            tile_layers.extend(tile_bitlinear(
+                &l.qkv,
+                MODE_STORE,
+                &x_t,
+                c.n_embd,
+                &l.attn_norm,
+                &qkv_t,
+                q_dim + 2 * kv_dim,
+            ));
             tile_layers.push(m.store_kv.dispatch(gpu, &step, &attn, (c.n_head_kv as u32, TILE as u32)));
             tile_layers.push(m.attention.dispatch(gpu, &step, &attn, (c.n_head as u32, TILE as u32)));
             tile_layers.extend(tile_bitlinear(&l.wo, MODE_ADD, &att_out_t, q_dim, &l.attn_sub_norm, &x_t, c.n_embd));
@@ -308,7 +339,12 @@ impl Wgpu {
         }
 
         let float = |k: &Kernel, fm: &FloatGpu, s: &weights::Shard, input: &wgpu::Buffer, out: &wgpu::Buffer| {
-            let p = FloatParams { rows: s.rows.len() as u32, row_offset: s.rows.start as u32, vpr: fm.vpr as u32, k: fm.cols as u32 };
+            let p = FloatParams {
+                rows: s.rows.len() as u32,
+                row_offset: s.rows.start as u32,
+                vpr: fm.vpr as u32,
+                k: fm.cols as u32,
+            };
             let uniform = gpu.uniform("float params", &p);
             let g = if k.rows_per_group > 1 { grid(s.rows.len(), k.rows_per_group) } else { (1, 1) };
             k.dispatch(gpu, &step, &[&uniform, &s.m, &s.d, input, out], g)
@@ -322,9 +358,11 @@ impl Wgpu {
             x_stride: s4(c.n_embd),
         };
         let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
-        let mut head = vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
+        let mut head =
+            vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
         head.extend(m.lm_head.shards.iter().map(|s| float(&m.matvec, &m.lm_head, s, &xn, &logits_buf)));
-        let argmax = m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
+        let argmax =
+            m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
         gpu.check("creating a context")?;
         Ok(Wgpu {
             logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
@@ -444,14 +482,19 @@ impl Wgpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time_host(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         let gpu = self.m.gpu.clone();
-        let idle = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(drop).map_err(|e| Error::Gpu(e.to_string()));
+        let idle =
+            || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(drop).map_err(|e| Error::Gpu(e.to_string()));
         let mut sums = [0.0; 3];
         for i in 0..reps {
             idle()?;
             let t = std::time::Instant::now();
             let cmd = self.record(Head::Logits, false);
             let recorded = t.elapsed();
-            gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, row: 0, n: 1 }));
+            gpu.queue.write_buffer(
+                &self.step,
+                0,
+                bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, row: 0, n: 1 }),
+            );
             gpu.queue.submit([cmd]);
             let submitted = t.elapsed();
             idle()?;

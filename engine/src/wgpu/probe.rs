@@ -3,7 +3,10 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use super::gpu::Gpu;
-use super::kernels::{grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW, MODE_STORE, SHORT_ROW, TILE};
+use super::kernels::{
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW,
+    MODE_STORE, SHORT_ROW, TILE,
+};
 use super::weights::{FloatGpu, TernaryGpu};
 use crate::model::{Activation, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -30,11 +33,28 @@ impl Gpu {
         Ok(v)
     }
 
-    fn probe_ternary(&self, w: &TernaryGpu, p: TernaryParams, x: &[f32], norm: &[f32], out: &[f32], n: usize) -> Result<Vec<u32>> {
+    fn probe_ternary(
+        &self,
+        w: &TernaryGpu,
+        p: TernaryParams,
+        x: &[f32],
+        norm: &[f32],
+        out: &[f32],
+        n: usize,
+    ) -> Result<Vec<u32>> {
         let cols = p.vpr as usize * 64;
         let k = Kernel::ternary(self, cols, cols > SHORT_ROW)?;
-        let (x, norm, out) = (self.storage("x", bytemuck::cast_slice(x)), self.storage("norm", bytemuck::cast_slice(norm)), self.storage("out", bytemuck::cast_slice(out)));
-        let d = k.dispatch(self, &self.probe_step(0), &[&self.uniform("params", &p), &w.buf, &x, &norm, &out], grid(p.rows as usize, k.rows_per_group));
+        let (x, norm, out) = (
+            self.storage("x", bytemuck::cast_slice(x)),
+            self.storage("norm", bytemuck::cast_slice(norm)),
+            self.storage("out", bytemuck::cast_slice(out)),
+        );
+        let d = k.dispatch(
+            self,
+            &self.probe_step(0),
+            &[&self.uniform("params", &p), &w.buf, &x, &norm, &out],
+            grid(p.rows as usize, k.rows_per_group),
+        );
         self.probe_run(&[d], &out, n)
     }
 
@@ -52,9 +72,17 @@ impl Gpu {
     pub fn probe_gemm_acc(&self, w: &TernaryMatrix, xs: &[Vec<f32>]) -> Result<Vec<(Vec<i32>, f32)>> {
         let g = TernaryGpu::upload(self, "w", &[w], false)?;
         let stride = w.cols.next_multiple_of(4);
-        let p = TernaryParams { mode: MODE_RAW, prenorm: 0, x_stride: (stride / 4) as u32, out_stride: w.rows as u32, ..g.params };
-        let (quantize, gemm, params) = (Kernel::tile(self, "quantize"), Kernel::tile(self, "gemm"), self.uniform("params", &p));
-        let (words, scales) = (self.zeros("words", (TILE * g.params.vpr as usize * 64) as u64), self.zeros("scales", TILE as u64 * 8));
+        let p = TernaryParams {
+            mode: MODE_RAW,
+            prenorm: 0,
+            x_stride: (stride / 4) as u32,
+            out_stride: w.rows as u32,
+            ..g.params
+        };
+        let (quantize, gemm, params) =
+            (Kernel::tile(self, "quantize"), Kernel::tile(self, "gemm"), self.uniform("params", &p));
+        let (words, scales) =
+            (self.zeros("words", (TILE * g.params.vpr as usize * 64) as u64), self.zeros("scales", TILE as u64 * 8));
         let (x, out) = (self.zeros("x", (TILE * stride * 4) as u64), self.zeros("out", (TILE * w.rows * 4) as u64));
         let mut got = Vec::with_capacity(xs.len());
         for chunk in xs.chunks(TILE) {
@@ -65,7 +93,12 @@ impl Gpu {
             let d = [
                 // No norm: the norm weights' binding goes unused.
                 quantize.dispatch(self, &step, &[&params, &words, &x, &x, &scales], (TILE as u32, 1)),
-                gemm.dispatch(self, &step, &[&params, &g.buf, &words, &scales, &out], grid(w.rows, gemm.rows_per_group)),
+                gemm.dispatch(
+                    self,
+                    &step,
+                    &[&params, &g.buf, &words, &scales, &out],
+                    grid(w.rows, gemm.rows_per_group),
+                ),
             ];
             let acc: Vec<i32> = self.probe_run(&d, &out, chunk.len() * w.rows)?;
             let s: Vec<f32> = self.probe_run(&[], &scales, 2 * chunk.len())?;
@@ -77,7 +110,15 @@ impl Gpu {
     /// A decode step's attention at position `keys.len() / kv_dim - 1` (`q`: the token's query heads;
     /// `keys`, `values`: rows of `n_head_kv` heads for positions 0 to the token's own), with no rotary
     /// embedding: in one pass (`chunk` 0), or split over the sequence in chunks of `chunk` positions.
-    pub fn probe_attention(&self, head_dim: usize, n_head_kv: usize, q: &[f32], keys: &[f32], values: &[f32], chunk: usize) -> Result<Vec<f32>> {
+    pub fn probe_attention(
+        &self,
+        head_dim: usize,
+        n_head_kv: usize,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
         let (q_dim, kv_dim) = (q.len(), n_head_kv * head_dim);
         let (n_head, ctx) = (q_dim / head_dim, keys.len() / kv_dim);
         let pos = ctx - 1;
@@ -97,7 +138,8 @@ impl Gpu {
         let qkv = [q, &keys[pos * kv_dim..], &values[pos * kv_dim..]].concat();
         let f32s = |label: &str, v: &[f32]| self.storage(label, bytemuck::cast_slice(v));
         let (qkv, kc, vc) = (f32s("qkv", &qkv), f32s("keys", keys), f32s("values", values));
-        let (rope, att, out) = (self.zeros("rope", 16), self.zeros("att", (n_head * ctx * 4) as u64), self.zeros("out", q_dim as u64 * 4));
+        let (rope, att, out) =
+            (self.zeros("rope", 16), self.zeros("att", (n_head * ctx * 4) as u64), self.zeros("out", q_dim as u64 * 4));
         let part = self.zeros("part", (n_head * ctx.div_ceil(chunk.max(1)) * (head_dim + 2) * 4) as u64);
         let step = self.uniform("step", &Step { token: 0, pos: pos as u32, row: 0, n: 1 });
         let resources = [&self.uniform("params", &p), &qkv, &rope, &kc, &vc, &att, &out, &part];
@@ -115,7 +157,14 @@ impl Gpu {
 
     /// The fused kernel as the forward pass runs it: `rmsnorm(x, norm)`, quantization, and BitLinear of
     /// `parts` stacked (each with its scale); added to `residual` when given.
-    pub fn probe_bitlinear(&self, parts: &[&TernaryMatrix], x: &[f32], norm: &[f32], eps: f32, residual: Option<&[f32]>) -> Result<Vec<f32>> {
+    pub fn probe_bitlinear(
+        &self,
+        parts: &[&TernaryMatrix],
+        x: &[f32],
+        norm: &[f32],
+        eps: f32,
+        residual: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         let g = TernaryGpu::upload(self, "w", parts, false)?;
         let rows = g.params.rows as usize;
         let mode = if residual.is_some() { MODE_ADD } else { MODE_STORE };
@@ -125,10 +174,23 @@ impl Gpu {
     }
 
     /// `act(gate)·up` of BitLinear outputs on `rmsnorm(x, norm)`.
-    pub fn probe_gate_up(&self, gate: &TernaryMatrix, up: &TernaryMatrix, act: Activation, x: &[f32], norm: &[f32], eps: f32) -> Result<Vec<f32>> {
+    pub fn probe_gate_up(
+        &self,
+        gate: &TernaryMatrix,
+        up: &TernaryMatrix,
+        act: Activation,
+        x: &[f32],
+        norm: &[f32],
+        eps: f32,
+    ) -> Result<Vec<f32>> {
         let g = TernaryGpu::upload(self, "w", &[gate, up], true)?;
-        let p = TernaryParams { mode: MODE_GATE_UP, prenorm: 1, eps, act: u32::from(act == Activation::Silu), ..g.params };
-        Ok(self.probe_ternary(&g, p, x, norm, &vec![0.0; gate.rows], gate.rows)?.into_iter().map(f32::from_bits).collect())
+        let p =
+            TernaryParams { mode: MODE_GATE_UP, prenorm: 1, eps, act: u32::from(act == Activation::Silu), ..g.params };
+        Ok(self
+            .probe_ternary(&g, p, x, norm, &vec![0.0; gate.rows], gate.rows)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect())
     }
 
     fn probe_float(&self, m: &FloatMatrix, entry: &str, x: &[f32], token: u32, n: usize) -> Result<Vec<f32>> {
@@ -136,12 +198,18 @@ impl Gpu {
         let k = Kernel::float(self, fm.format, entry);
         let mut xp = x.to_vec();
         xp.resize(fm.vpr * fm.format.per_vec4(), 0.0);
-        let (x, out, step) = (self.storage("x", bytemuck::cast_slice(&xp)), self.zeros("out", n as u64 * 4), self.probe_step(token));
+        let (x, out, step) =
+            (self.storage("x", bytemuck::cast_slice(&xp)), self.zeros("out", n as u64 * 4), self.probe_step(token));
         let dispatches: Vec<Dispatch> = fm
             .shards
             .iter()
             .map(|s| {
-                let p = FloatParams { rows: s.rows.len() as u32, row_offset: s.rows.start as u32, vpr: fm.vpr as u32, k: fm.cols as u32 };
+                let p = FloatParams {
+                    rows: s.rows.len() as u32,
+                    row_offset: s.rows.start as u32,
+                    vpr: fm.vpr as u32,
+                    k: fm.cols as u32,
+                };
                 let g = if entry == "lookup" { (1, 1) } else { grid(s.rows.len(), k.rows_per_group) };
                 k.dispatch(self, &step, &[&self.uniform("params", &p), &s.m, &s.d, &x, &out], g)
             })
@@ -163,7 +231,12 @@ impl Gpu {
     pub fn probe_argmax(&self, x: &[f32]) -> Result<u32> {
         let k = Kernel::norm(self, "argmax");
         let p = NormParams { n: x.len() as u32, eps: 0.0, _pad: [0; 2] };
-        let (xb, w, out, best) = (self.storage("x", bytemuck::cast_slice(x)), self.zeros("w", 4), self.zeros("out", 4), self.zeros("best", 4));
+        let (xb, w, out, best) = (
+            self.storage("x", bytemuck::cast_slice(x)),
+            self.zeros("w", 4),
+            self.zeros("out", 4),
+            self.zeros("best", 4),
+        );
         let d = k.dispatch(self, &self.probe_step(0), &[&self.uniform("params", &p), &xb, &w, &out, &best], (1, 1));
         Ok(self.probe_run::<u32>(&[d], &best, 1)?[0])
     }

@@ -109,13 +109,17 @@ impl FloatGpu {
         let row_bytes = vpr as u64 * 16;
         let rows_per_shard = (gpu.max_shard() / row_bytes) as usize;
         if rows_per_shard == 0 {
-            return Err(Error::Gpu(format!("{label}: one row of {row_bytes} bytes exceeds the largest storage binding")));
+            return Err(Error::Gpu(format!(
+                "{label}: one row of {row_bytes} bytes exceeds the largest storage binding"
+            )));
         }
         let mut shards = Vec::new();
         for start in (0..m.rows).step_by(rows_per_shard) {
             let rows = start..(start + rows_per_shard).min(m.rows);
             let (data, scales) = match format {
-                Format::F16 | Format::BF16 => (m.data[rows.start * m.row_bytes..rows.end * m.row_bytes].to_vec(), vec![]),
+                Format::F16 | Format::BF16 => {
+                    (m.data[rows.start * m.row_bytes..rows.end * m.row_bytes].to_vec(), vec![])
+                }
                 Format::Q8 => to_q8(m, rows.clone()),
                 Format::F32 => (to_f32(m, rows.clone(), vpr * 4), vec![]),
             };

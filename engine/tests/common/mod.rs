@@ -111,6 +111,7 @@ pub fn random_2b4t() -> Model {
         let v = (noise(999, i) % 2001) as f32 / 1000.0 - 1.0;
         b.copy_from_slice(&half::f16::from_f32(v * 0.05).to_le_bytes());
     });
-    let token_embd = FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
+    let token_embd =
+        FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
     Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c, quant_head: None }
 }

@@ -41,17 +41,47 @@ impl Metrics {
             let _ = writeln!(out, "# HELP bitnet_{name} {help}\n# TYPE bitnet_{name} {kind}\nbitnet_{name} {value}");
         };
         put("requests_total", "counter", "Generation requests received.", get(&self.requests) as f64);
-        put("requests_rejected_total", "counter", "Requests refused with 429 because the queue was full.", get(&self.rejected) as f64);
-        put("requests_cancelled_total", "counter", "Generations stopped because the client went away.", get(&self.cancelled) as f64);
+        put(
+            "requests_rejected_total",
+            "counter",
+            "Requests refused with 429 because the queue was full.",
+            get(&self.rejected) as f64,
+        );
+        put(
+            "requests_cancelled_total",
+            "counter",
+            "Generations stopped because the client went away.",
+            get(&self.cancelled) as f64,
+        );
         put("requests_finished_total", "counter", "Generations completed.", get(&self.finished) as f64);
         put("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", get(&self.prompt_tokens) as f64);
-        put("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's KV cache.", get(&self.cached_tokens) as f64);
+        put(
+            "prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens reused from a slot's KV cache.",
+            get(&self.cached_tokens) as f64,
+        );
         put("generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens) as f64);
-        put("prompt_tokens_evaluated_total", "counter", "Prompt tokens run through the model.", get(&self.prompt_tokens_evaluated) as f64);
+        put(
+            "prompt_tokens_evaluated_total",
+            "counter",
+            "Prompt tokens run through the model.",
+            get(&self.prompt_tokens_evaluated) as f64,
+        );
         put("steps_total", "counter", "Engine steps (one batched forward pass each).", get(&self.steps) as f64);
-        put("decode_rows_total", "counter", "Generated tokens evaluated by the steps, all slots together.", get(&self.decode_rows) as f64);
+        put(
+            "decode_rows_total",
+            "counter",
+            "Generated tokens evaluated by the steps, all slots together.",
+            get(&self.decode_rows) as f64,
+        );
         put("step_seconds_total", "counter", "Time spent in engine steps.", step_secs);
-        put("decode_tokens_per_second", "gauge", "Generated tokens evaluated per second of step time (all slots together).", tps);
+        put(
+            "decode_tokens_per_second",
+            "gauge",
+            "Generated tokens evaluated per second of step time (all slots together).",
+            tps,
+        );
         put("queue_depth", "gauge", "Requests waiting for a slot.", get(&self.queued) as f64);
         put("slots_busy", "gauge", "Slots generating or prefilling.", get(&self.busy_slots) as f64);
         put("slots_total", "gauge", "Slots.", get(&self.slots) as f64);

@@ -103,7 +103,10 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         println!("listening on http://{addr}");
         std::io::Write::flush(&mut std::io::stdout()).map_err(io)?;
         let (kernels, threads) = (bitnet_engine::kernels::best().name(), m.pool.current_num_threads());
-        eprintln!("model {} on cpu/{kernels} ({threads} threads): {} slots of {ctx} tokens, queue {}", app.model_id, a.slots, a.queue);
+        eprintln!(
+            "model {} on cpu/{kernels} ({threads} threads): {} slots of {ctx} tokens, queue {}",
+            app.model_id, a.slots, a.queue
+        );
         axum::serve(listener, router(app, a.max_body)).await.map_err(io)
     })
 }
@@ -160,7 +163,11 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let given = given.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
         if !same_secret(given.as_bytes(), key.as_bytes()) {
-            let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_request_error");
+            let e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid or missing API key (Authorization: Bearer KEY)",
+                "invalid_request_error",
+            );
             return e.code("invalid_api_key").into_response();
         }
     }
@@ -183,7 +190,11 @@ fn typed<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let err = ApiError::bad_request(format!("invalid request: {}: {}", path, e.inner()));
-        if path == "." { err } else { err.param(&path) }
+        if path == "." {
+            err
+        } else {
+            err.param(&path)
+        }
     })
 }
 
@@ -194,7 +205,11 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
     let messages = req.messages.iter().map(chat_message).collect::<Result<Vec<_>, _>>()?;
-    let prompt = app.m.tokenizer.encode_chat(&messages, true).map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+    let prompt = app
+        .m
+        .tokenizer
+        .encode_chat(&messages, true)
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     let mut pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
@@ -226,7 +241,13 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
             for p in parts {
                 match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => text.push_str(t),
-                    _ => return Err(ApiError::bad_request(format!("content parts of type '{}' are not supported (text only)", p.kind)).param("messages")),
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "content parts of type '{}' are not supported (text only)",
+                            p.kind
+                        ))
+                        .param("messages"))
+                    }
                 }
             }
             text
@@ -242,12 +263,15 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
     let prompt = match &req.prompt {
         Prompt::Text(t) => tok.encode(t, tok.add_bos()),
         Prompt::Texts(t) if t.len() == 1 => tok.encode(&t[0], tok.add_bos()),
-        Prompt::Texts(_) => return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt")),
+        Prompt::Texts(_) => {
+            return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt"))
+        }
         Prompt::Tokens(ids) => Ok(ids.clone()),
     };
     let prompt = prompt.map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
-        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size())).param("prompt"));
+        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
+            .param("prompt"));
     }
     let mut pending = Generation::submit(&app, prompt, &sampling, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
@@ -255,7 +279,8 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         return Ok(sse(pending.completion_stream(app, usage)));
     }
     let (text, done) = pending.collect().await?;
-    let choice = CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs: None };
+    let choice =
+        CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs: None };
     let body = Completion {
         id: &pending.id,
         object: "text_completion",
@@ -276,7 +301,13 @@ struct Generation {
 
 impl Generation {
     /// Checks the sampling fields and the context, and queues the request.
-    fn submit(app: &App, prompt: Vec<u32>, s: &Sampling, prompt_param: &str, id_prefix: &str) -> Result<Self, ApiError> {
+    fn submit(
+        app: &App,
+        prompt: Vec<u32>,
+        s: &Sampling,
+        prompt_param: &str,
+        id_prefix: &str,
+    ) -> Result<Self, ApiError> {
         app.scheduler.metrics.requests.fetch_add(1, Relaxed);
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param(prompt_param));
@@ -285,7 +316,8 @@ impl Generation {
         let max_tokens = s.max_completion_tokens.or(s.max_tokens);
         let needed = prompt.len() + max_tokens.map_or(1, |n| n as usize);
         if needed > app.ctx {
-            let asked = max_tokens.map_or(String::new(), |n| format!(" ({} in the prompt, {n} in the completion)", prompt.len()));
+            let asked = max_tokens
+                .map_or(String::new(), |n| format!(" ({} in the prompt, {n} in the completion)", prompt.len()));
             let msg = format!("This model's maximum context length is {} tokens. However, you requested {needed} tokens{asked}. Please reduce the length of the prompt or completion.", app.ctx);
             return Err(ApiError::bad_request(msg).param(prompt_param).code("context_length_exceeded"));
         }
@@ -296,7 +328,11 @@ impl Generation {
             Ok(()) => {}
             Err(SubmitError::Busy) => {
                 app.scheduler.metrics.rejected.fetch_add(1, Relaxed);
-                let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "the server is busy: every slot is in use and the queue is full; retry later", "server_error");
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "the server is busy: every slot is in use and the queue is full; retry later",
+                    "server_error",
+                );
                 return Err(e.code("rate_limit_exceeded"));
             }
             Err(SubmitError::Stopped) => {
@@ -314,7 +350,9 @@ impl Generation {
             match event {
                 Event::Text(t) => text.push_str(&t),
                 Event::Done(done) => return Ok((text, done)),
-                Event::Failed(msg) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error")),
+                Event::Failed(msg) => {
+                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error"))
+                }
             }
         }
         Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped", "server_error"))
@@ -337,7 +375,14 @@ impl Generation {
         let (id, created) = (self.id.clone(), self.created);
         let chunk = move |delta: Delta, finish_reason: Option<&'static str>, usage: Option<Usage>| {
             let choice = usage.is_none().then_some(ChunkChoice { index: 0, delta, finish_reason, logprobs: None });
-            let c = ChatChunk { id: &id, object: "chat.completion.chunk", created, model: &app.model_id, choices: choice.into_iter().collect(), usage };
+            let c = ChatChunk {
+                id: &id,
+                object: "chat.completion.chunk",
+                created,
+                model: &app.model_id,
+                choices: choice.into_iter().collect(),
+                usage,
+            };
             to_json(&c)
         };
         let first = chunk(Delta { role: Some("assistant"), content: Some("") }, None, None);
@@ -361,7 +406,14 @@ impl Generation {
         let (id, created) = (self.id.clone(), self.created);
         let chunk = move |text: &str, finish_reason: Option<&'static str>, usage: Option<Usage>| {
             let choice = usage.is_none().then_some(CompletionChoice { index: 0, text, finish_reason, logprobs: None });
-            let c = Completion { id: &id, object: "text_completion", created, model: &app.model_id, choices: choice.into_iter().collect(), usage };
+            let c = Completion {
+                id: &id,
+                object: "text_completion",
+                created,
+                model: &app.model_id,
+                choices: choice.into_iter().collect(),
+                usage,
+            };
             to_json(&c)
         };
         self.events().flat_map(move |event| {
@@ -467,18 +519,27 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.scheduler.metrics.render())
 }
 
-async fn tokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn tokenize(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let req: TokenizeRequest = typed(&json_body(body)?)?;
     let tok = &app.m.tokenizer;
-    let tokens = tok.encode(&req.content, req.add_special && tok.add_bos()).map_err(|e| ApiError::bad_request(e.to_string()).param("content"))?;
+    let tokens = tok
+        .encode(&req.content, req.add_special && tok.add_bos())
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("content"))?;
     Ok(Json(serde_json::json!({ "tokens": tokens })))
 }
 
-async fn detokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn detokenize(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let req: DetokenizeRequest = typed(&json_body(body)?)?;
     let tok = &app.m.tokenizer;
     if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= tok.vocab_size()) {
-        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size())).param("tokens"));
+        return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
+            .param("tokens"));
     }
     Ok(Json(serde_json::json!({ "content": tok.decode(&req.tokens) })))
 }

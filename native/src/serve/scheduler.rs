@@ -75,7 +75,8 @@ impl Scheduler {
         // One tile holds a whole step: every slot's token and the prompt budget.
         let scratch = BatchScratch::new(c, slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
-        let engine = Engine { m, kernels: kernels::best(), scratch, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let engine =
+            Engine { m, kernels: kernels::best(), scratch, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
         std::thread::Builder::new()
             .name("bitnet-engine".into())
             .spawn(move || engine.run())
@@ -234,7 +235,8 @@ impl Engine {
 
     /// Adds up to PREFILL_BUDGET prompt tokens to the step's work, oldest request first.
     fn add_prompts(&self, work: &mut Vec<Work>) {
-        let mut waiting: Vec<usize> = (0..self.slots.len()).filter(|&i| !self.slots[i].prompt_left().is_empty()).collect();
+        let mut waiting: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| !self.slots[i].prompt_left().is_empty()).collect();
         waiting.sort_by_key(|&i| self.slots[i].req.as_ref().map(|r| r.seq));
         let mut budget = PREFILL_BUDGET;
         for slot in waiting {
@@ -347,7 +349,14 @@ impl Engine {
             todo[w.slot] = Some(w);
         }
         let mut items: Vec<BatchItem> = (self.slots.iter_mut().zip(&todo))
-            .filter_map(|(s, w)| w.map(|w| BatchItem { state: &mut s.state, tokens: &w.tokens, pos: s.cached.len(), want_logits: w.logits }))
+            .filter_map(|(s, w)| {
+                w.map(|w| BatchItem {
+                    state: &mut s.state,
+                    tokens: &w.tokens,
+                    pos: s.cached.len(),
+                    want_logits: w.logits,
+                })
+            })
             .collect();
         let (m, k, scratch) = (self.m, self.kernels, &mut self.scratch);
         let result = m.pool.install(|| m.model.forward_batch(k, scratch, &mut items));
