@@ -418,7 +418,7 @@ impl Wgpu {
 
     /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
     /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
-    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then attention at the
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then a whole decode step, attention at the
     /// context's last position in one pass and split over the sequence (where to switch), and a full
     /// prompt tile's dispatches of one layer.
     #[cfg(not(target_arch = "wasm32"))]
@@ -460,6 +460,10 @@ impl Wgpu {
         for (name, ds) in kinds {
             measure(name, ds)?;
         }
+        // All of a decode step's dispatches: their sum above, plus what streaming every weight from memory
+        // (not from the cache, as in the repeated single dispatches) adds.
+        let whole = self.embed.iter().chain(&self.layers).chain(&self.head).collect();
+        measure("a whole decode step (pos 0, logits)", whole)?;
         let step = |s: Step| gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&s));
         step(Step { token: 0, pos: (self.ctx - 1) as u32, row: 0, n: 1 });
         measure("attention, last position of the context, single pass", vec![&l[1]])?;
