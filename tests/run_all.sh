@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh machine of this kind (Debian, Rust via rustup, Node) and runs
 # every test. `.ci/run` calls exactly this; so does the README.
+#   0. lint: `cargo fmt --check`, `cargo clippy -D warnings`
 #   1. native: `cargo test --workspace` (the wgpu tests on llvmpipe, software Vulkan: none are skipped);
 #      the build with the CUDA backend is checked (its tests need an NVIDIA GPU: README, Development)
 #   2. the NEON kernels under qemu-aarch64 (with and without dotprod) and SIMD128 under Node's WASI
@@ -21,6 +22,11 @@ if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers libvulkan1
 fi
 export CI=${CI:-true}
+
+step "lint: rustfmt and clippy"
+for c in clippy rustfmt; do rustup component list --installed | grep -q "^$c" || rustup component add "$c"; done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "the CUDA backend builds (without CUDA installed)"
 cargo build -p bitnet-cli --features cuda

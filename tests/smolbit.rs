@@ -2,7 +2,7 @@
 //! against its PyTorch float64 reference (tests/scripts/make_smolbit_refs.py): perplexity, next-token
 //! logits of plain and chat prompts, greedy text, and the embedded default model's provenance.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use bitnet_tests::{bitnet, bitnet_json, bitnet_ok, fixture, repo, shared};
@@ -18,7 +18,7 @@ fn f16_model() -> &'static str {
     })
 }
 
-fn convert(out: &PathBuf, embd: &str) {
+fn convert(out: &Path, embd: &str) {
     let src = shared("models/smolbit-135m");
     bitnet_ok(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--embd", embd]);
 }

@@ -359,7 +359,7 @@ fn quantized_head_matches_the_reference() {
 /// stay exactly the same (each block's scale kept, its codes widened to int8).
 #[test]
 fn q4_0_and_q5_0_repack_to_q8_0_exactly() {
-    let mut rng = Rng(0x5eed_4_5);
+    let mut rng = Rng(0x005e_ed45);
     let (rows, cols) = (7, 576);
     for ty in [GgmlType::Q4_0, GgmlType::Q5_0] {
         let mut x = rng.vec(rows * cols, 2.0);

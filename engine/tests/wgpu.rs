@@ -348,8 +348,7 @@ fn compare_with_cpu(
     cpu.forward(prompt, 0, true).unwrap();
     dev.forward(prompt, 0, true).unwrap();
     let (mut first, mut worst) = (0f32, 0f32);
-    let mut pos = prompt.len();
-    for step in 0..=steps {
+    for (step, pos) in (0..=steps).zip(prompt.len()..) {
         let (c, g) = (cpu.logits(), dev.logits());
         let d = max_abs_diff(c, g);
         eprintln!("{name}: position {pos}: max |Δlogit| {d}");
@@ -379,7 +378,6 @@ fn compare_with_cpu(
         } else {
             dev.forward(&[next], pos, true).unwrap();
         }
-        pos += 1;
     }
     (first, worst)
 }

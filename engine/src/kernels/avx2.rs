@@ -4,6 +4,9 @@
 //! and masking a plane gives 32 unsigned bytes that `maddubs` multiplies with 32 int8 activations.
 //! `Σ u·x − Σ x = Σ code·x`, and `Σ x` is computed once per activation vector.
 
+// Index loops: one index addresses accumulators, loads and pointer offsets at once.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 use std::ops::Range;
 

@@ -13,6 +13,9 @@
 //! i32 lane; without it `vpmaddubsw` + `vpmaddwd` computes the same sums (`64·2·x` pairs stay within
 //! i16: `2·128·(−128) = −32768`). A tile of rows × tokens shares each weight and activation load.
 
+// Index loops: one index addresses accumulators, loads and pointer offsets at once.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 use std::ops::Range;
 

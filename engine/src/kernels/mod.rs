@@ -115,6 +115,7 @@ pub fn best() -> &'static dyn Kernels {
 /// Every kernel set this CPU can run, the reference first and the fastest last: what the kernel
 /// tests compare.
 pub fn available() -> Vec<&'static dyn Kernels> {
+    #[allow(unused_mut)] // a target with no SIMD set (wasm32 without simd128) adds nothing
     let mut all: Vec<&'static dyn Kernels> = vec![&scalar::Scalar];
     #[cfg(target_arch = "x86_64")]
     if avx2::Avx2::available() {

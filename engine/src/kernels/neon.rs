@@ -17,8 +17,6 @@ use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
 
-/// Elements per piece of a row decoded by the generic float path: whole blocks of every type.
-
 /// NEON kernels, with or without the dot-product instructions for the ternary rows.
 pub struct Neon {
     dotprod: bool,

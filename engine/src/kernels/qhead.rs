@@ -15,6 +15,7 @@
 //!   steps 0 and 1 at bits 0-3 and 4-7; of the next 64: steps 2 and 3), 64 bytes of high bits (byte `i`:
 //!   bits `2k..2k+2` for step `k`), the 16 int8 sub-block scales, the f16 `d`. Row value =
 //!   d·scale·(q − 32), q in 0..64.
+//!
 //! Each block's integer dot is `Σ u·x − offset·Σ x` (offset 128 or 32): the activation sums are
 //! computed once per vector, so the weights can be unsigned, as `vpdpbusd` wants them.
 

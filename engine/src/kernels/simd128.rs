@@ -16,8 +16,6 @@ use crate::model::FloatMatrix;
 use crate::quant::GgmlType;
 use crate::ternary::TernaryMatrix;
 
-/// Elements per piece of a row decoded by the generic float path: whole blocks of every type.
-
 pub struct Simd128;
 
 impl Kernels for Simd128 {
