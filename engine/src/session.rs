@@ -70,12 +70,18 @@ impl<'m> Session<'m> {
         self.tokens.truncate(len);
     }
 
+    /// The position of the next token, if `n` more tokens fit in the context.
+    fn next_pos(&self, n: usize) -> Result<usize> {
+        let pos = self.tokens.len();
+        if pos + n > self.ctx() {
+            return Err(Error::ContextFull { needed: pos + n, ctx: self.ctx() });
+        }
+        Ok(pos)
+    }
+
     /// Appends tokens; with `want_logits`, `logits()` then belongs to the last one.
     pub fn push(&mut self, tokens: &[u32], want_logits: bool) -> Result<()> {
-        let pos = self.tokens.len();
-        if pos + tokens.len() > self.ctx() {
-            return Err(Error::ContextFull { needed: pos + tokens.len(), ctx: self.ctx() });
-        }
+        let pos = self.next_pos(tokens.len())?;
         self.backend.forward(tokens, pos, want_logits)?;
         self.tokens.extend_from_slice(tokens);
         Ok(())
@@ -83,10 +89,7 @@ impl<'m> Session<'m> {
 
     /// Appends one token and returns the greedy next token ([`Backend::forward_greedy`]).
     pub fn push_greedy(&mut self, token: u32) -> Result<u32> {
-        let pos = self.tokens.len();
-        if pos + 1 > self.ctx() {
-            return Err(Error::ContextFull { needed: pos + 1, ctx: self.ctx() });
-        }
+        let pos = self.next_pos(1)?;
         let next = self.backend.forward_greedy(&[token], pos)?;
         self.tokens.push(token);
         Ok(next)

@@ -157,35 +157,26 @@ fn random_halves(rng: &mut Rng, n: usize) -> Vec<f16> {
 /// real models'; the others leave tails after every vector width.
 const ATTN_SHAPES: [(usize, usize); 8] = [(1, 1), (16, 5), (17, 3), (64, 33), (100, 7), (128, 1), (128, 70), (200, 9)];
 
+/// Asserts that a kernel's `got` is `start + Σ terms`, to 1e-5 relative to `|start| + Σ|terms|`: the
+/// summation order differs between kernels.
+fn assert_sum(got: f32, start: f32, terms: impl Iterator<Item = f64>, what: impl Fn() -> String) {
+    let (exact, magnitude) = terms.fold((start as f64, start.abs() as f64), |(s, m), x| (s + x, m + x.abs()));
+    assert!((got as f64 - exact).abs() <= 1e-5 * magnitude + 1e-30, "{}: {got} vs {exact}", what());
+}
+
 #[test]
 fn attention_scores_match_the_reference() {
     let mut rng = Rng(0xa77e);
-    let reference = kernels::available()[0];
     for (hd, n) in ATTN_SHAPES {
         let (stride, off) = (3 * hd + 5, hd + 2);
         let keys = random_halves(&mut rng, off + n * stride);
         let q = rng.vec(hd, 2.0);
-        let mut want = vec![0f32; n];
-        reference.attn_scores(&q, &keys[off..], stride, &mut want);
         for k in kernels::available() {
             let mut got = vec![f32::NAN; n];
             k.attn_scores(&q, &keys[off..], stride, &mut got);
             for t in 0..n {
                 let terms = (0..hd).map(|i| q[i] as f64 * keys[off + t * stride + i].to_f64());
-                let (exact, magnitude) = terms.fold((0f64, 0f64), |(s, m), x| (s + x, m + x.abs()));
-                // Relative to Σ|q·k|: the summation order differs between kernels.
-                let tol = 1e-5 * magnitude + 1e-30;
-                assert!(
-                    (want[t] as f64 - exact).abs() <= tol,
-                    "scalar, head dim {hd}, key {t}: {} vs {exact}",
-                    want[t]
-                );
-                assert!(
-                    (got[t] as f64 - exact).abs() <= tol,
-                    "{}, head dim {hd}, key {t}: {} vs {exact}",
-                    k.name(),
-                    got[t]
-                );
+                assert_sum(got[t], 0.0, terms, || format!("{}, head dim {hd}, key {t}", k.name()));
             }
         }
     }
@@ -194,33 +185,17 @@ fn attention_scores_match_the_reference() {
 #[test]
 fn attention_values_match_the_reference() {
     let mut rng = Rng(0x5a1e);
-    let reference = kernels::available()[0];
     for (hd, n) in ATTN_SHAPES {
         let (stride, off) = (2 * hd + 3, hd);
         let values = random_halves(&mut rng, off + n * stride);
         let p: Vec<f32> = (0..n).map(|_| rng.f32().abs()).collect();
         let start = rng.vec(hd, 1.0); // the kernel adds to what `out` holds
-        let mut want = start.clone();
-        reference.attn_values(&p, &values[off..], stride, &mut want);
         for k in kernels::available() {
             let mut got = start.clone();
             k.attn_values(&p, &values[off..], stride, &mut got);
             for i in 0..hd {
                 let terms = (0..n).map(|t| p[t] as f64 * values[off + t * stride + i].to_f64());
-                let (exact, magnitude) =
-                    terms.fold((start[i] as f64, start[i].abs() as f64), |(s, m), x| (s + x, m + x.abs()));
-                let tol = 1e-5 * magnitude + 1e-30;
-                assert!(
-                    (want[i] as f64 - exact).abs() <= tol,
-                    "scalar, head dim {hd}, element {i}: {} vs {exact}",
-                    want[i]
-                );
-                assert!(
-                    (got[i] as f64 - exact).abs() <= tol,
-                    "{}, head dim {hd}, element {i}: {} vs {exact}",
-                    k.name(),
-                    got[i]
-                );
+                assert_sum(got[i], start[i], terms, || format!("{}, head dim {hd}, element {i}", k.name()));
             }
         }
     }

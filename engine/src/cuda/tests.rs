@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 
 use super::kernels::{AttnDims, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
@@ -516,14 +516,7 @@ fn decode_kernel_times() {
         g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, logits.ptr, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
     });
     // As the backend runs it: the logits written into mapped page-locked host memory.
-    // SAFETY: a mapped page-locked allocation of `rows` floats, alive until the end of the test.
-    let mut host =
-        unsafe { g.s.context().alloc_pinned_with_flags::<f32>(rows, sys::CU_MEMHOSTALLOC_DEVICEMAP) }.unwrap();
-    let mut mapped = 0;
-    // SAFETY: the start of the mapped allocation above.
-    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host.as_mut_ptr().unwrap() as *mut _, 0) }
-        .result()
-        .unwrap();
+    let (_host, mapped) = super::mapped::<f32>(&g.s, rows).unwrap();
     time("lm_head 128256x2560, logits to host", rows * n * 2, &|| {
         g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, mapped, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
     });

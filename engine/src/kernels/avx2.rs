@@ -189,24 +189,24 @@ unsafe fn attn_scores(q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attn_values(p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
     for (value, &p) in values.chunks(stride).zip(p) {
-        f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out);
+        f16_axpy(p, &value[..out.len()], out);
     }
 }
 
-/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves.
+/// `out += p·v` for an f16 row `v` of `out.len()` halves.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+unsafe fn f16_axpy(p: f32, v: &[f16], out: &mut [f32]) {
     let n = out.len();
     let pv = _mm256_set1_ps(p);
     let mut i = 0;
     while i + 8 <= n {
-        let w = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(2 * i) as *const __m128i));
+        let w = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
         let o = out.as_mut_ptr().add(i);
         _mm256_storeu_ps(o, _mm256_fmadd_ps(pv, w, _mm256_loadu_ps(o)));
         i += 8;
     }
-    for j in i..n {
-        out[j] += p * f16::from_le_bytes([v[2 * j], v[2 * j + 1]]).to_f32();
+    for (o, v) in out[i..].iter_mut().zip(&v[i..]) {
+        *o += p * v.to_f32();
     }
 }
 

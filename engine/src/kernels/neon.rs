@@ -93,7 +93,7 @@ impl Kernels for Neon {
     fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
         for (value, &p) in values.chunks(stride).zip(p) {
             // SAFETY: NEON is always present; the slice holds the value's `out.len()` halves.
-            unsafe { f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out) };
+            unsafe { f16_axpy(p, &value[..out.len()], out) };
         }
     }
 }
@@ -175,19 +175,19 @@ unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves, four at a time.
+/// `out += p·v` for an f16 row `v` of `out.len()` halves, four at a time.
 #[target_feature(enable = "neon")]
-unsafe fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+unsafe fn f16_axpy(p: f32, v: &[f16], out: &mut [f32]) {
     let n = out.len();
     let mut i = 0;
     while i + 4 <= n {
-        let h = vld1_u16(v.as_ptr().add(2 * i) as *const u16);
+        let h = vld1_u16(v.as_ptr().add(i) as *const u16);
         let o = out.as_mut_ptr().add(i);
         vst1q_f32(o, vfmaq_n_f32(vld1q_f32(o), widen_f16(h), p));
         i += 4;
     }
-    for j in i..n {
-        out[j] += p * f16::from_le_bytes([v[2 * j], v[2 * j + 1]]).to_f32();
+    for (o, v) in out[i..].iter_mut().zip(&v[i..]) {
+        *o += p * v.to_f32();
     }
 }
 

@@ -56,7 +56,7 @@ impl Kernels for Simd128 {
 
     fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
         for (value, &p) in values.chunks(stride).zip(p) {
-            f16_axpy(p, bytemuck::cast_slice(&value[..out.len()]), out);
+            f16_axpy(p, &value[..out.len()], out);
         }
     }
 }
@@ -145,21 +145,20 @@ fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// `out += p·v` for an f16 row `v` (as bytes) of `out.len()` halves, eight at a time.
-fn f16_axpy(p: f32, v: &[u8], out: &mut [f32]) {
+/// `out += p·v` for an f16 row `v` of `out.len()` halves, eight at a time.
+fn f16_axpy(p: f32, v: &[f16], out: &mut [f32]) {
     let (n, pv) = (out.len(), f32x4_splat(p));
     let mut outs = out.chunks_exact_mut(8);
-    for (o, h) in (&mut outs).zip(v.chunks_exact(16)) {
-        let h = load(h);
+    for (o, h) in (&mut outs).zip(v.chunks_exact(8)) {
+        let h = load(bytemuck::cast_slice(h));
         let (lo, hi) = o.split_at_mut(4);
         store_f32(lo, f32x4_add(load_f32(lo), f32x4_mul(pv, widen_f16(u32x4_extend_low_u16x8(h)))));
         store_f32(hi, f32x4_add(load_f32(hi), f32x4_mul(pv, widen_f16(u32x4_extend_high_u16x8(h)))));
     }
     let tail = outs.into_remainder();
     let done = n - tail.len();
-    for (j, o) in tail.iter_mut().enumerate() {
-        let b = &v[2 * (done + j)..];
-        *o += p * f16::from_le_bytes([b[0], b[1]]).to_f32();
+    for (o, v) in tail.iter_mut().zip(&v[done..]) {
+        *o += p * v.to_f32();
     }
 }
 

@@ -418,9 +418,9 @@ impl Wgpu {
 
     /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
     /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
-    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then a whole decode step, attention at the
-    /// context's last position in one pass and split over the sequence (where to switch), and a full
-    /// prompt tile's dispatches of one layer.
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then a whole decode
+    /// step, attention at the context's last position in one pass and split over the sequence (where to
+    /// switch), and a full prompt tile's dispatches of one layer.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         self.run(&[0], 0, Head::Argmax)?;
