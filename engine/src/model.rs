@@ -332,13 +332,7 @@ impl Model {
     fn requantize_head(&mut self, ty: GgmlType) -> Result<()> {
         let head = self.lm_head();
         let (rows, cols) = (head.rows, head.cols);
-        let row_bytes =
-            ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "a {} LM head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)",
-                    ty.name()
-                ))
-            })?;
+        let row_bytes = QuantHead::ggml_row_bytes(ty, cols)?;
         let mut ggml = vec![0u8; rows * row_bytes];
         ggml.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
             || vec![0f32; cols],

@@ -65,15 +65,20 @@ pub fn lane_position(c: usize, cols: usize, l: usize) -> usize {
 }
 
 impl QuantHead {
+    /// The bytes of a ggml `ty` row of `cols` values, where `ty` is a head type (Q8_0 or Q6_K) that can
+    /// encode such rows.
+    pub fn ggml_row_bytes(ty: GgmlType, cols: usize) -> Result<usize> {
+        ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
+            Error::Invalid(format!(
+                "a {} LM head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)",
+                ty.name()
+            ))
+        })
+    }
+
     /// Repacks rows already encoded as ggml Q8_0 or Q6_K (`rows × row_bytes(ty, cols)`).
     pub fn from_ggml(ty: GgmlType, rows: usize, cols: usize, ggml: &[u8]) -> Result<Self> {
-        let src_row =
-            ty.row_bytes(cols).filter(|_| matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K)).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "a {} head of rows of {cols} values is not possible (q8_0: multiples of 32, q6_k: of 256)",
-                    ty.name()
-                ))
-            })?;
+        let src_row = Self::ggml_row_bytes(ty, cols)?;
         if ggml.len() != rows * src_row {
             return Err(Error::Invalid(format!(
                 "{} head data of {} bytes, expected {}",
