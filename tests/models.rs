@@ -6,13 +6,15 @@
 //! Where the reference is free of int8 rounding flips (`stable`), logits agree within 1e-3;
 //! elsewhere a flip moves logits by a few tenths, so top-1 must agree and logits stay within 0.5.
 
-use bitnet_engine::backend::Cpu;
-use bitnet_engine::gguf::GgufFile;
-use bitnet_engine::kernels;
+use std::sync::Arc;
+
+use bitnet_engine::backend::cpu::{kernels, CpuModel};
+use bitnet_engine::backend::{Want, Weights};
+use bitnet_engine::format::gguf::GgufFile;
+use bitnet_engine::generate::sampler::{Sampler, SamplerParams};
+use bitnet_engine::generate::Session;
 use bitnet_engine::model::{LoadOptions, Model};
-use bitnet_engine::sampling::{Sampler, SamplerParams};
-use bitnet_engine::session::Session;
-use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_engine::text::tokenizer::Tokenizer;
 use bitnet_tests::{bitnet_json, fixture};
 use serde_json::Value;
 
@@ -99,6 +101,7 @@ fn greedy_continuations_match_the_reference() {
         let bytes = std::fs::read(fixture(&format!("models/{file}"))).unwrap();
         let g = GgufFile::parse(&bytes).unwrap();
         let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        let weights: Arc<dyn Weights> = Arc::new(CpuModel::new(model, kernels::best(), None, None).unwrap());
         let tok = Tokenizer::from_metadata(&g.metadata).unwrap();
         for case in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap() {
             let gaps = floats(&case["greedy_gaps"]);
@@ -108,14 +111,14 @@ fn greedy_continuations_match_the_reference() {
             if case["add_special"].as_bool() == Some(true) {
                 assert_eq!(tok.encode(case["text"].as_str().unwrap(), true).unwrap(), ids(&case["ids"]));
             }
-            let mut s = Session::new(Box::new(Cpu::new(&model, kernels::best(), 128).unwrap()));
+            let mut s = Session::open(&weights, 128).unwrap();
             s.prefill(&ids(&case["ids"])).unwrap();
             let mut sampler = Sampler::new(SamplerParams::greedy());
             let mut out = Vec::new();
             for _ in 0..10 {
                 let t = sampler.sample(s.logits(), s.tokens());
                 out.push(t);
-                s.push(&[t], true).unwrap();
+                s.push(&[t], Want::Logits).unwrap();
             }
             assert_eq!(out, ids(&case["greedy"]), "{file} / {}: greedy continuation", case["name"]);
             checked += 1;

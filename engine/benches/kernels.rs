@@ -14,10 +14,11 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use bitnet_engine::kernels;
-use bitnet_engine::model::{attend, FloatMatrix};
-use bitnet_engine::quant::{self, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::backend::cpu::forward::attend;
+use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rayon::prelude::*;

@@ -23,9 +23,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
-use crate::gguf::{GgufFile, GgufWriter, Value};
-use crate::quant::{self, GgmlType};
-use crate::ternary::TernaryMatrix;
+use crate::format::gguf::{GgufFile, GgufWriter, Value};
+use crate::format::quant::{self, GgmlType};
+use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
 
 /// The architecture our converter writes (Microsoft's name for the 2B4T model family).
@@ -458,7 +458,7 @@ pub fn convert(ckpt: &HfCheckpoint, o: &ConvertOptions, progress: &mut dyn FnMut
     for (k, v) in metadata(&c, o.name.as_deref().unwrap_or("bitnet"), o.ternary) {
         g.add(&k, v);
     }
-    let tokenizer = crate::tokenizer::metadata_from_hf(ckpt.tokenizer_json, ckpt.tokenizer_config_json)?;
+    let tokenizer = crate::text::tokenizer::metadata_from_hf(ckpt.tokenizer_json, ckpt.tokenizer_config_json)?;
     check_vocab(&tokenizer, c.n_vocab)?;
     for (k, v) in tokenizer {
         g.add(&k, v);

@@ -1,7 +1,7 @@
 //! The engine's one error type. Every failure a user can cause (a bad file, a prompt that does not fit)
 //! ends up here with a message that names what was wrong; nothing in the engine panics on bad input.
 
-use crate::gguf::GgufError;
+use crate::format::gguf::GgufError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

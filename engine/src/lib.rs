@@ -1,34 +1,23 @@
 //! bitnet-engine: one portable engine for BitNet b1.58 (ternary-weight) language models.
 //!
-//! The pieces, in the order a token flows through them:
-//! - [`gguf`]: parse (and write) GGUF files from a byte slice; every count, offset and size is checked.
-//! - [`quant`]: the ggml tensor types (F32, F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, Q4_K, TQ1_0, TQ2_0, I2_S).
-//! - [`ternary`]: ternary weight matrices in the engine's own 2-bit layout, decoded from any storage type.
-//! - [`backend`]: where the forward pass runs ([`backend::Backend`]: CPU now, GPUs alike).
-//! - [`kernels`]: the CPU's hot loops, one implementation per target behind the [`kernels::Kernels`] trait;
-//!   the scalar one is the reference every other is tested against.
-//! - [`model`]: the BitNet b1.58 2B4T transformer as plain structs and one forward pass.
-//! - [`tokenizer`] and [`chat`]: text to token ids and back, chat templates.
-//! - [`sampling`] and [`session`]: choosing the next token, the KV cache, generation with stop rules.
+//! The layers, each using only those above it in this list:
+//! - [`format`]: GGUF files (a validating reader and a writer) and the ggml tensor types in them.
+//! - [`tensor`]: weight matrices as the engine keeps them (ternary in its 2-bit layout; float).
+//! - [`model`]: the BitNet b1.58 transformer's configuration and weights as plain structs.
+//! - [`backend`]: where the forward pass runs, one seam for every device: the CPU (its kernels, the
+//!   scalar one being the reference), and behind cargo features `wgpu` (WGSL for Vulkan, Metal, DX12
+//!   and WebGPU) and `cuda` (CUDA C compiled at run time by NVRTC).
+//! - [`text`]: text to token ids and back, chat templates.
+//! - [`generate`]: choosing tokens and the one generation loop every front end drives.
 //! - [`convert`]: Hugging Face BitNet checkpoints to GGUF.
-//! - `wgpu` (cargo feature `wgpu`): the GPU backend, WGSL kernels for Vulkan, Metal, DX12 and WebGPU.
-//! - `cuda` (cargo feature `cuda`): the CUDA backend, kernels in CUDA C compiled at run time by NVRTC.
 
 pub mod backend;
-pub mod chat;
 pub mod convert;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod error;
-pub mod gguf;
-pub mod kernels;
+pub mod format;
+pub mod generate;
 pub mod model;
-pub mod quant;
-pub mod sampling;
-pub mod session;
-pub mod ternary;
-pub mod tokenizer;
-#[cfg(feature = "wgpu")]
-pub mod wgpu;
+pub mod tensor;
+pub mod text;
 
 pub use error::{Error, Result};

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 
 use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint};
-use bitnet_engine::gguf::{GgufFile, GgufWriter, Value};
-use bitnet_engine::quant::{self, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::format::gguf::{GgufFile, GgufWriter, Value};
+use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use bitnet_engine::Error;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;

@@ -7,13 +7,16 @@
 #![cfg(feature = "cuda")]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bitnet_engine::backend::{Backend, Cpu};
-use bitnet_engine::cuda::Cuda;
-use bitnet_engine::kernels;
-use bitnet_engine::model::{Activation, FloatMatrix, Model};
-use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::backend::cpu::CpuModel;
+use bitnet_engine::backend::cuda::Cuda;
+use bitnet_engine::backend::{Sequence, Want, Weights};
+use bitnet_engine::model::{Activation, Model};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use half::f16;
 use rayon::prelude::*;
 
@@ -159,11 +162,11 @@ struct Tolerance {
 /// against the reference and the CPU backend at every position; the GPU's own argmax must be the argmax
 /// of its logits. Returns the largest differences to the reference and to the CPU.
 fn compare(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Tolerance) -> (f32, f32) {
-    let mut cpu = Cpu::new(model, kernels::best(), ctx).unwrap();
+    let mut cpu = Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap()).sequence(ctx).unwrap();
     let mut gpu = Cuda::new(model, ctx).unwrap();
     let mut reference = Reference::new(model);
-    cpu.forward(prompt, 0, true).unwrap();
-    gpu.forward(prompt, 0, true).unwrap();
+    cpu.forward(prompt, 0, Want::Logits).unwrap();
+    gpu.forward(prompt, 0, Want::Logits).unwrap();
     let mut want = prompt.iter().map(|&tok| reference.step(tok)).last().unwrap();
     let (mut worst, mut worst_cpu, mut pos) = (0f32, 0f32, prompt.len());
     let mut picked = None; // the GPU's own greedy pick from the step's logits
@@ -186,8 +189,8 @@ fn compare(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Toleranc
             break;
         }
         let next = argmax(c) as u32;
-        cpu.forward(&[next], pos, true).unwrap();
-        picked = Some(gpu.forward_greedy(&[next], pos).unwrap());
+        cpu.forward(&[next], pos, Want::Logits).unwrap();
+        picked = Some(gpu.forward(&[next], pos, Want::Greedy).unwrap().unwrap());
         want = reference.step(next);
         pos += 1;
     }
@@ -245,10 +248,10 @@ fn bad_input_is_an_error() {
     assert!(Cuda::new(&model, model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
     let mut dev = Cuda::new(&model, 8).unwrap();
     let n_vocab = model.config.n_vocab as u32;
-    assert!(dev.forward(&[n_vocab], 0, true).is_err(), "token outside the vocabulary");
+    assert!(dev.forward(&[n_vocab], 0, Want::Logits).is_err(), "token outside the vocabulary");
     assert!(dev.forward(&[1; 9], 0, false).is_err(), "more tokens than the context");
-    assert!(dev.forward(&[1], 8, true).is_err(), "position past the context");
-    dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, true).expect("a full context");
+    assert!(dev.forward(&[1], 8, Want::Logits).is_err(), "position past the context");
+    dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, Want::Logits).expect("a full context");
 }
 
 /// Mean tokens/s of `f` (which processes `n` tokens) over `reps` runs after one warm-up, as `bitnet bench`.
@@ -271,11 +274,13 @@ fn bench(name: &str, model: &Model) {
     let mut gpu = Cuda::new(model, ctx).unwrap();
     let vocab = model.config.n_vocab as u32;
     let tokens: Vec<u32> = (0..2048u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let pp = tokens_per_s(512, 5, || gpu.forward(&tokens[..512], 0, true).unwrap());
+    let pp = tokens_per_s(512, 5, || {
+        gpu.forward(&tokens[..512], 0, Want::Logits).unwrap();
+    });
     let tg = |gpu: &mut Cuda, start: usize| {
         tokens_per_s(128, 3, || {
             for (i, &t) in tokens[..128].iter().enumerate() {
-                gpu.forward(&[t], start + i, true).unwrap();
+                gpu.forward(&[t], start + i, Want::Logits).unwrap();
             }
         })
     };
@@ -283,10 +288,10 @@ fn bench(name: &str, model: &Model) {
     // The decode steps without the LM head (and so without logits to read back).
     let steps = tokens_per_s(128, 3, || {
         for (i, &t) in tokens[..128].iter().enumerate() {
-            gpu.forward(&[t], i, false).unwrap();
+            gpu.forward(&[t], i, Want::Nothing).unwrap();
         }
     });
-    gpu.forward(&tokens[..1024], 0, false).unwrap();
+    gpu.forward(&tokens[..1024], 0, Want::Nothing).unwrap();
     let tg1024 = tg(&mut gpu, 1024);
     let c = &model.config;
     let ternary_bytes: usize = model

@@ -1,8 +1,8 @@
 //! GGUF reader and writer: round trips, a hand-built v2 file, and malformed files that must each be
 //! rejected with the specific error (never a panic).
 
-use bitnet_engine::gguf::{GgufError, GgufFile, GgufWriter, Value};
-use bitnet_engine::quant::GgmlType;
+use bitnet_engine::format::gguf::{GgufError, GgufFile, GgufWriter, Value};
+use bitnet_engine::format::quant::GgmlType;
 
 // ---- helpers ----
 

@@ -1,10 +1,10 @@
 //! Every kernel set against the scalar reference: integer accumulators bit-for-bit, float
 //! products to float tolerance, on random data and shapes that are not multiples of the blocks.
 
-use bitnet_engine::kernels::{self, quantize_activations};
-use bitnet_engine::model::FloatMatrix;
-use bitnet_engine::quant::{self, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
+use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use half::f16;
 
 mod common;
@@ -293,7 +293,7 @@ fn float_rows_and_gemm_match_the_reference_on_ragged_rows() {
 /// stays close to the float product of the same quantized rows, which checks the lane layout.
 #[test]
 fn quantized_head_matches_the_reference() {
-    use bitnet_engine::kernels::qhead::{HeadActivations, QuantHead};
+    use bitnet_engine::backend::cpu::kernels::qhead::{HeadActivations, QuantHead};
     let mut rng = Rng(11);
     let reference = kernels::available()[0];
     for (ty, cols) in [(GgmlType::Q8_0, 576), (GgmlType::Q8_0, 1024), (GgmlType::Q8_0, 32), (GgmlType::Q6_K, 512)] {

@@ -1,8 +1,8 @@
 //! quant.rs and ternary.rs against independent references: gguf-py's numpy (de)quantizers (fixtures written by
 //! tests/scripts/make_quant_fixtures.py) and, for I2_S which gguf-py lacks, a decoder written here from formats.md.
 
-use bitnet_engine::quant::{dequantize, quantize, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
+use bitnet_engine::format::quant::{dequantize, quantize, GgmlType};
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use half::{bf16, f16};
 
 /// One gguf-py fixture: the input floats (if gguf-py could quantize them), its bytes, and its decoding of them.

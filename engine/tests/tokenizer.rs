@@ -4,9 +4,9 @@
 //! `transformers`). The engine's tokenizers are built the way a GGUF file gives them: tokenizer.json →
 //! metadata_from_hf → Tokenizer::from_metadata, from the same files the script read in the shared data.
 
-use bitnet_engine::chat::{self, ChatMessage, BITNET_TEMPLATE};
-use bitnet_engine::gguf::Value;
-use bitnet_engine::tokenizer::{metadata_from_hf, StreamDecoder, Tokenizer};
+use bitnet_engine::format::gguf::Value;
+use bitnet_engine::text::chat::{self, ChatMessage, BITNET_TEMPLATE};
+use bitnet_engine::text::tokenizer::{metadata_from_hf, StreamDecoder, Tokenizer};
 use bitnet_engine::Error;
 use serde_json::Value as J;
 use std::io::Read;

@@ -8,12 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
-use bitnet_engine::backend::{Backend, Cpu};
-use bitnet_engine::kernels::{self, quantize_activations};
-use bitnet_engine::model::{Activation, FloatMatrix, Model};
-use bitnet_engine::quant::{self, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu, TILE};
+use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
+use bitnet_engine::backend::cpu::CpuModel;
+use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu, TILE};
+use bitnet_engine::backend::{Sequence, Want, Weights};
+use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::model::{Activation, Model};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
 use std::sync::Arc;
 
 mod common;
@@ -319,7 +321,8 @@ fn argmax_is_the_greedy_choice() {
     cases.push(late);
     for x in cases {
         let want =
-            bitnet_engine::sampling::Sampler::new(bitnet_engine::sampling::SamplerParams::greedy()).sample(&x, &[]);
+            bitnet_engine::generate::sampler::Sampler::new(bitnet_engine::generate::sampler::SamplerParams::greedy())
+                .sample(&x, &[]);
         assert_eq!(gpu.probe_argmax(&x).unwrap(), want, "argmax of {} values", x.len());
     }
 }
@@ -343,10 +346,10 @@ fn compare_with_cpu(
 ) -> (f32, f32) {
     let ctx = 64;
     let name = gm.gpu().adapter().name.clone();
-    let mut cpu = Cpu::new(model, kernels::best(), ctx).unwrap();
+    let mut cpu = Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap()).sequence(ctx).unwrap();
     let mut dev = Wgpu::with_model(gm.clone(), ctx).unwrap();
-    cpu.forward(prompt, 0, true).unwrap();
-    dev.forward(prompt, 0, true).unwrap();
+    cpu.forward(prompt, 0, Want::Logits).unwrap();
+    dev.forward(prompt, 0, Want::Logits).unwrap();
     let (mut first, mut worst) = (0f32, 0f32);
     for (step, pos) in (0..=steps).zip(prompt.len()..) {
         let (c, g) = (cpu.logits(), dev.logits());
@@ -369,14 +372,14 @@ fn compare_with_cpu(
             break;
         }
         let next = top as u32;
-        cpu.forward(&[next], pos, true).unwrap();
+        cpu.forward(&[next], pos, Want::Logits).unwrap();
         // Alternate between the two GPU paths: full logits, and the argmax alone (then the logits again).
         if step % 2 == 1 {
-            let id = dev.forward_argmax(&[next], pos).unwrap();
-            dev.forward(&[next], pos, true).unwrap(); // the same position again: the cache entry is rewritten
+            let id = dev.forward(&[next], pos, Want::Greedy).unwrap().unwrap();
+            dev.forward(&[next], pos, Want::Logits).unwrap(); // the same position again: the cache entry is rewritten
             assert_eq!(id as usize, argmax(dev.logits()), "{name}: the GPU argmax is that of its logits");
         } else {
-            dev.forward(&[next], pos, true).unwrap();
+            dev.forward(&[next], pos, Want::Logits).unwrap();
         }
     }
     (first, worst)
@@ -454,9 +457,9 @@ fn prompt_tiles_match_token_by_token() {
     compare_with_cpu(&model, &gm, &prompt, 2, 1.0, 0.1);
 
     let (mut tiled, mut single) = (Wgpu::with_model(gm.clone(), 64).unwrap(), Wgpu::with_model(gm, 64).unwrap());
-    tiled.forward(&prompt, 0, true).unwrap();
+    tiled.forward(&prompt, 0, Want::Logits).unwrap();
     for (i, &t) in prompt.iter().enumerate() {
-        single.forward(&[t], i, i + 1 == prompt.len()).unwrap();
+        single.forward(&[t], i, if i + 1 == prompt.len() { Want::Logits } else { Want::Nothing }).unwrap();
     }
     // The logits before position `pos` agree; returns their top-1, the next token.
     let same = |tiled: &Wgpu, single: &Wgpu, pos: usize| -> u32 {
@@ -469,8 +472,8 @@ fn prompt_tiles_match_token_by_token() {
     };
     let mut next = same(&tiled, &single, prompt.len());
     for pos in prompt.len()..prompt.len() + 3 {
-        tiled.forward(&[next], pos, true).unwrap();
-        single.forward(&[next], pos, true).unwrap();
+        tiled.forward(&[next], pos, Want::Logits).unwrap();
+        single.forward(&[next], pos, Want::Logits).unwrap();
         next = same(&tiled, &single, pos + 1);
     }
 }
@@ -484,10 +487,10 @@ fn bad_input_is_an_error() {
     assert!(Wgpu::with_model(m.clone(), model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
     let mut dev = Wgpu::with_model(m, 8).unwrap();
     let n_vocab = model.config.n_vocab as u32;
-    assert!(dev.forward(&[n_vocab], 0, true).is_err(), "token outside the vocabulary");
-    assert!(dev.forward(&[1; 9], 0, false).is_err(), "more tokens than the context");
-    assert!(dev.forward(&[1], 8, true).is_err(), "position past the context");
-    dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, true).expect("a full context");
+    assert!(dev.forward(&[n_vocab], 0, Want::Logits).is_err(), "token outside the vocabulary");
+    assert!(dev.forward(&[1; 9], 0, Want::Nothing).is_err(), "more tokens than the context");
+    assert!(dev.forward(&[1], 8, Want::Logits).is_err(), "position past the context");
+    dev.forward(&[1, 2, 3, 4, 5, 6, 7, 8], 0, Want::Logits).expect("a full context");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -540,11 +543,17 @@ fn bench(name: &str, model: &Model) {
         );
         mean
     };
-    let pp = time("pp128", &mut |d| d.forward(&tokens, 0, true).unwrap());
-    let tg = time("tg64", &mut |d| (0..64).for_each(|i| d.forward(&tokens[i..i + 1], i, true).unwrap()));
+    let pp = time("pp128", &mut |d| {
+        d.forward(&tokens, 0, Want::Logits).unwrap();
+    });
+    let tg = time("tg64", &mut |d| {
+        (0..64).for_each(|i| {
+            d.forward(&tokens[i..i + 1], i, Want::Logits).unwrap();
+        })
+    });
     let tg_id = time("tg64 argmax only", &mut |d| {
         (0..64).for_each(|i| {
-            d.forward_argmax(&tokens[i..i + 1], i).unwrap();
+            d.forward(&tokens[i..i + 1], i, Want::Greedy).unwrap().unwrap();
         })
     });
     let bytes = bytes_per_token(model) as f64;

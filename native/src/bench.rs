@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use bitnet_engine::backend::Want;
 use bitnet_engine::Error;
 use clap::Args;
 
@@ -45,7 +46,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
     if a.n_prompt.max(a.n_gen + 1) > session.ctx() {
         return Err(Error::ContextFull { needed: a.n_prompt.max(a.n_gen + 1), ctx: session.ctx() });
     }
-    let vocab = m.model.config.n_vocab as u32;
+    let vocab = m.weights.config().n_vocab as u32;
     // Fixed pseudo-random tokens: the speed does not depend on which tokens they are.
     let tokens: Vec<u32> = (0..a.n_prompt.max(a.n_gen + 1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let mut run = |pp: bool| -> Result<f64, Error> {
@@ -56,7 +57,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
             a.n_prompt
         } else {
             for &tok in &tokens[..a.n_gen] {
-                session.push(&[tok], true)?;
+                session.push(&[tok], Want::Logits)?;
             }
             a.n_gen
         };
@@ -66,13 +67,13 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
         if n == 0 {
             return Ok(None);
         }
-        m.pool.install(|| run(pp))?; // warm-up
-        let samples = (0..a.reps).map(|_| m.pool.install(|| run(pp))).collect::<Result<Vec<_>, _>>()?;
+        run(pp)?; // warm-up
+        let samples = (0..a.reps).map(|_| run(pp)).collect::<Result<Vec<_>, _>>()?;
         Ok(Some(stats(&samples)))
     };
     let pp = measure(true, a.n_prompt)?;
     let tg = measure(false, a.n_gen)?;
-    let threads = m.pool.current_num_threads();
+    let threads = m.threads;
     if a.json {
         let entry =
             |n: usize, s: Option<(f64, f64)>| s.map(|(tps, sd)| serde_json::json!({"n": n, "tps": tps, "sd": sd}));

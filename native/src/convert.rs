@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint};
-use bitnet_engine::quant::GgmlType;
+use bitnet_engine::format::quant::GgmlType;
 use bitnet_engine::Error;
 use clap::Args;
 

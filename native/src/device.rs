@@ -1,8 +1,7 @@
-//! `--backend cpu|wgpu|auto`: where a model runs, and `bitnet info --devices`.
+//! `--backend cpu|wgpu|cuda|auto` (the engine's device choice as a flag), and `bitnet info --devices`.
 
-use bitnet_engine::backend::{Backend, Cpu};
-use bitnet_engine::kernels;
-use bitnet_engine::model::Model;
+use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::backend::DeviceChoice;
 use bitnet_engine::Error;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -17,63 +16,14 @@ pub enum BackendChoice {
     Auto,
 }
 
-/// The backend a model runs on: what `--backend` chose, with the weights uploaded to the GPU once and
-/// shared by every session (`bitnet serve` opens one per slot).
-pub struct Devices {
-    choice: BackendChoice,
-    #[cfg(feature = "wgpu")]
-    gpu: std::sync::Mutex<Option<Option<std::sync::Arc<bitnet_engine::wgpu::GpuModel>>>>,
-}
-
-impl Devices {
-    pub fn new(choice: BackendChoice) -> Self {
-        Self {
-            choice,
-            #[cfg(feature = "wgpu")]
-            gpu: Default::default(),
+impl From<BackendChoice> for DeviceChoice {
+    fn from(c: BackendChoice) -> Self {
+        match c {
+            BackendChoice::Cpu => DeviceChoice::Cpu,
+            BackendChoice::Wgpu => DeviceChoice::Wgpu,
+            BackendChoice::Cuda => DeviceChoice::Cuda,
+            BackendChoice::Auto => DeviceChoice::Auto,
         }
-    }
-
-    /// A backend for one session of `ctx` tokens.
-    pub fn backend<'m>(&self, model: &'m Model, ctx: usize) -> Result<Box<dyn Backend + 'm>, Error> {
-        #[cfg(feature = "cuda")]
-        if self.choice == BackendChoice::Cuda
-            || (self.choice == BackendChoice::Auto && bitnet_engine::cuda::available())
-        {
-            return Ok(Box::new(bitnet_engine::cuda::Cuda::new(model, ctx)?));
-        }
-        #[cfg(not(feature = "cuda"))]
-        if self.choice == BackendChoice::Cuda {
-            return Err(Error::Unsupported("this bitnet was built without the `cuda` feature".into()));
-        }
-        #[cfg(feature = "wgpu")]
-        if let Some(m) = self.gpu_model(model)? {
-            return Ok(Box::new(bitnet_engine::wgpu::Wgpu::with_model(m, ctx)?));
-        }
-        #[cfg(not(feature = "wgpu"))]
-        if self.choice == BackendChoice::Wgpu {
-            return Err(Error::Unsupported("this bitnet was built without the `wgpu` feature".into()));
-        }
-        Ok(Box::new(Cpu::new(model, kernels::best(), ctx)?))
-    }
-
-    /// The model on the GPU, uploaded on first use; `None` when it runs on the CPU.
-    #[cfg(feature = "wgpu")]
-    fn gpu_model(&self, model: &Model) -> Result<Option<std::sync::Arc<bitnet_engine::wgpu::GpuModel>>, Error> {
-        use bitnet_engine::wgpu::{Gpu, GpuModel};
-        use std::sync::Arc;
-        let mut slot = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            let gpu = match self.choice {
-                BackendChoice::Cpu => None,
-                choice => Gpu::open(choice == BackendChoice::Wgpu)?,
-            };
-            if gpu.is_none() && self.choice == BackendChoice::Wgpu {
-                return Err(Error::Gpu("no adapter found (for llvmpipe: apt-get install mesa-vulkan-drivers)".into()));
-            }
-            *slot = Some(gpu.map(|g| GpuModel::upload(Arc::new(g), model).map(Arc::new)).transpose()?);
-        }
-        Ok(slot.clone().flatten())
     }
 }
 
@@ -92,7 +42,7 @@ pub fn quiet_headless_vulkan() {
 pub fn list() -> Result<(), Error> {
     #[cfg(feature = "wgpu")]
     {
-        let all = bitnet_engine::wgpu::adapters();
+        let all = bitnet_engine::backend::wgpu::adapters();
         if all.is_empty() {
             println!("no wgpu adapters (for llvmpipe: apt-get install mesa-vulkan-drivers)");
         }

@@ -10,10 +10,11 @@ mod serve_www;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use bitnet_engine::chat::ChatMessage;
+use bitnet_engine::backend::Want;
+use bitnet_engine::generate::sampler::SamplerParams;
+use bitnet_engine::generate::{GenParams, GenStats};
 use bitnet_engine::model::Activation;
-use bitnet_engine::sampling::SamplerParams;
-use bitnet_engine::session::{GenParams, GenStats};
+use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
 use clap::{Args, Parser, Subcommand};
 
@@ -67,7 +68,7 @@ pub struct ModelArgs {
     activation: Option<Activation>,
     /// Requantize the LM head at load: q8_0, or q6_k (rows a multiple of 256). Faster decoding, slightly less accurate.
     #[arg(long, value_parser = parse_head)]
-    head: Option<bitnet_engine::quant::GgmlType>,
+    head: Option<bitnet_engine::format::quant::GgmlType>,
     /// Where to run: cpu, wgpu (the best GPU adapter, a CPU-type one such as llvmpipe included), or auto
     /// (a real GPU if there is one, else the CPU).
     #[arg(long, value_enum, default_value_t = device::BackendChoice::Auto)]
@@ -78,8 +79,8 @@ fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation '{s}' (relu2 or silu)"))
 }
 
-fn parse_head(s: &str) -> Result<bitnet_engine::quant::GgmlType, String> {
-    use bitnet_engine::quant::GgmlType;
+fn parse_head(s: &str) -> Result<bitnet_engine::format::quant::GgmlType, String> {
+    use bitnet_engine::format::quant::GgmlType;
     GgmlType::parse(s)
         .filter(|t| matches!(t, GgmlType::Q8_0 | GgmlType::Q6_K))
         .ok_or_else(|| format!("unknown head type '{s}' (q8_0 or q6_k)"))
@@ -127,6 +128,7 @@ impl SamplingArgs {
                 repeat_penalty: self.repeat_penalty,
                 repeat_last_n: self.repeat_last_n,
                 seed,
+                ..SamplerParams::default()
             },
         }
     }
@@ -243,7 +245,7 @@ fn run(a: RunArgs) -> Result<(), Error> {
     let params = a.sampling.gen_params();
     let prompt = m.tokenizer.encode(&a.prompt, m.tokenizer.add_bos())?;
     let mut session = m.session()?;
-    let stats = m.pool.install(|| session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout))?;
+    let stats = session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout)?;
     println!();
     print_stats(&stats, &params);
     Ok(())
@@ -269,11 +271,9 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
         messages.push(ChatMessage { role: "user".into(), content: line });
         let prompt = m.tokenizer.encode_chat(&messages, true)?;
         let mut reply = String::new();
-        let stats = m.pool.install(|| {
-            session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
-                reply.push_str(t);
-                stream_to_stdout(t)
-            })
+        let stats = session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
+            reply.push_str(t);
+            stream_to_stdout(t)
         })?;
         println!();
         if interactive {
@@ -292,7 +292,7 @@ fn logits(a: LogitsArgs) -> Result<(), Error> {
         (None, None) => unreachable!("clap requires one of them"),
     };
     let mut session = m.session()?;
-    m.pool.install(|| session.prefill(&tokens))?;
+    session.prefill(&tokens)?;
     let logits = session.logits();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]).then(i.cmp(&j)));
@@ -332,17 +332,14 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
             window[0] = m.tokenizer.bos().expect("add_bos implies a BOS token");
         }
         session.truncate(0);
-        m.pool.install(|| -> Result<(), Error> {
-            for (j, &t) in window.iter().enumerate() {
-                let score = j >= first && j + 1 < n_ctx;
-                session.push(&[t], score)?;
-                if score {
-                    nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
-                    count += 1;
-                }
+        for (j, &t) in window.iter().enumerate() {
+            let score = j >= first && j + 1 < n_ctx;
+            session.push(&[t], if score { Want::Logits } else { Want::Nothing })?;
+            if score {
+                nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
+                count += 1;
             }
-            Ok(())
-        })?;
+        }
         eprint!("[{:.4}]", (nll / count as f64).exp());
     }
     eprintln!();

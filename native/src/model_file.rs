@@ -2,10 +2,13 @@
 
 use std::path::Path;
 
-use bitnet_engine::gguf::{GgufFile, Value};
+use bitnet_engine::format::gguf::{GgufFile, Value};
+use std::sync::Arc;
+
+use bitnet_engine::backend::{self, DeviceOptions, Weights};
+use bitnet_engine::generate::Session;
 use bitnet_engine::model::{LoadOptions, Model};
-use bitnet_engine::session::Session;
-use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_engine::text::tokenizer::Tokenizer;
 use bitnet_engine::Error;
 
 use crate::ModelArgs;
@@ -52,13 +55,13 @@ pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
     Ok(Bytes::Mapped(map))
 }
 
-/// A model ready to run: weights, tokenizer, and the thread pool to run it on.
+/// A model ready to run: its weights on the chosen device, and its tokenizer.
 pub struct Loaded {
-    pub model: Model,
+    pub weights: Arc<dyn Weights>,
     pub tokenizer: Tokenizer,
-    pub pool: rayon::ThreadPool,
-    ctx: usize,
-    devices: crate::device::Devices,
+    /// CPU threads.
+    pub threads: usize,
+    pub ctx: usize,
 }
 
 impl Loaded {
@@ -66,7 +69,7 @@ impl Loaded {
         let bytes = open_bytes(a.model.as_deref())?;
         let gguf = GgufFile::parse(&bytes)?;
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata)?;
-        let opts = LoadOptions { activation: a.activation, head: a.head };
+        let opts = LoadOptions { activation: a.activation };
         let bar = (bytes.len() > 200 << 20).then(|| {
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(
@@ -86,15 +89,14 @@ impl Loaded {
         }
         let ctx = a.ctx.unwrap_or(model.config.n_ctx_train.min(4096));
         let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
-        Ok(Self { model, tokenizer, pool, ctx, devices: crate::device::Devices::new(a.backend) })
+        let device = DeviceOptions { device: a.backend.into(), threads: Some(threads), head: a.head };
+        let weights = backend::open(model, &device)?;
+        Ok(Self { weights, tokenizer, threads, ctx })
     }
 
-    pub fn session(&self) -> Result<Session<'_>, Error> {
-        Ok(Session::new(self.devices.backend(&self.model, self.ctx)?))
+    /// A new conversation (one KV cache of the context size).
+    pub fn session(&self) -> Result<Session, Error> {
+        Session::open(&self.weights, self.ctx)
     }
 }
 

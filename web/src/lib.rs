@@ -15,23 +15,23 @@
 //! model by terminating the worker, and a model here is never dropped (on WebGPU only its host copy is,
 //! once uploaded).
 
-mod generate;
 mod loader;
 mod webgpu;
 
-use bitnet_engine::backend::Cpu;
-use bitnet_engine::chat::ChatMessage;
-use bitnet_engine::gguf::GgufFile;
-use bitnet_engine::kernels;
+use std::sync::Arc;
+
+use bitnet_engine::backend::cpu::{kernels, CpuModel};
+use bitnet_engine::backend::{Want, Weights};
+use bitnet_engine::format::gguf::GgufFile;
+use bitnet_engine::generate::sampler::SamplerParams;
+use bitnet_engine::generate::{GenParams, Generation, Output, Session};
 use bitnet_engine::model::{Activation, Config, LoadOptions, Model};
-use bitnet_engine::sampling::SamplerParams;
-use bitnet_engine::session::{GenParams, Session};
-use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_engine::text::chat::ChatMessage;
+use bitnet_engine::text::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::json;
 use wasm_bindgen::prelude::*;
 
-pub use generate::Generation;
 pub use loader::{check_file_size, memory_in_use, FileBuffer, WASM32_LIMIT};
 pub use webgpu::GpuSession;
 
@@ -121,6 +121,7 @@ impl GenOpts {
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
+            ..SamplerParams::default()
         };
         GenParams { max_tokens: self.max_tokens, sampler, stop: self.stop }
     }
@@ -177,14 +178,14 @@ impl Loader {
 /// Where the model runs, with the conversation's KV cache.
 #[allow(clippy::large_enum_variant)] // one per Engine
 enum Runner {
-    Cpu(Session<'static>),
+    Cpu(Session),
     Gpu(GpuSession),
 }
 
 impl Runner {
     fn name(&self) -> String {
         match self {
-            Runner::Cpu(s) => s.backend_name(),
+            Runner::Cpu(s) => s.backend_name().to_string(),
             Runner::Gpu(g) => g.name().to_string(),
         }
     }
@@ -220,7 +221,7 @@ impl Runner {
     /// Evaluates `token` after the cached ones; `logits()` then belongs to it.
     async fn push(&mut self, token: u32) -> bitnet_engine::Result<()> {
         match self {
-            Runner::Cpu(s) => s.push(&[token], true),
+            Runner::Cpu(s) => s.push(&[token], Want::Logits).map(drop),
             Runner::Gpu(g) => g.push(&[token]).await,
         }
     }
@@ -270,9 +271,9 @@ impl Engine {
         } else {
             let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
             loader::check_kv_cache(&config, ctx, weights).map_err(js_error)?;
-            // Never freed: see the crate docs (a model lives as long as its worker).
-            let model: &'static Model = Box::leak(Box::new(model));
-            Runner::Cpu(Session::new(Box::new(Cpu::new(model, kernels::best(), ctx).map_err(js_error)?)))
+            let weights: Arc<dyn Weights> =
+                Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?);
+            Runner::Cpu(Session::open(&weights, ctx).map_err(js_error)?)
         };
         Ok(Engine { config, tokenizer, runner, generation: None, seed: 0 })
     }
@@ -348,7 +349,8 @@ impl Engine {
     pub async fn step(&mut self) -> Result<Option<String>, JsError> {
         let generation = self.generation.as_mut().ok_or_else(|| js_error("no generation started"))?;
         let r = &mut self.runner;
-        let Some(step) = generation.step(&self.tokenizer, r.logits(), r.tokens(), r.ctx()) else { return Ok(None) };
+        let out = Output::Logits(r.logits());
+        let Some(step) = generation.step(&self.tokenizer, out, r.tokens(), r.ctx()) else { return Ok(None) };
         if let Some(t) = step.eval {
             r.push(t).await.map_err(js_error)?;
         }

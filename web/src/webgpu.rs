@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
+use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu};
+use bitnet_engine::generate::reusable_prefix;
 use bitnet_engine::model::Model;
-use bitnet_engine::wgpu::{Gpu, GpuModel, Wgpu};
 use bitnet_engine::{Error, Result};
 
 pub struct GpuSession {
@@ -67,8 +68,7 @@ impl GpuSession {
         if tokens.is_empty() {
             return Err(Error::Invalid("empty prompt".into()));
         }
-        let common = self.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
-        let keep = common.min(tokens.len() - 1);
+        let keep = reusable_prefix(&self.tokens, tokens);
         self.truncate(keep);
         self.push(&tokens[keep..]).await?;
         Ok(tokens.len() - keep)

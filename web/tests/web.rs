@@ -6,12 +6,12 @@
 //! reference, and the thread pool.
 #![cfg(target_arch = "wasm32")]
 
-use bitnet_engine::gguf::GgufFile;
-use bitnet_engine::kernels;
-use bitnet_engine::model::FloatMatrix;
-use bitnet_engine::quant::{self, GgmlType};
-use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::tokenizer::{StreamDecoder, Tokenizer};
+use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::format::gguf::GgufFile;
+use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
+use bitnet_engine::text::tokenizer::{StreamDecoder, Tokenizer};
 use bitnet_web::{Engine, Loader};
 use serde_json::Value;
 use wasm_bindgen::{JsCast, JsError, JsValue};

@@ -4,11 +4,12 @@
 
 use std::path::Path;
 
-use bitnet_engine::gguf::GgufFile;
-use bitnet_engine::model::{Activation, Config, FloatMatrix, Layer, LoadOptions, Model};
-use bitnet_engine::quant::GgmlType;
-use bitnet_engine::ternary::TernaryMatrix;
-use bitnet_engine::tokenizer::Tokenizer;
+use bitnet_engine::format::gguf::GgufFile;
+use bitnet_engine::format::quant::GgmlType;
+use bitnet_engine::model::{Activation, Config, Layer, LoadOptions, Model};
+use bitnet_engine::tensor::float::FloatMatrix;
+use bitnet_engine::tensor::ternary::TernaryMatrix;
+use bitnet_engine::text::tokenizer::Tokenizer;
 use rayon::prelude::*;
 
 /// A small deterministic generator (xorshift64*), so failures reproduce.
@@ -113,5 +114,5 @@ pub fn random_2b4t() -> Model {
     });
     let token_embd =
         FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
-    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c, quant_head: None }
+    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c }
 }

@@ -21,16 +21,15 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bitnet_engine::chat::ChatMessage;
-use bitnet_engine::sampling::SamplerParams;
-use bitnet_engine::session::{GenParams, StopReason};
+use bitnet_engine::generate::sampler::SamplerParams;
+use bitnet_engine::generate::{GenParams, StopReason};
+use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
 use clap::Args;
 use futures_util::{stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::device::BackendChoice;
 use crate::model_file::Loaded;
 use crate::ModelArgs;
 use api::*;
@@ -72,14 +71,9 @@ struct App {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
-    // The batched step (continuous batching) is the CPU's forward pass; the GPU backends run one sequence.
-    if matches!(a.model.backend, BackendChoice::Wgpu | BackendChoice::Cuda) {
-        return Err(Error::Unsupported("bitnet serve runs on the CPU for now (--backend cpu or auto)".into()));
-    }
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
-    // Each slot's context: --ctx, else the model's up to 4096 (as `Loaded::session` chooses it).
-    let ctx = a.model.ctx.unwrap_or(m.model.config.n_ctx_train.min(4096));
+    let ctx = m.ctx;
     let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize, ctx)?;
     let model_id = match &a.model.model {
         Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
@@ -102,10 +96,13 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         // Tests and scripts read this line to find the port.
         println!("listening on http://{addr}");
         std::io::Write::flush(&mut std::io::stdout()).map_err(io)?;
-        let (kernels, threads) = (bitnet_engine::kernels::best().name(), m.pool.current_num_threads());
         eprintln!(
-            "model {} on cpu/{kernels} ({threads} threads): {} slots of {ctx} tokens, queue {}",
-            app.model_id, a.slots, a.queue
+            "model {} on {} ({} CPU threads): {} slots of {ctx} tokens, queue {}",
+            app.model_id,
+            m.weights.name(),
+            m.threads,
+            a.slots,
+            a.queue
         );
         axum::serve(listener, router(app, a.max_body)).await.map_err(io)
     })
@@ -312,7 +309,7 @@ impl Generation {
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param(prompt_param));
         }
-        let (params, frequency_penalty, presence_penalty) = gen_params(s)?;
+        let params = gen_params(s)?;
         let max_tokens = s.max_completion_tokens.or(s.max_tokens);
         let needed = prompt.len() + max_tokens.map_or(1, |n| n as usize);
         if needed > app.ctx {
@@ -323,7 +320,7 @@ impl Generation {
         }
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
-        let job = Job { prompt, params, frequency_penalty, presence_penalty, events: tx };
+        let job = Job { prompt, params, events: tx };
         match app.scheduler.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Busy) => {
@@ -462,8 +459,8 @@ fn usage(d: &Done) -> Usage {
 }
 
 /// Sampling settings from the request; absent fields take llama.cpp's defaults (temperature 0.8, top_k 40,
-/// top_p 0.95, min_p 0.05). Returns the parameters (max_tokens unset) and the frequency and presence penalties.
-fn gen_params(s: &Sampling) -> Result<(GenParams, f32, f32), ApiError> {
+/// top_p 0.95, min_p 0.05). Returns the parameters with max_tokens unset.
+fn gen_params(s: &Sampling) -> Result<GenParams, ApiError> {
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
     }
@@ -477,8 +474,10 @@ fn gen_params(s: &Sampling) -> Result<(GenParams, f32, f32), ApiError> {
     let top_p = check("top_p", s.top_p, d.top_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
     let min_p = check("min_p", s.min_p, d.min_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
     let repeat_penalty = check("repeat_penalty", s.repeat_penalty, d.repeat_penalty, |v| v > 0.0, "more than 0")?;
-    let frequency = check("frequency_penalty", s.frequency_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
-    let presence = check("presence_penalty", s.presence_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
+    let frequency_penalty =
+        check("frequency_penalty", s.frequency_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
+    let presence_penalty =
+        check("presence_penalty", s.presence_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
     let seed = match s.seed {
         Some(seed) if seed >= 0 => seed as u64,
         _ => random_seed(),
@@ -495,9 +494,11 @@ fn gen_params(s: &Sampling) -> Result<(GenParams, f32, f32), ApiError> {
         min_p,
         repeat_penalty,
         repeat_last_n: s.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
+        frequency_penalty,
+        presence_penalty,
         seed,
     };
-    Ok((GenParams { max_tokens: 0, sampler, stop }, frequency, presence))
+    Ok(GenParams { max_tokens: 0, sampler, stop })
 }
 
 fn random_seed() -> u64 {

@@ -11,11 +11,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bitnet_engine::kernels::{self, Kernels};
-use bitnet_engine::model::{BatchItem, BatchScratch, State};
-use bitnet_engine::sampling::Sampler;
-use bitnet_engine::session::{GenParams, StopMatcher, StopReason};
-use bitnet_engine::tokenizer::StreamDecoder;
+use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
+use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
 use bitnet_engine::Error;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -30,9 +27,6 @@ const PREFILL_BUDGET: usize = 64;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
-    /// OpenAI's frequency and presence penalties (llama.cpp's penalty_freq and penalty_present).
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
     pub events: UnboundedSender<Event>,
 }
 
@@ -64,19 +58,20 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Allocates `slots` KV caches of `ctx` tokens and starts the engine thread.
+    /// Opens `slots` sequences of `ctx` tokens on the model's device and starts the engine thread.
     pub fn start(m: &'static Loaded, slots: usize, queue: usize, ctx: usize) -> Result<Self, Error> {
         let metrics = Arc::new(Metrics::default());
         metrics.slots.store(slots as u64, Relaxed);
-        let c = &m.model.config;
         let slots = (0..slots)
-            .map(|_| Ok(Slot { state: State::new(c, ctx)?, cached: Vec::new(), last_used: 0, req: None }))
+            .map(|_| {
+                let seq = m.weights.clone().sequence(ctx)?;
+                Ok(Slot { seq, cached: Vec::new(), last_used: 0, req: None, picked: None })
+            })
             .collect::<Result<Vec<_>, Error>>()?;
-        // One tile holds a whole step: every slot's token and the prompt budget.
-        let scratch = BatchScratch::new(c, slots.len() + PREFILL_BUDGET);
+        // One step holds every slot's token and the prompt budget.
+        let batcher = m.weights.clone().batcher(slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
-        let engine =
-            Engine { m, kernels: kernels::best(), scratch, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let engine = Engine { m, batcher, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
         std::thread::Builder::new()
             .name("bitnet-engine".into())
             .spawn(move || engine.run())
@@ -97,12 +92,14 @@ impl Scheduler {
 }
 
 struct Slot {
-    state: State,
-    /// The tokens whose keys and values are in `state`, in order. They stay after a request ends,
-    /// so that the next request with the same prefix (e.g. the next turn of a chat) reuses them.
+    seq: Box<dyn Sequence>,
+    /// The tokens whose keys and values are in `seq`, in order. They stay after a request ends, so
+    /// that the next request with the same prefix (e.g. the next turn of a chat) reuses them.
     cached: Vec<u32>,
     last_used: u64,
     req: Option<Running>,
+    /// The device's greedy pick after the last evaluated token ([`Want::Greedy`]).
+    picked: Option<u32>,
 }
 
 /// A request in a slot.
@@ -111,16 +108,13 @@ struct Running {
     /// Admission order: prompts are evaluated oldest first.
     seq: u64,
     n_cached: usize,
-    n_generated: usize,
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
+    gen: Generation,
 }
 
 impl Slot {
-    /// The prompt is fully evaluated and the logits of its last token (or of the last generated one) are ready.
+    /// The prompt is fully evaluated and the output of its last token (or of the last generated one) is ready.
     fn generating(&self) -> bool {
-        self.req.as_ref().is_some_and(|r| self.cached.len() == r.job.prompt.len() + r.n_generated)
+        self.req.as_ref().is_some_and(|r| self.cached.len() == r.job.prompt.len() + r.gen.n_generated)
     }
 
     /// The part of the prompt not evaluated yet.
@@ -133,13 +127,12 @@ impl Slot {
 struct Work {
     slot: usize,
     tokens: Vec<u32>,
-    logits: bool,
+    want: Want,
 }
 
 struct Engine {
     m: &'static Loaded,
-    kernels: &'static dyn Kernels,
-    scratch: BatchScratch,
+    batcher: Box<dyn Batcher>,
     slots: Vec<Slot>,
     queue: Receiver<Job>,
     metrics: Arc<Metrics>,
@@ -189,32 +182,19 @@ impl Engine {
     /// Puts `job` in the free slot whose cache shares the longest prefix with its prompt
     /// (the least recently used one among equals, to keep other conversations cached).
     fn start(&mut self, job: Job) {
-        let common = |s: &Slot| s.cached.iter().zip(&job.prompt).take_while(|(a, b)| a == b).count();
+        let reuse = |s: &Slot| reusable_prefix(&s.cached, &job.prompt);
         let slot = (0..self.slots.len())
             .filter(|&i| self.slots[i].req.is_none())
-            .max_by_key(|&i| (common(&self.slots[i]), std::cmp::Reverse(self.slots[i].last_used)))
+            .max_by_key(|&i| (reuse(&self.slots[i]), std::cmp::Reverse(self.slots[i].last_used)))
             .expect("admit checks for a free slot");
-        // The last prompt token is always evaluated again, for fresh logits.
-        let keep = common(&self.slots[slot]).min(job.prompt.len() - 1);
+        let keep = reuse(&self.slots[slot]);
         self.slots[slot].cached.truncate(keep);
         self.clock += 1;
         self.metrics.busy_slots.fetch_add(1, Relaxed);
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         self.metrics.cached_tokens.fetch_add(keep as u64, Relaxed);
-        let mut sampler_params = job.params.sampler.clone();
-        if job.frequency_penalty != 0.0 || job.presence_penalty != 0.0 {
-            // `penalize` applies the repetition penalty together with the other two, in llama.cpp's order.
-            sampler_params.repeat_penalty = 1.0;
-        }
-        self.slots[slot].req = Some(Running {
-            sampler: Sampler::new(sampler_params),
-            decoder: StreamDecoder::new(),
-            stops: StopMatcher::new(&job.params.stop),
-            seq: self.clock,
-            n_cached: keep,
-            n_generated: 0,
-            job,
-        });
+        let gen = Generation::new(&job.params, job.prompt.len() - keep);
+        self.slots[slot].req = Some(Running { seq: self.clock, n_cached: keep, gen, job });
     }
 
     /// Frees the slots of requests whose client has gone away.
@@ -245,81 +225,65 @@ impl Engine {
             if n == 0 {
                 break;
             }
-            work.push(Work { slot, tokens: left[..n].to_vec(), logits: n == left.len() });
+            let last = n == left.len();
+            let want = match &self.slots[slot].req {
+                Some(r) if last => r.gen.want(),
+                _ => Want::Nothing,
+            };
+            work.push(Work { slot, tokens: left[..n].to_vec(), want });
             budget -= n;
         }
     }
 
-    /// Picks the next token of every generating slot and sends its text; finishes the requests that
-    /// stop. Returns the tokens to evaluate. Mirrors `Session::generate`, step by step.
+    /// Steps the generation of every generating slot: sends its text, and returns the tokens to
+    /// evaluate; finishes the requests that stop.
     fn sample(&mut self) -> Vec<Work> {
         let mut work = Vec::new();
         for slot in 0..self.slots.len() {
             if !self.slots[slot].generating() {
                 continue;
             }
-            match self.next_token(slot) {
-                Ok(token) => work.push(Work { slot, tokens: vec![token], logits: true }),
+            match self.step(slot) {
+                Ok(token) => {
+                    let want = self.slots[slot].req.as_ref().map_or(Want::Logits, |r| r.gen.want());
+                    work.push(Work { slot, tokens: vec![token], want })
+                }
                 Err(stop) => self.finish(slot, stop),
             }
         }
         work
     }
 
-    /// The token to evaluate next in slot `i`, or why its request stops.
-    fn next_token(&mut self, i: usize) -> Result<u32, StopReason> {
+    /// One step of slot `i`'s generation: the token to evaluate next, or why its request stops.
+    fn step(&mut self, i: usize) -> Result<u32, StopReason> {
         let tok = &self.m.tokenizer;
         let slot = &mut self.slots[i];
-        let (history, logits) = (&slot.cached, &slot.state.logits);
+        let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
         let r = slot.req.as_mut().expect("generating slots run a request");
-        if r.n_generated == r.job.params.max_tokens {
-            return Err(StopReason::MaxTokens);
+        let step = r.gen.step(tok, out, &slot.cached, slot.seq.ctx());
+        let step = step.expect("a request stops when its generation does");
+        if !step.text.is_empty() && r.job.events.send(Event::Text(step.text)).is_err() {
+            r.gen.cancel();
         }
-        let next = if r.job.frequency_penalty != 0.0 || r.job.presence_penalty != 0.0 {
-            let mut logits = logits.clone();
-            let p = &r.job.params.sampler;
-            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
-            penalize(&mut logits, recent, p.repeat_penalty, r.job.frequency_penalty, r.job.presence_penalty);
-            r.sampler.sample(&logits, history)
-        } else {
-            r.sampler.sample(logits, history)
-        };
-        if tok.is_end_of_generation(next) {
-            return Err(StopReason::EndToken);
+        match (r.gen.stop, step.eval) {
+            (Some(stop), _) => Err(stop),
+            (None, Some(t)) => Ok(t),
+            (None, None) => unreachable!("a step without a token to evaluate ends the generation"),
         }
-        r.n_generated += 1;
-        let (text, hit) = r.stops.feed(&r.decoder.push(tok, next));
-        if !text.is_empty() && r.job.events.send(Event::Text(text)).is_err() {
-            return Err(StopReason::Cancelled);
-        }
-        if hit {
-            return Err(StopReason::StopString);
-        }
-        if history.len() == slot.state.ctx {
-            return Err(StopReason::ContextFull);
-        }
-        Ok(next)
     }
 
-    /// Ends the request in slot `i`: the held-back text, then the summary.
+    /// Ends the request in slot `i` with its summary (its last text went out with its last step).
     fn finish(&mut self, i: usize, stop: StopReason) {
         let r = self.slots[i].req.as_mut().expect("finishing slots run a request");
-        self.metrics.generated_tokens.fetch_add(r.n_generated as u64, Relaxed);
+        self.metrics.generated_tokens.fetch_add(r.gen.n_generated as u64, Relaxed);
         if stop == StopReason::Cancelled {
             self.metrics.cancelled.fetch_add(1, Relaxed);
         } else {
-            if stop != StopReason::StopString {
-                let (rest, _) = r.stops.feed(&r.decoder.flush());
-                let rest = rest + &r.stops.finish();
-                if !rest.is_empty() {
-                    let _ = r.job.events.send(Event::Text(rest));
-                }
-            }
             let done = Done {
                 stop,
                 prompt_tokens: r.job.prompt.len(),
                 cached_tokens: r.n_cached,
-                completion_tokens: r.n_generated,
+                completion_tokens: r.gen.n_generated,
             };
             let _ = r.job.events.send(Event::Done(done));
             self.metrics.finished.fetch_add(1, Relaxed);
@@ -348,24 +312,28 @@ impl Engine {
         for w in work {
             todo[w.slot] = Some(w);
         }
-        let mut items: Vec<BatchItem> = (self.slots.iter_mut().zip(&todo))
+        let mut steps: Vec<Step> = (self.slots.iter_mut().zip(&todo))
             .filter_map(|(s, w)| {
-                w.map(|w| BatchItem {
-                    state: &mut s.state,
-                    tokens: &w.tokens,
-                    pos: s.cached.len(),
-                    want_logits: w.logits,
-                })
+                w.map(|w| Step { seq: s.seq.as_mut(), tokens: &w.tokens, pos: s.cached.len(), want: w.want })
             })
             .collect();
-        let (m, k, scratch) = (self.m, self.kernels, &mut self.scratch);
-        let result = m.pool.install(|| m.model.forward_batch(k, scratch, &mut items));
-        drop(items);
-        for w in work {
-            match &result {
-                Ok(()) => self.slots[w.slot].cached.extend_from_slice(&w.tokens),
-                // The batch is checked before anything runs; no slot's cache changed.
-                Err(e) => self.fail(w.slot, Error::Invalid(e.to_string())),
+        let result = self.batcher.forward(&mut steps);
+        drop(steps);
+        match result {
+            Ok(picked) => {
+                // `steps` followed the slots' order, as `work` sorted by slot does.
+                let mut in_slot_order: Vec<&Work> = work.iter().collect();
+                in_slot_order.sort_by_key(|w| w.slot);
+                for (w, p) in in_slot_order.into_iter().zip(picked) {
+                    let s = &mut self.slots[w.slot];
+                    s.cached.extend_from_slice(&w.tokens);
+                    s.picked = p;
+                }
+            }
+            Err(e) => {
+                for w in work {
+                    self.fail(w.slot, Error::Invalid(e.to_string()));
+                }
             }
         }
         add_time(&self.metrics.step_nanos, t0.elapsed());
@@ -373,38 +341,5 @@ impl Engine {
         self.metrics.decode_rows.fetch_add(n_decode as u64, Relaxed);
         let prompt_tokens: usize = work[n_decode..].iter().map(|w| w.tokens.len()).sum();
         self.metrics.prompt_tokens_evaluated.fetch_add(prompt_tokens as u64, Relaxed);
-    }
-}
-
-/// llama.cpp's penalties sampler: for each distinct recent token, the repetition penalty (divide a
-/// positive logit, multiply a negative one), then `count · frequency + presence` subtracted.
-fn penalize(logits: &mut [f32], recent: &[u32], repeat: f32, frequency: f32, presence: f32) {
-    let mut counts: Vec<(u32, usize)> = Vec::new();
-    let mut sorted = recent.to_vec();
-    sorted.sort_unstable();
-    for t in sorted {
-        match counts.last_mut() {
-            Some((last, n)) if *last == t => *n += 1,
-            _ => counts.push((t, 1)),
-        }
-    }
-    for (t, n) in counts {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l = if *l <= 0.0 { *l * repeat } else { *l / repeat };
-            *l -= n as f32 * frequency + presence;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::penalize;
-
-    #[test]
-    fn penalties_follow_llama_cpp() {
-        let mut l = [2.0, -1.0, 3.0];
-        penalize(&mut l, &[0, 0, 1], 2.0, 0.5, 0.25);
-        // token 0: 2/2 - 2·0.5 - 0.25; token 1: -1·2 - 0.5 - 0.25; token 2 untouched
-        assert_eq!(l, [-0.25, -2.75, 3.0]);
     }
 }

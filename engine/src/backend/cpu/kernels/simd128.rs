@@ -1,0 +1,197 @@
+//! WebAssembly SIMD (simd128) kernels, for the browser. WebAssembly has no run-time feature
+//! detection: this module exists only in builds with `-C target-feature=+simd128`, and every
+//! engine that loads such a module supports it.
+//!
+//! Ternary rows use the same trick as the AVX2 and NEON kernels: a 32-byte block holds 128 codes as
+//! `u = code + 1` in four 2-bit planes; shifting and masking a plane gives 16 bytes per vector with
+//! values 0..=2, multiplied with int8 activations, and `Σ u·x − Σ x = Σ code·x`.
+
+use std::arch::wasm32::*;
+use std::ops::Range;
+
+use half::f16;
+
+use super::Kernels;
+use crate::format::quant::GgmlType;
+use crate::tensor::float::FloatMatrix;
+use crate::tensor::ternary::TernaryMatrix;
+
+pub struct Simd128;
+
+impl Kernels for Simd128 {
+    fn name(&self) -> &'static str {
+        "simd128"
+    }
+
+    fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]) {
+        let xq = &xq[..w.padded_cols()];
+        let sum_x: i32 = xq.iter().map(|&v| v as i32).sum();
+        for (o, r) in out.iter_mut().zip(rows) {
+            *o = ternary_dot(w.row(r), xq) - sum_x;
+        }
+    }
+
+    fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        let x = &x[..w.cols];
+        match w.ty {
+            GgmlType::F16 => {
+                for (o, r) in out.iter_mut().zip(rows) {
+                    *o = f16_dot(w.row(r), x);
+                }
+            }
+            GgmlType::Q8_0 => {
+                for (o, r) in out.iter_mut().zip(rows) {
+                    *o = q8_0_dot(w.row(r), x);
+                }
+            }
+            _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + f32_dot(a, b)),
+        }
+    }
+
+    fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
+        for (key, o) in keys.chunks(stride).zip(out.iter_mut()) {
+            *o = f16_dot(bytemuck::cast_slice(&key[..q.len()]), q);
+        }
+    }
+
+    fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+        for (value, &p) in values.chunks(stride).zip(p) {
+            f16_axpy(p, &value[..out.len()], out);
+        }
+    }
+}
+
+/// 16 bytes from `p`; the caller's slice holds them.
+fn load(p: &[u8]) -> v128 {
+    assert!(p.len() >= 16);
+    // SAFETY: 16 readable bytes (asserted); `v128_load` has no alignment requirement.
+    unsafe { v128_load(p.as_ptr() as *const v128) }
+}
+
+/// Four floats from `p`.
+fn load_f32(p: &[f32]) -> v128 {
+    assert!(p.len() >= 4);
+    // SAFETY: as in `load`.
+    unsafe { v128_load(p.as_ptr() as *const v128) }
+}
+
+/// Four floats to `p`.
+fn store_f32(p: &mut [f32], v: v128) {
+    assert!(p.len() >= 4);
+    // SAFETY: as in `load`.
+    unsafe { v128_store(p.as_mut_ptr() as *mut v128, v) }
+}
+
+/// `Σ u·x` over one row: int16 products (at most 2·128 in magnitude, 16 per lane per block) are
+/// pairwise-added into int32 once per block.
+fn ternary_dot(row: &[u8], xq: &[i8]) -> i32 {
+    let xq: &[u8] = bytemuck::cast_slice(xq);
+    let mask = u8x16_splat(3);
+    let mut acc = i32x4_splat(0);
+    for (block, x) in row.chunks_exact(32).zip(xq.chunks_exact(128)) {
+        let mut s = i16x8_splat(0);
+        // Bytes 0..16 and 16..32 of the block hold columns 32g + 0..16 and 32g + 16..32 of plane g.
+        for half in 0..2 {
+            let b = load(&block[16 * half..]);
+            let planes =
+                [u8x16_shr(b, 6), v128_and(u8x16_shr(b, 4), mask), v128_and(u8x16_shr(b, 2), mask), v128_and(b, mask)];
+            for (g, u) in planes.into_iter().enumerate() {
+                let xv = load(&x[32 * g + 16 * half..]);
+                s = i16x8_add(s, i16x8_add(i16x8_extmul_low_i8x16(u, xv), i16x8_extmul_high_i8x16(u, xv)));
+            }
+        }
+        acc = i32x4_add(acc, i32x4_extadd_pairwise_i16x8(s));
+    }
+    hsum_i32(acc)
+}
+
+fn hsum_i32(v: v128) -> i32 {
+    i32x4_extract_lane::<0>(v) + i32x4_extract_lane::<1>(v) + i32x4_extract_lane::<2>(v) + i32x4_extract_lane::<3>(v)
+}
+
+fn hsum_f32(v: v128) -> f32 {
+    f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v) + f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v)
+}
+
+/// Four halves (zero-extended to u32 lanes) to floats. WebAssembly has no conversion
+/// instruction; this is the exact bit trick of F. Giesen's `half_to_float`: shifting the exponent
+/// and mantissa into place and multiplying by 2^112 rebiases the exponent (normal and subnormal
+/// halves alike, as subnormal floats are exact in WebAssembly); infinities and NaNs get the
+/// all-ones exponent back.
+fn widen_f16(h: v128) -> v128 {
+    let exp_mant = v128_and(h, u32x4_splat(0x7fff));
+    let sign = u32x4_shl(v128_xor(h, exp_mant), 16);
+    let scaled = f32x4_mul(u32x4_shl(exp_mant, 13), f32x4_splat(f32::from_bits((127 + 112) << 23)));
+    let inf_nan = v128_and(u32x4_gt(exp_mant, u32x4_splat(0x7bff)), u32x4_splat(0xff << 23));
+    v128_or(scaled, v128_or(sign, inf_nan))
+}
+
+/// `Σ w·x` over an F16 row, eight halves at a time.
+fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
+    let (mut acc0, mut acc1) = (f32x4_splat(0.0), f32x4_splat(0.0));
+    let (rows8, xs8) = (row.chunks_exact(16), x.chunks_exact(8));
+    let tail = xs8.remainder();
+    for (h, x) in rows8.zip(xs8) {
+        let h = load(h);
+        acc0 = f32x4_add(acc0, f32x4_mul(widen_f16(u32x4_extend_low_u16x8(h)), load_f32(x)));
+        acc1 = f32x4_add(acc1, f32x4_mul(widen_f16(u32x4_extend_high_u16x8(h)), load_f32(&x[4..])));
+    }
+    let mut sum = hsum_f32(f32x4_add(acc0, acc1));
+    let done = x.len() - tail.len();
+    for (j, &x) in tail.iter().enumerate() {
+        let b = &row[2 * (done + j)..];
+        sum += half::f16::from_le_bytes([b[0], b[1]]).to_f32() * x;
+    }
+    sum
+}
+
+/// `out += p·v` for an f16 row `v` of `out.len()` halves, eight at a time.
+fn f16_axpy(p: f32, v: &[f16], out: &mut [f32]) {
+    let (n, pv) = (out.len(), f32x4_splat(p));
+    let mut outs = out.chunks_exact_mut(8);
+    for (o, h) in (&mut outs).zip(v.chunks_exact(8)) {
+        let h = load(bytemuck::cast_slice(h));
+        let (lo, hi) = o.split_at_mut(4);
+        store_f32(lo, f32x4_add(load_f32(lo), f32x4_mul(pv, widen_f16(u32x4_extend_low_u16x8(h)))));
+        store_f32(hi, f32x4_add(load_f32(hi), f32x4_mul(pv, widen_f16(u32x4_extend_high_u16x8(h)))));
+    }
+    let tail = outs.into_remainder();
+    let done = n - tail.len();
+    for (o, v) in tail.iter_mut().zip(&v[done..]) {
+        *o += p * v.to_f32();
+    }
+}
+
+/// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q.
+fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    for (block, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let mut partial = f32x4_splat(0.0);
+        for k in 0..2 {
+            let q = load(&block[2 + 16 * k..]);
+            let (q0, q1) = (i16x8_extend_low_i8x16(q), i16x8_extend_high_i8x16(q));
+            let w = [
+                i32x4_extend_low_i16x8(q0),
+                i32x4_extend_high_i16x8(q0),
+                i32x4_extend_low_i16x8(q1),
+                i32x4_extend_high_i16x8(q1),
+            ];
+            for (j, w) in w.into_iter().enumerate() {
+                partial = f32x4_add(partial, f32x4_mul(f32x4_convert_i32x4(w), load_f32(&x[16 * k + 4 * j..])));
+            }
+        }
+        acc = f32x4_add(acc, f32x4_mul(partial, f32x4_splat(d)));
+    }
+    hsum_f32(acc)
+}
+
+fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = f32x4_splat(0.0);
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ta, tb) = (a4.remainder(), b4.remainder());
+    for (a, b) in a4.zip(b4) {
+        acc = f32x4_add(acc, f32x4_mul(load_f32(a), load_f32(b)));
+    }
+    hsum_f32(acc) + ta.iter().zip(tb).map(|(a, b)| a * b).sum::<f32>()
+}

@@ -1,0 +1,339 @@
+//! The CUDA C kernels of shaders/cuda/, compiled at run time with NVRTC for the device's architecture, and one
+//! typed launch function per kernel. Buffers are passed as raw device addresses: every buffer is allocated
+//! once and outlives the launches (and the CUDA graphs) that use it.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUlaunchAttribute, CUlaunchAttributeID};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use crate::{Error, Result};
+
+const SOURCES: [&str; 4] = [
+    include_str!("../../../../shaders/cuda/common.cuh"),
+    include_str!("../../../../shaders/cuda/bitlinear.cu"),
+    include_str!("../../../../shaders/cuda/attention.cu"),
+    include_str!("../../../../shaders/cuda/head.cu"),
+];
+
+/// Epilogue kinds of the BitLinear kernels (EPI_* in bitlinear.cu).
+pub const EPI_QKV: i32 = 0;
+pub const EPI_GLU: i32 = 1;
+pub const EPI_RESID: i32 = 2;
+
+/// What a BitLinear kernel does with each finished row pair: `struct Epilogue` of bitlinear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue {
+    pub dst: u64,
+    pub rope: u64,
+    pub out: u64,
+    pub kc: u64,
+    pub vc: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub kind: i32,
+    pub out_stride: i32,
+    pub q_dim: i32,
+    pub kv_dim: i32,
+    pub rope_half: i32,
+    pub silu: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel parameter it is passed as.
+unsafe impl DeviceRepr for Epilogue {}
+
+/// A BitLinear weight on the device: packed rows (in pairs) and each row's scale.
+pub struct Linear {
+    pub w: u64,
+    pub scales: u64,
+    pub words: usize,
+    pub pairs: usize,
+    /// Blocks of the decode kernel, each owning a contiguous range of pairs.
+    pub blocks: usize,
+    /// Pairs a decode block holds in shared memory at once.
+    pub chunk: usize,
+}
+
+/// Queries per block of the prompt attention kernel, and keys per step (PQ, PK in attention.cu).
+const PQ: usize = 16;
+const PK: usize = 32;
+/// Keys per block of the decode attention kernel (DEC_CHUNK).
+pub const DEC_CHUNK: usize = 128;
+
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    pub sms: u32,
+    /// The dynamic shared memory of a block of `bitlinear_gemv`, at most.
+    max_smem: usize,
+    /// Launch with programmatic dependent launch (see common.cuh), on by default on sm_90+.
+    pdl: bool,
+    norm_quant_rows: CudaFunction,
+    gemv: CudaFunction,
+    gemm: CudaFunction,
+    attn_decode: CudaFunction,
+    attn_prefill: CudaFunction,
+    embed: CudaFunction,
+    lm_head: CudaFunction,
+}
+
+fn i(v: usize) -> i32 {
+    v as i32
+}
+
+/// Kernel parameters as the driver takes them: pointers to each value, in order (the driver copies the
+/// values at launch). `addr_of!` accepts only places (locals, fields), never a temporary that could die
+/// before the launch.
+macro_rules! params {
+    ($($v:expr),* $(,)?) => { &mut [$(std::ptr::addr_of!($v) as *mut c_void),*] };
+}
+
+/// Bytes of a row pair's constants in shared memory (`PairConst` in bitlinear.cu).
+const PAIR_CONST: usize = 36;
+/// The longest input the fused RMSNorm + quantization takes: 8 float4 per thread of a 512-thread block.
+pub const MAX_NORM: usize = 16384;
+/// Dynamic shared memory a decode block aims to stay under, so that the next kernel's block fits beside it.
+const GEMV_SMEM_BUDGET: usize = 100 * 1024;
+
+/// Dynamic shared memory of `bitlinear_gemv`: the norm weights (n floats), the input's int8 quantization,
+/// and `chunk` row pairs of weights with their constants.
+fn gemv_smem(n: usize, words: usize, chunk: usize) -> usize {
+    4 * n + 16 * words + chunk * (8 * words + PAIR_CONST)
+}
+
+/// Dynamic shared memory of `attn_decode` for heads of `hd`: a chunk's keys (rows padded by 16 bytes) and
+/// values in f16, then q, the probabilities and four partial outputs in f32.
+fn attn_decode_smem(hd: usize) -> usize {
+    2 * DEC_CHUNK * (2 * hd + 8) + 4 * (5 * hd + DEC_CHUNK)
+}
+
+/// Dynamic shared memory of `attn_prefill` for heads of `hd`.
+fn attn_prefill_smem(hd: usize) -> usize {
+    4 * (PQ * hd + PQ * PK + 2 * PQ) + 4 * (PK * (hd / 2 + 1) + PK * hd / 2)
+}
+
+impl Kernels {
+    /// Compiles the kernels for the context's device and loads them.
+    pub fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            return Err(Error::Unsupported(format!(
+                "CUDA device of compute capability {major}.{minor} (8.0 or newer needed)"
+            )));
+        }
+        let opts = CompileOptions {
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(SOURCES.concat(), opts).map_err(|e| Error::Gpu(format!("NVRTC: {e}")))?;
+        let module = ctx.load_module(ptx)?;
+        let f = |name: &str| module.load_function(name);
+        let pdl = major >= 9 && std::env::var("BITNET_CUDA_PDL").map_or(true, |v| v != "0");
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let gemv = f("bitlinear_gemv")?;
+        let gemv_fixed = gemv.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let k = Kernels {
+            pdl,
+            max_smem: (optin - gemv_fixed) as usize,
+            sms: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+            norm_quant_rows: f("norm_quant_rows")?,
+            gemv,
+            gemm: f("bitlinear_gemm")?,
+            attn_decode: f("attn_decode")?,
+            attn_prefill: f("attn_prefill")?,
+            embed: f("embed")?,
+            lm_head: f("lm_head")?,
+            stream,
+        };
+        // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head] {
+            let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+            f.set_attribute(attr, optin - fixed)?;
+        }
+        // Every kernel asks for the same split of each multiprocessor's L1 and shared memory (all shared
+        // memory: the kernels stage what they reuse there), so that consecutive kernels never wait for a
+        // multiprocessor to drain and change it.
+        let carveout = CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+        for f in [&k.norm_quant_rows, &k.gemv, &k.gemm, &k.attn_decode, &k.attn_prefill, &k.embed, &k.lm_head] {
+            f.set_attribute(carveout, 100)?;
+        }
+        Ok(k)
+    }
+
+    /// Launches `f` on the stream: `grid` blocks of `block` threads with `smem` bytes of dynamic
+    /// shared memory, with programmatic dependent launch when enabled.
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (usize, usize),
+        block: u32,
+        smem: usize,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: all-zero is a valid value of the attribute (a C union); one field is then set.
+        let mut attr: CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0 as u32,
+            gridDimY: grid.1 as u32,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.pdl as u32,
+        };
+        // SAFETY: each caller passes exactly the kernel's parameters, by type and order (see the .cu
+        // signatures), and buffers large enough for the launch.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()?;
+        Ok(())
+    }
+
+    /// The grid and the chunk of the decode kernel for `pairs` row pairs of `words` words and an input of `n`
+    /// floats: `blocks`, or about 32 KB of weights per block (16 KB for inputs longer than 4096, whose
+    /// normalization takes longer), between half a block and one and a half blocks per multiprocessor: on
+    /// an H100 the small 2B4T matrices ran fastest on half the multiprocessors; gate/up and down, alone, on
+    /// two blocks per multiprocessor, but in the decode step 1.5 did better (2B4T tg128 1010 -> 1021 tok/s):
+    /// with two, the registers left no room for the next kernel's blocks to start early and load their
+    /// weights. Each block holds as many of its pairs in shared memory as the budget allows.
+    pub fn plan_gemv(&self, pairs: usize, words: usize, n: usize, blocks: Option<usize>) -> Result<(usize, usize)> {
+        let sms = self.sms as usize;
+        let by_size = ((pairs * 8 * words).div_ceil(32 * 1024) * n.div_ceil(4096)).clamp(sms.div_ceil(2), 3 * sms / 2);
+        let blocks = blocks.unwrap_or(by_size).clamp(1, pairs.max(1));
+        let per_block = pairs.div_ceil(blocks);
+        let room = GEMV_SMEM_BUDGET.saturating_sub(gemv_smem(n, words, 0)) / (8 * words + PAIR_CONST);
+        let chunk = room.clamp(1, per_block.max(1));
+        if n > MAX_NORM || gemv_smem(n, words, chunk) > self.max_smem {
+            return Err(Error::Unsupported(format!(
+                "CUDA backend: BitLinear of {n} inputs ({} columns packed)",
+                words * 16
+            )));
+        }
+        Ok((blocks, chunk))
+    }
+
+    /// Rows `0..t` of `x` (n floats each): RMSNorm by `w` and int8 quantization into `xq` (rows of `kp`
+    /// bytes) and `scales`. A block per row with a thread per float4 of it (up to 512: then each holds
+    /// several): small models' rows need no 512-thread reductions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_quant_rows(
+        &self,
+        x: u64,
+        w: u64,
+        n: usize,
+        kp: usize,
+        eps: f32,
+        xq: u64,
+        scales: u64,
+        t: usize,
+    ) -> Result<()> {
+        let threads = (n / 4).next_multiple_of(32).clamp(32, 512) as u32;
+        let (smem, n, kp) = (4 * n, i(n), i(kp));
+        self.launch(&self.norm_quant_rows, (t, 1), threads, smem, params![x, w, n, kp, eps, xq, scales])
+    }
+
+    /// Decode BitLinear of one token: `x` (n floats) normalized by `norm_w`, quantized, times `lin`,
+    /// then the epilogue `e` at the position `params[1]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(&self, x: u64, norm_w: u64, n: usize, eps: f32, lin: &Linear, params: u64, e: &Epilogue) -> Result<()> {
+        let smem = gemv_smem(n, lin.words, lin.chunk);
+        let (n, words, pairs, chunk) = (i(n), i(lin.words), i(lin.pairs), i(lin.chunk));
+        let p = params![x, norm_w, n, eps, lin.w, words, lin.scales, pairs, chunk, params, *e];
+        self.launch(&self.gemv, (lin.blocks, 1), 512, smem, p)
+    }
+
+    /// Prompt BitLinear of `t` tokens already quantized (`xq`, `scales`) at positions `pos0..`.
+    pub fn gemm(&self, xq: u64, scales: u64, t: usize, lin: &Linear, pos0: usize, e: &Epilogue) -> Result<()> {
+        let grid = ((2 * lin.pairs).div_ceil(128), t.div_ceil(64));
+        let (ti, words, pairs, pos0) = (i(t), i(lin.words), i(lin.pairs), i(pos0));
+        self.launch(&self.gemm, grid, 256, 0, params![xq, scales, ti, lin.w, words, lin.scales, pairs, pos0, *e])
+    }
+
+    /// Attention of the token at `params[1]` (q: n_head × hd floats) over one layer's caches into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_decode(
+        &self,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        d: AttnDims,
+        params: u64,
+        part_o: u64,
+        part_ml: u64,
+        max_chunks: usize,
+        counters: u64,
+        out: u64,
+    ) -> Result<()> {
+        let (hd, kv_dim, group, scale, mc) = (i(d.hd), i(d.kv_dim), i(d.group), d.scale(), i(max_chunks));
+        let p = params![q, kc, vc, hd, kv_dim, group, scale, params, part_o, part_ml, mc, counters, out];
+        self.launch(&self.attn_decode, (max_chunks, d.n_head), 128, attn_decode_smem(d.hd), p)
+    }
+
+    /// Causal attention of `t` prompt tokens at positions `pos0..` (`q`, `out`: rows of n_head × hd floats).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_prefill(&self, q: u64, kc: u64, vc: u64, t: usize, pos0: usize, d: AttnDims, out: u64) -> Result<()> {
+        let (ti, pos0, hd, q_dim, kv_dim, group, scale) =
+            (i(t), i(pos0), i(d.hd), i(d.n_head * d.hd), i(d.kv_dim), i(d.group), d.scale());
+        let p = params![q, kc, vc, ti, pos0, hd, q_dim, kv_dim, group, scale, out];
+        // The shared memory limit was raised for the model's head size in `new`.
+        self.launch(&self.attn_prefill, (t.div_ceil(PQ), d.n_head), 256, attn_prefill_smem(d.hd), p)
+    }
+
+    /// `x[i] = E[tokens[i]]` for `t` tokens (f16 rows of n; ids checked against the vocabulary by the caller).
+    pub fn embed(&self, e: u64, n: usize, tokens: u64, x: u64, t: usize) -> Result<()> {
+        let n = i(n);
+        self.launch(&self.embed, (t, 1), 256, 0, params![e, n, tokens, x])
+    }
+
+    /// Blocks of the LM head kernel for `rows` rows (the size of its per-block scratch): about four per
+    /// multiprocessor (one wave), as many as give every block the same number of 16-row groups.
+    pub fn lm_head_blocks(&self, rows: usize) -> usize {
+        let groups = rows.div_ceil(16);
+        groups.div_ceil(groups.div_ceil(self.sms as usize * 4))
+    }
+
+    /// `logits = E · rmsnorm(x, norm_w)` and `*best = argmax(logits)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lm_head(
+        &self,
+        x: u64,
+        norm_w: u64,
+        n: usize,
+        eps: f32,
+        e: u64,
+        rows: usize,
+        logits: u64,
+        block_val: u64,
+        block_idx: u64,
+        counter: u64,
+        best: u64,
+    ) -> Result<()> {
+        let (blocks, smem, n, rows) = (self.lm_head_blocks(rows), 4 * n, i(n), i(rows));
+        let p = params![x, norm_w, n, eps, e, rows, logits, block_val, block_idx, counter, best];
+        self.launch(&self.lm_head, (blocks, 1), 256, smem, p)
+    }
+}
+
+/// The attention shape.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub n_head: usize,
+    pub hd: usize,
+    pub kv_dim: usize,
+    /// Query heads per kv head.
+    pub group: usize,
+}
+
+impl AttnDims {
+    fn scale(&self) -> f32 {
+        1.0 / (self.hd as f32).sqrt()
+    }
+}

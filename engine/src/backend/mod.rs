@@ -1,0 +1,175 @@
+//! Where the forward pass runs. One seam for every device:
+//! - [`Weights`]: a model's weights on one device, uploaded once and shared (`Arc`) by every sequence;
+//! - [`Sequence`]: one sequence's KV cache on that device, which runs tokens through the model;
+//! - [`Batcher`]: one step of many sequences (each with its own tokens, position and [`Want`]);
+//! - [`open`]: a model on the device a user chose (`cpu`, `wgpu`, `cuda` or `auto`).
+//!
+//! The CPU ([`cpu`]) is the reference; the GPU backends (`wgpu`, `cuda`, behind cargo features) implement
+//! the same traits.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::format::quant::GgmlType;
+use crate::model::{Config, Model};
+use crate::{Error, Result};
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
+
+/// What a forward pass must produce for the last of its tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Only the keys and values (a prompt piece whose continuation is still to come).
+    Nothing,
+    /// The next-token logits, then in [`Sequence::logits`].
+    Logits,
+    /// Only the greedy next token: the argmax of the logits, lowest id among equal maxima. A device that
+    /// can take it on the device does so (no logits come back; [`Sequence::logits`] may be out of date).
+    Greedy,
+}
+
+/// One sequence on one device: its KV cache, and the tokens through the model.
+pub trait Sequence: Send + Any {
+    /// The context size: how many tokens the KV cache holds.
+    fn ctx(&self) -> usize;
+
+    /// Runs `tokens` at positions `pos..pos + tokens.len()`, storing their keys and values (later
+    /// positions are forgotten). Returns the greedy next token when `want` is [`Want::Greedy`].
+    fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Option<u32>>;
+
+    /// The logits of the last `forward` that asked for them.
+    fn logits(&self) -> &[f32];
+
+    /// For a device's [`Batcher`], which reaches its own sequence type through this.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A model's weights on one device.
+pub trait Weights: Send + Sync {
+    /// What runs the model, for logs and `bitnet bench` (e.g. "cpu/avx2").
+    fn name(&self) -> String;
+
+    fn config(&self) -> &Config;
+
+    /// A new sequence with a KV cache of `ctx` tokens.
+    fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>>;
+
+    /// What runs a step of many of this device's sequences. Devices without a batched pass run them one
+    /// after another.
+    fn batcher(self: Arc<Self>, _max_tokens: usize) -> Box<dyn Batcher> {
+        Box::new(OneByOne)
+    }
+}
+
+/// One sequence's share of a batched step: `tokens` at positions `pos..` of `seq`.
+pub struct Step<'a> {
+    pub seq: &'a mut dyn Sequence,
+    pub tokens: &'a [u32],
+    pub pos: usize,
+    pub want: Want,
+}
+
+pub trait Batcher: Send {
+    /// Runs every step's tokens; returns each one's greedy token where it asked for it. After an error,
+    /// what the batch's caches hold is unknown.
+    fn forward(&mut self, steps: &mut [Step<'_>]) -> Result<Vec<Option<u32>>>;
+}
+
+/// The batcher of devices without a batched pass: one forward pass per sequence.
+pub struct OneByOne;
+
+impl Batcher for OneByOne {
+    fn forward(&mut self, steps: &mut [Step<'_>]) -> Result<Vec<Option<u32>>> {
+        steps.iter_mut().map(|s| s.seq.forward(s.tokens, s.pos, s.want)).collect()
+    }
+}
+
+/// The one check of a forward pass's input, on every device: some tokens, inside the vocabulary,
+/// inside the context.
+pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Invalid("no tokens to evaluate".into()));
+    }
+    if pos + tokens.len() > ctx {
+        return Err(Error::ContextFull { needed: pos + tokens.len(), ctx });
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+        return Err(Error::Invalid(format!("token id {t} is outside the vocabulary of {n_vocab}")));
+    }
+    Ok(())
+}
+
+/// The one check of a context size, on every device.
+pub fn check_ctx(c: &Config, ctx: usize) -> Result<()> {
+    if ctx == 0 || ctx > c.n_ctx_train {
+        return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
+    }
+    Ok(())
+}
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The CPU, with the fastest kernels it supports.
+    Cpu,
+    /// The best GPU adapter through wgpu (Vulkan, Metal, DX12), a CPU-type one such as llvmpipe included.
+    Wgpu,
+    /// An NVIDIA GPU through CUDA (the `cuda` feature; needs the driver and NVRTC).
+    Cuda,
+    /// A real GPU if there is one (CUDA first), else the CPU.
+    Auto,
+}
+
+/// Device choices a user makes when a model is opened.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    pub device: DeviceChoice,
+    /// CPU threads (default: rayon's, one per core).
+    pub threads: Option<usize>,
+    /// CPU: requantize the LM head to this type for the int8 head kernels (see [`cpu::CpuModel::new`]).
+    pub head: Option<GgmlType>,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self { device: DeviceChoice::Cpu, threads: None, head: None }
+    }
+}
+
+/// Puts `model` on the device `opts` chooses. A model goes to one device; the host copy of its weights is
+/// dropped when the device has its own.
+pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
+    let cpu = |model| -> Result<Arc<dyn Weights>> {
+        Ok(Arc::new(cpu::CpuModel::new(model, cpu::kernels::best(), opts.head, opts.threads)?))
+    };
+    if opts.device == DeviceChoice::Cpu {
+        return cpu(model);
+    }
+    #[cfg(feature = "cuda")]
+    if opts.device == DeviceChoice::Cuda || (opts.device == DeviceChoice::Auto && cuda::available()) {
+        return Ok(Arc::new(cuda::CudaModel::new(model)?));
+    }
+    if opts.device == DeviceChoice::Cuda {
+        return Err(Error::Unsupported("this build has no CUDA backend (cargo feature `cuda`)".into()));
+    }
+    #[cfg(all(feature = "wgpu", not(target_arch = "wasm32")))]
+    {
+        let named = opts.device == DeviceChoice::Wgpu;
+        match wgpu::Gpu::open(named)? {
+            Some(gpu) => return Ok(Arc::new(wgpu::GpuModel::upload(Arc::new(gpu), &model)?)),
+            None if named => {
+                return Err(Error::Gpu("no adapter found (for llvmpipe: apt-get install mesa-vulkan-drivers)".into()))
+            }
+            None => {}
+        }
+    }
+    #[cfg(not(all(feature = "wgpu", not(target_arch = "wasm32"))))]
+    if opts.device == DeviceChoice::Wgpu {
+        return Err(Error::Unsupported("this build has no wgpu backend (cargo feature `wgpu`)".into()));
+    }
+    cpu(model)
+}

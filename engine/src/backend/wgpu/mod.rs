@@ -1,0 +1,645 @@
+//! The GPU backend through wgpu: one set of WGSL kernels (`shaders/`) for Vulkan, Metal, DX12 and
+//! the browser's WebGPU. Enabled by the `wgpu` cargo feature.
+//!
+//! Per token and layer the device runs five kernels, each a single dispatch:
+//! ```text
+//! qkv      = BitLinear(rmsnorm(x, attn_norm))              ternary.wgsl: norm + int8 quantization fused in
+//! att      = attention(rope(q), rope(k), v, KV cache)      attention.wgsl: also stores k and v in the cache
+//! x       += BitLinear_o(rmsnorm(att, attn_sub_norm))
+//! h        = act(gate) · up, gate/up = BitLinear(rmsnorm(x, ffn_norm))
+//! x       += BitLinear_down(rmsnorm(h, ffn_sub_norm))
+//! ```
+//! then, when logits are wanted, `rmsnorm(x, output_norm)`, the LM head (float.wgsl) and optionally the
+//! argmax (norm.wgsl). Weights are uploaded once ([`GpuModel`]); each [`Wgpu`] context owns its KV cache and
+//! creates every bind group once: per token, the host writes the token id and position into a small
+//! uniform buffer and submits the same dispatches again. A decode step's command buffer is recorded while
+//! the device runs the step before it (see [`Wgpu::run`]).
+//!
+//! A prompt runs in tiles of up to [`TILE`] tokens, each tile one command buffer: per layer, each BitLinear
+//! becomes two dispatches (tile.wgsl: norm + quantization of the tile's rows, then a GEMM that reads each
+//! weight row once for all of them), and attention two (store the tile's keys and values, then attend, one
+//! workgroup per head and token). Only the tile's last token goes through the LM head. A token's int8
+//! activations, accumulators and float operations are those of the decode path, so a prompt in tiles gives
+//! the logits of the same prompt run token by token.
+//!
+//! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
+//! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
+//!
+//! In a browser (wasm32) nothing may block on the device: there [`Gpu::open_async`] opens the adapter
+//! and [`Wgpu::forward_async`] awaits the logits, in place of `Gpu::open` and the
+//! [`Sequence`](crate::backend::Sequence) and [`Weights`](crate::backend::Weights) implementations.
+
+mod gpu;
+mod kernels;
+mod probe;
+mod weights;
+
+use std::sync::Arc;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use gpu::adapters;
+pub use gpu::adapters_async;
+pub use gpu::{AdapterDesc, Gpu};
+pub use kernels::TILE;
+
+use crate::backend::{check_ctx, check_input};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::backend::{Sequence, Want, Weights};
+use crate::model::{Activation, Config, Model};
+use crate::{Error, Result};
+use kernels::{
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP,
+    MODE_STORE, SHORT_ROW, STEP_STRIDE,
+};
+use weights::{FloatGpu, TernaryGpu};
+
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    attn_sub_norm: wgpu::Buffer,
+    ffn_norm: wgpu::Buffer,
+    ffn_sub_norm: wgpu::Buffer,
+    qkv: TernaryGpu,
+    wo: TernaryGpu,
+    gate_up: TernaryGpu,
+    down: TernaryGpu,
+}
+
+/// A model's weights on one device, with the compiled kernels: shared by every context ([`Wgpu`]).
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    config: Config,
+    layers: Vec<GpuLayer>,
+    output_norm: wgpu::Buffer,
+    lm_head: FloatGpu,
+    /// The embedding when it is not tied to the LM head.
+    token_embd: Option<FloatGpu>,
+    /// BitLinear for rows of up to `SHORT_ROW` columns, and for longer ones.
+    ternary: [Kernel; 2],
+    attention: Kernel,
+    /// A prompt tile's kernels: norm + quantization, the ternary GEMM, the keys' and values' store.
+    quantize: Kernel,
+    gemm: Kernel,
+    store_kv: Kernel,
+    /// Merges the chunks of a decode step's attention split over the sequence.
+    combine: Kernel,
+    rmsnorm: Kernel,
+    argmax: Kernel,
+    matvec: Kernel,
+    lookup: Kernel,
+}
+
+impl GpuModel {
+    /// Uploads the weights of `model` and compiles the kernels.
+    pub fn upload(gpu: Arc<Gpu>, model: &Model) -> Result<Self> {
+        let c = model.config.clone();
+        if c.head_dim > kernels::WG as usize {
+            return Err(Error::Unsupported(format!("head dim {} on the GPU (at most {})", c.head_dim, kernels::WG)));
+        }
+        let g = &gpu;
+        let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for (i, l) in model.layers.iter().enumerate() {
+            let name = |n: &str| format!("blk.{i}.{n}");
+            layers.push(GpuLayer {
+                attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
+                attn_sub_norm: f32s(&name("attn_sub_norm"), &l.attn_sub_norm),
+                ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
+                ffn_sub_norm: f32s(&name("ffn_sub_norm"), &l.ffn_sub_norm),
+                qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[&l.wq, &l.wk, &l.wv], false)?,
+                wo: TernaryGpu::upload(g, &name("attn_output"), &[&l.wo], false)?,
+                gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[&l.w_gate, &l.w_up], true)?,
+                down: TernaryGpu::upload(g, &name("ffn_down"), &[&l.w_down], false)?,
+            });
+            gpu.check("uploading the weights")?;
+        }
+        let lm_head = FloatGpu::upload(g, "lm_head", model.lm_head())?;
+        let token_embd = match &model.output {
+            Some(_) => Some(FloatGpu::upload(g, "token_embd", &model.token_embd)?),
+            None => None,
+        };
+        let embd_format = token_embd.as_ref().unwrap_or(&lm_head).format;
+        let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
+        let m = GpuModel {
+            output_norm: f32s("output_norm", &model.output_norm),
+            ternary: [Kernel::ternary(g, max_cols, false)?, Kernel::ternary(g, max_cols, true)?],
+            attention: Kernel::attention(g, c.head_dim, "main"),
+            quantize: Kernel::tile(g, "quantize"),
+            gemm: Kernel::tile(g, "gemm"),
+            store_kv: Kernel::attention(g, c.head_dim, "store_kv"),
+            combine: Kernel::attention(g, c.head_dim, "combine"),
+            rmsnorm: Kernel::norm(g, "rmsnorm"),
+            argmax: Kernel::norm(g, "argmax"),
+            matvec: Kernel::float(g, lm_head.format, "matvec"),
+            lookup: Kernel::float(g, embd_format, "lookup"),
+            lm_head,
+            token_embd,
+            layers,
+            config: c,
+            gpu: gpu.clone(),
+        };
+        gpu.check("compiling the kernels")?;
+        Ok(m)
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+}
+
+/// What to compute after the last token of a [`Wgpu::run`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    None,
+    Logits,
+    Argmax,
+}
+
+/// A prompt tile's dispatches, and its residual stream: `[TILE][n_embd rounded up to 4]`.
+struct Tile {
+    /// The embedding lookup, recorded once per token of the tile (at its step slot).
+    embed: Vec<Dispatch>,
+    /// Ten dispatches per layer: a BitLinear is a quantization and a GEMM, attention a store and itself.
+    layers: Vec<Dispatch>,
+    x: wgpu::Buffer,
+    x_stride: usize,
+}
+
+/// One sequence on the GPU: the KV cache, the activations, and every dispatch of a token, recorded once.
+pub struct Wgpu {
+    m: Arc<GpuModel>,
+    ctx: usize,
+    step: wgpu::Buffer,
+    /// The residual stream of a decode step (the head's input).
+    x: wgpu::Buffer,
+    /// The embedding lookup, one dispatch per shard of the embedding (only the token's shard does work).
+    embed: Vec<Dispatch>,
+    /// Five dispatches per layer (see the module documentation).
+    layers: Vec<Dispatch>,
+    /// Per layer, its attention split over the sequence and the merge of the chunks: in place of the
+    /// single-pass attention from position `split_from` on.
+    split_attention: Vec<[Dispatch; 2]>,
+    split_from: usize,
+    /// The final norm and the LM head's shards.
+    head: Vec<Dispatch>,
+    argmax: Dispatch,
+    tile: Tile,
+    logits_buf: wgpu::Buffer,
+    logits_read: wgpu::Buffer,
+    best_buf: wgpu::Buffer,
+    best_read: wgpu::Buffer,
+    logits: Vec<f32>,
+    /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
+    ready: Option<(Head, bool, wgpu::CommandBuffer)>,
+}
+
+impl Wgpu {
+    /// Opens the best adapter (a real GPU if there is one, else a CPU-type one such as llvmpipe), uploads
+    /// the model and creates a context of `ctx` tokens.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(model: &Model, ctx: usize) -> Result<Self> {
+        let gpu = Gpu::open(true)?.ok_or_else(|| Error::Gpu("no GPU adapter found".into()))?;
+        Self::with_model(Arc::new(GpuModel::upload(Arc::new(gpu), model)?), ctx)
+    }
+
+    /// A new context on uploaded weights.
+    pub fn with_model(m: Arc<GpuModel>, ctx: usize) -> Result<Self> {
+        let c = &m.config;
+        check_ctx(c, ctx)?;
+        let gpu = &*m.gpu;
+        let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
+        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let kv_bytes = (ctx * kv_dim * 4) as u64;
+        if kv_bytes > gpu.max_binding() {
+            return Err(Error::Gpu(format!(
+                "a KV cache layer of {kv_bytes} bytes exceeds the largest storage binding"
+            )));
+        }
+        let step = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: TILE as u64 * STEP_STRIDE,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let x = f32_buf("x", c.n_embd);
+        let xn = f32_buf("xn", m.lm_head.vpr * m.lm_head.format.per_vec4()); // zero-padded LM head input
+        let qkv = f32_buf("qkv", q_dim + 2 * kv_dim);
+        let att_out = f32_buf("att_out", q_dim);
+        let h = f32_buf("h", c.n_ff);
+        let att = f32_buf("att", c.n_head * ctx);
+        let (cos, sin) = c.rope_table(ctx);
+        let rope: Vec<[f32; 2]> = cos.into_iter().zip(sin).map(|(c, s)| [c, s]).collect();
+        let rope = gpu.storage("rope", bytemuck::cast_slice(&rope));
+        let logits_buf = f32_buf("logits", c.n_vocab);
+        let best_buf = gpu.zeros("best", 4);
+
+        let ternary = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, norm: &wgpu::Buffer, out: &wgpu::Buffer| {
+            let act = u32::from(c.activation == Activation::Silu);
+            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, ..w.params };
+            let uniform = gpu.uniform("ternary params", &p);
+            let k = &m.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)];
+            k.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
+        };
+        let attn_params = AttnParams {
+            head_dim: c.head_dim as u32,
+            group: (c.n_head / c.n_head_kv) as u32,
+            q_dim: q_dim as u32,
+            kv_dim: kv_dim as u32,
+            rope_half: (c.rope_dim / 2) as u32,
+            ctx: ctx as u32,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            // A decode step: one token (row 0), its k and v from `qkv`.
+            qkv_stride: 0,
+            out_stride: 0,
+            cached: 0,
+            chunk: 0,
+        };
+        let attn_uniform = gpu.uniform("attention params", &attn_params);
+        // Attention split over the sequence: each head's chunks' partial results, `head_dim + 2` floats each.
+        let chunk = gpu.attn_chunk;
+        let part = f32_buf("attention chunks", c.n_head * ctx.div_ceil(chunk) * (c.head_dim + 2));
+        let split_uniform = gpu.uniform("split attention params", &AttnParams { chunk: chunk as u32, ..attn_params });
+
+        // A prompt tile's buffers: one row per token, each rounded up to whole vec4s (the kernels' loads).
+        let s4 = |n: usize| n.next_multiple_of(4);
+        let x_t = f32_buf("x tile", TILE * s4(c.n_embd));
+        let qkv_t = f32_buf("qkv tile", TILE * s4(q_dim + 2 * kv_dim));
+        let att_out_t = f32_buf("att_out tile", TILE * s4(q_dim));
+        let h_t = f32_buf("h tile", TILE * s4(c.n_ff));
+        let att_t = f32_buf("att tile", TILE * c.n_head * ctx);
+        let widest =
+            m.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max().unwrap_or(1);
+        let words_t = gpu.zeros("int8 tile", (TILE * widest as usize * 64) as u64);
+        let scales_t = f32_buf("int8 scales tile", 2 * TILE);
+        // A BitLinear of the tile: its rows of `input` (`in_len` long) normed, quantized, then the GEMM into
+        // rows of `out` (`out_len` long).
+        let tile_bitlinear = |w: &TernaryGpu,
+                              mode: u32,
+                              input: &wgpu::Buffer,
+                              in_len: usize,
+                              norm: &wgpu::Buffer,
+                              out: &wgpu::Buffer,
+                              out_len: usize| {
+            let act = u32::from(c.activation == Activation::Silu);
+            let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
+            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
+            let uniform = gpu.uniform("tile params", &p);
+            [
+                m.quantize.dispatch(gpu, &step, &[&uniform, &words_t, input, norm, &scales_t], (TILE as u32, 1)),
+                m.gemm.dispatch(
+                    gpu,
+                    &step,
+                    &[&uniform, &w.buf, &words_t, &scales_t, out],
+                    grid(p.rows as usize, m.gemm.rows_per_group),
+                ),
+            ]
+        };
+        let tile_attn = AttnParams {
+            qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
+            out_stride: s4(q_dim) as u32,
+            cached: 1,
+            ..attn_params
+        };
+        let tile_attn_uniform = gpu.uniform("tile attention params", &tile_attn);
+
+        let mut layers = Vec::with_capacity(5 * c.n_layer);
+        let mut split_attention = Vec::with_capacity(c.n_layer);
+        let mut tile_layers = Vec::with_capacity(10 * c.n_layer);
+        for (i, l) in m.layers.iter().enumerate() {
+            let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
+            layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
+            layers.push(m.attention.dispatch(
+                gpu,
+                &step,
+                &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part],
+                (c.n_head as u32, 1),
+            ));
+            layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
+            layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
+            layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
+            let split = [&split_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part];
+            split_attention.push([
+                m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
+                m.combine.dispatch(gpu, &step, &split, (c.n_head as u32, 1)),
+            ]);
+
+            let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t, &part];
+            tile_layers.extend(tile_bitlinear(
+                &l.qkv,
+                MODE_STORE,
+                &x_t,
+                c.n_embd,
+                &l.attn_norm,
+                &qkv_t,
+                q_dim + 2 * kv_dim,
+            ));
+            tile_layers.push(m.store_kv.dispatch(gpu, &step, &attn, (c.n_head_kv as u32, TILE as u32)));
+            tile_layers.push(m.attention.dispatch(gpu, &step, &attn, (c.n_head as u32, TILE as u32)));
+            tile_layers.extend(tile_bitlinear(&l.wo, MODE_ADD, &att_out_t, q_dim, &l.attn_sub_norm, &x_t, c.n_embd));
+            tile_layers.extend(tile_bitlinear(&l.gate_up, MODE_GATE_UP, &x_t, c.n_embd, &l.ffn_norm, &h_t, c.n_ff));
+            tile_layers.extend(tile_bitlinear(&l.down, MODE_ADD, &h_t, c.n_ff, &l.ffn_sub_norm, &x_t, c.n_embd));
+        }
+
+        let float = |k: &Kernel, fm: &FloatGpu, s: &weights::Shard, input: &wgpu::Buffer, out: &wgpu::Buffer| {
+            let p = FloatParams {
+                rows: s.rows.len() as u32,
+                row_offset: s.rows.start as u32,
+                vpr: fm.vpr as u32,
+                k: fm.cols as u32,
+            };
+            let uniform = gpu.uniform("float params", &p);
+            let g = if k.rows_per_group > 1 { grid(s.rows.len(), k.rows_per_group) } else { (1, 1) };
+            k.dispatch(gpu, &step, &[&uniform, &s.m, &s.d, input, out], g)
+        };
+        let embd = m.token_embd.as_ref().unwrap_or(&m.lm_head);
+        let embed = embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x)).collect();
+        let tile = Tile {
+            embed: embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x_t)).collect(),
+            layers: tile_layers,
+            x: x_t,
+            x_stride: s4(c.n_embd),
+        };
+        let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
+        let mut head =
+            vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
+        head.extend(m.lm_head.shards.iter().map(|s| float(&m.matvec, &m.lm_head, s, &xn, &logits_buf)));
+        let argmax =
+            m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
+        gpu.check("creating a context")?;
+        Ok(Wgpu {
+            logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
+            best_read: gpu.readback("best", 4),
+            logits: vec![0.0; c.n_vocab],
+            ready: None,
+            m: m.clone(),
+            ctx,
+            step,
+            embed,
+            layers,
+            split_attention,
+            // One chunk's positions are what the single pass takes per workgroup; the split's second
+            // dispatch pays off only past that (where exactly is for measuring on each GPU).
+            split_from: 2 * chunk,
+            head,
+            argmax,
+            tile,
+            x,
+            logits_buf,
+            best_buf,
+        })
+    }
+
+    /// `Sequence::forward` with [`Want::Greedy`]: only the greedy next token (the argmax of the logits,
+    /// lowest id on ties) comes back from the device; the logits are not read.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn forward_argmax(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
+        self.run(tokens, pos, Head::Argmax)?;
+        let mut best = [0u32];
+        self.m.gpu.read(&self.best_read, &mut best)?;
+        Ok(best[0])
+    }
+
+    /// `Sequence::forward` with logits for the browser, where nothing may block: the same work is
+    /// submitted, then the readback is awaited; [`Wgpu::logits`] then holds the last token's logits.
+    pub async fn forward_async(&mut self, tokens: &[u32], pos: usize) -> Result<()> {
+        self.run(tokens, pos, Head::Logits)?;
+        self.m.gpu.read_async(&self.logits_read, &mut self.logits).await
+    }
+
+    /// The logits of the last forward pass that read them back (`Sequence::logits`, also where the
+    /// `Sequence` trait is not implemented: in the browser).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// Device time per dispatch of each kernel of a token (the first layer's), for tuning: the time of
+    /// `2·reps` copies in one pass minus that of `reps` (which cancels the fixed cost of a submission),
+    /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then a whole decode
+    /// step, attention at the context's last position in one pass and split over the sequence (where to
+    /// switch), and a full prompt tile's dispatches of one layer.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
+        self.run(&[0], 0, Head::Argmax)?;
+        let gpu = &*self.m.gpu;
+        let time = |ds: &[&Dispatch], n: usize| -> Result<f64> {
+            let t = std::time::Instant::now();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for _ in 0..n {
+                    ds.iter().for_each(|d| d.record(&mut pass, 0));
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+            gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let l = &self.layers;
+        let kinds: [(&str, Vec<&Dispatch>); 9] = [
+            ("embedding lookup", vec![&self.embed[0]]),
+            ("qkv (norm + quantize + ternary)", vec![&l[0]]),
+            ("attention (rope + kv store), pos 0", vec![&l[1]]),
+            ("wo (+ residual)", vec![&l[2]]),
+            ("gate/up (+ relu²·up)", vec![&l[3]]),
+            ("down (+ residual)", vec![&l[4]]),
+            ("final norm", vec![&self.head[0]]),
+            ("LM head (all shards)", self.head[1..].iter().collect()),
+            ("argmax", vec![&self.argmax]),
+        ];
+        let mut out = Vec::new();
+        let mut measure = |name, ds: Vec<&Dispatch>| -> Result<()> {
+            time(&ds, reps)?; // warm-up
+            let (one, two) = (time(&ds, reps)?, time(&ds, 2 * reps)?);
+            out.push((name, (two - one).max(0.0) / reps as f64 * 1e6));
+            Ok(())
+        };
+        for (name, ds) in kinds {
+            measure(name, ds)?;
+        }
+        // All of a decode step's dispatches: their sum above, plus what streaming every weight from memory
+        // (not from the cache, as in the repeated single dispatches) adds.
+        let whole = self.embed.iter().chain(&self.layers).chain(&self.head).collect();
+        measure("a whole decode step (pos 0, logits)", whole)?;
+        let step = |s: Step| gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&s));
+        step(Step { token: 0, pos: (self.ctx - 1) as u32, row: 0, n: 1 });
+        measure("attention, last position of the context, single pass", vec![&l[1]])?;
+        measure("attention, last position of the context, split + combine", self.split_attention[0].iter().collect())?;
+        step(Step { token: 0, pos: 0, row: 0, n: TILE as u32 });
+        let t = &self.tile.layers;
+        measure("prompt tile: qkv quantize", vec![&t[0]])?;
+        measure("prompt tile: qkv GEMM", vec![&t[1]])?;
+        measure("prompt tile: kv store + attention", vec![&t[2], &t[3]])?;
+        measure("prompt tile: gate/up GEMM", vec![&t[7]])?;
+        measure("prompt tile: down GEMM", vec![&t[9]])?;
+        measure("prompt tile: a whole layer", t[..10].iter().collect())?;
+        gpu.check("timing the kernels")?;
+        Ok(out)
+    }
+
+    /// Host time (µs) of the parts of a one-token step with logits, for tuning: recording its command
+    /// buffer (which [`Wgpu::run`] does while the device runs the step before), writing the step and
+    /// submitting (what the device waits for), and reading the logits back once the device is done.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time_host(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
+        let gpu = self.m.gpu.clone();
+        let idle =
+            || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(drop).map_err(|e| Error::Gpu(e.to_string()));
+        let mut sums = [0.0; 3];
+        for i in 0..reps {
+            idle()?;
+            let t = std::time::Instant::now();
+            let cmd = self.record(Head::Logits, false);
+            let recorded = t.elapsed();
+            gpu.queue.write_buffer(
+                &self.step,
+                0,
+                bytemuck::bytes_of(&Step { token: 1, pos: (i % self.ctx) as u32, row: 0, n: 1 }),
+            );
+            gpu.queue.submit([cmd]);
+            let submitted = t.elapsed();
+            idle()?;
+            let t = std::time::Instant::now();
+            gpu.read(&self.logits_read, &mut self.logits)?;
+            for (sum, d) in sums.iter_mut().zip([recorded, submitted - recorded, t.elapsed()]) {
+                *sum += d.as_secs_f64() * 1e6 / reps as f64;
+            }
+        }
+        gpu.check("timing the host")?;
+        Ok(["record a token", "write the step and submit", "read the logits back"].into_iter().zip(sums).collect())
+    }
+
+    /// Submits `tokens` at positions `pos..`, then `head` after the last: one token as a decode step, more
+    /// in prompt tiles of up to [`TILE`] tokens, one command buffer each.
+    ///
+    /// A token's dispatches do not depend on its id or position (the `step` uniform holds those), so the
+    /// command buffer of a decode step (with the next call's likely head) is recorded right after
+    /// submitting, while the device works: the next decode step then only writes `step` and submits, and
+    /// the device does not wait for the host to record ~150 dispatches. A recorded buffer is used only
+    /// where its head matches; otherwise it is dropped and the step recorded on the spot.
+    fn run(&mut self, tokens: &[u32], pos: usize, head: Head) -> Result<()> {
+        check_input(self.ctx, self.m.config.n_vocab, tokens, pos)?;
+        let queue = &self.m.gpu.queue;
+        if let [token] = *tokens {
+            queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { token, pos: pos as u32, row: 0, n: 1 }));
+            let split = pos >= self.split_from;
+            let cmd = match self.ready.take() {
+                Some((rh, rs, cmd)) if rh == head && rs == split => cmd,
+                _ => self.record(head, split),
+            };
+            queue.submit([cmd]);
+        } else {
+            for (c, chunk) in tokens.chunks(TILE).enumerate() {
+                let mut steps = vec![0u8; chunk.len() * STEP_STRIDE as usize];
+                for (i, (&token, entry)) in chunk.iter().zip(steps.chunks_exact_mut(STEP_STRIDE as usize)).enumerate() {
+                    let s = Step { token, pos: (pos + c * TILE + i) as u32, row: i as u32, n: chunk.len() as u32 };
+                    entry[..16].copy_from_slice(bytemuck::bytes_of(&s));
+                }
+                queue.write_buffer(&self.step, 0, &steps);
+                let last = (c + 1) * TILE >= tokens.len();
+                queue.submit([self.record_tile(chunk.len(), if last { head } else { Head::None })]);
+            }
+        }
+        let split = pos + tokens.len() >= self.split_from;
+        self.ready = Some((head, split, self.record(head, split)));
+        self.m.gpu.check("running the model")
+    }
+
+    /// The command buffer of a decode step, with attention split over the sequence or not, then `head`.
+    fn record(&self, head: Head, split: bool) -> wgpu::CommandBuffer {
+        let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.embed.iter().for_each(|d| d.record(&mut pass, 0));
+            for (i, d) in self.layers.iter().enumerate() {
+                // Each layer's second dispatch is its attention.
+                if split && i % 5 == 1 {
+                    self.split_attention[i / 5].iter().for_each(|d| d.record(&mut pass, 0));
+                } else {
+                    d.record(&mut pass, 0);
+                }
+            }
+            self.record_head(&mut pass, head);
+        }
+        self.copy_head(&mut enc, head);
+        enc.finish()
+    }
+
+    /// The command buffer of a prompt tile of `n` tokens (their steps at slots `0..n`), then `head` for
+    /// its last token, whose residual row is copied to the decode step's `x` first.
+    fn record_tile(&self, n: usize, head: Head) -> wgpu::CommandBuffer {
+        let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for slot in 0..n {
+                self.tile.embed.iter().for_each(|d| d.record(&mut pass, slot));
+            }
+            self.tile.layers.iter().for_each(|d| d.record(&mut pass, 0));
+        }
+        if head != Head::None {
+            let row = (self.tile.x_stride * 4) as u64;
+            enc.copy_buffer_to_buffer(&self.tile.x, (n - 1) as u64 * row, &self.x, 0, self.m.config.n_embd as u64 * 4);
+            self.record_head(&mut enc.begin_compute_pass(&Default::default()), head);
+            self.copy_head(&mut enc, head);
+        }
+        enc.finish()
+    }
+
+    /// The final norm and the LM head of `x`, and the argmax where asked.
+    fn record_head(&self, pass: &mut wgpu::ComputePass, head: Head) {
+        let tail: &[Dispatch] = if head == Head::None { &[] } else { &self.head };
+        let argmax = (head == Head::Argmax).then_some(&self.argmax);
+        tail.iter().chain(argmax).for_each(|d| d.record(pass, 0));
+    }
+
+    /// Copies what `head` computed to the buffer the host reads.
+    fn copy_head(&self, enc: &mut wgpu::CommandEncoder, head: Head) {
+        match head {
+            Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
+            Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
+            Head::None => {}
+        }
+    }
+}
+
+// Reading results back blocks on the device, which only native targets can do (and a `Sequence` is
+// `Send`, which wgpu's objects in a browser are not): the browser uses `forward_async`.
+#[cfg(not(target_arch = "wasm32"))]
+impl Sequence for Wgpu {
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Option<u32>> {
+        match want {
+            Want::Greedy => return self.forward_argmax(tokens, pos).map(Some),
+            Want::Logits => {
+                self.run(tokens, pos, Head::Logits)?;
+                self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+            }
+            Want::Nothing => self.run(tokens, pos, Head::None)?,
+        }
+        Ok(None)
+    }
+
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Weights for GpuModel {
+    fn name(&self) -> String {
+        self.gpu.backend_name()
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(Wgpu::with_model(self, ctx)?))
+    }
+}

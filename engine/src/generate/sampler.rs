@@ -1,0 +1,273 @@
+//! Choosing the next token from the logits.
+//!
+//! The chain is llama.cpp's: penalties (repetition, frequency, presence), then top-k, top-p and min-p truncation, then
+//! temperature, then a draw. The draw walks the surviving candidates in token-id order with a
+//! SplitMix64 uniform number (inverse CDF), which makes a seed reproduce the same text on every
+//! target, and reproduces the sampler of smolbit's PyTorch reference (`reference.py`) exactly.
+
+/// Sampling settings; the defaults are llama.cpp's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerParams {
+    /// 0 means greedy (exact argmax).
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1 disables top-p.
+    pub top_p: f32,
+    /// 0 disables min-p.
+    pub min_p: f32,
+    /// 1 disables the penalty.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    pub repeat_last_n: usize,
+    /// OpenAI's frequency penalty (llama.cpp's penalty_freq): subtracted once per occurrence. 0 disables it.
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty (llama.cpp's penalty_present): subtracted once per distinct token. 0
+    /// disables it.
+    pub presence_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplerParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplerParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+}
+
+/// SplitMix64: tiny, fast, and the same sequence on every platform.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+pub struct Sampler {
+    pub params: SamplerParams,
+    rng: SplitMix64,
+    /// Scratch: (token id, logit) of the candidates still in play.
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplerParams) -> Self {
+        let rng = SplitMix64::new(params.seed);
+        Self { params, rng, candidates: Vec::new() }
+    }
+
+    /// Whether the pick is the plain argmax of the logits, which a GPU backend can take on its device
+    /// ([`crate::backend::Want::Greedy`]).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && !self.params.penalizes()
+    }
+
+    /// Picks the next token. `history` is every token so far (prompt included), for the penalty.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        self.candidates.clear();
+        self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        if p.penalizes() {
+            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+            penalize(&mut self.candidates, recent, p);
+        }
+        if p.temperature <= 0.0 {
+            return argmax(self.candidates.iter().map(|c| c.1)); // still every token, in id order
+        }
+        if p.top_k > 0 && p.top_k < self.candidates.len() {
+            top_k(&mut self.candidates, p.top_k);
+        }
+        if p.top_p < 1.0 {
+            top_p(&mut self.candidates, p.top_p);
+        }
+        if p.min_p > 0.0 {
+            min_p(&mut self.candidates, p.min_p);
+        }
+        let u = self.rng.uniform();
+        draw(&self.candidates, p.temperature, u)
+    }
+}
+
+/// The first index of the largest logit (ties go to the lower id, like argmax everywhere).
+pub fn argmax(logits: impl IntoIterator<Item = f32>) -> u32 {
+    let mut it = logits.into_iter().enumerate();
+    let Some(mut best) = it.next() else { return 0 };
+    for x in it {
+        if x.1 > best.1 {
+            best = x;
+        }
+    }
+    best.0 as u32
+}
+
+/// llama.cpp's penalties sampler: for each distinct recent token, the repetition penalty (divide a
+/// positive logit, multiply a negative one), then `count · frequency + presence` subtracted.
+fn penalize(c: &mut [(u32, f32)], recent: &[u32], p: &SamplerParams) {
+    let mut sorted = recent.to_vec();
+    sorted.sort_unstable();
+    for run in sorted.chunk_by(|a, b| a == b) {
+        if let Some((_, l)) = c.get_mut(run[0] as usize) {
+            *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+            *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+}
+
+/// Keeps the k largest logits (all of those tied with the k-th), in id order.
+fn top_k(c: &mut Vec<(u32, f32)>, k: usize) {
+    let mut logits: Vec<f32> = c.iter().map(|x| x.1).collect();
+    let (_, kth, _) = logits.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    c.retain(|x| x.1 >= kth);
+}
+
+/// Softmax probabilities of the candidates (at temperature 1, as llama.cpp's truncation uses), in f64.
+fn probs(c: &[(u32, f32)]) -> Vec<f64> {
+    let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1)) as f64;
+    let e: Vec<f64> = c.iter().map(|x| (x.1 as f64 - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// Keeps the smallest set of most likely tokens whose probability reaches `p`.
+fn top_p(c: &mut Vec<(u32, f32)>, p: f32) {
+    let pr = probs(c);
+    let mut order: Vec<usize> = (0..c.len()).collect();
+    order.sort_by(|&a, &b| pr[b].total_cmp(&pr[a]).then(a.cmp(&b)));
+    let mut keep = vec![false; c.len()];
+    let mut cum = 0.0;
+    for &i in &order {
+        keep[i] = true;
+        cum += pr[i];
+        if cum >= p as f64 {
+            break;
+        }
+    }
+    let mut it = keep.iter();
+    c.retain(|_| *it.next().unwrap());
+}
+
+/// Keeps tokens at least `m` times as likely as the most likely one.
+fn min_p(c: &mut Vec<(u32, f32)>, m: f32) {
+    let max = c.iter().fold(f32::NEG_INFINITY, |a, x| a.max(x.1));
+    // p_i / p_max = exp(l_i - l_max) >= m
+    let floor = max + m.ln();
+    c.retain(|x| x.1 >= floor);
+}
+
+/// Inverse-CDF draw over softmax(logits / temperature), candidates in id order.
+fn draw(c: &[(u32, f32)], temperature: f32, u: f64) -> u32 {
+    let t = temperature as f64;
+    let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1)) as f64;
+    let e: Vec<f64> = c.iter().map(|x| ((x.1 as f64 - max) / t).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let target = u * total;
+    let mut cum = 0.0;
+    for (x, p) in c.iter().zip(&e) {
+        cum += p;
+        if cum > target {
+            return x.0;
+        }
+    }
+    c[c.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_matches_reference_sequence() {
+        // First outputs of SplitMix64(1), as computed by smolbit's reference.py.
+        let mut r = SplitMix64::new(1);
+        assert_eq!(r.next_u64(), 0x910a2dec89025cc1);
+        assert_eq!(r.next_u64(), 0xbeeb8da1658eec67);
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_low_id_ties() {
+        let mut s = Sampler::new(SamplerParams::greedy());
+        assert_eq!(s.sample(&[0.5, 2.0, -1.0, 2.0], &[]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_distribution_follows_probabilities() {
+        let logits = [0.0f32, (3f32).ln(), f32::NEG_INFINITY];
+        let params =
+            SamplerParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
+        let run = |p: SamplerParams| {
+            let mut s = Sampler::new(p);
+            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        let a = run(params.clone());
+        assert_eq!(a, run(params));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.03, "P(token 1) = {ones}, expected 0.75");
+        assert!(!a.contains(&2));
+    }
+
+    #[test]
+    fn truncations_keep_the_right_sets() {
+        let c: Vec<(u32, f32)> = [1.0f32, 4.0, 3.0, 2.0].iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut k = c.clone();
+        top_k(&mut k, 2);
+        assert_eq!(k.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        let mut p = c.clone();
+        top_p(&mut p, 0.5); // p(4.0) = 0.64 alone reaches 0.5
+        assert_eq!(p.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1]);
+        let mut m = c.clone();
+        min_p(&mut m, 0.3); // exp(-1) = 0.37 passes, exp(-2) = 0.14 does not
+        assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn penalties_follow_llama_cpp() {
+        let mut c = vec![(0, 2.0), (1, -1.0), (2, 3.0)];
+        let p =
+            SamplerParams { repeat_penalty: 2.0, frequency_penalty: 0.5, presence_penalty: 0.25, ..Default::default() };
+        penalize(&mut c, &[0, 0, 1], &p);
+        // token 0: 2/2 - 2·0.5 - 0.25; token 1: -1·2 - 0.5 - 0.25; token 2 untouched
+        assert_eq!(c, vec![(0, -0.25), (1, -2.75), (2, 3.0)]);
+    }
+
+    #[test]
+    fn repetition_penalty_lowers_seen_tokens() {
+        let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
+        // Token 0 wins without the penalty; with it, 2.0 / 2 = 1.0 < 1.5.
+        assert_eq!(s.sample(&[2.0, 1.5], &[0]), 1);
+    }
+}

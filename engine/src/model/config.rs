@@ -1,0 +1,208 @@
+//! The model's shape and choices, read from the GGUF metadata: sizes, activation, RoPE.
+
+use std::fmt;
+
+use crate::format::gguf::{GgufFile, Value};
+use crate::{Error, Result};
+
+/// The FFN's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// relu(x)², BitNet b1.58 2B4T and every model trained in its recipe.
+    Relu2,
+    /// x·sigmoid(x), the 1bitLLM `bitnet_b1_58` models.
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "relu2" | "relu_squared" | "relu²" => Some(Self::Relu2),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Self::Relu2 => "relu2",
+            Self::Silu => "silu",
+        })
+    }
+}
+
+/// Choices a user can make at load time.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Overrides the FFN activation read or inferred from the file.
+    pub activation: Option<Activation>,
+}
+
+/// Everything about the model's shape, read from the GGUF metadata.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub arch: String,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub n_ff: usize,
+    pub eps: f32,
+    pub rope_base: f32,
+    pub activation: Activation,
+    /// Why this activation was chosen (metadata key, architecture, or vocabulary type).
+    pub activation_reason: String,
+}
+
+impl Config {
+    /// The width of the query projection (all heads).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    /// The width of the key and value projections (the KV heads).
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// The widest activation a BitLinear reads (its input is quantized into a buffer this wide).
+    pub fn widest(&self) -> usize {
+        self.n_embd.max(self.q_dim()).max(self.n_ff)
+    }
+
+    /// The rotary table of positions `0..ctx`: `(cos, sin)`, each `[pos][rope_dim / 2]` (NeoX pairs).
+    /// Every backend uploads or keeps this one table, so they rotate by the same floats.
+    pub fn rope_table(&self, ctx: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rope_dim / 2;
+        let (mut cos, mut sin) = (vec![0f32; ctx * half], vec![0f32; ctx * half]);
+        for p in 0..ctx {
+            for j in 0..half {
+                let inv_freq = (self.rope_base as f64).powf(-2.0 * j as f64 / self.rope_dim as f64);
+                let angle = p as f64 * inv_freq;
+                cos[p * half + j] = angle.cos() as f32;
+                sin[p * half + j] = angle.sin() as f32;
+            }
+        }
+        (cos, sin)
+    }
+}
+
+const ARCHS: [&str; 3] = ["bitnet-b1.58", "bitnet-25", "bitnet"];
+
+fn md<'a>(g: &'a GgufFile, key: &str) -> Result<&'a Value> {
+    g.get(key).ok_or_else(|| Error::Metadata { key: key.into(), reason: "missing".into() })
+}
+
+fn md_usize(g: &GgufFile, key: &str) -> Result<usize> {
+    let v = md(g, key)?;
+    let n = v
+        .as_u64()
+        .ok_or_else(|| Error::Metadata { key: key.into(), reason: format!("expected an integer, found {v:?}") })?;
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0 && n < (1 << 31))
+        .ok_or_else(|| Error::Metadata { key: key.into(), reason: format!("value {n} out of range") })
+}
+
+fn md_f32(g: &GgufFile, key: &str) -> Result<Option<f32>> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(|x| Some(x as f32))
+            .ok_or_else(|| Error::Metadata { key: key.into(), reason: format!("expected a number, found {v:?}") }),
+    }
+}
+
+impl Config {
+    pub fn from_gguf(g: &GgufFile, opts: &LoadOptions) -> Result<Self> {
+        let arch = md(g, "general.architecture")?
+            .as_str()
+            .ok_or_else(|| Error::Metadata { key: "general.architecture".into(), reason: "not a string".into() })?
+            .to_string();
+        if !ARCHS.contains(&arch.as_str()) {
+            return Err(Error::Unsupported(format!("architecture '{arch}' (supported: {})", ARCHS.join(", "))));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let n_embd = md_usize(g, &k("embedding_length"))?;
+        let n_head = md_usize(g, &k("attention.head_count"))?;
+        let n_head_kv = match g.get(&k("attention.head_count_kv")) {
+            Some(_) => md_usize(g, &k("attention.head_count_kv"))?,
+            None => n_head,
+        };
+        let head_dim = match g.get(&k("attention.key_length")) {
+            Some(_) => md_usize(g, &k("attention.key_length"))?,
+            None => n_embd / n_head,
+        };
+        let rope_dim = match g.get(&k("rope.dimension_count")) {
+            Some(_) => md_usize(g, &k("rope.dimension_count"))?,
+            None => head_dim,
+        };
+        if n_head % n_head_kv != 0 || head_dim % 2 != 0 || rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(Error::Unsupported(format!(
+                "attention shape: {n_head} heads, {n_head_kv} kv heads, head dim {head_dim}, rope dim {rope_dim}"
+            )));
+        }
+        let token_embd =
+            g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+        let n_vocab = match g.get(&k("vocab_size")) {
+            Some(_) => md_usize(g, &k("vocab_size"))?,
+            None => token_embd.rows(),
+        };
+        let (activation, activation_reason) = choose_activation(g, &arch, opts)?;
+        Ok(Config {
+            n_vocab,
+            n_ctx_train: md_usize(g, &k("context_length"))?,
+            n_embd,
+            n_layer: md_usize(g, &k("block_count"))?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            rope_dim,
+            n_ff: md_usize(g, &k("feed_forward_length"))?,
+            eps: md_f32(g, &k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_base: md_f32(g, &k("rope.freq_base"))?.unwrap_or(10000.0),
+            activation,
+            activation_reason,
+            arch,
+        })
+    }
+}
+
+/// Microsoft's GGUFs have no activation key and mainline llama.cpp writes none either, so the
+/// activation is inferred where the file does not say: the `bitnet-b1.58` architecture is relu² by
+/// definition; for llama.cpp's `bitnet`, a byte-level BPE (Llama 3 family) vocabulary means a 2B4T-style
+/// relu² model and a SentencePiece vocabulary means the SiLU `bitnet_b1_58` models.
+fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Activation, String)> {
+    if let Some(a) = opts.activation {
+        return Ok((a, "set by the user".into()));
+    }
+    for key in [format!("{arch}.hidden_activation"), "bitnet.hidden_activation".to_string()] {
+        if let Some(v) = g.get(&key) {
+            let name = v.as_str().unwrap_or_default();
+            let a = Activation::parse(name)
+                .ok_or_else(|| Error::Metadata { key: key.clone(), reason: format!("unknown activation '{name}'") })?;
+            return Ok((a, format!("metadata key {key}")));
+        }
+    }
+    if arch != "bitnet" {
+        return Ok((Activation::Relu2, format!("architecture {arch} implies relu²")));
+    }
+    match g.get("tokenizer.ggml.model").and_then(Value::as_str) {
+        Some("gpt2") => {
+            Ok((Activation::Relu2, "no activation key; byte-level BPE vocabulary means a 2B4T-style model".into()))
+        }
+        Some("llama") => {
+            Ok((Activation::Silu, "no activation key; SentencePiece vocabulary means a bitnet_b1_58 model".into()))
+        }
+        other => Err(Error::Unsupported(format!(
+            "cannot infer the activation of arch 'bitnet' (tokenizer model {other:?}): pass --activation relu2|silu"
+        ))),
+    }
+}

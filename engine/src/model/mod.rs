@@ -1,0 +1,139 @@
+//! The BitNet b1.58 transformer (Microsoft's 2B4T architecture) as plain structs, loaded from GGUF.
+//! Each backend runs the forward pass below over them (the CPU's is `backend::cpu::forward`).
+//!
+//! Per block, pre-norm Llama with two extra norms:
+//! ```text
+//! h = rmsnorm(x, attn_norm)
+//! q, k, v = BitLinear(h); rope(q), rope(k)                  (NeoX pairs: i with i + head_dim/2)
+//! x += BitLinear_o(rmsnorm(attention(q, k, v), attn_sub_norm))
+//! h = rmsnorm(x, ffn_norm)
+//! x += BitLinear_down(rmsnorm(act(BitLinear_gate(h)) * BitLinear_up(h), ffn_sub_norm))   act = relu² (or SiLU)
+//! ```
+//! then `logits = rmsnorm(x, output_norm) · Eᵀ`, where `E` is `output.weight` or the tied embedding.
+//! BitLinear is exact W1.58A8: int8 per-token activations, ternary weights, one float scale per tensor.
+
+pub mod config;
+
+pub use config::{Activation, Config, LoadOptions};
+
+use crate::format::gguf::{GgufFile, TensorInfo};
+use crate::format::quant;
+use crate::tensor::float::FloatMatrix;
+use crate::tensor::ternary::TernaryMatrix;
+use crate::{Error, Result};
+
+#[derive(Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub attn_sub_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn_sub_norm: Vec<f32>,
+    pub wq: TernaryMatrix,
+    pub wk: TernaryMatrix,
+    pub wv: TernaryMatrix,
+    pub wo: TernaryMatrix,
+    pub w_gate: TernaryMatrix,
+    pub w_up: TernaryMatrix,
+    pub w_down: TernaryMatrix,
+}
+
+#[derive(Clone)]
+pub struct Model {
+    pub config: Config,
+    pub token_embd: FloatMatrix,
+    /// The LM head when it is not tied to the embedding.
+    pub output: Option<FloatMatrix>,
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<Layer>,
+}
+
+impl Model {
+    /// Loads and repacks every tensor. `progress(done, total)` is called once per tensor group.
+    pub fn load(
+        g: &GgufFile,
+        bytes: &[u8],
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = Config::from_gguf(g, opts)?;
+        let total = c.n_layer + 2;
+        let token_embd = float_matrix(g, bytes, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let output = match g.tensor("output.weight") {
+            Some(_) => Some(float_matrix(g, bytes, "output.weight", c.n_embd, c.n_vocab)?),
+            None => None,
+        };
+        let output_norm = vector(g, bytes, "output_norm.weight", c.n_embd)?;
+        progress(1, total);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let t = |n: &str, rows, cols| ternary(g, bytes, &format!("blk.{i}.{n}"), rows, cols);
+            let v = |n: &str, len| vector(g, bytes, &format!("blk.{i}.{n}.weight"), len);
+            layers.push(Layer {
+                attn_norm: v("attn_norm", c.n_embd)?,
+                attn_sub_norm: v("attn_sub_norm", q_dim)?,
+                ffn_norm: v("ffn_norm", c.n_embd)?,
+                ffn_sub_norm: v("ffn_sub_norm", c.n_ff)?,
+                wq: t("attn_q", q_dim, c.n_embd)?,
+                wk: t("attn_k", kv_dim, c.n_embd)?,
+                wv: t("attn_v", kv_dim, c.n_embd)?,
+                wo: t("attn_output", c.n_embd, q_dim)?,
+                w_gate: t("ffn_gate", c.n_ff, c.n_embd)?,
+                w_up: t("ffn_up", c.n_ff, c.n_embd)?,
+                w_down: t("ffn_down", c.n_embd, c.n_ff)?,
+            });
+            progress(i + 2, total);
+        }
+        progress(total, total);
+        Ok(Model { config: c, token_embd, output, output_norm, layers })
+    }
+
+    /// The LM head: `output.weight`, or the embedding when tied.
+    pub fn lm_head(&self) -> &FloatMatrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+}
+
+fn find<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
+    g.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))
+}
+
+fn check_shape(t: &TensorInfo, rows: usize, cols: usize) -> Result<()> {
+    let ok = t.dims.len() <= 2 && t.cols() == cols && t.rows() == rows;
+    if ok {
+        return Ok(());
+    }
+    Err(Error::Tensor { tensor: t.name.clone(), reason: format!("shape {:?}, expected [{cols}, {rows}]", t.dims) })
+}
+
+fn float_matrix(g: &GgufFile, bytes: &[u8], name: &str, cols: usize, rows: usize) -> Result<FloatMatrix> {
+    let t = find(g, name)?;
+    check_shape(t, rows, cols)?;
+    FloatMatrix::from_tensor(t, g.tensor_data(bytes, t))
+}
+
+/// A norm weight (or a scale): any float type, decoded to f32.
+fn vector(g: &GgufFile, bytes: &[u8], name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = find(g, name)?;
+    if t.n_elements() != len as u64 {
+        return Err(Error::Tensor { tensor: name.into(), reason: format!("shape {:?}, expected [{len}]", t.dims) });
+    }
+    let mut out = vec![0f32; len];
+    quant::dequantize(t.ty, g.tensor_data(bytes, t), &mut out)
+        .map_err(|e| Error::Tensor { tensor: name.into(), reason: e.to_string() })?;
+    Ok(out)
+}
+
+/// A BitLinear weight `{name}.weight`, times the optional llama.cpp scale tensor `{name}.scale`.
+fn ternary(g: &GgufFile, bytes: &[u8], name: &str, rows: usize, cols: usize) -> Result<TernaryMatrix> {
+    let wname = format!("{name}.weight");
+    let t = find(g, &wname)?;
+    check_shape(t, rows, cols)?;
+    let mut m = TernaryMatrix::from_tensor(t.ty, g.tensor_data(bytes, t), rows, cols)
+        .map_err(|e| Error::Tensor { tensor: wname.clone(), reason: e.to_string() })?;
+    let sname = format!("{name}.scale");
+    if g.tensor(&sname).is_some() {
+        m.scale *= vector(g, bytes, &sname, 1)?[0];
+    }
+    Ok(m)
+}

@@ -1,0 +1,525 @@
+//! Text to token ids and back, built from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Only byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`: Llama 3 / BitNet 2B4T, SmolLM, GPT-2) are
+//! supported. The BPE itself is Hugging Face's `tokenizers` crate, assembled here from the GGUF arrays, so the ids are
+//! the ones the model was trained with; what this module adds is the mapping from llama.cpp's metadata conventions
+//! (pre-tokenizer names, token types, BOS rules, end-of-generation tokens) and byte-exact detokenization.
+
+use crate::format::gguf::Value;
+use crate::text::chat::{self, ChatMessage};
+use crate::{Error, Result};
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// Llama 3's pre-tokenizer split (as in its tokenizer.json; llama.cpp's `llama-bpe` is the same expression).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Token texts that end a generation whatever the vocabulary's eos/eot ids say (chat models stop on these).
+const END_TEXTS: [&str; 5] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
+
+// llama.cpp token types (tokenizer.ggml.token_type).
+const TYPE_NORMAL: u64 = 1;
+const TYPE_UNUSED: u64 = 5;
+const TYPE_CONTROL: u64 = 3;
+const TYPE_USER_DEFINED: u64 = 4;
+
+/// The pre-tokenizers we know, named as llama.cpp's `tokenizer.ggml.pre`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pre {
+    /// Llama 3 split regex, then bytes to the GPT-2 alphabet; whole words found in the vocabulary skip the merges.
+    Llama3,
+    /// Every digit on its own, then GPT-2's regex and alphabet.
+    SmolLm,
+    /// GPT-2's regex and alphabet.
+    Gpt2,
+}
+
+impl Pre {
+    fn name(self) -> &'static str {
+        match self {
+            Pre::Llama3 => "llama-bpe",
+            Pre::SmolLm => "smollm",
+            Pre::Gpt2 => "gpt2",
+        }
+    }
+
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper> {
+        let gpt2 = ByteLevel::new(false, true, true);
+        Ok(match self {
+            Pre::Llama3 => {
+                let split =
+                    Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(|e| Error::Tokenizer(format!("Llama 3 split regex: {e}")))?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
+            Pre::SmolLm => Sequence::new(vec![Digits::new(true).into(), gpt2.into()]).into(),
+            Pre::Gpt2 => gpt2.into(),
+        })
+    }
+}
+
+pub struct Tokenizer {
+    bpe: tokenizers::Tokenizer,
+    /// Token texts by id, as stored in the GGUF (byte-level alphabet for normal tokens).
+    tokens: Vec<String>,
+    /// Control and user-defined tokens: their text is literal, not in the byte-level alphabet.
+    literal: Vec<bool>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    /// Every id that ends a generation.
+    end_ids: Vec<u32>,
+    add_bos: bool,
+    pre: Pre,
+    chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    /// Build from GGUF metadata (`tokenizer.ggml.*` keys), the only source at run time.
+    pub fn from_metadata(md: &[(String, Value)]) -> Result<Tokenizer> {
+        match get_str(md, "tokenizer.ggml.model")? {
+            Some("gpt2") => {}
+            Some("llama") => {
+                return Err(Error::Unsupported(
+                    "SentencePiece tokenizers (tokenizer.ggml.model = 'llama') are not supported yet; \
+                     only byte-level BPE ('gpt2') vocabularies are"
+                        .into(),
+                ))
+            }
+            Some(other) => return Err(Error::Unsupported(format!("tokenizer model '{other}'"))),
+            None => return Err(missing("tokenizer.ggml.model")),
+        }
+        let tokens = get_strings(md, "tokenizer.ggml.tokens")?.ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
+        let types = match get_array(md, "tokenizer.ggml.token_type")? {
+            Some(a) if a.len() != tokens.len() => {
+                return Err(bad(
+                    "tokenizer.ggml.token_type",
+                    format!("{} entries for {} tokens", a.len(), tokens.len()),
+                ))
+            }
+            Some(a) => a
+                .iter()
+                .map(|v| v.as_u64().ok_or_else(|| bad("tokenizer.ggml.token_type", "not an integer")))
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![TYPE_NORMAL; tokens.len()],
+        };
+        let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
+        let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
+
+        let bpe = build_bpe(&tokens, &types, &merges, pre)?;
+        let literal = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).collect();
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            match get(md, key).map(|v| v.as_u64()) {
+                None => Ok(None),
+                Some(Some(id)) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+                Some(_) => Err(bad(key, format!("not a token id below the vocabulary size {}", tokens.len()))),
+            }
+        };
+        let (bos, eos, eot) = (
+            token_id("tokenizer.ggml.bos_token_id")?,
+            token_id("tokenizer.ggml.eos_token_id")?,
+            token_id("tokenizer.ggml.eot_token_id")?,
+        );
+        let mut end_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
+        for (id, text) in tokens.iter().enumerate() {
+            if END_TEXTS.contains(&text.as_str()) && !end_ids.contains(&(id as u32)) {
+                end_ids.push(id as u32);
+            }
+        }
+        let add_bos = match get(md, "tokenizer.ggml.add_bos_token") {
+            Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
+            None => pre == Pre::Llama3,
+        };
+        let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
+        Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template })
+    }
+
+    /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self.bpe.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let bos = self.bos.filter(|_| add_bos);
+        Ok(bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+    }
+
+    /// The text of `ids`; special tokens appear as their text. Bytes that are not UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id)).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The raw bytes one token stands for (a piece of a UTF-8 character, possibly); empty for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(text) = self.tokens.get(id as usize) else { return Vec::new() };
+        if self.literal[id as usize] {
+            return text.as_bytes().to_vec();
+        }
+        let mut out = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            match byte_of_char(c) {
+                Some(b) => out.push(b),
+                // Not in the byte-level alphabet (a hand-made vocabulary): keep the character itself.
+                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        out
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; without it, true for Llama 3 vocabularies).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// EOS, EOT, and the usual end-of-turn tokens found by text.
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_ids.contains(&id)
+    }
+
+    /// The token's text as stored in the vocabulary (byte-level alphabet for normal tokens: "Ġworld").
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// The pre-tokenizer in use, by its llama.cpp name.
+    pub fn pre(&self) -> &str {
+        self.pre.name()
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The conversation as prompt text, by the model's template (or BitNet 2B4T's when the file has none).
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let text_of = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("");
+        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
+        chat::render(template, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
+    }
+
+    /// The conversation as prompt ids. BOS is added per `add_bos()` unless the template already wrote it.
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        let bos_written = self.bos.and_then(|id| self.token_text(id)).is_some_and(|bos| text.starts_with(bos));
+        self.encode(&text, self.add_bos && !bos_written)
+    }
+}
+
+/// `tokenizer.ggml.pre`, or the Llama 3 split when the key is missing but the vocabulary is Llama 3's
+/// (Microsoft's 2B4T GGUF has no `pre` key).
+fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
+    match pre {
+        Some("llama-bpe" | "llama3") => Ok(Pre::Llama3),
+        Some("smollm") => Ok(Pre::SmolLm),
+        Some("gpt2" | "default") => Ok(Pre::Gpt2),
+        Some(other) => Err(Error::Unsupported(format!(
+            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, smollm, gpt2, default)"
+        ))),
+        None if tokens.len() >= 128000 && tokens[128000] == "<|begin_of_text|>" => Ok(Pre::Llama3),
+        None => Ok(Pre::Gpt2),
+    }
+}
+
+fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> Result<tokenizers::Tokenizer> {
+    let mut vocab = Vocab::default();
+    for (id, text) in tokens.iter().enumerate() {
+        // A duplicated text keeps its first id, as llama.cpp's token_to_id does.
+        vocab.entry(text.clone()).or_insert(id as u32);
+    }
+    let merges = merges.iter().map(|m| split_merge(m)).collect::<Result<Merges>>()?;
+    let model = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == Pre::Llama3)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}")))?;
+    let mut tk = tokenizers::Tokenizer::new(model);
+    tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+    // Control and user-defined tokens are matched in the raw text before any splitting.
+    let added = |want: u64, special: bool| -> Vec<AddedToken> {
+        let picked = types.iter().zip(tokens).filter(|(&t, _)| t == want);
+        picked.map(|(_, text)| AddedToken::from(text.as_str(), special).normalized(false)).collect()
+    };
+    let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
+    tk.add_special_tokens(added(TYPE_CONTROL, true)).map_err(tokenizer_err)?;
+    tk.add_tokens(added(TYPE_USER_DEFINED, false)).map_err(tokenizer_err)?;
+    Ok(tk)
+}
+
+/// "a b" → ("a", "b"); the separator is the first space after the first character, as in llama.cpp.
+fn split_merge(merge: &str) -> Result<(String, String)> {
+    let sep = merge.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+    let sep = sep.ok_or_else(|| bad("tokenizer.ggml.merges", format!("'{merge}' is not two tokens")))?;
+    Ok((merge[..sep].to_owned(), merge[sep + 1..].to_owned()))
+}
+
+/// GPT-2's byte-level alphabet, inverted. Printable Latin-1 bytes stand for themselves; the other 68 bytes
+/// (controls, space, DEL, NBSP, soft hyphen) were given the characters U+0100.. in byte order.
+fn byte_of_char(c: char) -> Option<u8> {
+    const fn printable(b: u32) -> bool {
+        (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174
+    }
+    const SHIFTED: [u8; 68] = {
+        let (mut table, mut n, mut b) = ([0u8; 68], 0, 0);
+        while b < 256 {
+            if !printable(b) {
+                table[n] = b as u8;
+                n += 1;
+            }
+            b += 1;
+        }
+        table
+    };
+    match c as u32 {
+        b @ 0..=255 if printable(b) => Some(b as u8),
+        u @ 256..=323 => Some(SHIFTED[(u - 256) as usize]),
+        _ => None,
+    }
+}
+
+/// Incremental detokenizer: text pieces that are always valid UTF-8. The bytes of a character split across tokens
+/// (emoji, CJK) are held until it is complete; bytes that can never become UTF-8 come out as U+FFFD.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.pending.extend(tok.token_bytes(id));
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or_default());
+                    match e.error_len() {
+                        // An invalid sequence: nothing later can fix it.
+                        Some(bad_len) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad_len);
+                        }
+                        // A character cut short: wait for the next token.
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is still held (an unfinished character), lossily.
+    pub fn flush(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
+
+/// GGUF tokenizer metadata from a Hugging Face tokenizer.json (+ tokenizer_config.json for bos/eos/add_bos/chat
+/// template), as llama.cpp's converter writes it. Byte-level BPE only, with one of the pre-tokenizers above.
+pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str>) -> Result<Vec<(String, Value)>> {
+    use serde_json::Value as J;
+    let tj: J = serde_json::from_str(tokenizer_json).map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))?;
+    let config: J = match tokenizer_config_json {
+        Some(s) => serde_json::from_str(s).map_err(|e| Error::Tokenizer(format!("tokenizer_config.json: {e}")))?,
+        None => J::Null,
+    };
+    let model = &tj["model"];
+    if model["type"] != "BPE" {
+        return Err(Error::Unsupported(format!("tokenizer.json model type {} (only BPE)", model["type"])));
+    }
+    let pre = hf_pre(&tj["pre_tokenizer"])
+        .ok_or_else(|| Error::Unsupported(format!("tokenizer.json pre_tokenizer {}", tj["pre_tokenizer"])))?;
+    let plain_bpe = tj["normalizer"].is_null()
+        && model["ignore_merges"].as_bool().unwrap_or(false) == (pre == Pre::Llama3)
+        && !model["byte_fallback"].as_bool().unwrap_or(false)
+        && model["continuing_subword_prefix"].is_null()
+        && model["end_of_word_suffix"].is_null();
+    if !plain_bpe {
+        return Err(Error::Unsupported(
+            "tokenizer.json: a normalizer or BPE options other than byte-level BPE's".into(),
+        ));
+    }
+
+    let (tokens, types) = hf_tokens(&tj)?;
+    let merges = hf_merges(model)?;
+
+    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    // Special tokens in tokenizer_config.json are a string or an AddedToken object.
+    let config_token = |key: &str| config[key].as_str().or_else(|| config[key]["content"].as_str()).map(str::to_owned);
+    let prepended = hf_prepended_token(&tj["post_processor"]);
+    let bos_text = config_token("bos_token").or_else(|| prepended.clone());
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or(prepended.is_some() && prepended == bos_text);
+
+    let mut md = vec![
+        ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".to_owned(), Value::Str(pre.name().into())),
+        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens.iter().cloned().map(Value::Str).collect())),
+        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types.iter().map(|&t| Value::I32(t as i32)).collect())),
+        ("tokenizer.ggml.merges".to_owned(), Value::Array(merges)),
+    ];
+    let ids = [
+        ("tokenizer.ggml.bos_token_id", bos_text),
+        ("tokenizer.ggml.eos_token_id", config_token("eos_token")),
+        ("tokenizer.ggml.padding_token_id", config_token("pad_token")),
+    ];
+    for (key, text) in ids {
+        if let Some(id) = text.as_deref().and_then(id_of) {
+            md.push((key.to_owned(), Value::U32(id)));
+        }
+    }
+    md.push(("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(add_bos)));
+    if let Some(template) = hf_chat_template(&config["chat_template"]) {
+        md.push(("tokenizer.chat_template".to_owned(), Value::Str(template)));
+    }
+    Ok(md)
+}
+
+/// Token texts and llama.cpp token types by id: the model's vocabulary, then the added tokens (which may repeat
+/// vocabulary entries; control when special, user-defined otherwise).
+fn hf_tokens(tj: &serde_json::Value) -> Result<(Vec<String>, Vec<u64>)> {
+    let mut entries: Vec<(u64, String, u64)> = Vec::new();
+    let vocab = tj["model"]["vocab"].as_object().ok_or_else(|| Error::Tokenizer("tokenizer.json: no vocab".into()))?;
+    for (text, id) in vocab {
+        let id = id.as_u64().ok_or_else(|| Error::Tokenizer(format!("tokenizer.json: bad id for '{text}'")))?;
+        entries.push((id, text.clone(), TYPE_NORMAL));
+    }
+    for t in tj["added_tokens"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let (Some(id), Some(text)) = (t["id"].as_u64(), t["content"].as_str()) else {
+            return Err(Error::Tokenizer(format!("tokenizer.json: bad added token {t}")));
+        };
+        let ty = if t["special"].as_bool().unwrap_or(false) { TYPE_CONTROL } else { TYPE_USER_DEFINED };
+        entries.push((id, text.to_owned(), ty));
+    }
+    let n = entries.iter().map(|e| e.0.saturating_add(1)).max().unwrap_or(0);
+    // Ids may leave a few holes, not gigabytes of them (a corrupt id must not allocate a huge table).
+    if n > 4 * entries.len() as u64 {
+        return Err(Error::Tokenizer(format!("tokenizer.json: token ids up to {n} for {} tokens", entries.len())));
+    }
+    // Ids nothing names get a placeholder, as llama.cpp's converter writes them.
+    let mut tokens: Vec<String> = (0..n).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![TYPE_UNUSED; n as usize];
+    for (id, text, ty) in entries {
+        tokens[id as usize] = text;
+        types[id as usize] = ty;
+    }
+    Ok((tokens, types))
+}
+
+/// Merges as GGUF strings "a b"; tokenizer.json has them as such strings or as pairs.
+fn hf_merges(model: &serde_json::Value) -> Result<Vec<Value>> {
+    use serde_json::Value as J;
+    let mut merges = Vec::new();
+    for m in model["merges"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let merge = match m {
+            J::String(s) => s.clone(),
+            J::Array(pair) => match pair.as_slice() {
+                [J::String(a), J::String(b)] if !a.contains(' ') && !b.contains(' ') => format!("{a} {b}"),
+                _ => return Err(Error::Tokenizer(format!("tokenizer.json: merge {m} cannot be written as 'a b'"))),
+            },
+            _ => return Err(Error::Tokenizer(format!("tokenizer.json: bad merge {m}"))),
+        };
+        merges.push(Value::Str(merge));
+    }
+    Ok(merges)
+}
+
+/// Which of our pre-tokenizers a tokenizer.json `pre_tokenizer` is, if any.
+fn hf_pre(pt: &serde_json::Value) -> Option<Pre> {
+    let byte_level = |p: &serde_json::Value, regex: bool| {
+        p["type"] == "ByteLevel"
+            && p["use_regex"].as_bool().unwrap_or(true) == regex
+            && !p["add_prefix_space"].as_bool().unwrap_or(false)
+    };
+    if byte_level(pt, true) {
+        return Some(Pre::Gpt2);
+    }
+    if pt["type"] != "Sequence" {
+        return None;
+    }
+    match pt["pretokenizers"].as_array()?.as_slice() {
+        [split, bl]
+            if split["type"] == "Split"
+                && split["pattern"]["Regex"] == LLAMA3_REGEX
+                && split["behavior"] == "Isolated"
+                && split["invert"] == false
+                && byte_level(bl, false) =>
+        {
+            Some(Pre::Llama3)
+        }
+        [digits, bl] if digits["type"] == "Digits" && digits["individual_digits"] == true && byte_level(bl, true) => {
+            Some(Pre::SmolLm)
+        }
+        _ => None,
+    }
+}
+
+/// The special token a TemplateProcessing post-processor puts before a single sequence (HF's way to add BOS).
+fn hf_prepended_token(pp: &serde_json::Value) -> Option<String> {
+    if pp["type"] == "Sequence" {
+        return pp["processors"].as_array()?.iter().find_map(hf_prepended_token);
+    }
+    if pp["type"] != "TemplateProcessing" {
+        return None;
+    }
+    pp["single"].as_array()?.first()?["SpecialToken"]["id"].as_str().map(str::to_owned)
+}
+
+/// tokenizer_config.json's chat_template: a string, or a list of named templates (take "default").
+fn hf_chat_template(t: &serde_json::Value) -> Option<String> {
+    if let Some(s) = t.as_str() {
+        return Some(s.to_owned());
+    }
+    let named = t.as_array()?.iter().find(|n| n["name"] == "default")?;
+    named["template"].as_str().map(str::to_owned)
+}
+
+fn get<'a>(md: &'a [(String, Value)], key: &str) -> Option<&'a Value> {
+    md.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn get_str<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a str>> {
+    get(md, key).map(|v| v.as_str().ok_or_else(|| bad(key, "not a string"))).transpose()
+}
+
+fn get_array<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a [Value]>> {
+    get(md, key).map(|v| v.as_array().ok_or_else(|| bad(key, "not an array"))).transpose()
+}
+
+fn get_strings(md: &[(String, Value)], key: &str) -> Result<Option<Vec<String>>> {
+    let Some(values) = get_array(md, key)? else { return Ok(None) };
+    let strings = values.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| bad(key, "not all strings")));
+    strings.collect::<Result<Vec<_>>>().map(Some)
+}
+
+fn missing(key: &str) -> Error {
+    Error::Metadata { key: key.into(), reason: "missing".into() }
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> Error {
+    Error::Metadata { key: key.into(), reason: reason.into() }
+}
