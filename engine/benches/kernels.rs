@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bitnet_engine::backend::cpu::forward::attend;
 use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::backend::cpu::kv::KvRows;
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::tensor::float::FloatMatrix;
 use bitnet_engine::tensor::ternary::TernaryMatrix;
@@ -215,7 +216,8 @@ fn attention(c: &mut Criterion) {
                         pool.install(|| {
                             out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
                                 let at = base + h / (n_head / n_head_kv) * hd;
-                                attend(k, &q[h * hd..(h + 1) * hd], &keys[at..], &values[at..], kv_dim, n, scale, o);
+                                let (kr, vr) = (KvRows::F16(&keys[at..]), KvRows::F16(&values[at..]));
+                                attend(k, &q[h * hd..(h + 1) * hd], kr, vr, kv_dim, n, scale, o);
                             })
                         });
                         black_box(&out);

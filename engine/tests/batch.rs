@@ -38,7 +38,7 @@ fn tokens(m: &CpuModel, n: usize, seed: u32) -> Vec<u32> {
 }
 
 fn state(m: &CpuModel, ctx: usize) -> State {
-    State::new(&m.model.config, ctx).unwrap()
+    State::new(&m.model.config, ctx, m.kv).unwrap()
 }
 
 /// Runs `tokens` from `pos` one at a time (a tile of one), as decoding does.

@@ -10,7 +10,7 @@ mod serve_www;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use bitnet_engine::backend::Want;
+use bitnet_engine::backend::{KvType, Want};
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::{GenParams, GenStats};
 use bitnet_engine::model::Activation;
@@ -69,6 +69,10 @@ pub struct ModelArgs {
     /// Requantize the LM head at load: q8_0, or q6_k (rows a multiple of 256). Faster decoding, slightly less accurate.
     #[arg(long, value_parser = parse_head)]
     head: Option<bitnet_engine::format::quant::GgmlType>,
+    /// KV cache type: f32 (exact), f16 (half the memory; the default) or q8_0 (about a quarter of f32's).
+    /// The GPU backends have f16 only.
+    #[arg(long = "kv-type", value_parser = parse_kv_type, default_value = "f16")]
+    kv_type: KvType,
     /// Where to run: cpu, wgpu (the best GPU adapter, a CPU-type one such as llvmpipe included), or auto
     /// (a real GPU if there is one, else the CPU).
     #[arg(long, value_enum, default_value_t = device::BackendChoice::Auto)]
@@ -77,6 +81,10 @@ pub struct ModelArgs {
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
     Activation::parse(s).ok_or_else(|| format!("unknown activation '{s}' (relu2 or silu)"))
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type '{s}' (f32, f16 or q8_0)"))
 }
 
 fn parse_head(s: &str) -> Result<bitnet_engine::format::quant::GgmlType, String> {

@@ -5,7 +5,7 @@ use std::path::Path;
 use bitnet_engine::format::gguf::{GgufFile, Value};
 use std::sync::Arc;
 
-use bitnet_engine::backend::{self, DeviceOptions, Weights};
+use bitnet_engine::backend::{self, DeviceOptions, KvType, Weights};
 use bitnet_engine::generate::Session;
 use bitnet_engine::model::{LoadOptions, Model};
 use bitnet_engine::text::tokenizer::Tokenizer;
@@ -89,7 +89,7 @@ impl Loaded {
         }
         let ctx = a.ctx.unwrap_or(model.config.n_ctx_train.min(4096));
         let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let device = DeviceOptions { device: a.backend.into(), threads: Some(threads), head: a.head };
+        let device = DeviceOptions { device: a.backend.into(), threads: Some(threads), head: a.head, kv: a.kv_type };
         let weights = backend::open(model, &device)?;
         Ok(Self { weights, tokenizer, threads, ctx })
     }
@@ -123,6 +123,11 @@ pub fn info(path: Option<&Path>) -> Result<(), Error> {
                 c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train
             );
             println!("activation: {} ({})", c.activation, c.activation_reason);
+            let per_token: Vec<String> = [KvType::F32, KvType::F16, KvType::Q8_0]
+                .iter()
+                .map(|t| format!("{} {} B", t.name(), t.bytes_per_token(&c)))
+                .collect();
+            println!("KV cache per token of context: {}", per_token.join(", "));
         }
         Err(e) => println!("\nmodel: not runnable: {e}"),
     }

@@ -11,7 +11,8 @@ It does not use gguf.quants (the writer's quantizers), so a bug on either side s
 The forward pass is the W1.58A8 BitNet block (RMSNorm, BitLinear with per-token int8 absmax activations,
 NeoX RoPE, GQA, attn/ffn sub-norms, relu^2) exactly as in /work/shared/models/smolbit-135m/reference.py,
 with the GGUF scale multiplying: y = acc / s_x * scale, and with keys (after RoPE) and values rounded to
-f16 as the engine's KV cache stores them.
+f16 as the engine's default KV cache stores them (kv="f32": kept as computed; kv="q8_0": llama.cpp's Q8_0
+blocks of 32, as `--kv-type` stores them).
 """
 from enum import IntEnum
 
@@ -184,11 +185,12 @@ class Forward:
     """One forward pass in a given dtype. Records, for every int8 activation quantisation, the distance of
     x * s_x to the nearest rounding boundary (k + 0.5): a small margin means float noise can flip it."""
 
-    def __init__(self, m: GgufModel, dtype=np.float64, noise=None):
+    def __init__(self, m: GgufModel, dtype=np.float64, noise=None, kv="f16"):
         """noise = (seed, rel): multiply every BitLinear input by (1 + rel * U(-1, 1)) before quantising, to
         mimic another implementation's float rounding (a different summation order) in a stability probe."""
         self.m, self.dt = m, dtype
         self.noise = noise
+        self.kv = kv
         dt = dtype
         self.emb = m.emb.astype(dt)
         self.out = m.out.astype(dt)
@@ -245,8 +247,7 @@ class Forward:
             self.margins.pop()
             v = self.bitlinear(h, ly["attn_v"], (i, "qkv")).reshape(T, KV, D).transpose(1, 0, 2)
             q, k = self.rope(q, pos), self.rope(k, pos)
-            # The engine's KV cache holds f16: keys (after RoPE) and values are rounded to the nearest f16.
-            k, v = k.astype(np.float16).astype(dt), v.astype(np.float16).astype(dt)
+            k, v = cache_round(k, self.kv).astype(dt), cache_round(v, self.kv).astype(dt)
             rep = H // KV
             k, v = np.repeat(k, rep, 0), np.repeat(v, rep, 0)      # head h uses kv head h // rep
             sc = (q @ k.transpose(0, 2, 1)) / dt(np.sqrt(D))
@@ -273,6 +274,22 @@ class Forward:
             sel = mg if (layer < L - 1 or point == "qkv") else mg[-1:]
             best = min(best, float(sel.min()))
         return best
+
+
+def cache_round(x, kv):
+    """Keys or values (heads, T, D) as the KV cache type `kv` stores them."""
+    if kv == "f32":
+        return x
+    if kv == "f16":
+        return x.astype(np.float16)
+    # q8_0: blocks of 32 along each head's D values; d = max|x| / 127 in f32, stored as f16;
+    # q = round(x / d) half away from zero (ggml's roundf), in f32 as the engine computes it.
+    b = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    xs = b * inv
+    q = np.sign(xs) * np.floor(np.abs(xs) + np.float32(0.5))
+    return (d.astype(np.float16).astype(np.float64) * q).reshape(x.shape)
 
 
 def greedy(fwd, ids, n):

@@ -21,7 +21,7 @@ mod webgpu;
 use std::sync::Arc;
 
 use bitnet_engine::backend::cpu::{kernels, CpuModel};
-use bitnet_engine::backend::{Want, Weights};
+use bitnet_engine::backend::{KvType, Want, Weights};
 use bitnet_engine::format::gguf::GgufFile;
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::{GenParams, Generation, Output, Session};
@@ -76,6 +76,8 @@ pub struct LoadOpts {
     pub ctx: Option<usize>,
     /// Overrides the FFN activation ("relu2" or "silu").
     pub activation: Option<String>,
+    /// The KV cache type: "f32" (exact), "f16" (the default) or "q8_0"; WebGPU has f16 only.
+    pub kv_type: Option<String>,
 }
 
 /// Generation settings (JSON from the worker); the defaults are `bitnet run`'s.
@@ -261,16 +263,23 @@ impl Engine {
                 Activation::parse(a).ok_or_else(|| js_error(format!("unknown activation '{a}' (relu2 or silu)")))?,
             ),
         };
-        let load = LoadOptions { activation, ..Default::default() };
+        let load = LoadOptions { activation };
         let config = Config::from_gguf(&gguf, &load).map_err(js_error)?;
         let ctx = opts.ctx.unwrap_or(config.n_ctx_train.min(4096));
         let model = Model::load(&gguf, bytes, &load, progress).map_err(js_error)?;
+        let kv = match opts.kv_type.as_deref() {
+            None => KvType::F16,
+            Some(t) => KvType::parse(t).ok_or_else(|| js_error(format!("unknown kvType '{t}' (f32, f16 or q8_0)")))?,
+        };
+        if gpu && kv != KvType::F16 {
+            return Err(js_error(format!("a {} KV cache on WebGPU (f16 only; the wasm backend has all)", kv.name())));
+        }
         let runner = if gpu {
             // The weights and the KV cache live on the GPU: the model's host copy is dropped after the upload.
             Runner::Gpu(GpuSession::open(&model, ctx).await.map_err(js_error)?)
         } else {
             let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
-            loader::check_kv_cache(&config, ctx, weights).map_err(js_error)?;
+            loader::check_kv_cache(&config, ctx, kv, weights).map_err(js_error)?;
             let weights: Arc<dyn Weights> =
                 Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?);
             Runner::Cpu(Session::open(&weights, ctx).map_err(js_error)?)

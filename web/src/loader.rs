@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use bitnet_engine::backend::KvType;
 use bitnet_engine::model::Config;
 
 /// The most memory a wasm32 module can address.
@@ -48,8 +49,8 @@ pub fn check_file_size(size: u64) -> Result<(), MemoryError> {
 }
 
 /// Refuses a context whose KV cache cannot fit next to the weights.
-pub fn check_kv_cache(c: &Config, ctx: usize, weights: u64) -> Result<(), MemoryError> {
-    let kv = 2 * 2 * (c.n_layer * ctx * c.n_head_kv * c.head_dim) as u64; // keys and values, f16
+pub fn check_kv_cache(c: &Config, ctx: usize, kv_type: KvType, weights: u64) -> Result<(), MemoryError> {
+    let kv = (kv_type.bytes_per_token(c) * ctx) as u64;
     if memory_in_use() + weights + kv <= WASM32_LIMIT {
         return Ok(());
     }

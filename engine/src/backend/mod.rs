@@ -111,6 +111,47 @@ pub fn check_ctx(c: &Config, ctx: usize) -> Result<()> {
     Ok(())
 }
 
+/// How a KV cache stores keys and values (llama.cpp's `--cache-type-k/v`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// Exact: the keys and values as computed.
+    F32,
+    /// Rounded to the nearest f16: half the memory, and half the bytes a token's attention reads.
+    #[default]
+    F16,
+    /// llama.cpp's Q8_0: blocks of 32 values as int8 times an f16 scale (34 bytes per 32 values).
+    Q8_0,
+}
+
+impl KvType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "q8_0" => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes of keys and values a model of shape `c` caches per token of context.
+    pub fn bytes_per_token(self, c: &Config) -> usize {
+        let values = 2 * c.n_layer * c.kv_dim();
+        match self {
+            Self::F32 => values * 4,
+            Self::F16 => values * 2,
+            Self::Q8_0 => values / 32 * 34,
+        }
+    }
+}
+
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -132,11 +173,13 @@ pub struct DeviceOptions {
     pub threads: Option<usize>,
     /// CPU: requantize the LM head to this type for the int8 head kernels (see [`cpu::CpuModel::new`]).
     pub head: Option<GgmlType>,
+    /// The KV cache type of every sequence (the GPU backends have f16 only so far).
+    pub kv: KvType,
 }
 
 impl Default for DeviceOptions {
     fn default() -> Self {
-        Self { device: DeviceChoice::Cpu, threads: None, head: None }
+        Self { device: DeviceChoice::Cpu, threads: None, head: None, kv: KvType::F16 }
     }
 }
 
@@ -144,10 +187,19 @@ impl Default for DeviceOptions {
 /// dropped when the device has its own.
 pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
     let cpu = |model| -> Result<Arc<dyn Weights>> {
-        Ok(Arc::new(cpu::CpuModel::new(model, cpu::kernels::best(), opts.head, opts.threads)?))
+        let m = cpu::CpuModel::new(model, cpu::kernels::best(), opts.head, opts.threads)?;
+        Ok(Arc::new(m.with_kv(opts.kv)))
     };
-    if opts.device == DeviceChoice::Cpu {
+    // The GPU backends cache f16 only: another type keeps `auto` on the CPU, and is an error when a
+    // GPU was asked for by name.
+    if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
         return cpu(model);
+    }
+    if opts.kv != KvType::F16 {
+        return Err(Error::Unsupported(format!(
+            "a {} KV cache on the GPU (f16 only; --backend cpu has all)",
+            opts.kv.name()
+        )));
     }
     #[cfg(feature = "cuda")]
     if opts.device == DeviceChoice::Cuda || (opts.device == DeviceChoice::Auto && cuda::available()) {

@@ -1,14 +1,13 @@
 //! The CPU's forward pass: one batched pass over the model's plain structs, its inner loops the
 //! [`Kernels`] of the running CPU.
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::kernels::qhead::HeadActivations;
 use super::kernels::{self, Kernels};
+use super::kv::{KvRows, KvStore};
 use super::CpuModel;
-use crate::backend::{check_ctx, check_input};
+use crate::backend::{check_ctx, check_input, KvType};
 use crate::model::{Activation, Config};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
@@ -18,43 +17,50 @@ use crate::{Error, Result};
 pub struct State {
     pub ctx: usize,
     kv_dim: usize,
-    // [layer][pos][kv_dim], keys after RoPE. Stored as f16, as llama.cpp's default cache and our CUDA
-    // backend do: half the memory, and half the bytes each token's attention reads at long contexts.
-    k_cache: Vec<f16>,
-    v_cache: Vec<f16>,
+    // [layer][pos][kv_dim], keys after RoPE, in the cache type chosen (f16 by default, as llama.cpp's
+    // default cache and our GPU backends: half the memory and half the bytes each token's attention
+    // reads at long contexts; f32 is exact).
+    k_cache: KvStore,
+    v_cache: KvStore,
     rope_cos: Vec<f32>, // [pos][rope_dim / 2]
     rope_sin: Vec<f32>,
     pub logits: Vec<f32>,
 }
 
 impl State {
-    /// A cache of `ctx` tokens (at most the trained context).
-    pub fn new(c: &Config, ctx: usize) -> Result<Self> {
+    /// A cache of `ctx` tokens (at most the trained context) of type `kv`.
+    pub fn new(c: &Config, ctx: usize, kv: KvType) -> Result<Self> {
         check_ctx(c, ctx)?;
+        if kv == KvType::Q8_0 && !c.head_dim.is_multiple_of(32) {
+            return Err(Error::Unsupported(format!(
+                "a q8_0 KV cache with head dim {} (not a multiple of 32)",
+                c.head_dim
+            )));
+        }
         let (rope_cos, rope_sin) = c.rope_table(ctx);
-        let kv = c.n_layer * ctx * c.kv_dim();
+        let len = c.n_layer * ctx * c.kv_dim();
         Ok(State {
             ctx,
             kv_dim: c.kv_dim(),
-            k_cache: vec![f16::ZERO; kv],
-            v_cache: vec![f16::ZERO; kv],
+            k_cache: KvStore::new(kv, len),
+            v_cache: KvStore::new(kv, len),
             rope_cos,
             rope_sin,
             logits: vec![0f32; c.n_vocab],
         })
     }
 
-    /// Keys and values of layer `l`: `[pos][kv_dim]`.
-    fn layer_kv(&self, l: usize) -> (&[f16], &[f16]) {
-        let n = self.ctx * self.kv_dim;
-        (&self.k_cache[l * n..(l + 1) * n], &self.v_cache[l * n..(l + 1) * n])
+    /// Keys and values of layer `l` from element `off` of each position's row: `[pos][kv_dim]`.
+    fn layer_kv(&self, l: usize, off: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let at = l * self.ctx * self.kv_dim + off;
+        (self.k_cache.rows(at), self.v_cache.rows(at))
     }
 
-    /// Stores a position's keys and values, rounded to the nearest f16.
+    /// Stores a position's keys and values in the cache's type.
     fn store_kv(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
         let at = (l * self.ctx + pos) * self.kv_dim;
-        self.k_cache[at..at + self.kv_dim].convert_from_f32_slice(k);
-        self.v_cache[at..at + self.kv_dim].convert_from_f32_slice(v);
+        self.k_cache.store(at, k);
+        self.v_cache.store(at, v);
     }
 
     fn rope(&self, pos: usize) -> (&[f32], &[f32]) {
@@ -246,7 +252,7 @@ impl CpuModel {
         }
         for it in items {
             let s = &it.state;
-            if s.kv_dim != c.kv_dim() || s.k_cache.len() != c.n_layer * s.ctx * s.kv_dim || s.logits.len() != c.n_vocab
+            if s.kv_dim != c.kv_dim() || s.k_cache.values() != c.n_layer * s.ctx * s.kv_dim || s.logits.len() != c.n_vocab
             {
                 return Err(Error::Invalid("a state was made for another model".into()));
             }
@@ -363,8 +369,8 @@ fn attention(
     out.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
         let row = &rows[i / c.n_head];
         let kv_off = (i % c.n_head / group) * hd; // GQA: `group` query heads share one kv head
-        let (keys, values) = items[row.item].state.layer_kv(layer);
-        attend(k, &q[i * hd..(i + 1) * hd], &keys[kv_off..], &values[kv_off..], kv_dim, row.pos + 1, scale, out);
+        let (keys, values) = items[row.item].state.layer_kv(layer, kv_off);
+        attend(k, &q[i * hd..(i + 1) * hd], keys, values, kv_dim, row.pos + 1, scale, out);
     });
 }
 
@@ -377,8 +383,8 @@ fn attention(
 pub fn attend(
     k: &dyn Kernels,
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     stride: usize,
     n: usize,
     scale: f32,
@@ -388,7 +394,7 @@ pub fn attend(
     SCORES.with_borrow_mut(|scores| {
         scores.resize(n.max(scores.len()), 0.0);
         let scores = &mut scores[..n];
-        k.attn_scores(q, keys, stride, scores);
+        keys.scores(k, q, stride, scores);
         scores.iter_mut().for_each(|a| *a *= scale);
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0;
@@ -398,6 +404,6 @@ pub fn attend(
         }
         scores.iter_mut().for_each(|a| *a /= sum);
         out.fill(0.0);
-        k.attn_values(scores, values, stride, out);
+        values.accumulate(k, scores, stride, out);
     });
 }

@@ -3,6 +3,7 @@
 
 pub mod forward;
 pub mod kernels;
+pub mod kv;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 use self::forward::{BatchItem, BatchScratch, State};
 use self::kernels::qhead::QuantHead;
 use self::kernels::Kernels;
-use super::{Batcher, Sequence, Step, Want, Weights};
+use super::{Batcher, KvType, Sequence, Step, Want, Weights};
 use crate::format::quant::{self, GgmlType};
 use crate::model::{Config, Model};
 use crate::tensor::float::FloatMatrix;
@@ -24,6 +25,8 @@ pub struct CpuModel {
     pub kernels: &'static dyn Kernels,
     /// The LM head requantized for the int8 head kernels (`--head`), used instead of the float head.
     pub quant_head: Option<QuantHead>,
+    /// The KV cache type of its sequences.
+    pub kv: KvType,
     pool: Option<rayon::ThreadPool>,
 }
 
@@ -63,7 +66,12 @@ impl CpuModel {
             None => None,
         };
         let quant_head = head.map(|ty| requantize(model.lm_head(), ty)).transpose()?;
-        Ok(Self { model, kernels, quant_head, pool })
+        Ok(Self { model, kernels, quant_head, kv: KvType::F16, pool })
+    }
+
+    /// The same, with sequences caching keys and values as `kv`.
+    pub fn with_kv(self, kv: KvType) -> Self {
+        Self { kv, ..self }
     }
 
     /// Runs `f` on this model's threads.
@@ -107,7 +115,7 @@ impl Weights for CpuModel {
     }
 
     fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>> {
-        let state = State::new(&self.model.config, ctx)?;
+        let state = State::new(&self.model.config, ctx, self.kv)?;
         let scratch = BatchScratch::new(&self.model.config, PROMPT_TILE);
         Ok(Box::new(CpuSequence { model: self, state, scratch }))
     }
