@@ -252,7 +252,9 @@ impl CpuModel {
         }
         for it in items {
             let s = &it.state;
-            if s.kv_dim != c.kv_dim() || s.k_cache.values() != c.n_layer * s.ctx * s.kv_dim || s.logits.len() != c.n_vocab
+            if s.kv_dim != c.kv_dim()
+                || s.k_cache.values() != c.n_layer * s.ctx * s.kv_dim
+                || s.logits.len() != c.n_vocab
             {
                 return Err(Error::Invalid("a state was made for another model".into()));
             }
