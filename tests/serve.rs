@@ -458,3 +458,29 @@ fn official_openai_python_client() {
     );
     assert!(stdout.contains("openai client OK"), "{stdout}");
 }
+
+/// The server on any device (`--backend`, here wgpu: llvmpipe in CI, a GPU on the GPU machine): requests
+/// that share the server in batched steps each get exactly `bitnet run`'s greedy text on that device.
+/// `BITNET_SERVE_BACKEND` picks another device (e.g. cuda on the GPU machine).
+#[test]
+fn serves_on_a_gpu_backend_like_bitnet_run() {
+    let backend = std::env::var("BITNET_SERVE_BACKEND").unwrap_or_else(|_| "wgpu".into());
+    let devices = bitnet_ok(&["info", "--devices"]);
+    if backend == "wgpu" && devices.contains("no wgpu adapters") {
+        assert!(std::env::var_os("CI").is_none(), "CI must have a wgpu adapter: install mesa-vulkan-drivers");
+        eprintln!("no wgpu adapter: skipped (install mesa-vulkan-drivers libvulkan1 for llvmpipe)");
+        return;
+    }
+    let model = fixture(TINY);
+    let model = model.to_str().unwrap();
+    let s = Server::start(&["-m", model, "--backend", &backend, "--slots", "3"]);
+    let prompts = ["Hello world, the", "Once upon a time", "The capital of"];
+    let answers: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = prompts.iter().map(|p| sc.spawn(|| s.complete(&greedy(p, 12)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, answer) in prompts.iter().zip(&answers) {
+        let run = bitnet_ok(&["run", "-m", model, "--backend", &backend, "-p", p, "-n", "12", "--temp", "0"]);
+        assert_eq!(answer, run.strip_suffix('\n').unwrap(), "prompt {p:?} on {backend}");
+    }
+}
