@@ -1,8 +1,9 @@
-//! The engine thread. The model is shared read-only; each of N slots owns one sequence's KV cache.
-//! One loop, on one thread, does all the model work: it admits queued requests into free slots, picks
-//! the next token of every generating slot, then evaluates those tokens together with a bounded piece
-//! of the prompts still waiting, in one batched forward pass (continuous batching: each weight matrix
-//! is read once per step for all of them, so a step of 16 sequences costs far less than 16 steps).
+//! The engine thread. The model's weights are shared on their device; each of N slots owns one sequence
+//! (its KV cache) there. One loop, on one thread, does all the model work: it admits queued requests into
+//! free slots, steps every generating slot's `Generation` (the engine's one generation loop), then
+//! evaluates the tokens they pick together with a bounded piece of the prompts still waiting, in one
+//! step of the device's `Batcher` (continuous batching: on the CPU each weight matrix is read once per
+//! step for all of them, so a step of 16 sequences costs far less than 16 steps).
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
