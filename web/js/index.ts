@@ -68,6 +68,7 @@ export class BitNet {
       threads,
       ctx: options.ctx,
       activation: options.activation,
+      kvType: options.kvType,
     };
     try {
       const info = await new Promise<ModelInfo>((resolve, reject) => {

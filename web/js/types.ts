@@ -28,6 +28,8 @@ export interface LoadOptions {
   ctx?: number;
   /** Override the feed-forward activation read from the file. */
   activation?: 'relu2' | 'silu';
+  /** KV cache type: 'f32' (exact), 'f16' (the default, half the memory) or 'q8_0'; WebGPU has 'f16' only. */
+  kvType?: 'f32' | 'f16' | 'q8_0';
   /** Aborts loading (the worker is terminated). */
   signal?: AbortSignal;
   /** URL of `worker.js`, when the package's files are not served next to `index.js`. */
@@ -131,6 +133,7 @@ export type Request =
       threads: number;
       ctx?: number;
       activation?: string;
+      kvType?: string;
     }
   | { type: 'generate'; id: number; prompt?: string; messages?: ChatMessage[]; options: Record<string, unknown> }
   | { type: 'abort'; id: number }

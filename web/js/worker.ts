@@ -91,7 +91,7 @@ async function load(req: LoadRequest): Promise<void> {
   }
   await stored;
   try {
-    const options = JSON.stringify({ backend, ctx: req.ctx, activation: req.activation });
+    const options = JSON.stringify({ backend, ctx: req.ctx, activation: req.activation, kvType: req.kvType });
     engine = await loader.load(options, (done: number, total: number) => progress({ phase: 'load', loaded: done, total }));
   } catch (err) {
     // A file that does not load is not worth keeping.
