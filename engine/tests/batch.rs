@@ -223,7 +223,7 @@ fn the_batcher_equals_one_sequence_steps_as_sequences_join_and_leave() {
                 Want::Greedy => Some(p.expect("a greedy step returns its token")),
                 _ => {
                     assert!(p.is_none());
-                    Some(bitnet_engine::generate::sampler::argmax(seqs[i].logits().iter().copied()))
+                    Some(bitnet_engine::backend::argmax(seqs[i].logits().iter().copied()))
                 }
             };
         }
@@ -238,7 +238,7 @@ fn the_batcher_equals_one_sequence_steps_as_sequences_join_and_leave() {
             let pos = prompts[i].len() + j;
             let g = alone.forward(&[t], pos, Want::Greedy).unwrap().unwrap();
             assert_close(alone.logits(), &batched_logits[i][j + 1], &format!("sequence {i}, token {j}"));
-            assert_eq!(g, bitnet_engine::generate::sampler::argmax(alone.logits().iter().copied()));
+            assert_eq!(g, bitnet_engine::backend::argmax(alone.logits().iter().copied()));
         }
     }
 }

@@ -88,6 +88,18 @@ impl Batcher for OneByOne {
     }
 }
 
+/// The first index of the largest logit (ties go to the lower id, like argmax everywhere).
+pub fn argmax(logits: impl IntoIterator<Item = f32>) -> u32 {
+    let mut it = logits.into_iter().enumerate();
+    let Some(mut best) = it.next() else { return 0 };
+    for x in it {
+        if x.1 > best.1 {
+            best = x;
+        }
+    }
+    best.0 as u32
+}
+
 /// The one check of a forward pass's input, on every device: some tokens, inside the vocabulary,
 /// inside the context.
 pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Result<()> {

@@ -5,6 +5,8 @@
 //! SplitMix64 uniform number (inverse CDF), which makes a seed reproduce the same text on every
 //! target, and reproduces the sampler of smolbit's PyTorch reference (`reference.py`) exactly.
 
+use crate::backend::argmax;
+
 /// Sampling settings; the defaults are llama.cpp's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerParams {
@@ -120,18 +122,6 @@ impl Sampler {
         let u = self.rng.uniform();
         draw(&self.candidates, p.temperature, u)
     }
-}
-
-/// The first index of the largest logit (ties go to the lower id, like argmax everywhere).
-pub fn argmax(logits: impl IntoIterator<Item = f32>) -> u32 {
-    let mut it = logits.into_iter().enumerate();
-    let Some(mut best) = it.next() else { return 0 };
-    for x in it {
-        if x.1 > best.1 {
-            best = x;
-        }
-    }
-    best.0 as u32
 }
 
 /// llama.cpp's penalties sampler: for each distinct recent token, the repetition penalty (divide a

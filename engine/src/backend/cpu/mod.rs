@@ -156,7 +156,7 @@ impl Sequence for CpuSequence {
 
 /// The CPU takes a greedy token from its logits.
 fn greedy(want: Want, logits: &[f32]) -> Option<u32> {
-    (want == Want::Greedy).then(|| crate::generate::sampler::argmax(logits.iter().copied()))
+    (want == Want::Greedy).then(|| super::argmax(logits.iter().copied()))
 }
 
 /// Many CPU sequences in one batched pass: each weight matrix is read once per step for all of them.
