@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Load benchmark of `bitnet serve` on loopback: aggregate generated tokens/s and request latency (p50/p99)
-at several numbers of concurrent clients. Standard library only.
+and per-stream tokens/s (each request's tokens over its latency, averaged) at several numbers of concurrent
+clients, on any --backend. Standard library only.
 
     python3 tests/scripts/bench_serve.py [--bin target/release/bitnet] [-m MODEL.gguf] [--clients 1,4,16]
                                          [--requests 32] [--max-tokens 64] [--max-seconds 300] [--slots 16]
+                                         [--backend cpu|wgpu|cuda] [--kv-type f32|f16|q8_0]
 
 It starts the server itself (--port 0, --slots SLOTS, --ctx CTX), sends a fixed number of requests per level
 (each client sends its next request as soon as the previous one is answered; a level stops early, with what it
@@ -45,7 +47,7 @@ def metrics(host, port):
 def level(host, port, clients, n_requests, max_tokens, max_seconds):
     before = metrics(host, port)
     next_i, lock = [0], threading.Lock()
-    latencies, tokens = [], [0]
+    latencies, stream_tps, tokens = [], [], [0]
     deadline = time.monotonic() + max_seconds
 
     def client():
@@ -61,6 +63,7 @@ def level(host, port, clients, n_requests, max_tokens, max_seconds):
             n = request(host, port, body)
             with lock:
                 latencies.append(time.monotonic() - t0)
+                stream_tps.append(n / (time.monotonic() - t0))
                 tokens[0] += n
 
     t0 = time.monotonic()
@@ -77,7 +80,7 @@ def level(host, port, clients, n_requests, max_tokens, max_seconds):
     lat = sorted(latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
     return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "wall": wall, "tps": tokens[0] / wall,
-            "p50": statistics.median(lat) * 1000, "p99": p(0.99), "batch": rows / max(steps, 1),
+            "stream_tps": statistics.mean(stream_tps), "p50": statistics.median(lat) * 1000, "p99": p(0.99), "batch": rows / max(steps, 1),
             "step_ms": step_secs / max(steps, 1) * 1000, "busy": step_secs / wall * 100}
 
 
@@ -92,10 +95,14 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=300)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--backend", help="bitnet serve --backend (cpu, wgpu, cuda, auto)")
+    ap.add_argument("--kv-type", help="bitnet serve --kv-type (f32, f16, q8_0)")
     a = ap.parse_args()
     cmd = [a.bin, "serve", "--port", "0", "--slots", str(a.slots), "--ctx", str(a.ctx)]
     cmd += ["-m", a.model] if a.model else []
     cmd += ["-t", str(a.threads)] if a.threads else []
+    cmd += ["--backend", a.backend] if a.backend else []
+    cmd += ["--kv-type", a.kv_type] if a.kv_type else []
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         url = urllib.parse.urlparse(server.stdout.readline().split()[-1])
@@ -103,11 +110,11 @@ def main():
         request(host, port, {"prompt": "warm up", "max_tokens": 4})
         print(f"model {a.model or 'default'}, {a.requests} requests x {a.max_tokens} tokens per level, {a.slots} slots",
               file=sys.stderr)
-        print("| clients | requests | tokens | wall s | tokens/s | p50 ms | p99 ms | mean batch | step ms | in steps |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| clients | requests | tokens | wall s | tokens/s | per stream | p50 ms | p99 ms | mean batch | step ms | in steps |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for c in [int(x) for x in a.clients.split(",")]:
             r = level(host, port, c, a.requests, a.max_tokens, a.max_seconds)
-            print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tps']:.1f} | "
+            print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall']:.1f} | {r['tps']:.1f} | {r['stream_tps']:.1f} | "
                   f"{r['p50']:.0f} | {r['p99']:.0f} | {r['batch']:.1f} | {r['step_ms']:.0f} | {r['busy']:.0f}% |", flush=True)
     finally:
         server.kill()
