@@ -385,14 +385,10 @@ unsafe fn q8_0_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &He
                     acc[r] = D::q8_0(acc[r], load_lanes(row(r).add(base + at), lanes), x);
                 }
             }
-            let corr = |b: usize| if D::Q8_0_UNSIGNED { a.corr[b] } else { 0 };
             if lanes < 8 {
                 for r in 0..R {
-                    let acc: [i32; 8] = std::mem::transmute(acc[r]);
-                    for (l, &dot) in acc[..lanes].iter().enumerate() {
-                        let b = first + l;
-                        short[r] += qhead::block_scale(h, h.row(r0 + r), b) * a.d[b] * (dot - corr(b)) as f32;
-                    }
+                    let dots: [i32; 8] = std::mem::transmute(acc[r]);
+                    short[r] += qhead::scale_lanes(h, r0 + r, first, &dots[..lanes], a, D::Q8_0_UNSIGNED);
                 }
                 continue;
             }

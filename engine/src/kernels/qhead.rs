@@ -236,8 +236,17 @@ fn stored_value(h: &QuantHead, row: &[u8], pos: usize) -> u8 {
     }
 }
 
+/// The float sum of a vector of fewer than all its lanes (a short last group's last vector), lane by
+/// lane: `dots[l]` is the kernel's integer sum for block `first + l` of row `r`, `Σ u·x` (then
+/// `unsigned`, and the activations' `corr` is still to subtract) or the signed `Σ q·x`.
+pub fn scale_lanes(h: &QuantHead, r: usize, first: usize, dots: &[i32], a: &HeadActivations, unsigned: bool) -> f32 {
+    let row = h.row(r);
+    let corr = |b: usize| if unsigned { a.corr[b] } else { 0 };
+    (first..).zip(dots).map(|(b, &dot)| block_scale(h, row, b) * a.d[b] * (dot - corr(b)) as f32).sum()
+}
+
 /// The float factor of block `b` of a row: d (Q8_0) or d·scale (Q6_K).
-pub fn block_scale(h: &QuantHead, row: &[u8], b: usize) -> f32 {
+fn block_scale(h: &QuantHead, row: &[u8], b: usize) -> f32 {
     let f16 = |p: &[u8]| half::f16::from_le_bytes([p[0], p[1]]).to_f32();
     match h.ty {
         GgmlType::Q6_K => {
