@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bitnet_engine::backend::cpu::forward::attend;
 use bitnet_engine::backend::cpu::kernels;
+use bitnet_engine::backend::cpu::kernels::qhead::{HeadActivations, QuantHead};
 use bitnet_engine::backend::cpu::kv::KvRows;
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::tensor::float::FloatMatrix;
@@ -154,7 +155,8 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
-/// The tied LM head of 2B4T (128256 × 2560) in F16 and the quantized types a head may have.
+/// The tied LM head of 2B4T (128256 × 2560) in F16 and the quantized types a head may have, then the
+/// int8 head kernels.
 fn head(c: &mut Criterion) {
     let (rows, cols) = (128_256, 2560);
     let mut rng = Rng(3);
@@ -177,6 +179,30 @@ fn head(c: &mut Criterion) {
                             out.par_chunks_mut(n)
                                 .enumerate()
                                 .for_each(|(i, o)| k.float_rows(&w, i * n..i * n + o.len(), &x, o))
+                        });
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    // The opt-in int8 head (`--head q8_0|q6_k`): the same rows requantized into the kernels' lane layout.
+    for ty in [GgmlType::Q8_0, GgmlType::Q6_K] {
+        let ggml = quant::quantize(ty, &src).expect("quantize");
+        let h = QuantHead::from_ggml(ty, rows, cols, &ggml).expect("head");
+        let mut a = HeadActivations::default();
+        a.quantize(&h, &x);
+        g.throughput(Throughput::BytesDecimal(h.data.len() as u64));
+        for k in kernels::available().into_iter().skip(1) {
+            for threads in THREADS {
+                let pool = pool(threads);
+                g.bench_function(BenchmarkId::new(format!("int8-{}/{}", ty.name(), k.name()), threads), |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            let n = chunk(rows);
+                            out.par_chunks_mut(n)
+                                .enumerate()
+                                .for_each(|(i, o)| k.quant_head_rows(&h, i * n..i * n + o.len(), &a, o))
                         });
                         black_box(&out);
                     })

@@ -1,6 +1,7 @@
 //! Every kernel set against the scalar reference: integer accumulators bit-for-bit, float
 //! products to float tolerance, on random data and shapes that are not multiples of the blocks.
 
+use bitnet_engine::backend::cpu::kernels::qhead::{HeadActivations, QuantHead};
 use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::tensor::float::FloatMatrix;
@@ -289,45 +290,149 @@ fn float_rows_and_gemm_match_the_reference_on_ragged_rows() {
     }
 }
 
-/// The quantized head: every kernel equals the reference, and the reference (int8 activations)
-/// stays close to the float product of the same quantized rows, which checks the lane layout.
+/// The quantized head on realistic data (ggml's own quantizer, float activations): the reference
+/// stays close to the float product of the same quantized rows, which checks the lane layout, and
+/// every kernel equals the reference to float tolerance, for whole and partial row ranges.
 #[test]
 fn quantized_head_matches_the_reference() {
-    use bitnet_engine::backend::cpu::kernels::qhead::{HeadActivations, QuantHead};
     let mut rng = Rng(11);
     let reference = kernels::available()[0];
-    for (ty, cols) in [(GgmlType::Q8_0, 576), (GgmlType::Q8_0, 1024), (GgmlType::Q8_0, 32), (GgmlType::Q6_K, 512)] {
+    let shapes = [(GgmlType::Q8_0, 32), (GgmlType::Q8_0, 576), (GgmlType::Q8_0, 800), (GgmlType::Q8_0, 2560)];
+    for (ty, cols) in shapes.into_iter().chain([(GgmlType::Q6_K, 512), (GgmlType::Q6_K, 2560)]) {
         let rows = 23;
         let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
         let ggml = quant::quantize(ty, &src).unwrap();
         let h = QuantHead::from_ggml(ty, rows, cols, &ggml).unwrap();
         let deq = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data: ggml };
-        let x: Vec<f32> = (0..cols).map(|_| rng.f32() * 4.0).collect();
-        let mut a = HeadActivations::default();
-        a.quantize(&h, &x);
-        let mut want = vec![0f32; rows];
-        reference.quant_head_rows(&h, 0..rows, &a, &mut want);
-        let mut exact = vec![0f32; rows];
-        reference.float_rows(&deq, 0..rows, &x, &mut exact);
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            deq.dequantize_row(r, &mut row);
-            let magnitude: f32 = row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
-            assert!(
-                (want[r] - exact[r]).abs() < 0.01 * magnitude,
-                "{ty:?} x {cols} row {r}: {} vs float {}",
-                want[r],
-                exact[r]
-            );
-        }
-        for k in kernels::available() {
-            let mut got = vec![0f32; rows];
-            k.quant_head_rows(&h, 0..rows, &a, &mut got);
-            for (g, e) in got.iter().zip(&want) {
-                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} kernel, {ty:?} x {cols}: {g} vs {e}", k.name());
+        for scale in [4.0, 0.01] {
+            let x: Vec<f32> = (0..cols).map(|_| rng.f32() * scale).collect();
+            let mut a = HeadActivations::default();
+            a.quantize(&h, &x);
+            let mut want = vec![0f32; rows];
+            reference.quant_head_rows(&h, 0..rows, &a, &mut want);
+            let mut exact = vec![0f32; rows];
+            reference.float_rows(&deq, 0..rows, &x, &mut exact);
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                deq.dequantize_row(r, &mut row);
+                let magnitude: f32 = row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+                assert!(
+                    (want[r] - exact[r]).abs() < 0.01 * magnitude,
+                    "{ty:?} x {cols} row {r}: {} vs float {}",
+                    want[r],
+                    exact[r]
+                );
+            }
+            for k in kernels::available() {
+                for range in [0..rows, 3..rows - 1, 7..8] {
+                    let mut got = vec![0f32; range.len()];
+                    k.quant_head_rows(&h, range.clone(), &a, &mut got);
+                    for (g, e) in got.iter().zip(&want[range.clone()]) {
+                        let what = || format!("{} kernel, {ty:?} x {cols}, rows {range:?}", k.name());
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{}: {g} vs {e}", what());
+                    }
+                }
             }
         }
     }
+}
+
+/// The quantized head's integer sums, bit for bit: with power-of-two scales (and small enough sums)
+/// every float step after the integer dot products is exact whatever its order, so each kernel must
+/// give exactly the definition `Σ w·x` of the ggml values, computed here in f64. Full-range bytes:
+/// Q8_0 values −128 and 127, Q6_K values 0 and 63 with int8 sub-block scales, activations ±127 and
+/// an all-zero block; short last groups, odd row counts, row ranges inside the matrix.
+#[test]
+fn quantized_head_integer_sums_are_exact() {
+    let mut rng = Rng(0x0b17_5eed);
+    let shapes = [(GgmlType::Q8_0, 32), (GgmlType::Q8_0, 288), (GgmlType::Q8_0, 800), (GgmlType::Q8_0, 1024)];
+    for (ty, cols) in shapes.into_iter().chain([(GgmlType::Q6_K, 256), (GgmlType::Q6_K, 512)]) {
+        let rows = 13;
+        let ggml = exact_head_rows(&mut rng, ty, rows, cols);
+        let h = QuantHead::from_ggml(ty, rows, cols, &ggml).unwrap();
+        let deq = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data: ggml };
+        let l = if ty == GgmlType::Q6_K { 16 } else { 32 };
+        for vector in 0..3 {
+            let x = exact_activations(&mut rng, cols, l, vector == 1);
+            let mut a = HeadActivations::default();
+            a.quantize(&h, &x);
+            let mut w = vec![0f32; cols];
+            let want: Vec<f64> = (0..rows)
+                .map(|r| {
+                    deq.dequantize_row(r, &mut w);
+                    let terms: Vec<f64> = w.chunks(l).zip(x.chunks(l)).map(|(w, x)| dot_f64(w, x)).collect();
+                    // Exactness needs every partial sum within f32's 24 bits, in units of the smallest
+                    // weight scale × activation scale (2⁻²).
+                    let bound: f64 = terms.iter().map(|t| t.abs()).sum();
+                    assert!(bound * 4.0 < (1 << 24) as f64, "test data too large for exact sums: {bound}");
+                    terms.iter().sum()
+                })
+                .collect();
+            for k in kernels::available() {
+                for range in [0..rows, 2..rows, 5..6] {
+                    let mut got = vec![0f32; range.len()];
+                    k.quant_head_rows(&h, range.clone(), &a, &mut got);
+                    for (i, (&g, &e)) in got.iter().zip(&want[range.clone()]).enumerate() {
+                        let r = range.start + i;
+                        assert_eq!(g as f64, e, "{} kernel, {ty:?} x {cols}, vector {vector}, row {r}", k.name());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// `rows` ggml rows of `ty` with random bytes for the values, power-of-two scales (Q8_0 `d` 0.5, 1
+/// or 2; Q6_K `d` 0.5 or 1, sub-block scales mostly within ±8, one of −128 a row) and each row's
+/// first block holding the extreme values.
+fn exact_head_rows(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let pow2 = |rng: &mut Rng, n: u64| f16::from_f32(0.5 * (1 << rng.below(n)) as f32).to_le_bytes();
+    let mut out = Vec::new();
+    for _ in 0..rows {
+        let start = out.len();
+        if ty == GgmlType::Q6_K {
+            for _ in 0..cols / 256 {
+                let mut b: Vec<u8> = (0..192).map(|_| rng.next() as u8).collect();
+                b.extend((0..16).map(|_| (rng.below(17) as i8 - 8) as u8));
+                b.extend(pow2(rng, 2));
+                out.extend(b);
+            }
+            // Values 0 and 63 (ql nibbles 0 and 15, their qh bits 0 and 3) and the scale −128.
+            out[start] &= 0xf0;
+            out[start + 128] &= !3;
+            out[start + 1] |= 0x0f;
+            out[start + 129] |= 3;
+            out[start + 192 + 5] = 0x80;
+        } else {
+            for _ in 0..cols / 32 {
+                out.extend(pow2(rng, 3));
+                out.extend((0..32).map(|_| rng.next() as u8));
+            }
+            out[start + 2] = 0x80; // −128
+            out[start + 3] = 0x7f;
+        }
+    }
+    out
+}
+
+/// Activations whose blocks of `l` quantize exactly: block scale 0.5 or 1 (the block's maximum is
+/// 127 times it), int8 values anywhere in ±127; block 1 all zero if `zero_block`.
+fn exact_activations(rng: &mut Rng, cols: usize, l: usize, zero_block: bool) -> Vec<f32> {
+    let mut x = Vec::with_capacity(cols);
+    for b in 0..cols / l {
+        let d = if rng.below(2) == 0 { 0.5 } else { 1.0 };
+        let mut q: Vec<i32> = (0..l).map(|_| rng.below(255) as i32 - 127).collect();
+        q[rng.below(l as u64) as usize] = if rng.below(2) == 0 { 127 } else { -127 };
+        if zero_block && b == 1 {
+            q.fill(0);
+        }
+        x.extend(q.iter().map(|&q| q as f32 * d));
+    }
+    x
 }
 
 /// A Q4_0 or Q5_0 LM head is repacked to Q8_0 for kernels without a path of their own: the values must

@@ -1,4 +1,6 @@
-//! x86-64 AVX2 kernels. Chosen at run time by [`super::best`] when the CPU has AVX2, FMA and F16C.
+//! x86-64 AVX2 kernels. Chosen at run time by [`super::best`] when the CPU has AVX2, FMA and F16C;
+//! a second variant adds AVX-VNNI's 256-bit `vpdpbusd` for the quantized head where the CPU has it
+//! (both are registered so that the tests cover both on such a CPU).
 //!
 //! Ternary rows: a 32-byte block holds 128 codes as `u = code + 1` in four 2-bit planes; shifting
 //! and masking a plane gives 32 unsigned bytes that `maddubs` multiplies with 32 int8 activations.
@@ -12,22 +14,41 @@ use std::ops::Range;
 
 use half::f16;
 
-use super::Kernels;
+use super::qhead::{self, HeadActivations, QuantHead};
+use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
 
-pub struct Avx2;
+pub struct Avx2 {
+    vnni: bool,
+}
+
+/// The plain AVX2 set (the AVX-512 set uses its attention loops too).
+pub static AVX2: Avx2 = Avx2 { vnni: false };
+static AVX2_VNNI: Avx2 = Avx2 { vnni: true };
 
 impl Avx2 {
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    /// The variants this CPU runs, slowest first: plain AVX2, then AVX-VNNI.
+    pub fn available() -> Vec<&'static dyn Kernels> {
+        let mut v: Vec<&'static dyn Kernels> = Vec::new();
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            v.push(&AVX2);
+            if is_x86_feature_detected!("avxvnni") {
+                v.push(&AVX2_VNNI);
+            }
+        }
+        v
     }
 }
 
 impl Kernels for Avx2 {
     fn name(&self) -> &'static str {
-        "avx2"
+        if self.vnni {
+            "avx2vnni"
+        } else {
+            "avx2"
+        }
     }
 
     fn ternary_rows(&self, w: &TernaryMatrix, rows: Range<usize>, xq: &[i8], out: &mut [i32]) {
@@ -80,6 +101,19 @@ impl Kernels for Avx2 {
                 }
             }
             _ => super::scalar::Scalar.float_rows(w, rows, x, out),
+        }
+    }
+
+    fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+        qhead::check_args(h, &rows, a, out);
+        // SAFETY: features checked by `available()` (AVX-VNNI for the VNNI variant); the checks bound
+        // every read (rows hold the lane layout of `cols`).
+        unsafe {
+            if self.vnni {
+                qhead_vnni(h, rows, a, out)
+            } else {
+                qhead_plain(h, rows, a, out)
+            }
         }
     }
 
@@ -137,6 +171,17 @@ unsafe fn ternary_dots<const T: usize>(row: &[u8], x: &[i8], p: usize) -> [i32; 
 unsafe fn prefetch_ahead(p: *const u8) {
     const PREFETCH: usize = 4096;
     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+}
+
+/// Requests the line at `offset` of each row of the tile two tiles after the one at `tile` (`rows`
+/// rows of `stride` bytes): the same place in rows the kernel reads soon. One core's hardware
+/// prefetchers alone keep too few lines in flight to stream from DRAM at the memory's bandwidth
+/// (and one linear prefetch stream fell behind the rows of tiles longer than its distance).
+#[inline(always)]
+pub(super) unsafe fn prefetch_tiles_ahead(tile: *const u8, rows: usize, stride: usize, offset: usize) {
+    for r in 0..rows {
+        _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add((2 * rows + r) * stride + offset) as *const i8);
+    }
 }
 
 #[target_feature(enable = "avx2")]
@@ -225,4 +270,185 @@ unsafe fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
         acc = _mm256_fmadd_ps(d, partial, acc);
     }
     hsum_f32(acc)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The quantized head (see `qhead`): a 64-byte step of the lane layout is two vectors of 8 blocks, one
+// i32 lane per block; each vector is taken through its group's steps, then scaled and added up.
+
+/// The integer steps of the quantized head: per i32 lane, four byte products summed.
+trait HeadDot {
+    /// Whether [`HeadDot::q8_0`] sums the stored unsigned bytes (then the activations' `corr` is still
+    /// to subtract) or the signed values.
+    const Q8_0_UNSIGNED: bool;
+    /// `acc + Σ u·x` for unsigned `u`, where any two neighbouring products sum within i16 (Q6_K: u < 64).
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i;
+    /// For Q8_0's stored `u = q + 128`: `acc + Σ u·x` or `acc + Σ q·x`, as `Q8_0_UNSIGNED` says.
+    unsafe fn q8_0(acc: __m256i, u: __m256i, x: __m256i) -> __m256i;
+}
+
+struct Maddubs;
+struct AvxVnni;
+
+impl HeadDot for Maddubs {
+    const Q8_0_UNSIGNED: bool = false;
+
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)))
+    }
+
+    /// `Σ u·x` would overflow `maddubs`'s i16 pairs; `Σ |q|·(±x)`, the sign of `q` moved onto `x`, stays
+    /// within 2·128·127 because `x` is never −128.
+    #[inline(always)]
+    unsafe fn q8_0(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        let q = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+        Self::dot(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(x, q))
+    }
+}
+
+impl HeadDot for AvxVnni {
+    const Q8_0_UNSIGNED: bool = true;
+
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, u, x)
+    }
+
+    #[inline(always)]
+    unsafe fn q8_0(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, u, x)
+    }
+}
+
+// The generic body is compiled once per feature set, so that the plain variant holds no VNNI
+// instruction that the compiler might otherwise fuse from `maddubs`/`madd`/`add`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qhead_plain(h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+    by_tiles(rows, out, |r| head_tile::<Maddubs, HEAD_ROWS>(h, r, a), |r| head_tile::<Maddubs, 1>(h, r, a)[0]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn qhead_vnni(h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+    by_tiles(rows, out, |r| head_tile::<AvxVnni, HEAD_ROWS>(h, r, a), |r| head_tile::<AvxVnni, 1>(h, r, a)[0]);
+}
+
+/// Rows of a tile: they share each activation load.
+const HEAD_ROWS: usize = 4;
+
+#[inline(always)]
+unsafe fn head_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    if h.ty == GgmlType::Q6_K {
+        q6_k_tile::<D, R>(h, r0, a)
+    } else {
+        q8_0_tile::<D, R>(h, r0, a)
+    }
+}
+
+/// Requests the lines of group bytes `start..start + len` of the rows two tiles ahead.
+#[inline(always)]
+unsafe fn prefetch_group(tile: *const u8, rows: usize, stride: usize, start: usize, len: usize) {
+    for offset in (start..start + len).step_by(64) {
+        prefetch_tiles_ahead(tile, rows, stride, offset);
+    }
+}
+
+/// The first `lanes` i32 lanes (of 8) at `p`, the others zero: the vector of a short last group.
+#[inline(always)]
+unsafe fn load_lanes(p: *const u8, lanes: usize) -> __m256i {
+    if lanes == 8 {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_maskload_epi32(p as *const i32, mask)
+    }
+}
+
+/// Q8_0 rows `r0..r0 + R`: per group of J blocks, `32·J` bytes of `q + 128` then the J f16 scales.
+#[inline(always)]
+unsafe fn q8_0_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let row = |r: usize| h.data.as_ptr().add((r0 + r) * h.row_bytes);
+    let blocks = h.cols / 32;
+    let mut total = [_mm256_setzero_ps(); R];
+    let mut short = [0f32; R]; // a short last group's partial vector, finished lane by lane
+    for g in 0..blocks.div_ceil(qhead::LANES) {
+        let (j, base) = ((blocks - 16 * g).min(16), 544 * g);
+        prefetch_group(row(0), R, h.row_bytes, base, 34 * j);
+        let xs = a.q.as_ptr().add(512 * g) as *const u8;
+        for v in 0..j.div_ceil(8) {
+            let (lanes, first) = ((j - 8 * v).min(8), 16 * g + 8 * v); // `first`: the block in lane 0
+            let mut acc = [_mm256_setzero_si256(); R];
+            for k in 0..8 {
+                let at = 4 * j * k + 32 * v;
+                let x = load_lanes(xs.add(at), lanes);
+                for r in 0..R {
+                    acc[r] = D::q8_0(acc[r], load_lanes(row(r).add(base + at), lanes), x);
+                }
+            }
+            if lanes < 8 {
+                for r in 0..R {
+                    let dots: [i32; 8] = std::mem::transmute(acc[r]);
+                    short[r] += qhead::scale_lanes(h, r0 + r, first, &dots[..lanes], a, D::Q8_0_UNSIGNED);
+                }
+                continue;
+            }
+            let corr = if D::Q8_0_UNSIGNED {
+                _mm256_loadu_si256(a.corr.as_ptr().add(first) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let dx = _mm256_loadu_ps(a.d.as_ptr().add(first));
+            for r in 0..R {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(row(r).add(base + 32 * j + 16 * v) as *const __m128i));
+                let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], corr));
+                total[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, dx), total[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum_f32(total[r]) + short[r])
+}
+
+/// Q6_K rows `r0..r0 + R`: per 256 values, 128 bytes of nibbles, 64 of high bits, 16 int8 sub-block
+/// scales and an f16 `d`; 32-byte half `v` of each part holds sub-blocks `8v..8v + 8`.
+#[inline(always)]
+unsafe fn q6_k_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let row = |r: usize| h.data.as_ptr().add((r0 + r) * h.row_bytes);
+    let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let nib = |v: __m256i| _mm256_and_si256(v, low4);
+    let top = |v: __m256i| _mm256_and_si256(v, high2);
+    let mut total = [_mm256_setzero_ps(); R];
+    for g in 0..h.cols / 256 {
+        prefetch_group(row(0), R, h.row_bytes, 210 * g, 210);
+        let xs = a.q.as_ptr().add(256 * g);
+        for v in 0..2 {
+            let first = 16 * g + 8 * v;
+            let x: [__m256i; 4] =
+                std::array::from_fn(|k| _mm256_loadu_si256(xs.add(64 * k + 32 * v) as *const __m256i));
+            let corr = _mm256_loadu_si256(a.corr.as_ptr().add(first) as *const __m256i);
+            let dx = _mm256_loadu_ps(a.d.as_ptr().add(first));
+            for r in 0..R {
+                let b = row(r).add(210 * g);
+                let load = |at: usize| _mm256_loadu_si256(b.add(at + 32 * v) as *const __m256i);
+                let (lo, hi, qh) = (load(0), load(64), load(128));
+                let steps = [
+                    _mm256_or_si256(nib(lo), top(_mm256_slli_epi16(qh, 4))),
+                    _mm256_or_si256(nib(_mm256_srli_epi16(lo, 4)), top(_mm256_slli_epi16(qh, 2))),
+                    _mm256_or_si256(nib(hi), top(qh)),
+                    _mm256_or_si256(nib(_mm256_srli_epi16(hi, 4)), top(_mm256_srli_epi16(qh, 2))),
+                ];
+                let mut acc = _mm256_setzero_si256();
+                for k in 0..4 {
+                    acc = D::dot(acc, steps[k], x[k]);
+                }
+                let sc =
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(192 + 8 * v) as *const __m128i)));
+                let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    (b.add(208) as *const u16).read_unaligned() as i32,
+                )));
+                let scale = _mm256_mul_ps(_mm256_mul_ps(sc, dx), d);
+                total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, corr)), scale, total[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum_f32(total[r]))
 }

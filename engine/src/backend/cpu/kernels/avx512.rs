@@ -21,8 +21,9 @@ use std::ops::Range;
 
 use half::f16;
 
+use super::avx2::prefetch_tiles_ahead;
 use super::qhead::{self, HeadActivations, QuantHead};
-use super::Kernels;
+use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
@@ -83,10 +84,8 @@ impl Kernels for Avx512 {
     }
 
     fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
-        let blocks = h.cols / qhead::block_len(h.ty);
-        assert!(rows.end <= h.rows && a.q.len() >= h.cols && a.d.len() >= blocks && a.corr.len() >= blocks);
-        assert!(out.len() >= rows.len() && matches!(h.ty, GgmlType::Q8_0 | GgmlType::Q6_K));
-        // SAFETY: features as above; the asserts bound every read (rows hold the lane layout of `cols`).
+        qhead::check_args(h, &rows, a, out);
+        // SAFETY: features as above; the checks bound every read (rows hold the lane layout of `cols`).
         unsafe {
             if self.vnni {
                 qhead_vnni(h, rows, a, out)
@@ -117,11 +116,11 @@ impl Kernels for Avx512 {
     // Attention takes the AVX2 loops (every AVX-512 CPU has AVX2, FMA and F16C): 16-wide masked rows measured
     // slower on 128-wide heads (4096 positions, 2 threads: 3.12 ms against 2.62; BENCHMARKS.md).
     fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
-        super::avx2::Avx2.attn_scores(q, keys, stride, out)
+        super::avx2::AVX2.attn_scores(q, keys, stride, out)
     }
 
     fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
-        super::avx2::Avx2.attn_values(p, values, stride, out)
+        super::avx2::AVX2.attn_values(p, values, stride, out)
     }
 }
 
@@ -226,17 +225,6 @@ unsafe fn token_tile<D: Dot, const R: usize, const T: usize>(
     }
 }
 
-/// Requests the line at `offset` of each row of the tile two tiles after the one at `tile` (`rows`
-/// rows of `stride` bytes): the same place in rows the kernel reads soon. One core's hardware
-/// prefetchers alone keep too few lines in flight to stream from DRAM at the memory's bandwidth
-/// (and one linear prefetch stream fell behind the rows of tiles longer than its distance).
-#[inline(always)]
-unsafe fn prefetch_ahead(tile: *const u8, rows: usize, stride: usize, offset: usize) {
-    for r in 0..rows {
-        _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add((2 * rows + r) * stride + offset) as *const i8);
-    }
-}
-
 /// `Σ_c u(r, c)·x(t, c)` for rows `r0..r0 + R` and the `T` activation vectors at `x` (stride `p`).
 #[inline(always)]
 unsafe fn tile<D: Dot, const R: usize, const T: usize>(
@@ -253,7 +241,7 @@ unsafe fn tile<D: Dot, const R: usize, const T: usize>(
     let mut acc_b = [[_mm512_setzero_si512(); T]; R];
     for b in 0..p / 128 {
         if b % 2 == 0 {
-            prefetch_ahead(wp, R, stride, 32 * b); // a line is two steps
+            prefetch_tiles_ahead(wp, R, stride, 32 * b); // a line is two steps
         }
         let block =
             |r: usize| _mm512_broadcast_i64x4(_mm256_loadu_si256(wp.add(r * stride + 32 * b) as *const __m256i));
@@ -300,25 +288,6 @@ unsafe fn sum_i8<D: Dot>(x: *const i8, p: usize) -> i32 {
 
 const FLOAT_ROWS: usize = 4;
 
-/// Runs `row_dot::<R>` over `rows`, four rows at a time, then one at a time.
-#[inline(always)]
-unsafe fn by_tiles(
-    rows: Range<usize>,
-    out: &mut [f32],
-    mut four: impl FnMut(usize) -> [f32; FLOAT_ROWS],
-    mut one: impl FnMut(usize) -> f32,
-) {
-    let mut r = rows.start;
-    while r + FLOAT_ROWS <= rows.end {
-        out[r - rows.start..][..FLOAT_ROWS].copy_from_slice(&four(r));
-        r += FLOAT_ROWS;
-    }
-    while r < rows.end {
-        out[r - rows.start] = one(r);
-        r += 1;
-    }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn f16_rows(w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
     by_tiles(rows, out, |r| f16_tile::<FLOAT_ROWS>(w, r, x), |r| f16_tile::<1>(w, r, x)[0]);
@@ -334,7 +303,7 @@ unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f3
     let mut acc1 = [_mm512_setzero_ps(); R];
     let mut i = 0;
     while i + 32 <= n {
-        prefetch_ahead(row(0) as *const u8, R, w.row_bytes, 2 * i);
+        prefetch_tiles_ahead(row(0) as *const u8, R, w.row_bytes, 2 * i);
         let (x0, x1) = (_mm512_loadu_ps(xp.add(i)), _mm512_loadu_ps(xp.add(i + 16)));
         for r in 0..R {
             let h0 = _mm256_loadu_si256(row(r).add(i) as *const __m256i);

@@ -104,6 +104,27 @@ pub(crate) fn decoded_rows(
     }
 }
 
+/// Runs a row kernel over `rows`: `tile(r)` computes rows `r..r + R` at once (sharing each activation
+/// load), `one(r)` the rows left over; row `r` goes to `out[r − rows.start]`.
+#[allow(dead_code)] // a target with no SIMD set (wasm32 without simd128) has no tiled kernels
+#[inline(always)]
+pub(crate) fn by_tiles<const R: usize>(
+    rows: Range<usize>,
+    out: &mut [f32],
+    mut tile: impl FnMut(usize) -> [f32; R],
+    mut one: impl FnMut(usize) -> f32,
+) {
+    let mut r = rows.start;
+    while r + R <= rows.end {
+        out[r - rows.start..][..R].copy_from_slice(&tile(r));
+        r += R;
+    }
+    while r < rows.end {
+        out[r - rows.start] = one(r);
+        r += 1;
+    }
+}
+
 /// The fastest kernels this CPU supports.
 /// `BITNET_KERNELS=<name>` picks another available set (`scalar` for the reference; for comparisons).
 pub fn best() -> &'static dyn Kernels {
@@ -118,9 +139,7 @@ pub fn available() -> Vec<&'static dyn Kernels> {
     #[allow(unused_mut)] // a target with no SIMD set (wasm32 without simd128) adds nothing
     let mut all: Vec<&'static dyn Kernels> = vec![&scalar::Scalar];
     #[cfg(target_arch = "x86_64")]
-    if avx2::Avx2::available() {
-        all.push(&avx2::Avx2);
-    }
+    all.extend(avx2::Avx2::available());
     #[cfg(target_arch = "x86_64")]
     all.extend(avx512::Avx512::available());
     #[cfg(target_arch = "aarch64")]

@@ -6,13 +6,17 @@
 //! `u = code + 1` in four 2-bit planes; shifting and masking a plane gives 16 bytes per vector with
 //! values 0..=2, multiplied with int8 activations, and `Σ u·x − Σ x = Σ code·x`.
 
+// Index loops: one index addresses accumulators, loads and pointer offsets at once.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
 use half::f16;
 
-use super::Kernels;
+use super::qhead::{self, HeadActivations, QuantHead};
+use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
@@ -80,6 +84,19 @@ impl Kernels for Neon {
             }
             // SAFETY (NEON): always present on AArch64.
             _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + unsafe { f32_dot(a, b) }),
+        }
+    }
+
+    fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+        qhead::check_args(h, &rows, a, out);
+        // SAFETY: NEON is always present; the `sdot` variant is only handed out after detecting the
+        // dot-product extension; the checks bound every read (rows hold the lane layout of `cols`).
+        unsafe {
+            if self.dotprod {
+                qhead_sdot(h, rows, a, out)
+            } else {
+                qhead_widening(h, rows, a, out)
+            }
         }
     }
 
@@ -237,4 +254,147 @@ unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a[j] * b[j];
     }
     sum
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The quantized head (see `qhead`): a 64-byte step of the lane layout is four vectors of 4 blocks, one
+// i32 lane per block; each vector is taken through its group's steps, then scaled and added up. The
+// products are signed: a Q8_0 weight is taken as `q = u ^ 0x80`, a Q6_K weight `u` (< 64) as it is.
+
+/// The integer step of the quantized head.
+trait HeadDot {
+    /// `acc + Σ w·x` per i32 lane of four byte products, where any two neighbouring products sum
+    /// within i16 (as they do for the head's weights against activations within ±127).
+    unsafe fn dot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t;
+}
+
+struct Widening;
+struct Sdot;
+
+impl HeadDot for Widening {
+    /// Products 0..8 and 8..16 as i16, neighbours added, then each lane's two sums widened into it.
+    #[inline(always)]
+    unsafe fn dot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let lo = vmull_s8(vget_low_s8(w), vget_low_s8(x));
+        vpadalq_s16(acc, vpaddq_s16(lo, vmull_high_s8(w, x)))
+    }
+}
+
+impl HeadDot for Sdot {
+    #[inline(always)]
+    unsafe fn dot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        sdot(acc, w, x)
+    }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn qhead_widening(h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+    by_tiles(rows, out, |r| head_tile::<Widening, HEAD_ROWS>(h, r, a), |r| head_tile::<Widening, 1>(h, r, a)[0]);
+}
+
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn qhead_sdot(h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+    by_tiles(rows, out, |r| head_tile::<Sdot, HEAD_ROWS>(h, r, a), |r| head_tile::<Sdot, 1>(h, r, a)[0]);
+}
+
+/// Rows of a tile: they share each activation load.
+const HEAD_ROWS: usize = 4;
+
+#[inline(always)]
+unsafe fn head_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    if h.ty == GgmlType::Q6_K {
+        q6_k_tile::<D, R>(h, r0, a)
+    } else {
+        q8_0_tile::<D, R>(h, r0, a)
+    }
+}
+
+/// The first `lanes` i32 lanes (of 4) at `p`, the others zero: the vector of a short last group.
+#[inline(always)]
+unsafe fn load_lanes(p: *const u8, lanes: usize) -> int8x16_t {
+    if lanes == 4 {
+        vld1q_s8(p as *const i8)
+    } else {
+        let mut buf = [0u8; 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), 4 * lanes);
+        vld1q_s8(buf.as_ptr() as *const i8)
+    }
+}
+
+/// Q8_0 rows `r0..r0 + R`: per group of J blocks, `32·J` bytes of `q + 128` then the J f16 scales.
+#[inline(always)]
+unsafe fn q8_0_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let row = |r: usize| h.data.as_ptr().add((r0 + r) * h.row_bytes);
+    let blocks = h.cols / 32;
+    let sign = vdupq_n_s8(-128);
+    let mut total = [vdupq_n_f32(0.0); R];
+    let mut short = [0f32; R]; // a short last group's partial vector, finished lane by lane
+    for g in 0..blocks.div_ceil(qhead::LANES) {
+        let (j, base) = ((blocks - 16 * g).min(16), 544 * g);
+        let xs = a.q.as_ptr().add(512 * g) as *const u8;
+        for v in 0..j.div_ceil(4) {
+            let (lanes, first) = ((j - 4 * v).min(4), 16 * g + 4 * v); // `first`: the block in lane 0
+            let mut acc = [vdupq_n_s32(0); R];
+            for k in 0..8 {
+                let at = 4 * j * k + 16 * v;
+                let x = load_lanes(xs.add(at), lanes);
+                for r in 0..R {
+                    acc[r] = D::dot(acc[r], veorq_s8(load_lanes(row(r).add(base + at), lanes), sign), x);
+                }
+            }
+            if lanes < 4 {
+                for r in 0..R {
+                    let dots: [i32; 4] = std::mem::transmute(acc[r]);
+                    short[r] += qhead::scale_lanes(h, r0 + r, first, &dots[..lanes], a, false);
+                }
+                continue;
+            }
+            let dx = vld1q_f32(a.d.as_ptr().add(first));
+            for r in 0..R {
+                let dw = widen_f16(vld1_u16(row(r).add(base + 32 * j + 8 * v) as *const u16));
+                total[r] = vfmaq_f32(total[r], vcvtq_f32_s32(acc[r]), vmulq_f32(dw, dx));
+            }
+        }
+    }
+    std::array::from_fn(|r| vaddvq_f32(total[r]) + short[r])
+}
+
+/// Q6_K rows `r0..r0 + R`: per 256 values, 128 bytes of nibbles, 64 of high bits, 16 int8 sub-block
+/// scales and an f16 `d`; 16-byte quarter `v` of each part holds sub-blocks `4v..4v + 4`.
+#[inline(always)]
+unsafe fn q6_k_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let row = |r: usize| h.data.as_ptr().add((r0 + r) * h.row_bytes);
+    let (low4, high2) = (vdupq_n_u8(0x0f), vdupq_n_u8(0x30));
+    let mut total = [vdupq_n_f32(0.0); R];
+    for g in 0..h.cols / 256 {
+        let xs = a.q.as_ptr().add(256 * g);
+        for v in 0..4 {
+            let first = 16 * g + 4 * v;
+            let x: [int8x16_t; 4] = std::array::from_fn(|k| vld1q_s8(xs.add(64 * k + 16 * v)));
+            let corr = vld1q_s32(a.corr.as_ptr().add(first));
+            let dx = vld1q_f32(a.d.as_ptr().add(first));
+            for r in 0..R {
+                let b = row(r).add(210 * g);
+                let load = |at: usize| vld1q_u8(b.add(at + 16 * v));
+                let (lo, hi, qh) = (load(0), load(64), load(128));
+                let top = |v: uint8x16_t| vandq_u8(v, high2);
+                let steps = [
+                    vorrq_u8(vandq_u8(lo, low4), top(vshlq_n_u8(qh, 4))),
+                    vorrq_u8(vshrq_n_u8(lo, 4), top(vshlq_n_u8(qh, 2))),
+                    vorrq_u8(vandq_u8(hi, low4), top(qh)),
+                    vorrq_u8(vshrq_n_u8(hi, 4), top(vshrq_n_u8(qh, 2))),
+                ];
+                let mut acc = vdupq_n_s32(0);
+                for (step, x) in steps.into_iter().zip(x) {
+                    acc = D::dot(acc, vreinterpretq_s8_u8(step), x);
+                }
+                let sc4 = vreinterpret_s8_u32(vdup_n_u32((b.add(192 + 4 * v) as *const u32).read_unaligned()));
+                let sc = vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(sc4))));
+                let d = f16::from_bits((b.add(208) as *const u16).read_unaligned()).to_f32();
+                let scale = vmulq_n_f32(vmulq_f32(sc, dx), d);
+                total[r] = vfmaq_f32(total[r], vcvtq_f32_s32(vsubq_s32(acc, corr)), scale);
+            }
+        }
+    }
+    std::array::from_fn(|r| vaddvq_f32(total[r]))
 }

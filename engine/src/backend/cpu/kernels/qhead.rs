@@ -18,6 +18,14 @@
 //!
 //! Each block's integer dot is `Σ u·x − offset·Σ x` (offset 128 or 32): the activation sums are
 //! computed once per vector, so the weights can be unsigned, as `vpdpbusd` wants them.
+//!
+//! Narrower vectors read the same layout: a 64-byte step is two 32-byte vectors of 8 whole blocks
+//! (AVX2) or four 16-byte vectors of 4 (NEON, SIMD128), each still one block per i32 lane. Kernels
+//! without an unsigned-by-signed dot take a Q8_0 weight as `q = u ^ 0x80` (signed) and sum `q·x`
+//! directly, which needs no correction; two such products fit an i16 because the activations stay
+//! within ±127 (see [`HeadActivations`]).
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -151,6 +159,7 @@ fn q6_k_value(b: &[u8], i: usize) -> u8 {
 }
 
 /// Activations quantized for a [`QuantHead`]: int8 in lane order, a scale and a sum per block.
+/// The int8 values are within −127..=127 (never −128), which the kernels rely on.
 #[derive(Clone, Debug, Default)]
 pub struct HeadActivations {
     pub q: Vec<i8>,
@@ -184,8 +193,16 @@ impl HeadActivations {
     }
 }
 
+/// The bounds that every kernel's `quant_head_rows` checks first: its unchecked reads stay inside them.
+pub fn check_args(h: &QuantHead, rows: &Range<usize>, a: &HeadActivations, out: &[f32]) {
+    let blocks = h.cols / block_len(h.ty);
+    assert!(rows.end <= h.rows && a.q.len() >= h.cols && a.d.len() >= blocks && a.corr.len() >= blocks);
+    assert!(out.len() >= rows.len() && matches!(h.ty, GgmlType::Q8_0 | GgmlType::Q6_K));
+    assert!(h.data.len() >= h.rows * h.row_bytes);
+}
+
 /// The reference: `out[i] = Σ_blocks scale(block) · d_x(block) · (Σ u·x − offset·Σ x)`.
-pub fn reference_rows(h: &QuantHead, rows: std::ops::Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+pub fn reference_rows(h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
     let l = block_len(h.ty);
     for (o, r) in out.iter_mut().zip(rows) {
         let row = h.row(r);
@@ -217,6 +234,15 @@ fn stored_value(h: &QuantHead, row: &[u8], pos: usize) -> u8 {
             row[g * LANES * 34 + pos % (LANES * 32)]
         }
     }
+}
+
+/// The float sum of a vector of fewer than all its lanes (a short last group's last vector), lane by
+/// lane: `dots[l]` is the kernel's integer sum for block `first + l` of row `r`, `Σ u·x` (then
+/// `unsigned`, and the activations' `corr` is still to subtract) or the signed `Σ q·x`.
+pub fn scale_lanes(h: &QuantHead, r: usize, first: usize, dots: &[i32], a: &HeadActivations, unsigned: bool) -> f32 {
+    let row = h.row(r);
+    let corr = |b: usize| if unsigned { a.corr[b] } else { 0 };
+    (first..).zip(dots).map(|(b, &dot)| block_scale(h, row, b) * a.d[b] * (dot - corr(b)) as f32).sum()
 }
 
 /// The float factor of block `b` of a row: d (Q8_0) or d·scale (Q6_K).

@@ -6,12 +6,16 @@
 //! `u = code + 1` in four 2-bit planes; shifting and masking a plane gives 16 bytes per vector with
 //! values 0..=2, multiplied with int8 activations, and `Σ u·x − Σ x = Σ code·x`.
 
+// Index loops: one index addresses accumulators, loads and pointer offsets at once.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::wasm32::*;
 use std::ops::Range;
 
 use half::f16;
 
-use super::Kernels;
+use super::qhead::{self, HeadActivations, QuantHead};
+use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
@@ -46,6 +50,11 @@ impl Kernels for Simd128 {
             }
             _ => super::decoded_rows(w, rows, x, out, |acc, a, b| acc + f32_dot(a, b)),
         }
+    }
+
+    fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
+        qhead::check_args(h, &rows, a, out);
+        by_tiles(rows, out, |r| head_tile::<HEAD_ROWS>(h, r, a), |r| head_tile::<1>(h, r, a)[0]);
     }
 
     fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
@@ -194,4 +203,127 @@ fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
         acc = f32x4_add(acc, f32x4_mul(load_f32(a), load_f32(b)));
     }
     hsum_f32(acc) + ta.iter().zip(tb).map(|(a, b)| a * b).sum::<f32>()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The quantized head (see `qhead`): a 64-byte step of the lane layout is four vectors of 4 blocks, one
+// i32 lane per block; each vector is taken through its group's steps, then scaled and added up. The
+// products are signed: a Q8_0 weight is taken as `q = u ^ 0x80`, a Q6_K weight `u` (< 64) as it is.
+
+/// Rows of a tile: they share each activation load and widening.
+const HEAD_ROWS: usize = 4;
+
+fn head_tile<const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    if h.ty == GgmlType::Q6_K {
+        q6_k_tile::<R>(h, r0, a)
+    } else {
+        q8_0_tile::<R>(h, r0, a)
+    }
+}
+
+/// 16 int8 activations widened to i16, bytes 0..8 and 8..16.
+fn widen(x: v128) -> [v128; 2] {
+    [i16x8_extend_low_i8x16(x), i16x8_extend_high_i8x16(x)]
+}
+
+/// `i32x4_dot_i16x8` of 16 signed bytes `w` with widened activations `x`, added to `acc`: lane `i` of
+/// `acc[0]` gains the products of bytes `2i, 2i + 1`, of `acc[1]` those of bytes `8 + 2i, 9 + 2i`
+/// ([`block_lanes`] adds neighbouring lanes into one per block of four bytes, once per vector).
+fn dot_pairs(acc: [v128; 2], w: v128, x: &[v128; 2]) -> [v128; 2] {
+    let (lo, hi) = (i16x8_extend_low_i8x16(w), i16x8_extend_high_i8x16(w));
+    [i32x4_add(acc[0], i32x4_dot_i16x8(lo, x[0])), i32x4_add(acc[1], i32x4_dot_i16x8(hi, x[1]))]
+}
+
+/// Lane `l` = the sum of bytes `4l..4l + 4`, from [`dot_pairs`]' accumulators.
+fn block_lanes(acc: [v128; 2]) -> v128 {
+    i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]), i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]))
+}
+
+/// The first `lanes` i32 lanes (of 4) of `p`, the others zero: the vector of a short last group.
+fn load_lanes(p: &[u8], lanes: usize) -> v128 {
+    if lanes == 4 {
+        load(p)
+    } else {
+        let mut buf = [0u8; 16];
+        buf[..4 * lanes].copy_from_slice(&p[..4 * lanes]);
+        load(&buf)
+    }
+}
+
+/// Q8_0 rows `r0..r0 + R`: per group of J blocks, `32·J` bytes of `q + 128` then the J f16 scales.
+fn q8_0_tile<const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let xq: &[u8] = bytemuck::cast_slice(&a.q);
+    let blocks = h.cols / 32;
+    let sign = i8x16_splat(-128);
+    let mut total = [f32x4_splat(0.0); R];
+    let mut short = [0f32; R]; // a short last group's partial vector, finished lane by lane
+    for g in 0..blocks.div_ceil(qhead::LANES) {
+        let (j, base) = ((blocks - 16 * g).min(16), 544 * g);
+        let rows: [&[u8]; R] = std::array::from_fn(|r| &h.row(r0 + r)[base..]);
+        for v in 0..j.div_ceil(4) {
+            let (lanes, first) = ((j - 4 * v).min(4), 16 * g + 4 * v); // `first`: the block in lane 0
+            let mut acc = [[i32x4_splat(0); 2]; R];
+            for k in 0..8 {
+                let at = 4 * j * k + 16 * v;
+                let x = widen(load_lanes(&xq[512 * g + at..], lanes));
+                for r in 0..R {
+                    acc[r] = dot_pairs(acc[r], v128_xor(load_lanes(&rows[r][at..], lanes), sign), &x);
+                }
+            }
+            if lanes < 4 {
+                for r in 0..R {
+                    let d = block_lanes(acc[r]);
+                    let dots = [i32x4_extract_lane::<0>(d), i32x4_extract_lane::<1>(d), i32x4_extract_lane::<2>(d)];
+                    short[r] += qhead::scale_lanes(h, r0 + r, first, &dots[..lanes], a, false);
+                }
+                continue;
+            }
+            let dx = load_f32(&a.d[first..]);
+            for r in 0..R {
+                let halves = &rows[r][32 * j + 8 * v..][..8];
+                let dw = widen_f16(u32x4_extend_low_u16x8(u64x2_splat(u64::from_le_bytes(halves.try_into().unwrap()))));
+                let dot = f32x4_convert_i32x4(block_lanes(acc[r]));
+                total[r] = f32x4_add(total[r], f32x4_mul(dot, f32x4_mul(dw, dx)));
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum_f32(total[r]) + short[r])
+}
+
+/// Q6_K rows `r0..r0 + R`: per 256 values, 128 bytes of nibbles, 64 of high bits, 16 int8 sub-block
+/// scales and an f16 `d`; 16-byte quarter `v` of each part holds sub-blocks `4v..4v + 4`.
+fn q6_k_tile<const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [f32; R] {
+    let xq: &[u8] = bytemuck::cast_slice(&a.q);
+    let (low4, high2) = (u8x16_splat(0x0f), u8x16_splat(0x30));
+    let top = |v: v128| v128_and(v, high2);
+    let mut total = [f32x4_splat(0.0); R];
+    for g in 0..h.cols / 256 {
+        for v in 0..4 {
+            let first = 16 * g + 4 * v;
+            let x: [[v128; 2]; 4] = std::array::from_fn(|k| widen(load(&xq[256 * g + 64 * k + 16 * v..])));
+            let corr = load(bytemuck::cast_slice(&a.corr[first..first + 4]));
+            let dx = load_f32(&a.d[first..]);
+            for r in 0..R {
+                let b = &h.row(r0 + r)[210 * g..][..210];
+                let (lo, hi, qh) = (load(&b[16 * v..]), load(&b[64 + 16 * v..]), load(&b[128 + 16 * v..]));
+                let steps = [
+                    v128_or(v128_and(lo, low4), top(u8x16_shl(qh, 4))),
+                    v128_or(u8x16_shr(lo, 4), top(u8x16_shl(qh, 2))),
+                    v128_or(v128_and(hi, low4), top(qh)),
+                    v128_or(u8x16_shr(hi, 4), top(u8x16_shr(qh, 2))),
+                ];
+                let mut acc = [i32x4_splat(0); 2];
+                for (step, x) in steps.into_iter().zip(&x) {
+                    acc = dot_pairs(acc, step, x);
+                }
+                let sc4 = i32x4_splat(i32::from_le_bytes(b[192 + 4 * v..][..4].try_into().unwrap()));
+                let sc = f32x4_convert_i32x4(i32x4_extend_low_i16x8(i16x8_extend_low_i8x16(sc4)));
+                let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
+                let scale = f32x4_mul(f32x4_mul(sc, dx), f32x4_splat(d));
+                let dot = f32x4_convert_i32x4(i32x4_sub(block_lanes(acc), corr));
+                total[r] = f32x4_add(total[r], f32x4_mul(dot, scale));
+            }
+        }
+    }
+    std::array::from_fn(|r| hsum_f32(total[r]))
 }
