@@ -26,6 +26,7 @@ pub trait Backend: Send {
     /// the LM head's own argmax); `logits` may then be out of date.
     fn forward_greedy(&mut self, tokens: &[u32], pos: usize) -> Result<u32> {
         self.forward(tokens, pos, true)?;
+        crate::sampling::check_logits(self.logits())?;
         Ok(crate::sampling::argmax(self.logits().iter().copied()))
     }
 }

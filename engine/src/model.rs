@@ -411,10 +411,25 @@ pub struct State {
 }
 
 impl State {
+    /// Bytes of memory a state of `ctx` tokens takes (KV cache, RoPE tables, logits), None if that does not
+    /// fit in a u64: what a caller checks against the memory there is before making one.
+    pub fn bytes(c: &Config, ctx: usize) -> Option<u64> {
+        let kv_dim = (c.n_head_kv as u64).checked_mul(c.head_dim as u64)?;
+        // Keys and values, f16 each.
+        let kv = (c.n_layer as u64).checked_mul(ctx as u64)?.checked_mul(kv_dim)?.checked_mul(2 * 2)?;
+        // Cosines and sines, f32 each.
+        let rope = (ctx as u64).checked_mul(c.rope_dim as u64 / 2)?.checked_mul(2 * 4)?;
+        kv.checked_add(rope)?.checked_add((c.n_vocab as u64).checked_mul(4)?)
+    }
+
     /// A cache of `ctx` tokens (at most the trained context).
     pub fn new(c: &Config, ctx: usize) -> Result<Self> {
         if ctx == 0 || ctx > c.n_ctx_train {
             return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
+        }
+        // Every size below is a factor of this one, so none of them overflows once it fits in usize.
+        if Self::bytes(c, ctx).and_then(|b| usize::try_from(b).ok()).is_none() {
+            return Err(Error::Invalid(format!("a context of {ctx} tokens needs more memory than can be addressed")));
         }
         let kv_dim = c.n_head_kv * c.head_dim;
         let half = c.rope_dim / 2;

@@ -139,7 +139,7 @@ impl<'m> Session<'m> {
             }
             let next = match picked.take() {
                 Some(t) => t,
-                None => sampler.sample(self.backend.logits(), &self.tokens),
+                None => sampler.sample(self.backend.logits(), &self.tokens)?,
             };
             if tok.is_end_of_generation(next) {
                 break StopReason::EndToken;

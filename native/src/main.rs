@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod device;
+mod http;
 mod model_file;
 mod serve;
 mod serve_www;
@@ -56,8 +57,8 @@ pub struct ModelArgs {
     /// GGUF model file (default: the small model embedded in this binary).
     #[arg(short, long)]
     model: Option<std::path::PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(short, long)]
+    /// Worker threads, 1 to the number of CPUs (default: all of them).
+    #[arg(short, long, value_parser = parse_threads)]
     threads: Option<usize>,
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(long)]
@@ -72,6 +73,14 @@ pub struct ModelArgs {
     /// (a real GPU if there is one, else the CPU).
     #[arg(long, value_enum, default_value_t = device::BackendChoice::Auto)]
     backend: device::BackendChoice,
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match s.parse::<usize>() {
+        Ok(n) if (1..=cpus).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a thread count from 1 to {cpus} (the CPUs available)")),
+    }
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -112,23 +121,21 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn gen_params(&self) -> GenParams {
+    fn gen_params(&self) -> Result<GenParams, Error> {
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
-        GenParams {
-            max_tokens: self.n_predict,
-            stop: self.stop.clone(),
-            sampler: SamplerParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                min_p: self.min_p,
-                repeat_penalty: self.repeat_penalty,
-                repeat_last_n: self.repeat_last_n,
-                seed,
-            },
-        }
+        let sampler = SamplerParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        };
+        sampler.check()?;
+        Ok(GenParams { max_tokens: self.n_predict, stop: self.stop.clone(), sampler })
     }
 }
 
@@ -239,8 +246,8 @@ fn stream_to_stdout(text: &str) -> bool {
 }
 
 fn run(a: RunArgs) -> Result<(), Error> {
+    let params = a.sampling.gen_params()?;
     let m = Loaded::open(&a.model)?;
-    let params = a.sampling.gen_params();
     let prompt = m.tokenizer.encode(&a.prompt, m.tokenizer.add_bos())?;
     let mut session = m.session()?;
     let stats = m.pool.install(|| session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout))?;
@@ -250,8 +257,8 @@ fn run(a: RunArgs) -> Result<(), Error> {
 }
 
 fn chat(a: ChatArgs) -> Result<(), Error> {
+    let params = a.sampling.gen_params()?;
     let m = Loaded::open(&a.model)?;
-    let params = a.sampling.gen_params();
     let mut session = m.session()?;
     let mut messages: Vec<ChatMessage> =
         a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
@@ -317,6 +324,10 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let tokens = m.tokenizer.encode(&text, add_bos)?;
     let mut session = m.session()?;
     let n_ctx = session.ctx();
+    // Positions ctx/2 to ctx - 2 are scored (each predicts the next): none below 3.
+    if n_ctx < 3 {
+        return Err(Error::Invalid(format!("perplexity needs a context of at least 3 tokens (--ctx {n_ctx})")));
+    }
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
         return Err(Error::Invalid(format!(

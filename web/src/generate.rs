@@ -9,6 +9,7 @@
 use bitnet_engine::sampling::Sampler;
 use bitnet_engine::session::{GenParams, StopMatcher, StopReason};
 use bitnet_engine::tokenizer::{StreamDecoder, Tokenizer};
+use bitnet_engine::Result;
 
 pub struct Generation {
     sampler: Sampler,
@@ -45,16 +46,16 @@ impl Generation {
     }
 
     /// Picks the next token from `logits` (those of the last of the `history` tokens in a cache of `ctx`);
-    /// None once generation has stopped.
-    pub fn step(&mut self, tok: &Tokenizer, logits: &[f32], history: &[u32], ctx: usize) -> Option<Step> {
+    /// None once generation has stopped, an error when the logits are broken.
+    pub fn step(&mut self, tok: &Tokenizer, logits: &[f32], history: &[u32], ctx: usize) -> Result<Option<Step>> {
         if self.stop.is_some() {
-            return None;
+            return Ok(None);
         }
-        let stopped = |text| Some(Step { text, eval: None });
+        let stopped = |text| Ok(Some(Step { text, eval: None }));
         if self.n_generated == self.max_tokens {
             return stopped(self.finish(StopReason::MaxTokens));
         }
-        let next = self.sampler.sample(logits, history);
+        let next = self.sampler.sample(logits, history)?;
         if tok.is_end_of_generation(next) {
             return stopped(self.finish(StopReason::EndToken));
         }
@@ -68,7 +69,7 @@ impl Generation {
         if history.len() == ctx {
             return stopped(text + &self.finish(StopReason::ContextFull));
         }
-        Some(Step { text, eval: Some(next) })
+        Ok(Some(Step { text, eval: Some(next) }))
     }
 
     /// Ends without a stop string: whatever the decoder and the stop matcher still hold comes out.
@@ -120,7 +121,7 @@ mod tests {
             let mut s2 = session();
             let mut gen = Generation::new(&params, s2.prefill(&prompt).unwrap());
             let mut got = String::new();
-            while let Some(step) = gen.step(&tok, s2.logits(), s2.tokens(), s2.ctx()) {
+            while let Some(step) = gen.step(&tok, s2.logits(), s2.tokens(), s2.ctx()).unwrap() {
                 got.push_str(&step.text);
                 if let Some(t) = step.eval {
                     s2.push(&[t], true).unwrap();

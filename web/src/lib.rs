@@ -348,7 +348,8 @@ impl Engine {
     pub async fn step(&mut self) -> Result<Option<String>, JsError> {
         let generation = self.generation.as_mut().ok_or_else(|| js_error("no generation started"))?;
         let r = &mut self.runner;
-        let Some(step) = generation.step(&self.tokenizer, r.logits(), r.tokens(), r.ctx()) else { return Ok(None) };
+        let step = generation.step(&self.tokenizer, r.logits(), r.tokens(), r.ctx()).map_err(js_error)?;
+        let Some(step) = step else { return Ok(None) };
         if let Some(t) = step.eval {
             r.push(t).await.map_err(js_error)?;
         }

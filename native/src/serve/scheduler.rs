@@ -6,6 +6,7 @@
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -61,6 +62,17 @@ pub enum SubmitError {
 pub struct Scheduler {
     queue: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
+    /// Cleared when the engine thread ends, however it ends (for /health).
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears the flag when dropped: on the engine thread's return or panic.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
+    }
 }
 
 impl Scheduler {
@@ -77,11 +89,20 @@ impl Scheduler {
         let (tx, rx) = sync_channel(queue);
         let engine =
             Engine { m, kernels: kernels::best(), scratch, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let alive = Arc::new(AtomicBool::new(true));
+        let clear_on_exit = ClearOnDrop(alive.clone());
         std::thread::Builder::new()
             .name("bitnet-engine".into())
-            .spawn(move || engine.run())
+            .spawn(move || {
+                let _clear_on_exit = clear_on_exit;
+                engine.run()
+            })
             .map_err(|e| Error::Invalid(format!("starting the engine thread: {e}")))?;
-        Ok(Self { queue: tx, metrics })
+        Ok(Self { queue: tx, metrics, alive })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Relaxed)
     }
 
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
@@ -275,7 +296,7 @@ impl Engine {
         if r.n_generated == r.job.params.max_tokens {
             return Err(StopReason::MaxTokens);
         }
-        let next = if r.job.frequency_penalty != 0.0 || r.job.presence_penalty != 0.0 {
+        let sampled = if r.job.frequency_penalty != 0.0 || r.job.presence_penalty != 0.0 {
             let mut logits = logits.clone();
             let p = &r.job.params.sampler;
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
@@ -283,6 +304,15 @@ impl Engine {
             r.sampler.sample(&logits, history)
         } else {
             r.sampler.sample(logits, history)
+        };
+        let next = match sampled {
+            Ok(next) => next,
+            // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
+            // `finish` counts it as cancelled, as it does a client that went away.
+            Err(e) => {
+                let _ = r.job.events.send(Event::Failed(e.to_string()));
+                return Err(StopReason::Cancelled);
+            }
         };
         if tok.is_end_of_generation(next) {
             return Err(StopReason::EndToken);
