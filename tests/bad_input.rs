@@ -81,6 +81,9 @@ fn nan_logits_are_an_error_not_a_panic_or_garbage() {
         let msg = fails(&["run", "-m", model, "-p", "Hello", "-n", "4", "--temp", temp]);
         assert!(msg.contains("logit of NaN"), "--temp {temp}: {msg}");
     }
+    let text = fixture("heldout.txt");
+    let msg = fails(&["perplexity", "-m", model, "--ctx", "16", "-f", text.to_str().unwrap()]);
+    assert!(msg.contains("non-finite"), "{msg}");
 }
 
 #[test]
@@ -134,4 +137,32 @@ fn a_context_that_does_not_fit_in_memory_is_refused_up_front() {
     let msg = fails(&["run", "-m", model.to_str().unwrap(), "--ctx", "1000000000", "-p", "hi", "-n", "1"]);
     assert!(msg.contains("320000") && msg.contains("bytes"), "{msg}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(10), "took {:?}", t0.elapsed());
+}
+
+/// A chat longer than the context forgets its oldest turns instead of exiting; a message that cannot fit
+/// at all is an error for that message only.
+#[test]
+fn chat_outgrowing_the_context_goes_on() {
+    use std::io::Write;
+    let model = fixture("models/tiny-a-i2_s.gguf");
+    let mut child = std::process::Command::new(bitnet_tests::bitnet_bin())
+        .args(["chat", "-m", model.to_str().unwrap(), "--ctx", "48", "-n", "6", "--temp", "0", "-t", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..12 {
+        writeln!(stdin, "tell me more about the weather today, number {i}").unwrap();
+    }
+    writeln!(stdin, "{}", "far too long ".repeat(40)).unwrap();
+    writeln!(stdin, "and the last one").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Each reply ends with a newline (replies may hold newlines of their own).
+    assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 13, "a reply per fitting message");
+    assert_eq!(stderr.lines().filter(|l| l.contains("does not fit")).count(), 1, "{stderr}");
 }

@@ -553,3 +553,67 @@ fn slow_clients_are_cut_off() {
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     assert_eq!(s.get("/health").status(), 200);
 }
+
+/// `bitnet serve-www` on a site of three files and a dotfile, under a memory limit (`prlimit --as`): it serves
+/// the files with the isolation headers and the right types, hides the dotfile, and hundreds of idle
+/// connections neither kill it (one thread per connection did: a thread it could not spawn was a panic)
+/// nor keep it from answering once they are gone.
+#[test]
+fn serve_www_serves_only_the_site_and_survives_idle_connections() {
+    let site = std::env::temp_dir().join(format!("bitnet-www-test-{}", std::process::id()));
+    std::fs::create_dir_all(&site).unwrap();
+    for (name, body) in [("index.html", "<p>hi</p>"), ("app.wasm", "\0asm"), ("app.js", "1"), (".env", "KEY=1")] {
+        std::fs::write(site.join(name), body).unwrap();
+    }
+    let mut child = Command::new("prlimit")
+        .arg("--as=600000000") // bytes of address space: the binary and a few dozen threads' stacks
+        .arg(bitnet_bin())
+        .args(["serve-www", "--port", "0", "--dir", site.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start bitnet serve-www under prlimit");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(" at ").next().unwrap().trim_end_matches('/').to_string();
+    let client = Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let get = |path: &str| client.get(format!("{url}{path}")).send().unwrap();
+    let check = || {
+        let r = get("/");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["cross-origin-opener-policy"], "same-origin");
+        assert_eq!(r.headers()["cross-origin-embedder-policy"], "require-corp");
+        assert_eq!(r.text().unwrap(), "<p>hi</p>");
+    };
+    check();
+    assert_eq!(get("/app.wasm").headers()["content-type"], "application/wasm");
+    assert!(get("/app.js").headers()["content-type"].to_str().unwrap().contains("javascript"));
+    for hidden in ["/.env", "/%2eenv", "/../etc/passwd", "/missing"] {
+        assert_eq!(get(hidden).status(), 404, "{hidden}");
+    }
+    assert_eq!(client.post(format!("{url}/")).send().unwrap().status(), 405);
+    let addr = url.strip_prefix("http://").unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..400).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(idle);
+    check();
+    assert!(child.try_wait().unwrap().is_none(), "serve-www exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&site);
+}
+
+/// --max-connections: beyond it, a client waits to be accepted; idle connections are closed after --timeout
+/// (they then free their places).
+#[test]
+fn connections_are_limited_and_idle_ones_time_out() {
+    let s = Server::tiny(&["--max-connections", "2", "--timeout", "2"]);
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    assert_eq!(s.get("/health").status(), 200);
+    let waited = t0.elapsed();
+    assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "answered after {waited:?}");
+    drop(idle);
+}

@@ -141,7 +141,7 @@ impl Tokenizer {
         let add_bos = match get(md, "tokenizer.ggml.add_bos_token") {
             Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
             None => pre == Pre::Llama3,
-        };
+        } && bos.is_some(); // a file may ask for BOS without saying which token it is
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
         Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template, control_as_text })
     }

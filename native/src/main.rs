@@ -274,7 +274,11 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
             continue;
         }
         messages.push(ChatMessage { role: "user".into(), content: line });
-        let prompt = m.tokenizer.encode_chat(&messages, true)?;
+        let Some(prompt) = fit_history(&m, &mut messages, session.ctx(), params.max_tokens)? else {
+            eprintln!("error: the message does not fit in the context of {} tokens", session.ctx());
+            messages.pop();
+            continue;
+        };
         let mut reply = String::new();
         let stats = m.pool.install(|| {
             session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
@@ -289,6 +293,29 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
         messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
     }
     Ok(())
+}
+
+/// The conversation's prompt, with the oldest turns forgotten (the system message kept) until it leaves room
+/// for a reply of up to half the context; None if even the last message alone does not fit.
+fn fit_history(
+    m: &Loaded,
+    messages: &mut Vec<ChatMessage>,
+    ctx: usize,
+    max_reply: usize,
+) -> Result<Option<Vec<u32>>, Error> {
+    let room = max_reply.clamp(1, ctx / 2);
+    loop {
+        let prompt = m.tokenizer.encode_chat(messages, true)?;
+        if prompt.len() + room <= ctx {
+            return Ok(Some(prompt));
+        }
+        let first_turn = messages.iter().position(|msg| msg.role != "system");
+        match first_turn {
+            // Never the message just typed, which is the last.
+            Some(i) if i + 1 < messages.len() => drop(messages.remove(i)),
+            _ => return Ok(None),
+        }
+    }
 }
 
 fn logits(a: LogitsArgs) -> Result<(), Error> {
@@ -339,8 +366,8 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let (mut nll, mut count) = (0f64, 0usize);
     for chunk in tokens.chunks_exact(n_ctx).take(n_chunks) {
         let mut window = chunk.to_vec();
-        if add_bos {
-            window[0] = m.tokenizer.bos().expect("add_bos implies a BOS token");
+        if let Some(bos) = m.tokenizer.bos().filter(|_| add_bos) {
+            window[0] = bos;
         }
         session.truncate(0);
         m.pool.install(|| -> Result<(), Error> {
@@ -348,12 +375,20 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
                 let score = j >= first && j + 1 < n_ctx;
                 session.push(&[t], score)?;
                 if score {
-                    nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
+                    let next = window[j + 1];
+                    // A file whose tokenizer has more tokens than the model has logits.
+                    let logp = log_softmax_at(session.logits(), next as usize).ok_or_else(|| {
+                        Error::Invalid(format!("token {next} has no logit (the model's vocabulary is smaller)"))
+                    })?;
+                    nll -= logp;
                     count += 1;
                 }
             }
             Ok(())
         })?;
+        if !nll.is_finite() {
+            return Err(Error::Invalid(format!("the model computed non-finite logits (log-likelihood {nll})")));
+        }
         eprint!("[{:.4}]", (nll / count as f64).exp());
     }
     eprintln!();
@@ -362,8 +397,8 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+fn log_softmax_at(logits: &[f32], i: usize) -> Option<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    logits[i] as f64 - max - sum.ln()
+    Some(*logits.get(i)? as f64 - max - sum.ln())
 }
