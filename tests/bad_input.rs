@@ -1,6 +1,6 @@
 //! Bad input gets a one-line error and a non-zero exit: never a panic, an abort or a hang.
 
-use bitnet_tests::{bitnet, fixture};
+use bitnet_tests::{bitnet, edited_model, fixture, nan_model};
 
 /// Runs `bitnet ARGS`, which must fail cleanly; returns the error line.
 fn fails(args: &[&str]) -> String {
@@ -71,4 +71,98 @@ fn prompts_and_tokens_that_do_not_fit_are_errors() {
     let bad_utf8 = temp_file("bad-utf8.txt", b"caf\xe9 au lait");
     let msg = fails(&["perplexity", "-m", model, "-f", &bad_utf8]);
     assert!(msg.contains("UTF-8"), "{msg}");
+}
+
+#[test]
+fn nan_logits_are_an_error_not_a_panic_or_garbage() {
+    let model = nan_model();
+    let model = model.to_str().unwrap();
+    for temp in ["0", "0.8"] {
+        let msg = fails(&["run", "-m", model, "-p", "Hello", "-n", "4", "--temp", temp]);
+        assert!(msg.contains("logit of NaN"), "--temp {temp}: {msg}");
+    }
+    let text = fixture("heldout.txt");
+    let msg = fails(&["perplexity", "-m", model, "--ctx", "16", "-f", text.to_str().unwrap()]);
+    assert!(msg.contains("non-finite"), "{msg}");
+}
+
+#[test]
+fn a_directory_or_a_device_is_not_a_model() {
+    let dir = env!("CARGO_TARGET_TMPDIR");
+    let msg = fails(&["info", "-m", dir]);
+    assert!(msg.contains("is a directory"), "{msg}");
+    let msg = fails(&["run", "-m", "/dev/null", "-p", "hi"]);
+    assert!(msg.contains("not a GGUF file"), "{msg}");
+}
+
+#[test]
+fn counts_and_sizes_that_overflow_or_make_no_sense_are_refused() {
+    let model = fixture("models/tiny-a-i2_s.gguf");
+    let model = model.to_str().unwrap();
+    let msg = fails(&["bench", "-m", model, "-p", "0", "-n", "18446744073709551615"]);
+    assert!(msg.contains("context"), "{msg}");
+    for ctx in ["1", "2"] {
+        let text = fixture("heldout.txt");
+        let msg = fails(&["perplexity", "-m", model, "--ctx", ctx, "-f", text.to_str().unwrap()]);
+        assert!(msg.contains("at least 3"), "--ctx {ctx}: {msg}");
+    }
+    for bad in ["0", "1000", "many"] {
+        let out = bitnet(&["run", "-m", model, "-t", bad, "-p", "hi", "-n", "1"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "-t {bad}: {stderr}");
+        assert!(stderr.contains("thread count"), "-t {bad}: {stderr}");
+    }
+    for (flag, value) in [("--min-p", "2"), ("--temp", "NaN"), ("--repeat-penalty", "0")] {
+        let msg = fails(&["run", "-m", model, flag, value, "-p", "hi", "-n", "1"]);
+        assert!(msg.contains("out of range"), "{flag} {value}: {msg}");
+    }
+}
+
+/// A model that claims a context of 2^31 - 1 tokens: a huge --ctx is refused, with the bytes it needs, before
+/// anything is allocated (it used to fill gigabytes of RoPE table first).
+#[test]
+fn a_context_that_does_not_fit_in_memory_is_refused_up_front() {
+    let model = edited_model(
+        "models/tiny-a-i2_s.gguf",
+        "huge-context.gguf",
+        |key, value| {
+            if key.ends_with(".context_length") {
+                *value = bitnet_engine::format::gguf::Value::U32((1 << 31) - 1);
+            }
+        },
+        |_, _| {},
+    );
+    let t0 = std::time::Instant::now();
+    // 10^9 tokens of this model need 320 GB, more than any machine that runs these tests.
+    let msg = fails(&["run", "-m", model.to_str().unwrap(), "--ctx", "1000000000", "-p", "hi", "-n", "1"]);
+    assert!(msg.contains("320000") && msg.contains("bytes"), "{msg}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "took {:?}", t0.elapsed());
+}
+
+/// A chat longer than the context forgets its oldest turns instead of exiting; a message that cannot fit
+/// at all is an error for that message only.
+#[test]
+fn chat_outgrowing_the_context_goes_on() {
+    use std::io::Write;
+    let model = fixture("models/tiny-a-i2_s.gguf");
+    let mut child = std::process::Command::new(bitnet_tests::bitnet_bin())
+        .args(["chat", "-m", model.to_str().unwrap(), "--ctx", "48", "-n", "6", "--temp", "0", "-t", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..12 {
+        writeln!(stdin, "tell me more about the weather today, number {i}").unwrap();
+    }
+    writeln!(stdin, "{}", "far too long ".repeat(40)).unwrap();
+    writeln!(stdin, "and the last one").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Each reply ends with a newline (replies may hold newlines of their own).
+    assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 13, "a reply per fitting message");
+    assert_eq!(stderr.lines().filter(|l| l.contains("does not fit")).count(), 1, "{stderr}");
 }

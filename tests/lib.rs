@@ -48,3 +48,43 @@ pub fn bitnet_json(args: &[&str]) -> serde_json::Value {
     let out = bitnet_ok(args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bitnet {args:?} printed invalid JSON ({e}): {out}"))
 }
+
+/// A copy of fixture `name` with its metadata and tensor data edited, written as `out` (in the temporary directory).
+pub fn edited_model(
+    name: &str,
+    out: &str,
+    edit_metadata: impl Fn(&str, &mut bitnet_engine::format::gguf::Value),
+    edit_tensor: impl Fn(&str, &mut Vec<u8>),
+) -> PathBuf {
+    use bitnet_engine::format::gguf::{GgufFile, GgufWriter};
+    let bytes = std::fs::read(fixture(name)).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in &g.metadata {
+        let mut value = value.clone();
+        edit_metadata(key, &mut value);
+        w.add(key, value);
+    }
+    for t in &g.tensors {
+        let mut data = g.tensor_data(&bytes, t).to_vec();
+        edit_tensor(&t.name, &mut data);
+        w.add_tensor(&t.name, &t.dims, t.ty, data);
+    }
+    let path = std::env::temp_dir().join(format!("bitnet-tests-{}-{out}", std::process::id()));
+    std::fs::write(&path, w.to_bytes()).expect("write the edited model");
+    path
+}
+
+/// The tiny model with a NaN final norm: every logit is NaN.
+pub fn nan_model() -> PathBuf {
+    edited_model(
+        "models/tiny-a-i2_s.gguf",
+        "nan-norm.gguf",
+        |_, _| {},
+        |name, data| {
+            if name == "output_norm.weight" {
+                data.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&f32::NAN.to_le_bytes()));
+            }
+        },
+    )
+}

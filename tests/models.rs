@@ -116,7 +116,7 @@ fn greedy_continuations_match_the_reference() {
             let mut sampler = Sampler::new(SamplerParams::greedy());
             let mut out = Vec::new();
             for _ in 0..10 {
-                let t = sampler.sample(s.logits(), s.tokens());
+                let t = sampler.sample(s.logits(), s.tokens()).unwrap();
                 out.push(t);
                 s.push(&[t], Want::Logits).unwrap();
             }

@@ -484,3 +484,162 @@ fn serves_on_a_gpu_backend_like_bitnet_run() {
         assert_eq!(answer, run.strip_suffix('\n').unwrap(), "prompt {p:?} on {backend}");
     }
 }
+
+/// NaN logits (a broken model) fail the request with a message; the engine thread lives on and answers the
+/// next one (it used to panic, and /health kept saying ok).
+#[test]
+fn broken_logits_fail_the_request_not_the_engine() {
+    let model = bitnet_tests::nan_model();
+    let s = Server::start(&["-m", model.to_str().unwrap(), "-t", "1"]);
+    for temperature in [0.0, 0.8, 0.0] {
+        let body = json!({ "prompt": "Hello", "max_tokens": 4, "temperature": temperature });
+        let msg = error_of(s.post("/v1/completions", &body), 500);
+        assert!(msg.contains("logit of NaN"), "{msg}");
+        assert_eq!(s.get("/health").status(), 200);
+    }
+    s.wait_metric("slots_busy", 0.0);
+}
+
+#[test]
+fn wrong_methods_and_content_types_get_json_errors() {
+    let s = Server::tiny(&[]);
+    for path in ["/v1/completions", "/v1/chat/completions", "/tokenize"] {
+        let msg = error_of(s.get(path), 405);
+        assert!(msg.contains("GET"), "{msg}");
+    }
+    error_of(s.client.delete(format!("{}/health", s.url)).send().unwrap(), 405);
+    // A web page can POST text/plain (or a form) to any address without asking: JSON endpoints refuse it.
+    let body = greedy("a", 2).to_string();
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let mut r = s.client.post(format!("{}/v1/completions", s.url)).body(body.clone());
+        if let Some(ct) = content_type {
+            r = r.header("content-type", ct);
+        }
+        let msg = error_of(r.send().unwrap(), 415);
+        assert!(msg.contains("application/json"), "{content_type:?}: {msg}");
+    }
+    let r =
+        s.client.post(format!("{}/v1/completions", s.url)).header("content-type", "Application/JSON; charset=utf-8");
+    assert_eq!(r.body(body).send().unwrap().status(), 200);
+    // `[]` is an empty prompt, not several.
+    let msg = error_of(s.post("/v1/completions", &json!({ "prompt": [] })), 400);
+    assert!(msg.contains("empty"), "{msg}");
+}
+
+/// DNS rebinding: a page at http://evil.example:PORT whose name resolves to 127.0.0.1 reaches the server with
+/// `Host: evil.example:PORT`; on loopback only this machine's names are answered. CORS is off by default.
+#[test]
+fn loopback_server_refuses_foreign_hosts_and_cross_origin_reads() {
+    let s = Server::tiny(&[]);
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let with_host = |host: &str| s.client.get(format!("{}/v1/models", s.url)).header("host", host).send().unwrap();
+    for good in ["localhost", "127.0.0.1", &format!("127.0.0.1:{port}"), &format!("LOCALHOST:{port}"), "[::1]:1"] {
+        assert_eq!(with_host(good).status(), 200, "{good}");
+    }
+    for bad in [format!("evil.example:{port}"), "localhost.evil.example".into(), "127.0.0.1.nip.io".into()] {
+        let msg = error_of(with_host(&bad), 403);
+        assert!(msg.contains("Host"), "{msg}");
+    }
+    let preflight = |s: &Server| {
+        s.client
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/completions", s.url))
+            .header("origin", "http://app.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+            .unwrap()
+    };
+    assert!(preflight(&s).headers().get("access-control-allow-origin").is_none());
+    let allowed = Server::tiny(&["--cors-origin", "http://app.example"]);
+    let r = preflight(&allowed);
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://app.example");
+}
+
+/// Half-sent requests: headers or a body that never finish are answered (408) or closed within --timeout,
+/// and the server goes on answering.
+#[test]
+fn slow_clients_are_cut_off() {
+    use std::io::{Read, Write};
+    let s = Server::tiny(&["--timeout", "1"]);
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let t0 = Instant::now();
+    let mut partial_headers = std::net::TcpStream::connect(&addr).unwrap();
+    partial_headers.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+    let mut partial_body = std::net::TcpStream::connect(&addr).unwrap();
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n";
+    partial_body.write_all(format!("{head}Content-Length: 100\r\n\r\n{{\"prompt\"").as_bytes()).unwrap();
+    for stream in [&mut partial_headers, &mut partial_body] {
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    let mut answer = String::new();
+    partial_body.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let mut rest = Vec::new();
+    assert_eq!(partial_headers.read_to_end(&mut rest).unwrap(), 0, "closed without an answer");
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    assert_eq!(s.get("/health").status(), 200);
+}
+
+/// `bitnet serve-www` on a site of three files and a dotfile, under a memory limit (`prlimit --as`): it serves
+/// the files with the isolation headers and the right types, hides the dotfile, and hundreds of idle
+/// connections neither kill it (one thread per connection did: a thread it could not spawn was a panic)
+/// nor keep it from answering once they are gone.
+#[test]
+fn serve_www_serves_only_the_site_and_survives_idle_connections() {
+    let site = std::env::temp_dir().join(format!("bitnet-www-test-{}", std::process::id()));
+    std::fs::create_dir_all(&site).unwrap();
+    for (name, body) in [("index.html", "<p>hi</p>"), ("app.wasm", "\0asm"), ("app.js", "1"), (".env", "KEY=1")] {
+        std::fs::write(site.join(name), body).unwrap();
+    }
+    let mut child = Command::new("prlimit")
+        .arg("--as=600000000") // bytes of address space: the binary and a few dozen threads' stacks
+        .arg(bitnet_bin())
+        .args(["serve-www", "--port", "0", "--dir", site.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start bitnet serve-www under prlimit");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(" at ").next().unwrap().trim_end_matches('/').to_string();
+    let client = Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let get = |path: &str| client.get(format!("{url}{path}")).send().unwrap();
+    let check = || {
+        let r = get("/");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["cross-origin-opener-policy"], "same-origin");
+        assert_eq!(r.headers()["cross-origin-embedder-policy"], "require-corp");
+        assert_eq!(r.text().unwrap(), "<p>hi</p>");
+    };
+    check();
+    assert_eq!(get("/app.wasm").headers()["content-type"], "application/wasm");
+    assert!(get("/app.js").headers()["content-type"].to_str().unwrap().contains("javascript"));
+    for hidden in ["/.env", "/%2eenv", "/../etc/passwd", "/missing"] {
+        assert_eq!(get(hidden).status(), 404, "{hidden}");
+    }
+    assert_eq!(client.post(format!("{url}/")).send().unwrap().status(), 405);
+    let addr = url.strip_prefix("http://").unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..400).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(idle);
+    check();
+    assert!(child.try_wait().unwrap().is_none(), "serve-www exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&site);
+}
+
+/// --max-connections: beyond it, a client waits to be accepted; idle connections are closed after --timeout
+/// (they then free their places).
+#[test]
+fn connections_are_limited_and_idle_ones_time_out() {
+    let s = Server::tiny(&["--max-connections", "2", "--timeout", "2"]);
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let idle: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    assert_eq!(s.get("/health").status(), 200);
+    let waited = t0.elapsed();
+    assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "answered after {waited:?}");
+    drop(idle);
+}

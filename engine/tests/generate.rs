@@ -40,7 +40,7 @@ fn stepping_reproduces_session_generate() {
         let mut s2 = Session::open(&weights, ctx).unwrap();
         let mut gen = Generation::new(&params, s2.prefill(&prompt).unwrap());
         let mut got = String::new();
-        while let Some(step) = gen.step(&tok, Output::Logits(s2.logits()), s2.tokens(), s2.ctx()) {
+        while let Some(step) = gen.step(&tok, Output::Logits(s2.logits()), s2.tokens(), s2.ctx()).unwrap() {
             got.push_str(&step.text);
             if let Some(t) = step.eval {
                 s2.push(&[t], Want::Logits).unwrap();

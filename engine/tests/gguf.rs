@@ -592,3 +592,113 @@ fn fuzz_random_byte_mutations() {
     // Many mutations hit tensor data or padding and leave a valid file.
     assert!(accepted > 0);
 }
+
+// ---- memory taken by hostile files ----
+
+/// Counts the bytes the current thread has allocated, so that a test can measure the peak of one call
+/// while other tests run on other threads.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn note(delta: isize) {
+        // `try_with`: allocations during thread teardown are not counted.
+        let _ = LIVE.try_with(|live| {
+            live.set(live.get() + delta);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+        });
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size() as isize);
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size() as isize);
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            note(-(layout.size() as isize));
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size as isize - layout.size() as isize);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// The most bytes `f` had allocated at once on this thread (what it freed before returning included).
+    pub fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        let start = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(start));
+        let r = f();
+        (r, (PEAK.with(Cell::get) - start).max(0) as usize)
+    }
+}
+
+#[global_allocator]
+static ALLOC: counting::Counting = counting::Counting;
+
+/// What parsing a file may allocate at most: the charged metadata (METADATA_MEMORY_FACTOR times the file, or
+/// the floor) plus the uncharged bookkeeping (the duplicate-key sets, tensor dims), a few times the file.
+fn parse_memory_bound(file_len: usize) -> usize {
+    use bitnet_engine::format::gguf::{METADATA_MEMORY_FACTOR, METADATA_MEMORY_FLOOR};
+    (2 * METADATA_MEMORY_FACTOR as usize * file_len).max(2 * METADATA_MEMORY_FLOOR as usize)
+}
+
+#[test]
+fn byte_array_count_cannot_make_the_reader_allocate_32_bytes_per_byte() {
+    // 4 MiB of u8 elements: 4 Mi values of 32 bytes (128 MiB) if taken as they are.
+    let n = 4 << 20;
+    let bytes = header(3, 0, 1).str("arr").u32(9).u32(0).u64(n as u64).bytes(&vec![0; n]).0;
+    let (result, peak) = counting::peak_of(|| GgufFile::parse(&bytes));
+    assert!(matches!(result, Err(GgufError::MetadataTooLarge { .. })), "{result:?}");
+    assert!(peak <= parse_memory_bound(bytes.len()), "peak {peak} bytes for a {}-byte file", bytes.len());
+}
+
+/// Property: whatever a hostile file says (counts, lengths, types, bytes), parsing it allocates at most a small
+/// multiple of its size. Thousands of seeded mutations of a valid file with every value type.
+#[test]
+fn no_mutation_allocates_more_than_a_small_multiple_of_the_file() {
+    let mut w = sample_writer();
+    // Room for a mutated count to claim a lot of elements: a big value after the small ones.
+    w.add("k.zz.big", Value::Str("x".repeat(256 << 10)));
+    let good = w.to_bytes();
+    let header_len = GgufFile::parse(&good).unwrap().data_offset as usize;
+    let small_keys_end = header_len - (256 << 10); // mutate the small keys, where the counts are
+    let bound = parse_memory_bound(good.len());
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 0..4000 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 3 {
+            let at = next() as usize % small_keys_end;
+            match next() % 4 {
+                // A count or length up to the file size, the kind a check of the bytes left lets through.
+                0 => {
+                    let v = next() % (good.len() as u64 + 1);
+                    let end = (at + 8).min(bytes.len());
+                    bytes[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+                }
+                1 => bytes[at] ^= 1 << (next() % 8),
+                2 => bytes[at] = 0xff,
+                _ => bytes[at] = (next() % 13) as u8, // a value type id
+            }
+        }
+        let (_, peak) = counting::peak_of(|| GgufFile::parse(&bytes));
+        assert!(peak <= bound, "mutation #{i}: parsing took {peak} bytes, more than {bound}");
+    }
+}

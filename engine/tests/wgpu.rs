@@ -322,7 +322,8 @@ fn argmax_is_the_greedy_choice() {
     for x in cases {
         let want =
             bitnet_engine::generate::sampler::Sampler::new(bitnet_engine::generate::sampler::SamplerParams::greedy())
-                .sample(&x, &[]);
+                .sample(&x, &[])
+                .unwrap();
         assert_eq!(gpu.probe_argmax(&x).unwrap(), want, "argmax of {} values", x.len());
     }
 }

@@ -43,12 +43,14 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
     }
     let m = Loaded::open(&a.model)?;
     let mut session = m.session()?;
-    if a.n_prompt.max(a.n_gen + 1) > session.ctx() {
-        return Err(Error::ContextFull { needed: a.n_prompt.max(a.n_gen + 1), ctx: session.ctx() });
+    // Saturating: a huge -n is refused by the check below, not an overflow.
+    let needed = a.n_prompt.max(a.n_gen.saturating_add(1));
+    if needed > session.ctx() {
+        return Err(Error::ContextFull { needed, ctx: session.ctx() });
     }
-    let vocab = m.weights.config().n_vocab as u32;
+    let vocab = m.weights.config().n_vocab as u64;
     // Fixed pseudo-random tokens: the speed does not depend on which tokens they are.
-    let tokens: Vec<u32> = (0..a.n_prompt.max(a.n_gen + 1) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let tokens: Vec<u32> = (0..needed as u64).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
     let mut run = |pp: bool| -> Result<f64, Error> {
         session.truncate(0);
         let t = Instant::now();

@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod device;
+mod http;
 mod model_file;
 mod serve;
 mod serve_www;
@@ -57,8 +58,8 @@ pub struct ModelArgs {
     /// GGUF model file (default: the small model embedded in this binary).
     #[arg(short, long)]
     model: Option<std::path::PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(short, long)]
+    /// Worker threads, 1 to the number of CPUs (default: all of them).
+    #[arg(short, long, value_parser = parse_threads)]
     threads: Option<usize>,
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(long)]
@@ -82,6 +83,14 @@ pub struct ModelArgs {
     /// (a real GPU if there is one, else the CPU).
     #[arg(long, value_enum, default_value_t = device::BackendChoice::Auto)]
     backend: device::BackendChoice,
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match s.parse::<usize>() {
+        Ok(n) if (1..=cpus).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a thread count from 1 to {cpus} (the CPUs available)")),
+    }
 }
 
 fn parse_activation(s: &str) -> Result<Activation, String> {
@@ -126,24 +135,22 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn gen_params(&self) -> GenParams {
+    fn gen_params(&self) -> Result<GenParams, Error> {
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
-        GenParams {
-            max_tokens: self.n_predict,
-            stop: self.stop.clone(),
-            sampler: SamplerParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                min_p: self.min_p,
-                repeat_penalty: self.repeat_penalty,
-                repeat_last_n: self.repeat_last_n,
-                seed,
-                ..SamplerParams::default()
-            },
-        }
+        let sampler = SamplerParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+            ..SamplerParams::default()
+        };
+        sampler.check()?;
+        Ok(GenParams { max_tokens: self.n_predict, stop: self.stop.clone(), sampler })
     }
 }
 
@@ -254,8 +261,8 @@ fn stream_to_stdout(text: &str) -> bool {
 }
 
 fn run(a: RunArgs) -> Result<(), Error> {
+    let params = a.sampling.gen_params()?;
     let m = Loaded::open(&a.model)?;
-    let params = a.sampling.gen_params();
     let prompt = m.tokenizer.encode(&a.prompt, m.tokenizer.add_bos())?;
     let mut session = m.session()?;
     let stats = session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout)?;
@@ -265,8 +272,8 @@ fn run(a: RunArgs) -> Result<(), Error> {
 }
 
 fn chat(a: ChatArgs) -> Result<(), Error> {
+    let params = a.sampling.gen_params()?;
     let m = Loaded::open(&a.model)?;
-    let params = a.sampling.gen_params();
     let mut session = m.session()?;
     let mut messages: Vec<ChatMessage> =
         a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
@@ -282,7 +289,11 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
             continue;
         }
         messages.push(ChatMessage { role: "user".into(), content: line });
-        let prompt = m.tokenizer.encode_chat(&messages, true)?;
+        let Some(prompt) = fit_history(&m, &mut messages, session.ctx(), params.max_tokens)? else {
+            eprintln!("error: the message does not fit in the context of {} tokens", session.ctx());
+            messages.pop();
+            continue;
+        };
         let mut reply = String::new();
         let stats = session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
             reply.push_str(t);
@@ -295,6 +306,29 @@ fn chat(a: ChatArgs) -> Result<(), Error> {
         messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
     }
     Ok(())
+}
+
+/// The conversation's prompt, with the oldest turns forgotten (the system message kept) until it leaves room
+/// for a reply of up to half the context; None if even the last message alone does not fit.
+fn fit_history(
+    m: &Loaded,
+    messages: &mut Vec<ChatMessage>,
+    ctx: usize,
+    max_reply: usize,
+) -> Result<Option<Vec<u32>>, Error> {
+    let room = max_reply.clamp(1, ctx / 2);
+    loop {
+        let prompt = m.tokenizer.encode_chat(messages, true)?;
+        if prompt.len() + room <= ctx {
+            return Ok(Some(prompt));
+        }
+        let first_turn = messages.iter().position(|msg| msg.role != "system");
+        match first_turn {
+            // Never the message just typed, which is the last.
+            Some(i) if i + 1 < messages.len() => drop(messages.remove(i)),
+            _ => return Ok(None),
+        }
+    }
 }
 
 fn logits(a: LogitsArgs) -> Result<(), Error> {
@@ -330,6 +364,10 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let tokens = m.tokenizer.encode(&text, add_bos)?;
     let mut session = m.session()?;
     let n_ctx = session.ctx();
+    // Positions ctx/2 to ctx - 2 are scored (each predicts the next): none below 3.
+    if n_ctx < 3 {
+        return Err(Error::Invalid(format!("perplexity needs a context of at least 3 tokens (--ctx {n_ctx})")));
+    }
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
         return Err(Error::Invalid(format!(
@@ -341,17 +379,25 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let (mut nll, mut count) = (0f64, 0usize);
     for chunk in tokens.chunks_exact(n_ctx).take(n_chunks) {
         let mut window = chunk.to_vec();
-        if add_bos {
-            window[0] = m.tokenizer.bos().expect("add_bos implies a BOS token");
+        if let Some(bos) = m.tokenizer.bos().filter(|_| add_bos) {
+            window[0] = bos;
         }
         session.truncate(0);
         for (j, &t) in window.iter().enumerate() {
             let score = j >= first && j + 1 < n_ctx;
             session.push(&[t], if score { Want::Logits } else { Want::Nothing })?;
             if score {
-                nll -= log_softmax_at(session.logits(), window[j + 1] as usize);
+                let next = window[j + 1];
+                // A file whose tokenizer has more tokens than the model has logits.
+                let logp = log_softmax_at(session.logits(), next as usize).ok_or_else(|| {
+                    Error::Invalid(format!("token {next} has no logit (the model's vocabulary is smaller)"))
+                })?;
+                nll -= logp;
                 count += 1;
             }
+        }
+        if !nll.is_finite() {
+            return Err(Error::Invalid(format!("the model computed non-finite logits (log-likelihood {nll})")));
         }
         eprint!("[{:.4}]", (nll / count as f64).exp());
     }
@@ -361,8 +407,8 @@ fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+fn log_softmax_at(logits: &[f32], i: usize) -> Option<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    logits[i] as f64 - max - sum.ln()
+    Some(*logits.get(i)? as f64 - max - sum.ln())
 }

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use bitnet_engine::format::gguf::{GgufFile, Value};
 use std::sync::Arc;
 
 use bitnet_engine::backend::{self, DeviceOptions, KvType, Weights};
+use bitnet_engine::format::gguf::{GgufFile, Value};
 use bitnet_engine::generate::Session;
 use bitnet_engine::model::{LoadOptions, Model};
 use bitnet_engine::text::tokenizer::Tokenizer;
@@ -49,6 +49,15 @@ pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
         return Err(Error::Invalid("this bitnet was built without the embedded model: give one with -m".into()));
     };
     let file = std::fs::File::open(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    // Said plainly here: mapping a directory or a device fails with "No such device".
+    let meta = file.metadata().map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    if meta.is_dir() {
+        return Err(Error::Invalid(format!("{} is a directory, not a GGUF file", path.display())));
+    }
+    if !meta.is_file() || meta.len() == 0 {
+        let why = if meta.is_file() { "it is empty" } else { "not a regular file" };
+        return Err(Error::Invalid(format!("{} is not a GGUF file ({why})", path.display())));
+    }
     // SAFETY: the file is only read; if another process truncates it while mapped, reads fault, as with
     // any memory-mapped loader (llama.cpp does the same).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
@@ -58,6 +67,8 @@ pub fn open_bytes(path: Option<&Path>) -> Result<Bytes, Error> {
 /// A model ready to run: its weights on the chosen device, and its tokenizer.
 pub struct Loaded {
     pub weights: Arc<dyn Weights>,
+    /// The KV cache type of its sequences.
+    pub kv: KvType,
     pub tokenizer: Tokenizer,
     /// CPU threads.
     pub threads: usize,
@@ -91,13 +102,40 @@ impl Loaded {
         let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let device = DeviceOptions { device: a.backend.into(), threads: Some(threads), head: a.head, kv: a.kv_type };
         let weights = backend::open(model, &device)?;
-        Ok(Self { weights, tokenizer, threads, ctx })
+        Ok(Self { weights, tokenizer, threads, ctx, kv: a.kv_type })
     }
 
     /// A new conversation (one KV cache of the context size).
     pub fn session(&self) -> Result<Session, Error> {
+        self.check_memory(self.ctx, 1)?;
         Session::open(&self.weights, self.ctx)
     }
+
+    /// Refuses, before allocating anything, `sequences` states of `ctx` tokens that need more memory than
+    /// the machine has available (else a huge --ctx would allocate gigabytes and then abort).
+    pub fn check_memory(&self, ctx: usize, sequences: usize) -> Result<(), Error> {
+        let c = self.weights.config();
+        let per_sequence = backend::sequence_bytes(c, ctx.min(c.n_ctx_train), self.kv);
+        let needed = per_sequence.and_then(|b| b.checked_mul(sequences as u64));
+        match (needed, available_memory()) {
+            (Some(needed), Some(available)) if needed <= available => Ok(()),
+            (Some(_), None) => Ok(()), // unknown: let the allocation decide
+            (needed, available) => Err(Error::Invalid(format!(
+                "a context of {ctx} tokens ({sequences} sequence(s)) needs {} bytes of KV cache and RoPE tables, \
+                 more than the {} bytes of memory available: lower --ctx",
+                needed.map_or("over 2^64".into(), |n| n.to_string()),
+                available.map_or("?".into(), |n| n.to_string()),
+            ))),
+        }
+    }
+}
+
+/// Memory available to a new allocation (Linux: MemAvailable of /proc/meminfo), None where unknown.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// `bitnet info`: metadata, the choices the engine makes about the model, and the tensor table.

@@ -1,15 +1,22 @@
 //! `bitnet serve-www`: serves the built demo site (`bash web/build.sh` writes it to `target/www`) on
-//! 127.0.0.1. Static files only, std only. Every response carries the cross-origin isolation headers
-//! (COOP + COEP) without which a browser gives a page no SharedArrayBuffer, hence no wasm threads, and
-//! the MIME types browsers insist on (`application/wasm` for streaming compilation, JavaScript for modules).
+//! 127.0.0.1, through tower-http's `ServeDir` on the same connection loop as `bitnet serve` (a bounded
+//! number of connections, header deadlines, no thread per connection). Every response carries the
+//! cross-origin isolation headers (COOP + COEP) without which a browser gives a page no
+//! SharedArrayBuffer, hence no wasm threads. Only files inside the site are served, no dotfiles.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
 use bitnet_engine::Error;
 use clap::Args;
+use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 #[derive(Args)]
 pub struct ServeWwwArgs {
@@ -21,6 +28,15 @@ pub struct ServeWwwArgs {
     dir: PathBuf,
 }
 
+/// What every response carries: cross-origin isolation (for wasm threads), no MIME sniffing, revalidation.
+const HEADERS: [(&str, &str); 5] = [
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-embedder-policy", "require-corp"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("x-content-type-options", "nosniff"),
+    ("cache-control", "no-cache"),
+];
+
 pub fn serve_www(a: ServeWwwArgs) -> Result<(), Error> {
     let io = |what: &str, e: std::io::Error| Error::Invalid(format!("{what}: {e}"));
     if !a.dir.join("index.html").is_file() {
@@ -30,54 +46,51 @@ pub fn serve_www(a: ServeWwwArgs) -> Result<(), Error> {
         )));
     }
     let root = a.dir.canonicalize().map_err(|e| io(&a.dir.display().to_string(), e))?;
-    let listener = TcpListener::bind(("127.0.0.1", a.port)).map_err(|e| io(&format!("127.0.0.1:{}", a.port), e))?;
-    let port = listener.local_addr().map_err(|e| io("local address", e))?.port();
-    println!("serving {} at http://127.0.0.1:{port}/", root.display());
-    for stream in listener.incoming().flatten() {
-        let root = root.clone();
-        std::thread::spawn(move || {
-            // A client that goes away mid-response is its own business.
-            let _ = handle(stream, &root);
-        });
+    let mut app = Router::new()
+        .fallback_service(ServeDir::new(&root))
+        .layer(middleware::from_fn_with_state(Arc::new(root.clone()), only_site_files));
+    for (name, value) in HEADERS {
+        let (name, value) = (HeaderName::from_static(name), HeaderValue::from_static(value));
+        app = app.layer(SetResponseHeaderLayer::overriding(name, value));
     }
-    Ok(())
+    // The model file is tens of megabytes: a whole connection may take minutes, not forever.
+    let limits = crate::http::Limits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(10),
+        connection_timeout: Some(Duration::from_secs(600)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .build()
+        .map_err(|e| io("runtime", e))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port))
+            .await
+            .map_err(|e| io(&format!("127.0.0.1:{}", a.port), e))?;
+        let port = listener.local_addr().map_err(|e| io("local address", e))?.port();
+        println!("serving {} at http://127.0.0.1:{port}/", root.display());
+        std::io::Write::flush(&mut std::io::stdout()).map_err(|e| io("stdout", e))?;
+        crate::http::serve(listener, app, limits).await;
+        Ok(())
+    })
 }
 
-/// One request, one response, then the connection closes.
-fn handle(stream: TcpStream, root: &Path) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.by_ref().take(8192).read_line(&mut request_line)?;
-    // Skip the headers: nothing in them changes the answer.
-    let mut line = String::new();
-    let mut header_bytes = 0;
-    while reader.by_ref().take(8192).read_line(&mut line)? > 0 && line != "\r\n" && line != "\n" {
-        header_bytes += line.len();
-        if header_bytes > 65536 {
-            return respond(stream, 431, "text/plain", b"headers too large", false);
-        }
-        line.clear();
+/// GET and HEAD of files inside the site only (see `resolve`); everything else is a 404 or 405.
+async fn only_site_files(State(root): State<Arc<PathBuf>>, req: Request, next: Next) -> Response {
+    if !matches!(req.method().as_str(), "GET" | "HEAD") {
+        return (StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD").into_response();
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let head = method == "HEAD";
-    if method != "GET" && !head {
-        return respond(stream, 405, "text/plain", b"only GET and HEAD", false);
-    }
-    let Some(path) = resolve(root, target) else {
-        return respond(stream, 404, "text/plain", b"not found", head);
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let Some(path) = resolve(&root, &target) else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
     };
-    let Ok(mut file) = std::fs::File::open(&path) else {
-        return respond(stream, 404, "text/plain", b"not found", head);
-    };
-    let len = file.metadata()?.len();
-    let mut out = std::io::BufWriter::new(stream);
-    write_head(&mut out, 200, mime(&path), len)?;
-    if !head {
-        std::io::copy(&mut file, &mut out)?;
+    let mut response = next.run(req).await;
+    // TypeScript declarations are for reading (a guess from the extension would say video).
+    if path.extension().is_some_and(|e| e == "ts") {
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     }
-    out.flush()
+    response
 }
 
 /// The file a request target names inside `root`, or None (outside the root, missing, malformed).
@@ -86,8 +99,10 @@ fn resolve(root: &Path, target: &str) -> Option<PathBuf> {
     let path = target.split(['?', '#']).next()?;
     let decoded = percent_decode(path.strip_prefix('/')?)?;
     let relative = Path::new(&decoded);
-    if !relative.components().all(|c| matches!(c, Component::Normal(_))) {
-        return None; // "..", absolute paths, "." (and an empty path, handled below)
+    // No "..", absolute paths or "." (an empty path is handled below), and no dotfiles (.git, .env, ...).
+    let plain = |c: Component| matches!(c, Component::Normal(name) if !name.as_encoded_bytes().starts_with(b"."));
+    if !relative.components().all(plain) {
+        return None;
     }
     let mut full = root.join(relative);
     if decoded.is_empty() || full.is_dir() {
@@ -112,47 +127,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-fn mime(path: &Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "html" => "text/html; charset=utf-8",
-        "js" | "mjs" => "text/javascript; charset=utf-8",
-        "css" => "text/css; charset=utf-8",
-        "json" | "map" => "application/json",
-        "wasm" => "application/wasm",
-        "ts" => "text/plain; charset=utf-8", // .d.ts files, for reading
-        "md" | "txt" => "text/plain; charset=utf-8",
-        "svg" => "image/svg+xml",
-        "png" => "image/png",
-        "ico" => "image/x-icon",
-        _ => "application/octet-stream", // .gguf and anything else
-    }
-}
-
-fn write_head(out: &mut impl Write, status: u16, content_type: &str, len: u64) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Request Header Fields Too Large",
-    };
-    write!(
-        out,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n\
-         Cross-Origin-Opener-Policy: same-origin\r\nCross-Origin-Embedder-Policy: require-corp\r\n\
-         Cross-Origin-Resource-Policy: same-origin\r\nX-Content-Type-Options: nosniff\r\n\
-         Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-    )
-}
-
-fn respond(stream: TcpStream, status: u16, content_type: &str, body: &[u8], head: bool) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(stream);
-    write_head(&mut out, status, content_type, body.len() as u64)?;
-    if !head {
-        out.write_all(body)?;
-    }
-    out.flush()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,10 +141,21 @@ mod tests {
         assert_eq!(resolve(&root, "/"), Some(root.join("index.html")));
         assert_eq!(resolve(&root, "/?prompt=hi&n=20"), Some(root.join("index.html")));
         assert_eq!(resolve(&root, "/sub%20dir/a.wasm"), Some(root.join("sub dir/a.wasm")));
-        assert_eq!(mime(&root.join("sub dir/a.wasm")), "application/wasm");
-        for bad in
-            ["/../etc/passwd", "/sub%20dir/../../x", "//etc/passwd", "/%2e%2e/x", "/missing.js", "/%zz", "nohash"]
-        {
+        std::fs::write(dir.join(".env"), "SECRET=1").unwrap();
+        std::fs::create_dir_all(dir.join(".git")).unwrap();
+        std::fs::write(dir.join(".git/config"), "x").unwrap();
+        for bad in [
+            "/../etc/passwd",
+            "/sub%20dir/../../x",
+            "//etc/passwd",
+            "/%2e%2e/x",
+            "/missing.js",
+            "/%zz",
+            "nohash",
+            "/.env",
+            "/%2eenv",
+            "/.git/config",
+        ] {
             assert_eq!(resolve(&root, bad), None, "{bad}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

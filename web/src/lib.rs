@@ -359,7 +359,8 @@ impl Engine {
         let generation = self.generation.as_mut().ok_or_else(|| js_error("no generation started"))?;
         let r = &mut self.runner;
         let out = Output::Logits(r.logits());
-        let Some(step) = generation.step(&self.tokenizer, out, r.tokens(), r.ctx()) else { return Ok(None) };
+        let step = generation.step(&self.tokenizer, out, r.tokens(), r.ctx()).map_err(js_error)?;
+        let Some(step) = step else { return Ok(None) };
         if let Some(t) = step.eval {
             r.push(t).await.map_err(js_error)?;
         }

@@ -100,6 +100,19 @@ pub fn argmax(logits: impl IntoIterator<Item = f32>) -> u32 {
     best.0 as u32
 }
 
+/// Errors on NaN or +infinity among the logits (see the module documentation); -infinity is a token
+/// that cannot be picked, which is fine.
+pub fn check_logits(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+        Some(i) => Err(Error::Invalid(format!(
+            "the model computed a logit of {} for token {i}: its weights or metadata are broken",
+            logits[i]
+        ))),
+        None if logits.is_empty() => Err(Error::Invalid("the model computed no logits".into())),
+        None => Ok(()),
+    }
+}
+
 /// The one check of a forward pass's input, on every device: some tokens, inside the vocabulary,
 /// inside the context.
 pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Result<()> {
@@ -162,6 +175,14 @@ impl KvType {
             Self::Q8_0 => values / 32 * 34,
         }
     }
+}
+
+/// Bytes of host memory a sequence of `ctx` tokens takes on the CPU (KV cache, RoPE table, logits), None
+/// past u64: what a front end checks against the memory there is before making one.
+pub fn sequence_bytes(c: &Config, ctx: usize, kv: KvType) -> Option<u64> {
+    let cache = (kv.bytes_per_token(c) as u64).checked_mul(ctx as u64)?;
+    let rope = (ctx as u64).checked_mul(c.rope_dim as u64 / 2)?.checked_mul(2 * 4)?;
+    cache.checked_add(rope)?.checked_add((c.n_vocab as u64).checked_mul(4)?)
 }
 
 /// Where a model runs.

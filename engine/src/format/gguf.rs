@@ -17,7 +17,9 @@
 //!
 //! [`GgufFile::parse`] checks every count, length, offset and size against the bytes that are
 //! actually there before using or allocating for it, so a hostile file yields a [`GgufError`] and
-//! never a panic, a hang or a huge allocation. Only metadata is copied: tensor data stays in the
+//! never a panic, a hang or a huge allocation: the metadata may take at most [`METADATA_MEMORY_FACTOR`] times
+//! the file's size in memory (plus a small floor), counted before each allocation, because a value can be
+//! much larger in memory than on disk (a one-byte array element becomes a 32-byte [`Value`]). Only metadata is copied: tensor data stays in the
 //! caller's buffer (typically a memory map) and is borrowed through [`GgufFile::tensor_data`].
 
 use std::collections::HashSet;
@@ -36,6 +38,11 @@ const MAX_ARRAY_DEPTH: usize = 8;
 /// name (8) + n_dims (4) + one dim (8) + type (4) + offset (8).
 const MIN_KV_BYTES: u64 = 13;
 const MIN_TENSOR_INFO_BYTES: u64 = 32;
+/// The parsed metadata and tensor infos may take this many times the file's size in memory (real files
+/// need under 3: their arrays are mostly strings and 4-byte integers)...
+pub const METADATA_MEMORY_FACTOR: u64 = 8;
+/// ...or this much, for tiny files.
+pub const METADATA_MEMORY_FLOOR: u64 = 1 << 20;
 
 /// A metadata value. The variants are in GGUF value type id order (0..=12).
 #[derive(Clone, Debug, PartialEq)]
@@ -257,6 +264,11 @@ pub enum GgufError {
     BadBool { key: String, byte: u8, offset: u64 },
     #[error("key '{key}': arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {offset}")]
     NestingTooDeep { key: String, offset: u64 },
+    #[error(
+        "the metadata needs more than {limit} bytes of memory ({METADATA_MEMORY_FACTOR} times the \
+         {file_len}-byte file) at byte {offset}"
+    )]
+    MetadataTooLarge { limit: u64, file_len: u64, offset: u64 },
     #[error("general.alignment must be a non-zero power-of-two integer, found {0}")]
     BadAlignment(String),
     #[error("duplicate tensor name '{tensor}' at byte {offset}")]
@@ -285,7 +297,9 @@ type Result<T, E = GgufError> = std::result::Result<T, E>;
 impl GgufFile {
     /// Parses and validates the header of a whole GGUF file held in memory (or memory-mapped).
     pub fn parse(bytes: &[u8]) -> Result<GgufFile> {
-        let mut r = Reader { bytes, pos: 0 };
+        let file_len = bytes.len() as u64;
+        let memory_limit = file_len.saturating_mul(METADATA_MEMORY_FACTOR).max(METADATA_MEMORY_FLOOR);
+        let mut r = Reader { bytes, pos: 0, memory_left: memory_limit, memory_limit };
 
         let magic: [u8; 4] = r.array("magic")?;
         if &magic != MAGIC {
@@ -312,7 +326,6 @@ impl GgufFile {
 
         // Cannot overflow: the offset is below 2^63 (a slice length) and the alignment a power of two <= 2^63.
         let data_offset = r.offset().next_multiple_of(alignment);
-        let file_len = bytes.len() as u64;
         for t in &mut tensors {
             let start = data_offset.checked_add(t.offset);
             match start.and_then(|s| s.checked_add(t.size)) {
@@ -349,7 +362,7 @@ impl GgufFile {
 }
 
 fn read_metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Vec<(String, Value)>> {
-    // `count` bounded n_kv by the bytes left, so this allocation is bounded by the file size.
+    r.charge::<(String, Value)>(n_kv)?;
     let mut metadata = Vec::with_capacity(n_kv as usize);
     let mut seen = HashSet::new();
     for i in 0..n_kv {
@@ -361,12 +374,14 @@ fn read_metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Vec<(String, Value)>> 
         let what = format!("value of key '{key}'");
         let ty = r.value_type(key, &what)?;
         let value = r.value(ty, key, &what, 0)?;
+        r.charge::<u8>(key.len() as u64)?;
         metadata.push((key.to_owned(), value));
     }
     Ok(metadata)
 }
 
 fn read_tensor_infos(r: &mut Reader<'_>, n_tensors: u64, alignment: u64) -> Result<Vec<TensorInfo>> {
+    r.charge::<TensorInfo>(n_tensors)?;
     let mut tensors = Vec::with_capacity(n_tensors as usize);
     let mut seen = HashSet::new();
     for i in 0..n_tensors {
@@ -407,6 +422,7 @@ fn read_tensor_infos(r: &mut Reader<'_>, n_tensors: u64, alignment: u64) -> Resu
         if !offset.is_multiple_of(alignment) {
             return Err(GgufError::MisalignedOffset { tensor: name.into(), offset, alignment });
         }
+        r.charge::<u8>(name.len() as u64)?;
         // Relative to the data section until parse() knows where that starts.
         tensors.push(TensorInfo { name: name.to_owned(), dims, ty, offset, size });
     }
@@ -426,6 +442,9 @@ fn size_error_reason(ty: GgmlType, n_elements: u64) -> String {
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Bytes of memory the parsed metadata may still take (see `charge`).
+    memory_left: u64,
+    memory_limit: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -463,6 +482,22 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self, what: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// Accounts for `n` items of `T` about to be allocated; an error once the metadata would take
+    /// more memory than the file size allows.
+    fn charge<T>(&mut self, n: u64) -> Result<()> {
+        match n.checked_mul(std::mem::size_of::<T>() as u64) {
+            Some(bytes) if bytes <= self.memory_left => {
+                self.memory_left -= bytes;
+                Ok(())
+            }
+            _ => Err(GgufError::MetadataTooLarge {
+                limit: self.memory_limit,
+                file_len: self.bytes.len() as u64,
+                offset: self.offset(),
+            }),
+        }
     }
 
     /// A u64 count of items that each take at least `min_item_bytes`; rejected if they cannot fit
@@ -509,13 +544,18 @@ impl<'a> Reader<'a> {
                     [byte] => return Err(GgufError::BadBool { key: key.into(), byte, offset }),
                 }
             }
-            ValueType::Str => Value::Str(self.string(what)?.to_owned()),
+            ValueType::Str => {
+                let s = self.string(what)?;
+                self.charge::<u8>(s.len() as u64)?;
+                Value::Str(s.to_owned())
+            }
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(GgufError::NestingTooDeep { key: key.into(), offset: self.offset() });
                 }
                 let elem = self.value_type(key, what)?;
                 let len = self.count(what, elem.min_bytes())?;
+                self.charge::<Value>(len)?;
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.value(elem, key, what, depth + 1)?);

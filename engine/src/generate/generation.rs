@@ -7,6 +7,7 @@ use super::sampler::{Sampler, SamplerParams};
 use super::stop::StopMatcher;
 use crate::backend::Want;
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
+use crate::Result;
 
 /// What to generate and when to stop.
 #[derive(Clone, Debug)]
@@ -85,17 +86,17 @@ impl Generation {
     }
 
     /// Picks the next token from `out` (the output for the last of the `history` tokens, in a cache of
-    /// `ctx`); None once generation has stopped.
-    pub fn step(&mut self, tok: &Tokenizer, out: Output<'_>, history: &[u32], ctx: usize) -> Option<TextStep> {
+    /// `ctx`); None once generation has stopped, an error when the logits are broken (NaN: a broken model).
+    pub fn step(&mut self, tok: &Tokenizer, out: Output<'_>, history: &[u32], ctx: usize) -> Result<Option<TextStep>> {
         if self.stop.is_some() {
-            return None;
+            return Ok(None);
         }
-        let stopped = |text| Some(TextStep { text, eval: None });
+        let stopped = |text| Ok(Some(TextStep { text, eval: None }));
         if self.n_generated == self.max_tokens {
             return stopped(self.finish(StopReason::MaxTokens));
         }
         let next = match out {
-            Output::Logits(logits) => self.sampler.sample(logits, history),
+            Output::Logits(logits) => self.sampler.sample(logits, history)?,
             Output::Token(t) => t,
         };
         if tok.is_end_of_generation(next) {
@@ -110,7 +111,7 @@ impl Generation {
         if history.len() == ctx {
             return stopped(text + &self.finish(StopReason::ContextFull));
         }
-        Some(TextStep { text, eval: Some(next) })
+        Ok(Some(TextStep { text, eval: Some(next) }))
     }
 
     /// Ends it because the caller stopped it: nothing more comes out.

@@ -4,8 +4,12 @@
 //! temperature, then a draw. The draw walks the surviving candidates in token-id order with a
 //! SplitMix64 uniform number (inverse CDF), which makes a seed reproduce the same text on every
 //! target, and reproduces the sampler of smolbit's PyTorch reference (`reference.py`) exactly.
+//!
+//! Logits that are NaN or +infinity mean the model's arithmetic broke down (a NaN weight, a bad norm
+//! epsilon): no token is a meaningful pick then, so sampling is an error rather than an arbitrary token.
 
-use crate::backend::argmax;
+use crate::backend::{argmax, check_logits};
+use crate::{Error, Result};
 
 /// Sampling settings; the defaults are llama.cpp's.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,6 +58,32 @@ impl SamplerParams {
     fn penalizes(&self) -> bool {
         self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
+
+    /// Settings outside these ranges would leave no candidate (min-p above 1) or make every
+    /// probability NaN (a NaN temperature, a zero penalty).
+    pub fn check(&self) -> Result<()> {
+        let bad =
+            |name: &str, v: f32, range: &str| Err(Error::Invalid(format!("{name} {v} is out of range ({range})")));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", self.temperature, "0 or more");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad("top-p", self.top_p, "0 to 1");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min-p", self.min_p, "0 to 1");
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return bad("repeat penalty", self.repeat_penalty, "more than 0");
+        }
+        if !self.frequency_penalty.is_finite() {
+            return bad("frequency penalty", self.frequency_penalty, "a finite number");
+        }
+        if !self.presence_penalty.is_finite() {
+            return bad("presence penalty", self.presence_penalty, "a finite number");
+        }
+        Ok(())
+    }
 }
 
 /// SplitMix64: tiny, fast, and the same sequence on every platform.
@@ -99,7 +129,10 @@ impl Sampler {
     }
 
     /// Picks the next token. `history` is every token so far (prompt included), for the penalty.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// An error when the logits are broken ([`check_logits`]) or the settings out of range.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        check_logits(logits)?;
+        self.params.check()?;
         let p = &self.params;
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
@@ -108,7 +141,7 @@ impl Sampler {
             penalize(&mut self.candidates, recent, p);
         }
         if p.temperature <= 0.0 {
-            return argmax(self.candidates.iter().map(|c| c.1)); // still every token, in id order
+            return Ok(argmax(self.candidates.iter().map(|c| c.1))); // still every token, in id order
         }
         if p.top_k > 0 && p.top_k < self.candidates.len() {
             top_k(&mut self.candidates, p.top_k);
@@ -121,6 +154,7 @@ impl Sampler {
         }
         let u = self.rng.uniform();
         draw(&self.candidates, p.temperature, u)
+            .ok_or_else(|| Error::Invalid("no token is possible: every logit is -infinity".into()))
     }
 }
 
@@ -179,10 +213,14 @@ fn min_p(c: &mut Vec<(u32, f32)>, m: f32) {
     c.retain(|x| x.1 >= floor);
 }
 
-/// Inverse-CDF draw over softmax(logits / temperature), candidates in id order.
-fn draw(c: &[(u32, f32)], temperature: f32, u: f64) -> u32 {
+/// Inverse-CDF draw over softmax(logits / temperature), candidates in id order; None when no candidate
+/// has a finite logit.
+fn draw(c: &[(u32, f32)], temperature: f32, u: f64) -> Option<u32> {
     let t = temperature as f64;
     let max = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1)) as f64;
+    if !max.is_finite() {
+        return None;
+    }
     let e: Vec<f64> = c.iter().map(|x| ((x.1 as f64 - max) / t).exp()).collect();
     let total: f64 = e.iter().sum();
     let target = u * total;
@@ -190,10 +228,11 @@ fn draw(c: &[(u32, f32)], temperature: f32, u: f64) -> u32 {
     for (x, p) in c.iter().zip(&e) {
         cum += p;
         if cum > target {
-            return x.0;
+            return Some(x.0);
         }
     }
-    c[c.len() - 1].0
+    // Rounding left `target` at the very top: the last candidate with any probability.
+    c.iter().zip(&e).rev().find(|(_, &p)| p > 0.0).map(|(x, _)| x.0)
 }
 
 #[cfg(test)]
@@ -211,7 +250,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax_with_low_id_ties() {
         let mut s = Sampler::new(SamplerParams::greedy());
-        assert_eq!(s.sample(&[0.5, 2.0, -1.0, 2.0], &[]), 1);
+        assert_eq!(s.sample(&[0.5, 2.0, -1.0, 2.0], &[]).unwrap(), 1);
     }
 
     #[test]
@@ -221,7 +260,7 @@ mod tests {
             SamplerParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
         let run = |p: SamplerParams| {
             let mut s = Sampler::new(p);
-            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..4000).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
         };
         let a = run(params.clone());
         assert_eq!(a, run(params));
@@ -258,6 +297,30 @@ mod tests {
     fn repetition_penalty_lowers_seen_tokens() {
         let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
         // Token 0 wins without the penalty; with it, 2.0 / 2 = 1.0 < 1.5.
-        assert_eq!(s.sample(&[2.0, 1.5], &[0]), 1);
+        assert_eq!(s.sample(&[2.0, 1.5], &[0]).unwrap(), 1);
+    }
+
+    /// NaN logits (a model with a NaN weight) made the truncations keep nothing and the draw index an
+    /// empty list; they are an error, for the greedy pick too.
+    #[test]
+    fn broken_logits_are_an_error_not_a_panic() {
+        let sampled = SamplerParams { seed: 1, ..Default::default() };
+        for params in
+            [sampled.clone(), SamplerParams::greedy(), SamplerParams { top_k: 0, min_p: 0.0, ..sampled.clone() }]
+        {
+            for logits in [vec![f32::NAN; 8], vec![1.0, f32::NAN, 0.5], vec![0.0, f32::INFINITY], vec![]] {
+                let err = Sampler::new(params.clone()).sample(&logits, &[]).unwrap_err();
+                assert!(err.to_string().contains("logit"), "{logits:?}: {err}");
+            }
+        }
+        let none_possible = Sampler::new(SamplerParams::default()).sample(&[f32::NEG_INFINITY; 4], &[]);
+        assert!(none_possible.unwrap_err().to_string().contains("no token"));
+        // Settings that would leave no candidate are refused too.
+        for bad in [
+            SamplerParams { min_p: 2.0, ..sampled.clone() },
+            SamplerParams { temperature: f32::NAN, ..sampled.clone() },
+        ] {
+            assert!(Sampler::new(bad).sample(&[1.0, 2.0], &[]).is_err());
+        }
     }
 }

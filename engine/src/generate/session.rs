@@ -99,7 +99,7 @@ impl Session {
         let mut picked = None; // the device's greedy token, when the pick is a plain argmax
         loop {
             let out = picked.take().map_or(Output::Logits(self.seq.logits()), Output::Token);
-            let Some(step) = gen.step(tok, out, &self.tokens, self.ctx()) else { break };
+            let Some(step) = gen.step(tok, out, &self.tokens, self.ctx())? else { break };
             if !step.text.is_empty() && !on_text(&step.text) {
                 gen.cancel();
                 break;

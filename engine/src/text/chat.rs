@@ -24,6 +24,10 @@ pub const BITNET_TEMPLATE: &str = "{% set loop_messages = messages %}{% for mess
 {{ content }}{% endfor %}\
 {% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}";
 
+/// Template instructions one rendering may run: a real template takes a few dozen per message, and a
+/// template from a hostile file (nested loops over long ranges) must end in a bounded time, with an error.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// Render `messages` with `template`. Variables as in HF: messages, add_generation_prompt, bos_token, eos_token,
 /// and the function raise_exception(message), whose message becomes the error.
 pub fn render(
@@ -34,6 +38,7 @@ pub fn render(
     eos: &str,
 ) -> Result<String> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // HF renders with trim_blocks and lstrip_blocks; templates are written for that.
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);

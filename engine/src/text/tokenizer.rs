@@ -75,7 +75,16 @@ pub struct Tokenizer {
     add_bos: bool,
     pre: Pre,
     chat_template: Option<String>,
+    /// Control-token texts, longest first, each with the ids of the same text tokenized as plain text:
+    /// what a chat message's content becomes when it contains one (see `encode_chat`).
+    control_as_text: Vec<(String, Vec<u32>)>,
 }
+
+/// Stand-ins for control-token text inside chat messages while the template renders (`encode_chat`):
+/// private-use characters, the `k`-th of `control_as_text` being `base + k`, the base being the first of
+/// these ranges that no character of the conversation falls in (so that no message can type a marker).
+const MARKER_BASES: [u32; 4] = [0xF0000, 0xF8000, 0x100000, 0x108000];
+const MARKERS: u32 = 0x7FFE;
 
 impl Tokenizer {
     /// Build from GGUF metadata (`tokenizer.ggml.*` keys), the only source at run time.
@@ -109,7 +118,7 @@ impl Tokenizer {
         let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
         let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
 
-        let bpe = build_bpe(&tokens, &types, &merges, pre)?;
+        let (bpe, control_as_text) = build_bpe(&tokens, &types, &merges, pre)?;
         let literal = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).collect();
         let token_id = |key: &str| -> Result<Option<u32>> {
             match get(md, key).map(|v| v.as_u64()) {
@@ -132,9 +141,9 @@ impl Tokenizer {
         let add_bos = match get(md, "tokenizer.ggml.add_bos_token") {
             Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
             None => pre == Pre::Llama3,
-        };
+        } && bos.is_some(); // a file may ask for BOS without saying which token it is
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template })
+        Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template, control_as_text })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -211,10 +220,69 @@ impl Tokenizer {
     }
 
     /// The conversation as prompt ids. BOS is added per `add_bos()` unless the template already wrote it.
+    /// Control-token text inside a message ("<|eot_id|>" typed by a user) is tokenized as text, so that
+    /// no message can forge a turn of another role; only the template writes control tokens.
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode_chat_with(messages, add_generation_prompt, false)
+    }
+
+    /// `encode_chat`, with `parse_special` making control-token text in messages real control tokens
+    /// (what llama.cpp does; for trusted input only).
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
+        let base = if parse_special { None } else { Some(self.marker_base(messages)?) };
+        let text = match base {
+            None => self.render_chat(messages, add_generation_prompt)?,
+            Some(base) => {
+                let mark = |text: &str| self.mark_control_text(text, base);
+                let marked: Vec<ChatMessage> =
+                    messages.iter().map(|m| ChatMessage { role: mark(&m.role), content: mark(&m.content) }).collect();
+                self.render_chat(&marked, add_generation_prompt)?
+            }
+        };
         let bos_written = self.bos.and_then(|id| self.token_text(id)).is_some_and(|bos| text.starts_with(bos));
-        self.encode(&text, self.add_bos && !bos_written)
+        let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos && !bos_written).into_iter().collect();
+        // The template's text with its control tokens; each marker is the plain-text ids of the text it stands for.
+        let mut rest = text.as_str();
+        let marker_at = |(i, c): (usize, char)| {
+            let k = (c as u32).checked_sub(base?)? as usize;
+            self.control_as_text.get(k).map(|(_, plain)| (i, c.len_utf8(), plain))
+        };
+        while let Some((at, len, plain)) = rest.char_indices().find_map(marker_at) {
+            ids.extend(self.encode(&rest[..at], false)?);
+            ids.extend(plain);
+            rest = &rest[at + len..];
+        }
+        ids.extend(self.encode(rest, false)?);
+        Ok(ids)
+    }
+
+    /// The first of MARKER_BASES whose markers appear nowhere in the conversation or the template.
+    fn marker_base(&self, messages: &[ChatMessage]) -> Result<u32> {
+        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
+        let texts = || messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).chain([template]);
+        let n = self.control_as_text.len() as u32;
+        let free = |base: u32| !texts().flat_map(str::chars).any(|c| (base..base + n).contains(&(c as u32)));
+        MARKER_BASES.into_iter().find(|&base| free(base)).ok_or_else(|| {
+            Error::Invalid("the chat messages use every private-use character range the tokenizer needs".into())
+        })
+    }
+
+    /// `text` with each control-token text replaced by its marker character.
+    fn mark_control_text(&self, text: &str, base: u32) -> String {
+        let mut out = text.to_owned();
+        for (k, (control, _)) in self.control_as_text.iter().enumerate() {
+            if out.contains(control.as_str()) {
+                if let Some(marker) = char::from_u32(base + k as u32) {
+                    out = out.replace(control.as_str(), marker.encode_utf8(&mut [0; 4]));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -228,12 +296,16 @@ fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
         Some(other) => Err(Error::Unsupported(format!(
             "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, smollm, gpt2, default)"
         ))),
-        None if tokens.len() >= 128000 && tokens[128000] == "<|begin_of_text|>" => Ok(Pre::Llama3),
+        None if tokens.get(128000).is_some_and(|t| t == "<|begin_of_text|>") => Ok(Pre::Llama3),
         None => Ok(Pre::Gpt2),
     }
 }
 
-fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> Result<tokenizers::Tokenizer> {
+/// The BPE tokenizer, and each control token's text (longest first, at most MARKERS of them) with its ids as
+/// plain text.
+type Built = (tokenizers::Tokenizer, Vec<(String, Vec<u32>)>);
+
+fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> Result<Built> {
     let mut vocab = Vocab::default();
     for (id, text) in tokens.iter().enumerate() {
         // A duplicated text keeps its first id, as llama.cpp's token_to_id does.
@@ -247,6 +319,18 @@ fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> R
         .map_err(|e| Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}")))?;
     let mut tk = tokenizers::Tokenizer::new(model);
     tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+    // Before the control tokens are added, their text tokenizes as plain text.
+    let mut controls: Vec<&String> =
+        types.iter().zip(tokens).filter(|(&t, text)| t == TYPE_CONTROL && !text.is_empty()).map(|x| x.1).collect();
+    controls.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    controls.truncate(MARKERS as usize);
+    let control_as_text = controls
+        .into_iter()
+        .map(|text| {
+            let enc = tk.encode_fast(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Ok((text.clone(), enc.get_ids().to_vec()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Control and user-defined tokens are matched in the raw text before any splitting.
     let added = |want: u64, special: bool| -> Vec<AddedToken> {
         let picked = types.iter().zip(tokens).filter(|(&t, _)| t == want);
@@ -255,7 +339,7 @@ fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> R
     let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
     tk.add_special_tokens(added(TYPE_CONTROL, true)).map_err(tokenizer_err)?;
     tk.add_tokens(added(TYPE_USER_DEFINED, false)).map_err(tokenizer_err)?;
-    Ok(tk)
+    Ok((tk, control_as_text))
 }
 
 /// "a b" → ("a", "b"); the separator is the first space after the first character, as in llama.cpp.

@@ -1,6 +1,10 @@
 //! The OpenAI wire format: request bodies as serde reads them (unknown fields are ignored, known ones
 //! must have the right type), and the responses, stream chunks and error bodies the server writes.
+//! Depends on nothing of the server but serde and the engine, so that the fuzz target of request bodies
+//! (fuzz/fuzz_targets/request.rs) compiles this very file.
 
+use bitnet_engine::generate::sampler::SamplerParams;
+use bitnet_engine::generate::GenParams;
 use serde::{Deserialize, Serialize};
 
 /// Fields shared by /v1/chat/completions and /v1/completions, read from the same body as the request
@@ -28,6 +32,65 @@ pub struct Sampling {
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+}
+
+/// A request field out of range: the message and the field's name (a 400 naming it).
+#[derive(Debug)]
+pub struct FieldError {
+    pub message: String,
+    pub param: &'static str,
+}
+
+impl Sampling {
+    /// The sampling settings; absent fields take llama.cpp's defaults (temperature 0.8, top_k 40, top_p
+    /// 0.95, min_p 0.05). Returns the parameters (max_tokens unset) and the frequency and presence penalties.
+    pub fn gen_params(&self) -> Result<GenParams, FieldError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(FieldError { message: "only n = 1 is supported".into(), param: "n" });
+        }
+        let d = SamplerParams::default();
+        type Check = fn(f32) -> bool;
+        let check = |param: &'static str, value: Option<f32>, default: f32, ok: Check, range: &str| match value {
+            None => Ok(default),
+            Some(v) if v.is_finite() && ok(v) => Ok(v),
+            Some(v) => Err(FieldError { message: format!("{param} = {v} is out of range ({range})"), param }),
+        };
+        let temperature = check("temperature", self.temperature, d.temperature, |v| v >= 0.0, "0 or more")?;
+        let top_p = check("top_p", self.top_p, d.top_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
+        let min_p = check("min_p", self.min_p, d.min_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
+        let repeat_penalty =
+            check("repeat_penalty", self.repeat_penalty, d.repeat_penalty, |v| v > 0.0, "more than 0")?;
+        let penalty: Check = |v| (-2.0..=2.0).contains(&v);
+        let frequency_penalty = check("frequency_penalty", self.frequency_penalty, 0.0, penalty, "-2 to 2")?;
+        let presence_penalty = check("presence_penalty", self.presence_penalty, 0.0, penalty, "-2 to 2")?;
+        let seed = match self.seed {
+            Some(seed) if seed >= 0 => seed as u64,
+            _ => random_seed(),
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let sampler = SamplerParams {
+            temperature,
+            top_k: self.top_k.map_or(d.top_k, |k| k as usize),
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n: self.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
+            frequency_penalty,
+            presence_penalty,
+            seed,
+        };
+        Ok(GenParams { max_tokens: 0, sampler, stop })
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library's per-process random keys, advanced on every call.
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
 #[derive(Deserialize)]

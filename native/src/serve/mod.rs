@@ -1,8 +1,14 @@
 //! `bitnet serve`: an OpenAI-compatible HTTP server (llama-server's API subset).
 //!
 //! The HTTP side runs on a single-threaded tokio runtime: handlers parse and validate a request,
-//! tokenize its prompt, and queue it for the engine thread (scheduler.rs), which streams text back.
-//! All model work happens on the engine thread and its rayon pool.
+//! tokenize its prompt (on tokio's blocking pool: a long prompt must not stall the other connections),
+//! and queue it for the engine thread (scheduler.rs), which streams text back. All model work happens
+//! on the engine thread and its rayon pool.
+//!
+//! Safe as a local server by default: bound to 127.0.0.1, it refuses a `Host` that is not this machine
+//! (DNS rebinding: a web page whose name resolves to 127.0.0.1 must not read the answers), JSON endpoints
+//! want `Content-Type: application/json` (which a page can only send cross-origin with CORS, off unless
+//! `--cors-origin` allows an origin), and connections, headers and bodies have limits (crate::http).
 
 mod api;
 mod metrics;
@@ -10,18 +16,17 @@ mod scheduler;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
@@ -51,12 +56,27 @@ pub struct ServeArgs {
     /// Requests that may wait for a free slot; beyond that the server answers 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     queue: u32,
-    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health. A key given on the command line
+    /// is visible to every user of the machine (`ps`): prefer the BITNET_API_KEY environment variable.
     #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
+    /// Let web pages of this origin (e.g. http://localhost:3000) call the API from a browser (repeatable).
+    /// Without it, no cross-origin access is allowed.
+    #[arg(long)]
+    cors_origin: Vec<String>,
+    /// Tokenize control-token text inside chat messages (e.g. "<|eot_id|>") as control tokens, as
+    /// llama.cpp does. Off: message text is only text, so a user cannot forge another role's turn.
+    #[arg(long)]
+    parse_special: bool,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
 }
 
 /// What every handler sees.
@@ -68,12 +88,18 @@ struct App {
     api_key: Option<String>,
     started: u64,
     next_id: AtomicU64,
+    parse_special: bool,
+    /// Host names requests may be addressed to (with any port); None: any (the server is not on loopback).
+    allowed_hosts: Option<Vec<String>>,
+    max_body: usize,
+    body_timeout: Duration,
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
     let ctx = m.ctx;
+    m.check_memory(ctx, a.slots as usize)?;
     let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize, ctx)?;
     let model_id = match &a.model.model {
         Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
@@ -87,9 +113,21 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         api_key: a.api_key.clone(),
         started: unix_time(),
         next_id: AtomicU64::new(0),
+        parse_special: a.parse_special,
+        allowed_hosts: loopback_names(&a.host),
+        max_body: a.max_body,
+        body_timeout: Duration::from_secs(a.timeout),
     });
+    let cors = cors_layer(&a.cors_origin)?;
+    let limits = crate::http::Limits {
+        max_connections: a.max_connections as usize,
+        header_timeout: Duration::from_secs(a.timeout),
+        // Generations stream for as long as they run.
+        connection_timeout: None,
+    };
     let io = |e: std::io::Error| Error::Invalid(format!("server: {e}"));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io)?;
+    // The blocking pool tokenizes prompts; a few threads keep a flood of huge prompts from taking every core.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(4).build().map_err(io)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.map_err(io)?;
         let addr = listener.local_addr().map_err(io)?;
@@ -104,11 +142,17 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
             a.slots,
             a.queue
         );
-        axum::serve(listener, router(app, a.max_body)).await.map_err(io)
+        let mut router = router(app);
+        if let Some(cors) = cors {
+            router = router.layer(cors);
+        }
+        crate::http::serve(listener, router, limits).await;
+        Ok(())
     })
 }
 
-fn router(app: Arc<App>, max_body: usize) -> Router {
+fn router(app: Arc<App>) -> Router {
+    let max_body = app.max_body;
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -117,10 +161,107 @@ fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
-        .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/health", get(health))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "invalid_request_error") })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed here"),
+                "invalid_request_error",
+            )
+        })
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
+}
+
+/// The names a server bound to loopback answers to: `localhost`, the loopback addresses, and the name it was
+/// bound with. None for any other binding (reachable from elsewhere by choice: names are not checked).
+fn loopback_names(host: &str) -> Option<Vec<String>> {
+    let ip = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>();
+    if !(host.eq_ignore_ascii_case("localhost") || ip.is_ok_and(|ip| ip.is_loopback())) {
+        return None;
+    }
+    let bound = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+    Some(["localhost", "127.0.0.1", "[::1]", &bound].map(str::to_ascii_lowercase).to_vec())
+}
+
+/// The host name of a `Host` header value: without its port, IPv6 addresses in brackets.
+fn host_name(host: &str) -> &str {
+    match host.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(host, |end| &host[..end + 2]),
+        None => host.split(':').next().unwrap_or(host),
+    }
+}
+
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, Error> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|o| {
+            HeaderValue::from_str(o).map_err(|_| Error::Invalid(format!("--cors-origin '{o}' is not a valid origin")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let layer = tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]);
+    Ok(Some(layer))
+}
+
+/// Checks what every request must satisfy before its handler runs: the `Host` (on loopback), a JSON content
+/// type for POST bodies, and the whole body within the timeout (a client trickling a body holds nothing for long).
+async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(allowed) = &app.allowed_hosts {
+        let host = req.headers().get(header::HOST).map(|h| h.to_str().unwrap_or("?").to_ascii_lowercase());
+        // No Host at all (HTTP/1.0) cannot be DNS rebinding, which comes from browsers.
+        if let Some(host) = host.filter(|h| !allowed.iter().any(|a| a == host_name(h))) {
+            let msg = format!("Host '{host}' is not this server (it answers to localhost only)");
+            return ApiError::new(StatusCode::FORBIDDEN, msg, "invalid_request_error").into_response();
+        }
+    }
+    if req.method() == Method::POST && !is_json(req.headers()) {
+        let msg = "the body must be JSON, sent with Content-Type: application/json";
+        return ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, "invalid_request_error").into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(app.body_timeout, axum::body::to_bytes(body, app.max_body)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            let msg = format!("the request body could not be read (at most {} bytes): {e}", app.max_body);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, msg, "invalid_request_error").into_response();
+        }
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {} s", app.body_timeout.as_secs());
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, msg, "invalid_request_error").into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    content_type.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json")
+}
+
+/// 200 while the engine thread runs; 503 once it has stopped (nothing would ever be answered).
+async fn health(State(app): State<Arc<App>>) -> Response {
+    if app.scheduler.is_alive() {
+        Json(serde_json::json!({ "status": "ok" })).into_response()
+    } else {
+        let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine thread has stopped", "server_error");
+        e.into_response()
+    }
+}
+
+/// Runs tokenization or template rendering on the blocking pool: a megabyte of prompt takes a good part of
+/// a second, during which the runtime's only thread would serve no one else.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenizing failed: {e}"), "server_error")
+    })
 }
 
 /// An error as OpenAI reports it: a status and `{"error": {"message", "type", "param", "code"}}`.
@@ -202,10 +343,9 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
     let messages = req.messages.iter().map(chat_message).collect::<Result<Vec<_>, _>>()?;
-    let prompt = app
-        .m
-        .tokenizer
-        .encode_chat(&messages, true)
+    let (m, parse_special) = (app.m, app.parse_special);
+    let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
+        .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     let mut pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
@@ -256,16 +396,28 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     let (req, sampling): (CompletionRequest, Sampling) = (typed(&body)?, typed(&body)?);
-    let tok = &app.m.tokenizer;
-    let prompt = match &req.prompt {
-        Prompt::Text(t) => tok.encode(t, tok.add_bos()),
-        Prompt::Texts(t) if t.len() == 1 => tok.encode(&t[0], tok.add_bos()),
+    let text = match req.prompt {
+        Prompt::Text(t) => Some(t),
+        // `[]` reads as an empty list of texts: an empty prompt, refused below.
+        Prompt::Texts(t) if t.is_empty() => None,
+        Prompt::Texts(t) if t.len() == 1 => t.into_iter().next(),
         Prompt::Texts(_) => {
             return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt"))
         }
-        Prompt::Tokens(ids) => Ok(ids.clone()),
+        Prompt::Tokens(ids) => return completion_of(app, ids, sampling).await,
+    };
+    let m = app.m;
+    let prompt = match text {
+        Some(text) => blocking(move || m.tokenizer.encode(&text, m.tokenizer.add_bos())).await?,
+        None => Ok(Vec::new()),
     };
     let prompt = prompt.map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
+    completion_of(app, prompt, sampling).await
+}
+
+/// The completion of prompt ids.
+async fn completion_of(app: Arc<App>, prompt: Vec<u32>, sampling: Sampling) -> Result<Response, ApiError> {
+    let tok = &app.m.tokenizer;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
@@ -309,7 +461,7 @@ impl Generation {
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param(prompt_param));
         }
-        let params = gen_params(s)?;
+        let params = s.gen_params().map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
         let max_tokens = s.max_completion_tokens.or(s.max_tokens);
         let needed = prompt.len() + max_tokens.map_or(1, |n| n as usize);
         if needed > app.ctx {
@@ -458,55 +610,6 @@ fn usage(d: &Done) -> Usage {
     }
 }
 
-/// Sampling settings from the request; absent fields take llama.cpp's defaults (temperature 0.8, top_k 40,
-/// top_p 0.95, min_p 0.05). Returns the parameters with max_tokens unset.
-fn gen_params(s: &Sampling) -> Result<GenParams, ApiError> {
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("only n = 1 is supported").param("n"));
-    }
-    let d = SamplerParams::default();
-    let check = |name: &str, value: Option<f32>, default: f32, ok: fn(f32) -> bool, range: &str| match value {
-        None => Ok(default),
-        Some(v) if v.is_finite() && ok(v) => Ok(v),
-        Some(v) => Err(ApiError::bad_request(format!("{name} = {v} is out of range ({range})")).param(name)),
-    };
-    let temperature = check("temperature", s.temperature, d.temperature, |v| v >= 0.0, "0 or more")?;
-    let top_p = check("top_p", s.top_p, d.top_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
-    let min_p = check("min_p", s.min_p, d.min_p, |v| (0.0..=1.0).contains(&v), "0 to 1")?;
-    let repeat_penalty = check("repeat_penalty", s.repeat_penalty, d.repeat_penalty, |v| v > 0.0, "more than 0")?;
-    let frequency_penalty =
-        check("frequency_penalty", s.frequency_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
-    let presence_penalty =
-        check("presence_penalty", s.presence_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), "-2 to 2")?;
-    let seed = match s.seed {
-        Some(seed) if seed >= 0 => seed as u64,
-        _ => random_seed(),
-    };
-    let stop = match &s.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
-    };
-    let sampler = SamplerParams {
-        temperature,
-        top_k: s.top_k.map_or(d.top_k, |k| k as usize),
-        top_p,
-        min_p,
-        repeat_penalty,
-        repeat_last_n: s.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
-        frequency_penalty,
-        presence_penalty,
-        seed,
-    };
-    Ok(GenParams { max_tokens: 0, sampler, stop })
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    // The standard library's per-process random keys, advanced on every call.
-    std::collections::hash_map::RandomState::new().build_hasher().finish()
-}
-
 fn unix_time() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -525,9 +628,9 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let req: TokenizeRequest = typed(&json_body(body)?)?;
-    let tok = &app.m.tokenizer;
-    let tokens = tok
-        .encode(&req.content, req.add_special && tok.add_bos())
+    let m = app.m;
+    let tokens = blocking(move || m.tokenizer.encode(&req.content, req.add_special && m.tokenizer.add_bos()))
+        .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("content"))?;
     Ok(Json(serde_json::json!({ "tokens": tokens })))
 }

@@ -7,6 +7,7 @@
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -56,6 +57,17 @@ pub enum SubmitError {
 pub struct Scheduler {
     queue: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
+    /// Cleared when the engine thread ends, however it ends (for /health).
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears the flag when dropped: on the engine thread's return or panic.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
+    }
 }
 
 impl Scheduler {
@@ -73,11 +85,20 @@ impl Scheduler {
         let batcher = m.weights.clone().batcher(slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
         let engine = Engine { m, batcher, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let alive = Arc::new(AtomicBool::new(true));
+        let clear_on_exit = ClearOnDrop(alive.clone());
         std::thread::Builder::new()
             .name("bitnet-engine".into())
-            .spawn(move || engine.run())
+            .spawn(move || {
+                let _clear_on_exit = clear_on_exit;
+                engine.run()
+            })
             .map_err(|e| Error::Invalid(format!("starting the engine thread: {e}")))?;
-        Ok(Self { queue: tx, metrics })
+        Ok(Self { queue: tx, metrics, alive })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Relaxed)
     }
 
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
@@ -261,8 +282,15 @@ impl Engine {
         let slot = &mut self.slots[i];
         let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
         let r = slot.req.as_mut().expect("generating slots run a request");
-        let step = r.gen.step(tok, out, &slot.cached, slot.seq.ctx());
-        let step = step.expect("a request stops when its generation does");
+        let step = match r.gen.step(tok, out, &slot.cached, slot.seq.ctx()) {
+            Ok(step) => step.expect("a request stops when its generation does"),
+            // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
+            // `finish` counts it as cancelled, as it does a client that went away.
+            Err(e) => {
+                let _ = r.job.events.send(Event::Failed(e.to_string()));
+                return Err(StopReason::Cancelled);
+            }
+        };
         if !step.text.is_empty() && r.job.events.send(Event::Text(step.text)).is_err() {
             r.gen.cancel();
         }

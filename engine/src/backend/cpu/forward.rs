@@ -7,7 +7,7 @@ use super::kernels::qhead::HeadActivations;
 use super::kernels::{self, Kernels};
 use super::kv::{KvRows, KvStore};
 use super::CpuModel;
-use crate::backend::{check_ctx, check_input, KvType};
+use crate::backend::{check_ctx, check_input, sequence_bytes, KvType};
 use crate::model::{Activation, Config};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
@@ -31,6 +31,10 @@ impl State {
     /// A cache of `ctx` tokens (at most the trained context) of type `kv`.
     pub fn new(c: &Config, ctx: usize, kv: KvType) -> Result<Self> {
         check_ctx(c, ctx)?;
+        // Every size below is a factor of this one, so none of them overflows once it fits in usize.
+        if sequence_bytes(c, ctx, kv).and_then(|b| usize::try_from(b).ok()).is_none() {
+            return Err(Error::Invalid(format!("a context of {ctx} tokens needs more memory than can be addressed")));
+        }
         if kv == KvType::Q8_0 && !c.head_dim.is_multiple_of(32) {
             return Err(Error::Unsupported(format!(
                 "a q8_0 KV cache with head dim {} (not a multiple of 32)",

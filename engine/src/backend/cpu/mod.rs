@@ -142,7 +142,7 @@ impl Sequence for CpuSequence {
         let want_logits = want != Want::Nothing;
         let mut item = [BatchItem { state: &mut self.state, tokens, pos, want_logits }];
         self.model.forward_batch(&mut self.scratch, &mut item)?;
-        Ok(greedy(want, &self.state.logits))
+        greedy(want, &self.state.logits)
     }
 
     fn logits(&self) -> &[f32] {
@@ -154,9 +154,13 @@ impl Sequence for CpuSequence {
     }
 }
 
-/// The CPU takes a greedy token from its logits.
-fn greedy(want: Want, logits: &[f32]) -> Option<u32> {
-    (want == Want::Greedy).then(|| super::argmax(logits.iter().copied()))
+/// The CPU takes a greedy token from its logits (checked: NaN logits are a broken model, not a token).
+fn greedy(want: Want, logits: &[f32]) -> Result<Option<u32>> {
+    if want != Want::Greedy {
+        return Ok(None);
+    }
+    super::check_logits(logits)?;
+    Ok(Some(super::argmax(logits.iter().copied())))
 }
 
 /// Many CPU sequences in one batched pass: each weight matrix is read once per step for all of them.
@@ -186,6 +190,6 @@ impl Batcher for CpuBatcher {
             });
         }
         self.model.forward_batch(&mut self.scratch, &mut items)?;
-        Ok(items.iter().zip(wants).map(|(it, want)| greedy(want, &it.state.logits)).collect())
+        items.iter().zip(wants).map(|(it, want)| greedy(want, &it.state.logits)).collect()
     }
 }
