@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../fuzz"
 seconds=${1:-60}
 toolchain=${FUZZ_TOOLCHAIN:-nightly}
-rustup toolchain list | grep -q "^$toolchain" || rustup toolchain install "$toolchain" --profile minimal
+rustup toolchain list | grep -q "^$toolchain" || rustup toolchain install "$toolchain" --profile minimal --no-self-update
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # Separate from the workspace's target dir: sanitizer-instrumented builds share nothing with it.
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$PWD/target}
