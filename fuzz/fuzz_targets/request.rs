@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_path_to_error::deserialize::<_, CompletionRequest>(&body);
     let _ = serde_path_to_error::deserialize::<_, ChatRequest>(&body);
     let Ok(sampling) = serde_path_to_error::deserialize::<_, Sampling>(&body) else { return };
-    let Ok((params, _, _)) = sampling.gen_params() else { return };
+    let Ok(params) = sampling.gen_params() else { return };
     // A small vocabulary with ties, -infinity and a history longer than repeat_last_n can be.
     let logits = [0.5, 2.0, f32::NEG_INFINITY, 2.0, -1.0, 0.0, 3.5, -7.25];
     let history = [1, 3, 3, 6, 0, 9, 1];
