@@ -4,7 +4,9 @@
 #
 #   bash tests/scripts/gpu_run.sh build
 #
-# There, from the repository root, with .devcarry/ (and .gl/, the Vulkan loader's .deb) alongside:
+# There, from the repository root, with .devcarry/ and .gl/ alongside (.gl/: the debs of libvulkan1 libegl1
+# libglvnd0 libopengl0 libgl1 libglx0 libgles2, as the device README downloads them; with libvulkan1 alone the
+# NVIDIA Vulkan driver loads no adapter):
 #
 #   bash tests/scripts/gpu_run.sh [wgpu|cuda]...     # default: both; logs in $OUT (or /tmp)
 #
