@@ -7,7 +7,9 @@
 //
 // A prompt tile runs one workgroup per (head, token) of the tile's step.n tokens, at positions step.pos
 // onwards. A token attends to the tile's earlier tokens too, whose keys another workgroup computes: so
-// `store_kv` first writes the whole tile's keys and values to the cache, and `main` reads them there.
+// `store_kv` first writes the whole tile's keys and values to the cache, and `main` reads them there. Tile
+// rows start at step.row: a step of many sequences runs each one's row (one token) at its own step entry,
+// over its own cache.
 //
 // A decode step in a long context splits the sequence (flash-decoding): one workgroup per head takes all
 // positions only while they are few; with `chunk` set, workgroup (head, c) takes positions
@@ -79,7 +81,7 @@ fn store_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     }
     let pos = step.pos + tok;
     let kv_off = wid.x * p.head_dim;
-    let kb = tok * p.qkv_stride + p.q_dim + kv_off;
+    let kb = (step.row + tok) * p.qkv_stride + p.q_dim + kv_off;
     k_cache[pos * p.kv_dim + kv_off + t] = f16_round(rotated(kb, t, pos));
     v_cache[pos * p.kv_dim + kv_off + t] = f16_round(qkv[kb + p.kv_dim + t]);
 }
@@ -100,7 +102,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let head = wid.x;
     let kvh = head / p.group;
     let kv_off = kvh * hd;
-    let qb = tok * p.qkv_stride;
+    let row = step.row + tok;
+    let qb = row * p.qkv_stride;
     for (var i = t; i < hd; i += WG) {
         q[i] = rotated(qb + head * hd, i, pos);
         if p.cached == 1u {
@@ -118,7 +121,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
 
     // Scores, one position per thread.
-    let a = (tok * nwg.x + head) * p.ctx;
+    let a = (row * nwg.x + head) * p.ctx;
     // -f32::MAX written exactly: Chromium rejects a decimal literal that rounds to it from above.
     var mx = -0x1.fffffep+127f;
     for (var j = start + t; j < end; j += WG) {
@@ -169,7 +172,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             s += red[gg * hd + t];
         }
         if p.chunk == 0u {
-            out[tok * p.out_stride + head * hd + t] = s / sum;
+            out[row * p.out_stride + head * hd + t] = s / sum;
         } else {
             let b = (head * nwg.y + c) * (hd + 2u);
             part[b + t] = s;
