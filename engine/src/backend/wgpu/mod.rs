@@ -42,7 +42,7 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
-use crate::backend::{check_ctx, check_input};
+use crate::backend::{check_ctx, check_input, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
 use crate::model::{Activation, Config, Model};
@@ -86,6 +86,8 @@ pub struct GpuModel {
     argmax: Kernel,
     matvec: Kernel,
     lookup: Kernel,
+    /// Keys and values cached as computed (`KvType::F32`), or rounded to f16.
+    exact_kv: bool,
 }
 
 impl GpuModel {
@@ -136,6 +138,7 @@ impl GpuModel {
             layers,
             config: c,
             gpu: gpu.clone(),
+            exact_kv: false,
         };
         gpu.check("compiling the kernels")?;
         Ok(m)
@@ -143,6 +146,15 @@ impl GpuModel {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The KV cache type of every context: f16 (the default) or f32 (exact).
+    pub fn with_kv(mut self, kv: KvType) -> Result<Self> {
+        if kv == KvType::Q8_0 {
+            return Err(Error::Unsupported("a q8_0 KV cache on wgpu (f32 or f16; --backend cpu has all)".into()));
+        }
+        self.exact_kv = kv == KvType::F32;
+        Ok(self)
     }
 
     /// A step buffer: [`TILE`] entries, and one more for a batch's tile-wide dispatches.
@@ -170,6 +182,7 @@ impl GpuModel {
             out_stride: 0,
             cached: 0,
             chunk: 0,
+            exact: u32::from(self.exact_kv),
         }
     }
 
