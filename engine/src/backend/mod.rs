@@ -65,6 +65,12 @@ pub trait Weights: Send + Sync {
     }
 }
 
+/// The GPU batchers run a step's decode tokens together only from this many on: fewer go one sequence at a
+/// time, through each sequence's single-token path (a recorded CUDA graph or wgpu command buffer, which is
+/// faster for one token than a batched pass recorded for the step; H200, default model, serve at 1 stream:
+/// CUDA 460 tok/s batched against 1,213 one by one).
+pub const MIN_GPU_BATCH: usize = 4;
+
 /// One sequence's share of a batched step: `tokens` at positions `pos..` of `seq`.
 pub struct Step<'a> {
     pub seq: &'a mut dyn Sequence,

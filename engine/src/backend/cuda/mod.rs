@@ -32,7 +32,7 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_input, Batcher, Sequence, Step, Want, Weights};
+use crate::backend::{check_ctx, check_input, Batcher, Sequence, Step, Want, Weights, MIN_GPU_BATCH};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
@@ -717,8 +717,9 @@ impl Batcher for CudaBatcher {
         let mut out = vec![None; steps.len()];
         let mut rows = Vec::new();
         let mut at = Vec::new();
+        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
         for (i, s) in steps.iter_mut().enumerate() {
-            if s.tokens.len() != 1 {
+            if s.tokens.len() != 1 || decode_rows < MIN_GPU_BATCH {
                 out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
                 continue;
             }

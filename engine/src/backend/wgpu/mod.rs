@@ -896,8 +896,9 @@ impl crate::backend::Batcher for WgpuBatcher {
     fn forward(&mut self, steps: &mut [crate::backend::Step<'_>]) -> Result<Vec<Option<u32>>> {
         let mut out = vec![None; steps.len()];
         let (mut rows, mut at) = (Vec::new(), Vec::new());
+        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
         for (i, s) in steps.iter_mut().enumerate() {
-            if s.tokens.len() != 1 {
+            if s.tokens.len() != 1 || decode_rows < crate::backend::MIN_GPU_BATCH {
                 out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
                 continue;
             }
