@@ -8,6 +8,104 @@ extern "C" __global__ void embed(const u16* E, int n, const u32* tokens, float* 
     for (int i = threadIdx.x; i < n; i += blockDim.x) x[(i64)blockIdx.x * n + i] = h2f(row[i]);
 }
 
+// logits = E · rmsnorm(x, norm_w) for E in f16 [rows][n] (n % 8 == 0; x and norm_w 16-byte aligned), a warp
+// per row, and the argmax (lowest index among equal maxima, as the CPU sampler): each block leaves its best,
+// and the last block to finish reduces them into *best. Rows go in groups of 16, a row pair per warp (twice
+// as many loads in flight); in round k block b takes group b + k * gridDim.x, so that the whole grid sweeps
+// the matrix from front to back (on an H100, blocks streaming separate regions ran 18% slower). The grid is
+// sized so that every block gets as many rounds. A round's 16 logits are written by one warp, in one 64-byte
+// store: `logits` may be page-locked host memory, where each store is a PCIe transaction. Block: 256
+// threads; dynamic shared memory: n floats.
+extern "C" __global__ void __launch_bounds__(256) lm_head(const float* x, const float* norm_w, int n, float eps,
+                                                          const u16* E, int rows, float* logits, float* block_val,
+                                                          int* block_idx, u32* counter, int* best) {
+    extern __shared__ float4 xs4[];
+    float* xs = (float*)xs4;       // [n] the norm weights, then the normalized input
+    __shared__ float ls[2][16];    // two rounds' logits: one is written out while the next is computed
+    __shared__ float scratch[32];
+    __shared__ float wval[8];
+    __shared__ int widx[8];
+    __shared__ int last;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n4 = n / 4;
+    const float4* x4 = (const float4*)x;
+    norm_weights_async(norm_w, n, xs);  // constant: copied while the previous kernel finishes
+    pdl_trigger();
+    pdl_wait();
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 v = x4[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    cp_async_wait();
+    ss = block_sum(ss, scratch);  // its barrier also publishes the norm weights
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float4 v = x4[i], w = xs4[i];
+        xs4[i] = make_float4(w.x * (v.x * inv), w.y * (v.y * inv), w.z * (v.z * inv), w.w * (v.w * inv));
+    }
+    __syncthreads();
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int g = blockIdx.x, k = 0; 16 * g < rows; g += gridDim.x, k++) {
+        int a = min(16 * g + 2 * warp, rows - 1), b = min(a + 1, rows - 1);
+        const uint4* row = (const uint4*)(E + (i64)a * n);
+        const uint4* row2 = (const uint4*)(E + (i64)b * n);
+        float acc = 0.0f, acc2 = 0.0f;
+        // Five loads of each row in flight per lane (2B4T's 2560 columns are ten per lane): 2% faster than four
+        // or eight on an H100.
+#pragma unroll 5
+        for (int i = lane; i < n / 8; i += 32) {
+            // Read once: "last use" loads (ld.global.lu) ran 4% faster than plain ones on an H100, 2% faster
+            // than streaming (.cs) ones.
+            uint4 u = __ldlu(row + i), v = __ldlu(row2 + i);
+            acc = dot8h(u, xs + 8 * i, acc);
+            acc2 = dot8h(v, xs + 8 * i, acc2);
+        }
+        acc = warp_sum(acc);
+        acc2 = warp_sum(acc2);
+        if (lane == 0) {
+            ls[k & 1][2 * warp] = acc;
+            ls[k & 1][2 * warp + 1] = acc2;
+        }
+        if (acc > bv) {  // rows rise within a warp: strict > keeps the lowest index
+            bv = acc;
+            bi = a;
+        }
+        if (acc2 > bv) {
+            bv = acc2;
+            bi = b;
+        }
+        __syncthreads();  // round k's logits are in ls[k & 1]; warp 0 wrote round k - 1's before coming here
+        if (warp == 0 && lane < 16 && 16 * g + lane < rows) logits[16 * g + lane] = ls[k & 1][lane];
+    }
+    block_argmax(bv, bi, wval, widx);
+    if (threadIdx.x == 0) {
+        block_val[blockIdx.x] = bv;
+        block_idx[blockIdx.x] = bi;
+        __threadfence();
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    // The last block reduces the blocks' bests, a few per thread (read past L1: other blocks wrote them).
+    bv = NEG_INF;
+    bi = 0x7fffffff;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
+        float v = __ldcg(&block_val[b]);
+        int i = __ldcg(&block_idx[b]);
+        if (v > bv || (v == bv && i < bi)) {
+            bv = v;
+            bi = i;
+        }
+    }
+    block_argmax(bv, bi, wval, widx);
+    if (threadIdx.x == 0) {
+        *best = bi;
+        *counter = 0;
+    }
+}
+
 // Up to this many tokens share a block of the LM head (their accumulators are registers).
 #define HEAD_TOKENS 8
 
@@ -30,8 +128,9 @@ __device__ __forceinline__ float dot8f(const float* f, const float* x, float acc
     return acc;
 }
 
-// logits_t = E · rmsnorm(x_t, norm_w) for tokens t of x (rows of n floats) and their argmaxes (lowest index
-// among equal maxima, as the CPU sampler), E in f16 [rows][n] (n % 8 == 0; x and norm_w 16-byte aligned).
+// `lm_head` for a step of many sequences: logits_t = E · rmsnorm(x_t, norm_w) for tokens t of x (rows of n
+// floats) and their argmaxes. (One token's `lm_head` keeps its own kernel: this one's registers and shared
+// memory reads slow the single token down: see BENCHMARKS.md.)
 // Block column blockIdx.y takes tokens [per·y, per·y + per) of the `nt` (per <= HEAD_TOKENS): each row of E
 // is read once for all of them. Token t's logits go to the address outs[2t] (none where it is 0: a step
 // that wants only the greedy token), its argmax to outs[2t + 1]. A warp per row pair, rows in groups of 16:
@@ -41,7 +140,7 @@ __device__ __forceinline__ float dot8f(const float* f, const float* x, float acc
 // reduces them. A round's 16 logits of a token are written in one 64-byte store: `outs` may point into
 // page-locked host memory, where each store is a PCIe transaction. Block: 256 threads; dynamic shared
 // memory: (1 + per) · n floats.
-extern "C" __global__ void __launch_bounds__(256) lm_head(const float* x, int nt, int per, const float* norm_w, int n,
+extern "C" __global__ void __launch_bounds__(256) lm_head_rows(const float* x, int nt, int per, const float* norm_w, int n,
                                                           float eps, const u16* E, int rows, const u64* outs,
                                                           float* block_val, int* block_idx, u32* counters) {
     extern __shared__ float4 xs4[];

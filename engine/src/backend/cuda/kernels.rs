@@ -85,7 +85,7 @@ pub struct Kernels {
     pub sms: u32,
     /// The dynamic shared memory of a block of `bitlinear_gemv`, at most.
     max_smem: usize,
-    /// The same for `lm_head`.
+    /// The same for `lm_head_rows`.
     head_smem: usize,
     /// Launch with programmatic dependent launch (see common.cuh), on by default on sm_90+.
     pdl: bool,
@@ -96,6 +96,7 @@ pub struct Kernels {
     attn_prefill: CudaFunction,
     embed: CudaFunction,
     lm_head: CudaFunction,
+    lm_head_rows: CudaFunction,
 }
 
 fn i(v: usize) -> i32 {
@@ -153,11 +154,11 @@ impl Kernels {
         let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let gemv = f("bitlinear_gemv")?;
         let fixed = |f: &CudaFunction| f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
-        let lm_head = f("lm_head")?;
+        let lm_head_rows = f("lm_head_rows")?;
         let k = Kernels {
             pdl,
             max_smem: (optin - fixed(&gemv)?) as usize,
-            head_smem: (optin - fixed(&lm_head)?) as usize,
+            head_smem: (optin - fixed(&lm_head_rows)?) as usize,
             sms: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             norm_quant_rows: f("norm_quant_rows")?,
             gemv,
@@ -165,12 +166,13 @@ impl Kernels {
             attn_decode: f("attn_decode")?,
             attn_prefill: f("attn_prefill")?,
             embed: f("embed")?,
-            lm_head,
+            lm_head: f("lm_head")?,
+            lm_head_rows,
             stream,
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head] {
+        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head, &k.lm_head_rows] {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -178,7 +180,16 @@ impl Kernels {
         // memory: the kernels stage what they reuse there), so that consecutive kernels never wait for a
         // multiprocessor to drain and change it.
         let carveout = CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
-        for f in [&k.norm_quant_rows, &k.gemv, &k.gemm, &k.attn_decode, &k.attn_prefill, &k.embed, &k.lm_head] {
+        for f in [
+            &k.norm_quant_rows,
+            &k.gemv,
+            &k.gemm,
+            &k.attn_decode,
+            &k.attn_prefill,
+            &k.embed,
+            &k.lm_head,
+            &k.lm_head_rows,
+        ] {
             f.set_attribute(carveout, 100)?;
         }
         Ok(k)
@@ -340,11 +351,32 @@ impl Kernels {
         groups.div_ceil(groups.div_ceil(self.sms as usize * 4))
     }
 
-    /// For each of the `nt` hidden states at `x` (rows of n floats): logits `E · rmsnorm(x_t, norm_w)` and
-    /// their argmax, to the addresses `outs[2t]` (none if 0) and `outs[2t + 1]`. Scratch: `block_val`,
-    /// `block_idx` of nt × `lm_head_blocks(rows)` entries, `counters` of nt.
+    /// `logits = E · rmsnorm(x, norm_w)` and `*best = argmax(logits)`.
     #[allow(clippy::too_many_arguments)]
     pub fn lm_head(
+        &self,
+        x: u64,
+        norm_w: u64,
+        n: usize,
+        eps: f32,
+        e: u64,
+        rows: usize,
+        logits: u64,
+        block_val: u64,
+        block_idx: u64,
+        counter: u64,
+        best: u64,
+    ) -> Result<()> {
+        let (blocks, smem, n, rows) = (self.lm_head_blocks(rows), 4 * n, i(n), i(rows));
+        let p = params![x, norm_w, n, eps, e, rows, logits, block_val, block_idx, counter, best];
+        self.launch(&self.lm_head, (blocks, 1), 256, smem, p)
+    }
+
+    /// [`Kernels::lm_head`] for the `nt` hidden states at `x` (rows of n floats) of a step of many
+    /// sequences: token t's logits and argmax to the addresses `outs[2t]` (none if 0) and `outs[2t + 1]`.
+    /// Scratch: `block_val`, `block_idx` of nt × `lm_head_blocks(rows)` entries, `counters` of nt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lm_head_rows(
         &self,
         x: u64,
         nt: usize,
@@ -366,7 +398,7 @@ impl Kernels {
         let (blocks, smem) = (self.lm_head_blocks(rows), 4 * n * (1 + per));
         let (nti, peri, n, rows) = (i(nt), i(per), i(n), i(rows));
         let p = params![x, nti, peri, norm_w, n, eps, e, rows, outs, block_val, block_idx, counters];
-        self.launch(&self.lm_head, (blocks, nt.div_ceil(per)), 256, smem, p)
+        self.launch(&self.lm_head_rows, (blocks, nt.div_ceil(per)), 256, smem, p)
     }
 }
 

@@ -365,12 +365,37 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Logits and argmax of the `nt` hidden states at `x`, to the addresses in `outs` (see `lm_head` in head.cu).
-    fn lm_head(&self, k: &Kernels, x: u64, nt: usize, outs: u64, s: &Scratch) -> Result<()> {
+    /// The LM head's matrix.
+    fn head_matrix(&self) -> u64 {
+        self.head.as_ref().unwrap_or(&self.embd).ptr
+    }
+
+    /// Logits and argmax of the hidden state at `x`, to `logits` and `best`.
+    fn lm_head(&self, k: &Kernels, x: u64, logits: u64, best: u64, s: &Scratch) -> Result<()> {
         let c = &self.c;
-        let e = self.head.as_ref().unwrap_or(&self.embd).ptr;
+        let (val, idx, counter) = (s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr);
+        k.lm_head(
+            x,
+            self.output_norm.ptr,
+            c.n_embd,
+            c.eps,
+            self.head_matrix(),
+            c.n_vocab,
+            logits,
+            val,
+            idx,
+            counter,
+            best,
+        )
+    }
+
+    /// Logits and argmax of the `nt` hidden states at `x`, to the addresses in `outs` (see `lm_head_rows` in
+    /// head.cu).
+    fn lm_head_rows(&self, k: &Kernels, x: u64, nt: usize, outs: u64, s: &Scratch) -> Result<()> {
+        let c = &self.c;
         let (val, idx, counters) = (s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr);
-        k.lm_head(x, nt, self.output_norm.ptr, c.n_embd, c.eps, e, c.n_vocab, outs, val, idx, counters)
+        let (norm, e) = (self.output_norm.ptr, self.head_matrix());
+        k.lm_head_rows(x, nt, norm, c.n_embd, c.eps, e, c.n_vocab, outs, val, idx, counters)
     }
 }
 
@@ -428,8 +453,6 @@ pub struct Cuda {
     logits_dev: u64,
     best_host: PinnedHostSlice<i32>,
     best_dev: u64,
-    /// `[logits_dev, best_dev]`: where the LM head writes this sequence's results.
-    outs: Buf<u64>,
 }
 
 impl Cuda {
@@ -453,7 +476,6 @@ impl Cuda {
             params: zeros(s, 2)?,
             params_host_ptr: params_host.as_mut_ptr()? as usize,
             _params_host: params_host,
-            outs: upload(s, &[logits_dev, best_dev])?,
             logits_host,
             logits_dev,
             best_host,
@@ -468,7 +490,7 @@ impl Cuda {
         seq.step = Some(seq.capture(|g| g.decode_layers())?);
         seq.step_head = Some(seq.capture(|g| {
             g.decode_layers()?;
-            g.m.lm_head(&g.k, g.a.x.ptr, 1, g.outs.ptr, &g.scratch)
+            g.m.lm_head(&g.k, g.a.x.ptr, g.logits_dev, g.best_dev, &g.scratch)
         })?);
         stream.synchronize()?;
         Ok(seq)
@@ -580,7 +602,7 @@ impl Sequence for Cuda {
             }
             if want_logits {
                 let x = self.a.x.at((last - 1) * self.m.c.n_embd);
-                self.m.lm_head(&self.k, x, 1, self.outs.ptr, &self.scratch)?;
+                self.m.lm_head(&self.k, x, self.logits_dev, self.best_dev, &self.scratch)?;
                 self.stream.synchronize()?;
             }
         }
@@ -705,7 +727,7 @@ impl CudaBatcher {
         };
         m.gemm_layers(&b.k, &b.a, t, 0, &b.rope, kv_dest, attend)?;
         if rows.iter().any(|r| r.want != Want::Nothing) {
-            m.lm_head(&b.k, b.a.x.ptr, t, b.outs.ptr, s)?;
+            m.lm_head_rows(&b.k, b.a.x.ptr, t, b.outs.ptr, s)?;
         }
         b.stream.synchronize()?;
         rows.iter().map(|r| if r.want == Want::Greedy { r.seq.best().map(Some) } else { Ok(None) }).collect()
