@@ -170,7 +170,14 @@ pub fn info(path: Option<&Path>) -> Result<(), Error> {
         Err(e) => println!("\nmodel: not runnable: {e}"),
     }
     match Tokenizer::from_metadata(&g.metadata) {
-        Ok(t) => println!("tokenizer: {} tokens, pre-tokenizer {}, add BOS {}", t.vocab_size(), t.pre(), t.add_bos()),
+        Ok(t) => println!(
+            "tokenizer: {} ({}), {} tokens, pre-tokenizer {}, add BOS {}",
+            t.model(),
+            if t.model() == "llama" { "SentencePiece BPE" } else { "byte-level BPE" },
+            t.vocab_size(),
+            t.pre(),
+            t.add_bos()
+        ),
         Err(e) => println!("tokenizer: unusable: {e}"),
     }
     println!("\n{:<32} {:<6} {:<18} {:>12}", "tensor", "type", "shape", "bytes");

@@ -1,19 +1,25 @@
 //! Text to token ids and back, built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Only byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`: Llama 3 / BitNet 2B4T, SmolLM, GPT-2) are
-//! supported. The BPE itself is Hugging Face's `tokenizers` crate, assembled here from the GGUF arrays, so the ids are
+//! Two kinds of vocabulary, as llama.cpp names them in `tokenizer.ggml.model`:
+//! - `gpt2`: byte-level BPE (Llama 3 / BitNet 2B4T, Falcon3, SmolLM, GPT-2), from tokens and merges;
+//! - `llama`: SentencePiece BPE (LLaMA / LLaMA-2, the 1bitLLM `bitnet_b1_58` models), from tokens and scores:
+//!   spaces become `▁`, one `▁` is prepended to each stretch of text (the "dummy prefix"), pieces merge best score
+//!   first, and characters outside the vocabulary fall back to `<0xNN>` byte tokens.
+//!
+//! The BPE itself is Hugging Face's `tokenizers` crate, assembled here from the GGUF arrays, so the ids are
 //! the ones the model was trained with; what this module adds is the mapping from llama.cpp's metadata conventions
-//! (pre-tokenizer names, token types, BOS rules, end-of-generation tokens) and byte-exact detokenization.
+//! (pre-tokenizer names, token types, scores, BOS rules, end-of-generation tokens) and byte-exact detokenization.
 
 use crate::format::gguf::Value;
 use crate::text::chat::{self, ChatMessage};
 use crate::{Error, Result};
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// Llama 3's pre-tokenizer split (as in its tokenizer.json; llama.cpp's `llama-bpe` is the same expression).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -21,11 +27,25 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Token texts that end a generation whatever the vocabulary's eos/eot ids say (chat models stop on these).
 const END_TEXTS: [&str; 5] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
 
-// llama.cpp token types (tokenizer.ggml.token_type).
+// llama.cpp token types (tokenizer.ggml.token_type), the same numbers as SentencePiece's piece types.
 const TYPE_NORMAL: u64 = 1;
-const TYPE_UNUSED: u64 = 5;
+const TYPE_UNKNOWN: u64 = 2;
 const TYPE_CONTROL: u64 = 3;
 const TYPE_USER_DEFINED: u64 = 4;
+const TYPE_UNUSED: u64 = 5;
+const TYPE_BYTE: u64 = 6;
+
+/// SentencePiece's stand-in for a space.
+const SPM_SPACE: char = '▁';
+
+/// The kind of vocabulary: llama.cpp's `tokenizer.ggml.model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `gpt2`: byte-level BPE with this pre-tokenizer.
+    ByteLevel(Pre),
+    /// `llama`: SentencePiece BPE; `space_prefix` is `tokenizer.ggml.add_space_prefix` (default true).
+    SentencePiece { space_prefix: bool },
+}
 
 /// The pre-tokenizers we know, named as llama.cpp's `tokenizer.ggml.pre`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,14 +86,14 @@ pub struct Tokenizer {
     bpe: tokenizers::Tokenizer,
     /// Token texts by id, as stored in the GGUF (byte-level alphabet for normal tokens).
     tokens: Vec<String>,
-    /// Control and user-defined tokens: their text is literal, not in the byte-level alphabet.
-    literal: Vec<bool>,
+    /// llama.cpp token types by id.
+    types: Vec<u64>,
     bos: Option<u32>,
     eos: Option<u32>,
     /// Every id that ends a generation.
     end_ids: Vec<u32>,
     add_bos: bool,
-    pre: Pre,
+    kind: Kind,
     chat_template: Option<String>,
     /// Control-token texts, longest first, each with the ids of the same text tokenized as plain text:
     /// what a chat message's content becomes when it contains one (see `encode_chat`).
@@ -89,17 +109,11 @@ const MARKERS: u32 = 0x7FFE;
 impl Tokenizer {
     /// Build from GGUF metadata (`tokenizer.ggml.*` keys), the only source at run time.
     pub fn from_metadata(md: &[(String, Value)]) -> Result<Tokenizer> {
-        match get_str(md, "tokenizer.ggml.model")? {
-            Some("gpt2") => {}
-            Some("llama") => {
-                return Err(Error::Unsupported(
-                    "SentencePiece tokenizers (tokenizer.ggml.model = 'llama') are not supported yet; \
-                     only byte-level BPE ('gpt2') vocabularies are"
-                        .into(),
-                ))
-            }
-            Some(other) => return Err(Error::Unsupported(format!("tokenizer model '{other}'"))),
-            None => return Err(missing("tokenizer.ggml.model")),
+        let model = get_str(md, "tokenizer.ggml.model")?.ok_or_else(|| missing("tokenizer.ggml.model"))?;
+        if !["gpt2", "llama"].contains(&model) {
+            return Err(Error::Unsupported(format!(
+                "tokenizer.ggml.model '{model}' (supported: gpt2 = byte-level BPE, llama = SentencePiece)"
+            )));
         }
         let tokens = get_strings(md, "tokenizer.ggml.tokens")?.ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
         let types = match get_array(md, "tokenizer.ggml.token_type")? {
@@ -115,11 +129,19 @@ impl Tokenizer {
                 .collect::<Result<Vec<_>>>()?,
             None => vec![TYPE_NORMAL; tokens.len()],
         };
-        let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
-        let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
-
-        let (bpe, control_as_text) = build_bpe(&tokens, &types, &merges, pre)?;
-        let literal = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).collect();
+        let (kind, model) = if model == "llama" {
+            let space_prefix = match get(md, "tokenizer.ggml.add_space_prefix") {
+                Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_space_prefix", "not a bool"))?,
+                None => true,
+            };
+            let kind = Kind::SentencePiece { space_prefix };
+            (kind, spm_model(&tokens, &types, &get_scores(md, tokens.len())?)?)
+        } else {
+            let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
+            let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
+            (Kind::ByteLevel(pre), bpe_model(&tokens, &merges, pre)?)
+        };
+        let (bpe, control_as_text) = build_tokenizer(model, kind, &tokens, &types)?;
         let token_id = |key: &str| -> Result<Option<u32>> {
             match get(md, key).map(|v| v.as_u64()) {
                 None => Ok(None),
@@ -140,10 +162,11 @@ impl Tokenizer {
         }
         let add_bos = match get(md, "tokenizer.ggml.add_bos_token") {
             Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
-            None => pre == Pre::Llama3,
+            // llama.cpp's defaults: SentencePiece and Llama 3 vocabularies start with BOS.
+            None => matches!(kind, Kind::ByteLevel(Pre::Llama3) | Kind::SentencePiece { .. }),
         } && bos.is_some(); // a file may ask for BOS without saying which token it is
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template, control_as_text })
+        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, control_as_text })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -154,16 +177,29 @@ impl Tokenizer {
     }
 
     /// The text of `ids`; special tokens appear as their text. Bytes that are not UTF-8 become U+FFFD.
+    /// SentencePiece: the space the dummy prefix put before the first token is removed (as HF and llama.cpp do),
+    /// so that `decode(encode(text))` is `text`.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id)).collect();
+        let mut bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id)).collect();
+        let first_is_text = ids.first().is_some_and(|&id| self.types.get(id as usize) == Some(&TYPE_NORMAL));
+        if self.kind == (Kind::SentencePiece { space_prefix: true }) && first_is_text && bytes.first() == Some(&b' ') {
+            bytes.remove(0);
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The raw bytes one token stands for (a piece of a UTF-8 character, possibly); empty for an unknown id.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(text) = self.tokens.get(id as usize) else { return Vec::new() };
-        if self.literal[id as usize] {
+        let ty = self.types[id as usize];
+        if ty != TYPE_NORMAL && ty != TYPE_BYTE && ty != TYPE_UNUSED {
             return text.as_bytes().to_vec();
+        }
+        if let Kind::SentencePiece { .. } = self.kind {
+            return match ty {
+                TYPE_BYTE => byte_token(text).map(|b| vec![b]).unwrap_or_default(),
+                _ => text.replace(SPM_SPACE, " ").into_bytes(),
+            };
         }
         let mut out = Vec::with_capacity(text.len());
         for c in text.chars() {
@@ -188,7 +224,8 @@ impl Tokenizer {
         self.eos
     }
 
-    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; without it, true for Llama 3 vocabularies).
+    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; without it, true for Llama 3 and
+    /// SentencePiece vocabularies).
     pub fn add_bos(&self) -> bool {
         self.add_bos
     }
@@ -203,9 +240,20 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The pre-tokenizer in use, by its llama.cpp name.
+    /// The pre-tokenizer in use, by its llama.cpp name ("default" for SentencePiece, which has none).
     pub fn pre(&self) -> &str {
-        self.pre.name()
+        match self.kind {
+            Kind::ByteLevel(pre) => pre.name(),
+            Kind::SentencePiece { .. } => "default",
+        }
+    }
+
+    /// The vocabulary kind, as `tokenizer.ggml.model` names it: "gpt2" (byte-level BPE) or "llama" (SentencePiece).
+    pub fn model(&self) -> &str {
+        match self.kind {
+            Kind::ByteLevel(_) => "gpt2",
+            Kind::SentencePiece { .. } => "llama",
+        }
     }
 
     pub fn chat_template(&self) -> Option<&str> {
@@ -305,20 +353,79 @@ fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
 /// plain text.
 type Built = (tokenizers::Tokenizer, Vec<(String, Vec<u32>)>);
 
-fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> Result<Built> {
+/// Token text → id; a duplicated text keeps its first id, as llama.cpp's token_to_id does.
+fn vocab_of(tokens: &[String]) -> Vocab {
     let mut vocab = Vocab::default();
     for (id, text) in tokens.iter().enumerate() {
-        // A duplicated text keeps its first id, as llama.cpp's token_to_id does.
         vocab.entry(text.clone()).or_insert(id as u32);
     }
+    vocab
+}
+
+fn bpe_error(e: tokenizers::Error) -> Error {
+    Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}"))
+}
+
+/// Byte-level BPE from the GGUF's merges.
+fn bpe_model(tokens: &[String], merges: &[String], pre: Pre) -> Result<BPE> {
     let merges = merges.iter().map(|m| split_merge(m)).collect::<Result<Merges>>()?;
-    let model = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(pre == Pre::Llama3)
-        .build()
-        .map_err(|e| Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}")))?;
+    let builder = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).ignore_merges(pre == Pre::Llama3);
+    builder.build().map_err(bpe_error)
+}
+
+/// SentencePiece BPE as a `tokenizers` BPE, the way Hugging Face converts a SentencePiece model (transformers'
+/// `SpmConverter`): every split of a normal piece into two normal pieces is a merge, ranked by the score of the
+/// merged piece (best first), then by its id. llama.cpp's tokenizer merges the best-scoring adjacent pair at each
+/// step, which is the same order. Characters no piece covers become `<0xNN>` byte tokens.
+fn spm_model(tokens: &[String], types: &[u64], scores: &[f32]) -> Result<BPE> {
+    let normal: std::collections::HashMap<&str, usize> = (0..tokens.len())
+        .filter(|&i| types[i] == TYPE_NORMAL)
+        .map(|i| (tokens[i].as_str(), i))
+        .collect();
+    let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (&piece, &id) in &normal {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if normal.contains_key(left) && normal.contains_key(right) {
+                ranked.push((scores[id], id, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)));
+    let merges: Merges = ranked.into_iter().map(|(_, _, l, r)| (l.to_owned(), r.to_owned())).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = types.iter().position(|&t| t == TYPE_UNKNOWN) {
+        builder = builder.unk_token(tokens[unk].clone());
+    }
+    builder.build().map_err(bpe_error)
+}
+
+/// `<0x41>` → 0x41.
+fn byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 2)
+}
+
+/// The tokenizer around the BPE model: byte-level pre-tokenizer, or SentencePiece's space handling; special tokens.
+fn build_tokenizer(model: BPE, kind: Kind, tokens: &[String], types: &[u64]) -> Result<Built> {
     let mut tk = tokenizers::Tokenizer::new(model);
-    tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+    match kind {
+        Kind::ByteLevel(pre) => {
+            tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+        }
+        Kind::SentencePiece { space_prefix } => {
+            // Spaces become ▁, then one ▁ goes before each stretch of text between special tokens (HF's legacy
+            // LLaMA tokenizer; llama.cpp adds it after every special token too). Empty text stays empty.
+            let space = Replace::new(" ", SPM_SPACE.to_string())
+                .map_err(|e| Error::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+            let mut steps: Vec<NormalizerWrapper> = vec![space.into()];
+            if space_prefix {
+                steps.push(Prepend::new(SPM_SPACE.to_string()).into());
+            }
+            tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(steps)))
+                .map_err(|e| Error::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+        }
+    }
     // Before the control tokens are added, their text tokenizes as plain text.
     let mut controls: Vec<&String> =
         types.iter().zip(tokens).filter(|(&t, text)| t == TYPE_CONTROL && !text.is_empty()).map(|x| x.1).collect();
@@ -331,14 +438,15 @@ fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> R
             Ok((text.clone(), enc.get_ids().to_vec()))
         })
         .collect::<Result<Vec<_>>>()?;
-    // Control and user-defined tokens are matched in the raw text before any splitting.
-    let added = |want: u64, special: bool| -> Vec<AddedToken> {
-        let picked = types.iter().zip(tokens).filter(|(&t, _)| t == want);
+    // Control, unknown and user-defined tokens are matched in the raw text before any splitting (llama.cpp's
+    // special-token cache; HF lists <unk>, <s>, </s> of LLaMA as added tokens).
+    let added = |want: &[u64], special: bool| -> Vec<AddedToken> {
+        let picked = types.iter().zip(tokens).filter(|(t, text)| want.contains(t) && !text.is_empty());
         picked.map(|(_, text)| AddedToken::from(text.as_str(), special).normalized(false)).collect()
     };
     let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
-    tk.add_special_tokens(added(TYPE_CONTROL, true)).map_err(tokenizer_err)?;
-    tk.add_tokens(added(TYPE_USER_DEFINED, false)).map_err(tokenizer_err)?;
+    tk.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tokenizer_err)?;
+    tk.add_tokens(added(&[TYPE_USER_DEFINED], false)).map_err(tokenizer_err)?;
     Ok((tk, control_as_text))
 }
 
@@ -592,6 +700,17 @@ fn get_str<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a str>> 
 
 fn get_array<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a [Value]>> {
     get(md, key).map(|v| v.as_array().ok_or_else(|| bad(key, "not an array"))).transpose()
+}
+
+/// `tokenizer.ggml.scores`: one f32 per token (SentencePiece's merge priorities).
+fn get_scores(md: &[(String, Value)], n_tokens: usize) -> Result<Vec<f32>> {
+    let key = "tokenizer.ggml.scores";
+    let values = get_array(md, key)?.ok_or_else(|| missing(key))?;
+    if values.len() != n_tokens {
+        return Err(bad(key, format!("{} entries for {} tokens", values.len(), n_tokens)));
+    }
+    let score = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()).ok_or_else(|| bad(key, "not all numbers"));
+    values.iter().map(score).collect()
 }
 
 fn get_strings(md: &[(String, Value)], key: &str) -> Result<Option<Vec<String>>> {
