@@ -130,13 +130,23 @@ def load_smolbit():
     return tok, config
 
 
-def load_llama2():
-    """HF's tokenizer for the LLaMA SentencePiece vocabulary, and the same model in the `sentencepiece` library."""
+def llama2_vocab():
+    """tokens, scores, token types of the LLaMA SentencePiece vocabulary fixture."""
     with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
         f.write(gzip.decompress(SPM_VOCAB.read_bytes()))
         f.flush()
         fields = gguf.GGUFReader(f.name).fields
-        tokens, scores, types = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+        return [fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type")]
+
+
+def load_llama2():
+    """HF's tokenizer for the LLaMA SentencePiece vocabulary, and the same model in the `sentencepiece` library."""
+    return spm_tokenizer(*llama2_vocab())
+
+
+def spm_tokenizer(tokens, scores, types):
+    """A SentencePiece vocabulary (as GGUF arrays) as LLaMA's tokenizer.model, HF's tokenizer converted from it
+    (LlamaTokenizerFast, legacy), and the `sentencepiece` processor of it."""
     proto = sp_pb.ModelProto()
     for text, score, ty in zip(tokens, scores, types):
         piece = proto.pieces.add()

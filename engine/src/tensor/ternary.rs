@@ -169,14 +169,7 @@ impl TernaryMatrix {
             return Err(invalid(format!("weight {bad} is not finite")));
         }
         let amax = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        // One unit in the last place of the storage type, relative: magnitudes this close to amax are equal.
-        let ulp = match ty {
-            GgmlType::F16 => 2f32.powi(-10),
-            GgmlType::BF16 => 2f32.powi(-7),
-            _ => 2f32.powi(-23),
-        };
-        let ternary_valued = w.iter().all(|&v| v == 0.0 || amax - v.abs() <= amax * ulp);
-        let (scale, codes): (f32, Vec<i8>) = if ternary_valued {
+        let (scale, codes): (f32, Vec<i8>) = if ternary_valued(ty, &w) {
             (amax, w.iter().map(|&v| if v == 0.0 { 0 } else { v.signum() as i8 }).collect())
         } else {
             absmean_ternarize(&w)
@@ -275,4 +268,29 @@ fn encode_tq1_0(codes: &[i8]) -> [u8; 52] {
         q[byte] += (t + 1) as u16 * 3u16.pow(4 - n as u32);
     }
     q.map(|q| (q * 256).div_ceil(243) as u8)
+}
+
+/// Whether float weights are ternary-valued ({-s, 0, +s}): all non-zero magnitudes equal up to the storage rounding.
+fn ternary_valued(ty: GgmlType, w: &[f32]) -> bool {
+    let amax = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    // One unit in the last place of the storage type, relative: magnitudes this close to amax are equal.
+    let ulp = match ty {
+        GgmlType::F16 => 2f32.powi(-10),
+        GgmlType::BF16 => 2f32.powi(-7),
+        _ => 2f32.powi(-23),
+    };
+    w.iter().all(|&v| v == 0.0 || amax - v.abs() <= amax * ulp)
+}
+
+/// Whether a tensor holds ternary weights: a ternary type (I2_S, TQ1_0, TQ2_0), or floats that are ternary-valued
+/// (not latent master weights). Undecodable data answers false.
+pub fn holds_ternary(ty: GgmlType, data: &[u8]) -> bool {
+    match ty {
+        GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0 => true,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let mut w = vec![0.0f32; data.len() / ty.block_bytes() * ty.block_size()];
+            quant::dequantize(ty, data, &mut w).is_ok() && ternary_valued(ty, &w)
+        }
+        _ => false,
+    }
 }

@@ -260,11 +260,28 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
-    /// The conversation as prompt text, by the model's template (or BitNet 2B4T's when the file has none).
+    /// The chat template in use, and why: the file's `tokenizer.chat_template`; else BitNet 2B4T's when the
+    /// vocabulary has its `<|eot_id|>` (Microsoft's GGUF carries none); else none (a base model: an error to chat).
+    pub fn template_choice(&self) -> (Option<&str>, &'static str) {
+        if let Some(t) = self.chat_template() {
+            return (Some(t), "tokenizer.chat_template of the file");
+        }
+        if self.tokens.iter().any(|t| t == "<|eot_id|>") {
+            return (Some(chat::BITNET_TEMPLATE), "none in the file; BitNet b1.58 2B4T's (the vocabulary has <|eot_id|>)");
+        }
+        (None, "none in the file, and the vocabulary is not 2B4T's: a base model, no chat")
+    }
+
+    fn template(&self) -> Result<&str> {
+        self.template_choice().0.ok_or_else(|| {
+            Error::Template("the model file has no chat template (tokenizer.chat_template): use a plain prompt".into())
+        })
+    }
+
+    /// The conversation as prompt text, by the model's template (see `template_choice`).
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let text_of = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("");
-        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
-        chat::render(template, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
+        chat::render(self.template()?, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
     }
 
     /// The conversation as prompt ids. BOS is added per `add_bos()` unless the template already wrote it.
@@ -311,7 +328,7 @@ impl Tokenizer {
 
     /// The first of MARKER_BASES whose markers appear nowhere in the conversation or the template.
     fn marker_base(&self, messages: &[ChatMessage]) -> Result<u32> {
-        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
+        let template = self.template()?;
         let texts = || messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).chain([template]);
         let n = self.control_as_text.len() as u32;
         let free = |base: u32| !texts().flat_map(str::chars).any(|c| (base..base + n).contains(&(c as u32)));
@@ -338,11 +355,12 @@ impl Tokenizer {
 /// (Microsoft's 2B4T GGUF has no `pre` key).
 fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
     match pre {
-        Some("llama-bpe" | "llama3") => Ok(Pre::Llama3),
+        // Falcon3's pre-tokenizer is the Llama 3 split (llama.cpp maps `falcon3` to it).
+        Some("llama-bpe" | "llama3" | "falcon3") => Ok(Pre::Llama3),
         Some("smollm") => Ok(Pre::SmolLm),
         Some("gpt2" | "default") => Ok(Pre::Gpt2),
         Some(other) => Err(Error::Unsupported(format!(
-            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, smollm, gpt2, default)"
+            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, falcon3, smollm, gpt2, default)"
         ))),
         None if tokens.get(128000).is_some_and(|t| t == "<|begin_of_text|>") => Ok(Pre::Llama3),
         None => Ok(Pre::Gpt2),
