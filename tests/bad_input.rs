@@ -172,37 +172,57 @@ fn chat_outgrowing_the_context_goes_on() {
 /// Llama, not a ternary one) each give one line naming the problem.
 #[test]
 fn malformed_family_files_are_named() {
-    let arch = edited_model("models/fam-falcone-i2_s.gguf", "arch-qwen2.gguf", |key, v| {
-        if key == "general.architecture" {
-            *v = bitnet_engine::format::gguf::Value::Str("qwen2".into());
-        }
-    }, |_, _| {});
+    let arch = edited_model(
+        "models/fam-falcone-i2_s.gguf",
+        "arch-qwen2.gguf",
+        |key, v| {
+            if key == "general.architecture" {
+                *v = bitnet_engine::format::gguf::Value::Str("qwen2".into());
+            }
+        },
+        |_, _| {},
+    );
     let msg = fails(&["logits", "-m", arch.to_str().unwrap(), "--tokens", "1"]);
     assert!(msg.contains("architecture 'qwen2'") && msg.contains("llama"), "{msg}");
 
-    let scores = edited_model("models/fam-1bitllm-i2_s.gguf", "short-scores.gguf", |key, v| {
-        if key == "tokenizer.ggml.scores" {
-            *v = bitnet_engine::format::gguf::Value::Array(vec![bitnet_engine::format::gguf::Value::F32(0.0); 7]);
-        }
-    }, |_, _| {});
+    let scores = edited_model(
+        "models/fam-1bitllm-i2_s.gguf",
+        "short-scores.gguf",
+        |key, v| {
+            if key == "tokenizer.ggml.scores" {
+                *v = bitnet_engine::format::gguf::Value::Array(vec![bitnet_engine::format::gguf::Value::F32(0.0); 7]);
+            }
+        },
+        |_, _| {},
+    );
     let msg = fails(&["run", "-m", scores.to_str().unwrap(), "-p", "hi", "-n", "1"]);
     assert!(msg.contains("tokenizer.ggml.scores") && msg.contains("7 entries for 512 tokens"), "{msg}");
 
-    let model = edited_model("models/fam-1bitllm-i2_s.gguf", "unigram.gguf", |key, v| {
-        if key == "tokenizer.ggml.model" {
-            *v = bitnet_engine::format::gguf::Value::Str("t5".into());
-        }
-    }, |_, _| {});
+    let model = edited_model(
+        "models/fam-1bitllm-i2_s.gguf",
+        "unigram.gguf",
+        |key, v| {
+            if key == "tokenizer.ggml.model" {
+                *v = bitnet_engine::format::gguf::Value::Str("t5".into());
+            }
+        },
+        |_, _| {},
+    );
     let msg = fails(&["run", "-m", model.to_str().unwrap(), "-p", "hi", "-n", "1"]);
     assert!(msg.contains("tokenizer.ggml.model 't5'"), "{msg}");
 
-    let latent = edited_model("models/fam-falcone-f16.gguf", "latent.gguf", |_, _| {}, |name, data| {
-        if name == "blk.0.attn_q.weight" {
-            // One non-zero f16 weight with a different magnitude (a mantissa bit flipped): no longer {-s, 0, +s}.
-            let at = data.chunks_exact(2).position(|h| u16::from_le_bytes([h[0], h[1]]) & 0x7fff != 0).unwrap();
-            data[2 * at + 1] ^= 0x01;
-        }
-    });
+    let latent = edited_model(
+        "models/fam-falcone-f16.gguf",
+        "latent.gguf",
+        |_, _| {},
+        |name, data| {
+            if name == "blk.0.attn_q.weight" {
+                // One non-zero f16 weight with a different magnitude (a mantissa bit flipped): no longer {-s, 0, +s}.
+                let at = data.chunks_exact(2).position(|h| u16::from_le_bytes([h[0], h[1]]) & 0x7fff != 0).unwrap();
+                data[2 * at + 1] ^= 0x01;
+            }
+        },
+    );
     let msg = fails(&["logits", "-m", latent.to_str().unwrap(), "--tokens", "1"]);
     assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("not ternary"), "{msg}");
 }

@@ -253,9 +253,33 @@ fn family_chat_prompts_render_as_transformers() {
 #[test]
 fn info_explains_the_family_choices() {
     let expect = [
-        ("fam-1bitllm-i2_s.gguf", ["BitNet block", "SentencePiece vocabulary means a bitnet_b1_58", "llama (SentencePiece BPE)", "a base model, no chat"]),
-        ("fam-llama3-tq2_0.gguf", ["Llama block with ternary projections", "architecture llama", "pre-tokenizer llama-bpe", "tokenizer.chat_template of the file"]),
-        ("fam-falcone-i2_s.gguf", ["Llama block with ternary projections", "LlamaForCausalLM's SiLU", "gpt2 (byte-level BPE)", "tokenizer.chat_template of the file"]),
+        (
+            "fam-1bitllm-i2_s.gguf",
+            [
+                "BitNet block",
+                "SentencePiece vocabulary means a bitnet_b1_58",
+                "llama (SentencePiece BPE)",
+                "a base model, no chat",
+            ],
+        ),
+        (
+            "fam-llama3-tq2_0.gguf",
+            [
+                "Llama block with ternary projections",
+                "architecture llama",
+                "pre-tokenizer llama-bpe",
+                "tokenizer.chat_template of the file",
+            ],
+        ),
+        (
+            "fam-falcone-i2_s.gguf",
+            [
+                "Llama block with ternary projections",
+                "LlamaForCausalLM's SiLU",
+                "gpt2 (byte-level BPE)",
+                "tokenizer.chat_template of the file",
+            ],
+        ),
         ("tiny-a-i2_s.gguf", ["BitNet block", "implies relu²", "gpt2", "tokenizer.chat_template of the file"]),
     ];
     for (file, [family, activation, tokenizer, template]) in expect {

@@ -136,7 +136,10 @@ fn smolbit_ids_match_hf() {
 #[test]
 fn llama2_sentencepiece_ids_match_hf_and_llama_cpp() {
     let tk = llama2();
-    assert_eq!((tk.model(), tk.vocab_size(), tk.bos(), tk.eos(), tk.add_bos()), ("llama", 32000, Some(1), Some(2), true));
+    assert_eq!(
+        (tk.model(), tk.vocab_size(), tk.bos(), tk.eos(), tk.add_bos()),
+        ("llama", 32000, Some(1), Some(2), true)
+    );
     check_against_hf(tk, "llama2");
     for case in refs()["llama2"]["special_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();

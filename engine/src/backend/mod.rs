@@ -233,10 +233,7 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
         if opts.device == DeviceChoice::Auto {
             return cpu(model);
         }
-        return Err(Error::Unsupported(format!(
-            "the {} family on the GPU (--backend cpu runs it)",
-            model.family
-        )));
+        return Err(Error::Unsupported(format!("the {} family on the GPU (--backend cpu runs it)", model.family)));
     }
     if opts.kv != KvType::F16 {
         return Err(Error::Unsupported(format!(

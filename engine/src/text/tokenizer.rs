@@ -267,7 +267,10 @@ impl Tokenizer {
             return (Some(t), "tokenizer.chat_template of the file");
         }
         if self.tokens.iter().any(|t| t == "<|eot_id|>") {
-            return (Some(chat::BITNET_TEMPLATE), "none in the file; BitNet b1.58 2B4T's (the vocabulary has <|eot_id|>)");
+            return (
+                Some(chat::BITNET_TEMPLATE),
+                "none in the file; BitNet b1.58 2B4T's (the vocabulary has <|eot_id|>)",
+            );
         }
         (None, "none in the file, and the vocabulary is not 2B4T's: a base model, no chat")
     }
@@ -396,10 +399,8 @@ fn bpe_model(tokens: &[String], merges: &[String], pre: Pre) -> Result<BPE> {
 /// merged piece (best first), then by its id. llama.cpp's tokenizer merges the best-scoring adjacent pair at each
 /// step, which is the same order. Characters no piece covers become `<0xNN>` byte tokens.
 fn spm_model(tokens: &[String], types: &[u64], scores: &[f32]) -> Result<BPE> {
-    let normal: std::collections::HashMap<&str, usize> = (0..tokens.len())
-        .filter(|&i| types[i] == TYPE_NORMAL)
-        .map(|i| (tokens[i].as_str(), i))
-        .collect();
+    let normal: std::collections::HashMap<&str, usize> =
+        (0..tokens.len()).filter(|&i| types[i] == TYPE_NORMAL).map(|i| (tokens[i].as_str(), i)).collect();
     let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
     for (&piece, &id) in &normal {
         for (at, _) in piece.char_indices().skip(1) {
@@ -727,7 +728,8 @@ fn get_scores(md: &[(String, Value)], n_tokens: usize) -> Result<Vec<f32>> {
     if values.len() != n_tokens {
         return Err(bad(key, format!("{} entries for {} tokens", values.len(), n_tokens)));
     }
-    let score = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()).ok_or_else(|| bad(key, "not all numbers"));
+    let score =
+        |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()).ok_or_else(|| bad(key, "not all numbers"));
     values.iter().map(score).collect()
 }
 
