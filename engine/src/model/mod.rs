@@ -22,7 +22,7 @@ pub use config::{Activation, Config, Family, LoadOptions};
 use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::quant;
 use crate::tensor::float::FloatMatrix;
-use crate::tensor::ternary::TernaryMatrix;
+use crate::tensor::ternary::{llama_row_of_hf_row, TernaryMatrix};
 use crate::{Error, Result};
 
 #[derive(Clone)]
@@ -79,7 +79,10 @@ impl Model {
             let v = |n: &str, len| vector(g, bytes, &format!("blk.{i}.{n}.weight"), len);
             let sub_norm = |n: &str, len| if llama { Ok(Vec::new()) } else { v(n, len) };
             // llama.cpp's converter permuted q and k rows for its interleaved RoPE; back to NeoX order.
-            let rope_rows = |m: TernaryMatrix| if llama { unpermute_rope_rows(m, c.head_dim) } else { m };
+            let rope_rows = |m: TernaryMatrix| match llama {
+                true => m.gather_rows(|h| llama_row_of_hf_row(h, c.head_dim)),
+                false => m,
+            };
             layers.push(Layer {
                 attn_norm: v("attn_norm", c.n_embd)?,
                 attn_sub_norm: sub_norm("attn_sub_norm", q_dim)?,
@@ -170,20 +173,4 @@ fn ternary(
         m.scale *= vector(g, bytes, &sname, 1)?[0];
     }
     Ok(m)
-}
-
-/// llama.cpp's converter stores each head's q/k rows as (i, i + head_dim/2) pairs side by side for its
-/// interleaved RoPE (`permute` in convert_hf_to_gguf.py): file row `2i + j` of a head is Hugging Face row
-/// `j * head_dim/2 + i`. Putting the rows back gives the NeoX order every backend rotates in.
-fn unpermute_rope_rows(m: TernaryMatrix, head_dim: usize) -> TernaryMatrix {
-    let stride = m.data.len() / m.rows.max(1);
-    let half = head_dim / 2;
-    let mut data = vec![0u8; m.data.len()];
-    for r in 0..m.rows {
-        let (head, within) = (r / head_dim, r % head_dim);
-        let (i, j) = (within / 2, within % 2);
-        let hf_row = head * head_dim + j * half + i;
-        data[hf_row * stride..(hf_row + 1) * stride].copy_from_slice(m.row(r));
-    }
-    TernaryMatrix { data, ..m }
 }

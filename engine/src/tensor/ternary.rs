@@ -48,6 +48,17 @@ impl TernaryMatrix {
         m
     }
 
+    /// The matrix whose row `r` is row `src(r)` of this one (`src` a permutation of the rows).
+    pub fn gather_rows(&self, src: impl Fn(usize) -> usize) -> Self {
+        let stride = self.padded_cols() / 4;
+        let mut data = Vec::with_capacity(self.data.len());
+        for r in 0..self.rows {
+            data.extend_from_slice(self.row(src(r)));
+        }
+        debug_assert_eq!(data.len(), self.rows * stride);
+        TernaryMatrix { data, ..self.clone() }
+    }
+
     /// Columns including the zero padding: a multiple of 128.
     pub fn padded_cols(&self) -> usize {
         self.cols.div_ceil(BLOCK) * BLOCK
@@ -293,4 +304,18 @@ pub fn holds_ternary(ty: GgmlType, data: &[u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// llama.cpp's converter stores each head's q/k rows in the order its interleaved RoPE rotates (`permute` in
+/// convert_hf_to_gguf.py): row `2i + j` of a head in the file is Hugging Face's row `j * head_dim/2 + i` (the
+/// NeoX order every backend here rotates in). The Hugging Face row that file row `r` holds:
+pub fn hf_row_of_llama_row(r: usize, head_dim: usize) -> usize {
+    let (head, within) = (r / head_dim, r % head_dim);
+    head * head_dim + (within % 2) * (head_dim / 2) + within / 2
+}
+
+/// The inverse of [`hf_row_of_llama_row`]: the file row that holds Hugging Face row `h`.
+pub fn llama_row_of_hf_row(h: usize, head_dim: usize) -> usize {
+    let (head, within, half) = (h / head_dim, h % head_dim, head_dim / 2);
+    head * head_dim + 2 * (within % half) + within / half
 }
