@@ -4,8 +4,8 @@ with references from the independent numpy implementation (numpy_ref.py) and Hug
 
   fam-1bitllm   1bitLLM bitnet_b1_58 as llama.cpp's converter writes it: arch `bitnet`, attn/ffn sub-norms, no
                 activation key (SiLU follows from the SentencePiece vocabulary), `tokenizer.ggml.model = llama`
-                (the first 512 pieces of the LLaMA vocabulary with their scores and types: <unk>, <s>, </s>, the
-                256 <0xNN> byte pieces, 253 merged pieces), tied embedding. Rows of 160: not a multiple of 256
+                (607 pieces of the LLaMA vocabulary with their scores and types: <unk>, <s>, </s>, the 256
+                <0xNN> byte pieces, the next 253 pieces and the single characters ▁ and printable ASCII), tied. Rows of 160: not a multiple of 256
                 (like the 3B's 3200), so only I2_S and float storage can hold it. No chat template (base model).
   fam-llama3    Llama3-8B-1.58 as llama.cpp's converter writes LlamaForCausalLM + quantization_config bitnet:
                 arch `llama`, no sub-norms, q/k rows permuted for llama.cpp's interleaved RoPE, Llama 3 BPE
@@ -56,8 +56,31 @@ FILE_TYPE = {"i2_s": 40, "f16": 1, "tq2_0": 37}
 
 
 def spm_vocab():
+    """<unk>, <s>, </s>, the 256 byte pieces and the next SPM_K - 259 pieces of the LLaMA vocabulary, then its
+    single-character pieces for "▁" and printable ASCII (ids near 29871 there), renumbered, scores and types kept:
+    a small SentencePiece vocabulary in which text really merges (without the characters everything would be
+    bytes)."""
     tokens, scores, types = mtr.llama2_vocab()
-    return list(tokens[:SPM_K]), [float(x) for x in scores[:SPM_K]], [int(t) for t in types[:SPM_K]]
+    chars = [i for i, t in enumerate(tokens) if i >= SPM_K and len(t) == 1 and (t == "\u2581" or " " < t <= "~")]
+    keep = list(range(SPM_K)) + chars
+    return [tokens[i] for i in keep], [float(scores[i]) for i in keep], [int(types[i]) for i in keep]
+
+
+def write_spm_hf_tokenizer(vocab):
+    """fam-1bitllm-tokenizer.json: the cut vocabulary as Hugging Face's converter makes it, in the published LLaMA
+    tokenizer.json form (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer, BOS post-processor): the
+    input of `bitnet convert` for 1bitLLM checkpoints (which carry no scores; the engine derives them)."""
+    tok, _, _ = mtr.spm_tokenizer(*vocab)
+    j = json.loads(tok.to_str())
+    j["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                          {"type": "Replace", "pattern": {"String": " "},
+                                                           "content": "\u2581"}]}
+    j["pre_tokenizer"] = None
+    check = tokenizers.Tokenizer.from_str(json.dumps(j))
+    for text in mtr.TEXTS:
+        assert check.encode(text, add_special_tokens=False).ids == tok.encode(text, add_special_tokens=False).ids
+    with open(os.path.join(OUT, "fam-1bitllm-tokenizer.json"), "w") as f:
+        json.dump(j, f, ensure_ascii=False, separators=(",", ":"))
 
 
 def bpe_vocab(name):
@@ -193,6 +216,8 @@ def main():
     ok, table = True, []
     for name, c in MODELS.items():
         vocab = spm_vocab() if c["vocab"] == "spm" else bpe_vocab(c["vocab"])
+        if c["vocab"] == "spm":
+            write_spm_hf_tokenizer(vocab)
         V = len(vocab[0]) if c["vocab"] == "spm" else len(vocab[1])
         w = mtm.make_weights(c, V)
         cases = cases_for(c, vocab)

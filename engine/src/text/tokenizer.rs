@@ -563,6 +563,9 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     if model["type"] != "BPE" {
         return Err(Error::Unsupported(format!("tokenizer.json model type {} (only BPE)", model["type"])));
     }
+    if model["byte_fallback"].as_bool() == Some(true) {
+        return spm_metadata_from_hf(&tj, &config);
+    }
     let pre = hf_pre(&tj["pre_tokenizer"])
         .ok_or_else(|| Error::Unsupported(format!("tokenizer.json pre_tokenizer {}", tj["pre_tokenizer"])))?;
     let plain_bpe = tj["normalizer"].is_null()
@@ -578,21 +581,100 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
 
     let (tokens, types) = hf_tokens(&tj)?;
     let merges = hf_merges(model)?;
-
-    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
-    // Special tokens in tokenizer_config.json are a string or an AddedToken object.
-    let config_token = |key: &str| config[key].as_str().or_else(|| config[key]["content"].as_str()).map(str::to_owned);
-    let prepended = hf_prepended_token(&tj["post_processor"]);
-    let bos_text = config_token("bos_token").or_else(|| prepended.clone());
-    let add_bos = config["add_bos_token"].as_bool().unwrap_or(prepended.is_some() && prepended == bos_text);
-
-    let mut md = vec![
+    let md = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_owned(), Value::Str(pre.name().into())),
         ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens.iter().cloned().map(Value::Str).collect())),
         ("tokenizer.ggml.token_type".to_owned(), Value::Array(types.iter().map(|&t| Value::I32(t as i32)).collect())),
         ("tokenizer.ggml.merges".to_owned(), Value::Array(merges)),
     ];
+    Ok(with_special_ids(md, &tokens, &tj, &config))
+}
+
+/// A SentencePiece BPE tokenizer.json (LLaMA's: `byte_fallback`, spaces as `▁` with a dummy prefix) as llama.cpp's
+/// `llama` vocabulary. tokenizer.json has merges but no scores; llama.cpp merges by score, so each piece gets
+/// minus the rank of the first merge that makes it (pieces no merge makes come after, in id order): the merge
+/// order of the file, which Hugging Face's converter derived from the SentencePiece scores in the first place.
+fn spm_metadata_from_hf(tj: &serde_json::Value, config: &serde_json::Value) -> Result<Vec<(String, Value)>> {
+    if !hf_spm_spaces(&tj["normalizer"], &tj["pre_tokenizer"]) {
+        return Err(Error::Unsupported(format!(
+            "tokenizer.json with byte_fallback: normalizer {} and pre_tokenizer {} are not LLaMA's SentencePiece \
+             space handling",
+            tj["normalizer"], tj["pre_tokenizer"]
+        )));
+    }
+    let (tokens, mut types) = hf_tokens(tj)?;
+    let unk = tj["model"]["unk_token"].as_str();
+    for (text, ty) in tokens.iter().zip(types.iter_mut()) {
+        if byte_token(text).is_some() && text.len() == 6 {
+            *ty = TYPE_BYTE;
+        } else if Some(text.as_str()) == unk {
+            *ty = TYPE_UNKNOWN;
+        }
+    }
+    let mut first_merge: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (rank, m) in hf_merges(&tj["model"])?.iter().enumerate() {
+        let merge = m.as_str().unwrap_or_default();
+        let (a, b) = split_merge(merge)?;
+        first_merge.entry(a + &b).or_insert(rank);
+    }
+    let n_merges = first_merge.len();
+    let scores: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .map(|(id, (text, &ty))| match (ty, first_merge.get(text)) {
+            (TYPE_NORMAL, Some(&rank)) => Value::F32(-(rank as f32) - 1.0),
+            (TYPE_NORMAL, None) => Value::F32(-((n_merges + id) as f32) - 1.0),
+            _ => Value::F32(0.0),
+        })
+        .collect();
+    let md = vec![
+        ("tokenizer.ggml.model".to_owned(), Value::Str("llama".into())),
+        ("tokenizer.ggml.pre".to_owned(), Value::Str("default".into())),
+        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens.iter().cloned().map(Value::Str).collect())),
+        ("tokenizer.ggml.scores".to_owned(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types.iter().map(|&t| Value::I32(t as i32)).collect())),
+        ("tokenizer.ggml.add_space_prefix".to_owned(), Value::Bool(true)),
+    ];
+    Ok(with_special_ids(md, &tokens, tj, config))
+}
+
+/// LLaMA's space handling in tokenizer.json: the published form (normalizer Prepend("▁") and Replace(" ", "▁"),
+/// no pre-tokenizer) or transformers 5's (normalizer Replace(" ", "▁"), pre-tokenizer Metaspace, prepend always).
+fn hf_spm_spaces(normalizer: &serde_json::Value, pre: &serde_json::Value) -> bool {
+    let steps = |v: &serde_json::Value, key: &str| match v["type"].as_str() {
+        Some("Sequence") => v[key].as_array().cloned().unwrap_or_default(),
+        Some(_) => vec![v.clone()],
+        None => vec![],
+    };
+    let space = |n: &serde_json::Value| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁";
+    let norm = steps(normalizer, "normalizers");
+    let published = pre.is_null()
+        && norm.len() == 2
+        && norm.iter().any(space)
+        && norm.iter().any(|n| n["type"] == "Prepend" && n["prepend"] == "▁");
+    let pres = steps(pre, "pretokenizers");
+    let metaspace = |p: &serde_json::Value| {
+        p["type"] == "Metaspace" && p["replacement"] == "▁" && p["prepend_scheme"] == "always" && p["split"] == false
+    };
+    let v5 = norm.first().is_some_and(space) && pres.len() == 1 && metaspace(&pres[0]);
+    published || v5
+}
+
+/// `md` plus BOS/EOS/padding ids, add_bos and the chat template from tokenizer_config.json (or the post-processor).
+fn with_special_ids(
+    mut md: Vec<(String, Value)>,
+    tokens: &[String],
+    tj: &serde_json::Value,
+    config: &serde_json::Value,
+) -> Vec<(String, Value)> {
+    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    // Special tokens in tokenizer_config.json are a string or an AddedToken object.
+    let config_token = |key: &str| config[key].as_str().or_else(|| config[key]["content"].as_str()).map(str::to_owned);
+    let prepended = hf_prepended_token(&tj["post_processor"]);
+    let bos_text = config_token("bos_token").or_else(|| prepended.clone());
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or(prepended.is_some() && prepended == bos_text);
     let ids = [
         ("tokenizer.ggml.bos_token_id", bos_text),
         ("tokenizer.ggml.eos_token_id", config_token("eos_token")),
@@ -607,7 +689,7 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     if let Some(template) = hf_chat_template(&config["chat_template"]) {
         md.push(("tokenizer.chat_template".to_owned(), Value::Str(template)));
     }
-    Ok(md)
+    md
 }
 
 /// Token texts and llama.cpp token types by id: the model's vocabulary, then the added tokens (which may repeat
