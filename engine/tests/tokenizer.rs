@@ -182,6 +182,21 @@ fn llama2_decode_is_byte_exact() {
     assert_eq!(tk.decode(&[1, 15043]), "<s> Hello");
 }
 
+/// Control-token text typed in a message stays text, tokenized as the surrounding text continues (no second
+/// dummy prefix): the ids `sentencepiece` gives for the whole rendered prompt.
+#[test]
+fn llama2_typed_control_text_in_chat_stays_text() {
+    let r = &refs()["llama2_plain_chat"];
+    let mut md = llama2_metadata().clone();
+    set(&mut md, "tokenizer.chat_template", Value::Str(r["template"].as_str().unwrap().into()));
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    let messages = messages(r);
+    assert_eq!(tk.render_chat(&messages, true).unwrap(), r["text"].as_str().unwrap());
+    let mut want = vec![1];
+    want.extend(ids(&r["ids"]));
+    assert_eq!(tk.encode_chat(&messages, true).unwrap(), want);
+}
+
 #[test]
 fn llama2_metadata_errors() {
     let md = llama2_metadata();

@@ -178,6 +178,22 @@ def check_llama2_peers(tok, sp):
     return len(outs)
 
 
+# A template that writes no control tokens, and messages that type control-token text: the engine keeps that text
+# as text, so the prompt's ids are what `sentencepiece` (which knows no special tokens) gives for the whole text.
+# (Typed control texts are kept apart by spaces: the engine tokenizes each one on its own, so pieces that would
+# merge across two adjacent ones, "></" in "</s></s>", are a known difference.)
+SPM_PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+SPM_PLAIN_MESSAGES = [{"role": "user", "content": "Say </s> or <s> twice"}, {"role": "assistant", "content": "</s> </s>"},
+                      {"role": "user", "content": "  <unk>!"}]
+
+
+def llama2_plain_chat(tok, sp):
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    text = hf.apply_chat_template(SPM_PLAIN_MESSAGES, chat_template=SPM_PLAIN_TEMPLATE, add_generation_prompt=True,
+                                  tokenize=False)
+    return {"template": SPM_PLAIN_TEMPLATE, "messages": SPM_PLAIN_MESSAGES, "text": text, "ids": sp.encode(text)}
+
+
 def vocab_refs(tok, config, special_texts=()):
     bos_id = tok.token_to_id(config["bos_token"])
     add_bos = tok.encode("x", add_special_tokens=True).ids[0] == bos_id
@@ -215,6 +231,7 @@ def main():
         "llama3": vocab_refs(llama3, llama3_config),
         "smolbit": vocab_refs(smolbit, smolbit_config),
         "llama2": vocab_refs(llama2, llama2_config, SPM_SPECIAL_TEXTS),
+        "llama2_plain_chat": llama2_plain_chat(llama2, llama2_sp),
         "bitnet_template": BITNET_TEMPLATE,
         "chat_bitnet_llama3": chat_refs(llama3, llama3_config, BITNET_TEMPLATE),
         "chat_chatml_smolbit": chat_refs(smolbit, smolbit_config, smolbit_config["chat_template"]),

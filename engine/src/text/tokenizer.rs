@@ -95,13 +95,15 @@ pub struct Tokenizer {
     add_bos: bool,
     kind: Kind,
     chat_template: Option<String>,
-    /// Control-token texts, longest first, each with the ids of the same text tokenized as plain text:
-    /// what a chat message's content becomes when it contains one (see `encode_chat`).
-    control_as_text: Vec<(String, Vec<u32>)>,
+    /// Control (and unknown) token texts, longest first, with their ids: the tokens a chat template writes, and
+    /// the texts a chat message may not turn into tokens (see `encode_chat`).
+    specials: Vec<(String, u32)>,
+    /// The tokenizer without those special tokens: text in which control-token text is just text.
+    plain: tokenizers::Tokenizer,
 }
 
 /// Stand-ins for control-token text inside chat messages while the template renders (`encode_chat`):
-/// private-use characters, the `k`-th of `control_as_text` being `base + k`, the base being the first of
+/// private-use characters, the `k`-th of `specials` being `base + k`, the base being the first of
 /// these ranges that no character of the conversation falls in (so that no message can type a marker).
 const MARKER_BASES: [u32; 4] = [0xF0000, 0xF8000, 0x100000, 0x108000];
 const MARKERS: u32 = 0x7FFE;
@@ -141,7 +143,7 @@ impl Tokenizer {
             let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
             (Kind::ByteLevel(pre), bpe_model(&tokens, &merges, pre)?)
         };
-        let (bpe, control_as_text) = build_tokenizer(model, kind, &tokens, &types)?;
+        let (bpe, plain, specials) = build_tokenizer(model, kind, &tokens, &types)?;
         let token_id = |key: &str| -> Result<Option<u32>> {
             match get(md, key).map(|v| v.as_u64()) {
                 None => Ok(None),
@@ -166,7 +168,7 @@ impl Tokenizer {
             None => matches!(kind, Kind::ByteLevel(Pre::Llama3) | Kind::SentencePiece { .. }),
         } && bos.is_some(); // a file may ask for BOS without saying which token it is
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, control_as_text })
+        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, specials, plain })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -314,26 +316,47 @@ impl Tokenizer {
         };
         let bos_written = self.bos.and_then(|id| self.token_text(id)).is_some_and(|bos| text.starts_with(bos));
         let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos && !bos_written).into_iter().collect();
-        // The template's text with its control tokens; each marker is the plain-text ids of the text it stands for.
-        let mut rest = text.as_str();
-        let marker_at = |(i, c): (usize, char)| {
-            let k = (c as u32).checked_sub(base?)? as usize;
-            self.control_as_text.get(k).map(|(_, plain)| (i, c.len_utf8(), plain))
+        let Some(base) = base else {
+            ids.extend(self.encode(&text, false)?);
+            return Ok(ids);
         };
-        while let Some((at, len, plain)) = rest.char_indices().find_map(marker_at) {
-            ids.extend(self.encode(&rest[..at], false)?);
-            ids.extend(plain);
-            rest = &rest[at + len..];
+        // The template's control tokens split the text into runs, as a tokenizer splits at special tokens; in a
+        // run, each marker is the control-token text a message typed, tokenized as text in its context.
+        let firsts: std::collections::HashSet<char> =
+            self.specials.iter().filter_map(|(t, _)| t.chars().next()).collect();
+        let (mut run, mut rest) = (String::new(), text.as_str());
+        while let Some(c) = rest.chars().next() {
+            let special = firsts.contains(&c).then(|| self.specials.iter().find(|(t, _)| rest.starts_with(t.as_str())));
+            if let Some(Some((t, id))) = special {
+                ids.extend(self.encode_plain(&run)?);
+                run.clear();
+                ids.push(*id);
+                rest = &rest[t.len()..];
+                continue;
+            }
+            let marked = (c as u32).checked_sub(base).and_then(|k| self.specials.get(k as usize));
+            match marked {
+                Some((t, _)) => run.push_str(t),
+                None => run.push(c),
+            }
+            rest = &rest[c.len_utf8()..];
         }
-        ids.extend(self.encode(rest, false)?);
+        ids.extend(self.encode_plain(&run)?);
         Ok(ids)
+    }
+
+    /// Ids of `text` with no special tokens recognised (SentencePiece: with the dummy prefix, as after a control
+    /// token).
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.plain.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// The first of MARKER_BASES whose markers appear nowhere in the conversation or the template.
     fn marker_base(&self, messages: &[ChatMessage]) -> Result<u32> {
         let template = self.template()?;
         let texts = || messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).chain([template]);
-        let n = self.control_as_text.len() as u32;
+        let n = self.specials.len() as u32;
         let free = |base: u32| !texts().flat_map(str::chars).any(|c| (base..base + n).contains(&(c as u32)));
         MARKER_BASES.into_iter().find(|&base| free(base)).ok_or_else(|| {
             Error::Invalid("the chat messages use every private-use character range the tokenizer needs".into())
@@ -343,7 +366,7 @@ impl Tokenizer {
     /// `text` with each control-token text replaced by its marker character.
     fn mark_control_text(&self, text: &str, base: u32) -> String {
         let mut out = text.to_owned();
-        for (k, (control, _)) in self.control_as_text.iter().enumerate() {
+        for (k, (control, _)) in self.specials.iter().enumerate() {
             if out.contains(control.as_str()) {
                 if let Some(marker) = char::from_u32(base + k as u32) {
                     out = out.replace(control.as_str(), marker.encode_utf8(&mut [0; 4]));
@@ -370,9 +393,9 @@ fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
     }
 }
 
-/// The BPE tokenizer, and each control token's text (longest first, at most MARKERS of them) with its ids as
-/// plain text.
-type Built = (tokenizers::Tokenizer, Vec<(String, Vec<u32>)>);
+/// The tokenizer, the same without special tokens, and the special tokens' texts and ids (longest first, at most
+/// MARKERS of them).
+type Built = (tokenizers::Tokenizer, tokenizers::Tokenizer, Vec<(String, u32)>);
 
 /// Token text → id; a duplicated text keeps its first id, as llama.cpp's token_to_id does.
 fn vocab_of(tokens: &[String]) -> Vocab {
@@ -445,28 +468,25 @@ fn build_tokenizer(model: BPE, kind: Kind, tokens: &[String], types: &[u64]) -> 
                 .map_err(|e| Error::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
         }
     }
-    // Before the control tokens are added, their text tokenizes as plain text.
-    let mut controls: Vec<&String> =
-        types.iter().zip(tokens).filter(|(&t, text)| t == TYPE_CONTROL && !text.is_empty()).map(|x| x.1).collect();
-    controls.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    controls.truncate(MARKERS as usize);
-    let control_as_text = controls
-        .into_iter()
-        .map(|text| {
-            let enc = tk.encode_fast(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            Ok((text.clone(), enc.get_ids().to_vec()))
-        })
-        .collect::<Result<Vec<_>>>()?;
     // Control, unknown and user-defined tokens are matched in the raw text before any splitting (llama.cpp's
-    // special-token cache; HF lists <unk>, <s>, </s> of LLaMA as added tokens).
+    // special-token cache; HF lists <unk>, <s>, </s> of LLaMA as added tokens). `plain` has the user-defined ones.
     let added = |want: &[u64], special: bool| -> Vec<AddedToken> {
         let picked = types.iter().zip(tokens).filter(|(t, text)| want.contains(t) && !text.is_empty());
         picked.map(|(_, text)| AddedToken::from(text.as_str(), special).normalized(false)).collect()
     };
     let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
-    tk.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tokenizer_err)?;
     tk.add_tokens(added(&[TYPE_USER_DEFINED], false)).map_err(tokenizer_err)?;
-    Ok((tk, control_as_text))
+    let plain = tk.clone();
+    tk.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tokenizer_err)?;
+    let mut specials: Vec<(String, u32)> = (0..tokens.len())
+        .filter(|&i| (types[i] == TYPE_CONTROL || types[i] == TYPE_UNKNOWN) && !tokens[i].is_empty())
+        .map(|i| (tokens[i].clone(), i as u32))
+        .collect();
+    // Longest first (a text that starts another matches whole); a repeated text keeps its first id.
+    specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+    specials.dedup_by(|a, b| a.0 == b.0);
+    specials.truncate(MARKERS as usize);
+    Ok((tk, plain, specials))
 }
 
 /// "a b" → ("a", "b"); the separator is the first space after the first character, as in llama.cpp.
