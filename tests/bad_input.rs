@@ -226,3 +226,22 @@ fn malformed_family_files_are_named() {
     let msg = fails(&["logits", "-m", latent.to_str().unwrap(), "--tokens", "1"]);
     assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("not ternary"), "{msg}");
 }
+
+/// RoPE scaling is not implemented: a file that asks for it is refused, not run with the wrong positions.
+#[test]
+fn rope_scaling_is_refused() {
+    use bitnet_engine::format::gguf::{GgufFile, GgufWriter, Value};
+    let bytes = std::fs::read(fixture("models/fam-llama3-tq2_0.gguf")).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &g.metadata {
+        w.add(k, v.clone());
+    }
+    w.add("llama.rope.scaling.type", Value::Str("yarn".into()));
+    w.add("llama.rope.scaling.factor", Value::F32(4.0));
+    for t in &g.tensors {
+        w.add_tensor(&t.name, &t.dims, t.ty, g.tensor_data(&bytes, t).to_vec());
+    }
+    let msg = fails(&["logits", "-m", &temp_file("rope-yarn.gguf", &w.to_bytes()), "--tokens", "1"]);
+    assert!(msg.contains("RoPE scaling 'yarn'"), "{msg}");
+}

@@ -199,6 +199,7 @@ impl Config {
             Some(_) => md_usize(g, &k("vocab_size"))?,
             None => token_embd.rows(),
         };
+        check_rope_scaling(g, &arch)?;
         let (activation, activation_reason) = choose_activation(g, &arch, opts)?;
         Ok(Config {
             n_vocab,
@@ -257,4 +258,18 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
             "cannot infer the activation of arch 'bitnet' (tokenizer model {other:?}): pass --activation relu2|silu"
         ))),
     }
+}
+
+/// RoPE scaling (Llama 3.1's `rope_freqs.weight`, YaRN, linear factors other than 1) is not implemented: refuse it
+/// rather than run the wrong positions. bitnet.cpp's converter writes linear scaling with factor 1 (none).
+fn check_rope_scaling(g: &GgufFile, arch: &str) -> Result<()> {
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(Error::Unsupported("RoPE frequency factors (rope_freqs.weight, Llama 3.1 style)".into()));
+    }
+    let kind = g.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
+    let factor = md_f32(g, &format!("{arch}.rope.scaling.factor"))?.unwrap_or(1.0);
+    if kind != "none" && !(kind == "linear" && factor == 1.0) {
+        return Err(Error::Unsupported(format!("RoPE scaling '{kind}' with factor {factor}")));
+    }
+    Ok(())
 }
