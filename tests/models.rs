@@ -145,7 +145,7 @@ fn activation_is_inferred_and_can_be_overridden() {
     );
 }
 
-/// `--kv-type f32` is exact again and `--kv-type q8_0` is exactly llama.cpp's Q8_0 blocks: against the
+/// `--kv-type f32` is exact again (on the CPU and wgpu) and `--kv-type q8_0` is exactly llama.cpp's Q8_0 blocks: against the
 /// numpy float64 reference with the same cache (references_kv.json, made by tests/scripts/make_kv_refs.py),
 /// within 1e-3 on flip-free prompts, within a few tenths with the same top-1 elsewhere. A q8_0 cache needs
 /// heads of whole 32-value blocks: tiny-a's head dim of 16 is refused with an error, as in llama.cpp.
@@ -165,21 +165,30 @@ fn kv_cache_types_match_their_references() {
                 assert!(!out.status.success() && err.contains("q8_0 KV cache with head dim"), "{file}: {err}");
                 continue;
             };
+            // wgpu (llvmpipe in CI) has the exact cache too.
+            let backends: &[&str] = if kv == "f32" { &["cpu", "wgpu"] } else { &["cpu"] };
             for case in cases {
-                let name = format!("{file} / {} / --kv-type {kv}", case["name"]);
-                let list: Vec<String> = ids(&case["ids"]).iter().map(u32::to_string).collect();
-                let list = list.join(",");
-                let out = bitnet_json(&["logits", "-m", path, "--tokens", &list, "--all", "--json", "--kv-type", kv]);
-                let (got, want) = (floats(&out["logits"]), floats(&case["logits_f64"]));
-                let d = max_abs_diff(&got, &want);
-                let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
-                assert!(d < tol, "{name}: max |Δ| = {d}");
-                assert_eq!(argmax(&got), argmax(&want), "{name}: top-1");
-                checked += 1;
+                for backend in backends {
+                    let name = format!("{file} / {} / --kv-type {kv} --backend {backend}", case["name"]);
+                    let list: Vec<String> = ids(&case["ids"]).iter().map(u32::to_string).collect();
+                    let list = list.join(",");
+                    let args = ["logits", "-m", path, "--tokens", &list, "--all", "--json", "--kv-type", kv];
+                    let out = bitnet_json(&[&args[..], &["--backend", backend]].concat());
+                    let (got, want) = (floats(&out["logits"]), floats(&case["logits_f64"]));
+                    let d = max_abs_diff(&got, &want);
+                    let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+                    assert!(d < tol, "{name}: max |Δ| = {d}");
+                    assert_eq!(argmax(&got), argmax(&want), "{name}: top-1");
+                    checked += 1;
+                }
             }
         }
     }
-    assert_eq!(checked, 6 * 5 + 3 * 5, "6 files × 5 prompts with f32, the 3 tiny-b files with q8_0");
+    assert_eq!(
+        checked,
+        2 * 6 * 5 + 3 * 5,
+        "6 files × 5 prompts with f32 on CPU and wgpu, the 3 tiny-b files with q8_0"
+    );
 }
 
 fn family_references() -> Value {
