@@ -101,18 +101,19 @@ __device__ __forceinline__ int dot16(u32 w, int4 x, int acc) {
     return acc;
 }
 
-// One prompt token's activations: RMSNorm + quantization of row t of `x` (n floats, stride n) into row t of
-// `xq` (kp bytes) and its scale. Grid: one block of 512 threads per token; dynamic shared memory: n floats.
+// One prompt token's activations: RMSNorm (by `w`; none if it is null) + quantization of row t of `x` (n floats,
+// stride n) into row t of `xq` (kp bytes) and its scale. Grid: one block per token; dynamic shared memory: n
+// floats.
 extern "C" __global__ void __launch_bounds__(512) norm_quant_rows(const float* x, const float* w, int n, int kp,
                                                                   float eps, i8* xq, float* scales) {
     extern __shared__ float4 ws4[];
     float* ws = (float*)ws4;  // [n] the norm weights
     __shared__ float scratch[64];
-    norm_weights_async(w, n, ws);
+    if (w) norm_weights_async(w, n, ws);
     pdl_trigger();
     pdl_wait();
     int t = blockIdx.x;
-    float s = norm_quant(x + (i64)t * n, n, kp, eps, ws, (int*)(xq + (i64)t * kp), scratch);
+    float s = norm_quant(x + (i64)t * n, n, kp, eps, ws, w != nullptr, (int*)(xq + (i64)t * kp), scratch);
     if (threadIdx.x == 0) scales[t] = s;
 }
 
@@ -185,10 +186,11 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) bitlinear_gemv(const 
     pdl_trigger();
     if (p0 >= p1) return;
     stage_pairs(wsm, pc, W, words, row_scale, p0, min(p0 + chunk, p1), e, pos);
-    norm_weights_async(norm_w, n, ws);
+    if (norm_w) norm_weights_async(norm_w, n, ws);
     pdl_wait();
     stage_residual(pc, p0, min(p0 + chunk, p1), e);
-    float s = norm_quant(x, n, words * 16, eps, ws, (int*)xq, scratch);  // its barriers publish wsm and pc
+    // Its barriers publish wsm and pc.
+    float s = norm_quant(x, n, words * 16, eps, ws, norm_w != nullptr, (int*)xq, scratch);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int c0 = p0; c0 < p1; c0 += chunk) {
         int c1 = min(c0 + chunk, p1);

@@ -132,15 +132,16 @@ __device__ __forceinline__ void norm_weights_async(const float* w, int n, float*
 }
 
 // RMSNorm of `x` (n floats, n % 4 == 0, n <= 32 * blockDim.x) by the weights in `ws` (being copied by
-// `norm_weights_async`), then BitNet's per-token absmax int8 quantization, element for element the CPU's
+// `norm_weights_async`; without `prenorm`, x as it is: a family without sub-norms), then BitNet's per-token
+// absmax int8 quantization, element for element the CPU's
 // `rmsnorm` + `kernels::quantize_activations`: s = 127 / max(max|xn|, 1e-5), q = clamp(round_half_even(xn * s),
 // -128, 127). Each thread loads its (at most 8) float4 of x at once and keeps them in registers; q goes to
 // dst[0..kp) as packed int8 (zeros past n). Returns s. The whole block calls it; dst is visible to the block
 // afterwards. `scratch`: 64 floats (one reduction's 32 each).
 #define NQ 8
 
-__device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, const float* ws, int* dst,
-                                            float* scratch) {
+__device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float eps, const float* ws, bool prenorm,
+                                            int* dst, float* scratch) {
     const float4* x4 = (const float4*)x;
     const float4* w4 = (const float4*)ws;
     int n4 = n >> 2;
@@ -155,15 +156,21 @@ __device__ __forceinline__ float norm_quant(const float* x, int n, int kp, float
     for (int k = 0; k < NQ; k++)
         if (threadIdx.x + k * blockDim.x < n4) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     cp_async_wait();
-    ss = block_sum(ss, scratch);  // its barrier also publishes ws
-    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    float inv = 1.0f;
+    if (prenorm) {
+        ss = block_sum(ss, scratch);  // its barrier also publishes ws
+        inv = 1.0f / sqrtf(ss / (float)n + eps);
+    }
     float amax = 0.0f;
 #pragma unroll
     for (int k = 0; k < NQ; k++) {
         int i = threadIdx.x + k * blockDim.x;
         if (i < n4) {
-            float4 w = w4[i];
-            v[k] = make_float4(w.x * (v[k].x * inv), w.y * (v[k].y * inv), w.z * (v[k].z * inv), w.w * (v[k].w * inv));
+            if (prenorm) {
+                float4 w = w4[i];
+                v[k] = make_float4(w.x * (v[k].x * inv), w.y * (v[k].y * inv), w.z * (v[k].z * inv),
+                                   w.w * (v[k].w * inv));
+            }
             amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w))));
         }
     }

@@ -234,13 +234,6 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
     if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
         return cpu(model);
     }
-    if !model.has_sub_norms() {
-        // The GPU backends run the BitNet block only so far (they apply both sub-norms unconditionally).
-        if opts.device == DeviceChoice::Auto {
-            return cpu(model);
-        }
-        return Err(Error::Unsupported(format!("the {} family on the GPU (--backend cpu runs it)", model.family)));
-    }
     if opts.device == DeviceChoice::Cuda && opts.kv != KvType::F16 {
         return Err(Error::Unsupported(format!(
             "a {} KV cache on CUDA (f16 only; --backend wgpu has f32 too, --backend cpu every type)",

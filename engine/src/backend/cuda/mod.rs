@@ -108,13 +108,25 @@ impl DeviceLinear {
 
 struct Layer {
     attn_norm: Buf<f32>,
-    attn_sub_norm: Buf<f32>,
+    /// None for a family without sub-norms: the o and down projections quantize their raw input.
+    attn_sub_norm: Option<Buf<f32>>,
     ffn_norm: Buf<f32>,
-    ffn_sub_norm: Buf<f32>,
+    ffn_sub_norm: Option<Buf<f32>>,
     qkv: DeviceLinear,
     wo: DeviceLinear,
     gate_up: DeviceLinear,
     down: DeviceLinear,
+}
+
+impl Layer {
+    /// The sub-norms' addresses (0: none, the kernels quantize their input as it is).
+    fn attn_sub_norm(&self) -> u64 {
+        self.attn_sub_norm.as_ref().map_or(0, |b| b.ptr)
+    }
+
+    fn ffn_sub_norm(&self) -> u64 {
+        self.ffn_sub_norm.as_ref().map_or(0, |b| b.ptr)
+    }
 }
 
 /// Activations of up to `rows` tokens: a sequence's prompt batch (row 0 is its decode step's), or the rows
@@ -251,6 +263,7 @@ impl CudaModel {
         let k = Kernels::new(&dev, stream.clone())?;
         let s = &stream;
         let (dst, rope) = pack::qkv_pairs(&c);
+        let sub_norm = |v: &[f32]| (!v.is_empty()).then(|| upload(s, v)).transpose();
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in &model.layers {
             let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
@@ -270,9 +283,9 @@ impl CudaModel {
             let gate_up: Vec<_> = (0..c.n_ff).flat_map(|r| [(&l.w_gate, r), (&l.w_up, r)]).collect();
             layers.push(Layer {
                 attn_norm: upload(s, &l.attn_norm)?,
-                attn_sub_norm: upload(s, &l.attn_sub_norm)?,
+                attn_sub_norm: sub_norm(&l.attn_sub_norm)?,
                 ffn_norm: upload(s, &l.ffn_norm)?,
-                ffn_sub_norm: upload(s, &l.ffn_sub_norm)?,
+                ffn_sub_norm: sub_norm(&l.ffn_sub_norm)?,
                 qkv: DeviceLinear::new(s, &k, &qkv_rows, c.n_embd)?,
                 wo: DeviceLinear::new(s, &k, &all_rows(&l.wo), q_dim)?,
                 gate_up: DeviceLinear::new(s, &k, &gate_up, c.n_embd)?,
@@ -355,11 +368,11 @@ impl CudaModel {
             k.norm_quant_rows(a.x.ptr, w.attn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv)?;
             attend(l)?;
-            k.norm_quant_rows(a.att.ptr, w.attn_sub_norm.ptr, c.q_dim(), kp(c.q_dim()), c.eps, xq, sc, t)?;
+            k.norm_quant_rows(a.att.ptr, w.attn_sub_norm(), c.q_dim(), kp(c.q_dim()), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid)?;
             k.norm_quant_rows(a.x.ptr, w.ffn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.gate_up.lin, pos0, &glu)?;
-            k.norm_quant_rows(a.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, kp(c.n_ff), c.eps, xq, sc, t)?;
+            k.norm_quant_rows(a.h.ptr, w.ffn_sub_norm(), c.n_ff, kp(c.n_ff), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.down.lin, pos0, &resid)?;
         }
         Ok(())
@@ -544,9 +557,9 @@ impl Cuda {
             k.gemv(a.x.ptr, w.attn_norm.ptr, c.n_embd, c.eps, &w.qkv.lin, p, &qkv)?;
             let (part_o, part_ml, counters) = (s.part_o.ptr, s.part_ml.ptr, s.att_counters.ptr);
             k.attn_decode(a.q.ptr, kc, vc, m.attn_dims(), &rows, part_o, part_ml, s.max_chunks, counters, a.att.ptr)?;
-            k.gemv(a.att.ptr, w.attn_sub_norm.ptr, c.q_dim(), c.eps, &w.wo.lin, p, &resid)?;
+            k.gemv(a.att.ptr, w.attn_sub_norm(), c.q_dim(), c.eps, &w.wo.lin, p, &resid)?;
             k.gemv(a.x.ptr, w.ffn_norm.ptr, c.n_embd, c.eps, &w.gate_up.lin, p, &glu)?;
-            k.gemv(a.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, c.eps, &w.down.lin, p, &resid)?;
+            k.gemv(a.h.ptr, w.ffn_sub_norm(), c.n_ff, c.eps, &w.down.lin, p, &resid)?;
         }
         Ok(())
     }

@@ -55,9 +55,10 @@ use weights::{FloatGpu, TernaryGpu};
 
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
-    attn_sub_norm: wgpu::Buffer,
+    /// None for a family without sub-norms (the o and down projections quantize their raw input).
+    attn_sub_norm: Option<wgpu::Buffer>,
     ffn_norm: wgpu::Buffer,
-    ffn_sub_norm: wgpu::Buffer,
+    ffn_sub_norm: Option<wgpu::Buffer>,
     qkv: TernaryGpu,
     wo: TernaryGpu,
     gate_up: TernaryGpu,
@@ -99,14 +100,15 @@ impl GpuModel {
         }
         let g = &gpu;
         let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
+        let sub_norm = |label: &str, v: &[f32]| (!v.is_empty()).then(|| f32s(label, v));
         let mut layers = Vec::with_capacity(c.n_layer);
         for (i, l) in model.layers.iter().enumerate() {
             let name = |n: &str| format!("blk.{i}.{n}");
             layers.push(GpuLayer {
                 attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
-                attn_sub_norm: f32s(&name("attn_sub_norm"), &l.attn_sub_norm),
+                attn_sub_norm: sub_norm(&name("attn_sub_norm"), &l.attn_sub_norm),
                 ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
-                ffn_sub_norm: f32s(&name("ffn_sub_norm"), &l.ffn_sub_norm),
+                ffn_sub_norm: sub_norm(&name("ffn_sub_norm"), &l.ffn_sub_norm),
                 qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[&l.wq, &l.wk, &l.wv], false)?,
                 wo: TernaryGpu::upload(g, &name("attn_output"), &[&l.wo], false)?,
                 gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[&l.w_gate, &l.w_up], true)?,
@@ -221,10 +223,17 @@ impl GpuModel {
     /// quantization, then the GEMM.
     fn tile_bitlinears(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<[Dispatch; 8]> {
         let (c, gpu) = (&self.config, &*self.gpu);
-        let bitlinear = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, in_len, norm, out: &wgpu::Buffer, out_len| {
+        let bitlinear = |w: &TernaryGpu,
+                         mode: u32,
+                         input: &wgpu::Buffer,
+                         in_len,
+                         norm: Option<&wgpu::Buffer>,
+                         out: &wgpu::Buffer,
+                         out_len| {
             let act = u32::from(c.activation == Activation::Silu);
             let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
-            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
+            let (norm, prenorm) = norm.map_or((input, 0), |n| (n, 1)); // no norm: any buffer, unread
+            let p = TernaryParams { mode, act, prenorm, eps: c.eps, x_stride, out_stride, ..w.params };
             let uniform = gpu.uniform("tile params", &p);
             let gemm_grid = grid(p.rows as usize, self.gemm.rows_per_group);
             [
@@ -236,10 +245,10 @@ impl GpuModel {
         self.layers
             .iter()
             .map(|l| {
-                let [a, b] = bitlinear(&l.qkv, MODE_STORE, &t.x, d, &l.attn_norm, &t.qkv, q_dim + 2 * kv_dim);
-                let [c0, c1] = bitlinear(&l.wo, MODE_ADD, &t.att_out, q_dim, &l.attn_sub_norm, &t.x, d);
-                let [e0, e1] = bitlinear(&l.gate_up, MODE_GATE_UP, &t.x, d, &l.ffn_norm, &t.h, c.n_ff);
-                let [f0, f1] = bitlinear(&l.down, MODE_ADD, &t.h, c.n_ff, &l.ffn_sub_norm, &t.x, d);
+                let [a, b] = bitlinear(&l.qkv, MODE_STORE, &t.x, d, Some(&l.attn_norm), &t.qkv, q_dim + 2 * kv_dim);
+                let [c0, c1] = bitlinear(&l.wo, MODE_ADD, &t.att_out, q_dim, l.attn_sub_norm.as_ref(), &t.x, d);
+                let [e0, e1] = bitlinear(&l.gate_up, MODE_GATE_UP, &t.x, d, Some(&l.ffn_norm), &t.h, c.n_ff);
+                let [f0, f1] = bitlinear(&l.down, MODE_ADD, &t.h, c.n_ff, l.ffn_sub_norm.as_ref(), &t.x, d);
                 [a, b, c0, c1, e0, e1, f0, f1]
             })
             .collect()
@@ -396,9 +405,10 @@ impl Wgpu {
         let logits_buf = f32_buf("logits", c.n_vocab);
         let best_buf = gpu.zeros("best", 4);
 
-        let ternary = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, norm: &wgpu::Buffer, out: &wgpu::Buffer| {
+        let ternary = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, norm: Option<&wgpu::Buffer>, out| {
             let act = u32::from(c.activation == Activation::Silu);
-            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, ..w.params };
+            let (norm, prenorm) = norm.map_or((input, 0), |n| (n, 1)); // no norm: any buffer, unread
+            let p = TernaryParams { mode, act, prenorm, eps: c.eps, ..w.params };
             let uniform = gpu.uniform("ternary params", &p);
             let k = &m.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)];
             k.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
@@ -418,16 +428,16 @@ impl Wgpu {
         let mut tile_attention = Vec::with_capacity(c.n_layer);
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
-            layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
+            layers.push(ternary(&l.qkv, MODE_STORE, &x, Some(&l.attn_norm), &qkv));
             layers.push(m.attention.dispatch(
                 gpu,
                 &step,
                 &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part],
                 (c.n_head as u32, 1),
             ));
-            layers.push(ternary(&l.wo, MODE_ADD, &att_out, &l.attn_sub_norm, &x));
-            layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, &l.ffn_norm, &h));
-            layers.push(ternary(&l.down, MODE_ADD, &h, &l.ffn_sub_norm, &x));
+            layers.push(ternary(&l.wo, MODE_ADD, &att_out, l.attn_sub_norm.as_ref(), &x));
+            layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, Some(&l.ffn_norm), &h));
+            layers.push(ternary(&l.down, MODE_ADD, &h, l.ffn_sub_norm.as_ref(), &x));
             let split = [&split_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part];
             split_attention.push([
                 m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
@@ -691,7 +701,10 @@ impl Wgpu {
     /// Copies what `head` computed to the buffer the host reads.
     fn copy_head(&self, enc: &mut wgpu::CommandEncoder, head: Head) {
         match head {
-            Head::Logits => enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, None),
+            // The device buffer may be padded (to whole 16 bytes): copy the logits only.
+            Head::Logits => {
+                enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, self.logits.len() as u64 * 4)
+            }
             Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
             Head::None => {}
         }
