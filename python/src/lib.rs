@@ -30,16 +30,6 @@ fn py_err(e: bitnet_engine::Error) -> PyErr {
     BitnetError::new_err(e.to_string())
 }
 
-fn device_choice(backend: &str) -> PyResult<DeviceChoice> {
-    match backend {
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "wgpu" => Ok(DeviceChoice::Wgpu),
-        "cuda" => Ok(DeviceChoice::Cuda),
-        "auto" => Ok(DeviceChoice::Auto),
-        _ => Err(PyValueError::new_err(format!("unknown backend '{backend}' (cpu, wgpu, cuda or auto)"))),
-    }
-}
-
 /// A language model loaded once, then called many times. Thread-safe: each call has its own KV cache.
 #[pyclass(frozen, module = "bitnet")]
 struct Model {
@@ -65,7 +55,9 @@ impl Model {
         }
         let kv = KvType::parse(kv_type)
             .ok_or_else(|| PyValueError::new_err(format!("unknown kv_type '{kv_type}' (f32, f16 or q8_0)")))?;
-        let device = DeviceOptions { device: device_choice(backend)?, threads, head: None, kv };
+        let device = DeviceChoice::parse(backend)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown backend '{backend}' (cpu, wgpu, cuda or auto)")))?;
+        let device = DeviceOptions { device, threads, head: None, kv };
         let opts = OpenOptions { ctx, device, ..OpenOptions::default() };
         py.detach(|| {
             let bytes = open::open_bytes(path.as_deref())?;

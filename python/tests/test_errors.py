@@ -100,3 +100,23 @@ def test_ctrl_c_interrupts_a_generation(default_model):
 
 
 PROMPT_LONG = "Once upon a time"
+
+
+def test_the_gil_is_released_while_the_engine_computes(default_model):
+    """Another Python thread keeps running during a long call: the longest pause it sees is a small part of
+    the call (were the GIL held, it would pause for all of it)."""
+    import time
+
+    ids = default_model.tokenize(PROMPT_LONG * 12)[:48]
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (default_model.logits(ids, all=True), done.set()))
+    start = last = time.perf_counter()
+    longest = 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    took = time.perf_counter() - start
+    worker.join()
+    assert took > 0.5, "the call must be long enough to tell"
+    assert longest < took / 4, (longest, took)
