@@ -69,7 +69,8 @@ class Model:
     @overload
     def logits(self, ids: Sequence[int], all: Literal[True]) -> npt.NDArray[np.float32]:
         """Next-token logits after every id, shape [len(ids), n_vocab], evaluated one token at a time as
-        `bitnet perplexity` does (row i is what `logits(ids[: i + 1])` gives)."""
+        `bitnet perplexity` does (row i is what `logits(ids[: i + 1])` gives). The array takes
+        len(ids) * n_vocab * 4 bytes."""
     @overload
     def generate(
         self,
