@@ -4,6 +4,7 @@
 #   0. lint: `cargo fmt --check`, `cargo clippy -D warnings`
 #   1. native: `cargo test --workspace` (the wgpu tests on llvmpipe, software Vulkan: none are skipped);
 #      the build with the CUDA backend is checked (its tests need an NVIDIA GPU: README, Development)
+#   1b. the Python module: `pip install ./python`, then its pytest suite against the `bitnet` binary
 #   2. the NEON kernels under qemu-aarch64 (with and without dotprod) and SIMD128 under Node's WASI
 #   3. the browser: both wasm builds, the npm package and the demo page in headless Chromium
 #   4. fuzzing: each cargo-fuzz target for 60 s (GGUF reader, tokenizer, chat templates, request bodies)
@@ -36,6 +37,14 @@ step "native tests"
 # The `bitnet` binary the end-to-end tests drive, from the same (dev, optimized) profile as the tests.
 cargo build -p bitnet-cli
 cargo test --workspace
+
+step "Python module"
+# maturin comes from PyPI in pip's build environment. The dev profile the native step just built is reused
+# (same engine features), so only the extension itself compiles; a user's `pip install ./python` builds release.
+python3 -m pip install -q --disable-pip-version-check pytest numpy
+MATURIN_PEP517_ARGS="--profile dev" python3 -m pip install -q --disable-pip-version-check ./python
+# The tests find the `bitnet` binary under $CARGO_TARGET_DIR (or target/).
+python3 -m pytest -q python/tests
 
 step "AArch64 and WebAssembly kernels"
 bash tests/scripts/test_cross.sh

@@ -10,13 +10,17 @@
 //! - [`text`]: text to token ids and back, chat templates.
 //! - [`generate`]: choosing tokens and the one generation loop every front end drives.
 //! - [`convert`]: Hugging Face BitNet checkpoints to GGUF.
+//! - [`open`]: a model file ready to run (the embedded default, memory mapping), as native shells open one.
+//! - [`info`]: a GGUF file described for people.
 
 pub mod backend;
 pub mod convert;
 pub mod error;
 pub mod format;
 pub mod generate;
+pub mod info;
 pub mod model;
+pub mod open;
 pub mod tensor;
 pub mod text;
 

@@ -11,9 +11,9 @@ mod serve_www;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use bitnet_engine::backend::{KvType, Want};
+use bitnet_engine::backend::KvType;
 use bitnet_engine::generate::sampler::SamplerParams;
-use bitnet_engine::generate::{GenParams, GenStats};
+use bitnet_engine::generate::{perplexity, GenParams, GenStats};
 use bitnet_engine::model::Activation;
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
@@ -136,9 +136,7 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn gen_params(&self) -> Result<GenParams, Error> {
-        let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        });
+        let seed = self.seed.unwrap_or_else(bitnet_engine::generate::sampler::clock_seed);
         let sampler = SamplerParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -352,63 +350,19 @@ fn logits(a: LogitsArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// llama-perplexity's method: the text is cut into non-overlapping windows of `ctx` tokens, each
-/// evaluated from an empty cache (its first token replaced by BOS when the model adds one), and only
-/// the second half of each window is scored, so every scored token has at least ctx/2 of context.
+/// `bitnet perplexity`: the engine's llama-perplexity scoring, each window's running value on stderr.
 fn perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let m = Loaded::open(&a.model)?;
     let bytes = std::fs::read(&a.file).map_err(|e| Error::Invalid(format!("{}: {e}", a.file.display())))?;
     let text =
         String::from_utf8(bytes).map_err(|_| Error::Invalid(format!("{} is not valid UTF-8", a.file.display())))?;
-    let add_bos = m.tokenizer.add_bos();
-    let tokens = m.tokenizer.encode(&text, add_bos)?;
     let mut session = m.session()?;
-    let n_ctx = session.ctx();
-    // Positions ctx/2 to ctx - 2 are scored (each predicts the next): none below 3.
-    if n_ctx < 3 {
-        return Err(Error::Invalid(format!("perplexity needs a context of at least 3 tokens (--ctx {n_ctx})")));
-    }
-    let n_chunks = tokens.len() / n_ctx;
-    if n_chunks == 0 {
-        return Err(Error::Invalid(format!(
-            "the text has {} tokens; at least one window of {n_ctx} is needed (lower --ctx)",
-            tokens.len()
-        )));
-    }
-    let first = n_ctx / 2;
-    let (mut nll, mut count) = (0f64, 0usize);
-    for chunk in tokens.chunks_exact(n_ctx).take(n_chunks) {
-        let mut window = chunk.to_vec();
-        if let Some(bos) = m.tokenizer.bos().filter(|_| add_bos) {
-            window[0] = bos;
-        }
-        session.truncate(0);
-        for (j, &t) in window.iter().enumerate() {
-            let score = j >= first && j + 1 < n_ctx;
-            session.push(&[t], if score { Want::Logits } else { Want::Nothing })?;
-            if score {
-                let next = window[j + 1];
-                // A file whose tokenizer has more tokens than the model has logits.
-                let logp = log_softmax_at(session.logits(), next as usize).ok_or_else(|| {
-                    Error::Invalid(format!("token {next} has no logit (the model's vocabulary is smaller)"))
-                })?;
-                nll -= logp;
-                count += 1;
-            }
-        }
-        if !nll.is_finite() {
-            return Err(Error::Invalid(format!("the model computed non-finite logits (log-likelihood {nll})")));
-        }
-        eprint!("[{:.4}]", (nll / count as f64).exp());
-    }
+    let score = perplexity::perplexity(&mut session, &m.tokenizer, &text, &mut |s| {
+        eprint!("[{:.4}]", s.ppl());
+        true
+    })?;
     eprintln!();
-    println!("windows = {n_chunks}, ctx = {n_ctx}, scored tokens = {count}");
-    println!("PPL = {:.4}", (nll / count as f64).exp());
+    println!("windows = {}, ctx = {}, scored tokens = {}", score.windows, score.ctx, score.scored);
+    println!("PPL = {:.4}", score.ppl());
     Ok(())
-}
-
-fn log_softmax_at(logits: &[f32], i: usize) -> Option<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    Some(*logits.get(i)? as f64 - max - sum.ln())
 }

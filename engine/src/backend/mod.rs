@@ -204,6 +204,19 @@ pub enum DeviceChoice {
     Auto,
 }
 
+impl DeviceChoice {
+    /// `cpu`, `wgpu`, `cuda` or `auto`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Self::Cpu),
+            "wgpu" => Some(Self::Wgpu),
+            "cuda" => Some(Self::Cuda),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
 /// Device choices a user makes when a model is opened.
 #[derive(Clone, Debug)]
 pub struct DeviceOptions {

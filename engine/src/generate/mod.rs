@@ -4,6 +4,7 @@
 //! browser one awaited step at a time.
 
 pub mod generation;
+pub mod perplexity;
 pub mod sampler;
 pub mod session;
 pub mod stop;

@@ -86,6 +86,11 @@ impl SamplerParams {
     }
 }
 
+/// A seed for a run that was given none: the clock's nanoseconds (what `bitnet run` prints with its statistics).
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// SplitMix64: tiny, fast, and the same sequence on every platform.
 #[derive(Clone, Debug)]
 pub struct SplitMix64(u64);

@@ -26,12 +26,22 @@ pub struct Session {
     seq: Box<dyn Sequence>,
     /// The tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
+    /// [`Session::step`]'s state: the token picked but not yet evaluated, and the device's greedy pick
+    /// after the last evaluation (when the pick is a plain argmax; see [`Want::Greedy`]).
+    to_eval: Option<u32>,
+    greedy: Option<u32>,
 }
 
 impl Session {
     /// A new sequence of `ctx` tokens on the device that holds `weights`.
     pub fn open(weights: &Arc<dyn Weights>, ctx: usize) -> Result<Self> {
-        Ok(Self { name: weights.name(), seq: weights.clone().sequence(ctx)?, tokens: Vec::new() })
+        Ok(Self {
+            name: weights.name(),
+            seq: weights.clone().sequence(ctx)?,
+            tokens: Vec::new(),
+            to_eval: None,
+            greedy: None,
+        })
     }
 
     pub fn backend_name(&self) -> &str {
@@ -53,6 +63,7 @@ impl Session {
     /// Forgets the cache from position `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.tokens.truncate(len);
+        (self.to_eval, self.greedy) = (None, None);
     }
 
     /// Appends tokens; `want` says what the last one's forward pass produces ([`Want`]).
@@ -63,6 +74,7 @@ impl Session {
         }
         let out = self.seq.forward(tokens, pos, want)?;
         self.tokens.extend_from_slice(tokens);
+        (self.to_eval, self.greedy) = (None, None);
         Ok(out)
     }
 
@@ -82,6 +94,25 @@ impl Session {
         Ok(tokens.len() - keep)
     }
 
+    /// Evaluates `prompt` (what the cache does not already hold) and returns the generation that
+    /// [`Session::step`] then drives.
+    pub fn start(&mut self, prompt: &[u32], params: &GenParams) -> Result<Generation> {
+        Ok(Generation::new(params, self.prefill(prompt)?))
+    }
+
+    /// One token of `gen`: evaluates the token the last step picked, then picks the next one. Returns
+    /// the text it completes (often empty), or None once generation has stopped. Stepping one token at
+    /// a time lets a caller stop between tokens (a Python iterator, Ctrl+C).
+    pub fn step(&mut self, gen: &mut Generation, tok: &Tokenizer) -> Result<Option<String>> {
+        if let Some(t) = self.to_eval.take() {
+            self.greedy = self.push(&[t], gen.want())?;
+        }
+        let out = self.greedy.take().map_or(Output::Logits(self.seq.logits()), Output::Token);
+        let Some(step) = gen.step(tok, out, &self.tokens, self.ctx())? else { return Ok(None) };
+        self.to_eval = step.eval;
+        Ok(Some(step.text))
+    }
+
     /// Generates a continuation of `prompt`, calling `on_text` with each new piece of text (always
     /// valid UTF-8, never part of a stop string); `on_text` returns false to stop early.
     /// The generated tokens stay in the cache, so a chat can continue from them.
@@ -93,19 +124,13 @@ impl Session {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats> {
         let t0 = Instant::now();
-        let mut gen = Generation::new(params, self.prefill(prompt)?);
+        let mut gen = self.start(prompt, params)?;
         let prompt_time = t0.elapsed();
         let t1 = Instant::now();
-        let mut picked = None; // the device's greedy token, when the pick is a plain argmax
-        loop {
-            let out = picked.take().map_or(Output::Logits(self.seq.logits()), Output::Token);
-            let Some(step) = gen.step(tok, out, &self.tokens, self.ctx())? else { break };
-            if !step.text.is_empty() && !on_text(&step.text) {
+        while let Some(text) = self.step(&mut gen, tok)? {
+            if !text.is_empty() && !on_text(&text) {
                 gen.cancel();
                 break;
-            }
-            if let Some(t) = step.eval {
-                picked = self.push(&[t], gen.want())?;
             }
         }
         Ok(GenStats {
