@@ -643,3 +643,72 @@ fn connections_are_limited_and_idle_ones_time_out() {
     assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "answered after {waited:?}");
     drop(idle);
 }
+
+/// Sends `body` to `path` on a raw connection, shuts down the write side (as `curl` or `nc -N` may once the
+/// request is sent), and reads the whole answer: the status and the body (chunks joined).
+fn half_closed_request(s: &Server, path: &str, body: &Value) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = s.url.strip_prefix("http://").unwrap();
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(format!("{head}{body}").as_bytes()).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no complete answer: {raw:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, body)
+}
+
+/// The payload of an HTTP/1.1 chunked body (which must be complete: a last, empty chunk).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
+}
+
+/// A client that half-closes after sending its request gets the full answer, the same as a client that
+/// keeps its side open, on every POST endpoint (with hyper's half_close off, only GET /health answered).
+#[test]
+fn half_closing_clients_get_their_answers() {
+    let s = Server::tiny(&[]);
+    let completion = greedy("Once upon a time", 40);
+    let (status, body) = half_closed_request(&s, "/v1/completions", &completion);
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got["choices"][0]["text"], s.ok("/v1/completions", &completion)["choices"][0]["text"]);
+    assert_eq!(got["usage"]["completion_tokens"], 40);
+
+    let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 30, "temperature": 0 });
+    let (status, body) = half_closed_request(&s, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    let want = s.ok("/v1/chat/completions", &chat);
+    assert_eq!(got["choices"][0]["message"], want["choices"][0]["message"]);
+
+    let (status, body) = half_closed_request(&s, "/tokenize", &json!({ "content": "Hello world" }));
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got, s.ok("/tokenize", &json!({ "content": "Hello world" })));
+
+    // Errors reach a half-closed client too, with their status.
+    let (status, body) = half_closed_request(&s, "/v1/completions", &json!({ "prompt": "a", "n": 2 }));
+    assert_eq!(status, 400, "{body}");
+    // Nothing was cancelled: the answers above ran to the end.
+    assert_eq!(s.metric("requests_cancelled_total"), 0.0);
+}

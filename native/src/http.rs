@@ -3,15 +3,22 @@
 //! accept queue instead of exhausting file descriptors or threads), and a deadline for each request's
 //! headers (which also closes idle keep-alive connections), so that a half-sent request cannot hold a
 //! connection forever. Request bodies get their own deadline in the servers' middleware.
+//!
+//! Half-closed connections are kept open (hyper's `half_close`): a client may shut down its write side
+//! once its request is sent (`curl` and `nc -N` can) and still read the answer. Hyper then no longer
+//! notices a client that went away while its request runs, so every request carries a [`Peer`] through
+//! which a long-running handler can watch the connection itself.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::Request;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 #[derive(Clone, Copy)]
 pub struct Limits {
@@ -37,10 +44,15 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let Ok((stream, peer)) = Peer::split(stream) else { continue };
+        let app = app.clone();
+        let service = TowerToHyperService::new(tower::service_fn(move |mut req: Request<_>| {
+            req.extensions_mut().insert(peer.clone());
+            app.clone().oneshot(req)
+        }));
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).half_close(true);
             let connection = http.serve_connection(TokioIo::new(stream), service);
             // The connection's errors are the client's (a reset, a timeout): all there is to do is close it.
             match limits.connection_timeout {
@@ -49,5 +61,30 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
             }
             drop(permit);
         });
+    }
+}
+
+/// A second handle on a request's connection (a duplicate of its socket), to watch for the client
+/// closing it while hyper, which owns the connection, is busy waiting for the handler.
+#[derive(Clone)]
+pub struct Peer(Arc<TcpStream>);
+
+impl Peer {
+    /// The connection for hyper, and the watcher's handle on the same socket.
+    fn split(stream: TcpStream) -> std::io::Result<(TcpStream, Peer)> {
+        let stream = stream.into_std()?;
+        let watcher = TcpStream::from_std(stream.try_clone()?)?;
+        Ok((TcpStream::from_std(stream)?, Peer(Arc::new(watcher))))
+    }
+
+    /// Returns once the client has closed its side (or the connection failed); never while the client may
+    /// still send (bytes waiting: a pipelined next request). A closed side means either a half-close (the
+    /// client still reads) or a client gone for good; only a write can tell them apart.
+    pub async fn read_closed(&self) {
+        let mut byte = [0u8; 1];
+        match self.0.peek(&mut byte).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => std::future::pending().await,
+        }
     }
 }

@@ -26,7 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
@@ -35,6 +35,7 @@ use futures_util::{stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::http::Peer;
 use crate::model_file::Loaded;
 use crate::ModelArgs;
 use api::*;
@@ -336,7 +337,11 @@ fn typed<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
     })
 }
 
-async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn chat(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     let (req, sampling): (ChatRequest, Sampling) = (typed(&body)?, typed(&body)?);
     if req.messages.is_empty() {
@@ -347,11 +352,15 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
     let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    let mut pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
+    let pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.chat_stream(app, usage)));
     }
+    Ok(answer(peer, chat_answer(app, pending)).await)
+}
+
+async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
     let (text, done) = pending.collect().await?;
     let body = ChatCompletion {
         id: &pending.id,
@@ -393,7 +402,11 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
     Ok(ChatMessage { role: m.role.clone(), content })
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     let (req, sampling): (CompletionRequest, Sampling) = (typed(&body)?, typed(&body)?);
     let text = match req.prompt {
@@ -404,7 +417,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         Prompt::Texts(_) => {
             return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt"))
         }
-        Prompt::Tokens(ids) => return completion_of(app, ids, sampling).await,
+        Prompt::Tokens(ids) => return completion_of(app, peer, ids, sampling).await,
     };
     let m = app.m;
     let prompt = match text {
@@ -412,21 +425,30 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         None => Ok(Vec::new()),
     };
     let prompt = prompt.map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
-    completion_of(app, prompt, sampling).await
+    completion_of(app, peer, prompt, sampling).await
 }
 
 /// The completion of prompt ids.
-async fn completion_of(app: Arc<App>, prompt: Vec<u32>, sampling: Sampling) -> Result<Response, ApiError> {
+async fn completion_of(
+    app: Arc<App>,
+    peer: Option<Extension<Peer>>,
+    prompt: Vec<u32>,
+    sampling: Sampling,
+) -> Result<Response, ApiError> {
     let tok = &app.m.tokenizer;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
     }
-    let mut pending = Generation::submit(&app, prompt, &sampling, "prompt", "cmpl")?;
+    let pending = Generation::submit(&app, prompt, &sampling, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.completion_stream(app, usage)));
     }
+    Ok(answer(peer, completion_answer(app, pending)).await)
+}
+
+async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
     let (text, done) = pending.collect().await?;
     let choice =
         CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs: None };
@@ -583,6 +605,39 @@ impl Generation {
 fn sse(data: impl Stream<Item = String> + Send + 'static) -> Response {
     let events = data.map(|d| Ok::<_, std::convert::Infallible>(SseEvent::default().data(d)));
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// How often a client that closed its side while its non-streaming answer runs is sent a space.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A non-streaming answer, watching the client meanwhile. While the client's side is open, the answer
+/// comes as usual when ready. Once it closes, the server cannot tell a half-close (the client still
+/// reads: it must be answered) from a client gone for good (its slot must be freed) without writing;
+/// so the answer starts at once, as 200 with a chunked body, and a space (JSON allows leading
+/// whitespace) goes out every PROBE_INTERVAL until the JSON follows. A gone client's socket refuses the
+/// second write; hyper then drops the body, and with it the request, which frees its slot. A failure
+/// after that point is the usual error object, under the 200 already sent.
+async fn answer(
+    peer: Option<Extension<Peer>>,
+    work: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Response {
+    let mut work = Box::pin(async move { work.await.unwrap_or_else(|e| e.into_response()) });
+    let Some(Extension(peer)) = peer else { return work.await };
+    tokio::select! {
+        response = &mut work => return response,
+        () = peer.read_closed() => {}
+    }
+    let body = stream::unfold(Some(work), |work| async move {
+        let mut work = work?;
+        tokio::select! {
+            response = &mut work => {
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                Some((body.map_err(axum::Error::new), None))
+            }
+            () = tokio::time::sleep(PROBE_INTERVAL) => Some((Ok(Bytes::from_static(b" ")), Some(work))),
+        }
+    });
+    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
 }
 
 fn to_json(v: &impl serde::Serialize) -> String {
