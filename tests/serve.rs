@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitnet_tests::{bitnet_bin, bitnet_ok, fixture, repo};
+use bitnet_tests::{bitnet_bin, bitnet_json, bitnet_ok, fixture, repo};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
 
@@ -143,6 +143,14 @@ fn endpoints_health_models_tokenize_metrics() {
     s.complete(&greedy("Once", 5));
     assert_eq!(s.metric("generated_tokens_total"), 5.0);
     assert_eq!(s.metric("requests_total"), 1.0);
+    // Latency histograms: one first token, four intervals between tokens, every one in some bucket.
+    assert_eq!(s.metric("time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(s.metric("time_per_output_token_seconds_count"), 4.0);
+    let body = s.get("/metrics").text().unwrap();
+    assert!(body.contains("# TYPE bitnet_time_to_first_token_seconds histogram"), "{body}");
+    assert!(body.contains("bitnet_time_per_output_token_seconds_bucket{le=\"+Inf\"} 4\n"), "{body}");
+    assert!(body.contains("bitnet_time_to_first_token_seconds_bucket{le=\"120\"} 1\n"), "{body}");
+    assert!(s.metric("time_to_first_token_seconds_sum") > 0.0);
 }
 
 #[test]
@@ -412,12 +420,199 @@ fn malformed_requests_get_400_with_an_error_body() {
     let big = json!({ "prompt": "x".repeat(5000) });
     error_of(s.post("/v1/completions", &big), 413);
     error_of(s.get("/v1/nothing"), 404);
-    // Unknown fields are ignored; the server still answers normally after all of that.
-    let ok = s.ok(
-        "/v1/completions",
-        &json!({ "prompt": "a", "max_tokens": 2, "logit_bias": {}, "user": "me", "echo": false }),
-    );
+    // `user` is metadata, accepted; a null field counts as absent; the server still answers normally after all
+    // of that.
+    let ok = s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 2, "user": "me", "suffix": null }));
     assert_eq!(ok["usage"]["completion_tokens"], 2);
+}
+
+/// A field the server does not honour is a 400 naming it, never dropped (a client asking for JSON output or
+/// tools must not get free text with a 200).
+#[test]
+fn unhonoured_fields_are_refused_by_name() {
+    let s = Server::tiny(&[]);
+    let chat = |extra: Value| {
+        let mut body = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 2 });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let cases = [
+        ("/v1/completions", json!({ "prompt": "a", "echo": false }), "echo"),
+        ("/v1/completions", json!({ "prompt": "a", "suffix": "b" }), "suffix"),
+        ("/v1/completions", json!({ "prompt": "a", "best_of": 1 }), "best_of"),
+        ("/v1/completions", json!({ "prompt": "a", "top_logprobs": 2 }), "top_logprobs"),
+        ("/v1/chat/completions", chat(json!({ "response_format": { "type": "json_object" } })), "response_format"),
+        ("/v1/chat/completions", chat(json!({ "tools": [], "tool_choice": "auto" })), "tool"),
+        ("/v1/chat/completions", chat(json!({ "parallel_tool_calls": false })), "parallel_tool_calls"),
+        ("/v1/chat/completions", chat(json!({ "prompt": "a" })), "prompt"),
+        ("/v1/chat/completions", chat(json!({ "stream": true, "stream_options": { "chunk": 1 } })), "stream_options"),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "Hi", "name": "bob" }] }),
+            "messages",
+        ),
+        ("/tokenize", json!({ "content": "a", "with_pieces": true }), "with_pieces"),
+        ("/detokenize", json!({ "tokens": [1], "extra": 1 }), "extra"),
+    ];
+    for (path, body, field) in &cases {
+        let r = s.post(path, body);
+        let status = r.status();
+        let r: Value = r.json().unwrap();
+        assert_eq!(status, 400, "{path} {body}: {r}");
+        let (msg, param) = (r["error"]["message"].as_str().unwrap(), r["error"]["param"].as_str().unwrap_or(""));
+        assert!(msg.contains(field) || param.starts_with(field), "{path} {body}: {r}");
+    }
+    // The same requests without the field are answered.
+    assert_eq!(s.post("/v1/chat/completions", &chat(json!({}))).status(), 200);
+}
+
+/// Completions' `logprobs: N` against `bitnet logits` of the same prompt: the picked token's log-probability
+/// is the log-softmax of its logit, the N alternatives are the N largest logits in order, and their
+/// probabilities add up to what the softmax gives them.
+#[test]
+fn logprobs_agree_with_bitnet_logits() {
+    let s = Server::tiny(&[]);
+    let model = fixture(TINY);
+    let reference = bitnet_json(&["logits", "-m", model.to_str().unwrap(), "-p", "Once upon a", "--all", "--json"]);
+    let logits: Vec<f64> = reference["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+
+    let body = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": reference["tokens"], "max_tokens": 1, "temperature": 0, "logprobs": 5 }),
+    );
+    let lp = &body["choices"][0]["logprobs"];
+    let picked = lp["tokens"][0].as_str().unwrap();
+    let best = order[0] as u32;
+    let detok = |ids: &[u32]| s.ok("/detokenize", &json!({ "tokens": ids }))["content"].as_str().unwrap().to_string();
+    assert_eq!(picked, detok(&[best]));
+    let got = lp["token_logprobs"][0].as_f64().unwrap();
+    assert!((got - (logits[order[0]] - log_sum)).abs() < 1e-3, "{got} vs {}", logits[order[0]] - log_sum);
+    let top = lp["top_logprobs"][0].as_object().unwrap();
+    assert_eq!(top.len(), 5, "{top:?}");
+    for &id in &order[..5] {
+        let want = logits[id] - log_sum;
+        let got = top[&detok(&[id as u32])].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-3, "token {id}: {got} vs {want}");
+    }
+    assert_eq!(lp["text_offset"], json!([0]));
+
+    // Chat: top_logprobs in order, the same through the stream, and one entry per generated token.
+    let req = json!({
+        "messages": [{ "role": "user", "content": "Tell me" }], "max_tokens": 12, "temperature": 0,
+        "logprobs": true, "top_logprobs": 20,
+    });
+    let whole = s.ok("/v1/chat/completions", &req);
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, whole["usage"]["completion_tokens"].as_u64().unwrap());
+    let mut bytes = Vec::new();
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 20);
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "not in order: {values:?}");
+        let mass: f64 = values.iter().map(|v| v.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4 && mass > 0.0, "{mass}");
+        // Greedy: the picked token is the most likely one.
+        assert_eq!(entry["token"], top[0]["token"]);
+        assert_eq!(entry["logprob"], top[0]["logprob"]);
+        bytes.extend(entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    // A token may hold part of a character: the bytes, joined, are the text.
+    assert_eq!(String::from_utf8_lossy(&bytes), whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let chunks = sse_events(s.post("/v1/chat/completions", &streamed));
+    let from_stream: Vec<Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).flatten().cloned().collect();
+    assert_eq!(from_stream, *content);
+    // Out of range, or alternatives without logprobs.
+    let mut bad = req.clone();
+    bad["top_logprobs"] = json!(21);
+    error_of(s.post("/v1/chat/completions", &bad), 400);
+    bad["top_logprobs"] = json!(2);
+    bad["logprobs"] = json!(false);
+    error_of(s.post("/v1/chat/completions", &bad), 400);
+}
+
+#[test]
+fn logit_bias_and_ignore_eos() {
+    let s = Server::tiny(&[]);
+    let first = |extra: Value| {
+        let mut body = greedy("Once upon a", 1);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = s.ok("/v1/completions", &body);
+        r["choices"][0]["logprobs"]["tokens"][0].as_str().map(String::from).unwrap_or_default()
+    };
+    let plain = first(json!({ "logprobs": 2 }));
+    let model = fixture(TINY);
+    let reference =
+        bitnet_json(&["logits", "-m", model.to_str().unwrap(), "-p", "Once upon a", "--top", "2", "--json"]);
+    let (best, second) = (reference["top"][0][0].as_u64().unwrap(), reference["top"][1][0].as_u64().unwrap());
+    // Banning the best token picks the second; a large bias forces any token, at every step.
+    let banned = first(json!({ "logprobs": 0, "logit_bias": { best.to_string(): -100 } }));
+    let detok = |id: u64| s.ok("/detokenize", &json!({ "tokens": [id] }))["content"].as_str().unwrap().to_string();
+    assert_eq!(plain, detok(best));
+    assert_eq!(banned, detok(second));
+    let forced = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": "Once", "max_tokens": 4, "temperature": 0.9, "seed": 1, "logit_bias": { "300": 100 } }),
+    );
+    assert_eq!(forced["choices"][0]["text"].as_str().unwrap(), detok(300).repeat(4));
+    // Forcing the end token stops at once; ignore_eos bans it, and the generation runs to its length.
+    let eos = json!({ "513": 100 });
+    let stopped =
+        s.ok("/v1/completions", &json!({ "prompt": "Once", "max_tokens": 8, "temperature": 0, "logit_bias": eos }));
+    assert_eq!(
+        (stopped["usage"]["completion_tokens"].as_u64(), stopped["choices"][0]["finish_reason"].as_str()),
+        (Some(0), Some("stop"))
+    );
+    let ignored = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": "Once", "max_tokens": 8, "temperature": 0, "logit_bias": eos, "ignore_eos": true }),
+    );
+    assert_eq!(
+        (ignored["usage"]["completion_tokens"].as_u64(), ignored["choices"][0]["finish_reason"].as_str()),
+        (Some(8), Some("length"))
+    );
+    for bad in [json!({ "99999": 1 }), json!({ "x": 1 }), json!({ "1": 101 }), json!({ "1": "a" })] {
+        let r = s.post("/v1/completions", &json!({ "prompt": "Once", "logit_bias": bad }));
+        let body: Value = r.json().unwrap();
+        assert!(body["error"]["param"].as_str().unwrap_or("").starts_with("logit_bias"), "{bad}: {body}");
+    }
+}
+
+/// `timings` as llama-server reports them, in whole answers and in the stream's last chunk.
+#[test]
+fn responses_carry_timings() {
+    let s = Server::tiny(&[]);
+    let body = s.ok("/v1/completions", &greedy("Once upon a time there was", 10));
+    let (t, u) = (&body["timings"], &body["usage"]);
+    assert_eq!(t["predicted_n"], u["completion_tokens"]);
+    assert_eq!(
+        t["prompt_n"].as_u64().unwrap() + t["cache_n"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap(),
+        "{t}"
+    );
+    for key in ["prompt_ms", "predicted_ms", "prompt_per_second", "predicted_per_second", "predicted_per_token_ms"] {
+        assert!(t[key].as_f64().unwrap() > 0.0, "{key}: {t}");
+    }
+    let per_token = t["predicted_ms"].as_f64().unwrap() / 10.0;
+    assert!((t["predicted_per_token_ms"].as_f64().unwrap() - per_token).abs() < 1e-9);
+    // The same prompt again: its prefix comes from the cache.
+    let again = s.ok("/v1/completions", &greedy("Once upon a time there was", 10));
+    assert!(again["timings"]["cache_n"].as_u64().unwrap() > 0, "{}", again["timings"]);
+    let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 5, "stream": true });
+    let chunks = sse_events(s.post("/v1/chat/completions", &chat));
+    let last = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert!(last["timings"]["predicted_n"].as_u64().unwrap() <= 5, "{last}");
+    assert!(s
+        .ok("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 3 }))
+        ["timings"]
+        .is_object());
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Every front end (the CLI's session, each server slot, the browser worker) drives this one loop, so a
 //! seed gives the same text everywhere.
 
-use super::sampler::{Sampler, SamplerParams};
+use super::sampler::{token_logprobs, Sampler, SamplerParams, TokenLogprob};
 use super::stop::StopMatcher;
 use crate::backend::Want;
 use crate::text::tokenizer::{StreamDecoder, Tokenizer};
@@ -39,7 +39,7 @@ pub enum Output<'a> {
 }
 
 /// What one step produced.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct TextStep {
     /// The text the new token completes (often empty: a character cut across tokens, or text that might
     /// start a stop string, is held back). When generation stops, whatever was held back comes out here.
@@ -47,6 +47,9 @@ pub struct TextStep {
     /// The new token, which the caller evaluates next (its output feeds the next step); None when
     /// generation stopped at this step.
     pub eval: Option<u32>,
+    /// The new token's log-probabilities, when [`SamplerParams::n_probs`] asks for them (an end token, which
+    /// stops generation and is not part of the output, has none).
+    pub logprob: Option<TokenLogprob>,
 }
 
 pub struct Generation {
@@ -91,27 +94,36 @@ impl Generation {
         if self.stop.is_some() {
             return Ok(None);
         }
-        let stopped = |text| Ok(Some(TextStep { text, eval: None }));
+        let stopped = |text, logprob| Ok(Some(TextStep { text, eval: None, logprob }));
         if self.n_generated == self.max_tokens {
-            return stopped(self.finish(StopReason::MaxTokens));
+            return stopped(self.finish(StopReason::MaxTokens), None);
         }
-        let next = match out {
-            Output::Logits(logits) => self.sampler.sample(logits, history)?,
-            Output::Token(t) => t,
+        if self.sampler.params.ignore_eos {
+            // Once: from now on the bans stand in the bias (which also keeps the pick off the device).
+            self.sampler.params.ignore_eos = false;
+            let end_tokens = (0..tok.vocab_size() as u32).filter(|&t| tok.is_end_of_generation(t));
+            self.sampler.params.logit_bias.extend(end_tokens.map(|t| (t, f32::NEG_INFINITY)));
+        }
+        let (next, logprob) = match out {
+            Output::Logits(logits) => {
+                let next = self.sampler.sample(logits, history)?;
+                (next, self.sampler.params.n_probs.map(|n| token_logprobs(logits, next, n)))
+            }
+            Output::Token(t) => (t, None),
         };
         if tok.is_end_of_generation(next) {
-            return stopped(self.finish(StopReason::EndToken));
+            return stopped(self.finish(StopReason::EndToken), None);
         }
         self.n_generated += 1;
         let (text, hit) = self.stops.feed(&self.decoder.push(tok, next));
         if hit {
             self.stop = Some(StopReason::StopString);
-            return stopped(text);
+            return stopped(text, logprob);
         }
         if history.len() == ctx {
-            return stopped(text + &self.finish(StopReason::ContextFull));
+            return stopped(text + &self.finish(StopReason::ContextFull), logprob);
         }
-        Ok(Some(TextStep { text, eval: Some(next) }))
+        Ok(Some(TextStep { text, eval: Some(next), logprob }))
     }
 
     /// Ends it because the caller stopped it: nothing more comes out.

@@ -27,6 +27,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
@@ -337,13 +338,36 @@ fn typed<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
     })
 }
 
+/// The body checked against the fields an endpoint honours (400 naming the first other one), then as `T`.
+fn request<T: DeserializeOwned>(body: &serde_json::Value, known: &[&[&str]]) -> Result<T, ApiError> {
+    if let Some(field) = unknown_field(body, known) {
+        let msg = format!("unsupported field '{field}': this server does not honour it");
+        return Err(ApiError::bad_request(msg).param(&field).code("unsupported_parameter"));
+    }
+    typed(body)
+}
+
+/// `top_logprobs` as the number of alternatives to report, or None without `logprobs: true`.
+fn chat_n_probs(req: &ChatRequest) -> Result<Option<usize>, ApiError> {
+    match (req.logprobs, req.top_logprobs) {
+        (_, Some(n)) if n > MAX_TOP_LOGPROBS => {
+            let msg = format!("top_logprobs = {n} is out of range (0 to {MAX_TOP_LOGPROBS})");
+            Err(ApiError::bad_request(msg).param("top_logprobs"))
+        }
+        (Some(true), n) => Ok(Some(n.unwrap_or(0) as usize)),
+        (_, Some(n)) if n > 0 => Err(ApiError::bad_request("top_logprobs needs logprobs: true").param("top_logprobs")),
+        _ => Ok(None),
+    }
+}
+
 async fn chat(
     State(app): State<Arc<App>>,
     peer: Option<Extension<Peer>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    let (req, sampling): (ChatRequest, Sampling) = (typed(&body)?, typed(&body)?);
+    let (req, sampling): (ChatRequest, Sampling) = (request(&body, &[SAMPLING_FIELDS, CHAT_FIELDS])?, typed(&body)?);
+    let n_probs = chat_n_probs(&req)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
@@ -352,7 +376,7 @@ async fn chat(
     let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    let pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.chat_stream(app, usage)));
@@ -361,7 +385,7 @@ async fn chat(
 }
 
 async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
-    let (text, done) = pending.collect().await?;
+    let (text, logprobs, done) = pending.collect().await?;
     let body = ChatCompletion {
         id: &pending.id,
         object: "chat.completion",
@@ -371,9 +395,10 @@ async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response,
             index: 0,
             message: AssistantMessage { role: "assistant", content: &text },
             finish_reason: finish_reason(done.stop),
-            logprobs: None,
+            logprobs: pending.n_probs.map(|_| chat_logprobs(&app, &logprobs)),
         }],
         usage: usage(&done),
+        timings: timings(&done),
     };
     Ok(Json(body).into_response())
 }
@@ -408,7 +433,13 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    let (req, sampling): (CompletionRequest, Sampling) = (typed(&body)?, typed(&body)?);
+    let known = [SAMPLING_FIELDS, COMPLETION_FIELDS];
+    let (req, sampling): (CompletionRequest, Sampling) = (request(&body, &known)?, typed(&body)?);
+    if let Some(n) = req.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        let msg = format!("logprobs = {n} is out of range (0 to {MAX_TOP_LOGPROBS})");
+        return Err(ApiError::bad_request(msg).param("logprobs"));
+    }
+    let n_probs = req.logprobs.map(|n| n as usize);
     let text = match req.prompt {
         Prompt::Text(t) => Some(t),
         // `[]` reads as an empty list of texts: an empty prompt, refused below.
@@ -417,7 +448,7 @@ async fn completions(
         Prompt::Texts(_) => {
             return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt"))
         }
-        Prompt::Tokens(ids) => return completion_of(app, peer, ids, sampling).await,
+        Prompt::Tokens(ids) => return completion_of(app, peer, ids, sampling, n_probs).await,
     };
     let m = app.m;
     let prompt = match text {
@@ -425,7 +456,7 @@ async fn completions(
         None => Ok(Vec::new()),
     };
     let prompt = prompt.map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
-    completion_of(app, peer, prompt, sampling).await
+    completion_of(app, peer, prompt, sampling, n_probs).await
 }
 
 /// The completion of prompt ids.
@@ -434,13 +465,14 @@ async fn completion_of(
     peer: Option<Extension<Peer>>,
     prompt: Vec<u32>,
     sampling: Sampling,
+    n_probs: Option<usize>,
 ) -> Result<Response, ApiError> {
     let tok = &app.m.tokenizer;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
     }
-    let pending = Generation::submit(&app, prompt, &sampling, "prompt", "cmpl")?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.completion_stream(app, usage)));
@@ -449,9 +481,12 @@ async fn completion_of(
 }
 
 async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
-    let (text, done) = pending.collect().await?;
-    let choice =
-        CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs: None };
+    let (text, logprobs, done) = pending.collect().await?;
+    let logprobs = pending.n_probs.map(|_| {
+        let mut offset = 0;
+        completion_logprobs(&app, &logprobs, &mut offset)
+    });
+    let choice = CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs };
     let body = Completion {
         id: &pending.id,
         object: "text_completion",
@@ -459,6 +494,7 @@ async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Res
         model: &app.model_id,
         choices: vec![choice],
         usage: Some(usage(&done)),
+        timings: Some(timings(&done)),
     };
     Ok(Json(body).into_response())
 }
@@ -468,6 +504,8 @@ struct Generation {
     id: String,
     created: u64,
     events: UnboundedReceiver<Event>,
+    /// Log-probabilities were asked for (with this many alternatives per token).
+    n_probs: Option<usize>,
 }
 
 impl Generation {
@@ -476,6 +514,7 @@ impl Generation {
         app: &App,
         prompt: Vec<u32>,
         s: &Sampling,
+        n_probs: Option<usize>,
         prompt_param: &str,
         id_prefix: &str,
     ) -> Result<Self, ApiError> {
@@ -483,7 +522,9 @@ impl Generation {
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param(prompt_param));
         }
-        let params = s.gen_params().map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
+        let mut params =
+            s.gen_params(app.m.tokenizer.vocab_size()).map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
+        params.sampler.n_probs = n_probs;
         let max_tokens = s.max_completion_tokens.or(s.max_tokens);
         let needed = prompt.len() + max_tokens.map_or(1, |n| n as usize);
         if needed > app.ctx {
@@ -494,7 +535,7 @@ impl Generation {
         }
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
-        let job = Job { prompt, params, events: tx };
+        let job = Job { prompt, params, events: tx, queued_at: std::time::Instant::now() };
         match app.scheduler.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Busy) => {
@@ -511,16 +552,21 @@ impl Generation {
             }
         }
         let n = app.next_id.fetch_add(1, Relaxed);
-        Ok(Self { id: format!("{id_prefix}-{:x}{n:06x}", app.started), created: unix_time(), events: rx })
+        let id = format!("{id_prefix}-{:x}{n:06x}", app.started);
+        Ok(Self { id, created: unix_time(), events: rx, n_probs })
     }
 
-    /// The whole text, for a non-streaming response.
-    async fn collect(&mut self) -> Result<(String, Done), ApiError> {
+    /// The whole text and the tokens' log-probabilities (if asked for), for a non-streaming response.
+    async fn collect(&mut self) -> Result<(String, Vec<EngineLogprob>, Done), ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         while let Some(event) = self.events.recv().await {
             match event {
-                Event::Text(t) => text.push_str(&t),
-                Event::Done(done) => return Ok((text, done)),
+                Event::Token { text: t, logprob } => {
+                    text.push_str(&t);
+                    logprobs.extend(logprob);
+                }
+                Event::Done(done) => return Ok((text, logprobs, done)),
                 Event::Failed(msg) => {
                     return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error"))
                 }
@@ -534,7 +580,7 @@ impl Generation {
         stream::unfold(Some(self.events), |rx| async move {
             let mut rx = rx?;
             match rx.recv().await {
-                Some(text @ Event::Text(_)) => Some((text, Some(rx))),
+                Some(token @ Event::Token { .. }) => Some((token, Some(rx))),
                 Some(last) => Some((last, None)),
                 None => Some((Event::Failed("the engine stopped".into()), None)),
             }
@@ -544,8 +590,9 @@ impl Generation {
     /// `chat.completion.chunk` events: the role, the text pieces, the finish reason, the usage if asked for.
     fn chat_stream(self, app: Arc<App>, include_usage: bool) -> impl Stream<Item = String> + Send + 'static {
         let (id, created) = (self.id.clone(), self.created);
-        let chunk = move |delta: Delta, finish_reason: Option<&'static str>, usage: Option<Usage>| {
-            let choice = usage.is_none().then_some(ChunkChoice { index: 0, delta, finish_reason, logprobs: None });
+        // The tokenizer for the log-probabilities' token texts, when they were asked for.
+        let with_logprobs = self.n_probs.map(|_| app.clone());
+        let chunk = move |choice: Option<ChunkChoice>, usage: Option<Usage>, timings: Option<Timings>| {
             let c = ChatChunk {
                 id: &id,
                 object: "chat.completion.chunk",
@@ -553,16 +600,24 @@ impl Generation {
                 model: &app.model_id,
                 choices: choice.into_iter().collect(),
                 usage,
+                timings,
             };
             to_json(&c)
         };
-        let first = chunk(Delta { role: Some("assistant"), content: Some("") }, None, None);
+        fn choice<'a>(d: Delta<'a>, end: Option<&'static str>, lp: Option<ChatLogprobs>) -> Option<ChunkChoice<'a>> {
+            Some(ChunkChoice { index: 0, delta: d, finish_reason: end, logprobs: lp })
+        }
+        let first = chunk(choice(Delta { role: Some("assistant"), content: Some("") }, None, None), None, None);
         let rest = self.events().flat_map(move |event| {
             stream::iter(match event {
-                Event::Text(t) => vec![chunk(Delta { role: None, content: Some(&t) }, None, None)],
+                Event::Token { text, logprob } => {
+                    let logprobs = with_logprobs.as_ref().map(|app| chat_logprobs(app, logprob.as_slice()));
+                    vec![chunk(choice(Delta { role: None, content: Some(&text) }, None, logprobs), None, None)]
+                }
                 Event::Done(d) => {
-                    let mut out = vec![chunk(Delta::default(), Some(finish_reason(d.stop)), None)];
-                    out.extend(include_usage.then(|| chunk(Delta::default(), None, Some(usage(&d)))));
+                    let last = choice(Delta::default(), Some(finish_reason(d.stop)), None);
+                    let mut out = vec![chunk(last, None, Some(timings(&d)))];
+                    out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
                     out
                 }
@@ -575,8 +630,8 @@ impl Generation {
     /// `text_completion` events: the text pieces, the finish reason, the usage if asked for.
     fn completion_stream(self, app: Arc<App>, include_usage: bool) -> impl Stream<Item = String> + Send + 'static {
         let (id, created) = (self.id.clone(), self.created);
-        let chunk = move |text: &str, finish_reason: Option<&'static str>, usage: Option<Usage>| {
-            let choice = usage.is_none().then_some(CompletionChoice { index: 0, text, finish_reason, logprobs: None });
+        let with_logprobs = self.n_probs.map(|_| app.clone());
+        let chunk = move |choice: Option<CompletionChoice>, usage: Option<Usage>, timings: Option<Timings>| {
             let c = Completion {
                 id: &id,
                 object: "text_completion",
@@ -584,15 +639,29 @@ impl Generation {
                 model: &app.model_id,
                 choices: choice.into_iter().collect(),
                 usage,
+                timings,
             };
             to_json(&c)
         };
+        fn choice<'a>(
+            text: &'a str,
+            end: Option<&'static str>,
+            lp: Option<CompletionLogprobs>,
+        ) -> Option<CompletionChoice<'a>> {
+            Some(CompletionChoice { index: 0, text, finish_reason: end, logprobs: lp })
+        }
+        // Where the next token starts in the text streamed so far (the chunks' `text_offset`).
+        let mut offset = 0;
         self.events().flat_map(move |event| {
             stream::iter(match event {
-                Event::Text(t) => vec![chunk(&t, None, None)],
+                Event::Token { text, logprob } => {
+                    let logprobs =
+                        with_logprobs.as_ref().map(|app| completion_logprobs(app, logprob.as_slice(), &mut offset));
+                    vec![chunk(choice(&text, None, logprobs), None, None)]
+                }
                 Event::Done(d) => {
-                    let mut out = vec![chunk("", Some(finish_reason(d.stop)), None)];
-                    out.extend(include_usage.then(|| chunk("", None, Some(usage(&d)))));
+                    let mut out = vec![chunk(choice("", Some(finish_reason(d.stop)), None), None, Some(timings(&d)))];
+                    out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
                     out
                 }
@@ -647,6 +716,47 @@ fn to_json(v: &impl serde::Serialize) -> String {
 /// A failure after the stream has started: an error object in place of the next chunk.
 fn stream_error(message: String) -> String {
     to_json(&ErrorBody { error: ErrorDetail { message, kind: "server_error", param: None, code: None } })
+}
+
+/// A token's text (U+FFFD for a piece of a UTF-8 character) and bytes.
+fn token_text(app: &App, token: u32) -> (String, Vec<u8>) {
+    let bytes = app.m.tokenizer.token_bytes(token);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// The chat API's `logprobs` of some generated tokens.
+fn chat_logprobs(app: &App, tokens: &[EngineLogprob]) -> ChatLogprobs {
+    let entry = |t: &EngineLogprob| {
+        let (token, bytes) = token_text(app, t.token);
+        let top_logprobs = (t.top.iter())
+            .map(|&(id, logprob)| {
+                let (token, bytes) = token_text(app, id);
+                TopLogprob { token, logprob, bytes }
+            })
+            .collect();
+        TokenLogprob { token, logprob: t.logprob, bytes, top_logprobs }
+    };
+    ChatLogprobs { content: tokens.iter().map(entry).collect() }
+}
+
+/// The completions API's `logprobs` of some generated tokens, the first starting at character `offset` of the
+/// completion (advanced past them).
+fn completion_logprobs(app: &App, tokens: &[EngineLogprob], offset: &mut usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for t in tokens {
+        let token = token_text(app, t.token).0;
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        out.tokens.push(token);
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs.push(t.top.iter().map(|&(id, logprob)| (token_text(app, id).0, logprob)).collect());
+    }
+    out
+}
+
+fn timings(d: &Done) -> Timings {
+    let t = &d.timings;
+    Timings::new(d.cached_tokens, t.prompt_n, t.prompt_ms, t.predicted_n, t.predicted_ms)
 }
 
 fn finish_reason(stop: StopReason) -> &'static str {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
+use bitnet_engine::generate::sampler::TokenLogprob;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
 use bitnet_engine::Error;
 use tokio::sync::mpsc::UnboundedSender;
@@ -30,11 +31,17 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
+    /// When the handler queued it (time to first token counts from here).
+    pub queued_at: Instant,
 }
 
 pub enum Event {
-    /// Generated text (valid UTF-8, never part of a stop string).
-    Text(String),
+    /// The output of one generated token: its text (valid UTF-8, never part of a stop string; often empty:
+    /// text held back) and its log-probabilities if asked for.
+    Token {
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Done(Done),
     Failed(String),
 }
@@ -44,6 +51,19 @@ pub struct Done {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// How long the request's prompt and generation took, as llama-server reports them.
+#[derive(Clone, Copy)]
+pub struct Timings {
+    /// Prompt tokens evaluated (those not reused from the slot's cache), and the time from admission to
+    /// the prompt's last piece evaluated.
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    /// Tokens generated, and the time from then to the end.
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
 }
 
 pub enum SubmitError {
@@ -131,6 +151,10 @@ struct Running {
     seq: u64,
     n_cached: usize,
     gen: Generation,
+    admitted: Instant,
+    /// When its prompt was evaluated (its first step), then when its last token was picked.
+    prompt_done: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 impl Slot {
@@ -216,7 +240,9 @@ impl Engine {
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         self.metrics.cached_tokens.fetch_add(keep as u64, Relaxed);
         let gen = Generation::new(&job.params, job.prompt.len() - keep);
-        self.slots[slot].req = Some(Running { seq: self.clock, n_cached: keep, gen, job });
+        let admitted = Instant::now();
+        let r = Running { seq: self.clock, n_cached: keep, gen, job, admitted, prompt_done: None, last_token: None };
+        self.slots[slot].req = Some(r);
     }
 
     /// Frees the slots of requests whose client has gone away.
@@ -282,6 +308,9 @@ impl Engine {
         let slot = &mut self.slots[i];
         let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
         let r = slot.req.as_mut().expect("generating slots run a request");
+        let now = Instant::now();
+        r.prompt_done.get_or_insert(now);
+        let generated_before = r.gen.n_generated;
         let step = match r.gen.step(tok, out, &slot.cached, slot.seq.ctx()) {
             Ok(step) => step.expect("a request stops when its generation does"),
             // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
@@ -291,7 +320,14 @@ impl Engine {
                 return Err(StopReason::Cancelled);
             }
         };
-        if !step.text.is_empty() && r.job.events.send(Event::Text(step.text)).is_err() {
+        if r.gen.n_generated > generated_before {
+            match r.last_token.replace(now) {
+                None => self.metrics.first_token.observe(now - r.job.queued_at),
+                Some(last) => self.metrics.token_interval.observe(now - last),
+            }
+        }
+        let has_output = !step.text.is_empty() || step.logprob.is_some();
+        if has_output && r.job.events.send(Event::Token { text: step.text, logprob: step.logprob }).is_err() {
             r.gen.cancel();
         }
         match (r.gen.stop, step.eval) {
@@ -308,11 +344,21 @@ impl Engine {
         if stop == StopReason::Cancelled {
             self.metrics.cancelled.fetch_add(1, Relaxed);
         } else {
+            let now = Instant::now();
+            let prompt_done = r.prompt_done.unwrap_or(now);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let timings = Timings {
+                prompt_n: r.gen.n_prompt_eval,
+                prompt_ms: ms(prompt_done - r.admitted),
+                predicted_n: r.gen.n_generated,
+                predicted_ms: ms(now - prompt_done),
+            };
             let done = Done {
                 stop,
                 prompt_tokens: r.job.prompt.len(),
                 cached_tokens: r.n_cached,
                 completion_tokens: r.gen.n_generated,
+                timings,
             };
             let _ = r.job.events.send(Event::Done(done));
             self.metrics.finished.fetch_add(1, Relaxed);
