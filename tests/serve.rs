@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitnet_tests::{bitnet_bin, bitnet_json, bitnet_ok, fixture, repo};
+use bitnet_tests::{bitnet, bitnet_bin, bitnet_json, bitnet_ok, fixture, repo};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
 
@@ -22,11 +22,16 @@ struct Server {
 impl Server {
     /// Starts `bitnet serve --port 0 ARGS` and waits for the address it prints.
     fn start(args: &[&str]) -> Server {
+        Server::start_with(args, Stdio::inherit())
+    }
+
+    /// The same, its stderr (the request log) going to `stderr`.
+    fn start_with(args: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(bitnet_bin())
             .args(["serve", "--port", "0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start bitnet serve");
         let mut line = String::new();
@@ -906,4 +911,137 @@ fn half_closing_clients_get_their_answers() {
     assert_eq!(status, 400, "{body}");
     // Nothing was cancelled: the answers above ran to the end.
     assert_eq!(s.metric("requests_cancelled_total"), 0.0);
+}
+
+/// /props and /slots in llama-server's shapes, --alias as the model's name, --api-key-file.
+#[test]
+fn props_slots_alias_and_api_key_file() {
+    let dir = std::env::temp_dir().join(format!("bitnet-key-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "  file-key \n").unwrap();
+    let key = key_file.to_str().unwrap();
+    let s = Server::tiny(&["--alias", "my-model", "--api-key-file", key, "--slots", "2"]);
+    let get = |path: &str| {
+        let r = s.client.get(format!("{}{path}", s.url)).bearer_auth("file-key").send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.json::<Value>().unwrap()
+    };
+    assert_eq!(s.get("/v1/models").status(), 401, "the key from the file is required");
+    assert_eq!(get("/v1/models")["data"][0]["id"], "my-model");
+    let props = get("/props");
+    assert_eq!(props["total_slots"], 2);
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 256);
+    assert_eq!(props["model_alias"], "my-model");
+    assert!(props["model_path"].as_str().unwrap().ends_with("tiny-a-i2_s.gguf"), "{props}");
+    assert!(props["chat_template"].as_str().unwrap().contains("message"), "{props}");
+    let slots = get("/slots");
+    assert_eq!(slots.as_array().unwrap().len(), 2);
+    assert!(slots.as_array().unwrap().iter().all(|s| s["is_processing"] == false && s["n_ctx"] == 256), "{slots}");
+    let r = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth("file-key")
+        .json(&greedy("Once upon a", 6))
+        .send()
+        .unwrap();
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["model"], "my-model");
+    let slots = get("/slots");
+    let used: Vec<&Value> = slots.as_array().unwrap().iter().filter(|s| s["n_cached_tokens"] != 0).collect();
+    assert_eq!(used.len(), 1, "{slots}");
+    assert_eq!(used[0]["next_token"]["n_decoded"], body["usage"]["completion_tokens"]);
+    assert_eq!(used[0]["n_prompt_tokens"], body["usage"]["prompt_tokens"]);
+
+    // A key given twice, or an empty key file, is refused before the model loads.
+    let model = fixture(TINY);
+    let m = model.to_str().unwrap();
+    let out = bitnet(&["serve", "-m", m, "--port", "0", "--api-key", "k", "--api-key-file", key]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("API key once"));
+    std::fs::write(&key_file, "\n").unwrap();
+    let out = bitnet(&["serve", "-m", m, "--port", "0", "--api-key-file", key]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sigterm(s: &Server) {
+    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the server to exit and returns whether it exited with status 0.
+fn exits_cleanly(s: &mut Server, within: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(t0.elapsed() < within, "still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The rest of a server-sent event stream: its JSON payloads and whether `[DONE]` came (the stream must end).
+fn rest_of_stream(r: &mut BufReader<Response>) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    for line in r.lines() {
+        let Ok(line) = line else { break };
+        match line.strip_prefix("data: ") {
+            Some("[DONE]") => return (events, true),
+            Some(data) => events.push(serde_json::from_str(data).unwrap()),
+            None => {}
+        }
+    }
+    (events, false)
+}
+
+/// SIGTERM during a stream: the server stops accepting at once, lets the stream finish, then exits 0; the request
+/// log has one line per request.
+#[test]
+fn sigterm_lets_running_streams_finish() {
+    let log = std::env::temp_dir().join(format!("bitnet-serve-log-{}.txt", std::process::id()));
+    let mut s =
+        Server::start_with(&["--slots", "1", "--ctx", "512"], Stdio::from(std::fs::File::create(&log).unwrap()));
+    let req =
+        json!({ "prompt": "Tell me a story.", "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true });
+    let mut r = BufReader::new(s.post("/v1/completions", &req));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    let slots: Value = s.get("/slots").json().unwrap();
+    assert_eq!(slots[0]["is_processing"], true, "{slots}");
+    sigterm(&s);
+    // New connections are refused while the stream goes on.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "still accepting connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (events, done) = rest_of_stream(&mut r);
+    assert!(done, "the stream did not finish: {events:?}");
+    let last = events.iter().rev().find(|e| e["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(exits_cleanly(&mut s, Duration::from_secs(20)), "non-zero exit status");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.lines().any(|l| l.starts_with("POST /v1/completions 200 ") && l.ends_with(" ms")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("GET /slots 200 ")), "{log}");
+}
+
+/// SIGTERM during a stream longer than --shutdown-timeout: the stream ends with an error object saying why, and
+/// the server exits 0.
+#[test]
+fn sigterm_ends_long_streams_cleanly_after_the_timeout() {
+    let mut s = Server::start(&["--slots", "1", "--ctx", "2048", "--shutdown-timeout", "1"]);
+    let mut r = start_long_stream(&s);
+    let t0 = Instant::now();
+    sigterm(&s);
+    let (events, done) = rest_of_stream(&mut r);
+    assert!(!done);
+    let last = events.last().unwrap();
+    assert!(last["error"]["message"].as_str().unwrap().contains("shutting down"), "{last}");
+    assert!(exits_cleanly(&mut s, Duration::from_secs(20)), "non-zero exit status");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
 }

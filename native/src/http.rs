@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -30,12 +31,30 @@ pub struct Limits {
     pub connection_timeout: Option<Duration>,
 }
 
-/// Serves `app` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
+/// Serves `app` on `listener` until `stop` resolves. Then it accepts nothing more (the listener closes, so new
+/// clients are refused at once) and returns the connections still open: awaiting
+/// [`GracefulShutdown::shutdown`] lets each finish the response it is writing, closes idle ones, and returns
+/// once all are closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    stop: impl std::future::Future<Output = ()>,
+) -> GracefulShutdown {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let open = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let stream = match listener.accept().await {
+        let accept = async {
+            let permit = permits.clone().acquire_owned().await;
+            (permit, listener.accept().await)
+        };
+        let (permit, accepted) = tokio::select! {
+            () = &mut stop => return open,
+            accepted = accept => accepted,
+        };
+        let Ok(permit) = permit else { return open };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             // Out of file descriptors, say: wait for connections to close rather than spin.
             Err(_) => {
@@ -50,10 +69,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits) {
             req.extensions_mut().insert(peer.clone());
             app.clone().oneshot(req)
         }));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).half_close(true);
+        let connection = open.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).half_close(true);
-            let connection = http.serve_connection(TokioIo::new(stream), service);
             // The connection's errors are the client's (a reset, a timeout): all there is to do is close it.
             match limits.connection_timeout {
                 Some(limit) => drop(tokio::time::timeout(limit, connection).await),

@@ -62,6 +62,17 @@ pub struct ServeArgs {
     /// is visible to every user of the machine (`ps`): prefer the BITNET_API_KEY environment variable.
     #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Read the API key from this file (its first line; surrounding whitespace is ignored): the key shows
+    /// neither in `ps` nor in the environment.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// The model's name in /v1/models and in responses (default: the file name without .gguf).
+    #[arg(long, value_name = "NAME")]
+    alias: Option<String>,
+    /// On SIGINT or SIGTERM, seconds that running requests get to finish before they are ended with an error
+    /// (new connections are refused at once).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    shutdown_timeout: u64,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
@@ -86,6 +97,8 @@ struct App {
     m: &'static Loaded,
     scheduler: Scheduler,
     model_id: String,
+    /// The model file, for /props ("" for the embedded model).
+    model_path: String,
     ctx: usize,
     api_key: Option<String>,
     started: u64,
@@ -98,21 +111,24 @@ struct App {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
+    let api_key = api_key(&a)?;
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
     let ctx = m.ctx;
     m.check_memory(ctx, a.slots as usize)?;
     let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize, ctx)?;
-    let model_id = match &a.model.model {
-        Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-        None => "smolbit-135m".into(),
+    let model_id = match (&a.alias, &a.model.model) {
+        (Some(alias), _) => alias.clone(),
+        (None, Some(p)) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        (None, None) => "smolbit-135m".into(),
     };
     let app = Arc::new(App {
         m,
         scheduler,
         model_id,
+        model_path: a.model.model.as_ref().map_or(String::new(), |p| p.display().to_string()),
         ctx,
-        api_key: a.api_key.clone(),
+        api_key,
         started: unix_time(),
         next_id: AtomicU64::new(0),
         parse_special: a.parse_special,
@@ -144,13 +160,74 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
             a.slots,
             a.queue
         );
-        let mut router = router(app);
+        let mut router = router(app.clone());
         if let Some(cors) = cors {
             router = router.layer(cors);
         }
-        crate::http::serve(listener, router, limits).await;
-        Ok(())
-    })
+        let router = router.layer(middleware::from_fn(log_request));
+        let open = crate::http::serve(listener, router, limits, stop_signal()).await;
+        // Graceful shutdown: no new connections; running requests get --shutdown-timeout to finish (a second
+        // signal cuts that short); then the engine ends the rest with an error, which their connections still
+        // deliver.
+        eprintln!("shutting down: waiting up to {} s for running requests (again to stop now)", a.shutdown_timeout);
+        let mut closed = Box::pin(open.shutdown());
+        tokio::select! {
+            finished = tokio::time::timeout(Duration::from_secs(a.shutdown_timeout), &mut closed) => {
+                if finished.is_ok() {
+                    return Ok(());
+                }
+            }
+            () = stop_signal() => {}
+        }
+        eprintln!("shutting down: ending the requests still running");
+        app.scheduler.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+        Ok::<(), Error>(())
+    })?;
+    // Tokenization still running on the blocking pool (for a connection already gone) is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// The API key from --api-key-file, or --api-key / BITNET_API_KEY (not both).
+fn api_key(a: &ServeArgs) -> Result<Option<String>, Error> {
+    let Some(path) = &a.api_key_file else { return Ok(a.api_key.clone()) };
+    if a.api_key.is_some() {
+        return Err(Error::Invalid("give the API key once: --api-key-file, or --api-key / BITNET_API_KEY".into()));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("--api-key-file {}: {e}", path.display())))?;
+    match text.lines().next().map(str::trim) {
+        Some(key) if !key.is_empty() => Ok(Some(key.to_owned())),
+        _ => Err(Error::Invalid(format!("--api-key-file {}: the first line is empty", path.display()))),
+    }
+}
+
+/// Resolves on SIGINT (Ctrl+C) or SIGTERM (what `kill`, systemd and container runtimes send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// One line on stderr per request: method, path, status and the time until the response started (a stream
+/// goes on after that).
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let t0 = std::time::Instant::now();
+    let response = next.run(req).await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    eprintln!("{method} {path} {} {ms:.1} ms", response.status().as_u16());
+    response
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -161,6 +238,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
+        .route("/props", get(props))
+        .route("/slots", get(slots))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/health", get(health))
@@ -782,6 +861,55 @@ fn unix_time() -> u64 {
 async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     let card = ModelCard { id: &app.model_id, object: "model", created: app.started, owned_by: "bitnet" };
     Json(serde_json::json!(ModelList { object: "list", data: [card] }))
+}
+
+/// llama-server's /props: the server's settings and the model's.
+async fn props(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let tok = &app.m.tokenizer;
+    let token = |id: Option<u32>| id.map_or(String::new(), |id| String::from_utf8_lossy(&tok.token_bytes(id)).into());
+    let d = bitnet_engine::generate::sampler::SamplerParams::default();
+    Json(serde_json::json!({
+        "default_generation_settings": {
+            "n_ctx": app.ctx,
+            "params": {
+                "n_predict": -1,
+                "temperature": d.temperature,
+                "top_k": d.top_k,
+                "top_p": d.top_p,
+                "min_p": d.min_p,
+                "repeat_penalty": d.repeat_penalty,
+                "repeat_last_n": d.repeat_last_n,
+                "frequency_penalty": d.frequency_penalty,
+                "presence_penalty": d.presence_penalty,
+                "seed": -1,
+            },
+        },
+        "total_slots": app.scheduler.slots.len(),
+        "model_path": app.model_path,
+        "model_alias": app.model_id,
+        "chat_template": tok.chat_template().unwrap_or(""),
+        "bos_token": token(tok.bos()),
+        "eos_token": token(tok.eos()),
+        "build_info": format!("bitnet {}", env!("CARGO_PKG_VERSION")),
+        "modalities": { "vision": false, "audio": false },
+    }))
+}
+
+/// llama-server's /slots: what each slot is doing (counts only: no prompt text).
+async fn slots(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let slot = |(id, s): (usize, &scheduler::SlotStatus)| {
+        let n_decoded = s.n_decoded.load(Relaxed);
+        serde_json::json!({
+            "id": id,
+            "id_task": s.task.load(Relaxed),
+            "n_ctx": app.ctx,
+            "is_processing": s.busy.load(Relaxed),
+            "n_prompt_tokens": s.n_prompt.load(Relaxed),
+            "n_cached_tokens": s.n_cached.load(Relaxed),
+            "next_token": { "n_decoded": n_decoded },
+        })
+    };
+    Json(serde_json::Value::Array(app.scheduler.slots.iter().enumerate().map(slot).collect()))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

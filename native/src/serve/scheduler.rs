@@ -7,8 +7,8 @@
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,8 +77,25 @@ pub enum SubmitError {
 pub struct Scheduler {
     queue: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
+    /// What each slot is doing (for /slots).
+    pub slots: Arc<[SlotStatus]>,
     /// Cleared when the engine thread ends, however it ends (for /health).
     alive: Arc<AtomicBool>,
+    /// Set to make the engine fail every request it holds and stop (the end of a graceful shutdown).
+    abort: Arc<AtomicBool>,
+}
+
+/// A slot as /slots shows it, published by the engine thread after each step.
+#[derive(Default)]
+pub struct SlotStatus {
+    pub busy: AtomicBool,
+    /// The admission number of its current (or last) request.
+    pub task: AtomicU64,
+    /// Tokens whose keys and values its cache holds.
+    pub n_cached: AtomicU64,
+    pub n_prompt: AtomicU64,
+    /// Tokens generated for its current (or last) request.
+    pub n_decoded: AtomicU64,
 }
 
 /// Clears the flag when dropped: on the engine thread's return or panic.
@@ -104,7 +121,18 @@ impl Scheduler {
         // One step holds every slot's token and the prompt budget.
         let batcher = m.weights.clone().batcher(slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
-        let engine = Engine { m, batcher, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let status: Arc<[SlotStatus]> = slots.iter().map(|_| SlotStatus::default()).collect();
+        let abort = Arc::new(AtomicBool::new(false));
+        let engine = Engine {
+            m,
+            batcher,
+            slots,
+            queue: rx,
+            metrics: metrics.clone(),
+            clock: 0,
+            status: status.clone(),
+            abort: abort.clone(),
+        };
         let alive = Arc::new(AtomicBool::new(true));
         let clear_on_exit = ClearOnDrop(alive.clone());
         std::thread::Builder::new()
@@ -114,11 +142,17 @@ impl Scheduler {
                 engine.run()
             })
             .map_err(|e| Error::Invalid(format!("starting the engine thread: {e}")))?;
-        Ok(Self { queue: tx, metrics, alive })
+        Ok(Self { queue: tx, metrics, slots: status, alive, abort })
     }
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Relaxed)
+    }
+
+    /// Ends every request the engine holds, running or queued, with a "shutting down" failure (a stream ends
+    /// with an error object instead of stopping mid-way), and stops the engine thread at its next step.
+    pub fn abort(&self) {
+        self.abort.store(true, Relaxed);
     }
 
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
@@ -183,16 +217,50 @@ struct Engine {
     queue: Receiver<Job>,
     metrics: Arc<Metrics>,
     clock: u64,
+    status: Arc<[SlotStatus]>,
+    abort: Arc<AtomicBool>,
 }
 
 impl Engine {
     fn run(mut self) {
         while self.admit() {
+            if self.abort.load(Relaxed) {
+                return self.shut_down();
+            }
             self.drop_abandoned();
             let mut work = self.sample();
             let n_decode = work.len();
             self.add_prompts(&mut work);
             self.forward(&work, n_decode);
+            self.publish();
+        }
+    }
+
+    /// Fails every running and queued request: the server is going away.
+    fn shut_down(&mut self) {
+        const MSG: &str = "the server is shutting down";
+        for i in 0..self.slots.len() {
+            if self.slots[i].req.is_some() {
+                self.fail(i, Error::Invalid(MSG.into()));
+            }
+        }
+        while let Ok(job) = self.queue.try_recv() {
+            self.metrics.queued.fetch_sub(1, Relaxed);
+            let _ = job.events.send(Event::Failed(MSG.into()));
+        }
+        self.publish();
+    }
+
+    /// Copies what each slot is doing where /slots reads it.
+    fn publish(&self) {
+        for (slot, status) in self.slots.iter().zip(self.status.iter()) {
+            status.busy.store(slot.req.is_some(), Relaxed);
+            status.n_cached.store(slot.cached.len() as u64, Relaxed);
+            if let Some(r) = &slot.req {
+                status.task.store(r.seq, Relaxed);
+                status.n_prompt.store(r.job.prompt.len() as u64, Relaxed);
+                status.n_decoded.store(r.gen.n_generated as u64, Relaxed);
+            }
         }
     }
 
