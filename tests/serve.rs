@@ -653,7 +653,7 @@ fn official_openai_python_client() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
-        "{} failed (install the client with `python3 -m pip install openai`):\n{stdout}\n{stderr}",
+        "{} failed (install the client with `python3 -m pip install openai jsonschema`):\n{stdout}\n{stderr}",
         script.display()
     );
     assert!(stdout.contains("openai client OK"), "{stdout}");
@@ -1044,4 +1044,73 @@ fn sigterm_ends_long_streams_cleanly_after_the_timeout() {
     assert!(last["error"]["message"].as_str().unwrap().contains("shutting down"), "{last}");
     assert!(exits_cleanly(&mut s, Duration::from_secs(20)), "non-zero exit status");
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+}
+
+/// `response_format`: json_object and json_schema outputs parse and follow the schema (tests/scripts/
+/// serve_openai_client.py validates them with Python's `jsonschema` too); a schema that does not compile, or an
+/// unknown format, is a 400 naming `response_format`.
+#[test]
+fn structured_output_follows_the_schema() {
+    let s = Server::tiny(&[]);
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 10 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 120 },
+            "color": { "enum": ["red", "green", "blue"] },
+            "tags": { "type": "array", "items": { "type": "boolean" }, "maxItems": 3 },
+        },
+        "required": ["name", "age", "color", "tags"],
+        "additionalProperties": false,
+    });
+    let format =
+        json!({ "type": "json_schema", "json_schema": { "name": "person", "schema": schema, "strict": true } });
+    for seed in 1..=6 {
+        let req = json!({
+            "messages": [{ "role": "user", "content": "Describe a person." }],
+            "max_tokens": 120, "temperature": 1.0, "seed": seed, "response_format": format,
+        });
+        let body = s.ok("/v1/chat/completions", &req);
+        assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text:?}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 4, "{text}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 10, "{text}");
+        assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
+        assert!(["red", "green", "blue"].contains(&o["color"].as_str().unwrap()), "{text}");
+        let tags = o["tags"].as_array().unwrap();
+        assert!(tags.len() <= 3 && tags.iter().all(Value::is_boolean), "{text}");
+    }
+    // Any JSON object, streamed: the pieces joined parse.
+    let req = json!({
+        "prompt": "Data:", "max_tokens": 60, "temperature": 0.7, "seed": 3, "stream": true,
+        "response_format": { "type": "json_object" },
+    });
+    let chunks = sse_events(s.post("/v1/completions", &req));
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    if finish == "stop" {
+        assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text:?}");
+    } else {
+        assert!(text.starts_with('{'), "{text:?}");
+    }
+    // Free text is still free text.
+    let plain =
+        s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 3, "response_format": { "type": "text" } }));
+    assert_eq!(plain["usage"]["completion_tokens"], 3);
+    for bad in [
+        json!({ "type": "json_schema", "json_schema": { "name": "x", "schema": { "type": "nonsense" } } }),
+        json!({ "type": "json_schema" }),
+        json!({ "type": "yaml" }),
+        json!({ "type": "json_object", "schema": {} }),
+    ] {
+        let r: Value = s.post("/v1/completions", &json!({ "prompt": "a", "response_format": bad })).json().unwrap();
+        assert!(r["error"]["param"].as_str().unwrap_or("").starts_with("response_format"), "{bad}: {r}");
+    }
+    let r = s.post(
+        "/v1/completions",
+        &json!({ "prompt": "a", "ignore_eos": true, "response_format": { "type": "json_object" } }),
+    );
+    assert_eq!(r.status(), 400);
 }

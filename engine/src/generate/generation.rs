@@ -54,6 +54,9 @@ pub struct TextStep {
 
 pub struct Generation {
     sampler: Sampler,
+    /// The grammar the output must follow ([`Generation::constrain`]), and scratch for the masked logits.
+    #[cfg(feature = "grammar")]
+    constraint: Option<(super::grammar::Constraint, Vec<f32>)>,
     decoder: StreamDecoder,
     stops: StopMatcher,
     max_tokens: usize,
@@ -69,6 +72,8 @@ impl Generation {
     pub fn new(params: &GenParams, n_prompt_eval: usize) -> Self {
         Generation {
             sampler: Sampler::new(params.sampler.clone()),
+            #[cfg(feature = "grammar")]
+            constraint: None,
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(&params.stop),
             max_tokens: params.max_tokens,
@@ -78,10 +83,24 @@ impl Generation {
         }
     }
 
+    /// Makes the output follow a grammar: each pick is among the tokens it allows, and once it is
+    /// complete only the end token is.
+    #[cfg(feature = "grammar")]
+    pub fn constrain(&mut self, constraint: super::grammar::Constraint) {
+        self.constraint = Some((constraint, Vec::new()));
+    }
+
+    fn constrained(&self) -> bool {
+        #[cfg(feature = "grammar")]
+        return self.constraint.is_some();
+        #[cfg(not(feature = "grammar"))]
+        false
+    }
+
     /// What the forward pass of the token to evaluate must produce: only the greedy token when the pick
     /// is a plain argmax (a GPU then returns the id alone), else the logits.
     pub fn want(&self) -> Want {
-        if self.sampler.is_plain_greedy() {
+        if self.sampler.is_plain_greedy() && !self.constrained() {
             Want::Greedy
         } else {
             Want::Logits
@@ -106,13 +125,17 @@ impl Generation {
         }
         let (next, logprob) = match out {
             Output::Logits(logits) => {
-                let next = self.sampler.sample(logits, history)?;
+                let next = self.sample(logits, history)?;
                 (next, self.sampler.params.n_probs.map(|n| token_logprobs(logits, next, n)))
             }
             Output::Token(t) => (t, None),
         };
         if tok.is_end_of_generation(next) {
             return stopped(self.finish(StopReason::EndToken), None);
+        }
+        #[cfg(feature = "grammar")]
+        if let Some((constraint, _)) = &mut self.constraint {
+            constraint.accept(next)?;
         }
         self.n_generated += 1;
         let (text, hit) = self.stops.feed(&self.decoder.push(tok, next));
@@ -124,6 +147,18 @@ impl Generation {
             return stopped(text + &self.finish(StopReason::ContextFull), logprob);
         }
         Ok(Some(TextStep { text, eval: Some(next), logprob }))
+    }
+
+    /// The sampler's pick, among the tokens the grammar allows if there is one.
+    fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        #[cfg(feature = "grammar")]
+        if let Some((constraint, masked)) = &mut self.constraint {
+            masked.clear();
+            masked.extend_from_slice(logits);
+            constraint.mask(masked)?;
+            return self.sampler.sample(masked, history);
+        }
+        self.sampler.sample(logits, history)
     }
 
     /// Ends it because the caller stopped it: nothing more comes out.

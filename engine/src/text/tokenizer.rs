@@ -198,6 +198,11 @@ impl Tokenizer {
         self.end_ids.contains(&id)
     }
 
+    /// Control and user-defined tokens (`<|eot_id|>`): their text is not text the model writes.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.literal.get(id as usize).copied().unwrap_or(false)
+    }
+
     /// The token's text as stored in the vocabulary (byte-level alphabet for normal tokens: "Ġworld").
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)

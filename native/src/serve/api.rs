@@ -31,6 +31,7 @@ pub const SAMPLING_FIELDS: &[&str] = &[
     "logit_bias",
     "ignore_eos",
     "user",
+    "response_format",
 ];
 /// The fields of [`ChatRequest`].
 pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs"];
@@ -82,6 +83,28 @@ pub struct Sampling {
     /// Metadata only (who asked): accepted and not used.
     #[allow(dead_code)]
     pub user: Option<String>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    pub response_format: Option<ResponseFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows
+/// the schema, as `strict: true` asks).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
 }
 
 /// A request field out of range: the message and the field's name (a 400 naming it).

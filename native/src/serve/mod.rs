@@ -27,6 +27,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::ChatMessage;
@@ -99,6 +100,8 @@ struct App {
     model_id: String,
     /// The model file, for /props ("" for the embedded model).
     model_path: String,
+    /// The grammar engine for structured output, built by the first request that asks for it.
+    grammars: std::sync::OnceLock<Result<Grammars, String>>,
     ctx: usize,
     api_key: Option<String>,
     started: u64,
@@ -127,6 +130,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         scheduler,
         model_id,
         model_path: a.model.model.as_ref().map_or(String::new(), |p| p.display().to_string()),
+        grammars: std::sync::OnceLock::new(),
         ctx,
         api_key,
         started: unix_time(),
@@ -455,7 +459,8 @@ async fn chat(
     let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    let pending = Generation::submit(&app, prompt, &sampling, n_probs, "messages", "chatcmpl")?;
+    let constraint = constraint_of(&app, &sampling).await?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.chat_stream(app, usage)));
@@ -551,7 +556,8 @@ async fn completion_of(
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
     }
-    let pending = Generation::submit(&app, prompt, &sampling, n_probs, "prompt", "cmpl")?;
+    let constraint = constraint_of(&app, &sampling).await?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.completion_stream(app, usage)));
@@ -578,6 +584,44 @@ async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Res
     Ok(Json(body).into_response())
 }
 
+/// `response_format` as a grammar the output must follow (None for free text), compiled on the blocking pool
+/// (the first one also builds the grammar engine for the vocabulary); a schema that does not compile is a 400.
+async fn constraint_of(app: &Arc<App>, s: &Sampling) -> Result<Option<Constraint>, ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).param("response_format");
+    let Some(format) = &s.response_format else { return Ok(None) };
+    let spec = match (format.kind.as_str(), &format.json_schema) {
+        ("text", None) => return Ok(None),
+        ("json_object", None) => GrammarSpec::JsonObject,
+        ("json_schema", Some(f)) => match &f.schema {
+            Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
+                GrammarSpec::JsonSchema(schema.clone())
+            }
+            _ => return Err(bad("response_format.json_schema.schema must be a JSON schema (an object)".into())),
+        },
+        ("json_schema", None) => return Err(bad("response_format of type json_schema needs json_schema".into())),
+        ("text" | "json_object", Some(_)) => {
+            return Err(bad(format!("response_format of type {} takes no json_schema", format.kind)))
+        }
+        (other, _) => {
+            return Err(bad(format!(
+                "response_format type '{other}' is not supported (text, json_object, json_schema)"
+            )))
+        }
+    };
+    if s.ignore_eos == Some(true) {
+        return Err(bad("response_format and ignore_eos cannot be combined (a complete answer ends with EOS)".into()));
+    }
+    let app = app.clone();
+    blocking(move || {
+        let grammars = app.grammars.get_or_init(|| Grammars::new(&app.m.tokenizer).map_err(|e| e.to_string()));
+        let grammars = grammars
+            .as_ref()
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone(), "server_error"))?;
+        grammars.constraint(&spec).map(Some).map_err(|e| bad(e.to_string()))
+    })
+    .await?
+}
+
 /// A queued request: its id and the channel its text comes back on.
 struct Generation {
     id: String,
@@ -594,6 +638,7 @@ impl Generation {
         prompt: Vec<u32>,
         s: &Sampling,
         n_probs: Option<usize>,
+        constraint: Option<Constraint>,
         prompt_param: &str,
         id_prefix: &str,
     ) -> Result<Self, ApiError> {
@@ -614,7 +659,7 @@ impl Generation {
         }
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
-        let job = Job { prompt, params, events: tx, queued_at: std::time::Instant::now() };
+        let job = Job { prompt, params, constraint, events: tx, queued_at: std::time::Instant::now() };
         match app.scheduler.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Busy) => {

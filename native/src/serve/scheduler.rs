@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
+use bitnet_engine::generate::grammar::Constraint;
 use bitnet_engine::generate::sampler::TokenLogprob;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
 use bitnet_engine::Error;
@@ -30,6 +31,8 @@ const PREFILL_BUDGET: usize = 64;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
+    /// The grammar of `response_format`, if any.
+    pub constraint: Option<Constraint>,
     pub events: UnboundedSender<Event>,
     /// When the handler queued it (time to first token counts from here).
     pub queued_at: Instant,
@@ -295,7 +298,7 @@ impl Engine {
 
     /// Puts `job` in the free slot whose cache shares the longest prefix with its prompt
     /// (the least recently used one among equals, to keep other conversations cached).
-    fn start(&mut self, job: Job) {
+    fn start(&mut self, mut job: Job) {
         let reuse = |s: &Slot| reusable_prefix(&s.cached, &job.prompt);
         let slot = (0..self.slots.len())
             .filter(|&i| self.slots[i].req.is_none())
@@ -307,7 +310,10 @@ impl Engine {
         self.metrics.busy_slots.fetch_add(1, Relaxed);
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         self.metrics.cached_tokens.fetch_add(keep as u64, Relaxed);
-        let gen = Generation::new(&job.params, job.prompt.len() - keep);
+        let mut gen = Generation::new(&job.params, job.prompt.len() - keep);
+        if let Some(constraint) = job.constraint.take() {
+            gen.constrain(constraint);
+        }
         let admitted = Instant::now();
         let r = Running { seq: self.clock, n_cached: keep, gen, job, admitted, prompt_done: None, last_token: None };
         self.slots[slot].req = Some(r);
