@@ -91,3 +91,44 @@ fn shell_completions() {
     assert!(bitnet_ok(&["completions", "fish"]).contains("complete -c bitnet"));
     assert!(!bitnet(&["completions", "tcsh"]).status.success());
 }
+
+/// `run --json-schema FILE`: the output parses and follows the schema; a schema that does not compile is an error
+/// before anything runs.
+#[test]
+fn run_with_a_json_schema() {
+    let model = fixture(TINY);
+    let m = model.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("bitnet-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "color": {"enum": ["red", "blue"]}}, "required": ["n", "color"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    for temp in ["0", "1.0"] {
+        let out = bitnet_ok(&[
+            "run",
+            "-m",
+            m,
+            "-p",
+            "Data:",
+            "-n",
+            "60",
+            "--temp",
+            temp,
+            "--seed",
+            "2",
+            "--json-schema",
+            schema.to_str().unwrap(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        assert!((0..=9).contains(&v["n"].as_i64().unwrap()), "{out}");
+        assert!(["red", "blue"].contains(&v["color"].as_str().unwrap()), "{out}");
+    }
+    std::fs::write(&schema, r#"{"type": 5}"#).unwrap();
+    let out = bitnet(&["run", "-m", m, "-p", "Data:", "--json-schema", schema.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("grammar does not compile"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

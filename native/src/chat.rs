@@ -26,6 +26,7 @@ Ctrl+C stops a reply, twice exits";
 pub fn chat(a: ChatArgs) -> Result<(), Error> {
     let params = a.sampling.gen_params()?;
     let m = Loaded::open(&a.model)?;
+    let schema = crate::Schema::load(&a.sampling, &m)?;
     let mut session = m.session()?;
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| message("system", s)).collect();
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
@@ -53,7 +54,9 @@ pub fn chat(a: ChatArgs) -> Result<(), Error> {
         };
         let (mut reply, mut interrupted) = (String::new(), false);
         ctrl_c.generating.store(true, Relaxed);
-        let stats = session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
+        let mut constrained = Ok(());
+        let setup = |gen: &mut bitnet_engine::generate::Generation| constrained = crate::Schema::apply(&schema, gen);
+        let stats = session.generate_with(&m.tokenizer, &prompt, &params, setup, &mut |t| {
             if ctrl_c.stop.swap(false, Relaxed) {
                 interrupted = true;
                 return false;
@@ -65,6 +68,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Error> {
         // A Ctrl+C that came after the last piece of text: the reply was over anyway.
         ctrl_c.stop.store(false, Relaxed);
         let stats = stats?;
+        constrained?;
         println!();
         if interrupted {
             eprintln!("(reply stopped)");

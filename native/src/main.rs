@@ -13,8 +13,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use bitnet_engine::backend::{KvType, Want};
+use bitnet_engine::generate::grammar::{GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::SamplerParams;
-use bitnet_engine::generate::{GenParams, GenStats};
+use bitnet_engine::generate::{GenParams, GenStats, Generation};
 use bitnet_engine::model::Activation;
 use bitnet_engine::Error;
 use clap::{Args, Parser, Subcommand};
@@ -140,6 +141,10 @@ struct SamplingArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Constrain the output to JSON valid against the JSON schema in this file (`{"type": "object"}`: any
+    /// object), as the server's response_format does.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
 }
 
 impl SamplingArgs {
@@ -159,6 +164,34 @@ impl SamplingArgs {
         };
         sampler.check()?;
         Ok(GenParams { max_tokens: self.n_predict, stop: self.stop.clone(), sampler })
+    }
+}
+
+/// `--json-schema FILE`: the grammar engine for the model's vocabulary and the schema, from which each
+/// generation gets a fresh constraint.
+struct Schema {
+    grammars: Grammars,
+    spec: GrammarSpec,
+}
+
+impl Schema {
+    fn load(a: &SamplingArgs, m: &Loaded) -> Result<Option<Schema>, Error> {
+        let Some(path) = &a.json_schema else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let schema =
+            serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{} is not JSON: {e}", path.display())))?;
+        let grammars = Grammars::new(&m.tokenizer)?;
+        let spec = GrammarSpec::JsonSchema(schema);
+        grammars.constraint(&spec)?; // a schema that does not compile fails now, not at the first reply
+        Ok(Some(Schema { grammars, spec }))
+    }
+
+    /// Constrains `gen` (nothing without a schema).
+    fn apply(schema: &Option<Schema>, gen: &mut Generation) -> Result<(), Error> {
+        if let Some(s) = schema {
+            gen.constrain(s.grammars.constraint(&s.spec)?);
+        }
+        Ok(())
     }
 }
 
@@ -277,8 +310,12 @@ fn run(a: RunArgs) -> Result<(), Error> {
     let text = run_prompt(&a)?;
     let m = Loaded::open(&a.model)?;
     let prompt = m.tokenizer.encode(&text, m.tokenizer.add_bos())?;
+    let schema = Schema::load(&a.sampling, &m)?;
     let mut session = m.session()?;
-    let stats = session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout)?;
+    let mut constrained = Ok(());
+    let setup = |gen: &mut Generation| constrained = Schema::apply(&schema, gen);
+    let stats = session.generate_with(&m.tokenizer, &prompt, &params, setup, &mut stream_to_stdout)?;
+    constrained?;
     println!();
     print_stats(&stats, &params);
     Ok(())

@@ -92,8 +92,22 @@ impl Session {
         params: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats> {
+        self.generate_with(tok, prompt, params, |_| {}, on_text)
+    }
+
+    /// [`Session::generate`], with `setup` applied to the generation before its first step (a grammar
+    /// constraint, say).
+    pub fn generate_with(
+        &mut self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        params: &GenParams,
+        setup: impl FnOnce(&mut Generation),
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenStats> {
         let t0 = Instant::now();
         let mut gen = Generation::new(params, self.prefill(prompt)?);
+        setup(&mut gen);
         let prompt_time = t0.elapsed();
         let t1 = Instant::now();
         let mut picked = None; // the device's greedy token, when the pick is a plain argmax
