@@ -446,7 +446,12 @@ fn unhonoured_fields_are_refused_by_name() {
         ("/v1/completions", json!({ "prompt": "a", "suffix": "b" }), "suffix"),
         ("/v1/completions", json!({ "prompt": "a", "best_of": 1 }), "best_of"),
         ("/v1/completions", json!({ "prompt": "a", "top_logprobs": 2 }), "top_logprobs"),
-        ("/v1/chat/completions", chat(json!({ "response_format": { "type": "json_object" } })), "response_format"),
+        ("/v1/chat/completions", chat(json!({ "grammar": "root ::= \"a\"" })), "grammar"),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "response_format": { "type": "json_object", "x": 1 } })),
+            "response_format",
+        ),
         ("/v1/chat/completions", chat(json!({ "tools": [], "tool_choice": "auto" })), "tool"),
         ("/v1/chat/completions", chat(json!({ "parallel_tool_calls": false })), "parallel_tool_calls"),
         ("/v1/chat/completions", chat(json!({ "prompt": "a" })), "prompt"),
