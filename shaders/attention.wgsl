@@ -3,11 +3,14 @@
 // its own q head and its kv head's k (cheap), uses the new k and v from registers for the current
 // position, and the first query head of each kv group writes them to the cache for later tokens. Keys
 // and values are rounded to f16 (`f16_round`) as the CPU and CUDA caches store them, so that all backends
-// attend over the same values; they are kept in f32 words (halving the cache is left to do).
+// attend over the same values, unless the cache is exact (`p.exact`: `--kv-type f32`); they are kept in f32
+// words either way (halving the f16 cache is left to do).
 //
 // A prompt tile runs one workgroup per (head, token) of the tile's step.n tokens, at positions step.pos
 // onwards. A token attends to the tile's earlier tokens too, whose keys another workgroup computes: so
-// `store_kv` first writes the whole tile's keys and values to the cache, and `main` reads them there.
+// `store_kv` first writes the whole tile's keys and values to the cache, and `main` reads them there. Tile
+// rows start at step.row: a step of many sequences runs each one's row (one token) at its own step entry,
+// over its own cache.
 //
 // A decode step in a long context splits the sequence (flash-decoding): one workgroup per head takes all
 // positions only while they are few; with `chunk` set, workgroup (head, c) takes positions
@@ -31,6 +34,7 @@ struct Params {
     out_stride: u32, // and from one token's output to the next's
     cached: u32,     // 1: the token's k and v are in the cache already (a tile, after store_kv)
     chunk: u32,      // > 0: a decode step split over the sequence in chunks of this many positions
+    exact: u32,      // 1: keys and values cached as computed (f32), 0: rounded to f16
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -57,6 +61,11 @@ fn f16_round(x: f32) -> f32 {
     return bitcast<f32>((b + 0x0fffu + ((b >> 13u) & 1u)) & 0xffffe000u);
 }
 
+// A key or value as the cache keeps it.
+fn cached_value(x: f32) -> f32 {
+    return select(f16_round(x), x, p.exact == 1u);
+}
+
 fn rotated(base: u32, i: u32, pos: u32) -> f32 {
     let h = p.rope_half;
     if i < h {
@@ -79,9 +88,9 @@ fn store_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     }
     let pos = step.pos + tok;
     let kv_off = wid.x * p.head_dim;
-    let kb = tok * p.qkv_stride + p.q_dim + kv_off;
-    k_cache[pos * p.kv_dim + kv_off + t] = f16_round(rotated(kb, t, pos));
-    v_cache[pos * p.kv_dim + kv_off + t] = f16_round(qkv[kb + p.kv_dim + t]);
+    let kb = (step.row + tok) * p.qkv_stride + p.q_dim + kv_off;
+    k_cache[pos * p.kv_dim + kv_off + t] = cached_value(rotated(kb, t, pos));
+    v_cache[pos * p.kv_dim + kv_off + t] = cached_value(qkv[kb + p.kv_dim + t]);
 }
 
 @compute @workgroup_size(WG)
@@ -100,15 +109,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let head = wid.x;
     let kvh = head / p.group;
     let kv_off = kvh * hd;
-    let qb = tok * p.qkv_stride;
+    let row = step.row + tok;
+    let qb = row * p.qkv_stride;
     for (var i = t; i < hd; i += WG) {
         q[i] = rotated(qb + head * hd, i, pos);
         if p.cached == 1u {
             kp[i] = k_cache[pos * p.kv_dim + kv_off + i];
             vp[i] = v_cache[pos * p.kv_dim + kv_off + i];
         } else {
-            kp[i] = f16_round(rotated(qb + p.q_dim + kv_off, i, pos));
-            vp[i] = f16_round(qkv[qb + p.q_dim + p.kv_dim + kv_off + i]);
+            kp[i] = cached_value(rotated(qb + p.q_dim + kv_off, i, pos));
+            vp[i] = cached_value(qkv[qb + p.q_dim + p.kv_dim + kv_off + i]);
             if head % p.group == 0u && c == 0u {
                 k_cache[pos * p.kv_dim + kv_off + i] = kp[i];
                 v_cache[pos * p.kv_dim + kv_off + i] = vp[i];
@@ -118,7 +128,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
 
     // Scores, one position per thread.
-    let a = (tok * nwg.x + head) * p.ctx;
+    let a = (row * nwg.x + head) * p.ctx;
     // -f32::MAX written exactly: Chromium rejects a decimal literal that rounds to it from above.
     var mx = -0x1.fffffep+127f;
     for (var j = start + t; j < end; j += WG) {
@@ -169,7 +179,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             s += red[gg * hd + t];
         }
         if p.chunk == 0u {
-            out[tok * p.out_stride + head * hd + t] = s / sum;
+            out[row * p.out_stride + head * hd + t] = s / sum;
         } else {
             let b = (head * nwg.y + c) * (hd + 2u);
             part[b + t] = s;

@@ -166,3 +166,87 @@ fn chat_outgrowing_the_context_goes_on() {
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 13, "a reply per fitting message");
     assert_eq!(stderr.lines().filter(|l| l.contains("does not fit")).count(), 1, "{stderr}");
 }
+
+/// Malformed family files: an unknown architecture, a SentencePiece vocabulary whose scores do not match its
+/// tokens, an unknown tokenizer model, and an arch `llama` file whose projections are latent floats (an ordinary
+/// Llama, not a ternary one) each give one line naming the problem.
+#[test]
+fn malformed_family_files_are_named() {
+    let arch = edited_model(
+        "models/fam-falcone-i2_s.gguf",
+        "arch-qwen2.gguf",
+        |key, v| {
+            if key == "general.architecture" {
+                *v = bitnet_engine::format::gguf::Value::Str("qwen2".into());
+            }
+        },
+        |_, _| {},
+    );
+    let msg = fails(&["logits", "-m", arch.to_str().unwrap(), "--tokens", "1"]);
+    assert!(msg.contains("architecture 'qwen2'") && msg.contains("llama"), "{msg}");
+
+    let scores = edited_model(
+        "models/fam-1bitllm-i2_s.gguf",
+        "short-scores.gguf",
+        |key, v| {
+            if key == "tokenizer.ggml.scores" {
+                *v = bitnet_engine::format::gguf::Value::Array(vec![bitnet_engine::format::gguf::Value::F32(0.0); 7]);
+            }
+        },
+        |_, _| {},
+    );
+    let msg = fails(&["run", "-m", scores.to_str().unwrap(), "-p", "hi", "-n", "1"]);
+    assert!(msg.contains("tokenizer.ggml.scores") && msg.contains("7 entries for 607 tokens"), "{msg}");
+
+    let model = edited_model(
+        "models/fam-1bitllm-i2_s.gguf",
+        "unigram.gguf",
+        |key, v| {
+            if key == "tokenizer.ggml.model" {
+                *v = bitnet_engine::format::gguf::Value::Str("t5".into());
+            }
+        },
+        |_, _| {},
+    );
+    let msg = fails(&["run", "-m", model.to_str().unwrap(), "-p", "hi", "-n", "1"]);
+    assert!(msg.contains("tokenizer.ggml.model 't5'"), "{msg}");
+
+    let latent = edited_model(
+        "models/fam-falcone-f16.gguf",
+        "latent.gguf",
+        |_, _| {},
+        |name, data| {
+            if name == "blk.0.attn_q.weight" {
+                // One non-zero f16 weight with a different magnitude (a mantissa bit flipped): no longer {-s, 0, +s}.
+                let at = data.chunks_exact(2).position(|h| u16::from_le_bytes([h[0], h[1]]) & 0x7fff != 0).unwrap();
+                data[2 * at + 1] ^= 0x01;
+            }
+        },
+    );
+    let msg = fails(&["logits", "-m", latent.to_str().unwrap(), "--tokens", "1"]);
+    assert!(msg.contains("blk.0.attn_q.weight") && msg.contains("not ternary"), "{msg}");
+
+    // The GPU backends run the BitNet block only so far: asking for one by name is an error (auto stays on the CPU).
+    let llama = fixture("models/fam-llama3-tq2_0.gguf");
+    let msg = fails(&["logits", "-m", llama.to_str().unwrap(), "--tokens", "1", "--backend", "wgpu"]);
+    assert!(msg.contains("no sub-norms") && msg.contains("--backend cpu"), "{msg}");
+}
+
+/// RoPE scaling is not implemented: a file that asks for it is refused, not run with the wrong positions.
+#[test]
+fn rope_scaling_is_refused() {
+    use bitnet_engine::format::gguf::{GgufFile, GgufWriter, Value};
+    let bytes = std::fs::read(fixture("models/fam-llama3-tq2_0.gguf")).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &g.metadata {
+        w.add(k, v.clone());
+    }
+    w.add("llama.rope.scaling.type", Value::Str("yarn".into()));
+    w.add("llama.rope.scaling.factor", Value::F32(4.0));
+    for t in &g.tensors {
+        w.add_tensor(&t.name, &t.dims, t.ty, g.tensor_data(&bytes, t).to_vec());
+    }
+    let msg = fails(&["logits", "-m", &temp_file("rope-yarn.gguf", &w.to_bytes()), "--tokens", "1"]);
+    assert!(msg.contains("RoPE scaling 'yarn'"), "{msg}");
+}

@@ -145,7 +145,7 @@ fn activation_is_inferred_and_can_be_overridden() {
     );
 }
 
-/// `--kv-type f32` is exact again and `--kv-type q8_0` is exactly llama.cpp's Q8_0 blocks: against the
+/// `--kv-type f32` is exact again (on the CPU and wgpu) and `--kv-type q8_0` is exactly llama.cpp's Q8_0 blocks: against the
 /// numpy float64 reference with the same cache (references_kv.json, made by tests/scripts/make_kv_refs.py),
 /// within 1e-3 on flip-free prompts, within a few tenths with the same top-1 elsewhere. A q8_0 cache needs
 /// heads of whole 32-value blocks: tiny-a's head dim of 16 is refused with an error, as in llama.cpp.
@@ -165,19 +165,138 @@ fn kv_cache_types_match_their_references() {
                 assert!(!out.status.success() && err.contains("q8_0 KV cache with head dim"), "{file}: {err}");
                 continue;
             };
+            // wgpu (llvmpipe in CI) has the exact cache too.
+            let backends: &[&str] = if kv == "f32" { &["cpu", "wgpu"] } else { &["cpu"] };
             for case in cases {
-                let name = format!("{file} / {} / --kv-type {kv}", case["name"]);
-                let list: Vec<String> = ids(&case["ids"]).iter().map(u32::to_string).collect();
-                let list = list.join(",");
-                let out = bitnet_json(&["logits", "-m", path, "--tokens", &list, "--all", "--json", "--kv-type", kv]);
-                let (got, want) = (floats(&out["logits"]), floats(&case["logits_f64"]));
-                let d = max_abs_diff(&got, &want);
-                let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
-                assert!(d < tol, "{name}: max |Δ| = {d}");
-                assert_eq!(argmax(&got), argmax(&want), "{name}: top-1");
-                checked += 1;
+                for backend in backends {
+                    let name = format!("{file} / {} / --kv-type {kv} --backend {backend}", case["name"]);
+                    let list: Vec<String> = ids(&case["ids"]).iter().map(u32::to_string).collect();
+                    let list = list.join(",");
+                    let args = ["logits", "-m", path, "--tokens", &list, "--all", "--json", "--kv-type", kv];
+                    let out = bitnet_json(&[&args[..], &["--backend", backend]].concat());
+                    let (got, want) = (floats(&out["logits"]), floats(&case["logits_f64"]));
+                    let d = max_abs_diff(&got, &want);
+                    let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+                    assert!(d < tol, "{name}: max |Δ| = {d}");
+                    assert_eq!(argmax(&got), argmax(&want), "{name}: top-1");
+                    checked += 1;
+                }
             }
         }
     }
-    assert_eq!(checked, 6 * 5 + 3 * 5, "6 files × 5 prompts with f32, the 3 tiny-b files with q8_0");
+    assert_eq!(
+        checked,
+        2 * 6 * 5 + 3 * 5,
+        "6 files × 5 prompts with f32 on CPU and wgpu, the 3 tiny-b files with q8_0"
+    );
+}
+
+fn family_references() -> Value {
+    let text = std::fs::read_to_string(fixture("models/references_families.json")).expect("references_families.json");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// The other BitNet b1.58 families (tests/scripts/make_family_models.py): 1bitLLM (arch `bitnet`, SentencePiece,
+/// SiLU, I2_S with 160-wide rows), Llama3-8B-1.58 (arch `llama`, TQ2_0, permuted q/k rows), Falcon-E (arch `llama`,
+/// I2_S and the converter's ternary-valued F16, untied head, ChatML). Prompt ids must be Hugging Face's; logits
+/// match the independent numpy float64 reference (which rotates the file's rows with llama.cpp's adjacent-pair
+/// RoPE, where the engine un-permutes them) within 1e-3 where flip-free, top-1 and 0.5 elsewhere.
+#[test]
+fn families_match_independent_references() {
+    let refs = family_references();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().expect("files") {
+        let path = fixture(&format!("models/{file}"));
+        let path = path.to_str().expect("UTF-8 path");
+        for case in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().expect("cases") {
+            let name = format!("{file} / {}", case["name"]);
+            let want_ids = ids(&case["ids"]);
+            let out = if case["add_special"].as_bool() == Some(true) {
+                bitnet_json(&["logits", "-m", path, "-p", case["text"].as_str().unwrap(), "--all", "--json"])
+            } else {
+                let list: Vec<String> = want_ids.iter().map(u32::to_string).collect();
+                bitnet_json(&["logits", "-m", path, "--tokens", &list.join(","), "--all", "--json"])
+            };
+            assert_eq!(ids(&out["tokens"]), want_ids, "{name}: prompt ids");
+            let (got, want) = (floats(&out["logits"]), floats(&case["logits_f64"]));
+            assert_eq!(argmax(&got), argmax(&want), "{name}: top-1 vs numpy float64 reference");
+            let d = max_abs_diff(&got, &want);
+            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+            assert!(d < tol, "{name}: max |Δ| vs numpy float64 = {d} (stable: {})", case["stable"]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 + 5 + 5 + 5, "1bitLLM 4 prompts (no chat template), 3 BPE files × 5");
+}
+
+/// The chat prompt renders exactly as transformers' apply_chat_template does with the family's template, and
+/// tokenizes to the reference ids; the 1bitLLM base model has no template, which is a one-line error.
+#[test]
+fn family_chat_prompts_render_as_transformers() {
+    use bitnet_engine::text::chat::ChatMessage;
+    let refs = family_references();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().unwrap() {
+        let bytes = std::fs::read(fixture(&format!("models/{file}"))).unwrap();
+        let tok = Tokenizer::from_metadata(&GgufFile::parse(&bytes).unwrap().metadata).unwrap();
+        let cases = refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap();
+        let Some(chat) = cases.iter().find(|c| c["name"] == "chat") else {
+            let err = tok.render_chat(&[ChatMessage::new("user", "hi")], true).unwrap_err().to_string();
+            assert!(err.contains("no chat template") && !err.contains('\n'), "{file}: {err}");
+            continue;
+        };
+        let messages: Vec<ChatMessage> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(tok.render_chat(&messages, true).unwrap(), chat["text"].as_str().unwrap(), "{file}");
+        assert_eq!(tok.encode_chat(&messages, true).unwrap(), ids(&chat["ids"]), "{file}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
+/// `bitnet info` names the family, activation, tokenizer and template it chose, and why.
+#[test]
+fn info_explains_the_family_choices() {
+    let expect = [
+        (
+            "fam-1bitllm-i2_s.gguf",
+            [
+                "BitNet block",
+                "SentencePiece vocabulary means a bitnet_b1_58",
+                "llama (SentencePiece BPE)",
+                "a base model, no chat",
+            ],
+        ),
+        (
+            "fam-llama3-tq2_0.gguf",
+            [
+                "Llama block with ternary projections",
+                "architecture llama",
+                "pre-tokenizer llama-bpe",
+                "tokenizer.chat_template of the file",
+            ],
+        ),
+        (
+            "fam-falcone-i2_s.gguf",
+            [
+                "Llama block with ternary projections",
+                "LlamaForCausalLM's SiLU",
+                "gpt2 (byte-level BPE)",
+                "tokenizer.chat_template of the file",
+            ],
+        ),
+        ("tiny-a-i2_s.gguf", ["BitNet block", "implies relu²", "gpt2", "tokenizer.chat_template of the file"]),
+    ];
+    for (file, [family, activation, tokenizer, template]) in expect {
+        let out = bitnet_tests::bitnet_ok(&["info", "-m", fixture(&format!("models/{file}")).to_str().unwrap()]);
+        let line = |start: &str| out.lines().find(|l| l.starts_with(start)).unwrap_or_default().to_string();
+        assert!(line("family:").contains(family), "{file}: {}", line("family:"));
+        assert!(line("activation:").contains(activation), "{file}: {}", line("activation:"));
+        assert!(line("tokenizer:").contains(tokenizer), "{file}: {}", line("tokenizer:"));
+        assert!(line("chat template:").contains(template), "{file}: {}", line("chat template:"));
+    }
 }

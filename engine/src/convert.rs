@@ -25,13 +25,31 @@ use serde_json::Value as Json;
 
 use crate::format::gguf::{GgufFile, GgufWriter, Value};
 use crate::format::quant::{self, GgmlType};
-use crate::tensor::ternary::TernaryMatrix;
+use crate::tensor::ternary::{hf_row_of_llama_row, TernaryMatrix};
 use crate::{Error, Result};
 
-/// The architecture our converter writes (Microsoft's name for the 2B4T model family).
+/// The architecture our converter writes for 2B4T-style (relu²) I2_S models: Microsoft's name, for which
+/// bitnet.cpp runs its relu² graph.
 pub const ARCH: &str = "bitnet-b1.58";
+
+/// The architecture name each family's reference engine expects (written by `convert` and `quantize`):
+/// - a Llama block with ternary projections (Llama3-8B-1.58, Falcon3, Falcon-E): `llama`, as llama.cpp's converter
+///   writes them;
+/// - a relu² BitNet block (2B4T) stored as I2_S: `bitnet-b1.58` (bitnet.cpp's `bitnet` graph is SiLU);
+/// - otherwise `bitnet`: SiLU models (1bitLLM, whose arch this is in both llama.cpp and bitnet.cpp), and relu² ones
+///   stored as TQ1_0/TQ2_0, which only llama.cpp reads and only under `bitnet` (mainline llama.cpp ignores
+///   `bitnet.hidden_activation` and runs SiLU: such files are right for this engine, not for llama.cpp).
+///
+/// Every BitNet-block file also gets `<arch>.hidden_activation`, so no reader has to infer it.
+pub fn target_arch(llama_block: bool, relu2: bool, ternary: GgmlType) -> &'static str {
+    match (llama_block, relu2, ternary) {
+        (true, _, _) => "llama",
+        (false, true, GgmlType::I2_S) => ARCH,
+        _ => "bitnet",
+    }
+}
 /// Architectures whose `blk.N.{attn_q, ...}` tensors are BitLinear weights.
-const BITNET_ARCHS: [&str; 3] = ["bitnet-b1.58", "bitnet-25", "bitnet"];
+const BITNET_ARCHS: [&str; 4] = ["bitnet-b1.58", "bitnet-25", "bitnet", "llama"];
 /// The seven BitLinear projections of a block: (GGUF name, HF name).
 const PROJECTIONS: [(&str, &str); 7] = [
     ("attn_q", "self_attn.q_proj"),
@@ -126,6 +144,8 @@ struct HfConfig {
     rope_base: f64,
     activation: &'static str,
     tied: bool,
+    /// model_type llama (LlamaForCausalLM with a bitnet quantization_config, or a float Llama with --force).
+    llama: bool,
     /// weight_scale divides (transformers' BitLinear) rather than multiplies (AutoBitLinear).
     scale_divides: bool,
 }
@@ -196,6 +216,7 @@ fn parse_config(text: &str, force: bool) -> Result<HfConfig> {
         rope_base: j["rope_theta"].as_f64().or(j["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(rope_base),
         activation,
         tied: j["tie_word_embeddings"].as_bool().unwrap_or(false),
+        llama: !is_bitnet,
         scale_divides,
     };
     if !c.n_head.is_multiple_of(c.n_head_kv) || !c.head_dim.is_multiple_of(2) {
@@ -207,11 +228,11 @@ fn parse_config(text: &str, force: bool) -> Result<HfConfig> {
     Ok(c)
 }
 
-fn metadata(c: &HfConfig, name: &str, ternary: GgmlType) -> Vec<(String, Value)> {
-    let k = |s: &str| format!("{ARCH}.{s}");
+fn metadata(c: &HfConfig, arch: &str, name: &str, ternary: GgmlType) -> Vec<(String, Value)> {
+    let k = |s: &str| format!("{arch}.{s}");
     let u = |n: usize| Value::U32(n as u32);
-    vec![
-        ("general.architecture".into(), Value::Str(ARCH.into())),
+    let mut md = vec![
+        ("general.architecture".into(), Value::Str(arch.into())),
         ("general.name".into(), Value::Str(name.into())),
         ("general.file_type".into(), Value::U32(file_type(ternary))),
         ("general.quantization_version".into(), Value::U32(2)),
@@ -227,8 +248,11 @@ fn metadata(c: &HfConfig, name: &str, ternary: GgmlType) -> Vec<(String, Value)>
         (k("rope.dimension_count"), u(c.head_dim)),
         (k("rope.freq_base"), Value::F32(c.rope_base as f32)),
         (k("attention.layer_norm_rms_epsilon"), Value::F32(c.eps as f32)),
-        (k("hidden_activation"), Value::Str(c.activation.into())),
-    ]
+    ];
+    if arch != "llama" {
+        md.push((k("hidden_activation"), Value::Str(c.activation.into())));
+    }
+    md
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -454,8 +478,13 @@ pub fn convert(ckpt: &HfCheckpoint, o: &ConvertOptions, progress: &mut dyn FnMut
     let c = parse_config(ckpt.config_json, o.force)?;
     check_layout(&c, o)?;
     let mut t = Tensors::new(ckpt.shards)?;
+    // A Llama block has no sub-norms: LlamaForCausalLM with a bitnet quantization_config.
+    let sub_norm_names = ["self_attn.attn_sub_norm", "self_attn.inner_attn_ln"];
+    let llama_block =
+        c.llama && !sub_norm_names.iter().any(|n| t.0.contains_key(&format!("model.layers.0.{n}.weight")));
+    let arch = target_arch(llama_block, c.activation == "relu2", o.ternary);
     let mut g = GgufWriter::new();
-    for (k, v) in metadata(&c, o.name.as_deref().unwrap_or("bitnet"), o.ternary) {
+    for (k, v) in metadata(&c, arch, o.name.as_deref().unwrap_or("bitnet"), o.ternary) {
         g.add(&k, v);
     }
     let tokenizer = crate::text::tokenizer::metadata_from_hf(ckpt.tokenizer_json, ckpt.tokenizer_config_json)?;
@@ -508,13 +537,17 @@ pub fn convert(ckpt: &HfCheckpoint, o: &ConvertOptions, progress: &mut dyn FnMut
             ("ffn_norm", &["post_attention_layernorm"], c.n_embd),
             ("ffn_sub_norm", &["mlp.ffn_sub_norm", "mlp.ffn_layernorm"], c.n_ff),
         ];
-        for (gguf, hf, len) in norms {
+        for (gguf, hf, len) in norms.into_iter().filter(|n| !llama_block || !n.0.ends_with("sub_norm")) {
             let names: Vec<String> = hf.iter().map(|n| format!("{p}.{n}.weight")).collect();
             let (hf_name, v) = t.take_any(&names)?;
             step(&mut g, &format!("blk.{i}.{gguf}.weight"), &[len], GgmlType::F32, norm(&hf_name, &v, len)?);
         }
         for ((gguf, hf), (rows, cols)) in PROJECTIONS.into_iter().zip(shapes) {
-            let m = ternary_matrix(&mut t, &c, &format!("{p}.{hf}"), rows, cols)?;
+            let mut m = ternary_matrix(&mut t, &c, &format!("{p}.{hf}"), rows, cols)?;
+            if llama_block && matches!(gguf, "attn_q" | "attn_k") {
+                // Rows in llama.cpp's interleaved-RoPE order, as its converter writes arch `llama`.
+                m = m.gather_rows(|f| hf_row_of_llama_row(f, c.head_dim));
+            }
             let name = format!("blk.{i}.{gguf}.weight");
             let data = rounding.encode(&name, &m, o.ternary)?;
             step(&mut g, &name, &[rows, cols], o.ternary, data);
@@ -563,7 +596,9 @@ fn is_bitlinear(name: &str) -> bool {
 /// Rewrite a GGUF model with its BitLinear weights stored as `ternary` (lossless between ternary types: the codes
 /// and the scale are kept, except that TQ types round the scale to f16, reported in the warnings; float weights
 /// are ternarized as the engine would at load time), and its embedding and untied LM head as `embd` when given.
-/// All other tensors and all metadata are copied as they are, except `general.file_type`.
+/// All other tensors and all metadata are copied as they are, except `general.file_type` and the architecture name
+/// (with its key prefix), which become what the family's reference engine expects for `ternary` ([`target_arch`];
+/// `<arch>.hidden_activation` is written for BitNet blocks).
 ///
 /// `force` allows a non-BitNet architecture, and re-quantizing an embedding that is already quantized.
 pub fn requantize(
@@ -583,15 +618,38 @@ pub fn requantize(
         )));
     }
     let mut g = GgufWriter::new();
+    let (dst_arch, activation) = match crate::model::Config::from_gguf(&src, &Default::default()) {
+        Ok(c) => {
+            let llama = crate::model::Family::detect(&src)?.0 == crate::model::Family::LlamaTernary;
+            let relu2 = c.activation == crate::model::Activation::Relu2;
+            (target_arch(llama, relu2, ternary), (!llama).then(|| c.activation.to_string()))
+        }
+        // Not a model this engine runs (--force): names as they are.
+        Err(_) => (arch, None),
+    };
     for (k, v) in &src.metadata {
         // The writer lays tensors out by a U32 alignment; keep the file's alignment in that form.
         let v = if k == "general.alignment" { Value::U32(src.alignment as u32) } else { v.clone() };
-        g.add(k, v);
+        match k.strip_prefix(arch).and_then(|rest| rest.strip_prefix('.')) {
+            Some(rest) => g.add(&format!("{dst_arch}.{rest}"), v),
+            None if k == "general.architecture" => g.add(k, Value::Str(dst_arch.into())),
+            None => g.add(k, v),
+        }
+    }
+    if let Some(a) = activation {
+        g.add(&format!("{dst_arch}.hidden_activation"), Value::Str(a));
     }
     g.add("general.file_type", Value::U32(file_type(ternary)));
     let mut rounding = ScaleRounding::default();
     for (i, t) in src.tensors.iter().enumerate() {
         let data = src.tensor_data(bytes, t);
+        let latent = || !crate::tensor::ternary::holds_ternary(t.ty, data);
+        if dst_arch == "llama" && is_bitlinear(&t.name) && !force && latent() {
+            return Err(tensor_err(
+                &t.name,
+                "not ternary: an arch 'llama' file with float weights is an ordinary Llama (pass --force to ternarize)",
+            ));
+        }
         let (ty, out) = if is_bitlinear(&t.name) && t.ty != ternary {
             let m = TernaryMatrix::from_tensor(t.ty, data, t.rows(), t.cols()).map_err(|e| tensor_err(&t.name, e))?;
             (ternary, rounding.encode(&t.name, &m, ternary)?)

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint};
 use bitnet_engine::format::gguf::{GgufFile, GgufWriter, Value};
 use bitnet_engine::format::quant::{self, GgmlType};
+use bitnet_engine::model::{Activation, Family, LoadOptions, Model};
 use bitnet_engine::tensor::ternary::TernaryMatrix;
 use bitnet_engine::Error;
 use half::{bf16, f16};
@@ -299,7 +300,8 @@ fn check_ternary(synth: &Synth, bytes: &[u8], ty: GgmlType, scale_of: impl Fn(f3
 
 fn check_metadata(g: &GgufFile, s: &Shape, ternary: GgmlType) {
     let arch = g.get("general.architecture").and_then(Value::as_str).unwrap();
-    assert_eq!(arch, "bitnet-b1.58");
+    // relu² as I2_S: bitnet.cpp's name for 2B4T; as TQ: llama.cpp's `bitnet` (see convert::target_arch).
+    assert_eq!(arch, if ternary == GgmlType::I2_S { "bitnet-b1.58" } else { "bitnet" });
     let k = |s: &str| format!("{arch}.{s}");
     assert_eq!(u(g, &k("vocab_size")), s.n_vocab as u64);
     assert_eq!(u(g, &k("context_length")), 1024);
@@ -516,8 +518,103 @@ fn one_bit_llm_names_and_llama_model_type() {
     let bytes = synth.convert(&opts(GgmlType::I2_S, GgmlType::F16)).unwrap().gguf.to_bytes();
     check_ternary(&synth, &bytes, GgmlType::I2_S, |s| s);
     let g = GgufFile::parse(&bytes).unwrap();
-    assert_eq!(g.get("bitnet-b1.58.hidden_activation").and_then(Value::as_str), Some("silu"));
+    // SiLU BitNet blocks are arch `bitnet` for every reader (bitnet.cpp's `bitnet-b1.58` graph is relu²).
+    assert_eq!(g.get("general.architecture").and_then(Value::as_str), Some("bitnet"));
+    assert_eq!(g.get("bitnet.hidden_activation").and_then(Value::as_str), Some("silu"));
     assert!(g.tensor("blk.1.attn_sub_norm.weight").is_some() && g.tensor("blk.1.ffn_sub_norm.weight").is_some());
+}
+
+/// 1bitLLM checkpoints carry LLaMA's SentencePiece tokenizer.json (byte fallback, dummy prefix, merges but no
+/// scores): converted to a `llama` vocabulary whose derived scores tokenize every test string as the real LLaMA
+/// scores do (fam-1bitllm-i2_s.gguf holds the same 607 pieces with llama.cpp's scores), with BOS, arch `bitnet`.
+#[test]
+fn one_bit_llm_sentencepiece_tokenizer_converts() {
+    use bitnet_engine::text::tokenizer::Tokenizer;
+    let fixtures = format!("{}/../tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let tok_json = std::fs::read_to_string(format!("{fixtures}/models/fam-1bitllm-tokenizer.json")).unwrap();
+    let tok_config = json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}).to_string();
+    let shape = Shape { n_vocab: 607, n_embd: 128, n_ff: 256, n_layer: 1, n_head: 2, n_head_kv: 2, head_dim: 64 };
+    let mut synth = Synth::new(shape, Layout::TernaryValued(Dtype::F32), 17);
+    synth.config["model_type"] = json!("llama");
+    synth.config["architectures"] = json!(["BitnetForCausalLM"]);
+    synth.config["hidden_act"] = json!("silu");
+    synth.config.as_object_mut().unwrap().remove("quantization_config");
+    let st = synth.safetensors();
+    let config = synth.config.to_string();
+    let ckpt = HfCheckpoint {
+        config_json: &config,
+        tokenizer_json: &tok_json,
+        tokenizer_config_json: Some(&tok_config),
+        shards: &[&st],
+    };
+    let bytes = convert::convert(&ckpt, &opts(GgmlType::I2_S, GgmlType::F16), &mut |_, _| {}).unwrap().gguf.to_bytes();
+    let g = GgufFile::parse(&bytes).unwrap();
+    assert_eq!(g.get("general.architecture").and_then(Value::as_str), Some("bitnet"));
+    let ours = Tokenizer::from_metadata(&g.metadata).unwrap();
+    let reference_file = std::fs::read(format!("{fixtures}/models/fam-1bitllm-i2_s.gguf")).unwrap();
+    let reference = Tokenizer::from_metadata(&GgufFile::parse(&reference_file).unwrap().metadata).unwrap();
+    assert_eq!(
+        (ours.model(), ours.vocab_size(), ours.bos(), ours.eos(), ours.add_bos()),
+        ("llama", 607, Some(1), Some(2), true)
+    );
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{fixtures}/tokenizer_refs.json")).unwrap()).unwrap();
+    let texts = refs["llama2"]["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string());
+    let mut n = 0;
+    for text in texts.chain(["the nation and you, for the station".to_string()]) {
+        let ids = ours.encode(&text, true).unwrap();
+        assert_eq!(ids, reference.encode(&text, true).unwrap(), "{text:?}");
+        // (Not always `text`: this cut of the vocabulary lacks the piece "▁", so spaces fall back to its UTF-8
+        // bytes, which decode as "▁" in HF too.)
+        assert_eq!(ours.decode(&ids[1..]), reference.decode(&ids[1..]));
+        n += 1;
+    }
+    assert!(n > 40);
+    // The merges matter: "the" is one piece, not bytes.
+    assert!(ours.encode(" the", false).unwrap().len() < 3);
+    // A tokenizer.json with byte fallback but other space handling is refused.
+    let odd = tok_json.replace("Prepend", "Strip");
+    let ckpt = HfCheckpoint { tokenizer_json: &odd, ..ckpt };
+    let e = convert::convert(&ckpt, &opts(GgmlType::I2_S, GgmlType::F16), &mut |_, _| {}).err().unwrap();
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("not LLaMA's SentencePiece")), "{e}");
+}
+
+/// Llama3-8B-1.58 / Falcon3-1.58bit / Falcon-E checkpoints: LlamaForCausalLM with a bitnet quantization_config and
+/// no sub-norms. They become arch `llama` as llama.cpp's converter writes it: `llama.*` keys, no activation key,
+/// no sub-norm tensors, and q/k rows permuted for llama.cpp's interleaved RoPE; the engine loads them back.
+#[test]
+fn llama_family_checkpoints_become_arch_llama() {
+    let mut synth = Synth::new(SMALL, Layout::Packed(Dtype::BF16), 16);
+    synth.config["model_type"] = json!("llama");
+    synth.config["architectures"] = json!(["LlamaForCausalLM"]);
+    synth.config["hidden_act"] = json!("silu");
+    synth.tensors.retain(|t| !t.0.contains("sub_norm"));
+    for ty in [GgmlType::I2_S, GgmlType::TQ2_0] {
+        let bytes = synth.convert(&opts(ty, GgmlType::F16)).unwrap().gguf.to_bytes();
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(g.get("general.architecture").and_then(Value::as_str), Some("llama"));
+        assert_eq!(u(&g, "llama.block_count"), 2);
+        assert!(g.metadata.iter().all(|(k, _)| !k.contains("hidden_activation") && !k.starts_with("bitnet")));
+        assert!(g.tensors.iter().all(|t| !t.name.contains("sub_norm")));
+        for (name, (codes, _)) in &synth.expected {
+            let m = ternary_of(&g, &bytes, name);
+            let want = if name.contains("attn_q") || name.contains("attn_k") {
+                // File row f holds HF row hf_row_of_llama_row(f): llama.cpp's `permute`.
+                let (cols, hd) = (m.cols, SMALL.head_dim);
+                let hf_row = |f: usize| (f / hd) * hd + (f % hd % 2) * (hd / 2) + (f % hd) / 2;
+                (0..m.rows).flat_map(|f| codes[hf_row(f) * cols..(hf_row(f) + 1) * cols].to_vec()).collect()
+            } else {
+                codes.clone()
+            };
+            assert!(m.to_codes() == want, "{name}: codes (rows in llama.cpp's order)");
+        }
+        let model = Model::load(&g, &bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        assert_eq!(model.family, Family::LlamaTernary);
+        assert_eq!(model.config.activation, Activation::Silu);
+        // Back in Hugging Face's row order once loaded.
+        let (codes, _) = &synth.expected["blk.1.attn_k.weight"];
+        assert!(model.layers[1].wk.to_codes() == *codes, "loaded attn_k rows");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -716,15 +813,66 @@ fn requantize_ternarizes_float_weights() {
     assert!(back == i2s);
 }
 
+/// `bitnet quantize` names the architecture as each family's reference engine expects: a relu² 2B4T-style model is
+/// `bitnet-b1.58` as I2_S (bitnet.cpp's relu² graph) and `bitnet` as TQ (llama.cpp), keys renamed with it and
+/// `hidden_activation` written; arch `llama` stays `llama`; latent float weights in an arch `llama` file are refused.
+#[test]
+fn requantize_names_the_architecture_per_family() {
+    let fixture = |name: &str| std::fs::read(format!("{}/../tests/fixtures/models/{name}", env!("CARGO_MANIFEST_DIR")));
+    let arch_of = |bytes: &[u8]| {
+        let g = GgufFile::parse(bytes).unwrap();
+        let arch = g.get("general.architecture").and_then(Value::as_str).unwrap().to_string();
+        let act = g.get(&format!("{arch}.hidden_activation")).and_then(Value::as_str).map(str::to_string);
+        assert!(g.get(&format!("{arch}.block_count")).is_some(), "{arch}: keys renamed");
+        (arch, act)
+    };
+    // tiny-b: llama.cpp's `bitnet` with a Llama 3 vocabulary and no activation key (relu² inferred).
+    let tq2 = fixture("tiny-b-tq2_0.gguf").unwrap();
+    let i2s = requantize(&tq2, GgmlType::I2_S, None, false).unwrap().gguf.to_bytes();
+    assert_eq!(arch_of(&i2s), ("bitnet-b1.58".into(), Some("relu2".into())));
+    let back = requantize(&i2s, GgmlType::TQ2_0, None, false).unwrap().gguf.to_bytes();
+    assert_eq!(arch_of(&back), ("bitnet".into(), Some("relu2".into())));
+    // 1bitLLM (SiLU) stays `bitnet` as I2_S.
+    let spm = fixture("fam-1bitllm-i2_s.gguf").unwrap();
+    let out = requantize(&spm, GgmlType::I2_S, Some(GgmlType::Q8_0), false).unwrap().gguf.to_bytes();
+    assert_eq!(arch_of(&out), ("bitnet".into(), Some("silu".into())));
+    // Llama family: `llama` whatever the type, and the same model.
+    let llama = fixture("fam-llama3-tq2_0.gguf").unwrap();
+    let out = requantize(&llama, GgmlType::I2_S, None, false).unwrap().gguf.to_bytes();
+    assert_eq!(arch_of(&out), ("llama".into(), None));
+    let load = |bytes: &[u8]| {
+        let g = GgufFile::parse(bytes).unwrap();
+        Model::load(&g, bytes, &LoadOptions::default(), &mut |_, _| {}).unwrap()
+    };
+    let (a, b) = (load(&llama), load(&out));
+    assert!(a.layers[0].wq == b.layers[0].wq && a.layers[0].w_down == b.layers[0].w_down);
+    let f16 = fixture("fam-falcone-f16.gguf").unwrap();
+    let mut latent = GgufWriter::new();
+    let src = GgufFile::parse(&f16).unwrap();
+    for (k, v) in &src.metadata {
+        latent.add(k, v.clone());
+    }
+    for t in &src.tensors {
+        let mut data = src.tensor_data(&f16, t).to_vec();
+        if t.name == "blk.0.ffn_up.weight" {
+            data[1] ^= 0x01; // one weight of another magnitude: latent floats
+        }
+        latent.add_tensor(&t.name, &t.dims, t.ty, data);
+    }
+    let e = requantize(&latent.to_bytes(), GgmlType::I2_S, None, false).err().unwrap();
+    assert!(e.to_string().contains("blk.0.ffn_up.weight") && e.to_string().contains("not ternary"), "{e}");
+}
+
 #[test]
 fn requantize_refuses_other_architectures_and_bad_shapes() {
     let mut w = GgufWriter::new();
-    w.add("general.architecture", Value::Str("llama".into()));
+    // (Arch `llama` is a BitNet family when its projections are ternary: see requantize_names_the_architecture.)
+    w.add("general.architecture", Value::Str("qwen2".into()));
     w.add_tensor("blk.0.attn_q.weight", &[256, 4], GgmlType::F32, vec![0; 4096]);
-    let llama = w.to_bytes();
-    let e = requantize(&llama, GgmlType::I2_S, None, false).err().unwrap();
+    let qwen = w.to_bytes();
+    let e = requantize(&qwen, GgmlType::I2_S, None, false).err().unwrap();
     assert!(e.to_string().contains("--force"), "{e}");
-    let forced = requantize(&llama, GgmlType::I2_S, None, true).unwrap().gguf.to_bytes();
+    let forced = requantize(&qwen, GgmlType::I2_S, None, true).unwrap().gguf.to_bytes();
     assert_eq!(GgufFile::parse(&forced).unwrap().tensors[0].ty, GgmlType::I2_S);
 
     let shape = Shape { n_embd: 128, n_head: 2, ..SMALL };

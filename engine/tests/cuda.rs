@@ -13,7 +13,7 @@ use std::time::Instant;
 use bitnet_engine::backend::cpu::kernels;
 use bitnet_engine::backend::cpu::CpuModel;
 use bitnet_engine::backend::cuda::{Cuda, CudaModel};
-use bitnet_engine::backend::{Sequence, Want, Weights};
+use bitnet_engine::backend::{Batcher, Sequence, Step, Want, Weights};
 use bitnet_engine::model::{Activation, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
 use bitnet_engine::tensor::ternary::TernaryMatrix;
@@ -163,7 +163,7 @@ struct Tolerance {
 /// of its logits. Returns the largest differences to the reference and to the CPU.
 fn compare(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Tolerance) -> (f32, f32) {
     let mut cpu = Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap()).sequence(ctx).unwrap();
-    let mut gpu = Cuda::new(model, ctx).unwrap();
+    let mut gpu = Cuda::new(&Arc::new(CudaModel::new(model.clone()).unwrap()), ctx).unwrap();
     let mut reference = Reference::new(model);
     cpu.forward(prompt, 0, Want::Logits).unwrap();
     gpu.forward(prompt, 0, Want::Logits).unwrap();
@@ -241,12 +241,125 @@ fn default_model_matches_the_cpu() {
     eprintln!("default model, 600-token prompt: max |Δlogit| {d} (f16 reference), {d_cpu} (CPU)");
 }
 
+/// One batched decode step of the sequences in `active`, each taking the reference's greedy pick as its
+/// token; their `want` becomes the reference's logits after it. Returns the batcher's greedy picks, in the
+/// order of `active`.
+fn decode_step(
+    batcher: &mut dyn Batcher,
+    seqs: &mut [Box<dyn Sequence>],
+    active: &[usize],
+    reference: &mut [Reference],
+    want: &mut [Vec<f32>],
+    pos: &mut [usize],
+    w: Want,
+) -> Vec<Option<u32>> {
+    let next: Vec<u32> = want.iter().map(|l| argmax(l) as u32).collect();
+    let mut steps: Vec<Step> = seqs
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| active.contains(i))
+        .map(|(i, s)| Step { seq: s.as_mut(), tokens: std::slice::from_ref(&next[i]), pos: pos[i], want: w })
+        .collect();
+    let picked = batcher.forward(&mut steps).unwrap();
+    drop(steps);
+    for &i in active {
+        want[i] = reference[i].step(next[i]);
+        pos[i] += 1;
+    }
+    picked
+}
+
+/// Many sequences of one model at once through its batcher (decode tokens as the rows of one pass, each
+/// over its own cache at its own position) against the reference: every fixture model's five prompts as
+/// five sequences, their prompts in one step, then decode steps that want logits, greedy tokens, or nothing,
+/// with sequences leaving the batch and joining it again.
+#[test]
+fn batched_steps_match_the_reference() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for (file, info) in refs["files"].as_object().unwrap() {
+        let (model, _) = load(&fixture(file));
+        let cases = refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap();
+        let prompts: Vec<Vec<u32>> = cases
+            .iter()
+            .map(|c| c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+            .collect();
+        let tols: Vec<f32> =
+            cases.iter().map(|c| if c["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 }).collect();
+        let m = Arc::new(CudaModel::new(model.clone()).unwrap());
+        let mut batcher = m.clone().batcher(16);
+        let mut seqs: Vec<Box<dyn Sequence>> = prompts.iter().map(|_| m.clone().sequence(64).unwrap()).collect();
+        let mut reference: Vec<Reference> = prompts.iter().map(|_| Reference::new(&model)).collect();
+        let mut want: Vec<Vec<f32>> =
+            prompts.iter().zip(&mut reference).map(|(p, r)| p.iter().map(|&t| r.step(t)).last().unwrap()).collect();
+        let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut steps: Vec<Step> = seqs
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(s, p)| Step { seq: s.as_mut(), tokens: p, pos: 0, want: Want::Logits })
+            .collect();
+        batcher.forward(&mut steps).unwrap();
+        drop(steps);
+        // Flip-free ("stable") holds for the prompt's last position only: later positions may have an int8
+        // rounding flip (the GPU's float sums run in another order than the reference's), which moves
+        // logits by tenths (H200: 0.078 once); the top-1 must agree where the lead exceeds that.
+        let check_logits = |seqs: &[Box<dyn Sequence>], active: &[usize], want: &[Vec<f32>], step: usize| {
+            for &i in active {
+                let s = &seqs[i];
+                let what = format!("{file} case {i} step {step}");
+                let d = max_abs_diff(&want[i], s.logits());
+                let tol = if step == 0 { tols[i] } else { tols[i].max(0.5) };
+                assert!(d <= tol, "{what}: max |Δlogit| to the f16 reference = {d}");
+                if margin(&want[i]) > 0.05f32.max(2.0 * d) {
+                    assert_eq!(argmax(s.logits()), argmax(&want[i]), "{what}: top-1");
+                }
+            }
+        };
+        let all: Vec<usize> = (0..seqs.len()).collect();
+        check_logits(&seqs, &all, &want, 0);
+        // Which sequences step, and what they want: all, then some leave (the odd ones, then all but the
+        // first), then all join again.
+        let (odd, first): (Vec<usize>, Vec<usize>) = (vec![1, 3], vec![0]);
+        let plan = [
+            (&all, Want::Logits),
+            (&all, Want::Greedy),
+            (&odd, Want::Logits),
+            (&first, Want::Nothing),
+            (&all, Want::Logits),
+            (&all, Want::Greedy),
+            (&all, Want::Logits),
+        ];
+        for (step, (active, w)) in plan.into_iter().enumerate() {
+            let picked = decode_step(batcher.as_mut(), &mut seqs, active, &mut reference, &mut want, &mut pos, w);
+            assert_eq!(picked.len(), active.len());
+            for (p, &i) in picked.iter().zip(active.iter()) {
+                match w {
+                    Want::Logits => assert_eq!(*p, None),
+                    Want::Nothing => assert_eq!(*p, None),
+                    // No logits to see a flip by: the pick must agree where the lead exceeds any flip's move.
+                    Want::Greedy if margin(&want[i]) > 1.0 => {
+                        assert_eq!(*p, Some(argmax(&want[i]) as u32), "{file} case {i} step {step}: greedy pick")
+                    }
+                    Want::Greedy => assert!(p.is_some()),
+                }
+            }
+            if w == Want::Logits {
+                check_logits(&seqs, active, &want, step + 1);
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6 * 7, "6 files × 7 steps");
+}
+
 #[test]
 fn bad_input_is_an_error() {
     let (model, _) = load(&fixture("tiny-a-i2_s.gguf"));
-    assert!(Cuda::new(&model, 0).is_err(), "empty context");
-    assert!(Cuda::new(&model, model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
-    let mut dev = Cuda::new(&model, 8).unwrap();
+    let m = Arc::new(CudaModel::new(model.clone()).unwrap());
+    assert!(Cuda::new(&m, 0).is_err(), "empty context");
+    assert!(Cuda::new(&m, model.config.n_ctx_train + 1).is_err(), "context beyond the model's");
+    let mut dev = Cuda::new(&m, 8).unwrap();
     let n_vocab = model.config.n_vocab as u32;
     assert!(dev.forward(&[n_vocab], 0, Want::Logits).is_err(), "token outside the vocabulary");
     assert!(dev.forward(&[1; 9], 0, Want::Nothing).is_err(), "more tokens than the context");
@@ -271,8 +384,9 @@ fn tokens_per_s(n: usize, reps: usize, mut f: impl FnMut()) -> f64 {
 /// token) and tg (tokens one at a time with their logits, from an empty cache and after 1024 tokens).
 fn bench(name: &str, model: &Model) {
     let ctx = 4096.min(model.config.n_ctx_train);
-    let device = Arc::new(CudaModel::new(model.clone()).unwrap()).name();
-    let mut gpu = Cuda::new(model, ctx).unwrap();
+    let m = Arc::new(CudaModel::new(model.clone()).unwrap());
+    let device = m.name();
+    let mut gpu = Cuda::new(&m, ctx).unwrap();
     let vocab = model.config.n_vocab as u32;
     let tokens: Vec<u32> = (0..2048u32).map(|i| (i * 7919 + 13) % vocab).collect();
     let pp = tokens_per_s(512, 5, || {

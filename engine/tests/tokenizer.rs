@@ -4,7 +4,7 @@
 //! `transformers`). The engine's tokenizers are built the way a GGUF file gives them: tokenizer.json →
 //! metadata_from_hf → Tokenizer::from_metadata, from the same files the script read in the shared data.
 
-use bitnet_engine::format::gguf::Value;
+use bitnet_engine::format::gguf::{GgufFile, Value};
 use bitnet_engine::text::chat::{self, ChatMessage, BITNET_TEMPLATE};
 use bitnet_engine::text::tokenizer::{metadata_from_hf, StreamDecoder, Tokenizer};
 use bitnet_engine::Error;
@@ -54,6 +54,23 @@ fn smolbit_metadata() -> Metadata {
 fn smolbit() -> &'static Tokenizer {
     static TK: OnceLock<Tokenizer> = OnceLock::new();
     TK.get_or_init(|| Tokenizer::from_metadata(&smolbit_metadata()).unwrap())
+}
+
+/// The LLaMA / LLaMA-2 SentencePiece vocabulary as llama.cpp ships it (tests/fixtures/llama-spm-vocab.gguf.gz, a
+/// GGUF with no tensors), read through the engine's own GGUF parser.
+fn llama2_metadata() -> &'static Metadata {
+    static MD: OnceLock<Metadata> = OnceLock::new();
+    MD.get_or_init(|| {
+        let gz = include_bytes!("../../tests/fixtures/llama-spm-vocab.gguf.gz");
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut bytes).unwrap();
+        GgufFile::parse(&bytes).unwrap().metadata
+    })
+}
+
+fn llama2() -> &'static Tokenizer {
+    static TK: OnceLock<Tokenizer> = OnceLock::new();
+    TK.get_or_init(|| Tokenizer::from_metadata(llama2_metadata()).unwrap())
 }
 
 fn ids(v: &J) -> Vec<u32> {
@@ -112,6 +129,94 @@ fn smolbit_ids_match_hf() {
     assert_eq!(smolbit().pre(), "smollm");
     assert_eq!(smolbit().vocab_size(), 49152);
     check_against_hf(smolbit(), "smolbit");
+}
+
+/// SentencePiece (LLaMA-2): Hugging Face's ids on every fixture string (the script checked they equal the
+/// `sentencepiece` library's and llama.cpp's), control-token text inside the text, and llama.cpp's own test strings.
+#[test]
+fn llama2_sentencepiece_ids_match_hf_and_llama_cpp() {
+    let tk = llama2();
+    assert_eq!(
+        (tk.model(), tk.vocab_size(), tk.bos(), tk.eos(), tk.add_bos()),
+        ("llama", 32000, Some(1), Some(2), true)
+    );
+    check_against_hf(tk, "llama2");
+    for case in refs()["llama2"]["special_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tk.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+    }
+    let inp = include_str!("../../tests/fixtures/llama-spm-vocab.inp");
+    let out = include_str!("../../tests/fixtures/llama-spm-vocab.out");
+    let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let lines: Vec<&str> = out.trim_matches('\n').split('\n').collect();
+    assert_eq!(lines.len(), 46);
+    for (text, line) in texts.iter().zip(&lines) {
+        let want: Vec<u32> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        assert_eq!(tk.encode(text, false).unwrap(), want, "llama.cpp: {text:?}");
+    }
+    // The dummy prefix, byte fallback and BOS, spelled out.
+    assert_eq!(tk.encode("Hello world", true).unwrap(), [1, 15043, 3186]);
+    assert_eq!(tk.encode(" Hello", false).unwrap(), [29871, 15043]);
+    assert_eq!(tk.encode("🦙", false).unwrap(), [29871, 243, 162, 169, 156]);
+    assert_eq!(tk.token_text(243), Some("<0xF0>"));
+    assert_eq!(tk.token_bytes(243), [0xF0]);
+    assert_eq!(tk.token_bytes(15043), b" Hello");
+    assert_eq!(tk.token_bytes(1), b"<s>");
+}
+
+/// Detokenization gives every fixture string back byte for byte, and streaming does too once the dummy-prefix
+/// space is accounted for (a stream keeps it: the tokens after a prompt need their spaces).
+#[test]
+fn llama2_decode_is_byte_exact() {
+    let tk = llama2();
+    for case in refs()["llama2"]["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids = tk.encode(text, false).unwrap();
+        assert_eq!(tk.decode(&ids), text);
+        let mut stream = StreamDecoder::new();
+        let streamed: String = ids.iter().map(|&id| stream.push(tk, id)).collect::<String>() + &stream.flush();
+        let expected = if text.is_empty() { String::new() } else { format!(" {text}") };
+        assert_eq!(streamed, expected, "{text:?}");
+    }
+    // After BOS the first text token keeps no extra space either, but BOS itself is shown.
+    assert_eq!(tk.decode(&[1, 15043]), "<s> Hello");
+}
+
+/// Control-token text typed in a message stays text, tokenized as the surrounding text continues (no second
+/// dummy prefix): the ids `sentencepiece` gives for the whole rendered prompt.
+#[test]
+fn llama2_typed_control_text_in_chat_stays_text() {
+    let r = &refs()["llama2_plain_chat"];
+    let mut md = llama2_metadata().clone();
+    set(&mut md, "tokenizer.chat_template", Value::Str(r["template"].as_str().unwrap().into()));
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    let messages = messages(r);
+    assert_eq!(tk.render_chat(&messages, true).unwrap(), r["text"].as_str().unwrap());
+    let mut want = vec![1];
+    want.extend(ids(&r["ids"]));
+    assert_eq!(tk.encode_chat(&messages, true).unwrap(), want);
+}
+
+#[test]
+fn llama2_metadata_errors() {
+    let md = llama2_metadata();
+    let no_scores = without(md, &["tokenizer.ggml.scores"]);
+    let err = Tokenizer::from_metadata(&no_scores).err().unwrap();
+    assert!(matches!(&err, Error::Metadata { key, .. } if key == "tokenizer.ggml.scores"), "{err}");
+    let mut short = md.clone();
+    set(&mut short, "tokenizer.ggml.scores", Value::Array(vec![Value::F32(0.0); 31999]));
+    let err = Tokenizer::from_metadata(&short).err().unwrap();
+    assert!(err.to_string().contains("31999 entries for 32000 tokens"), "{err}");
+    assert!(!err.to_string().contains('\n'));
+    let mut strings = md.clone();
+    set(&mut strings, "tokenizer.ggml.scores", Value::Array(vec![Value::Str("x".into()); 32000]));
+    assert!(matches!(Tokenizer::from_metadata(&strings), Err(Error::Metadata { .. })));
+    // Without the dummy prefix (tokenizer.ggml.add_space_prefix = false), "Hello" is not "▁Hello".
+    let mut no_prefix = md.clone();
+    set(&mut no_prefix, "tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    let tk = Tokenizer::from_metadata(&no_prefix).unwrap();
+    assert_eq!(tk.encode("Hello world", false).unwrap(), [10994, 3186]);
+    assert_eq!(tk.decode(&[10994, 3186]), "Hello world");
 }
 
 /// Microsoft's 2B4T GGUF has no `tokenizer.ggml.pre` (nor, in some uploads, add_bos_token): the Llama 3 vocabulary
@@ -342,8 +447,8 @@ fn template_features_and_errors() {
 fn metadata_errors() {
     let md = smolbit_metadata();
     let mut sp = md.clone();
-    set(&mut sp, "tokenizer.ggml.model", Value::Str("llama".into()));
-    assert!(matches!(Tokenizer::from_metadata(&sp), Err(Error::Unsupported(m)) if m.contains("SentencePiece")));
+    set(&mut sp, "tokenizer.ggml.model", Value::Str("unigram".into()));
+    assert!(matches!(Tokenizer::from_metadata(&sp), Err(Error::Unsupported(m)) if m.contains("unigram")));
     let mut pre = md.clone();
     set(&mut pre, "tokenizer.ggml.pre", Value::Str("qwen2".into()));
     assert!(matches!(Tokenizer::from_metadata(&pre), Err(Error::Unsupported(m)) if m.contains("qwen2")));

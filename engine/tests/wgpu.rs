@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
 use bitnet_engine::backend::cpu::CpuModel;
 use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu, TILE};
-use bitnet_engine::backend::{Sequence, Want, Weights};
+use bitnet_engine::backend::{Sequence, Step, Want, Weights};
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::model::{Activation, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
@@ -477,6 +477,74 @@ fn prompt_tiles_match_token_by_token() {
         single.forward(&[next], pos, Want::Logits).unwrap();
         next = same(&tiled, &single, pos + 1);
     }
+}
+
+/// Many sequences through the model's batcher (their decode tokens as the rows of one tile, each over its own
+/// cache at its own position) against the same sequences run one at a time: the same logits (a tile row
+/// computes what the decode path computes, as in `prompt_tiles_match_token_by_token`) and greedy picks, with
+/// prompts of different lengths in one step, then sequences leaving the batch and joining it again.
+fn batch_matches_one_at_a_time(gm: &Arc<GpuModel>, prompts: &[Vec<u32>]) {
+    let name = gm.gpu().adapter().name.clone();
+    let mut batcher = gm.clone().batcher(8);
+    let mut batched: Vec<Box<dyn Sequence>> = prompts.iter().map(|_| gm.clone().sequence(64).unwrap()).collect();
+    let mut single: Vec<Wgpu> = prompts.iter().map(|_| Wgpu::with_model(gm.clone(), 64).unwrap()).collect();
+    let run = |batcher: &mut Box<dyn bitnet_engine::backend::Batcher>,
+               batched: &mut [Box<dyn Sequence>],
+               single: &mut [Wgpu],
+               work: &[(usize, Vec<u32>, usize)],
+               want: Want| {
+        let mut steps: Vec<Step> = batched
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let (_, tokens, pos) = work.iter().find(|w| w.0 == i)?;
+                Some(Step { seq: s.as_mut(), tokens, pos: *pos, want })
+            })
+            .collect();
+        let picked = batcher.forward(&mut steps).unwrap();
+        drop(steps);
+        for (w, p) in work.iter().zip(&picked) {
+            let (i, tokens, pos) = w;
+            single[*i].forward(tokens, *pos, Want::Logits).unwrap();
+            let what = format!("{name}: sequence {i} at {}", pos + tokens.len());
+            match want {
+                Want::Logits => {
+                    let d = max_abs_diff(batched[*i].logits(), single[*i].logits());
+                    assert!(d <= 1e-4, "{what}: max |Δlogit| = {d} between the batch and one at a time");
+                    assert_eq!(*p, None);
+                }
+                Want::Greedy => assert_eq!(*p, Some(argmax(single[*i].logits()) as u32), "{what}: greedy pick"),
+                Want::Nothing => assert_eq!(*p, None),
+            }
+        }
+    };
+    let work: Vec<_> = prompts.iter().enumerate().map(|(i, p)| (i, p.clone(), 0)).collect();
+    run(&mut batcher, &mut batched, &mut single, &work, Want::Logits);
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let all: Vec<usize> = (0..prompts.len()).collect();
+    let plan = [
+        (all.clone(), Want::Logits),
+        (all.clone(), Want::Greedy),
+        (vec![1, 3], Want::Logits),
+        (vec![0], Want::Nothing),
+        (all.clone(), Want::Logits),
+        (all.clone(), Want::Greedy),
+        (all, Want::Logits),
+    ];
+    for (active, want) in plan {
+        let work: Vec<_> = active.iter().map(|&i| (i, vec![argmax(single[i].logits()) as u32], pos[i])).collect();
+        run(&mut batcher, &mut batched, &mut single, &work, want);
+        active.iter().for_each(|&i| pos[i] += 1);
+    }
+}
+
+#[test]
+fn batched_steps_match_one_at_a_time() {
+    let Some(gpu) = gpu() else { return };
+    let (model, _) = load(&fixture("tiny-a-i2_s.gguf"));
+    let prompts: Vec<Vec<u32>> =
+        [3, 1, 7, 2, 12].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 100).collect()).collect();
+    batch_matches_one_at_a_time(&upload(gpu, &model), &prompts);
 }
 
 #[test]

@@ -160,6 +160,9 @@ pub fn info(path: Option<&Path>) -> Result<(), Error> {
                 "\nmodel: arch {}, {} layers, embd {}, ff {}, heads {}/{} (kv), head dim {}, vocab {}, context {}",
                 c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train
             );
+            if let Ok((family, why)) = bitnet_engine::model::Family::detect(&g) {
+                println!("family: {family} ({why})");
+            }
             println!("activation: {} ({})", c.activation, c.activation_reason);
             let per_token: Vec<String> = [KvType::F32, KvType::F16, KvType::Q8_0]
                 .iter()
@@ -170,8 +173,21 @@ pub fn info(path: Option<&Path>) -> Result<(), Error> {
         Err(e) => println!("\nmodel: not runnable: {e}"),
     }
     match Tokenizer::from_metadata(&g.metadata) {
-        Ok(t) => println!("tokenizer: {} tokens, pre-tokenizer {}, add BOS {}", t.vocab_size(), t.pre(), t.add_bos()),
+        Ok(t) => println!(
+            "tokenizer: {} ({}), {} tokens, pre-tokenizer {}, add BOS {}",
+            t.model(),
+            if t.model() == "llama" { "SentencePiece BPE" } else { "byte-level BPE" },
+            t.vocab_size(),
+            t.pre(),
+            t.add_bos()
+        ),
         Err(e) => println!("tokenizer: unusable: {e}"),
+    }
+    if let Ok(t) = Tokenizer::from_metadata(&g.metadata) {
+        match t.template_choice() {
+            (Some(template), why) => println!("chat template: {} bytes ({why})", template.len()),
+            (None, why) => println!("chat template: {why}"),
+        }
     }
     println!("\n{:<32} {:<6} {:<18} {:>12}", "tensor", "type", "shape", "bytes");
     for t in &g.tensors {

@@ -10,9 +10,12 @@
 // keys w, w+4, ..., its lanes over the head's dims. With one chunk the block writes the output; with several
 // it writes its partial output with its softmax max and sum, and the last block of a head to finish merges
 // the partials into out (no second launch). Blocks past the current position exit at once, so one grid fits
-// every step of a CUDA graph. Block: 128 threads; dynamic shared memory: attn_decode_smem in cuda/kernels.rs.
+// every step of a CUDA graph. A step of many sequences runs row r (blockIdx.z) at position row_pos[r] over its
+// own caches (row_kv[2r], row_kv[2r + 1]); with one sequence, row_pos and row_kv are null (params[1], kc, vc).
+// Block: 128 threads; dynamic shared memory: attn_decode_smem in cuda/kernels.rs.
 extern "C" __global__ void __launch_bounds__(128) attn_decode(const float* q, const u16* kc, const u16* vc, int hd,
                                                               int kv_dim, int group, float scale, const int* params,
+                                                              const int* row_pos, const u64* row_kv,
                                                               float* part_o, float* part_ml, int max_chunks,
                                                               u32* counters, float* out) {
     extern __shared__ float4 sm4[];
@@ -24,7 +27,17 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(const float* q, co
     float* os = ps + DEC_CHUNK;                  // [4][hd] per-warp partial outputs
     __shared__ float scratch[64];
     __shared__ int last;
-    int pos = params[1], nchunks = pos / DEC_CHUNK + 1;
+    int row = blockIdx.z, n_head = gridDim.y, q_dim = n_head * hd;
+    int pos = row_pos ? row_pos[row] : params[1], nchunks = pos / DEC_CHUNK + 1;
+    if (row_kv) {
+        kc = (const u16*)row_kv[2 * row];
+        vc = (const u16*)row_kv[2 * row + 1];
+    }
+    q += (i64)row * q_dim;
+    out += (i64)row * q_dim;
+    part_o += (i64)row * n_head * max_chunks * hd;
+    part_ml += (i64)row * n_head * max_chunks * 2;
+    counters += row * n_head;
     int c = blockIdx.x, h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kvh = h / group;
     pdl_trigger();
     if (c >= nchunks) return;

@@ -25,12 +25,22 @@ struct Epilogue {
     int kv_dim;
     int rope_half;
     int silu;           // GLU: SiLU instead of relu²
+    // A step of many sequences (one token each): token t's position and its sequence's key and value caches
+    // of this layer ([t][2] addresses). Null for one sequence: positions pos0 + t, caches kc and vc.
+    const int* row_pos;
+    const u64* row_kv;
 };
 
+__device__ __forceinline__ int row_position(const Epilogue& e, int t, int pos0) {
+    return e.row_pos ? e.row_pos[t] : pos0 + t;
+}
+
 __device__ __forceinline__ void store_qkv(const Epilogue& e, int r, int t, int pos, float y) {
+    u16* kc = e.row_kv ? (u16*)e.row_kv[2 * t] : e.kc;
+    u16* vc = e.row_kv ? (u16*)e.row_kv[2 * t + 1] : e.vc;
     if (r < e.q_dim) e.out[(i64)t * e.out_stride + r] = y;
-    else if (r < e.q_dim + e.kv_dim) e.kc[(i64)pos * e.kv_dim + r - e.q_dim] = f2h(y);
-    else e.vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
+    else if (r < e.q_dim + e.kv_dim) kc[(i64)pos * e.kv_dim + r - e.q_dim] = f2h(y);
+    else vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
 }
 
 // What the epilogue of pair p at position pos needs besides its outputs (QKV): the rotation (cos and sin of
@@ -239,6 +249,7 @@ __device__ __forceinline__ uint4 expand16(u32 w) {
                       __vsub4((w >> 4) & 0x03030303u, 0x01010101u), __vsub4((w >> 6) & 0x03030303u, 0x01010101u));
 }
 
+// Prompt tokens are at positions pos0.., the tokens of a many-sequence step where e.row_pos says.
 extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, const float* scales, int T, const u32* W,
                                                                  int words, const float* row_scale, int pairs,
                                                                  int pos0, Epilogue e) {
@@ -310,7 +321,8 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
                     float s = scales[t];
                     float ya = (float)acc[mt][nt][2 * h] / s * row_scale[r];
                     float yb = (float)acc[mt][nt][2 * h + 1] / s * row_scale[r + 1];
-                    epilogue(e, pair_info(e, r / 2, pos0 + t), r / 2, t, pos0 + t, ya, yb);
+                    int pos = row_position(e, t, pos0);
+                    epilogue(e, pair_info(e, r / 2, pos), r / 2, t, pos, ya, yb);
                 }
             }
 }

@@ -5,6 +5,7 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef signed char i8;
 typedef long long i64;
+typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 

@@ -13,9 +13,9 @@
 #   WORK=dir              where the models go (default: a temp dir, deleted at the end; ~4 GB of GGUFs)
 #   THREADS="1 2"  PP=128  TG=64  REPS=3      (on a busy machine, lower them: a 2-thread llama-bench can crawl)
 #
-# Files: bitnet convert writes arch bitnet-b1.58, which llama.cpp does not know; the TQ2_0/TQ1_0 files are
-# rewritten with general.architecture = "bitnet" (llama.cpp's name; keys renamed, tensors byte-identical) and BOTH
-# engines run that file. llama.cpp's bitnet graph applies SiLU where the model has relu² (it ignores
+# Files: bitnet convert writes arch bitnet-b1.58 for relu² I2_S files and llama.cpp's "bitnet" for TQ2_0/TQ1_0
+# (convert::target_arch; rename_arch below is a no-op for those now, kept for older binaries) and BOTH engines run
+# the TQ file. llama.cpp's bitnet graph applies SiLU where the model has relu² (it ignores
 # bitnet.hidden_activation): same cost, different numbers - this is a speed test only. I2_S (type 36, Microsoft's
 # fork) is unknown to upstream llama.cpp, so only ours runs it.
 set -euo pipefail

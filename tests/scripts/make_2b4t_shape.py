@@ -12,20 +12,22 @@ Same shapes, dtypes and file layout as microsoft/bitnet-b1.58-2B4T (Microsoft's 
                           divides by it; a power of two); f16 embedding 128256 x 2560; f32 norms close to 1
   tokenizer.json          the real Llama 3 tokenizer (/work/shared/tokenizers/llama3), + tokenizer_config.json
 The weights are noise: the model's text is gibberish, its speed is the real model's. Tensors are generated and
-written one at a time (the safetensors header is computed first), so memory stays well under 1 GB.
+written one at a time (the safetensors header is computed first), so memory stays well under 1 GB. Standard
+library only (the GPU machine has no numpy): random bytes mapped through byte tables.
 """
-import argparse, gzip, json, math, os, shutil
+import argparse, gzip, json, math, os, random, shutil, struct
 
-import numpy as np
-
-LLAMA3 = "/work/shared/tokenizers/llama3"
+LLAMA3 = os.environ.get("LLAMA3_TOKENIZER", "/work/shared/tokenizers/llama3")
 N_VOCAB, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, HEAD_DIM = 128256, 2560, 6912, 20, 5, 128
-EMBD_CHUNK_ROWS = 8192                    # embedding rows generated at a time (84 MB of f32 scratch)
+EMBD_CHUNK_ROWS = 8192                    # embedding rows generated at a time (42 MB)
 
-# Every byte whose four 2-bit fields are valid codes (0, 1, 2): a uniform pick among these 81 gives four
-# independent uniform ternary weights.
-VALID_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3)
-                        for d in range(3)], dtype=np.uint8)
+# Every byte whose four 2-bit fields are valid codes (0, 1, 2): random bytes mapped onto these 81 give four
+# ternary weights each (close to uniform: 256 is not a multiple of 81).
+VALID_BYTES = [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)]
+TO_CODES = bytes(VALID_BYTES[b % 81] for b in range(256))
+# An f16's high byte (sign, 5 exponent bits, 2 mantissa bits) kept as the sign and the top mantissa bits with
+# the exponent of 2^-6: random bytes become values of magnitude 0.016-0.031, of either sign.
+TO_SMALL_F16 = bytes((b & 0x83) | (9 << 2) for b in range(256))
 
 
 def config(n_layer):
@@ -83,18 +85,19 @@ def chunks(kind, shape, rng):
     """The tensor's bytes, in pieces small enough to keep memory low."""
     if kind == "embd":
         for r in range(0, shape[0], EMBD_CHUNK_ROWS):
-            n = min(EMBD_CHUNK_ROWS, shape[0] - r)
-            yield (rng.standard_normal((n, shape[1]), dtype=np.float32) * 0.02).astype("<f2").tobytes()
+            b = bytearray(rng.randbytes(2 * min(EMBD_CHUNK_ROWS, shape[0] - r) * shape[1]))
+            b[1::2] = b[1::2].translate(TO_SMALL_F16)
+            yield bytes(b)
     elif kind == "codes":
-        yield VALID_BYTES[rng.integers(0, len(VALID_BYTES), size=shape, dtype=np.uint8)].tobytes()
+        yield rng.randbytes(math.prod(shape)).translate(TO_CODES)
     elif kind == "norm":
-        yield (1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32)).astype("<f4").tobytes()
+        yield struct.pack(f"<{shape[0]}f", *(1.0 + 0.05 * rng.gauss() for _ in range(shape[0])))
     else:
         # weight_scale divides the output: about sqrt(in * 2/3) (the std of a sum of `in` random ternary
         # products) keeps each layer's output on the scale of its input through 30 layers. A power of two, so
         # the GGUF scale 1/weight_scale is exact in f16 too (TQ block scales): every GGUF is the same model.
         n_in = int(kind.split(":")[1])
-        yield np.array([2.0 ** round(math.log2(math.sqrt(n_in * 2 / 3)))], dtype="<f4").tobytes()
+        yield struct.pack("<f", 2.0 ** round(math.log2(math.sqrt(n_in * 2 / 3))))
 
 
 def write_safetensors(path, plan, rng):
@@ -131,7 +134,7 @@ def main():
     name = "tokenizer_config.json"
     shutil.copyfile(os.path.join(LLAMA3, name), os.path.join(a.out, name))
     n = write_safetensors(os.path.join(a.out, "model.safetensors"), tensor_plan(a.layers),
-                          np.random.default_rng(a.seed))
+                          random.Random(a.seed))
     print(f"{a.out}: {a.layers} layers, {n / 1e9:.3f} GB of tensors")
 
 

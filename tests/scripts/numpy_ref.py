@@ -13,6 +13,13 @@ NeoX RoPE, GQA, attn/ffn sub-norms, relu^2) exactly as in /work/shared/models/sm
 with the GGUF scale multiplying: y = acc / s_x * scale, and with keys (after RoPE) and values rounded to
 f16 as the engine's default KV cache stores them (kv="f32": kept as computed; kv="q8_0": llama.cpp's Q8_0
 blocks of 32, as `--kv-type` stores them).
+
+Families (issue 17): arch `llama` files are Llama blocks with ternary projections: no sub-norms (the o and
+down projections quantize their input as it is), SiLU, and llama.cpp's own RoPE for that arch, which rotates
+ADJACENT pairs (2i, 2i+1) of each head on the file's q/k rows (its converter permuted them; this reference
+rotates them as llama.cpp does rather than undoing the permutation as the engine does). The activation is
+`<arch>.hidden_activation` if present, else SiLU for arch `llama` or a SentencePiece vocabulary
+(`tokenizer.ggml.model = llama`, 1bitLLM bitnet_b1_58), else relu^2.
 """
 from enum import IntEnum
 
@@ -154,9 +161,12 @@ class GgufModel:
         rd = g("rope.dimension_count")
         assert rd is None or int(rd) == self.head_dim
         act = g("hidden_activation")
-        # relu^2 unless a key says otherwise (formats.md: 2B4T-style byte-level BPE vocabularies are relu^2)
-        self.act = act or "relu2"
-        assert self.act == "relu2", self.act
+        # relu^2 unless a key says otherwise (formats.md: 2B4T-style byte-level BPE vocabularies are relu^2);
+        # SiLU for the llama arch and for SentencePiece (1bitLLM) vocabularies
+        spm = field_value(r, "tokenizer.ggml.model") == "llama"
+        self.act = act or ("silu" if arch == "llama" or spm else "relu2")
+        assert self.act in ("relu2", "silu"), self.act
+        self.llama = arch == "llama"
         tensors = {t.name: t for t in r.tensors}
         self.tensor_types = {t.name: int(t.tensor_type) for t in r.tensors}
 
@@ -170,7 +180,8 @@ class GgufModel:
         self.layers = []
         for i in range(self.n_layer):
             p = f"blk.{i}."
-            ly = {k: flt(p + k + ".weight") for k in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
+            norms = ("attn_norm", "ffn_norm") if self.llama else ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")
+            ly = {k: flt(p + k + ".weight") for k in norms}
             for k in TERNARY:
                 codes, scale = decode_ternary(r, tensors[p + k + ".weight"])
                 if p + k + ".scale" in tensors:
@@ -197,7 +208,7 @@ class Forward:
         self.out_norm = m.out_norm.astype(dt)
         self.layers = []
         for ly in m.layers:
-            d = {k: ly[k].astype(dt) for k in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
+            d = {k: v.astype(dt) for k, v in ly.items() if k not in TERNARY}
             for k in TERNARY:
                 d[k] = (ly[k][0].astype(dt), dt(ly[k][1]))
             self.layers.append(d)
@@ -207,6 +218,15 @@ class Forward:
 
     def rmsnorm(self, x, w):
         return w * (x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps))
+
+    def sub_norm(self, x, ly, name):
+        """The BitNet block's sub-norm; the llama family has none."""
+        return x if name not in ly else self.rmsnorm(x, ly[name])
+
+    def act(self, g):
+        if self.m.act == "silu":
+            return g / (1 + np.exp(-g))
+        return np.maximum(g, 0) ** 2
 
     def bitlinear(self, x, cs, tag):
         codes, scale = cs
@@ -222,12 +242,24 @@ class Forward:
         return acc / sx * scale
 
     def rope(self, x, pos):
+        if self.m.llama:
+            return self.rope_adjacent(x, pos)
         ang = pos[:, None].astype(np.float64) * self.inv_freq[None, :]
         ang = np.concatenate([ang, ang], -1)
         cos, sin = np.cos(ang).astype(self.dt), np.sin(ang).astype(self.dt)
         h = x.shape[-1] // 2
         rot = np.concatenate([-x[..., h:], x[..., :h]], -1)
         return x * cos + rot * sin
+
+    def rope_adjacent(self, x, pos):
+        """llama.cpp's RoPE for arch llama (LLAMA_ROPE_TYPE_NORM): element 2i pairs with 2i + 1."""
+        ang = pos[:, None].astype(np.float64) * self.inv_freq[None, :]            # (T, D/2)
+        cos, sin = np.cos(ang).astype(self.dt), np.sin(ang).astype(self.dt)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = b * cos + a * sin
+        return out
 
     def __call__(self, ids):
         """logits (T, V) for token ids; self.margins: list of ((layer, point), per-position margin)."""
@@ -255,12 +287,12 @@ class Forward:
             sc = np.exp(sc - sc.max(-1, keepdims=True))
             att = (sc / sc.sum(-1, keepdims=True)) @ v             # (H, T, D)
             att = att.transpose(1, 0, 2).reshape(T, H * D)
-            x = x + self.bitlinear(self.rmsnorm(att, ly["attn_sub_norm"]), ly["attn_output"], (i, "o"))
+            x = x + self.bitlinear(self.sub_norm(att, ly, "attn_sub_norm"), ly["attn_output"], (i, "o"))
             h = self.rmsnorm(x, ly["ffn_norm"])
-            g = np.maximum(self.bitlinear(h, ly["ffn_gate"], (i, "gate_up")), 0) ** 2
+            g = self.act(self.bitlinear(h, ly["ffn_gate"], (i, "gate_up")))
             self.margins.pop()
             u = self.bitlinear(h, ly["ffn_up"], (i, "gate_up"))
-            x = x + self.bitlinear(self.rmsnorm(g * u, ly["ffn_sub_norm"]), ly["ffn_down"], (i, "down"))
+            x = x + self.bitlinear(self.sub_norm(g * u, ly, "ffn_sub_norm"), ly["ffn_down"], (i, "down"))
         x = self.rmsnorm(x, self.out_norm)
         return x @ self.out.T
 

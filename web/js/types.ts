@@ -28,7 +28,7 @@ export interface LoadOptions {
   ctx?: number;
   /** Override the feed-forward activation read from the file. */
   activation?: 'relu2' | 'silu';
-  /** KV cache type: 'f32' (exact), 'f16' (the default, half the memory) or 'q8_0'; WebGPU has 'f16' only. */
+  /** KV cache type: 'f32' (exact), 'f16' (the default, half the memory) or 'q8_0'; WebGPU has 'f32' and 'f16'. */
   kvType?: 'f32' | 'f16' | 'q8_0';
   /** Aborts loading (the worker is terminated). */
   signal?: AbortSignal;

@@ -271,17 +271,14 @@ impl Engine {
             None => KvType::F16,
             Some(t) => KvType::parse(t).ok_or_else(|| js_error(format!("unknown kvType '{t}' (f32, f16 or q8_0)")))?,
         };
-        if gpu && kv != KvType::F16 {
-            return Err(js_error(format!("a {} KV cache on WebGPU (f16 only; the wasm backend has all)", kv.name())));
-        }
         let runner = if gpu {
             // The weights and the KV cache live on the GPU: the model's host copy is dropped after the upload.
-            Runner::Gpu(GpuSession::open(&model, ctx).await.map_err(js_error)?)
+            Runner::Gpu(GpuSession::open(&model, ctx, kv).await.map_err(js_error)?)
         } else {
             let weights: u64 = gguf.tensors.iter().map(|t| t.size).sum();
             loader::check_kv_cache(&config, ctx, kv, weights).map_err(js_error)?;
             let weights: Arc<dyn Weights> =
-                Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?);
+                Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?.with_kv(kv));
             Runner::Cpu(Session::open(&weights, ctx).map_err(js_error)?)
         };
         Ok(Engine { config, tokenizer, runner, generation: None, seed: 0 })

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu};
+use bitnet_engine::backend::KvType;
 use bitnet_engine::generate::reusable_prefix;
 use bitnet_engine::model::Model;
 use bitnet_engine::{Error, Result};
@@ -23,13 +24,13 @@ pub struct GpuSession {
 impl GpuSession {
     /// Opens the browser's WebGPU adapter (a software one such as SwiftShader too: WebGPU was asked for by
     /// name; the worker's `auto` skips those), uploads the weights and creates a context of `ctx` tokens.
-    pub async fn open(model: &Model, ctx: usize) -> Result<Self> {
+    pub async fn open(model: &Model, ctx: usize, kv: KvType) -> Result<Self> {
         let gpu =
             Gpu::open_async(true).await?.ok_or_else(|| Error::Gpu("the browser found no WebGPU adapter".into()))?;
         let name = gpu.backend_name();
         // The engine shares these by `Arc` (natively across threads); in a browser they stay on this one.
         #[allow(clippy::arc_with_non_send_sync)]
-        let uploaded = Arc::new(GpuModel::upload(Arc::new(gpu), model)?);
+        let uploaded = Arc::new(GpuModel::upload(Arc::new(gpu), model)?.with_kv(kv)?);
         Ok(GpuSession { dev: Wgpu::with_model(uploaded, ctx)?, name, ctx, tokens: Vec::new() })
     }
 

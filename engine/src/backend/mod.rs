@@ -65,6 +65,12 @@ pub trait Weights: Send + Sync {
     }
 }
 
+/// The GPU batchers run a step's decode tokens together only from this many on: fewer go one sequence at a
+/// time, through each sequence's single-token path (a recorded CUDA graph or wgpu command buffer, which is
+/// faster for one token than a batched pass recorded for the step; H200, default model, serve at 1 stream:
+/// CUDA 460 tok/s batched against 1,213 one by one).
+pub const MIN_GPU_BATCH: usize = 4;
+
 /// One sequence's share of a batched step: `tokens` at positions `pos..` of `seq`.
 pub struct Step<'a> {
     pub seq: &'a mut dyn Sequence,
@@ -206,7 +212,7 @@ pub struct DeviceOptions {
     pub threads: Option<usize>,
     /// CPU: requantize the LM head to this type for the int8 head kernels (see [`cpu::CpuModel::new`]).
     pub head: Option<GgmlType>,
-    /// The KV cache type of every sequence (the GPU backends have f16 only so far).
+    /// The KV cache type of every sequence (wgpu: f32 and f16; CUDA: f16 only so far).
     pub kv: KvType,
 }
 
@@ -223,14 +229,21 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
         let m = cpu::CpuModel::new(model, cpu::kernels::best(), opts.head, opts.threads)?;
         Ok(Arc::new(m.with_kv(opts.kv)))
     };
-    // The GPU backends cache f16 only: another type keeps `auto` on the CPU, and is an error when a
-    // GPU was asked for by name.
+    // Every device caches f16; wgpu f32 too, the CPU every type. Another type keeps `auto` on the CPU, and
+    // is an error when a device without it was asked for by name.
     if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
         return cpu(model);
     }
-    if opts.kv != KvType::F16 {
+    if !model.has_sub_norms() {
+        // The GPU backends run the BitNet block only so far (they apply both sub-norms unconditionally).
+        if opts.device == DeviceChoice::Auto {
+            return cpu(model);
+        }
+        return Err(Error::Unsupported(format!("the {} family on the GPU (--backend cpu runs it)", model.family)));
+    }
+    if opts.device == DeviceChoice::Cuda && opts.kv != KvType::F16 {
         return Err(Error::Unsupported(format!(
-            "a {} KV cache on the GPU (f16 only; --backend cpu has all)",
+            "a {} KV cache on CUDA (f16 only; --backend wgpu has f32 too, --backend cpu every type)",
             opts.kv.name()
         )));
     }
@@ -245,7 +258,7 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
     {
         let named = opts.device == DeviceChoice::Wgpu;
         match wgpu::Gpu::open(named)? {
-            Some(gpu) => return Ok(Arc::new(wgpu::GpuModel::upload(Arc::new(gpu), &model)?)),
+            Some(gpu) => return Ok(Arc::new(wgpu::GpuModel::upload(Arc::new(gpu), &model)?.with_kv(opts.kv)?)),
             None if named => {
                 return Err(Error::Gpu("no adapter found (for llvmpipe: apt-get install mesa-vulkan-drivers)".into()))
             }

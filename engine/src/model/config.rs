@@ -33,6 +33,45 @@ impl fmt::Display for Activation {
     }
 }
 
+/// The block a file's layers have, which tells the model family apart (`bitnet info` prints it and why).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Microsoft's BitNet block, with `attn_sub_norm` and `ffn_sub_norm` before the o and down projections:
+    /// BitNet b1.58 2B4T (relu², Llama 3 vocabulary) and 1bitLLM `bitnet_b1_58` (SiLU, LLaMA-2 SentencePiece).
+    BitNet,
+    /// A Llama block whose projections are BitLinear (HF `LlamaForCausalLM` with a `bitnet` quantization_config:
+    /// Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E): no sub-norms, SiLU, GGUF arch `llama` (whose q/k rows
+    /// llama.cpp's converter permuted for its interleaved RoPE; the loader undoes it).
+    LlamaTernary,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Self::BitNet => "BitNet block (sub-norms)",
+            Self::LlamaTernary => "Llama block with ternary projections (no sub-norms)",
+        })
+    }
+}
+
+impl Family {
+    /// The family of a GGUF file, and why: its architecture name (the tensors it must have follow from it).
+    pub fn detect(g: &GgufFile) -> Result<(Family, String)> {
+        let arch = arch_name(g)?;
+        if arch == "llama" {
+            let why = "architecture llama: a Llama block (ternary projections required: I2_S, TQ1_0, TQ2_0 or \
+                       ternary-valued floats)";
+            return Ok((Family::LlamaTernary, why.into()));
+        }
+        let vocab = match g.get("tokenizer.ggml.model").and_then(Value::as_str) {
+            Some("llama") => ", SentencePiece vocabulary: 1bitLLM bitnet_b1_58 style",
+            Some("gpt2") => ", byte-level BPE vocabulary: BitNet b1.58 2B4T style",
+            _ => "",
+        };
+        Ok((Family::BitNet, format!("architecture {arch}: BitNet block with attn/ffn sub-norms{vocab}")))
+    }
+}
+
 /// Choices a user can make at load time.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -93,7 +132,18 @@ impl Config {
     }
 }
 
-const ARCHS: [&str; 3] = ["bitnet-b1.58", "bitnet-25", "bitnet"];
+const ARCHS: [&str; 4] = ["bitnet-b1.58", "bitnet-25", "bitnet", "llama"];
+
+/// `general.architecture`, checked against the ones the engine runs.
+fn arch_name(g: &GgufFile) -> Result<String> {
+    let arch = md(g, "general.architecture")?
+        .as_str()
+        .ok_or_else(|| Error::Metadata { key: "general.architecture".into(), reason: "not a string".into() })?;
+    if !ARCHS.contains(&arch) {
+        return Err(Error::Unsupported(format!("architecture '{arch}' (supported: {})", ARCHS.join(", "))));
+    }
+    Ok(arch.to_string())
+}
 
 fn md<'a>(g: &'a GgufFile, key: &str) -> Result<&'a Value> {
     g.get(key).ok_or_else(|| Error::Metadata { key: key.into(), reason: "missing".into() })
@@ -122,13 +172,7 @@ fn md_f32(g: &GgufFile, key: &str) -> Result<Option<f32>> {
 
 impl Config {
     pub fn from_gguf(g: &GgufFile, opts: &LoadOptions) -> Result<Self> {
-        let arch = md(g, "general.architecture")?
-            .as_str()
-            .ok_or_else(|| Error::Metadata { key: "general.architecture".into(), reason: "not a string".into() })?
-            .to_string();
-        if !ARCHS.contains(&arch.as_str()) {
-            return Err(Error::Unsupported(format!("architecture '{arch}' (supported: {})", ARCHS.join(", "))));
-        }
+        let arch = arch_name(g)?;
         let k = |s: &str| format!("{arch}.{s}");
         let n_embd = md_usize(g, &k("embedding_length"))?;
         let n_head = md_usize(g, &k("attention.head_count"))?;
@@ -155,6 +199,7 @@ impl Config {
             Some(_) => md_usize(g, &k("vocab_size"))?,
             None => token_embd.rows(),
         };
+        check_rope_scaling(g, &arch)?;
         let (activation, activation_reason) = choose_activation(g, &arch, opts)?;
         Ok(Config {
             n_vocab,
@@ -176,9 +221,10 @@ impl Config {
 }
 
 /// Microsoft's GGUFs have no activation key and mainline llama.cpp writes none either, so the
-/// activation is inferred where the file does not say: the `bitnet-b1.58` architecture is relu² by
-/// definition; for llama.cpp's `bitnet`, a byte-level BPE (Llama 3 family) vocabulary means a 2B4T-style
-/// relu² model and a SentencePiece vocabulary means the SiLU `bitnet_b1_58` models.
+/// activation is inferred where the file does not say: `llama` files are LlamaForCausalLM (SiLU); a
+/// SentencePiece vocabulary means the 1bitLLM `bitnet_b1_58` models (SiLU, whichever BitNet arch name the
+/// converter wrote); otherwise `bitnet-b1.58` is relu² by definition, and for llama.cpp's `bitnet` a
+/// byte-level BPE (Llama 3 family) vocabulary means a 2B4T-style relu² model.
 fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Activation, String)> {
     if let Some(a) = opts.activation {
         return Ok((a, "set by the user".into()));
@@ -191,10 +237,17 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
             return Ok((a, format!("metadata key {key}")));
         }
     }
+    if arch == "llama" {
+        return Ok((Activation::Silu, "architecture llama: LlamaForCausalLM's SiLU".into()));
+    }
+    let vocab = g.get("tokenizer.ggml.model").and_then(Value::as_str);
+    if vocab == Some("llama") {
+        return Ok((Activation::Silu, "no activation key; SentencePiece vocabulary means a bitnet_b1_58 model".into()));
+    }
     if arch != "bitnet" {
         return Ok((Activation::Relu2, format!("architecture {arch} implies relu²")));
     }
-    match g.get("tokenizer.ggml.model").and_then(Value::as_str) {
+    match vocab {
         Some("gpt2") => {
             Ok((Activation::Relu2, "no activation key; byte-level BPE vocabulary means a 2B4T-style model".into()))
         }
@@ -205,4 +258,18 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
             "cannot infer the activation of arch 'bitnet' (tokenizer model {other:?}): pass --activation relu2|silu"
         ))),
     }
+}
+
+/// RoPE scaling (Llama 3.1's `rope_freqs.weight`, YaRN, linear factors other than 1) is not implemented: refuse it
+/// rather than run the wrong positions. bitnet.cpp's converter writes linear scaling with factor 1 (none).
+fn check_rope_scaling(g: &GgufFile, arch: &str) -> Result<()> {
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(Error::Unsupported("RoPE frequency factors (rope_freqs.weight, Llama 3.1 style)".into()));
+    }
+    let kind = g.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
+    let factor = md_f32(g, &format!("{arch}.rope.scaling.factor"))?.unwrap_or(1.0);
+    if kind != "none" && !(kind == "linear" && factor == 1.0) {
+        return Err(Error::Unsupported(format!("RoPE scaling '{kind}' with factor {factor}")));
+    }
+    Ok(())
 }

@@ -11,22 +11,27 @@
 //! ```
 //! then `logits = rmsnorm(x, output_norm) · Eᵀ`, where `E` is `output.weight` or the tied embedding.
 //! BitLinear is exact W1.58A8: int8 per-token activations, ternary weights, one float scale per tensor.
+//!
+//! The Llama-architecture ternary family ([`Family::LlamaTernary`]) is the same block without the two sub-norms
+//! (their vectors are empty): o and down read the attention output and `act(gate) * up` as they are.
 
 pub mod config;
 
-pub use config::{Activation, Config, LoadOptions};
+pub use config::{Activation, Config, Family, LoadOptions};
 
 use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::quant;
 use crate::tensor::float::FloatMatrix;
-use crate::tensor::ternary::TernaryMatrix;
+use crate::tensor::ternary::{llama_row_of_hf_row, TernaryMatrix};
 use crate::{Error, Result};
 
 #[derive(Clone)]
 pub struct Layer {
     pub attn_norm: Vec<f32>,
+    /// Empty for a family without sub-norms ([`Family::LlamaTernary`]).
     pub attn_sub_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
+    /// Empty for a family without sub-norms ([`Family::LlamaTernary`]).
     pub ffn_sub_norm: Vec<f32>,
     pub wq: TernaryMatrix,
     pub wk: TernaryMatrix,
@@ -40,6 +45,7 @@ pub struct Layer {
 #[derive(Clone)]
 pub struct Model {
     pub config: Config,
+    pub family: Family,
     pub token_embd: FloatMatrix,
     /// The LM head when it is not tied to the embedding.
     pub output: Option<FloatMatrix>,
@@ -56,6 +62,7 @@ impl Model {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let c = Config::from_gguf(g, opts)?;
+        let (family, _) = Family::detect(g)?;
         let total = c.n_layer + 2;
         let token_embd = float_matrix(g, bytes, "token_embd.weight", c.n_embd, c.n_vocab)?;
         let output = match g.tensor("output.weight") {
@@ -66,16 +73,23 @@ impl Model {
         progress(1, total);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let mut layers = Vec::with_capacity(c.n_layer);
+        let llama = family == Family::LlamaTernary;
         for i in 0..c.n_layer {
-            let t = |n: &str, rows, cols| ternary(g, bytes, &format!("blk.{i}.{n}"), rows, cols);
+            let t = |n: &str, rows, cols| ternary(g, bytes, &format!("blk.{i}.{n}"), rows, cols, llama);
             let v = |n: &str, len| vector(g, bytes, &format!("blk.{i}.{n}.weight"), len);
+            let sub_norm = |n: &str, len| if llama { Ok(Vec::new()) } else { v(n, len) };
+            // llama.cpp's converter permuted q and k rows for its interleaved RoPE; back to NeoX order.
+            let rope_rows = |m: TernaryMatrix| match llama {
+                true => m.gather_rows(|h| llama_row_of_hf_row(h, c.head_dim)),
+                false => m,
+            };
             layers.push(Layer {
                 attn_norm: v("attn_norm", c.n_embd)?,
-                attn_sub_norm: v("attn_sub_norm", q_dim)?,
+                attn_sub_norm: sub_norm("attn_sub_norm", q_dim)?,
                 ffn_norm: v("ffn_norm", c.n_embd)?,
-                ffn_sub_norm: v("ffn_sub_norm", c.n_ff)?,
-                wq: t("attn_q", q_dim, c.n_embd)?,
-                wk: t("attn_k", kv_dim, c.n_embd)?,
+                ffn_sub_norm: sub_norm("ffn_sub_norm", c.n_ff)?,
+                wq: rope_rows(t("attn_q", q_dim, c.n_embd)?),
+                wk: rope_rows(t("attn_k", kv_dim, c.n_embd)?),
                 wv: t("attn_v", kv_dim, c.n_embd)?,
                 wo: t("attn_output", c.n_embd, q_dim)?,
                 w_gate: t("ffn_gate", c.n_ff, c.n_embd)?,
@@ -85,7 +99,12 @@ impl Model {
             progress(i + 2, total);
         }
         progress(total, total);
-        Ok(Model { config: c, token_embd, output, output_norm, layers })
+        Ok(Model { config: c, family, token_embd, output, output_norm, layers })
+    }
+
+    /// Whether the layers have attn/ffn sub-norms (every family but [`Family::LlamaTernary`]).
+    pub fn has_sub_norms(&self) -> bool {
+        self.layers.iter().all(|l| !l.attn_sub_norm.is_empty() && !l.ffn_sub_norm.is_empty())
     }
 
     /// The LM head: `output.weight`, or the embedding when tied.
@@ -125,10 +144,28 @@ fn vector(g: &GgufFile, bytes: &[u8], name: &str, len: usize) -> Result<Vec<f32>
 }
 
 /// A BitLinear weight `{name}.weight`, times the optional llama.cpp scale tensor `{name}.scale`.
-fn ternary(g: &GgufFile, bytes: &[u8], name: &str, rows: usize, cols: usize) -> Result<TernaryMatrix> {
+/// `ternary_only`: float storage must hold ternary values already (an arch `llama` file with latent float
+/// weights is an ordinary Llama model, which ternarizing would ruin).
+fn ternary(
+    g: &GgufFile,
+    bytes: &[u8],
+    name: &str,
+    rows: usize,
+    cols: usize,
+    ternary_only: bool,
+) -> Result<TernaryMatrix> {
     let wname = format!("{name}.weight");
     let t = find(g, &wname)?;
     check_shape(t, rows, cols)?;
+    if ternary_only && !crate::tensor::ternary::holds_ternary(t.ty, g.tensor_data(bytes, t)) {
+        return Err(Error::Tensor {
+            tensor: wname,
+            reason: format!(
+                "{} weights that are not ternary: an arch 'llama' file runs here only as a BitNet b1.58 model",
+                t.ty.name()
+            ),
+        });
+    }
     let mut m = TernaryMatrix::from_tensor(t.ty, g.tensor_data(bytes, t), rows, cols)
         .map_err(|e| Error::Tensor { tensor: wname.clone(), reason: e.to_string() })?;
     let sname = format!("{name}.scale");

@@ -48,6 +48,17 @@ impl TernaryMatrix {
         m
     }
 
+    /// The matrix whose row `r` is row `src(r)` of this one (`src` a permutation of the rows).
+    pub fn gather_rows(&self, src: impl Fn(usize) -> usize) -> Self {
+        let stride = self.padded_cols() / 4;
+        let mut data = Vec::with_capacity(self.data.len());
+        for r in 0..self.rows {
+            data.extend_from_slice(self.row(src(r)));
+        }
+        debug_assert_eq!(data.len(), self.rows * stride);
+        TernaryMatrix { data, ..self.clone() }
+    }
+
     /// Columns including the zero padding: a multiple of 128.
     pub fn padded_cols(&self) -> usize {
         self.cols.div_ceil(BLOCK) * BLOCK
@@ -169,14 +180,7 @@ impl TernaryMatrix {
             return Err(invalid(format!("weight {bad} is not finite")));
         }
         let amax = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        // One unit in the last place of the storage type, relative: magnitudes this close to amax are equal.
-        let ulp = match ty {
-            GgmlType::F16 => 2f32.powi(-10),
-            GgmlType::BF16 => 2f32.powi(-7),
-            _ => 2f32.powi(-23),
-        };
-        let ternary_valued = w.iter().all(|&v| v == 0.0 || amax - v.abs() <= amax * ulp);
-        let (scale, codes): (f32, Vec<i8>) = if ternary_valued {
+        let (scale, codes): (f32, Vec<i8>) = if ternary_valued(ty, &w) {
             (amax, w.iter().map(|&v| if v == 0.0 { 0 } else { v.signum() as i8 }).collect())
         } else {
             absmean_ternarize(&w)
@@ -275,4 +279,43 @@ fn encode_tq1_0(codes: &[i8]) -> [u8; 52] {
         q[byte] += (t + 1) as u16 * 3u16.pow(4 - n as u32);
     }
     q.map(|q| (q * 256).div_ceil(243) as u8)
+}
+
+/// Whether float weights are ternary-valued ({-s, 0, +s}): all non-zero magnitudes equal up to the storage rounding.
+fn ternary_valued(ty: GgmlType, w: &[f32]) -> bool {
+    let amax = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    // One unit in the last place of the storage type, relative: magnitudes this close to amax are equal.
+    let ulp = match ty {
+        GgmlType::F16 => 2f32.powi(-10),
+        GgmlType::BF16 => 2f32.powi(-7),
+        _ => 2f32.powi(-23),
+    };
+    w.iter().all(|&v| v == 0.0 || amax - v.abs() <= amax * ulp)
+}
+
+/// Whether a tensor holds ternary weights: a ternary type (I2_S, TQ1_0, TQ2_0), or floats that are ternary-valued
+/// (not latent master weights). Undecodable data answers false.
+pub fn holds_ternary(ty: GgmlType, data: &[u8]) -> bool {
+    match ty {
+        GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0 => true,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let mut w = vec![0.0f32; data.len() / ty.block_bytes() * ty.block_size()];
+            quant::dequantize(ty, data, &mut w).is_ok() && ternary_valued(ty, &w)
+        }
+        _ => false,
+    }
+}
+
+/// llama.cpp's converter stores each head's q/k rows in the order its interleaved RoPE rotates (`permute` in
+/// convert_hf_to_gguf.py): row `2i + j` of a head in the file is Hugging Face's row `j * head_dim/2 + i` (the
+/// NeoX order every backend here rotates in). The Hugging Face row that file row `r` holds:
+pub fn hf_row_of_llama_row(r: usize, head_dim: usize) -> usize {
+    let (head, within) = (r / head_dim, r % head_dim);
+    head * head_dim + (within % 2) * (head_dim / 2) + within / 2
+}
+
+/// The inverse of [`hf_row_of_llama_row`]: the file row that holds Hugging Face row `h`.
+pub fn llama_row_of_hf_row(h: usize, head_dim: usize) -> usize {
+    let (head, within, half) = (h / head_dim, h % head_dim, head_dim / 2);
+    head * head_dim + 2 * (within % half) + within / half
 }

@@ -1,19 +1,25 @@
 //! Text to token ids and back, built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Only byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`: Llama 3 / BitNet 2B4T, SmolLM, GPT-2) are
-//! supported. The BPE itself is Hugging Face's `tokenizers` crate, assembled here from the GGUF arrays, so the ids are
+//! Two kinds of vocabulary, as llama.cpp names them in `tokenizer.ggml.model`:
+//! - `gpt2`: byte-level BPE (Llama 3 / BitNet 2B4T, Falcon3, SmolLM, GPT-2), from tokens and merges;
+//! - `llama`: SentencePiece BPE (LLaMA / LLaMA-2, the 1bitLLM `bitnet_b1_58` models), from tokens and scores:
+//!   spaces become `▁`, one `▁` is prepended to each stretch of text (the "dummy prefix"), pieces merge best score
+//!   first, and characters outside the vocabulary fall back to `<0xNN>` byte tokens.
+//!
+//! The BPE itself is Hugging Face's `tokenizers` crate, assembled here from the GGUF arrays, so the ids are
 //! the ones the model was trained with; what this module adds is the mapping from llama.cpp's metadata conventions
-//! (pre-tokenizer names, token types, BOS rules, end-of-generation tokens) and byte-exact detokenization.
+//! (pre-tokenizer names, token types, scores, BOS rules, end-of-generation tokens) and byte-exact detokenization.
 
 use crate::format::gguf::Value;
 use crate::text::chat::{self, ChatMessage};
 use crate::{Error, Result};
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// Llama 3's pre-tokenizer split (as in its tokenizer.json; llama.cpp's `llama-bpe` is the same expression).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -21,11 +27,25 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Token texts that end a generation whatever the vocabulary's eos/eot ids say (chat models stop on these).
 const END_TEXTS: [&str; 5] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
 
-// llama.cpp token types (tokenizer.ggml.token_type).
+// llama.cpp token types (tokenizer.ggml.token_type), the same numbers as SentencePiece's piece types.
 const TYPE_NORMAL: u64 = 1;
-const TYPE_UNUSED: u64 = 5;
+const TYPE_UNKNOWN: u64 = 2;
 const TYPE_CONTROL: u64 = 3;
 const TYPE_USER_DEFINED: u64 = 4;
+const TYPE_UNUSED: u64 = 5;
+const TYPE_BYTE: u64 = 6;
+
+/// SentencePiece's stand-in for a space.
+const SPM_SPACE: char = '▁';
+
+/// The kind of vocabulary: llama.cpp's `tokenizer.ggml.model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `gpt2`: byte-level BPE with this pre-tokenizer.
+    ByteLevel(Pre),
+    /// `llama`: SentencePiece BPE; `space_prefix` is `tokenizer.ggml.add_space_prefix` (default true).
+    SentencePiece { space_prefix: bool },
+}
 
 /// The pre-tokenizers we know, named as llama.cpp's `tokenizer.ggml.pre`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,22 +86,24 @@ pub struct Tokenizer {
     bpe: tokenizers::Tokenizer,
     /// Token texts by id, as stored in the GGUF (byte-level alphabet for normal tokens).
     tokens: Vec<String>,
-    /// Control and user-defined tokens: their text is literal, not in the byte-level alphabet.
-    literal: Vec<bool>,
+    /// llama.cpp token types by id.
+    types: Vec<u64>,
     bos: Option<u32>,
     eos: Option<u32>,
     /// Every id that ends a generation.
     end_ids: Vec<u32>,
     add_bos: bool,
-    pre: Pre,
+    kind: Kind,
     chat_template: Option<String>,
-    /// Control-token texts, longest first, each with the ids of the same text tokenized as plain text:
-    /// what a chat message's content becomes when it contains one (see `encode_chat`).
-    control_as_text: Vec<(String, Vec<u32>)>,
+    /// Control (and unknown) token texts, longest first, with their ids: the tokens a chat template writes, and
+    /// the texts a chat message may not turn into tokens (see `encode_chat`).
+    specials: Vec<(String, u32)>,
+    /// The tokenizer without those special tokens: text in which control-token text is just text.
+    plain: tokenizers::Tokenizer,
 }
 
 /// Stand-ins for control-token text inside chat messages while the template renders (`encode_chat`):
-/// private-use characters, the `k`-th of `control_as_text` being `base + k`, the base being the first of
+/// private-use characters, the `k`-th of `specials` being `base + k`, the base being the first of
 /// these ranges that no character of the conversation falls in (so that no message can type a marker).
 const MARKER_BASES: [u32; 4] = [0xF0000, 0xF8000, 0x100000, 0x108000];
 const MARKERS: u32 = 0x7FFE;
@@ -89,17 +111,11 @@ const MARKERS: u32 = 0x7FFE;
 impl Tokenizer {
     /// Build from GGUF metadata (`tokenizer.ggml.*` keys), the only source at run time.
     pub fn from_metadata(md: &[(String, Value)]) -> Result<Tokenizer> {
-        match get_str(md, "tokenizer.ggml.model")? {
-            Some("gpt2") => {}
-            Some("llama") => {
-                return Err(Error::Unsupported(
-                    "SentencePiece tokenizers (tokenizer.ggml.model = 'llama') are not supported yet; \
-                     only byte-level BPE ('gpt2') vocabularies are"
-                        .into(),
-                ))
-            }
-            Some(other) => return Err(Error::Unsupported(format!("tokenizer model '{other}'"))),
-            None => return Err(missing("tokenizer.ggml.model")),
+        let model = get_str(md, "tokenizer.ggml.model")?.ok_or_else(|| missing("tokenizer.ggml.model"))?;
+        if !["gpt2", "llama"].contains(&model) {
+            return Err(Error::Unsupported(format!(
+                "tokenizer.ggml.model '{model}' (supported: gpt2 = byte-level BPE, llama = SentencePiece)"
+            )));
         }
         let tokens = get_strings(md, "tokenizer.ggml.tokens")?.ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
         let types = match get_array(md, "tokenizer.ggml.token_type")? {
@@ -115,11 +131,19 @@ impl Tokenizer {
                 .collect::<Result<Vec<_>>>()?,
             None => vec![TYPE_NORMAL; tokens.len()],
         };
-        let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
-        let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
-
-        let (bpe, control_as_text) = build_bpe(&tokens, &types, &merges, pre)?;
-        let literal = types.iter().map(|&t| t == TYPE_CONTROL || t == TYPE_USER_DEFINED).collect();
+        let (kind, model) = if model == "llama" {
+            let space_prefix = match get(md, "tokenizer.ggml.add_space_prefix") {
+                Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_space_prefix", "not a bool"))?,
+                None => true,
+            };
+            let kind = Kind::SentencePiece { space_prefix };
+            (kind, spm_model(&tokens, &types, &get_scores(md, tokens.len())?)?)
+        } else {
+            let merges = get_strings(md, "tokenizer.ggml.merges")?.unwrap_or_default();
+            let pre = resolve_pre(get_str(md, "tokenizer.ggml.pre")?, &tokens)?;
+            (Kind::ByteLevel(pre), bpe_model(&tokens, &merges, pre)?)
+        };
+        let (bpe, plain, specials) = build_tokenizer(model, kind, &tokens, &types)?;
         let token_id = |key: &str| -> Result<Option<u32>> {
             match get(md, key).map(|v| v.as_u64()) {
                 None => Ok(None),
@@ -140,10 +164,11 @@ impl Tokenizer {
         }
         let add_bos = match get(md, "tokenizer.ggml.add_bos_token") {
             Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_bos_token", "not a bool"))?,
-            None => pre == Pre::Llama3,
+            // llama.cpp's defaults: SentencePiece and Llama 3 vocabularies start with BOS.
+            None => matches!(kind, Kind::ByteLevel(Pre::Llama3) | Kind::SentencePiece { .. }),
         } && bos.is_some(); // a file may ask for BOS without saying which token it is
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, literal, bos, eos, end_ids, add_bos, pre, chat_template, control_as_text })
+        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, specials, plain })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -154,16 +179,29 @@ impl Tokenizer {
     }
 
     /// The text of `ids`; special tokens appear as their text. Bytes that are not UTF-8 become U+FFFD.
+    /// SentencePiece: the space the dummy prefix put before the first token is removed (as HF and llama.cpp do),
+    /// so that `decode(encode(text))` is `text`.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id)).collect();
+        let mut bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id)).collect();
+        let first_is_text = ids.first().is_some_and(|&id| self.types.get(id as usize) == Some(&TYPE_NORMAL));
+        if self.kind == (Kind::SentencePiece { space_prefix: true }) && first_is_text && bytes.first() == Some(&b' ') {
+            bytes.remove(0);
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The raw bytes one token stands for (a piece of a UTF-8 character, possibly); empty for an unknown id.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(text) = self.tokens.get(id as usize) else { return Vec::new() };
-        if self.literal[id as usize] {
+        let ty = self.types[id as usize];
+        if ty != TYPE_NORMAL && ty != TYPE_BYTE && ty != TYPE_UNUSED {
             return text.as_bytes().to_vec();
+        }
+        if let Kind::SentencePiece { .. } = self.kind {
+            return match ty {
+                TYPE_BYTE => byte_token(text).map(|b| vec![b]).unwrap_or_default(),
+                _ => text.replace(SPM_SPACE, " ").into_bytes(),
+            };
         }
         let mut out = Vec::with_capacity(text.len());
         for c in text.chars() {
@@ -188,7 +226,8 @@ impl Tokenizer {
         self.eos
     }
 
-    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; without it, true for Llama 3 vocabularies).
+    /// Whether prompts start with BOS (`tokenizer.ggml.add_bos_token`; without it, true for Llama 3 and
+    /// SentencePiece vocabularies).
     pub fn add_bos(&self) -> bool {
         self.add_bos
     }
@@ -198,9 +237,9 @@ impl Tokenizer {
         self.end_ids.contains(&id)
     }
 
-    /// Control and user-defined tokens (`<|eot_id|>`): their text is not text the model writes.
+    /// Control, user-defined and unknown tokens (`<|eot_id|>`): their text is not text the model writes.
     pub fn is_special(&self, id: u32) -> bool {
-        self.literal.get(id as usize).copied().unwrap_or(false)
+        matches!(self.types.get(id as usize), Some(&(TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNKNOWN)))
     }
 
     /// The token's text as stored in the vocabulary (byte-level alphabet for normal tokens: "Ġworld").
@@ -208,20 +247,51 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The pre-tokenizer in use, by its llama.cpp name.
+    /// The pre-tokenizer in use, by its llama.cpp name ("default" for SentencePiece, which has none).
     pub fn pre(&self) -> &str {
-        self.pre.name()
+        match self.kind {
+            Kind::ByteLevel(pre) => pre.name(),
+            Kind::SentencePiece { .. } => "default",
+        }
+    }
+
+    /// The vocabulary kind, as `tokenizer.ggml.model` names it: "gpt2" (byte-level BPE) or "llama" (SentencePiece).
+    pub fn model(&self) -> &str {
+        match self.kind {
+            Kind::ByteLevel(_) => "gpt2",
+            Kind::SentencePiece { .. } => "llama",
+        }
     }
 
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
 
-    /// The conversation as prompt text, by the model's template (or BitNet 2B4T's when the file has none).
+    /// The chat template in use, and why: the file's `tokenizer.chat_template`; else BitNet 2B4T's when the
+    /// vocabulary has its `<|eot_id|>` (Microsoft's GGUF carries none); else none (a base model: an error to chat).
+    pub fn template_choice(&self) -> (Option<&str>, &'static str) {
+        if let Some(t) = self.chat_template() {
+            return (Some(t), "tokenizer.chat_template of the file");
+        }
+        if self.tokens.iter().any(|t| t == "<|eot_id|>") {
+            return (
+                Some(chat::BITNET_TEMPLATE),
+                "none in the file; BitNet b1.58 2B4T's (the vocabulary has <|eot_id|>)",
+            );
+        }
+        (None, "none in the file, and the vocabulary is not 2B4T's: a base model, no chat")
+    }
+
+    fn template(&self) -> Result<&str> {
+        self.template_choice().0.ok_or_else(|| {
+            Error::Template("the model file has no chat template (tokenizer.chat_template): use a plain prompt".into())
+        })
+    }
+
+    /// The conversation as prompt text, by the model's template (see `template_choice`).
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let text_of = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("");
-        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
-        chat::render(template, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
+        chat::render(self.template()?, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
     }
 
     /// The conversation as prompt ids. BOS is added per `add_bos()` unless the template already wrote it.
@@ -251,26 +321,47 @@ impl Tokenizer {
         };
         let bos_written = self.bos.and_then(|id| self.token_text(id)).is_some_and(|bos| text.starts_with(bos));
         let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos && !bos_written).into_iter().collect();
-        // The template's text with its control tokens; each marker is the plain-text ids of the text it stands for.
-        let mut rest = text.as_str();
-        let marker_at = |(i, c): (usize, char)| {
-            let k = (c as u32).checked_sub(base?)? as usize;
-            self.control_as_text.get(k).map(|(_, plain)| (i, c.len_utf8(), plain))
+        let Some(base) = base else {
+            ids.extend(self.encode(&text, false)?);
+            return Ok(ids);
         };
-        while let Some((at, len, plain)) = rest.char_indices().find_map(marker_at) {
-            ids.extend(self.encode(&rest[..at], false)?);
-            ids.extend(plain);
-            rest = &rest[at + len..];
+        // The template's control tokens split the text into runs, as a tokenizer splits at special tokens; in a
+        // run, each marker is the control-token text a message typed, tokenized as text in its context.
+        let firsts: std::collections::HashSet<char> =
+            self.specials.iter().filter_map(|(t, _)| t.chars().next()).collect();
+        let (mut run, mut rest) = (String::new(), text.as_str());
+        while let Some(c) = rest.chars().next() {
+            let special = firsts.contains(&c).then(|| self.specials.iter().find(|(t, _)| rest.starts_with(t.as_str())));
+            if let Some(Some((t, id))) = special {
+                ids.extend(self.encode_plain(&run)?);
+                run.clear();
+                ids.push(*id);
+                rest = &rest[t.len()..];
+                continue;
+            }
+            let marked = (c as u32).checked_sub(base).and_then(|k| self.specials.get(k as usize));
+            match marked {
+                Some((t, _)) => run.push_str(t),
+                None => run.push(c),
+            }
+            rest = &rest[c.len_utf8()..];
         }
-        ids.extend(self.encode(rest, false)?);
+        ids.extend(self.encode_plain(&run)?);
         Ok(ids)
+    }
+
+    /// Ids of `text` with no special tokens recognised (SentencePiece: with the dummy prefix, as after a control
+    /// token).
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.plain.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// The first of MARKER_BASES whose markers appear nowhere in the conversation or the template.
     fn marker_base(&self, messages: &[ChatMessage]) -> Result<u32> {
-        let template = self.chat_template().unwrap_or(chat::BITNET_TEMPLATE);
+        let template = self.template()?;
         let texts = || messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).chain([template]);
-        let n = self.control_as_text.len() as u32;
+        let n = self.specials.len() as u32;
         let free = |base: u32| !texts().flat_map(str::chars).any(|c| (base..base + n).contains(&(c as u32)));
         MARKER_BASES.into_iter().find(|&base| free(base)).ok_or_else(|| {
             Error::Invalid("the chat messages use every private-use character range the tokenizer needs".into())
@@ -280,7 +371,7 @@ impl Tokenizer {
     /// `text` with each control-token text replaced by its marker character.
     fn mark_control_text(&self, text: &str, base: u32) -> String {
         let mut out = text.to_owned();
-        for (k, (control, _)) in self.control_as_text.iter().enumerate() {
+        for (k, (control, _)) in self.specials.iter().enumerate() {
             if out.contains(control.as_str()) {
                 if let Some(marker) = char::from_u32(base + k as u32) {
                     out = out.replace(control.as_str(), marker.encode_utf8(&mut [0; 4]));
@@ -295,56 +386,112 @@ impl Tokenizer {
 /// (Microsoft's 2B4T GGUF has no `pre` key).
 fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
     match pre {
-        Some("llama-bpe" | "llama3") => Ok(Pre::Llama3),
+        // Falcon3's pre-tokenizer is the Llama 3 split (llama.cpp maps `falcon3` to it).
+        Some("llama-bpe" | "llama3" | "falcon3") => Ok(Pre::Llama3),
         Some("smollm") => Ok(Pre::SmolLm),
         Some("gpt2" | "default") => Ok(Pre::Gpt2),
         Some(other) => Err(Error::Unsupported(format!(
-            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, smollm, gpt2, default)"
+            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, falcon3, smollm, gpt2, default)"
         ))),
         None if tokens.get(128000).is_some_and(|t| t == "<|begin_of_text|>") => Ok(Pre::Llama3),
         None => Ok(Pre::Gpt2),
     }
 }
 
-/// The BPE tokenizer, and each control token's text (longest first, at most MARKERS of them) with its ids as
-/// plain text.
-type Built = (tokenizers::Tokenizer, Vec<(String, Vec<u32>)>);
+/// The tokenizer, the same without special tokens, and the special tokens' texts and ids (longest first, at most
+/// MARKERS of them).
+type Built = (tokenizers::Tokenizer, tokenizers::Tokenizer, Vec<(String, u32)>);
 
-fn build_bpe(tokens: &[String], types: &[u64], merges: &[String], pre: Pre) -> Result<Built> {
+/// Token text → id; a duplicated text keeps its first id, as llama.cpp's token_to_id does.
+fn vocab_of(tokens: &[String]) -> Vocab {
     let mut vocab = Vocab::default();
     for (id, text) in tokens.iter().enumerate() {
-        // A duplicated text keeps its first id, as llama.cpp's token_to_id does.
         vocab.entry(text.clone()).or_insert(id as u32);
     }
+    vocab
+}
+
+fn bpe_error(e: tokenizers::Error) -> Error {
+    Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}"))
+}
+
+/// Byte-level BPE from the GGUF's merges.
+fn bpe_model(tokens: &[String], merges: &[String], pre: Pre) -> Result<BPE> {
     let merges = merges.iter().map(|m| split_merge(m)).collect::<Result<Merges>>()?;
-    let model = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(pre == Pre::Llama3)
-        .build()
-        .map_err(|e| Error::Tokenizer(format!("building the BPE from the GGUF vocabulary: {e}")))?;
+    let builder = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).ignore_merges(pre == Pre::Llama3);
+    builder.build().map_err(bpe_error)
+}
+
+/// SentencePiece BPE as a `tokenizers` BPE, the way Hugging Face converts a SentencePiece model (transformers'
+/// `SpmConverter`): every split of a normal piece into two normal pieces is a merge, ranked by the score of the
+/// merged piece (best first), then by its id. llama.cpp's tokenizer merges the best-scoring adjacent pair at each
+/// step, which is the same order. Characters no piece covers become `<0xNN>` byte tokens.
+fn spm_model(tokens: &[String], types: &[u64], scores: &[f32]) -> Result<BPE> {
+    let normal: std::collections::HashMap<&str, usize> =
+        (0..tokens.len()).filter(|&i| types[i] == TYPE_NORMAL).map(|i| (tokens[i].as_str(), i)).collect();
+    let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (&piece, &id) in &normal {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if normal.contains_key(left) && normal.contains_key(right) {
+                ranked.push((scores[id], id, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)));
+    let merges: Merges = ranked.into_iter().map(|(_, _, l, r)| (l.to_owned(), r.to_owned())).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = types.iter().position(|&t| t == TYPE_UNKNOWN) {
+        builder = builder.unk_token(tokens[unk].clone());
+    }
+    builder.build().map_err(bpe_error)
+}
+
+/// `<0x41>` → 0x41.
+fn byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 2)
+}
+
+/// The tokenizer around the BPE model: byte-level pre-tokenizer, or SentencePiece's space handling; special tokens.
+fn build_tokenizer(model: BPE, kind: Kind, tokens: &[String], types: &[u64]) -> Result<Built> {
     let mut tk = tokenizers::Tokenizer::new(model);
-    tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
-    // Before the control tokens are added, their text tokenizes as plain text.
-    let mut controls: Vec<&String> =
-        types.iter().zip(tokens).filter(|(&t, text)| t == TYPE_CONTROL && !text.is_empty()).map(|x| x.1).collect();
-    controls.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    controls.truncate(MARKERS as usize);
-    let control_as_text = controls
-        .into_iter()
-        .map(|text| {
-            let enc = tk.encode_fast(text.as_str(), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            Ok((text.clone(), enc.get_ids().to_vec()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // Control and user-defined tokens are matched in the raw text before any splitting.
-    let added = |want: u64, special: bool| -> Vec<AddedToken> {
-        let picked = types.iter().zip(tokens).filter(|(&t, _)| t == want);
+    match kind {
+        Kind::ByteLevel(pre) => {
+            tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+        }
+        Kind::SentencePiece { space_prefix } => {
+            // Spaces become ▁, then one ▁ goes before each stretch of text between special tokens (HF's legacy
+            // LLaMA tokenizer; llama.cpp adds it after every special token too). Empty text stays empty.
+            let space = Replace::new(" ", SPM_SPACE.to_string())
+                .map_err(|e| Error::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+            let mut steps: Vec<NormalizerWrapper> = vec![space.into()];
+            if space_prefix {
+                steps.push(Prepend::new(SPM_SPACE.to_string()).into());
+            }
+            tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(steps)))
+                .map_err(|e| Error::Tokenizer(format!("SentencePiece normalizer: {e}")))?;
+        }
+    }
+    // Control, unknown and user-defined tokens are matched in the raw text before any splitting (llama.cpp's
+    // special-token cache; HF lists <unk>, <s>, </s> of LLaMA as added tokens). `plain` has the user-defined ones.
+    let added = |want: &[u64], special: bool| -> Vec<AddedToken> {
+        let picked = types.iter().zip(tokens).filter(|(t, text)| want.contains(t) && !text.is_empty());
         picked.map(|(_, text)| AddedToken::from(text.as_str(), special).normalized(false)).collect()
     };
     let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(format!("adding special tokens: {e}"));
-    tk.add_special_tokens(added(TYPE_CONTROL, true)).map_err(tokenizer_err)?;
-    tk.add_tokens(added(TYPE_USER_DEFINED, false)).map_err(tokenizer_err)?;
-    Ok((tk, control_as_text))
+    tk.add_tokens(added(&[TYPE_USER_DEFINED], false)).map_err(tokenizer_err)?;
+    let plain = tk.clone();
+    tk.add_special_tokens(added(&[TYPE_CONTROL, TYPE_UNKNOWN], true)).map_err(tokenizer_err)?;
+    let mut specials: Vec<(String, u32)> = (0..tokens.len())
+        .filter(|&i| (types[i] == TYPE_CONTROL || types[i] == TYPE_UNKNOWN) && !tokens[i].is_empty())
+        .map(|i| (tokens[i].clone(), i as u32))
+        .collect();
+    // Longest first (a text that starts another matches whole); a repeated text keeps its first id.
+    specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+    specials.dedup_by(|a, b| a.0 == b.0);
+    specials.truncate(MARKERS as usize);
+    Ok((tk, plain, specials))
 }
 
 /// "a b" → ("a", "b"); the separator is the first space after the first character, as in llama.cpp.
@@ -441,6 +588,9 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     if model["type"] != "BPE" {
         return Err(Error::Unsupported(format!("tokenizer.json model type {} (only BPE)", model["type"])));
     }
+    if model["byte_fallback"].as_bool() == Some(true) {
+        return spm_metadata_from_hf(&tj, &config);
+    }
     let pre = hf_pre(&tj["pre_tokenizer"])
         .ok_or_else(|| Error::Unsupported(format!("tokenizer.json pre_tokenizer {}", tj["pre_tokenizer"])))?;
     let plain_bpe = tj["normalizer"].is_null()
@@ -456,21 +606,100 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
 
     let (tokens, types) = hf_tokens(&tj)?;
     let merges = hf_merges(model)?;
-
-    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
-    // Special tokens in tokenizer_config.json are a string or an AddedToken object.
-    let config_token = |key: &str| config[key].as_str().or_else(|| config[key]["content"].as_str()).map(str::to_owned);
-    let prepended = hf_prepended_token(&tj["post_processor"]);
-    let bos_text = config_token("bos_token").or_else(|| prepended.clone());
-    let add_bos = config["add_bos_token"].as_bool().unwrap_or(prepended.is_some() && prepended == bos_text);
-
-    let mut md = vec![
+    let md = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_owned(), Value::Str(pre.name().into())),
         ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens.iter().cloned().map(Value::Str).collect())),
         ("tokenizer.ggml.token_type".to_owned(), Value::Array(types.iter().map(|&t| Value::I32(t as i32)).collect())),
         ("tokenizer.ggml.merges".to_owned(), Value::Array(merges)),
     ];
+    Ok(with_special_ids(md, &tokens, &tj, &config))
+}
+
+/// A SentencePiece BPE tokenizer.json (LLaMA's: `byte_fallback`, spaces as `▁` with a dummy prefix) as llama.cpp's
+/// `llama` vocabulary. tokenizer.json has merges but no scores; llama.cpp merges by score, so each piece gets
+/// minus the rank of the first merge that makes it (pieces no merge makes come after, in id order): the merge
+/// order of the file, which Hugging Face's converter derived from the SentencePiece scores in the first place.
+fn spm_metadata_from_hf(tj: &serde_json::Value, config: &serde_json::Value) -> Result<Vec<(String, Value)>> {
+    if !hf_spm_spaces(&tj["normalizer"], &tj["pre_tokenizer"]) {
+        return Err(Error::Unsupported(format!(
+            "tokenizer.json with byte_fallback: normalizer {} and pre_tokenizer {} are not LLaMA's SentencePiece \
+             space handling",
+            tj["normalizer"], tj["pre_tokenizer"]
+        )));
+    }
+    let (tokens, mut types) = hf_tokens(tj)?;
+    let unk = tj["model"]["unk_token"].as_str();
+    for (text, ty) in tokens.iter().zip(types.iter_mut()) {
+        if byte_token(text).is_some() && text.len() == 6 {
+            *ty = TYPE_BYTE;
+        } else if Some(text.as_str()) == unk {
+            *ty = TYPE_UNKNOWN;
+        }
+    }
+    let mut first_merge: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (rank, m) in hf_merges(&tj["model"])?.iter().enumerate() {
+        let merge = m.as_str().unwrap_or_default();
+        let (a, b) = split_merge(merge)?;
+        first_merge.entry(a + &b).or_insert(rank);
+    }
+    let n_merges = first_merge.len();
+    let scores: Vec<Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .map(|(id, (text, &ty))| match (ty, first_merge.get(text)) {
+            (TYPE_NORMAL, Some(&rank)) => Value::F32(-(rank as f32) - 1.0),
+            (TYPE_NORMAL, None) => Value::F32(-((n_merges + id) as f32) - 1.0),
+            _ => Value::F32(0.0),
+        })
+        .collect();
+    let md = vec![
+        ("tokenizer.ggml.model".to_owned(), Value::Str("llama".into())),
+        ("tokenizer.ggml.pre".to_owned(), Value::Str("default".into())),
+        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens.iter().cloned().map(Value::Str).collect())),
+        ("tokenizer.ggml.scores".to_owned(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types.iter().map(|&t| Value::I32(t as i32)).collect())),
+        ("tokenizer.ggml.add_space_prefix".to_owned(), Value::Bool(true)),
+    ];
+    Ok(with_special_ids(md, &tokens, tj, config))
+}
+
+/// LLaMA's space handling in tokenizer.json: the published form (normalizer Prepend("▁") and Replace(" ", "▁"),
+/// no pre-tokenizer) or transformers 5's (normalizer Replace(" ", "▁"), pre-tokenizer Metaspace, prepend always).
+fn hf_spm_spaces(normalizer: &serde_json::Value, pre: &serde_json::Value) -> bool {
+    let steps = |v: &serde_json::Value, key: &str| match v["type"].as_str() {
+        Some("Sequence") => v[key].as_array().cloned().unwrap_or_default(),
+        Some(_) => vec![v.clone()],
+        None => vec![],
+    };
+    let space = |n: &serde_json::Value| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁";
+    let norm = steps(normalizer, "normalizers");
+    let published = pre.is_null()
+        && norm.len() == 2
+        && norm.iter().any(space)
+        && norm.iter().any(|n| n["type"] == "Prepend" && n["prepend"] == "▁");
+    let pres = steps(pre, "pretokenizers");
+    let metaspace = |p: &serde_json::Value| {
+        p["type"] == "Metaspace" && p["replacement"] == "▁" && p["prepend_scheme"] == "always" && p["split"] == false
+    };
+    let v5 = norm.first().is_some_and(space) && pres.len() == 1 && metaspace(&pres[0]);
+    published || v5
+}
+
+/// `md` plus BOS/EOS/padding ids, add_bos and the chat template from tokenizer_config.json (or the post-processor).
+fn with_special_ids(
+    mut md: Vec<(String, Value)>,
+    tokens: &[String],
+    tj: &serde_json::Value,
+    config: &serde_json::Value,
+) -> Vec<(String, Value)> {
+    let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    // Special tokens in tokenizer_config.json are a string or an AddedToken object.
+    let config_token = |key: &str| config[key].as_str().or_else(|| config[key]["content"].as_str()).map(str::to_owned);
+    let prepended = hf_prepended_token(&tj["post_processor"]);
+    let bos_text = config_token("bos_token").or_else(|| prepended.clone());
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or(prepended.is_some() && prepended == bos_text);
     let ids = [
         ("tokenizer.ggml.bos_token_id", bos_text),
         ("tokenizer.ggml.eos_token_id", config_token("eos_token")),
@@ -485,7 +714,7 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     if let Some(template) = hf_chat_template(&config["chat_template"]) {
         md.push(("tokenizer.chat_template".to_owned(), Value::Str(template)));
     }
-    Ok(md)
+    md
 }
 
 /// Token texts and llama.cpp token types by id: the model's vocabulary, then the added tokens (which may repeat
@@ -597,6 +826,18 @@ fn get_str<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a str>> 
 
 fn get_array<'a>(md: &'a [(String, Value)], key: &str) -> Result<Option<&'a [Value]>> {
     get(md, key).map(|v| v.as_array().ok_or_else(|| bad(key, "not an array"))).transpose()
+}
+
+/// `tokenizer.ggml.scores`: one f32 per token (SentencePiece's merge priorities).
+fn get_scores(md: &[(String, Value)], n_tokens: usize) -> Result<Vec<f32>> {
+    let key = "tokenizer.ggml.scores";
+    let values = get_array(md, key)?.ok_or_else(|| missing(key))?;
+    if values.len() != n_tokens {
+        return Err(bad(key, format!("{} entries for {} tokens", values.len(), n_tokens)));
+    }
+    let score =
+        |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| !x.is_nan()).ok_or_else(|| bad(key, "not all numbers"));
+    values.iter().map(score).collect()
 }
 
 fn get_strings(md: &[(String, Value)], key: &str) -> Result<Option<Vec<String>>> {

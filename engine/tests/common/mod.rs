@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bitnet_engine::format::gguf::GgufFile;
 use bitnet_engine::format::quant::GgmlType;
-use bitnet_engine::model::{Activation, Config, Layer, LoadOptions, Model};
+use bitnet_engine::model::{Activation, Config, Family, Layer, LoadOptions, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
 use bitnet_engine::tensor::ternary::TernaryMatrix;
 use bitnet_engine::text::tokenizer::Tokenizer;
@@ -114,5 +114,5 @@ pub fn random_2b4t() -> Model {
     });
     let token_embd =
         FloatMatrix { ty: GgmlType::F16, rows: c.n_vocab, cols: c.n_embd, row_bytes: c.n_embd * 2, data: embd };
-    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c }
+    Model { output_norm: vec![1.0; c.n_embd], token_embd, output: None, layers, config: c, family: Family::BitNet }
 }

@@ -218,6 +218,28 @@ fn norm_quantize(
     }
 }
 
+/// `norm_quantize` for a sub-norm slot of `d` columns: a family without sub-norms (empty `w`) quantizes `x` as
+/// it is.
+#[allow(clippy::too_many_arguments)]
+fn sub_norm_quantize(
+    x: &[f32],
+    w: &[f32],
+    d: usize,
+    eps: f32,
+    n: usize,
+    tmp: &mut [f32],
+    xq: &mut [i8],
+    stride: usize,
+    s: &mut [f32],
+) {
+    if !w.is_empty() {
+        return norm_quantize(x, w, eps, n, tmp, xq, stride, s);
+    }
+    for t in 0..n {
+        s[t] = kernels::quantize_activations(&x[t * d..(t + 1) * d], &mut xq[t * stride..(t + 1) * stride]);
+    }
+}
+
 /// NeoX-style rotary embedding of one head: element i pairs with i + rope_dim/2. The halves are zipped, so
 /// the loop has no bounds checks and the compiler may vectorize it.
 fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -291,7 +313,8 @@ impl CpuModel {
                 state.store_kv(l, row.pos, kk, &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
             attention(k, c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
-            norm_quantize(&s.att, &w.attn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wo.padded_cols(), &mut s.sx);
+            let (att, xn, xq) = (&s.att, &mut s.xn, &mut s.xq);
+            sub_norm_quantize(att, &w.attn_sub_norm, q_dim, c.eps, n, xn, xq, w.wo.padded_cols(), &mut s.sx);
             bitlinear(k, [&w.wo], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
             s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
 
@@ -305,7 +328,8 @@ impl CpuModel {
                 };
                 *g = a * u;
             }
-            norm_quantize(&s.gate, &w.ffn_sub_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_down.padded_cols(), &mut s.sx);
+            let (gate, xn, xq) = (&s.gate, &mut s.xn, &mut s.xq);
+            sub_norm_quantize(gate, &w.ffn_sub_norm, n_ff, c.eps, n, xn, xq, w.w_down.padded_cols(), &mut s.sx);
             bitlinear(k, [&w.w_down], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
             s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
         }

@@ -40,6 +40,8 @@ pub struct Epilogue {
     pub kv_dim: i32,
     pub rope_half: i32,
     pub silu: i32,
+    pub row_pos: u64,
+    pub row_kv: u64,
 }
 
 // SAFETY: plain old data with the C layout of the kernel parameter it is passed as.
@@ -62,12 +64,29 @@ const PQ: usize = 16;
 const PK: usize = 32;
 /// Keys per block of the decode attention kernel (DEC_CHUNK).
 pub const DEC_CHUNK: usize = 128;
+/// Tokens sharing a block of the LM head, at most (HEAD_TOKENS in head.cu).
+const HEAD_TOKENS: usize = 8;
 
+/// Where the queries of a decode attention are: one sequence's token (position `params[1]`, the caches
+/// passed along), or `rows` tokens of as many sequences (`row_pos`, `row_kv`: see attention.cu). `chunks`:
+/// the key chunks of the longest row.
+pub struct DecodeRows {
+    pub params: u64,
+    pub row_pos: u64,
+    pub row_kv: u64,
+    pub rows: usize,
+    pub chunks: usize,
+}
+
+/// The compiled kernels, launched on one stream (each sequence has its own: [`Kernels::on`]).
+#[derive(Clone)]
 pub struct Kernels {
     stream: Arc<CudaStream>,
     pub sms: u32,
     /// The dynamic shared memory of a block of `bitlinear_gemv`, at most.
     max_smem: usize,
+    /// The same for `lm_head_rows`.
+    head_smem: usize,
     /// Launch with programmatic dependent launch (see common.cuh), on by default on sm_90+.
     pdl: bool,
     norm_quant_rows: CudaFunction,
@@ -77,6 +96,7 @@ pub struct Kernels {
     attn_prefill: CudaFunction,
     embed: CudaFunction,
     lm_head: CudaFunction,
+    lm_head_rows: CudaFunction,
 }
 
 fn i(v: usize) -> i32 {
@@ -133,10 +153,12 @@ impl Kernels {
         let pdl = major >= 9 && std::env::var("BITNET_CUDA_PDL").map_or(true, |v| v != "0");
         let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let gemv = f("bitlinear_gemv")?;
-        let gemv_fixed = gemv.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        let fixed = |f: &CudaFunction| f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
+        let lm_head_rows = f("lm_head_rows")?;
         let k = Kernels {
             pdl,
-            max_smem: (optin - gemv_fixed) as usize,
+            max_smem: (optin - fixed(&gemv)?) as usize,
+            head_smem: (optin - fixed(&lm_head_rows)?) as usize,
             sms: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             norm_quant_rows: f("norm_quant_rows")?,
             gemv,
@@ -145,11 +167,12 @@ impl Kernels {
             attn_prefill: f("attn_prefill")?,
             embed: f("embed")?,
             lm_head: f("lm_head")?,
+            lm_head_rows,
             stream,
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head] {
+        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head, &k.lm_head_rows] {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -157,10 +180,24 @@ impl Kernels {
         // memory: the kernels stage what they reuse there), so that consecutive kernels never wait for a
         // multiprocessor to drain and change it.
         let carveout = CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
-        for f in [&k.norm_quant_rows, &k.gemv, &k.gemm, &k.attn_decode, &k.attn_prefill, &k.embed, &k.lm_head] {
+        for f in [
+            &k.norm_quant_rows,
+            &k.gemv,
+            &k.gemm,
+            &k.attn_decode,
+            &k.attn_prefill,
+            &k.embed,
+            &k.lm_head,
+            &k.lm_head_rows,
+        ] {
             f.set_attribute(carveout, 100)?;
         }
         Ok(k)
+    }
+
+    /// The same kernels, launched on `stream`.
+    pub fn on(&self, stream: Arc<CudaStream>) -> Self {
+        Self { stream, ..self.clone() }
     }
 
     /// Launches `f` on the stream: `grid` blocks of `block` threads with `smem` bytes of dynamic
@@ -173,6 +210,17 @@ impl Kernels {
         smem: usize,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        self.launch_3d(f, (grid.0, grid.1, 1), block, smem, params)
+    }
+
+    fn launch_3d(
+        &self,
+        f: &CudaFunction,
+        grid: (usize, usize, usize),
+        block: u32,
+        smem: usize,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         self.stream.context().bind_to_thread()?;
         // SAFETY: all-zero is a valid value of the attribute (a C union); one field is then set.
         let mut attr: CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -181,7 +229,7 @@ impl Kernels {
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0 as u32,
             gridDimY: grid.1 as u32,
-            gridDimZ: 1,
+            gridDimZ: grid.2 as u32,
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
@@ -257,7 +305,7 @@ impl Kernels {
         self.launch(&self.gemm, grid, 256, 0, params![xq, scales, ti, lin.w, words, lin.scales, pairs, pos0, *e])
     }
 
-    /// Attention of the token at `params[1]` (q: n_head × hd floats) over one layer's caches into `out`.
+    /// Decode attention of the queries `r` says (q, out: rows of n_head × hd floats) over their caches.
     #[allow(clippy::too_many_arguments)]
     pub fn attn_decode(
         &self,
@@ -265,7 +313,7 @@ impl Kernels {
         kc: u64,
         vc: u64,
         d: AttnDims,
-        params: u64,
+        r: &DecodeRows,
         part_o: u64,
         part_ml: u64,
         max_chunks: usize,
@@ -273,8 +321,11 @@ impl Kernels {
         out: u64,
     ) -> Result<()> {
         let (hd, kv_dim, group, scale, mc) = (i(d.hd), i(d.kv_dim), i(d.group), d.scale(), i(max_chunks));
-        let p = params![q, kc, vc, hd, kv_dim, group, scale, params, part_o, part_ml, mc, counters, out];
-        self.launch(&self.attn_decode, (max_chunks, d.n_head), 128, attn_decode_smem(d.hd), p)
+        let (params, row_pos, row_kv) = (r.params, r.row_pos, r.row_kv);
+        let p =
+            params![q, kc, vc, hd, kv_dim, group, scale, params, row_pos, row_kv, part_o, part_ml, mc, counters, out];
+        let smem = attn_decode_smem(d.hd);
+        self.launch_3d(&self.attn_decode, (r.chunks.min(max_chunks), d.n_head, r.rows), 128, smem, p)
     }
 
     /// Causal attention of `t` prompt tokens at positions `pos0..` (`q`, `out`: rows of n_head × hd floats).
@@ -319,6 +370,35 @@ impl Kernels {
         let (blocks, smem, n, rows) = (self.lm_head_blocks(rows), 4 * n, i(n), i(rows));
         let p = params![x, norm_w, n, eps, e, rows, logits, block_val, block_idx, counter, best];
         self.launch(&self.lm_head, (blocks, 1), 256, smem, p)
+    }
+
+    /// [`Kernels::lm_head`] for the `nt` hidden states at `x` (rows of n floats) of a step of many
+    /// sequences: token t's logits and argmax to the addresses `outs[2t]` (none if 0) and `outs[2t + 1]`.
+    /// Scratch: `block_val`, `block_idx` of nt × `lm_head_blocks(rows)` entries, `counters` of nt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lm_head_rows(
+        &self,
+        x: u64,
+        nt: usize,
+        norm_w: u64,
+        n: usize,
+        eps: f32,
+        e: u64,
+        rows: usize,
+        outs: u64,
+        block_val: u64,
+        block_idx: u64,
+        counters: u64,
+    ) -> Result<()> {
+        // Each block holds the norm weights and its tokens' normalized inputs in shared memory.
+        let per = HEAD_TOKENS.min(nt).min((self.head_smem / (4 * n)).saturating_sub(1));
+        if per == 0 {
+            return Err(Error::Unsupported(format!("CUDA backend: an LM head of {n} inputs")));
+        }
+        let (blocks, smem) = (self.lm_head_blocks(rows), 4 * n * (1 + per));
+        let (nti, peri, n, rows) = (i(nt), i(per), i(n), i(rows));
+        let p = params![x, nti, peri, norm_w, n, eps, e, rows, outs, block_val, block_idx, counters];
+        self.launch(&self.lm_head_rows, (blocks, nt.div_ceil(per)), 256, smem, p)
     }
 }
 

@@ -1,8 +1,13 @@
 //! The CUDA backend (feature `cuda`): the whole forward pass on an NVIDIA GPU, computing what the CPU
 //! backend computes (W1.58A8 BitLinear exact in its integer part; keys and values cached in f16).
 //!
-//! - Weights are uploaded once: ternary rows repacked to 2-bit codes, 16 columns per u32 word ([`pack`]),
-//!   the q/k/v and gate/up matrices fused; the embedding and LM head as f16.
+//! - [`CudaModel`]: the weights, uploaded once and shared by every sequence: ternary rows repacked to 2-bit
+//!   codes, 16 columns per u32 word ([`pack`]), the q/k/v and gate/up matrices fused; the embedding and LM
+//!   head as f16. The kernels are compiled once too.
+//! - [`Cuda`]: one sequence (its KV cache, activations and CUDA graphs, on a stream of its own).
+//! - [`CudaBatcher`]: a decode step of many sequences at once, their tokens as the rows of the prompt path's
+//!   GEMM (each row's keys and values going to its own sequence's cache), attention per row over its own
+//!   cache, and one LM head pass for all rows.
 //! - Decode (one token): per layer five kernels, each BitLinear fused with the RMSNorm and int8
 //!   quantization of its input and with its epilogue (RoPE + KV-cache store, relu²·up, residual add);
 //!   attention is flash-decoding over 128-key chunks. The step is one CUDA graph, replayed for every
@@ -27,11 +32,11 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_input, Sequence, Want, Weights};
+use crate::backend::{check_ctx, check_input, Batcher, Sequence, Step, Want, Weights, MIN_GPU_BATCH};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
-use kernels::{AttnDims, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
+use kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
 
 impl From<DriverError> for Error {
     fn from(e: DriverError) -> Self {
@@ -39,7 +44,8 @@ impl From<DriverError> for Error {
     }
 }
 
-/// Prompt tokens per batch of the prefill path (the activation buffers hold this many rows).
+/// Prompt tokens per batch of the prefill path (a sequence's activation buffers hold this many rows), and
+/// the most rows of a many-sequence step.
 const MAX_BATCH: usize = 512;
 
 /// A device buffer and its address.
@@ -111,8 +117,9 @@ struct Layer {
     down: DeviceLinear,
 }
 
-/// Activations of up to MAX_BATCH tokens (row 0 is the decode step's), caches and kernel scratch.
-struct Buffers {
+/// Activations of up to `rows` tokens: a sequence's prompt batch (row 0 is its decode step's), or the rows
+/// of a many-sequence step.
+struct Acts {
     x: Buf<f32>,
     q: Buf<f32>,
     att: Buf<f32>,
@@ -120,42 +127,81 @@ struct Buffers {
     xq: Buf<i8>,
     scales: Buf<f32>,
     tokens: Buf<u32>,
-    /// The decode step's token and position: copied by the step's graph, as its first node, from the
-    /// page-locked `_params_host`, where `set_params` writes them.
-    params: Buf<i32>,
-    _params_host: PinnedHostSlice<u32>,
-    /// Its address, taken once (as `logits_dev`).
-    params_host_ptr: usize,
-    kc: Buf<u16>,
-    vc: Buf<u16>,
+}
+
+impl Acts {
+    fn new(s: &Arc<CudaStream>, c: &Config, rows: usize) -> Result<Self> {
+        let kp = [c.n_embd, c.q_dim(), c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
+        Ok(Self {
+            x: zeros(s, rows * c.n_embd)?,
+            q: zeros(s, rows * c.q_dim())?,
+            att: zeros(s, rows * c.q_dim())?,
+            h: zeros(s, rows * c.n_ff)?,
+            xq: zeros(s, rows * kp)?,
+            scales: zeros(s, rows)?,
+            tokens: zeros(s, rows)?,
+        })
+    }
+}
+
+/// RoPE's cos and sin for positions `0..ctx`.
+struct Rope {
+    cos: Buf<f32>,
+    sin: Buf<f32>,
+}
+
+impl Rope {
+    fn new(s: &Arc<CudaStream>, c: &Config, ctx: usize) -> Result<Self> {
+        let (cos, sin) = c.rope_table(ctx);
+        Ok(Self { cos: upload(s, &cos)?, sin: upload(s, &sin)? })
+    }
+}
+
+/// The partial results of flash-decoding attention and of the LM head's argmax, for `rows` rows of up to
+/// `ctx` positions.
+struct Scratch {
     part_o: Buf<f32>,
     part_ml: Buf<f32>,
     att_counters: Buf<u32>,
     max_chunks: usize,
-    /// The logits and their argmax, in page-locked host memory mapped into the device's address space:
-    /// the LM head writes them there itself while it runs (no copy after it). With their device addresses,
-    /// taken once: a graph being captured may not ask a `PinnedHostSlice` for anything (that waits on an
-    /// event).
-    logits_host: PinnedHostSlice<f32>,
-    logits_dev: u64,
-    best_host: PinnedHostSlice<i32>,
-    best_dev: u64,
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
-    head_counter: Buf<u32>,
+    head_counters: Buf<u32>,
 }
 
-/// A captured CUDA graph.
-struct Graph(CudaGraph);
+impl Scratch {
+    fn new(s: &Arc<CudaStream>, k: &Kernels, c: &Config, rows: usize, ctx: usize) -> Result<Self> {
+        let max_chunks = ctx.div_ceil(DEC_CHUNK);
+        let blocks = k.lm_head_blocks(c.n_vocab);
+        Ok(Self {
+            part_o: zeros(s, rows * c.n_head * max_chunks * c.head_dim)?,
+            part_ml: zeros(s, rows * c.n_head * max_chunks * 2)?,
+            att_counters: zeros(s, rows * c.n_head)?,
+            max_chunks,
+            block_val: zeros(s, rows * blocks)?,
+            block_idx: zeros(s, rows * blocks)?,
+            head_counters: zeros(s, rows)?,
+        })
+    }
+}
 
-// SAFETY: a graph is used only through `&mut Cuda`, so by one thread at a time; CUDA graphs may move
-// between threads as long as calls on them are not concurrent.
-unsafe impl Send for Graph {}
+/// Where a layer's keys and values go: one sequence's caches (`kc`, `vc`; positions from the pass's
+/// `pos0` or the decode step's parameters), or in a step of many sequences each row's own (`row_pos`,
+/// `row_kv`: device arrays, see `Epilogue` in bitlinear.cu).
+#[derive(Clone, Copy, Default)]
+struct KvDest {
+    kc: u64,
+    vc: u64,
+    row_pos: u64,
+    row_kv: u64,
+}
 
-/// The CUDA backend: the model's weights on the first CUDA device, one sequence's KV cache.
-pub struct Cuda {
+/// The model on the first CUDA device: its weights and the compiled kernels, shared (`Arc`) by every
+/// sequence and batcher.
+pub struct CudaModel {
     c: Config,
-    ctx: usize,
+    name: String,
+    /// The stream the weights were uploaded on.
     stream: Arc<CudaStream>,
     k: Kernels,
     layers: Vec<Layer>,
@@ -165,12 +211,6 @@ pub struct Cuda {
     output_norm: Buf<f32>,
     qkv_dst: Buf<i32>,
     qkv_rope: Buf<i32>,
-    rope_cos: Buf<f32>,
-    rope_sin: Buf<f32>,
-    b: Buffers,
-    /// The decode step, without and with the LM head.
-    step: Option<Graph>,
-    step_head: Option<Graph>,
 }
 
 /// Whether a CUDA driver, NVRTC and at least one device are present (for `--backend auto`).
@@ -196,26 +236,24 @@ fn device() -> Result<Arc<CudaContext>> {
     Ok(CudaContext::new(0)?)
 }
 
-impl Cuda {
-    /// Uploads `model` to the first CUDA device, with a KV cache of `ctx` tokens.
-    pub fn new(model: &Model, ctx: usize) -> Result<Self> {
+impl CudaModel {
+    /// Compiles the kernels for the first CUDA device and uploads `model`'s weights to it.
+    pub fn new(model: Model) -> Result<Self> {
         let c = model.config.clone();
-        check_ctx(&c, ctx)?;
         check_shape(&c)?;
         let dev = device()?;
-        // One stream, ordered: the per-buffer event tracking of cudarc is not needed (and graphs
-        // must not record it).
-        // SAFETY: every buffer below is used on this one stream only.
+        // Each sequence and batcher works on one stream of its own, in order: the per-buffer event
+        // tracking of cudarc is not needed (and graphs must not record it).
+        // SAFETY: every buffer is used on one stream only (the weights are read-only once uploaded, and
+        // uploaded before any sequence exists).
         unsafe { dev.disable_event_tracking() };
         let stream = dev.new_stream()?;
         let k = Kernels::new(&dev, stream.clone())?;
         let s = &stream;
-
         let (dst, rope) = pack::qkv_pairs(&c);
         let mut layers = Vec::with_capacity(c.n_layer);
         for l in &model.layers {
-            let q_dim = c.n_head * c.head_dim;
-            let kv_dim = c.n_head_kv * c.head_dim;
+            let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
             let qkv_rows: Vec<_> = dst
                 .iter()
                 .map(|&r| {
@@ -241,69 +279,221 @@ impl Cuda {
                 down: DeviceLinear::new(s, &k, &all_rows(&l.w_down), c.n_ff)?,
             });
         }
-        let (cos, sin) = c.rope_table(ctx);
-        let b = Self::buffers(s, &k, &c, ctx)?;
-        let mut cuda = Cuda {
+        let m = CudaModel {
+            name: format!("cuda/{}", dev.name()?),
             embd: upload(s, &pack::to_f16(&model.token_embd))?,
             head: model.output.as_ref().map(|m| upload(s, &pack::to_f16(m))).transpose()?,
             output_norm: upload(s, &model.output_norm)?,
             qkv_dst: upload(s, &dst)?,
             qkv_rope: upload(s, &rope)?,
-            rope_cos: upload(s, &cos)?,
-            rope_sin: upload(s, &sin)?,
             c,
-            ctx,
             stream: stream.clone(),
             k,
             layers,
-            b,
-            step: None,
-            step_head: None,
         };
-        cuda.step = Some(cuda.capture(|g| g.decode_layers())?);
-        cuda.step_head = Some(cuda.capture(|g| {
-            g.decode_layers()?;
-            g.lm_head(g.b.x.ptr)
-        })?);
         stream.synchronize()?;
-        Ok(cuda)
+        Ok(m)
     }
 
-    fn buffers(s: &Arc<CudaStream>, k: &Kernels, c: &Config, ctx: usize) -> Result<Buffers> {
-        let t = MAX_BATCH.min(ctx);
-        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        let kp = [c.n_embd, q_dim, c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
-        let max_chunks = ctx.div_ceil(DEC_CHUNK);
-        let blocks = k.lm_head_blocks(c.n_vocab);
+    fn attn_dims(&self) -> AttnDims {
+        let c = &self.c;
+        AttnDims { n_head: c.n_head, hd: c.head_dim, kv_dim: c.kv_dim(), group: c.n_head / c.n_head_kv }
+    }
+
+    /// The epilogues of a layer over the activations `a`: q/k/v store with RoPE (keys and values to `kv`),
+    /// relu²·up (or SiLU), residual add into x.
+    fn epilogues(&self, a: &Acts, rope: &Rope, kv: KvDest) -> [Epilogue; 3] {
+        let c = &self.c;
+        let qkv = Epilogue {
+            dst: self.qkv_dst.ptr,
+            rope: self.qkv_rope.ptr,
+            out: a.q.ptr,
+            kc: kv.kc,
+            vc: kv.vc,
+            cos: rope.cos.ptr,
+            sin: rope.sin.ptr,
+            kind: EPI_QKV,
+            out_stride: c.q_dim() as i32,
+            q_dim: c.q_dim() as i32,
+            kv_dim: c.kv_dim() as i32,
+            rope_half: (c.rope_dim / 2) as i32,
+            silu: 0,
+            row_pos: kv.row_pos,
+            row_kv: kv.row_kv,
+        };
+        let glu = Epilogue {
+            out: a.h.ptr,
+            kind: EPI_GLU,
+            out_stride: c.n_ff as i32,
+            silu: (c.activation == Activation::Silu) as i32,
+            ..Default::default()
+        };
+        let resid = Epilogue { out: a.x.ptr, kind: EPI_RESID, out_stride: c.n_embd as i32, ..Default::default() };
+        [qkv, glu, resid]
+    }
+
+    /// `t` tokens (their ids in `a.tokens`) through every layer on the tensor-core GEMM: a piece of one
+    /// sequence's prompt at positions `pos0..`, or one token of each of `t` sequences. `kv(l)` says where
+    /// layer l's keys and values go, `attend(l)` runs its attention (`a.q` into `a.att`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_layers(
+        &self,
+        k: &Kernels,
+        a: &Acts,
+        t: usize,
+        pos0: usize,
+        rope: &Rope,
+        kv: impl Fn(usize) -> KvDest,
+        attend: impl Fn(usize) -> Result<()>,
+    ) -> Result<()> {
+        let c = &self.c;
+        let kp = |n: usize| pack::words(n) * 16;
+        let (xq, sc) = (a.xq.ptr, a.scales.ptr);
+        k.embed(self.embd.ptr, c.n_embd, a.tokens.ptr, a.x.ptr, t)?;
+        for (l, w) in self.layers.iter().enumerate() {
+            let [qkv, glu, resid] = self.epilogues(a, rope, kv(l));
+            k.norm_quant_rows(a.x.ptr, w.attn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
+            k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv)?;
+            attend(l)?;
+            k.norm_quant_rows(a.att.ptr, w.attn_sub_norm.ptr, c.q_dim(), kp(c.q_dim()), c.eps, xq, sc, t)?;
+            k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid)?;
+            k.norm_quant_rows(a.x.ptr, w.ffn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
+            k.gemm(xq, sc, t, &w.gate_up.lin, pos0, &glu)?;
+            k.norm_quant_rows(a.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, kp(c.n_ff), c.eps, xq, sc, t)?;
+            k.gemm(xq, sc, t, &w.down.lin, pos0, &resid)?;
+        }
+        Ok(())
+    }
+
+    /// The LM head's matrix.
+    fn head_matrix(&self) -> u64 {
+        self.head.as_ref().unwrap_or(&self.embd).ptr
+    }
+
+    /// Logits and argmax of the hidden state at `x`, to `logits` and `best`.
+    fn lm_head(&self, k: &Kernels, x: u64, logits: u64, best: u64, s: &Scratch) -> Result<()> {
+        let c = &self.c;
+        let (val, idx, counter) = (s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr);
+        k.lm_head(
+            x,
+            self.output_norm.ptr,
+            c.n_embd,
+            c.eps,
+            self.head_matrix(),
+            c.n_vocab,
+            logits,
+            val,
+            idx,
+            counter,
+            best,
+        )
+    }
+
+    /// Logits and argmax of the `nt` hidden states at `x`, to the addresses in `outs` (see `lm_head_rows` in
+    /// head.cu).
+    fn lm_head_rows(&self, k: &Kernels, x: u64, nt: usize, outs: u64, s: &Scratch) -> Result<()> {
+        let c = &self.c;
+        let (val, idx, counters) = (s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr);
+        let (norm, e) = (self.output_norm.ptr, self.head_matrix());
+        k.lm_head_rows(x, nt, norm, c.n_embd, c.eps, e, c.n_vocab, outs, val, idx, counters)
+    }
+}
+
+impl Weights for CudaModel {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn config(&self) -> &Config {
+        &self.c
+    }
+
+    fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>> {
+        Ok(Box::new(Cuda::new(&self, ctx)?))
+    }
+
+    fn batcher(self: Arc<Self>, max_tokens: usize) -> Box<dyn Batcher> {
+        Box::new(CudaBatcher { m: self, rows: max_tokens.clamp(1, MAX_BATCH), bufs: None })
+    }
+}
+
+/// A captured CUDA graph.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is used only through `&mut Cuda`, so by one thread at a time; CUDA graphs may move
+// between threads as long as calls on them are not concurrent.
+unsafe impl Send for Graph {}
+
+/// One sequence on the CUDA device: its KV cache (f16), its activations and its decode graphs, on a stream
+/// of its own.
+pub struct Cuda {
+    /// The decode step, without and with the LM head.
+    step: Option<Graph>,
+    step_head: Option<Graph>,
+    m: Arc<CudaModel>,
+    ctx: usize,
+    stream: Arc<CudaStream>,
+    k: Kernels,
+    a: Acts,
+    rope: Rope,
+    scratch: Scratch,
+    kc: Buf<u16>,
+    vc: Buf<u16>,
+    /// The decode step's token and position: copied by the step's graph, as its first node, from the
+    /// page-locked `_params_host`, where `set_params` writes them.
+    params: Buf<i32>,
+    _params_host: PinnedHostSlice<u32>,
+    /// Its address, taken once (as `logits_dev`).
+    params_host_ptr: usize,
+    /// The logits and their argmax, in page-locked host memory mapped into the device's address space:
+    /// the LM head writes them there itself while it runs (no copy after it). With their device addresses,
+    /// taken once: a graph being captured may not ask a `PinnedHostSlice` for anything (that waits on an
+    /// event).
+    logits_host: PinnedHostSlice<f32>,
+    logits_dev: u64,
+    best_host: PinnedHostSlice<i32>,
+    best_dev: u64,
+}
+
+impl Cuda {
+    /// A sequence of `ctx` tokens of the model `m`.
+    pub fn new(m: &Arc<CudaModel>, ctx: usize) -> Result<Self> {
+        let c = &m.c;
+        check_ctx(c, ctx)?;
+        let stream = m.stream.context().new_stream()?;
+        let k = m.k.on(stream.clone());
+        let s = &stream;
         let (logits_host, logits_dev) = mapped(s, c.n_vocab)?;
         let (best_host, best_dev) = mapped(s, 1)?;
-        // SAFETY: a plain page-locked allocation, freed with the buffers.
+        // SAFETY: a plain page-locked allocation, freed with the sequence.
         let mut params_host = unsafe { s.context().alloc_pinned_with_flags::<u32>(2, 0) }?;
-        Ok(Buffers {
-            x: zeros(s, t * c.n_embd)?,
-            q: zeros(s, t * q_dim)?,
-            att: zeros(s, t * q_dim)?,
-            h: zeros(s, t * c.n_ff)?,
-            xq: zeros(s, t * kp)?,
-            scales: zeros(s, t)?,
-            tokens: zeros(s, t)?,
+        let mut seq = Cuda {
+            a: Acts::new(s, c, MAX_BATCH.min(ctx))?,
+            rope: Rope::new(s, c, ctx)?,
+            scratch: Scratch::new(s, &k, c, 1, ctx)?,
+            kc: zeros(s, c.n_layer * ctx * c.kv_dim())?,
+            vc: zeros(s, c.n_layer * ctx * c.kv_dim())?,
             params: zeros(s, 2)?,
             params_host_ptr: params_host.as_mut_ptr()? as usize,
             _params_host: params_host,
-            kc: zeros(s, c.n_layer * ctx * kv_dim)?,
-            vc: zeros(s, c.n_layer * ctx * kv_dim)?,
-            part_o: zeros(s, c.n_head * max_chunks * c.head_dim)?,
-            part_ml: zeros(s, c.n_head * max_chunks * 2)?,
-            att_counters: zeros(s, c.n_head)?,
-            max_chunks,
-            logits_dev,
             logits_host,
-            block_val: zeros(s, blocks)?,
-            block_idx: zeros(s, blocks)?,
-            head_counter: zeros(s, 1)?,
+            logits_dev,
             best_host,
             best_dev,
-        })
+            step: None,
+            step_head: None,
+            m: m.clone(),
+            ctx,
+            stream: stream.clone(),
+            k,
+        };
+        seq.step = Some(seq.capture(|g| g.decode_layers())?);
+        seq.step_head = Some(seq.capture(|g| {
+            g.decode_layers()?;
+            g.m.lm_head(&g.k, g.a.x.ptr, g.logits_dev, g.best_dev, &g.scratch)
+        })?);
+        stream.synchronize()?;
+        Ok(seq)
     }
 
     /// Records the launches of `f` into a CUDA graph.
@@ -317,138 +507,256 @@ impl Cuda {
         Ok(Graph(graph))
     }
 
-    fn attn_dims(&self) -> AttnDims {
-        let c = &self.c;
-        AttnDims { n_head: c.n_head, hd: c.head_dim, kv_dim: c.n_head_kv * c.head_dim, group: c.n_head / c.n_head_kv }
-    }
-
     /// This layer's key and value caches.
     fn caches(&self, l: usize) -> (u64, u64) {
-        let off = l * self.ctx * self.c.n_head_kv * self.c.head_dim;
-        (self.b.kc.at(off), self.b.vc.at(off))
+        let off = l * self.ctx * self.m.c.kv_dim();
+        (self.kc.at(off), self.vc.at(off))
     }
 
-    /// The epilogues of a layer: q/k/v store with RoPE, relu²·up (or SiLU), residual add into x.
-    fn epilogues(&self, l: usize) -> [Epilogue; 3] {
-        let c = &self.c;
-        let q_dim = c.n_head * c.head_dim;
+    fn kv_dest(&self, l: usize) -> KvDest {
         let (kc, vc) = self.caches(l);
-        let qkv = Epilogue {
-            dst: self.qkv_dst.ptr,
-            rope: self.qkv_rope.ptr,
-            out: self.b.q.ptr,
-            kc,
-            vc,
-            cos: self.rope_cos.ptr,
-            sin: self.rope_sin.ptr,
-            kind: EPI_QKV,
-            out_stride: q_dim as i32,
-            q_dim: q_dim as i32,
-            kv_dim: (c.n_head_kv * c.head_dim) as i32,
-            rope_half: (c.rope_dim / 2) as i32,
-            silu: 0,
-        };
-        let glu = Epilogue {
-            out: self.b.h.ptr,
-            kind: EPI_GLU,
-            out_stride: c.n_ff as i32,
-            silu: (c.activation == Activation::Silu) as i32,
-            ..Default::default()
-        };
-        let resid = Epilogue { out: self.b.x.ptr, kind: EPI_RESID, out_stride: c.n_embd as i32, ..Default::default() };
-        [qkv, glu, resid]
+        KvDest { kc, vc, ..Default::default() }
     }
 
     /// The decode step: its token and position copied in (`set_params` wrote them), the embedding, then
     /// every layer, for the token in row 0.
     fn decode_layers(&self) -> Result<()> {
-        let (c, k, b) = (&self.c, &self.k, &self.b);
-        let q_dim = c.n_head * c.head_dim;
+        let (m, k, a, s) = (&*self.m, &self.k, &self.a, &self.scratch);
+        let c = &m.c;
         self.stream.context().bind_to_thread()?;
         // SAFETY: both buffers hold two 32-bit values and live as long as `self`, which owns the graphs that
         // replay this copy.
         unsafe {
-            sys::cuMemcpyHtoDAsync_v2(b.params.ptr, b.params_host_ptr as *const c_void, 8, self.stream.cu_stream())
+            sys::cuMemcpyHtoDAsync_v2(
+                self.params.ptr,
+                self.params_host_ptr as *const c_void,
+                8,
+                self.stream.cu_stream(),
+            )
         }
         .result()?;
-        k.embed(self.embd.ptr, c.n_embd, b.params.ptr, b.x.ptr, 1)?;
-        for (l, w) in self.layers.iter().enumerate() {
-            let [qkv, glu, resid] = self.epilogues(l);
+        k.embed(m.embd.ptr, c.n_embd, self.params.ptr, a.x.ptr, 1)?;
+        let rows = DecodeRows { params: self.params.ptr, row_pos: 0, row_kv: 0, rows: 1, chunks: s.max_chunks };
+        for (l, w) in m.layers.iter().enumerate() {
+            let [qkv, glu, resid] = m.epilogues(a, &self.rope, self.kv_dest(l));
             let (kc, vc) = self.caches(l);
-            k.gemv(b.x.ptr, w.attn_norm.ptr, c.n_embd, c.eps, &w.qkv.lin, b.params.ptr, &qkv)?;
-            let (part_o, part_ml, counters) = (b.part_o.ptr, b.part_ml.ptr, b.att_counters.ptr);
-            k.attn_decode(
-                b.q.ptr,
-                kc,
-                vc,
-                self.attn_dims(),
-                b.params.ptr,
-                part_o,
-                part_ml,
-                b.max_chunks,
-                counters,
-                b.att.ptr,
-            )?;
-            k.gemv(b.att.ptr, w.attn_sub_norm.ptr, q_dim, c.eps, &w.wo.lin, b.params.ptr, &resid)?;
-            k.gemv(b.x.ptr, w.ffn_norm.ptr, c.n_embd, c.eps, &w.gate_up.lin, b.params.ptr, &glu)?;
-            k.gemv(b.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, c.eps, &w.down.lin, b.params.ptr, &resid)?;
+            let p = self.params.ptr;
+            k.gemv(a.x.ptr, w.attn_norm.ptr, c.n_embd, c.eps, &w.qkv.lin, p, &qkv)?;
+            let (part_o, part_ml, counters) = (s.part_o.ptr, s.part_ml.ptr, s.att_counters.ptr);
+            k.attn_decode(a.q.ptr, kc, vc, m.attn_dims(), &rows, part_o, part_ml, s.max_chunks, counters, a.att.ptr)?;
+            k.gemv(a.att.ptr, w.attn_sub_norm.ptr, c.q_dim(), c.eps, &w.wo.lin, p, &resid)?;
+            k.gemv(a.x.ptr, w.ffn_norm.ptr, c.n_embd, c.eps, &w.gate_up.lin, p, &glu)?;
+            k.gemv(a.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, c.eps, &w.down.lin, p, &resid)?;
         }
         Ok(())
     }
 
-    /// `t` prompt tokens (already in `tokens`) at positions `pos0..`, every layer, batched.
+    /// `t` prompt tokens (already in `a.tokens`) at positions `pos0..`, every layer, batched.
     fn prefill_layers(&self, t: usize, pos0: usize) -> Result<()> {
-        let (c, k, b) = (&self.c, &self.k, &self.b);
-        let q_dim = c.n_head * c.head_dim;
-        let kp = |n: usize| pack::words(n) * 16;
-        k.embed(self.embd.ptr, c.n_embd, b.tokens.ptr, b.x.ptr, t)?;
-        for (l, w) in self.layers.iter().enumerate() {
-            let [qkv, glu, resid] = self.epilogues(l);
+        let (m, a) = (&*self.m, &self.a);
+        let attend = |l| {
             let (kc, vc) = self.caches(l);
-            let (xq, sc) = (b.xq.ptr, b.scales.ptr);
-            k.norm_quant_rows(b.x.ptr, w.attn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv)?;
-            k.attn_prefill(b.q.ptr, kc, vc, t, pos0, self.attn_dims(), b.att.ptr)?;
-            k.norm_quant_rows(b.att.ptr, w.attn_sub_norm.ptr, q_dim, kp(q_dim), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid)?;
-            k.norm_quant_rows(b.x.ptr, w.ffn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.gate_up.lin, pos0, &glu)?;
-            k.norm_quant_rows(b.h.ptr, w.ffn_sub_norm.ptr, c.n_ff, kp(c.n_ff), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.down.lin, pos0, &resid)?;
-        }
-        Ok(())
-    }
-
-    /// Logits and argmax of the hidden state at `x`.
-    fn lm_head(&self, x: u64) -> Result<()> {
-        let (c, b) = (&self.c, &self.b);
-        let e = self.head.as_ref().unwrap_or(&self.embd).ptr;
-        let (val, idx, counter) = (b.block_val.ptr, b.block_idx.ptr, b.head_counter.ptr);
-        self.k.lm_head(
-            x,
-            self.output_norm.ptr,
-            c.n_embd,
-            c.eps,
-            e,
-            c.n_vocab,
-            b.logits_dev,
-            val,
-            idx,
-            counter,
-            b.best_dev,
-        )
+            self.k.attn_prefill(a.q.ptr, kc, vc, t, pos0, m.attn_dims(), a.att.ptr)
+        };
+        m.gemm_layers(&self.k, a, t, pos0, &self.rope, |l| self.kv_dest(l), attend)
     }
 
     /// The next decode step's token and position, for its graph to copy in (one node of the graph instead
     /// of two memsets queued before it: H100 2B4T tg128 1013-1015 -> 1020-1023 tok/s).
     fn set_params(&mut self, token: u32, pos: usize) {
-        let p = self.b.params_host_ptr as *mut u32;
+        let p = self.params_host_ptr as *mut u32;
         // SAFETY: `params_host` holds two values, and no graph that reads them is running: every decode step
         // is waited for (`forward`).
         unsafe {
             p.write_volatile(token);
             p.add(1).write_volatile(pos as u32);
         }
+    }
+
+    /// The greedy token the last LM head pass left for this sequence.
+    fn best(&self) -> Result<u32> {
+        Ok(self.best_host.as_slice()?[0] as u32)
+    }
+}
+
+impl Sequence for Cuda {
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Option<u32>> {
+        check_input(self.ctx, self.m.c.n_vocab, tokens, pos)?;
+        let want_logits = want != Want::Nothing;
+        if tokens.len() == 1 {
+            self.set_params(tokens[0], pos);
+            let graph = if want_logits { &self.step_head } else { &self.step };
+            graph.as_ref().expect("captured in new").0.launch()?;
+            // Before `params_host` can change again; with the LM head, its logits are then written.
+            self.stream.synchronize()?;
+        } else {
+            let (mut start, mut last) = (pos, 0);
+            for chunk in tokens.chunks(MAX_BATCH.min(self.ctx)) {
+                self.stream.memcpy_htod(chunk, &mut self.a.tokens.mem)?;
+                self.prefill_layers(chunk.len(), start)?;
+                (start, last) = (start + chunk.len(), chunk.len());
+            }
+            if want_logits {
+                let x = self.a.x.at((last - 1) * self.m.c.n_embd);
+                self.m.lm_head(&self.k, x, self.logits_dev, self.best_dev, &self.scratch)?;
+                self.stream.synchronize()?;
+            }
+        }
+        // With the logits, the LM head took their argmax on the device too.
+        match want {
+            Want::Greedy => Ok(Some(self.best()?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn logits(&self) -> &[f32] {
+        // `forward` synchronized the stream after the LM head: this waits for nothing.
+        self.logits_host.as_slice().expect("the LM head has completed")
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Steps of many sequences of one [`CudaModel`]: each sequence's prompt pieces through its own prefill
+/// path, and the sequences' single decode tokens together, as the rows of one pass (the GEMM reads each
+/// weight once for all of them, where one decode graph per sequence reads them all once per token).
+pub struct CudaBatcher {
+    m: Arc<CudaModel>,
+    /// The most rows of one pass.
+    rows: usize,
+    /// Made on the first step, and again when a longer context comes.
+    bufs: Option<BatchBuffers>,
+}
+
+/// A batcher's device memory, for rows of contexts up to `ctx`.
+struct BatchBuffers {
+    stream: Arc<CudaStream>,
+    k: Kernels,
+    ctx: usize,
+    a: Acts,
+    rope: Rope,
+    scratch: Scratch,
+    /// Each row's position, its sequence's key and value caches per layer (`[layer][row][2]`), and where
+    /// the LM head writes its logits and argmax (`[row][2]`): see bitlinear.cu and head.cu.
+    row_pos: Buf<i32>,
+    row_kv: Buf<u64>,
+    outs: Buf<u64>,
+}
+
+impl BatchBuffers {
+    fn new(m: &CudaModel, rows: usize, ctx: usize) -> Result<Self> {
+        let c = &m.c;
+        let stream = m.stream.context().new_stream()?;
+        let k = m.k.on(stream.clone());
+        let s = &stream;
+        Ok(Self {
+            a: Acts::new(s, c, rows)?,
+            rope: Rope::new(s, c, ctx)?,
+            scratch: Scratch::new(s, &k, c, rows, ctx)?,
+            row_pos: zeros(s, rows)?,
+            row_kv: zeros(s, c.n_layer * rows * 2)?,
+            outs: zeros(s, rows * 2)?,
+            ctx,
+            stream,
+            k,
+        })
+    }
+}
+
+/// One sequence's decode token in a batched pass.
+struct Row<'a> {
+    seq: &'a Cuda,
+    token: u32,
+    pos: usize,
+    want: Want,
+}
+
+impl CudaBatcher {
+    /// The buffers for rows of contexts up to `ctx`.
+    fn buffers(&mut self, ctx: usize) -> Result<&BatchBuffers> {
+        if self.bufs.as_ref().is_none_or(|b| b.ctx < ctx) {
+            self.bufs = None; // freed before the larger ones are made
+            self.bufs = Some(BatchBuffers::new(&self.m, self.rows, ctx)?);
+        }
+        Ok(self.bufs.as_ref().expect("made above"))
+    }
+
+    /// One token of each row's sequence, in one pass.
+    fn decode(&mut self, rows: &[Row<'_>]) -> Result<Vec<Option<u32>>> {
+        let m = self.m.clone();
+        let c = &m.c;
+        for r in rows {
+            if !Arc::ptr_eq(&r.seq.m, &m) {
+                return Err(Error::Invalid("a CUDA batch of sequences of different models".into()));
+            }
+            check_input(r.seq.ctx, c.n_vocab, &[r.token], r.pos)?;
+            // Its own stream's work (a prompt piece) is done before this pass reads its cache.
+            r.seq.stream.synchronize()?;
+        }
+        let ctx = rows.iter().map(|r| r.seq.ctx).max().unwrap_or(1);
+        let t = rows.len();
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let pos: Vec<i32> = rows.iter().map(|r| r.pos as i32).collect();
+        let kv: Vec<u64> =
+            (0..c.n_layer).flat_map(|l| rows.iter().flat_map(move |r| <[u64; 2]>::from(r.seq.caches(l)))).collect();
+        let outs: Vec<u64> = rows
+            .iter()
+            .flat_map(|r| [if r.want == Want::Logits { r.seq.logits_dev } else { 0 }, r.seq.best_dev])
+            .collect();
+        self.buffers(ctx)?;
+        let b = self.bufs.as_mut().expect("made by buffers");
+        b.stream.memcpy_htod(&tokens, &mut b.a.tokens.mem)?;
+        b.stream.memcpy_htod(&pos, &mut b.row_pos.mem)?;
+        b.stream.memcpy_htod(&kv, &mut b.row_kv.mem)?;
+        b.stream.memcpy_htod(&outs, &mut b.outs.mem)?;
+        let b = &*b;
+        let s = &b.scratch;
+        let row_kv = |l: usize| b.row_kv.at(l * t * 2);
+        let kv_dest = |l| KvDest { row_pos: b.row_pos.ptr, row_kv: row_kv(l), ..Default::default() };
+        let chunks = rows.iter().map(|r| r.pos / DEC_CHUNK + 1).max().unwrap_or(1);
+        let attend = |l| {
+            let d = DecodeRows { params: 0, row_pos: b.row_pos.ptr, row_kv: row_kv(l), rows: t, chunks };
+            let (part_o, part_ml, counters) = (s.part_o.ptr, s.part_ml.ptr, s.att_counters.ptr);
+            b.k.attn_decode(b.a.q.ptr, 0, 0, m.attn_dims(), &d, part_o, part_ml, s.max_chunks, counters, b.a.att.ptr)
+        };
+        m.gemm_layers(&b.k, &b.a, t, 0, &b.rope, kv_dest, attend)?;
+        if rows.iter().any(|r| r.want != Want::Nothing) {
+            m.lm_head_rows(&b.k, b.a.x.ptr, t, b.outs.ptr, s)?;
+        }
+        b.stream.synchronize()?;
+        rows.iter().map(|r| if r.want == Want::Greedy { r.seq.best().map(Some) } else { Ok(None) }).collect()
+    }
+}
+
+impl Batcher for CudaBatcher {
+    fn forward(&mut self, steps: &mut [Step<'_>]) -> Result<Vec<Option<u32>>> {
+        let mut out = vec![None; steps.len()];
+        let mut rows = Vec::new();
+        let mut at = Vec::new();
+        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
+        for (i, s) in steps.iter_mut().enumerate() {
+            if s.tokens.len() != 1 || decode_rows < MIN_GPU_BATCH {
+                out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
+                continue;
+            }
+            let seq = s.seq.as_any_mut().downcast_mut::<Cuda>();
+            let seq = seq.ok_or_else(|| Error::Invalid("a CUDA batch with a sequence of another device".into()))?;
+            rows.push(Row { seq, token: s.tokens[0], pos: s.pos, want: s.want });
+            at.push(i);
+        }
+        let rows_per_pass = self.rows;
+        for (rows, at) in rows.chunks(rows_per_pass).zip(at.chunks(rows_per_pass)) {
+            for (picked, &i) in self.decode(rows)?.into_iter().zip(at) {
+                out[i] = picked;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -474,76 +782,4 @@ fn check_shape(c: &Config) -> Result<()> {
         "CUDA backend: embedding {} (needs a multiple of 8), ff {} (a multiple of 4), head dim {} (a multiple of 8, at most 256), inputs of at most {}",
         c.n_embd, c.n_ff, c.head_dim, kernels::MAX_NORM
     )))
-}
-
-impl Sequence for Cuda {
-    fn ctx(&self) -> usize {
-        self.ctx
-    }
-
-    fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Option<u32>> {
-        check_input(self.ctx, self.c.n_vocab, tokens, pos)?;
-        let want_logits = want != Want::Nothing;
-        if tokens.len() == 1 {
-            self.set_params(tokens[0], pos);
-            let graph = if want_logits { &self.step_head } else { &self.step };
-            graph.as_ref().expect("captured in new").0.launch()?;
-            // Before `params_host` can change again; with the LM head, its logits are then written.
-            self.stream.synchronize()?;
-        } else {
-            let (mut start, mut last) = (pos, 0);
-            for chunk in tokens.chunks(MAX_BATCH.min(self.ctx)) {
-                self.stream.memcpy_htod(chunk, &mut self.b.tokens.mem)?;
-                self.prefill_layers(chunk.len(), start)?;
-                (start, last) = (start + chunk.len(), chunk.len());
-            }
-            if want_logits {
-                self.lm_head(self.b.x.at((last - 1) * self.c.n_embd))?;
-                self.stream.synchronize()?;
-            }
-        }
-        // With the logits, the LM head took their argmax on the device too.
-        match want {
-            Want::Greedy => Ok(Some(self.b.best_host.as_slice()?[0] as u32)),
-            _ => Ok(None),
-        }
-    }
-
-    fn logits(&self) -> &[f32] {
-        // `forward` synchronized the stream after the LM head: this waits for nothing.
-        self.b.logits_host.as_slice().expect("the LM head has completed")
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
-/// The model for the CUDA device. Each sequence uploads its own copy of the weights for now (the
-/// decode graphs are captured over one sequence's buffers); sharing them is still to be done.
-pub struct CudaModel {
-    model: Model,
-    name: String,
-}
-
-impl CudaModel {
-    pub fn new(model: Model) -> Result<Self> {
-        check_shape(&model.config)?;
-        let name = format!("cuda/{}", device()?.name()?);
-        Ok(Self { model, name })
-    }
-}
-
-impl Weights for CudaModel {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn config(&self) -> &Config {
-        &self.model.config
-    }
-
-    fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>> {
-        Ok(Box::new(Cuda::new(&self.model, ctx)?))
-    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 
-use super::kernels::{AttnDims, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
+use super::kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
 use super::{pack, upload, zeros, Buf};
 use crate::backend::cpu::kernels::{quantize_activations, scalar::Scalar, Kernels as _};
 use crate::generate::sampler::SplitMix64;
@@ -258,6 +258,7 @@ fn qkv_epilogue_ropes_and_fills_the_cache() {
             kv_dim: kv_dim as i32,
             rope_half: half as i32,
             silu: 0,
+            ..Default::default()
         };
         // Prompt path for t tokens at pos0.., then the decode path for one more token at pos0 + t.
         let kp = lin.words * 16;
@@ -350,21 +351,40 @@ fn attention_kernels_match_the_reference() {
             let want: Vec<f32> = (0..n_head)
                 .flat_map(|h| attention_ref(&q[h * hd..(h + 1) * hd], &k, &v, kv_dim, (h / dims.group) * hd, pos))
                 .collect();
+            let one = DecodeRows { params: params.ptr, row_pos: 0, row_kv: 0, rows: 1, chunks: max_chunks };
             for run in 0..2 {
-                g.k.attn_decode(
-                    qb.ptr,
-                    kc.ptr,
-                    vc.ptr,
-                    dims,
-                    params.ptr,
-                    part_o.ptr,
-                    part_ml.ptr,
-                    max_chunks,
-                    counters.ptr,
-                    out.ptr,
-                )
-                .unwrap();
+                let (po, pm) = (part_o.ptr, part_ml.ptr);
+                g.k.attn_decode(qb.ptr, kc.ptr, vc.ptr, dims, &one, po, pm, max_chunks, counters.ptr, out.ptr).unwrap();
                 close(&g.down(&out, q_dim), &want, 2e-5, &format!("decode hd {hd} pos {pos} run {run}"));
+            }
+        }
+        // Many sequences' rows at once (a batched decode step): each at its own position over its own
+        // caches (the second row's are the first's shifted by one token, so every row reads other keys).
+        let positions = [5usize, 1099 - 1, 300, 127];
+        let rows = positions.len();
+        let q = uniform(&mut r, rows * q_dim, -1.0, 1.0);
+        let caches: Vec<u64> = (0..rows).flat_map(|i| [kc.at((i % 2) * kv_dim), vc.at((i % 2) * kv_dim)]).collect();
+        let (qb, out) = (g.up(&q), g.zeros::<f32>(rows * q_dim));
+        let (row_pos, row_kv) = (g.up(&positions.map(|p| p as i32)), g.up(&caches));
+        let (part_o, part_ml, counters) = (
+            g.zeros::<f32>(rows * n_head * max_chunks * hd),
+            g.zeros::<f32>(rows * n_head * max_chunks * 2),
+            g.zeros::<u32>(rows * n_head),
+        );
+        let many = DecodeRows { params: 0, row_pos: row_pos.ptr, row_kv: row_kv.ptr, rows, chunks: max_chunks };
+        for run in 0..2 {
+            let (po, pm) = (part_o.ptr, part_ml.ptr);
+            g.k.attn_decode(qb.ptr, 0, 0, dims, &many, po, pm, max_chunks, counters.ptr, out.ptr).unwrap();
+            let got = g.down(&out, rows * q_dim);
+            for (i, &pos) in positions.iter().enumerate() {
+                let (k, v) = (&k[(i % 2) * kv_dim..], &v[(i % 2) * kv_dim..]);
+                let want: Vec<f32> = (0..n_head)
+                    .flat_map(|h| {
+                        let qh = &q[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
+                        attention_ref(qh, k, v, kv_dim, (h / dims.group) * hd, pos)
+                    })
+                    .collect();
+                close(&got[i * q_dim..(i + 1) * q_dim], &want, 2e-5, &format!("rows hd {hd} row {i} run {run}"));
             }
         }
         // Prompt: t queries at pos0.., against keys 0..pos0+t.
@@ -413,22 +433,51 @@ fn embedding_and_lm_head_match_the_cpu() {
         for (i, &t) in tokens.iter().enumerate() {
             assert_eq!(&got[i * n..(i + 1) * n], &e[t as usize * n..(t as usize + 1) * n], "embedding of {t}");
         }
-        // LM head and argmax, twice (the argmax merge resets its counter).
-        let (xv, norm) = (uniform(&mut r, n, -3.0, 3.0), uniform(&mut r, n, 0.5, 1.5));
-        let xn = rmsnorm(&xv, &norm, EPS);
-        let want: Vec<f32> =
-            (0..rows).map(|row| (0..n).map(|c| e[row * n + c] as f64 * xn[c] as f64).sum::<f64>() as f32).collect();
+        // LM head and argmax of one token and of 11 (two columns of blocks, the second partly filled; one
+        // token without a logits address, as a greedy-only step), twice (the argmax merge resets its counters).
+        let norm = uniform(&mut r, n, 0.5, 1.5);
+        let nb = g.up(&norm);
         let blocks = g.k.lm_head_blocks(rows);
-        let (xb, nb, logits) = (g.up(&xv), g.up(&norm), g.zeros::<f32>(rows));
-        let (bv, bi, counter, best) =
-            (g.zeros::<f32>(blocks), g.zeros::<i32>(blocks), g.zeros::<u32>(1), g.zeros::<i32>(1));
-        for run in 0..2 {
-            g.k.lm_head(xb.ptr, nb.ptr, n, EPS, eb.ptr, rows, logits.ptr, bv.ptr, bi.ptr, counter.ptr, best.ptr)
-                .unwrap();
-            let got = g.down(&logits, rows);
-            close(&got, &want, 1e-5, &format!("logits {rows}x{n} run {run}"));
-            let argmax = got.iter().enumerate().fold(0, |b, (i, &v)| if v > got[b] { i } else { b });
-            assert_eq!(g.down(&best, 1)[0] as usize, argmax, "argmax {rows}x{n} run {run}");
+        for nt in [1, 11] {
+            let xv = uniform(&mut r, nt * n, -3.0, 3.0);
+            let (xb, logits, best) = (g.up(&xv), g.zeros::<f32>(nt * rows), g.zeros::<i32>(nt));
+            let greedy_only = if nt > 1 { 9 } else { usize::MAX };
+            let outs: Vec<u64> =
+                (0..nt).flat_map(|t| [if t == greedy_only { 0 } else { logits.at(t * rows) }, best.at(t)]).collect();
+            let outs = g.up(&outs);
+            let (bv, bi, counters) = (g.zeros::<f32>(nt * blocks), g.zeros::<i32>(nt * blocks), g.zeros::<u32>(nt));
+            // One token's own kernel (the decode graph's), then the many-token kernel, twice each.
+            for run in 0..4 {
+                let (b, i, ctr) = (bv.ptr, bi.ptr, counters.ptr);
+                if run < 2 && nt == 1 {
+                    g.k.lm_head(xb.ptr, nb.ptr, n, EPS, eb.ptr, rows, logits.ptr, b, i, ctr, best.ptr).unwrap();
+                } else {
+                    g.k.lm_head_rows(xb.ptr, nt, nb.ptr, n, EPS, eb.ptr, rows, outs.ptr, b, i, ctr).unwrap();
+                }
+                let (got, picked) = (g.down(&logits, nt * rows), g.down(&best, nt));
+                for t in 0..nt {
+                    let xn = rmsnorm(&xv[t * n..(t + 1) * n], &norm, EPS);
+                    let want: Vec<f32> = (0..rows)
+                        .map(|row| (0..n).map(|c| e[row * n + c] as f64 * xn[c] as f64).sum::<f64>() as f32)
+                        .collect();
+                    let what = format!("{rows}x{n}, token {t} of {nt}, run {run}");
+                    let argmax = want.iter().enumerate().fold(0, |b, (i, &v)| if v > want[b] { i } else { b });
+                    if t == greedy_only {
+                        assert!(got[t * rows..(t + 1) * rows].iter().all(|&v| v == 0.0), "no logits: {what}");
+                    } else {
+                        let got = &got[t * rows..(t + 1) * rows];
+                        close(got, &want, 1e-5, &format!("logits {what}"));
+                        let own = got.iter().enumerate().fold(0, |b, (i, &v)| if v > got[b] { i } else { b });
+                        assert_eq!(picked[t] as usize, own, "argmax of its own logits: {what}");
+                    }
+                    // Against the f64 reference only where its top two are apart.
+                    let mut top = want.clone();
+                    top.sort_by(|a, b| b.total_cmp(a));
+                    if top[0] - top[1] > 1e-3 {
+                        assert_eq!(picked[t] as usize, argmax, "argmax {what}");
+                    }
+                }
+            }
         }
     }
 }
@@ -490,34 +539,34 @@ fn decode_kernel_times() {
     for pos in [63, 1023] {
         let params = g.up(&[0i32, pos]);
         let bytes = (pos as usize + 1) * 640 * 2 * 2;
+        let one = DecodeRows { params: params.ptr, row_pos: 0, row_kv: 0, rows: 1, chunks: max_chunks };
         time(&format!("attn_decode pos {pos}"), bytes, &|| {
-            g.k.attn_decode(
-                q.ptr,
-                kc.ptr,
-                vc.ptr,
-                dims,
-                params.ptr,
-                part_o.ptr,
-                part_ml.ptr,
-                max_chunks,
-                counters.ptr,
-                out.ptr,
-            )
-            .unwrap()
+            let (po, pm) = (part_o.ptr, part_ml.ptr);
+            g.k.attn_decode(q.ptr, kc.ptr, vc.ptr, dims, &one, po, pm, max_chunks, counters.ptr, out.ptr).unwrap()
         });
     }
     let (rows, n) = (128256, 2560);
     let e = g.zeros::<u16>(rows * n);
     let blocks = g.k.lm_head_blocks(rows);
-    let (x, nw, logits) = (g.up(&uniform(&mut r, n, -1.0, 1.0)), g.up(&vec![1f32; n]), g.zeros::<f32>(rows));
-    let (bv, bi, counter, best) =
-        (g.zeros::<f32>(blocks), g.zeros::<i32>(blocks), g.zeros::<u32>(1), g.zeros::<i32>(1));
-    time("lm_head 128256x2560", rows * n * 2, &|| {
-        g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, logits.ptr, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
-    });
-    // As the backend runs it: the logits written into mapped page-locked host memory.
-    let (_host, mapped) = super::mapped::<f32>(&g.s, rows).unwrap();
-    time("lm_head 128256x2560, logits to host", rows * n * 2, &|| {
-        g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, mapped, bv.ptr, bi.ptr, counter.ptr, best.ptr).unwrap()
-    });
+    let nw = g.up(&vec![1f32; n]);
+    // As the backend runs it: the logits written into mapped page-locked host memory; for 64 tokens (a
+    // batched step), into device memory and to host.
+    let (_host, mapped) = super::mapped::<f32>(&g.s, 64 * rows).unwrap();
+    for (nt, to_host) in [(1, false), (1, true), (64, false), (64, true)] {
+        let (x, logits, best) =
+            (g.up(&uniform(&mut r, nt * n, -1.0, 1.0)), g.zeros::<f32>(nt * rows), g.zeros::<i32>(nt));
+        let base = if to_host { mapped } else { logits.ptr };
+        let outs = g.up(&(0..nt).flat_map(|t| [base + (4 * t * rows) as u64, best.at(t)]).collect::<Vec<_>>());
+        let (bv, bi, counters) = (g.zeros::<f32>(nt * blocks), g.zeros::<i32>(nt * blocks), g.zeros::<u32>(nt));
+        let to = if to_host { "host" } else { "device" };
+        if nt == 1 {
+            let logits = if to_host { mapped } else { logits.ptr };
+            time(&format!("lm_head 128256x2560, logits to {to}"), rows * n * 2, &|| {
+                g.k.lm_head(x.ptr, nw.ptr, n, EPS, e.ptr, rows, logits, bv.ptr, bi.ptr, counters.ptr, best.ptr).unwrap()
+            });
+        }
+        time(&format!("lm_head_rows 128256x2560, {nt} token(s), logits to {to}"), rows * n * 2, &|| {
+            g.k.lm_head_rows(x.ptr, nt, nw.ptr, n, EPS, e.ptr, rows, outs.ptr, bv.ptr, bi.ptr, counters.ptr).unwrap()
+        });
+    }
 }

@@ -97,6 +97,7 @@ pub(crate) struct AttnParams {
     pub out_stride: u32,
     pub cached: u32,
     pub chunk: u32,
+    pub exact: u32,
 }
 
 /// What a binding after the step holds.

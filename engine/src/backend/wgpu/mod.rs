@@ -42,7 +42,7 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
-use crate::backend::{check_ctx, check_input};
+use crate::backend::{check_ctx, check_input, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
 use crate::model::{Activation, Config, Model};
@@ -86,6 +86,8 @@ pub struct GpuModel {
     argmax: Kernel,
     matvec: Kernel,
     lookup: Kernel,
+    /// Keys and values cached as computed (`KvType::F32`), or rounded to f16.
+    exact_kv: bool,
 }
 
 impl GpuModel {
@@ -136,6 +138,7 @@ impl GpuModel {
             layers,
             config: c,
             gpu: gpu.clone(),
+            exact_kv: false,
         };
         gpu.check("compiling the kernels")?;
         Ok(m)
@@ -144,6 +147,163 @@ impl GpuModel {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
+
+    /// The KV cache type of every context: f16 (the default) or f32 (exact).
+    pub fn with_kv(mut self, kv: KvType) -> Result<Self> {
+        if kv == KvType::Q8_0 {
+            return Err(Error::Unsupported("a q8_0 KV cache on wgpu (f32 or f16; --backend cpu has all)".into()));
+        }
+        self.exact_kv = kv == KvType::F32;
+        Ok(self)
+    }
+
+    /// A step buffer: [`TILE`] entries, and one more for a batch's tile-wide dispatches.
+    fn step_buffer(&self) -> wgpu::Buffer {
+        self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: (TILE as u64 + 1) * STEP_STRIDE,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Attention of a decode step (one token, row 0, its k and v from `qkv`) in a context of `ctx`.
+    fn attn_params(&self, ctx: usize) -> AttnParams {
+        let c = &self.config;
+        AttnParams {
+            head_dim: c.head_dim as u32,
+            group: (c.n_head / c.n_head_kv) as u32,
+            q_dim: c.q_dim() as u32,
+            kv_dim: c.kv_dim() as u32,
+            rope_half: (c.rope_dim / 2) as u32,
+            ctx: ctx as u32,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            qkv_stride: 0,
+            out_stride: 0,
+            cached: 0,
+            chunk: 0,
+            exact: u32::from(self.exact_kv),
+        }
+    }
+
+    /// The buffers of a tile's rows in contexts of up to `ctx` tokens.
+    fn tile_buffers(&self, ctx: usize) -> TileBufs {
+        let (c, gpu) = (&self.config, &*self.gpu);
+        let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let widest = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max();
+        let attn = AttnParams {
+            qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
+            out_stride: s4(q_dim) as u32,
+            cached: 1,
+            ..self.attn_params(ctx)
+        };
+        TileBufs {
+            x: f32_buf("x tile", TILE * s4(c.n_embd)),
+            qkv: f32_buf("qkv tile", TILE * s4(q_dim + 2 * kv_dim)),
+            att_out: f32_buf("att_out tile", TILE * s4(q_dim)),
+            h: f32_buf("h tile", TILE * s4(c.n_ff)),
+            att: f32_buf("att tile", TILE * c.n_head * ctx),
+            words: gpu.zeros("int8 tile", (TILE * widest.unwrap_or(1) as usize * 64) as u64),
+            scales: f32_buf("int8 scales tile", 2 * TILE),
+            attn: gpu.uniform("tile attention params", &attn),
+        }
+    }
+
+    /// The embedding lookup into a tile's row `step.row`: one dispatch per shard of the embedding.
+    fn tile_embed(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<Dispatch> {
+        let embd = self.token_embd.as_ref().unwrap_or(&self.lm_head);
+        // The lookup's input binding is unused: any buffer of the right kind.
+        embd.shards.iter().map(|s| self.float(&self.lookup, embd, s, step, &t.h, &t.x)).collect()
+    }
+
+    /// Every layer's BitLinears for a tile's rows: for qkv, wo, gate/up and down, the rows' norm and
+    /// quantization, then the GEMM.
+    fn tile_bitlinears(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<[Dispatch; 8]> {
+        let (c, gpu) = (&self.config, &*self.gpu);
+        let bitlinear = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, in_len, norm, out: &wgpu::Buffer, out_len| {
+            let act = u32::from(c.activation == Activation::Silu);
+            let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
+            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
+            let uniform = gpu.uniform("tile params", &p);
+            let gemm_grid = grid(p.rows as usize, self.gemm.rows_per_group);
+            [
+                self.quantize.dispatch(gpu, step, &[&uniform, &t.words, input, norm, &t.scales], (TILE as u32, 1)),
+                self.gemm.dispatch(gpu, step, &[&uniform, &w.buf, &t.words, &t.scales, out], gemm_grid),
+            ]
+        };
+        let (d, q_dim, kv_dim) = (c.n_embd, c.q_dim(), c.kv_dim());
+        self.layers
+            .iter()
+            .map(|l| {
+                let [a, b] = bitlinear(&l.qkv, MODE_STORE, &t.x, d, &l.attn_norm, &t.qkv, q_dim + 2 * kv_dim);
+                let [c0, c1] = bitlinear(&l.wo, MODE_ADD, &t.att_out, q_dim, &l.attn_sub_norm, &t.x, d);
+                let [e0, e1] = bitlinear(&l.gate_up, MODE_GATE_UP, &t.x, d, &l.ffn_norm, &t.h, c.n_ff);
+                let [f0, f1] = bitlinear(&l.down, MODE_ADD, &t.h, c.n_ff, &l.ffn_sub_norm, &t.x, d);
+                [a, b, c0, c1, e0, e1, f0, f1]
+            })
+            .collect()
+    }
+
+    /// A layer's attention for a tile's rows over the caches `kv`: the store of their keys and values,
+    /// then attention, each for `rows` tokens from `step.row` on.
+    fn tile_attention(
+        &self,
+        step: &wgpu::Buffer,
+        t: &TileBufs,
+        rope: &wgpu::Buffer,
+        [kc, vc]: [&wgpu::Buffer; 2],
+        part: &wgpu::Buffer,
+        rows: u32,
+    ) -> [Dispatch; 2] {
+        let (c, gpu) = (&self.config, &*self.gpu);
+        let b = [&t.attn, &t.qkv, rope, kc, vc, &t.att, &t.att_out, part];
+        [
+            self.store_kv.dispatch(gpu, step, &b, (c.n_head_kv as u32, rows)),
+            self.attention.dispatch(gpu, step, &b, (c.n_head as u32, rows)),
+        ]
+    }
+
+    /// A float matrix kernel over one shard of `fm`.
+    fn float(
+        &self,
+        k: &Kernel,
+        fm: &FloatGpu,
+        s: &weights::Shard,
+        step: &wgpu::Buffer,
+        input: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Dispatch {
+        let p = FloatParams {
+            rows: s.rows.len() as u32,
+            row_offset: s.rows.start as u32,
+            vpr: fm.vpr as u32,
+            k: fm.cols as u32,
+        };
+        let uniform = self.gpu.uniform("float params", &p);
+        let g = if k.rows_per_group > 1 { grid(s.rows.len(), k.rows_per_group) } else { (1, 1) };
+        k.dispatch(&self.gpu, step, &[&uniform, &s.m, &s.d, input, out], g)
+    }
+}
+
+/// A row length rounded up to whole vec4s (the kernels' loads).
+fn s4(n: usize) -> usize {
+    n.next_multiple_of(4)
+}
+
+/// The buffers of a tile of up to [`TILE`] token rows: a prompt tile, or one token of each of many sequences.
+struct TileBufs {
+    /// The residual stream, `[TILE][n_embd rounded up to 4]`.
+    x: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    att_out: wgpu::Buffer,
+    h: wgpu::Buffer,
+    /// Attention scores, `[row][head][ctx]`.
+    att: wgpu::Buffer,
+    words: wgpu::Buffer,
+    scales: wgpu::Buffer,
+    /// The rows' attention parameters (their keys and values are in the cache once `store_kv` ran).
+    attn: wgpu::Buffer,
 }
 
 /// What to compute after the last token of a [`Wgpu::run`].
@@ -154,14 +314,14 @@ enum Head {
     Argmax,
 }
 
-/// A prompt tile's dispatches, and its residual stream: `[TILE][n_embd rounded up to 4]`.
+/// A prompt tile's dispatches and buffers.
 struct Tile {
     /// The embedding lookup, recorded once per token of the tile (at its step slot).
     embed: Vec<Dispatch>,
-    /// Ten dispatches per layer: a BitLinear is a quantization and a GEMM, attention a store and itself.
-    layers: Vec<Dispatch>,
-    x: wgpu::Buffer,
-    x_stride: usize,
+    /// Per layer, its BitLinears (see [`GpuModel::tile_bitlinears`]) and its attention.
+    bitlinear: Vec<[Dispatch; 8]>,
+    attention: Vec<[Dispatch; 2]>,
+    bufs: TileBufs,
 }
 
 /// One sequence on the GPU: the KV cache, the activations, and every dispatch of a token, recorded once.
@@ -190,6 +350,15 @@ pub struct Wgpu {
     logits: Vec<f32>,
     /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
     ready: Option<(Head, bool, wgpu::CommandBuffer)>,
+    /// The RoPE table and each layer's key and value caches, for a [`WgpuBatcher`]'s dispatches (the
+    /// browser has no batcher).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    rope: wgpu::Buffer,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    caches: Vec<[wgpu::Buffer; 2]>,
+    /// This sequence's attention in a [`WgpuBatcher`]'s steps (the batcher's id, each layer's dispatches).
+    #[cfg(not(target_arch = "wasm32"))]
+    batched: Option<(u64, Vec<[Dispatch; 2]>)>,
 }
 
 impl Wgpu {
@@ -207,19 +376,14 @@ impl Wgpu {
         check_ctx(c, ctx)?;
         let gpu = &*m.gpu;
         let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
-        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let kv_bytes = (ctx * kv_dim * 4) as u64;
         if kv_bytes > gpu.max_binding() {
             return Err(Error::Gpu(format!(
                 "a KV cache layer of {kv_bytes} bytes exceeds the largest storage binding"
             )));
         }
-        let step = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("step"),
-            size: TILE as u64 * STEP_STRIDE,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let step = m.step_buffer();
         let x = f32_buf("x", c.n_embd);
         let xn = f32_buf("xn", m.lm_head.vpr * m.lm_head.format.per_vec4()); // zero-padded LM head input
         let qkv = f32_buf("qkv", q_dim + 2 * kv_dim);
@@ -239,71 +403,19 @@ impl Wgpu {
             let k = &m.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)];
             k.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
         };
-        let attn_params = AttnParams {
-            head_dim: c.head_dim as u32,
-            group: (c.n_head / c.n_head_kv) as u32,
-            q_dim: q_dim as u32,
-            kv_dim: kv_dim as u32,
-            rope_half: (c.rope_dim / 2) as u32,
-            ctx: ctx as u32,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-            // A decode step: one token (row 0), its k and v from `qkv`.
-            qkv_stride: 0,
-            out_stride: 0,
-            cached: 0,
-            chunk: 0,
-        };
+        // A decode step: one token (row 0), its k and v from `qkv`.
+        let attn_params = m.attn_params(ctx);
         let attn_uniform = gpu.uniform("attention params", &attn_params);
         // Attention split over the sequence: each head's chunks' partial results, `head_dim + 2` floats each.
         let chunk = gpu.attn_chunk;
         let part = f32_buf("attention chunks", c.n_head * ctx.div_ceil(chunk) * (c.head_dim + 2));
         let split_uniform = gpu.uniform("split attention params", &AttnParams { chunk: chunk as u32, ..attn_params });
-
-        // A prompt tile's buffers: one row per token, each rounded up to whole vec4s (the kernels' loads).
-        let s4 = |n: usize| n.next_multiple_of(4);
-        let x_t = f32_buf("x tile", TILE * s4(c.n_embd));
-        let qkv_t = f32_buf("qkv tile", TILE * s4(q_dim + 2 * kv_dim));
-        let att_out_t = f32_buf("att_out tile", TILE * s4(q_dim));
-        let h_t = f32_buf("h tile", TILE * s4(c.n_ff));
-        let att_t = f32_buf("att tile", TILE * c.n_head * ctx);
-        let widest =
-            m.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max().unwrap_or(1);
-        let words_t = gpu.zeros("int8 tile", (TILE * widest as usize * 64) as u64);
-        let scales_t = f32_buf("int8 scales tile", 2 * TILE);
-        // A BitLinear of the tile: its rows of `input` (`in_len` long) normed, quantized, then the GEMM into
-        // rows of `out` (`out_len` long).
-        let tile_bitlinear = |w: &TernaryGpu,
-                              mode: u32,
-                              input: &wgpu::Buffer,
-                              in_len: usize,
-                              norm: &wgpu::Buffer,
-                              out: &wgpu::Buffer,
-                              out_len: usize| {
-            let act = u32::from(c.activation == Activation::Silu);
-            let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
-            let p = TernaryParams { mode, act, prenorm: 1, eps: c.eps, x_stride, out_stride, ..w.params };
-            let uniform = gpu.uniform("tile params", &p);
-            [
-                m.quantize.dispatch(gpu, &step, &[&uniform, &words_t, input, norm, &scales_t], (TILE as u32, 1)),
-                m.gemm.dispatch(
-                    gpu,
-                    &step,
-                    &[&uniform, &w.buf, &words_t, &scales_t, out],
-                    grid(p.rows as usize, m.gemm.rows_per_group),
-                ),
-            ]
-        };
-        let tile_attn = AttnParams {
-            qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
-            out_stride: s4(q_dim) as u32,
-            cached: 1,
-            ..attn_params
-        };
-        let tile_attn_uniform = gpu.uniform("tile attention params", &tile_attn);
+        let tile_bufs = m.tile_buffers(ctx);
 
         let mut layers = Vec::with_capacity(5 * c.n_layer);
         let mut split_attention = Vec::with_capacity(c.n_layer);
-        let mut tile_layers = Vec::with_capacity(10 * c.n_layer);
+        let mut caches = Vec::with_capacity(c.n_layer);
+        let mut tile_attention = Vec::with_capacity(c.n_layer);
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
             layers.push(ternary(&l.qkv, MODE_STORE, &x, &l.attn_norm, &qkv));
@@ -321,47 +433,22 @@ impl Wgpu {
                 m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
                 m.combine.dispatch(gpu, &step, &split, (c.n_head as u32, 1)),
             ]);
-
-            let attn = [&tile_attn_uniform, &qkv_t, &rope, &kc, &vc, &att_t, &att_out_t, &part];
-            tile_layers.extend(tile_bitlinear(
-                &l.qkv,
-                MODE_STORE,
-                &x_t,
-                c.n_embd,
-                &l.attn_norm,
-                &qkv_t,
-                q_dim + 2 * kv_dim,
-            ));
-            tile_layers.push(m.store_kv.dispatch(gpu, &step, &attn, (c.n_head_kv as u32, TILE as u32)));
-            tile_layers.push(m.attention.dispatch(gpu, &step, &attn, (c.n_head as u32, TILE as u32)));
-            tile_layers.extend(tile_bitlinear(&l.wo, MODE_ADD, &att_out_t, q_dim, &l.attn_sub_norm, &x_t, c.n_embd));
-            tile_layers.extend(tile_bitlinear(&l.gate_up, MODE_GATE_UP, &x_t, c.n_embd, &l.ffn_norm, &h_t, c.n_ff));
-            tile_layers.extend(tile_bitlinear(&l.down, MODE_ADD, &h_t, c.n_ff, &l.ffn_sub_norm, &x_t, c.n_embd));
+            tile_attention.push(m.tile_attention(&step, &tile_bufs, &rope, [&kc, &vc], &part, TILE as u32));
+            caches.push([kc, vc]);
         }
 
-        let float = |k: &Kernel, fm: &FloatGpu, s: &weights::Shard, input: &wgpu::Buffer, out: &wgpu::Buffer| {
-            let p = FloatParams {
-                rows: s.rows.len() as u32,
-                row_offset: s.rows.start as u32,
-                vpr: fm.vpr as u32,
-                k: fm.cols as u32,
-            };
-            let uniform = gpu.uniform("float params", &p);
-            let g = if k.rows_per_group > 1 { grid(s.rows.len(), k.rows_per_group) } else { (1, 1) };
-            k.dispatch(gpu, &step, &[&uniform, &s.m, &s.d, input, out], g)
-        };
         let embd = m.token_embd.as_ref().unwrap_or(&m.lm_head);
-        let embed = embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x)).collect();
+        let embed = embd.shards.iter().map(|s| m.float(&m.lookup, embd, s, &step, &xn, &x)).collect();
         let tile = Tile {
-            embed: embd.shards.iter().map(|s| float(&m.lookup, embd, s, &xn, &x_t)).collect(),
-            layers: tile_layers,
-            x: x_t,
-            x_stride: s4(c.n_embd),
+            embed: m.tile_embed(&step, &tile_bufs),
+            bitlinear: m.tile_bitlinears(&step, &tile_bufs),
+            attention: tile_attention,
+            bufs: tile_bufs,
         };
         let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
         let mut head =
             vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
-        head.extend(m.lm_head.shards.iter().map(|s| float(&m.matvec, &m.lm_head, s, &xn, &logits_buf)));
+        head.extend(m.lm_head.shards.iter().map(|s| m.float(&m.matvec, &m.lm_head, s, &step, &xn, &logits_buf)));
         let argmax =
             m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
         gpu.check("creating a context")?;
@@ -385,6 +472,10 @@ impl Wgpu {
             x,
             logits_buf,
             best_buf,
+            rope,
+            caches,
+            #[cfg(not(target_arch = "wasm32"))]
+            batched: None,
         })
     }
 
@@ -464,13 +555,13 @@ impl Wgpu {
         measure("attention, last position of the context, single pass", vec![&l[1]])?;
         measure("attention, last position of the context, split + combine", self.split_attention[0].iter().collect())?;
         step(Step { token: 0, pos: 0, row: 0, n: TILE as u32 });
-        let t = &self.tile.layers;
+        let (t, a) = (&self.tile.bitlinear[0], &self.tile.attention[0]);
         measure("prompt tile: qkv quantize", vec![&t[0]])?;
         measure("prompt tile: qkv GEMM", vec![&t[1]])?;
-        measure("prompt tile: kv store + attention", vec![&t[2], &t[3]])?;
-        measure("prompt tile: gate/up GEMM", vec![&t[7]])?;
-        measure("prompt tile: down GEMM", vec![&t[9]])?;
-        measure("prompt tile: a whole layer", t[..10].iter().collect())?;
+        measure("prompt tile: kv store + attention", a.iter().collect())?;
+        measure("prompt tile: gate/up GEMM", vec![&t[5]])?;
+        measure("prompt tile: down GEMM", vec![&t[7]])?;
+        measure("prompt tile: a whole layer", t[..2].iter().chain(a).chain(&t[2..]).collect())?;
         gpu.check("timing the kernels")?;
         Ok(out)
     }
@@ -572,15 +663,22 @@ impl Wgpu {
             for slot in 0..n {
                 self.tile.embed.iter().for_each(|d| d.record(&mut pass, slot));
             }
-            self.tile.layers.iter().for_each(|d| d.record(&mut pass, 0));
+            record_tile_layers(&mut pass, &self.tile.bitlinear, 0, |l, pass| {
+                self.tile.attention[l].iter().for_each(|d| d.record(pass, 0));
+            });
         }
         if head != Head::None {
-            let row = (self.tile.x_stride * 4) as u64;
-            enc.copy_buffer_to_buffer(&self.tile.x, (n - 1) as u64 * row, &self.x, 0, self.m.config.n_embd as u64 * 4);
+            self.copy_tile_row(&mut enc, &self.tile.bufs, n - 1);
             self.record_head(&mut enc.begin_compute_pass(&Default::default()), head);
             self.copy_head(&mut enc, head);
         }
         enc.finish()
+    }
+
+    /// Copies row `row` of a tile's residual stream to `x`, the LM head's input.
+    fn copy_tile_row(&self, enc: &mut wgpu::CommandEncoder, t: &TileBufs, row: usize) {
+        let n = self.m.config.n_embd;
+        enc.copy_buffer_to_buffer(&t.x, (row * s4(n) * 4) as u64, &self.x, 0, n as u64 * 4);
     }
 
     /// The final norm and the LM head of `x`, and the argmax where asked.
@@ -641,5 +739,179 @@ impl Weights for GpuModel {
 
     fn sequence(self: Arc<Self>, ctx: usize) -> Result<Box<dyn Sequence>> {
         Ok(Box::new(Wgpu::with_model(self, ctx)?))
+    }
+
+    fn batcher(self: Arc<Self>, _max_tokens: usize) -> Box<dyn crate::backend::Batcher> {
+        Box::new(WgpuBatcher { m: self, bufs: None })
+    }
+}
+
+/// Every layer of a tile's rows: each BitLinear's dispatches at the step entry `slot`, and `attend(l, pass)`
+/// between the q/k/v projection and the output projection.
+fn record_tile_layers(
+    pass: &mut wgpu::ComputePass,
+    bitlinear: &[[Dispatch; 8]],
+    slot: usize,
+    mut attend: impl FnMut(usize, &mut wgpu::ComputePass),
+) {
+    for (l, d) in bitlinear.iter().enumerate() {
+        d[..2].iter().for_each(|d| d.record(pass, slot));
+        attend(l, pass);
+        d[2..].iter().for_each(|d| d.record(pass, slot));
+    }
+}
+
+/// Steps of many sequences of one [`GpuModel`]: each sequence's prompt pieces through its own prompt tiles,
+/// and the sequences' single decode tokens together, as the rows of prompt-style tiles (each BitLinear
+/// reads its weights once for up to [`TILE`] sequences), with each row's attention over its own cache and
+/// each row's LM head as its sequence's.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct WgpuBatcher {
+    m: Arc<GpuModel>,
+    /// Made on the first step, and again when a longer context comes.
+    bufs: Option<BatchBufs>,
+}
+
+/// A batcher's tile, for rows of contexts up to `ctx`.
+#[cfg(not(target_arch = "wasm32"))]
+struct BatchBufs {
+    /// Tells the sequences' attention dispatches for these buffers from those for earlier ones.
+    id: u64,
+    ctx: usize,
+    /// Entries `0..rows`: each row's token and position; entry [`TILE`]: the tile-wide dispatches' (`n` rows).
+    step: wgpu::Buffer,
+    tile: TileBufs,
+    embed: Vec<Dispatch>,
+    bitlinear: Vec<[Dispatch; 8]>,
+    part: wgpu::Buffer,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl BatchBufs {
+    fn new(m: &GpuModel, ctx: usize) -> Self {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let step = m.step_buffer();
+        let tile = m.tile_buffers(ctx);
+        Self {
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ctx,
+            embed: m.tile_embed(&step, &tile),
+            bitlinear: m.tile_bitlinears(&step, &tile),
+            // Unused by a tile's attention (no split), but bound.
+            part: m.gpu.zeros("attention chunks", 4 * (m.config.head_dim as u64 + 2)),
+            tile,
+            step,
+        }
+    }
+}
+
+/// One sequence's decode token in a batched step.
+#[cfg(not(target_arch = "wasm32"))]
+struct Row<'a> {
+    seq: &'a mut Wgpu,
+    token: u32,
+    pos: usize,
+    want: Want,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl WgpuBatcher {
+    /// One token of each row's sequence (at most [`TILE`] rows), in one submission.
+    fn decode(&mut self, rows: &mut [Row<'_>]) -> Result<Vec<Option<u32>>> {
+        let m = self.m.clone();
+        let (c, gpu) = (&m.config, &*m.gpu);
+        for r in rows.iter() {
+            if !Arc::ptr_eq(&r.seq.m, &m) {
+                return Err(Error::Invalid("a wgpu batch of sequences of different models".into()));
+            }
+            check_input(r.seq.ctx, c.n_vocab, &[r.token], r.pos)?;
+        }
+        let ctx = rows.iter().map(|r| r.seq.ctx).max().unwrap_or(1);
+        if self.bufs.as_ref().is_none_or(|b| b.ctx < ctx) {
+            self.bufs = Some(BatchBufs::new(&m, ctx));
+        }
+        let b = self.bufs.as_ref().expect("made above");
+        for r in rows.iter_mut() {
+            if r.seq.batched.as_ref().is_none_or(|(id, _)| *id != b.id) {
+                let s = &*r.seq;
+                let attention =
+                    s.caches.iter().map(|[kc, vc]| m.tile_attention(&b.step, &b.tile, &s.rope, [kc, vc], &b.part, 1));
+                r.seq.batched = Some((b.id, attention.collect()));
+            }
+        }
+        let mut steps = vec![0u8; (TILE + 1) * STEP_STRIDE as usize];
+        let entries = steps.chunks_exact_mut(STEP_STRIDE as usize);
+        for (i, (r, entry)) in rows.iter().zip(entries).enumerate() {
+            let s = Step { token: r.token, pos: r.pos as u32, row: i as u32, n: 1 };
+            entry[..16].copy_from_slice(bytemuck::bytes_of(&s));
+        }
+        let all = Step { token: 0, pos: 0, row: 0, n: rows.len() as u32 };
+        steps[TILE * STEP_STRIDE as usize..][..16].copy_from_slice(bytemuck::bytes_of(&all));
+        gpu.queue.write_buffer(&b.step, 0, &steps);
+
+        let head = |w: Want| match w {
+            Want::Nothing => Head::None,
+            Want::Logits => Head::Logits,
+            Want::Greedy => Head::Argmax,
+        };
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for slot in 0..rows.len() {
+                b.embed.iter().for_each(|d| d.record(&mut pass, slot));
+            }
+            record_tile_layers(&mut pass, &b.bitlinear, TILE, |l, pass| {
+                for (slot, r) in rows.iter().enumerate() {
+                    let (_, attention) = r.seq.batched.as_ref().expect("made above");
+                    attention[l].iter().for_each(|d| d.record(pass, slot));
+                }
+            });
+        }
+        for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.want != Want::Nothing) {
+            r.seq.copy_tile_row(&mut enc, &b.tile, i);
+        }
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            rows.iter().for_each(|r| r.seq.record_head(&mut pass, head(r.want)));
+        }
+        rows.iter().for_each(|r| r.seq.copy_head(&mut enc, head(r.want)));
+        gpu.queue.submit([enc.finish()]);
+        gpu.check("running a batch")?;
+        rows.iter_mut()
+            .map(|r| match r.want {
+                Want::Nothing => Ok(None),
+                Want::Logits => gpu.read(&r.seq.logits_read, &mut r.seq.logits).map(|_| None),
+                Want::Greedy => {
+                    let mut best = [0u32];
+                    gpu.read(&r.seq.best_read, &mut best)?;
+                    Ok(Some(best[0]))
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl crate::backend::Batcher for WgpuBatcher {
+    fn forward(&mut self, steps: &mut [crate::backend::Step<'_>]) -> Result<Vec<Option<u32>>> {
+        let mut out = vec![None; steps.len()];
+        let (mut rows, mut at) = (Vec::new(), Vec::new());
+        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
+        for (i, s) in steps.iter_mut().enumerate() {
+            if s.tokens.len() != 1 || decode_rows < crate::backend::MIN_GPU_BATCH {
+                out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
+                continue;
+            }
+            let seq = s.seq.as_any_mut().downcast_mut::<Wgpu>();
+            let seq = seq.ok_or_else(|| Error::Invalid("a wgpu batch with a sequence of another device".into()))?;
+            rows.push(Row { seq, token: s.tokens[0], pos: s.pos, want: s.want });
+            at.push(i);
+        }
+        for (rows, at) in rows.chunks_mut(TILE).zip(at.chunks(TILE)) {
+            for (picked, &i) in self.decode(rows)?.into_iter().zip(at) {
+                out[i] = picked;
+            }
+        }
+        Ok(out)
     }
 }

@@ -135,6 +135,7 @@ impl Gpu {
             out_stride: 0,
             cached: 0,
             chunk: chunk as u32,
+            exact: 0,
         };
         let qkv = [q, &keys[pos * kv_dim..], &values[pos * kv_dim..]].concat();
         let f32s = |label: &str, v: &[f32]| self.storage(label, bytemuck::cast_slice(v));
