@@ -16,8 +16,9 @@ step() { echo "=== $* [$(( $(date +%s) - start )) s, $(df -h --output=avail . | 
 export CARGO_INCREMENTAL=0
 
 step "install what is missing"
-# The official OpenAI Python client, which one `bitnet serve` test drives unmodified.
-python3 -m pip install -q --disable-pip-version-check openai
+# The official OpenAI Python client, which one `bitnet serve` test drives unmodified (and jsonschema, with which
+# it validates structured output).
+python3 -m pip install -q --disable-pip-version-check openai jsonschema
 # llvmpipe, for the wgpu tests (they fail, rather than skip, without an adapter when CI is set).
 if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
     apt-get update -q

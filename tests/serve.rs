@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitnet_tests::{bitnet_bin, bitnet_ok, fixture, repo};
+use bitnet_tests::{bitnet, bitnet_bin, bitnet_json, bitnet_ok, fixture, repo};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
 
@@ -22,11 +22,16 @@ struct Server {
 impl Server {
     /// Starts `bitnet serve --port 0 ARGS` and waits for the address it prints.
     fn start(args: &[&str]) -> Server {
+        Server::start_with(args, Stdio::inherit())
+    }
+
+    /// The same, its stderr (the request log) going to `stderr`.
+    fn start_with(args: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(bitnet_bin())
             .args(["serve", "--port", "0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start bitnet serve");
         let mut line = String::new();
@@ -143,6 +148,14 @@ fn endpoints_health_models_tokenize_metrics() {
     s.complete(&greedy("Once", 5));
     assert_eq!(s.metric("generated_tokens_total"), 5.0);
     assert_eq!(s.metric("requests_total"), 1.0);
+    // Latency histograms: one first token, four intervals between tokens, every one in some bucket.
+    assert_eq!(s.metric("time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(s.metric("time_per_output_token_seconds_count"), 4.0);
+    let body = s.get("/metrics").text().unwrap();
+    assert!(body.contains("# TYPE bitnet_time_to_first_token_seconds histogram"), "{body}");
+    assert!(body.contains("bitnet_time_per_output_token_seconds_bucket{le=\"+Inf\"} 4\n"), "{body}");
+    assert!(body.contains("bitnet_time_to_first_token_seconds_bucket{le=\"120\"} 1\n"), "{body}");
+    assert!(s.metric("time_to_first_token_seconds_sum") > 0.0);
 }
 
 #[test]
@@ -412,12 +425,204 @@ fn malformed_requests_get_400_with_an_error_body() {
     let big = json!({ "prompt": "x".repeat(5000) });
     error_of(s.post("/v1/completions", &big), 413);
     error_of(s.get("/v1/nothing"), 404);
-    // Unknown fields are ignored; the server still answers normally after all of that.
-    let ok = s.ok(
-        "/v1/completions",
-        &json!({ "prompt": "a", "max_tokens": 2, "logit_bias": {}, "user": "me", "echo": false }),
-    );
+    // `user` is metadata, accepted; a null field counts as absent; the server still answers normally after all
+    // of that.
+    let ok = s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 2, "user": "me", "suffix": null }));
     assert_eq!(ok["usage"]["completion_tokens"], 2);
+}
+
+/// A field the server does not honour is a 400 naming it, never dropped (a client asking for JSON output or
+/// tools must not get free text with a 200).
+#[test]
+fn unhonoured_fields_are_refused_by_name() {
+    let s = Server::tiny(&[]);
+    let chat = |extra: Value| {
+        let mut body = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 2 });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let cases = [
+        ("/v1/completions", json!({ "prompt": "a", "echo": false }), "echo"),
+        ("/v1/completions", json!({ "prompt": "a", "suffix": "b" }), "suffix"),
+        ("/v1/completions", json!({ "prompt": "a", "best_of": 1 }), "best_of"),
+        ("/v1/completions", json!({ "prompt": "a", "top_logprobs": 2 }), "top_logprobs"),
+        ("/v1/chat/completions", chat(json!({ "grammar": "root ::= \"a\"" })), "grammar"),
+        (
+            "/v1/chat/completions",
+            chat(json!({ "response_format": { "type": "json_object", "x": 1 } })),
+            "response_format",
+        ),
+        ("/v1/chat/completions", chat(json!({ "tools": [], "tool_choice": "auto" })), "tool"),
+        ("/v1/chat/completions", chat(json!({ "parallel_tool_calls": false })), "parallel_tool_calls"),
+        ("/v1/chat/completions", chat(json!({ "prompt": "a" })), "prompt"),
+        ("/v1/chat/completions", chat(json!({ "stream": true, "stream_options": { "chunk": 1 } })), "stream_options"),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "Hi", "name": "bob" }] }),
+            "messages",
+        ),
+        ("/tokenize", json!({ "content": "a", "with_pieces": true }), "with_pieces"),
+        ("/detokenize", json!({ "tokens": [1], "extra": 1 }), "extra"),
+    ];
+    for (path, body, field) in &cases {
+        let r = s.post(path, body);
+        let status = r.status();
+        let r: Value = r.json().unwrap();
+        assert_eq!(status, 400, "{path} {body}: {r}");
+        let (msg, param) = (r["error"]["message"].as_str().unwrap(), r["error"]["param"].as_str().unwrap_or(""));
+        assert!(msg.contains(field) || param.starts_with(field), "{path} {body}: {r}");
+    }
+    // The same requests without the field are answered.
+    assert_eq!(s.post("/v1/chat/completions", &chat(json!({}))).status(), 200);
+}
+
+/// Completions' `logprobs: N` against `bitnet logits` of the same prompt: the picked token's log-probability
+/// is the log-softmax of its logit, the N alternatives are the N largest logits in order, and their
+/// probabilities add up to what the softmax gives them.
+#[test]
+fn logprobs_agree_with_bitnet_logits() {
+    let s = Server::tiny(&[]);
+    let model = fixture(TINY);
+    let reference = bitnet_json(&["logits", "-m", model.to_str().unwrap(), "-p", "Once upon a", "--all", "--json"]);
+    let logits: Vec<f64> = reference["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+
+    let body = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": reference["tokens"], "max_tokens": 1, "temperature": 0, "logprobs": 5 }),
+    );
+    let lp = &body["choices"][0]["logprobs"];
+    let picked = lp["tokens"][0].as_str().unwrap();
+    let best = order[0] as u32;
+    let detok = |ids: &[u32]| s.ok("/detokenize", &json!({ "tokens": ids }))["content"].as_str().unwrap().to_string();
+    assert_eq!(picked, detok(&[best]));
+    let got = lp["token_logprobs"][0].as_f64().unwrap();
+    assert!((got - (logits[order[0]] - log_sum)).abs() < 1e-3, "{got} vs {}", logits[order[0]] - log_sum);
+    let top = lp["top_logprobs"][0].as_object().unwrap();
+    assert_eq!(top.len(), 5, "{top:?}");
+    for &id in &order[..5] {
+        let want = logits[id] - log_sum;
+        let got = top[&detok(&[id as u32])].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-3, "token {id}: {got} vs {want}");
+    }
+    assert_eq!(lp["text_offset"], json!([0]));
+
+    // Chat: top_logprobs in order, the same through the stream, and one entry per generated token.
+    let req = json!({
+        "messages": [{ "role": "user", "content": "Tell me" }], "max_tokens": 12, "temperature": 0,
+        "logprobs": true, "top_logprobs": 20,
+    });
+    let whole = s.ok("/v1/chat/completions", &req);
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, whole["usage"]["completion_tokens"].as_u64().unwrap());
+    let mut bytes = Vec::new();
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 20);
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "not in order: {values:?}");
+        let mass: f64 = values.iter().map(|v| v.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4 && mass > 0.0, "{mass}");
+        // Greedy: the picked token is the most likely one.
+        assert_eq!(entry["token"], top[0]["token"]);
+        assert_eq!(entry["logprob"], top[0]["logprob"]);
+        bytes.extend(entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    // A token may hold part of a character: the bytes, joined, are the text.
+    assert_eq!(String::from_utf8_lossy(&bytes), whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let chunks = sse_events(s.post("/v1/chat/completions", &streamed));
+    let from_stream: Vec<Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).flatten().cloned().collect();
+    assert_eq!(from_stream, *content);
+    // Out of range, or alternatives without logprobs.
+    let mut bad = req.clone();
+    bad["top_logprobs"] = json!(21);
+    error_of(s.post("/v1/chat/completions", &bad), 400);
+    bad["top_logprobs"] = json!(2);
+    bad["logprobs"] = json!(false);
+    error_of(s.post("/v1/chat/completions", &bad), 400);
+}
+
+#[test]
+fn logit_bias_and_ignore_eos() {
+    let s = Server::tiny(&[]);
+    let first = |extra: Value| {
+        let mut body = greedy("Once upon a", 1);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = s.ok("/v1/completions", &body);
+        r["choices"][0]["logprobs"]["tokens"][0].as_str().map(String::from).unwrap_or_default()
+    };
+    let plain = first(json!({ "logprobs": 2 }));
+    let model = fixture(TINY);
+    let reference =
+        bitnet_json(&["logits", "-m", model.to_str().unwrap(), "-p", "Once upon a", "--top", "2", "--json"]);
+    let (best, second) = (reference["top"][0][0].as_u64().unwrap(), reference["top"][1][0].as_u64().unwrap());
+    // Banning the best token picks the second; a large bias forces any token, at every step.
+    let banned = first(json!({ "logprobs": 0, "logit_bias": { best.to_string(): -100 } }));
+    let detok = |id: u64| s.ok("/detokenize", &json!({ "tokens": [id] }))["content"].as_str().unwrap().to_string();
+    assert_eq!(plain, detok(best));
+    assert_eq!(banned, detok(second));
+    let forced = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": "Once", "max_tokens": 4, "temperature": 0.9, "seed": 1, "logit_bias": { "300": 100 } }),
+    );
+    assert_eq!(forced["choices"][0]["text"].as_str().unwrap(), detok(300).repeat(4));
+    // Forcing the end token stops at once; ignore_eos bans it, and the generation runs to its length.
+    let eos = json!({ "513": 100 });
+    let stopped =
+        s.ok("/v1/completions", &json!({ "prompt": "Once", "max_tokens": 8, "temperature": 0, "logit_bias": eos }));
+    assert_eq!(
+        (stopped["usage"]["completion_tokens"].as_u64(), stopped["choices"][0]["finish_reason"].as_str()),
+        (Some(0), Some("stop"))
+    );
+    let ignored = s.ok(
+        "/v1/completions",
+        &json!({ "prompt": "Once", "max_tokens": 8, "temperature": 0, "logit_bias": eos, "ignore_eos": true }),
+    );
+    assert_eq!(
+        (ignored["usage"]["completion_tokens"].as_u64(), ignored["choices"][0]["finish_reason"].as_str()),
+        (Some(8), Some("length"))
+    );
+    for bad in [json!({ "99999": 1 }), json!({ "x": 1 }), json!({ "1": 101 }), json!({ "1": "a" })] {
+        let r = s.post("/v1/completions", &json!({ "prompt": "Once", "logit_bias": bad }));
+        let body: Value = r.json().unwrap();
+        assert!(body["error"]["param"].as_str().unwrap_or("").starts_with("logit_bias"), "{bad}: {body}");
+    }
+}
+
+/// `timings` as llama-server reports them, in whole answers and in the stream's last chunk.
+#[test]
+fn responses_carry_timings() {
+    let s = Server::tiny(&[]);
+    let body = s.ok("/v1/completions", &greedy("Once upon a time there was", 10));
+    let (t, u) = (&body["timings"], &body["usage"]);
+    assert_eq!(t["predicted_n"], u["completion_tokens"]);
+    assert_eq!(
+        t["prompt_n"].as_u64().unwrap() + t["cache_n"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap(),
+        "{t}"
+    );
+    for key in ["prompt_ms", "predicted_ms", "prompt_per_second", "predicted_per_second", "predicted_per_token_ms"] {
+        assert!(t[key].as_f64().unwrap() > 0.0, "{key}: {t}");
+    }
+    let per_token = t["predicted_ms"].as_f64().unwrap() / 10.0;
+    assert!((t["predicted_per_token_ms"].as_f64().unwrap() - per_token).abs() < 1e-9);
+    // The same prompt again: its prefix comes from the cache.
+    let again = s.ok("/v1/completions", &greedy("Once upon a time there was", 10));
+    assert!(again["timings"]["cache_n"].as_u64().unwrap() > 0, "{}", again["timings"]);
+    let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 5, "stream": true });
+    let chunks = sse_events(s.post("/v1/chat/completions", &chat));
+    let last = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert!(last["timings"]["predicted_n"].as_u64().unwrap() <= 5, "{last}");
+    assert!(s
+        .ok("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 3 }))
+        ["timings"]
+        .is_object());
 }
 
 #[test]
@@ -453,7 +658,7 @@ fn official_openai_python_client() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
-        "{} failed (install the client with `python3 -m pip install openai`):\n{stdout}\n{stderr}",
+        "{} failed (install the client with `python3 -m pip install openai jsonschema`):\n{stdout}\n{stderr}",
         script.display()
     );
     assert!(stdout.contains("openai client OK"), "{stdout}");
@@ -642,4 +847,275 @@ fn connections_are_limited_and_idle_ones_time_out() {
     let waited = t0.elapsed();
     assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "answered after {waited:?}");
     drop(idle);
+}
+
+/// Sends `body` to `path` on a raw connection, shuts down the write side (as `curl` or `nc -N` may once the
+/// request is sent), and reads the whole answer: the status and the body (chunks joined).
+fn half_closed_request(s: &Server, path: &str, body: &Value) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = s.url.strip_prefix("http://").unwrap();
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(format!("{head}{body}").as_bytes()).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no complete answer: {raw:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, body)
+}
+
+/// The payload of an HTTP/1.1 chunked body (which must be complete: a last, empty chunk).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
+}
+
+/// A client that half-closes after sending its request gets the full answer, the same as a client that
+/// keeps its side open, on every POST endpoint (with hyper's half_close off, only GET /health answered).
+#[test]
+fn half_closing_clients_get_their_answers() {
+    let s = Server::tiny(&[]);
+    let completion = greedy("Once upon a time", 40);
+    let (status, body) = half_closed_request(&s, "/v1/completions", &completion);
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got["choices"][0]["text"], s.ok("/v1/completions", &completion)["choices"][0]["text"]);
+    assert_eq!(got["usage"]["completion_tokens"], 40);
+
+    let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 30, "temperature": 0 });
+    let (status, body) = half_closed_request(&s, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    let want = s.ok("/v1/chat/completions", &chat);
+    assert_eq!(got["choices"][0]["message"], want["choices"][0]["message"]);
+
+    let (status, body) = half_closed_request(&s, "/tokenize", &json!({ "content": "Hello world" }));
+    assert_eq!(status, 200, "{body}");
+    let got: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got, s.ok("/tokenize", &json!({ "content": "Hello world" })));
+
+    // Errors reach a half-closed client too, with their status.
+    let (status, body) = half_closed_request(&s, "/v1/completions", &json!({ "prompt": "a", "n": 2 }));
+    assert_eq!(status, 400, "{body}");
+    // Nothing was cancelled: the answers above ran to the end.
+    assert_eq!(s.metric("requests_cancelled_total"), 0.0);
+}
+
+/// /props and /slots in llama-server's shapes, --alias as the model's name, --api-key-file.
+#[test]
+fn props_slots_alias_and_api_key_file() {
+    let dir = std::env::temp_dir().join(format!("bitnet-key-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "  file-key \n").unwrap();
+    let key = key_file.to_str().unwrap();
+    let s = Server::tiny(&["--alias", "my-model", "--api-key-file", key, "--slots", "2"]);
+    let get = |path: &str| {
+        let r = s.client.get(format!("{}{path}", s.url)).bearer_auth("file-key").send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.json::<Value>().unwrap()
+    };
+    assert_eq!(s.get("/v1/models").status(), 401, "the key from the file is required");
+    assert_eq!(get("/v1/models")["data"][0]["id"], "my-model");
+    let props = get("/props");
+    assert_eq!(props["total_slots"], 2);
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 256);
+    assert_eq!(props["model_alias"], "my-model");
+    assert!(props["model_path"].as_str().unwrap().ends_with("tiny-a-i2_s.gguf"), "{props}");
+    assert!(props["chat_template"].as_str().unwrap().contains("message"), "{props}");
+    let slots = get("/slots");
+    assert_eq!(slots.as_array().unwrap().len(), 2);
+    assert!(slots.as_array().unwrap().iter().all(|s| s["is_processing"] == false && s["n_ctx"] == 256), "{slots}");
+    let r = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth("file-key")
+        .json(&greedy("Once upon a", 6))
+        .send()
+        .unwrap();
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["model"], "my-model");
+    let slots = get("/slots");
+    let used: Vec<&Value> = slots.as_array().unwrap().iter().filter(|s| s["n_cached_tokens"] != 0).collect();
+    assert_eq!(used.len(), 1, "{slots}");
+    assert_eq!(used[0]["next_token"]["n_decoded"], body["usage"]["completion_tokens"]);
+    assert_eq!(used[0]["n_prompt_tokens"], body["usage"]["prompt_tokens"]);
+
+    // A key given twice, or an empty key file, is refused before the model loads.
+    let model = fixture(TINY);
+    let m = model.to_str().unwrap();
+    let out = bitnet(&["serve", "-m", m, "--port", "0", "--api-key", "k", "--api-key-file", key]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("API key once"));
+    std::fs::write(&key_file, "\n").unwrap();
+    let out = bitnet(&["serve", "-m", m, "--port", "0", "--api-key-file", key]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sigterm(s: &Server) {
+    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the server to exit and returns whether it exited with status 0.
+fn exits_cleanly(s: &mut Server, within: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(t0.elapsed() < within, "still running after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The rest of a server-sent event stream: its JSON payloads and whether `[DONE]` came (the stream must end).
+fn rest_of_stream(r: &mut BufReader<Response>) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    for line in r.lines() {
+        let Ok(line) = line else { break };
+        match line.strip_prefix("data: ") {
+            Some("[DONE]") => return (events, true),
+            Some(data) => events.push(serde_json::from_str(data).unwrap()),
+            None => {}
+        }
+    }
+    (events, false)
+}
+
+/// SIGTERM during a stream: the server stops accepting at once, lets the stream finish, then exits 0; the request
+/// log has one line per request.
+#[test]
+fn sigterm_lets_running_streams_finish() {
+    let log = std::env::temp_dir().join(format!("bitnet-serve-log-{}.txt", std::process::id()));
+    let mut s =
+        Server::start_with(&["--slots", "1", "--ctx", "512"], Stdio::from(std::fs::File::create(&log).unwrap()));
+    let req =
+        json!({ "prompt": "Tell me a story.", "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true });
+    let mut r = BufReader::new(s.post("/v1/completions", &req));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    let slots: Value = s.get("/slots").json().unwrap();
+    assert_eq!(slots[0]["is_processing"], true, "{slots}");
+    sigterm(&s);
+    // New connections are refused while the stream goes on.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "still accepting connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (events, done) = rest_of_stream(&mut r);
+    assert!(done, "the stream did not finish: {events:?}");
+    let last = events.iter().rev().find(|e| e["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(exits_cleanly(&mut s, Duration::from_secs(20)), "non-zero exit status");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.lines().any(|l| l.starts_with("POST /v1/completions 200 ") && l.ends_with(" ms")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("GET /slots 200 ")), "{log}");
+}
+
+/// SIGTERM during a stream longer than --shutdown-timeout: the stream ends with an error object saying why, and
+/// the server exits 0.
+#[test]
+fn sigterm_ends_long_streams_cleanly_after_the_timeout() {
+    let mut s = Server::start(&["--slots", "1", "--ctx", "2048", "--shutdown-timeout", "1"]);
+    let mut r = start_long_stream(&s);
+    let t0 = Instant::now();
+    sigterm(&s);
+    let (events, done) = rest_of_stream(&mut r);
+    assert!(!done);
+    let last = events.last().unwrap();
+    assert!(last["error"]["message"].as_str().unwrap().contains("shutting down"), "{last}");
+    assert!(exits_cleanly(&mut s, Duration::from_secs(20)), "non-zero exit status");
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+}
+
+/// `response_format`: json_object and json_schema outputs parse and follow the schema (tests/scripts/
+/// serve_openai_client.py validates them with Python's `jsonschema` too); a schema that does not compile, or an
+/// unknown format, is a 400 naming `response_format`.
+#[test]
+fn structured_output_follows_the_schema() {
+    let s = Server::tiny(&[]);
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 10 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 120 },
+            "color": { "enum": ["red", "green", "blue"] },
+            "tags": { "type": "array", "items": { "type": "boolean" }, "maxItems": 3 },
+        },
+        "required": ["name", "age", "color", "tags"],
+        "additionalProperties": false,
+    });
+    let format =
+        json!({ "type": "json_schema", "json_schema": { "name": "person", "schema": schema, "strict": true } });
+    for seed in 1..=6 {
+        let req = json!({
+            "messages": [{ "role": "user", "content": "Describe a person." }],
+            "max_tokens": 120, "temperature": 1.0, "seed": seed, "response_format": format,
+        });
+        let body = s.ok("/v1/chat/completions", &req);
+        assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text:?}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 4, "{text}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 10, "{text}");
+        assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
+        assert!(["red", "green", "blue"].contains(&o["color"].as_str().unwrap()), "{text}");
+        let tags = o["tags"].as_array().unwrap();
+        assert!(tags.len() <= 3 && tags.iter().all(Value::is_boolean), "{text}");
+    }
+    // Any JSON object, streamed: the pieces joined parse.
+    let req = json!({
+        "prompt": "Data:", "max_tokens": 60, "temperature": 0.7, "seed": 3, "stream": true,
+        "response_format": { "type": "json_object" },
+    });
+    let chunks = sse_events(s.post("/v1/completions", &req));
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    if finish == "stop" {
+        assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text:?}");
+    } else {
+        assert!(text.starts_with('{'), "{text:?}");
+    }
+    // Free text is still free text.
+    let plain =
+        s.ok("/v1/completions", &json!({ "prompt": "a", "max_tokens": 3, "response_format": { "type": "text" } }));
+    assert_eq!(plain["usage"]["completion_tokens"], 3);
+    for bad in [
+        json!({ "type": "json_schema", "json_schema": { "name": "x", "schema": { "type": "nonsense" } } }),
+        json!({ "type": "json_schema" }),
+        json!({ "type": "yaml" }),
+        json!({ "type": "json_object", "schema": {} }),
+    ] {
+        let r: Value = s.post("/v1/completions", &json!({ "prompt": "a", "response_format": bad })).json().unwrap();
+        assert!(r["error"]["param"].as_str().unwrap_or("").starts_with("response_format"), "{bad}: {r}");
+    }
+    let r = s.post(
+        "/v1/completions",
+        &json!({ "prompt": "a", "ignore_eos": true, "response_format": { "type": "json_object" } }),
+    );
+    assert_eq!(r.status(), 400);
 }

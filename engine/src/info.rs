@@ -39,6 +39,9 @@ fn write_report(out: &mut String, g: &GgufFile, n_bytes: usize) -> std::fmt::Res
                 "\nmodel: arch {}, {} layers, embd {}, ff {}, heads {}/{} (kv), head dim {}, vocab {}, context {}",
                 c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab, c.n_ctx_train
             )?;
+            if let Ok((family, why)) = crate::model::Family::detect(g) {
+                writeln!(out, "family: {family} ({why})")?;
+            }
             writeln!(out, "activation: {} ({})", c.activation, c.activation_reason)?;
             let per_token: Vec<String> = [KvType::F32, KvType::F16, KvType::Q8_0]
                 .iter()
@@ -50,7 +53,19 @@ fn write_report(out: &mut String, g: &GgufFile, n_bytes: usize) -> std::fmt::Res
     }
     match Tokenizer::from_metadata(&g.metadata) {
         Ok(t) => {
-            writeln!(out, "tokenizer: {} tokens, pre-tokenizer {}, add BOS {}", t.vocab_size(), t.pre(), t.add_bos())?
+            let kind = if t.model() == "llama" { "SentencePiece BPE" } else { "byte-level BPE" };
+            writeln!(
+                out,
+                "tokenizer: {} ({kind}), {} tokens, pre-tokenizer {}, add BOS {}",
+                t.model(),
+                t.vocab_size(),
+                t.pre(),
+                t.add_bos()
+            )?;
+            match t.template_choice() {
+                (Some(template), why) => writeln!(out, "chat template: {} bytes ({why})", template.len())?,
+                (None, why) => writeln!(out, "chat template: {why}")?,
+            }
         }
         Err(e) => writeln!(out, "tokenizer: unusable: {e}")?,
     }

@@ -15,9 +15,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_path_to_error::deserialize::<_, CompletionRequest>(&body);
     let _ = serde_path_to_error::deserialize::<_, ChatRequest>(&body);
     let Ok(sampling) = serde_path_to_error::deserialize::<_, Sampling>(&body) else { return };
-    let Ok(params) = sampling.gen_params() else { return };
     // A small vocabulary with ties, -infinity and a history longer than repeat_last_n can be.
     let logits = [0.5, 2.0, f32::NEG_INFINITY, 2.0, -1.0, 0.0, 3.5, -7.25];
+    let Ok(params) = sampling.gen_params(logits.len()) else { return };
     let history = [1, 3, 3, 6, 0, 9, 1];
     let mut sampler = Sampler::new(params.sampler);
     for _ in 0..4 {

@@ -1,6 +1,7 @@
 //! `bitnet`: the native command-line shell over bitnet-engine.
 
 mod bench;
+mod chat;
 mod convert;
 mod device;
 mod http;
@@ -8,14 +9,14 @@ mod model_file;
 mod serve;
 mod serve_www;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use bitnet_engine::backend::KvType;
+use bitnet_engine::generate::grammar::{GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::SamplerParams;
-use bitnet_engine::generate::{perplexity, GenParams, GenStats};
+use bitnet_engine::generate::{perplexity, GenParams, GenStats, Generation};
 use bitnet_engine::model::Activation;
-use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
 use clap::{Args, Parser, Subcommand};
 
@@ -32,7 +33,7 @@ struct Cli {
 enum Command {
     /// Continue a prompt, streaming the generated text to stdout.
     Run(RunArgs),
-    /// Chat interactively with the model's chat template (one message per line on stdin).
+    /// Chat interactively with the model's chat template (/help lists the commands; Ctrl+C stops a reply).
     Chat(ChatArgs),
     /// Show a GGUF file's metadata and tensors.
     Info(InfoArgs),
@@ -50,6 +51,14 @@ enum Command {
     ServeWww(serve_www::ServeWwwArgs),
     /// Serve the model over HTTP with an OpenAI-compatible API (chat, completions, streaming, batching).
     Serve(serve::ServeArgs),
+    /// Print a shell completion script: `source <(bitnet completions bash)`, or save it where the shell looks.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    shell: clap_complete::Shell,
 }
 
 /// How to load and run a model: shared by every subcommand that runs one.
@@ -132,6 +141,10 @@ struct SamplingArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Constrain the output to JSON valid against the JSON schema in this file (`{"type": "object"}`: any
+    /// object), as the server's response_format does.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
 }
 
 impl SamplingArgs {
@@ -152,13 +165,44 @@ impl SamplingArgs {
     }
 }
 
+/// `--json-schema FILE`: the grammar engine for the model's vocabulary and the schema, from which each
+/// generation gets a fresh constraint.
+struct Schema {
+    grammars: Grammars,
+    spec: GrammarSpec,
+}
+
+impl Schema {
+    fn load(a: &SamplingArgs, m: &Loaded) -> Result<Option<Schema>, Error> {
+        let Some(path) = &a.json_schema else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let schema =
+            serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{} is not JSON: {e}", path.display())))?;
+        let grammars = Grammars::new(&m.tokenizer)?;
+        let spec = GrammarSpec::JsonSchema(schema);
+        grammars.constraint(&spec)?; // a schema that does not compile fails now, not at the first reply
+        Ok(Some(Schema { grammars, spec }))
+    }
+
+    /// Constrains `gen` (nothing without a schema).
+    fn apply(schema: &Option<Schema>, gen: &mut Generation) -> Result<(), Error> {
+        if let Some(s) = schema {
+            gen.constrain(s.grammars.constraint(&s.spec)?);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The prompt to continue.
-    #[arg(short, long)]
-    prompt: String,
+    /// The prompt to continue; `-` reads it from standard input.
+    #[arg(short, long, required_unless_present = "file", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file (one trailing newline is dropped, as llama-cli does).
+    #[arg(short, long, value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -216,10 +260,10 @@ struct PerplexityArgs {
 
 fn main() -> ExitCode {
     device::quiet_headless_vulkan();
-    let cli = Cli::parse();
+    let cli = cli();
     let result = match cli.command {
         Command::Run(a) => run(a),
-        Command::Chat(a) => chat(a),
+        Command::Chat(a) => chat::chat(a),
         Command::Info(a) if a.devices => device::list(),
         Command::Info(a) => model_file::info(a.model.as_deref()),
         Command::Logits(a) => logits(a),
@@ -229,6 +273,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => convert::quantize(a),
         Command::ServeWww(a) => serve_www::serve_www(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Completions(a) => completions(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -260,73 +305,74 @@ fn stream_to_stdout(text: &str) -> bool {
 
 fn run(a: RunArgs) -> Result<(), Error> {
     let params = a.sampling.gen_params()?;
+    let text = run_prompt(&a)?;
     let m = Loaded::open(&a.model)?;
-    let prompt = m.tokenizer.encode(&a.prompt, m.tokenizer.add_bos())?;
+    let prompt = m.tokenizer.encode(&text, m.tokenizer.add_bos())?;
+    let schema = Schema::load(&a.sampling, &m)?;
     let mut session = m.session()?;
-    let stats = session.generate(&m.tokenizer, &prompt, &params, &mut stream_to_stdout)?;
+    let mut constrained = Ok(());
+    let setup = |gen: &mut Generation| constrained = Schema::apply(&schema, gen);
+    let stats = session.generate_with(&m.tokenizer, &prompt, &params, setup, &mut stream_to_stdout)?;
+    constrained?;
     println!();
     print_stats(&stats, &params);
     Ok(())
 }
 
-fn chat(a: ChatArgs) -> Result<(), Error> {
-    let params = a.sampling.gen_params()?;
-    let m = Loaded::open(&a.model)?;
-    let mut session = m.session()?;
-    let mut messages: Vec<ChatMessage> =
-        a.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
-    let mut lines = std::io::stdin().lock().lines();
-    loop {
-        if interactive {
-            eprint!("> ");
+/// The prompt of `run`: `-p TEXT`, `-p -` (standard input) or `-f FILE`, less one trailing newline when read.
+fn run_prompt(a: &RunArgs) -> Result<String, Error> {
+    let read = |what: &str, bytes: std::io::Result<Vec<u8>>| {
+        let bytes = bytes.map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+        let mut text = String::from_utf8(bytes).map_err(|_| Error::Invalid(format!("{what} is not valid UTF-8")))?;
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
         }
-        let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| Error::Invalid(format!("reading stdin: {e}")))?;
-        if line.trim().is_empty() {
-            continue;
+        Ok(text)
+    };
+    match (&a.prompt, &a.file) {
+        (Some(p), _) if p == "-" => {
+            let mut bytes = Vec::new();
+            read("standard input", std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).map(|_| bytes))
         }
-        messages.push(ChatMessage { role: "user".into(), content: line });
-        let Some(prompt) = fit_history(&m, &mut messages, session.ctx(), params.max_tokens)? else {
-            eprintln!("error: the message does not fit in the context of {} tokens", session.ctx());
-            messages.pop();
-            continue;
-        };
-        let mut reply = String::new();
-        let stats = session.generate(&m.tokenizer, &prompt, &params, &mut |t| {
-            reply.push_str(t);
-            stream_to_stdout(t)
-        })?;
-        println!();
-        if interactive {
-            print_stats(&stats, &params);
-        }
-        messages.push(ChatMessage { role: "assistant".into(), content: reply.trim().to_string() });
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => read(&f.display().to_string(), std::fs::read(f)),
+        (None, None) => Err(Error::Invalid("give a prompt: -p TEXT, -p - (standard input) or -f FILE".into())),
     }
-    Ok(())
 }
 
-/// The conversation's prompt, with the oldest turns forgotten (the system message kept) until it leaves room
-/// for a reply of up to half the context; None if even the last message alone does not fit.
-fn fit_history(
-    m: &Loaded,
-    messages: &mut Vec<ChatMessage>,
-    ctx: usize,
-    max_reply: usize,
-) -> Result<Option<Vec<u32>>, Error> {
-    let room = max_reply.clamp(1, ctx / 2);
-    loop {
-        let prompt = m.tokenizer.encode_chat(messages, true)?;
-        if prompt.len() + room <= ctx {
-            return Ok(Some(prompt));
-        }
-        let first_turn = messages.iter().position(|msg| msg.role != "system");
-        match first_turn {
-            // Never the message just typed, which is the last.
-            Some(i) if i + 1 < messages.len() => drop(messages.remove(i)),
-            _ => return Ok(None),
-        }
+/// The command line, every long option also read from `BITNET_<OPTION>` (`--kv-type` from `BITNET_KV_TYPE`):
+/// set here on every argument of every subcommand, so that a new option gets its variable too. Flags take
+/// `0`, `false`, `no`, `off` (or an empty value) as unset and anything else as set.
+fn cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    fn with_env(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|arg| match arg.get_long() {
+            Some(long) if arg.get_env().is_none() && long != "help" && long != "version" => {
+                // clap keeps argument settings as 'static: one short string per option, once per run.
+                let var: &'static str = Box::leak(format!("BITNET_{}", long.to_uppercase().replace('-', "_")).into());
+                let flag = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+                let arg = arg.env(var);
+                if flag {
+                    arg.value_parser(clap::builder::FalseyValueParser::new())
+                } else {
+                    arg
+                }
+            }
+            _ => arg,
+        })
+        .mut_subcommands(with_env)
     }
+    let matches = with_env(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn completions(a: CompletionsArgs) -> Result<(), Error> {
+    use clap::CommandFactory;
+    clap_complete::generate(a.shell, &mut Cli::command(), "bitnet", &mut std::io::stdout());
+    Ok(())
 }
 
 fn logits(a: LogitsArgs) -> Result<(), Error> {

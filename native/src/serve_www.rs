@@ -71,7 +71,7 @@ pub fn serve_www(a: ServeWwwArgs) -> Result<(), Error> {
         let port = listener.local_addr().map_err(|e| io("local address", e))?.port();
         println!("serving {} at http://127.0.0.1:{port}/", root.display());
         std::io::Write::flush(&mut std::io::stdout()).map_err(|e| io("stdout", e))?;
-        crate::http::serve(listener, app, limits).await;
+        crate::http::serve(listener, app, limits, std::future::pending()).await;
         Ok(())
     })
 }

@@ -1,12 +1,14 @@
 """The official `openai` Python client, unmodified, against `bitnet serve` (run by tests/serve.rs).
 
-Needs: python3 -m pip install openai
+Needs: python3 -m pip install openai jsonschema
 
 Usage: serve_openai_client.py BASE_URL   (the server must run with --api-key test-key)
 Prints "openai client OK" when every check passed; any failure raises.
 """
+import json
 import sys
 
+import jsonschema
 import openai
 
 base = sys.argv[1].rstrip("/") + "/v1"
@@ -41,6 +43,52 @@ assert done.object == "text_completion" and done.usage.completion_tokens <= 8, d
 streamed = "".join(c.choices[0].text for c in client.completions.create(
     model=model, prompt="Once upon", max_tokens=8, temperature=0, seed=3, stop=["\n\n"], stream=True) if c.choices)
 assert streamed == done.choices[0].text, (streamed, done.choices[0].text)
+
+# logprobs in the client's own types: one entry per token, the alternatives most likely first.
+lp = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+entries = lp.choices[0].logprobs.content
+assert len(entries) == lp.usage.completion_tokens, entries
+for e in entries:
+    assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token, e
+    assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob, e
+# A token may hold part of a character: the bytes, joined, are the text.
+assert b"".join(bytes(e.bytes) for e in entries).decode(errors="replace") == lp.choices[0].message.content
+legacy = client.completions.create(model=model, prompt="Once upon", max_tokens=3, temperature=0, logprobs=2)
+assert len(legacy.choices[0].logprobs.tokens) == legacy.usage.completion_tokens, legacy
+assert all(len(t) <= 2 for t in legacy.choices[0].logprobs.top_logprobs), legacy
+
+# logit_bias: a banned token never comes out.
+first = legacy.choices[0].logprobs.tokens[0]
+first_id = client.post("/../tokenize", body={"content": first}, cast_to=object)["tokens"][0]
+banned = client.completions.create(
+    model=model, prompt="Once upon", max_tokens=3, temperature=0, logprobs=0, logit_bias={str(first_id): -100})
+assert banned.choices[0].logprobs.tokens[0] != first, banned
+
+# Structured output: what comes back parses and validates against the schema.
+schema = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 16},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "genres": {"type": "array", "items": {"enum": ["drama", "comedy", "horror"]}, "minItems": 1, "maxItems": 2},
+    },
+    "required": ["title", "year", "genres"],
+    "additionalProperties": False,
+}
+for seed in range(1, 6):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "A film, as JSON."}], max_tokens=100, temperature=1.0,
+        seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "film", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop", r
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+# A field the server does not honour is refused by name, not dropped.
+try:
+    client.chat.completions.create(model=model, messages=messages, tools=[{"type": "function", "function": {"name": "f"}}])
+    raise AssertionError("tools were accepted")
+except openai.BadRequestError as e:
+    assert "tools" in str(e), e
 
 try:
     client.chat.completions.create(model=model, messages=messages, max_tokens=100000)

@@ -4,6 +4,8 @@
 //! browser one awaited step at a time.
 
 pub mod generation;
+#[cfg(feature = "grammar")]
+pub mod grammar;
 pub mod perplexity;
 pub mod sampler;
 pub mod session;

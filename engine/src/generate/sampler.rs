@@ -32,6 +32,14 @@ pub struct SamplerParams {
     /// disables it.
     pub presence_penalty: f32,
     pub seed: u64,
+    /// Added to the logits of these tokens before anything else (OpenAI's `logit_bias`); -infinity bans a token.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Never pick an end-of-generation token: generation goes on to its length limit. The
+    /// [`Generation`](super::Generation) stepper bans them through `logit_bias` (the sampler knows no tokenizer).
+    pub ignore_eos: bool,
+    /// Report, for each picked token, its log-probability and those of the `n` most likely tokens
+    /// ([`token_logprobs`]); None: no report.
+    pub n_probs: Option<usize>,
 }
 
 impl Default for SamplerParams {
@@ -46,6 +54,9 @@ impl Default for SamplerParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
+            ignore_eos: false,
+            n_probs: None,
         }
     }
 }
@@ -81,6 +92,9 @@ impl SamplerParams {
         }
         if !self.presence_penalty.is_finite() {
             return bad("presence penalty", self.presence_penalty, "a finite number");
+        }
+        if let Some(&(_, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+            return bad("logit bias", b, "a number or -infinity");
         }
         Ok(())
     }
@@ -127,10 +141,11 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new() }
     }
 
-    /// Whether the pick is the plain argmax of the logits, which a GPU backend can take on its device
-    /// ([`crate::backend::Want::Greedy`]).
+    /// Whether the pick is the plain argmax of the logits and nothing else needs them, so that a GPU backend
+    /// can take it on its device ([`crate::backend::Want::Greedy`]).
     pub fn is_plain_greedy(&self) -> bool {
-        self.params.temperature <= 0.0 && !self.params.penalizes()
+        let p = &self.params;
+        p.temperature <= 0.0 && !p.penalizes() && p.logit_bias.is_empty() && !p.ignore_eos && p.n_probs.is_none()
     }
 
     /// Picks the next token. `history` is every token so far (prompt included), for the penalty.
@@ -141,6 +156,11 @@ impl Sampler {
         let p = &self.params;
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        for &(token, bias) in &p.logit_bias {
+            if let Some(c) = self.candidates.get_mut(token as usize) {
+                c.1 += bias;
+            }
+        }
         if p.penalizes() {
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
             penalize(&mut self.candidates, recent, p);
@@ -161,6 +181,31 @@ impl Sampler {
         draw(&self.candidates, p.temperature, u)
             .ok_or_else(|| Error::Invalid("no token is possible: every logit is -infinity".into()))
     }
+}
+
+/// A picked token's log-probability and the `n` most likely tokens', most likely first (ties: lower id first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probabilities of the model's distribution (the softmax of the raw logits, before bias, penalties
+/// and truncation, as llama-server reports them by default) for `token` and the `n` most likely tokens.
+pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+    let log_sum = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let logprob = |id: u32| logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| (l as f64 - log_sum) as f32);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let n = n.min(order.len());
+    if n > 0 && n < order.len() {
+        order.select_nth_unstable_by(n - 1, by_logit);
+    }
+    order.truncate(n);
+    order.sort_by(by_logit);
+    TokenLogprob { token, logprob: logprob(token), top: order.into_iter().map(|id| (id, logprob(id))).collect() }
 }
 
 /// llama.cpp's penalties sampler: for each distinct recent token, the repetition penalty (divide a
@@ -303,6 +348,36 @@ mod tests {
         let mut s = Sampler::new(SamplerParams { repeat_penalty: 2.0, ..SamplerParams::greedy() });
         // Token 0 wins without the penalty; with it, 2.0 / 2 = 1.0 < 1.5.
         assert_eq!(s.sample(&[2.0, 1.5], &[0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans() {
+        let logits = [1.0, 3.0, 2.0];
+        let biased = |bias: Vec<(u32, f32)>| SamplerParams { logit_bias: bias, ..SamplerParams::greedy() };
+        assert_eq!(Sampler::new(biased(vec![])).sample(&logits, &[]).unwrap(), 1);
+        assert_eq!(Sampler::new(biased(vec![(1, f32::NEG_INFINITY)])).sample(&logits, &[]).unwrap(), 2);
+        assert_eq!(Sampler::new(biased(vec![(0, 2.5)])).sample(&logits, &[]).unwrap(), 0);
+        let sampled = |bias| SamplerParams { logit_bias: bias, seed: 3, ..Default::default() };
+        let mut s = Sampler::new(sampled(vec![(1, -100.0), (2, -100.0)]));
+        assert!((0..200).all(|_| s.sample(&logits, &[]).unwrap() == 0));
+        assert!(Sampler::new(biased(vec![])).is_plain_greedy());
+        assert!(!Sampler::new(biased(vec![(0, 1.0)])).is_plain_greedy());
+        assert!(Sampler::new(biased(vec![(0, f32::NAN)])).sample(&logits, &[]).is_err());
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_in_order() {
+        let logits = [0.0f32, 2.0, 1.0, 2.0];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let lp = |l: f32| ((l as f64).exp() / z).ln() as f32;
+        let r = token_logprobs(&logits, 2, 3);
+        assert_eq!(r.token, 2);
+        assert!((r.logprob - lp(1.0)).abs() < 1e-6);
+        // Most likely first, the tie between 1 and 3 broken by id.
+        assert_eq!(r.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((r.top[0].1 - lp(2.0)).abs() < 1e-6);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprobs(&logits, 0, 10).top.len(), 4);
     }
 
     /// NaN logits (a model with a NaN weight) made the truncations keep nothing and the draw index an

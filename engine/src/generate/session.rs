@@ -123,8 +123,22 @@ impl Session {
         params: &GenParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenStats> {
+        self.generate_with(tok, prompt, params, |_| {}, on_text)
+    }
+
+    /// [`Session::generate`], with `setup` applied to the generation before its first step (a grammar
+    /// constraint, say).
+    pub fn generate_with(
+        &mut self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        params: &GenParams,
+        setup: impl FnOnce(&mut Generation),
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenStats> {
         let t0 = Instant::now();
         let mut gen = self.start(prompt, params)?;
+        setup(&mut gen);
         let prompt_time = t0.elapsed();
         let t1 = Instant::now();
         while let Some(text) = self.step(&mut gen, tok)? {

@@ -237,6 +237,11 @@ impl Tokenizer {
         self.end_ids.contains(&id)
     }
 
+    /// Control, user-defined and unknown tokens (`<|eot_id|>`): their text is not text the model writes.
+    pub fn is_special(&self, id: u32) -> bool {
+        matches!(self.types.get(id as usize), Some(&(TYPE_CONTROL | TYPE_USER_DEFINED | TYPE_UNKNOWN)))
+    }
+
     /// The token's text as stored in the vocabulary (byte-level alphabet for normal tokens: "Ġworld").
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)

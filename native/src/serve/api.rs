@@ -1,11 +1,55 @@
-//! The OpenAI wire format: request bodies as serde reads them (unknown fields are ignored, known ones
-//! must have the right type), and the responses, stream chunks and error bodies the server writes.
+//! The OpenAI wire format: request bodies as serde reads them (known fields must have the right type; a
+//! field the server does not honour is refused by name, see [`unknown_field`]), and the responses, stream
+//! chunks and error bodies the server writes.
 //! Depends on nothing of the server but serde and the engine, so that the fuzz target of request bodies
 //! (fuzz/fuzz_targets/request.rs) compiles this very file.
+
+use std::collections::BTreeMap;
 
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::GenParams;
 use serde::{Deserialize, Serialize};
+
+/// The fields of [`Sampling`], which both generation endpoints read.
+pub const SAMPLING_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "repeat_penalty",
+    "repeat_last_n",
+    "frequency_penalty",
+    "presence_penalty",
+    "n",
+    "stream",
+    "stream_options",
+    "logit_bias",
+    "ignore_eos",
+    "user",
+    "response_format",
+];
+/// The fields of [`ChatRequest`].
+pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs"];
+/// The fields of [`CompletionRequest`].
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs"];
+
+/// The first field of a request body that is none of `known` (a null one counts as absent): the server does
+/// not honour it, and says so rather than answer as if it had (a client asking for `response_format` or
+/// `tools` must not get free text with a 200).
+pub fn unknown_field(body: &serde_json::Value, known: &[&[&str]]) -> Option<String> {
+    let fields = body.as_object()?;
+    let is_known = |name: &str| known.iter().any(|list| list.contains(&name));
+    fields.iter().find(|(name, value)| !value.is_null() && !is_known(name)).map(|(name, _)| name.clone())
+}
+
+/// Most alternatives per token that `top_logprobs` (chat) or `logprobs` (completions) may ask for (OpenAI's
+/// limit for chat).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Fields shared by /v1/chat/completions and /v1/completions, read from the same body as the request
 /// itself (not `#[serde(flatten)]`ed into it, which would lose the path of a bad field). Sampling fields that OpenAI lacks
@@ -32,6 +76,35 @@ pub struct Sampling {
     pub n: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Token id (as a string, JSON keys being strings) to a bias from -100 to 100 added to its logit.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// llama-server's: never stop at an end-of-generation token.
+    pub ignore_eos: Option<bool>,
+    /// Metadata only (who asked): accepted and not used.
+    #[allow(dead_code)]
+    pub user: Option<String>,
+    /// Structured output: `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    pub response_format: Option<ResponseFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows
+/// the schema, as `strict: true` asks).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
 }
 
 /// A request field out of range: the message and the field's name (a 400 naming it).
@@ -43,8 +116,9 @@ pub struct FieldError {
 
 impl Sampling {
     /// The sampling settings; absent fields take llama.cpp's defaults (temperature 0.8, top_k 40, top_p
-    /// 0.95, min_p 0.05). Returns the parameters (max_tokens unset) and the frequency and presence penalties.
-    pub fn gen_params(&self) -> Result<GenParams, FieldError> {
+    /// 0.95, min_p 0.05). Returns the parameters (max_tokens unset, no log-probabilities); `vocab_size` bounds
+    /// the token ids of `logit_bias`.
+    pub fn gen_params(&self, vocab_size: usize) -> Result<GenParams, FieldError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(FieldError { message: "only n = 1 is supported".into(), param: "n" });
         }
@@ -82,8 +156,30 @@ impl Sampling {
             frequency_penalty,
             presence_penalty,
             seed,
+            logit_bias: self.logit_bias(vocab_size)?,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            n_probs: None,
         };
         Ok(GenParams { max_tokens: 0, sampler, stop })
+    }
+
+    fn logit_bias(&self, vocab_size: usize) -> Result<Vec<(u32, f32)>, FieldError> {
+        let bad = |message: String| FieldError { message, param: "logit_bias" };
+        let mut out = Vec::new();
+        for (key, &bias) in self.logit_bias.iter().flatten() {
+            let token = key.parse::<u32>().ok().filter(|&t| (t as usize) < vocab_size);
+            let Some(token) = token else {
+                return Err(bad(format!(
+                    "logit_bias: '{key}' is not a token id (0 to {})",
+                    vocab_size.saturating_sub(1)
+                )));
+            };
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(bad(format!("logit_bias: {bias} for token {key} is out of range (-100 to 100)")));
+            }
+            out.push((token, bias));
+        }
+        Ok(out)
     }
 }
 
@@ -101,6 +197,7 @@ pub enum Stop {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
@@ -108,9 +205,15 @@ pub struct StreamOptions {
 #[derive(Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
+    /// Report the log-probability of each generated token...
+    pub logprobs: Option<bool>,
+    /// ...and of this many most likely tokens at each position (0 to 20; needs `logprobs`).
+    pub top_logprobs: Option<u32>,
 }
 
+/// A message; other fields (`name`, `tool_calls`, ...) are refused, not dropped.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     /// Null for an assistant message that only called tools.
@@ -135,6 +238,8 @@ pub struct Part {
 #[derive(Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
+    /// The log-probabilities of each generated token and of this many most likely ones (0 to 20).
+    pub logprobs: Option<u32>,
 }
 
 /// A prompt: text, a list of one text, or token ids (as the OpenAI API allows).
@@ -148,6 +253,7 @@ pub enum Prompt {
 
 /// llama-server's /tokenize.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub content: String,
     #[serde(default)]
@@ -156,6 +262,7 @@ pub struct TokenizeRequest {
 
 /// llama-server's /detokenize.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
 }
@@ -182,6 +289,7 @@ pub struct ChatCompletion<'a> {
     pub model: &'a str,
     pub choices: [ChatChoice<'a>; 1],
     pub usage: Usage,
+    pub timings: Timings,
 }
 
 #[derive(Serialize)]
@@ -189,7 +297,7 @@ pub struct ChatChoice<'a> {
     pub index: u32,
     pub message: AssistantMessage<'a>,
     pub finish_reason: &'static str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Serialize)]
@@ -209,6 +317,9 @@ pub struct ChatChunk<'a> {
     pub choices: Vec<ChunkChoice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// In the chunk with the finish reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
 }
 
 #[derive(Serialize)]
@@ -216,7 +327,73 @@ pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// Chat log-probabilities: one entry per generated token.
+#[derive(Serialize, Default)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+#[derive(Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's bytes (a token may hold part of a UTF-8 character, which `token` shows as U+FFFD).
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// Legacy completions' log-probabilities: parallel lists, one entry per generated token.
+#[derive(Serialize, Default)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Token text to log-probability, the most likely tokens at each position.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Where each token starts in the completion's text, in characters.
+    pub text_offset: Vec<usize>,
+}
+
+/// llama-server's `timings`: prompt evaluation and generation times.
+#[derive(Serialize, Clone, Copy)]
+pub struct Timings {
+    /// Prompt tokens reused from the slot's cache.
+    pub cache_n: usize,
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    pub prompt_per_token_ms: f64,
+    pub prompt_per_second: f64,
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
+    pub predicted_per_token_ms: f64,
+    pub predicted_per_second: f64,
+}
+
+impl Timings {
+    pub fn new(cache_n: usize, prompt_n: usize, prompt_ms: f64, predicted_n: usize, predicted_ms: f64) -> Self {
+        let per_token = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
+        let per_second = |ms: f64, n: usize| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+        Timings {
+            cache_n,
+            prompt_n,
+            prompt_ms,
+            prompt_per_token_ms: per_token(prompt_ms, prompt_n),
+            prompt_per_second: per_second(prompt_ms, prompt_n),
+            predicted_n,
+            predicted_ms,
+            predicted_per_token_ms: per_token(predicted_ms, predicted_n),
+            predicted_per_second: per_second(predicted_ms, predicted_n),
+        }
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -237,6 +414,9 @@ pub struct Completion<'a> {
     pub choices: Vec<CompletionChoice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// In the whole completion, and the stream's chunk with the finish reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
 }
 
 #[derive(Serialize)]
@@ -244,7 +424,7 @@ pub struct CompletionChoice<'a> {
     pub index: u32,
     pub text: &'a str,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 #[derive(Serialize)]

@@ -1,4 +1,5 @@
-//! Counters shared by the HTTP handlers and the engine thread, rendered as Prometheus text for /metrics.
+//! Counters and latency histograms shared by the HTTP handlers and the engine thread, rendered as
+//! Prometheus text for /metrics.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -24,6 +25,48 @@ pub struct Metrics {
     pub queued: AtomicU64,
     pub busy_slots: AtomicU64,
     pub slots: AtomicU64,
+    /// From a request's arrival in the queue to its first generated token.
+    pub first_token: Histogram,
+    /// Between a request's successive generated tokens.
+    pub token_interval: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in seconds (Prometheus' default buckets, with finer ones below 5 ms:
+/// a token of a small model takes a few milliseconds).
+const BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A Prometheus histogram of durations: counts per bucket (not cumulative; render adds them up), a count and
+/// a sum.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&le| secs <= le) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        add_time(&self.sum_nanos, d);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP bitnet_{name} {help}\n# TYPE bitnet_{name} histogram");
+        let mut cumulative = 0;
+        for (le, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let _ = writeln!(out, "bitnet_{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "bitnet_{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "bitnet_{name}_sum {}", self.sum_nanos.load(Relaxed) as f64 * 1e-9);
+        let _ = writeln!(out, "bitnet_{name}_count {count}");
+    }
 }
 
 pub fn add_time(counter: &AtomicU64, d: Duration) {
@@ -85,6 +128,10 @@ impl Metrics {
         put("queue_depth", "gauge", "Requests waiting for a slot.", get(&self.queued) as f64);
         put("slots_busy", "gauge", "Slots generating or prefilling.", get(&self.busy_slots) as f64);
         put("slots_total", "gauge", "Slots.", get(&self.slots) as f64);
+        let help = "Seconds from a request's arrival to its first generated token (queueing and prompt included).";
+        self.first_token.render(&mut out, "time_to_first_token_seconds", help);
+        let help = "Seconds between a request's successive generated tokens.";
+        self.token_interval.render(&mut out, "time_per_output_token_seconds", help);
         out
     }
 }

@@ -26,7 +26,9 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
+use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::Error;
@@ -35,6 +37,7 @@ use futures_util::{stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::http::Peer;
 use crate::model_file::Loaded;
 use crate::ModelArgs;
 use api::*;
@@ -60,6 +63,17 @@ pub struct ServeArgs {
     /// is visible to every user of the machine (`ps`): prefer the BITNET_API_KEY environment variable.
     #[arg(long, env = "BITNET_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Read the API key from this file (its first line; surrounding whitespace is ignored): the key shows
+    /// neither in `ps` nor in the environment.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// The model's name in /v1/models and in responses (default: the file name without .gguf).
+    #[arg(long, value_name = "NAME")]
+    alias: Option<String>,
+    /// On SIGINT or SIGTERM, seconds that running requests get to finish before they are ended with an error
+    /// (new connections are refused at once).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    shutdown_timeout: u64,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
@@ -84,6 +98,10 @@ struct App {
     m: &'static Loaded,
     scheduler: Scheduler,
     model_id: String,
+    /// The model file, for /props ("" for the embedded model).
+    model_path: String,
+    /// The grammar engine for structured output, built by the first request that asks for it.
+    grammars: std::sync::OnceLock<Result<Grammars, String>>,
     ctx: usize,
     api_key: Option<String>,
     started: u64,
@@ -96,21 +114,25 @@ struct App {
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
+    let api_key = api_key(&a)?;
     // The model lives as long as the process: the engine thread and the handlers borrow it.
     let m: &'static Loaded = Box::leak(Box::new(Loaded::open(&a.model)?));
     let ctx = m.ctx;
     m.check_memory(ctx, a.slots as usize)?;
     let scheduler = Scheduler::start(m, a.slots as usize, a.queue as usize, ctx)?;
-    let model_id = match &a.model.model {
-        Some(p) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-        None => "smolbit-135m".into(),
+    let model_id = match (&a.alias, &a.model.model) {
+        (Some(alias), _) => alias.clone(),
+        (None, Some(p)) => p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        (None, None) => "smolbit-135m".into(),
     };
     let app = Arc::new(App {
         m,
         scheduler,
         model_id,
+        model_path: a.model.model.as_ref().map_or(String::new(), |p| p.display().to_string()),
+        grammars: std::sync::OnceLock::new(),
         ctx,
-        api_key: a.api_key.clone(),
+        api_key,
         started: unix_time(),
         next_id: AtomicU64::new(0),
         parse_special: a.parse_special,
@@ -142,13 +164,74 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
             a.slots,
             a.queue
         );
-        let mut router = router(app);
+        let mut router = router(app.clone());
         if let Some(cors) = cors {
             router = router.layer(cors);
         }
-        crate::http::serve(listener, router, limits).await;
-        Ok(())
-    })
+        let router = router.layer(middleware::from_fn(log_request));
+        let open = crate::http::serve(listener, router, limits, stop_signal()).await;
+        // Graceful shutdown: no new connections; running requests get --shutdown-timeout to finish (a second
+        // signal cuts that short); then the engine ends the rest with an error, which their connections still
+        // deliver.
+        eprintln!("shutting down: waiting up to {} s for running requests (again to stop now)", a.shutdown_timeout);
+        let mut closed = Box::pin(open.shutdown());
+        tokio::select! {
+            finished = tokio::time::timeout(Duration::from_secs(a.shutdown_timeout), &mut closed) => {
+                if finished.is_ok() {
+                    return Ok(());
+                }
+            }
+            () = stop_signal() => {}
+        }
+        eprintln!("shutting down: ending the requests still running");
+        app.scheduler.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+        Ok::<(), Error>(())
+    })?;
+    // Tokenization still running on the blocking pool (for a connection already gone) is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// The API key from --api-key-file, or --api-key / BITNET_API_KEY (not both).
+fn api_key(a: &ServeArgs) -> Result<Option<String>, Error> {
+    let Some(path) = &a.api_key_file else { return Ok(a.api_key.clone()) };
+    if a.api_key.is_some() {
+        return Err(Error::Invalid("give the API key once: --api-key-file, or --api-key / BITNET_API_KEY".into()));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("--api-key-file {}: {e}", path.display())))?;
+    match text.lines().next().map(str::trim) {
+        Some(key) if !key.is_empty() => Ok(Some(key.to_owned())),
+        _ => Err(Error::Invalid(format!("--api-key-file {}: the first line is empty", path.display()))),
+    }
+}
+
+/// Resolves on SIGINT (Ctrl+C) or SIGTERM (what `kill`, systemd and container runtimes send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// One line on stderr per request: method, path, status and the time until the response started (a stream
+/// goes on after that).
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let t0 = std::time::Instant::now();
+    let response = next.run(req).await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    eprintln!("{method} {path} {} {ms:.1} ms", response.status().as_u16());
+    response
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -159,6 +242,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
+        .route("/props", get(props))
+        .route("/slots", get(slots))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/health", get(health))
@@ -336,9 +421,36 @@ fn typed<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
     })
 }
 
-async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+/// The body checked against the fields an endpoint honours (400 naming the first other one), then as `T`.
+fn request<T: DeserializeOwned>(body: &serde_json::Value, known: &[&[&str]]) -> Result<T, ApiError> {
+    if let Some(field) = unknown_field(body, known) {
+        let msg = format!("unsupported field '{field}': this server does not honour it");
+        return Err(ApiError::bad_request(msg).param(&field).code("unsupported_parameter"));
+    }
+    typed(body)
+}
+
+/// `top_logprobs` as the number of alternatives to report, or None without `logprobs: true`.
+fn chat_n_probs(req: &ChatRequest) -> Result<Option<usize>, ApiError> {
+    match (req.logprobs, req.top_logprobs) {
+        (_, Some(n)) if n > MAX_TOP_LOGPROBS => {
+            let msg = format!("top_logprobs = {n} is out of range (0 to {MAX_TOP_LOGPROBS})");
+            Err(ApiError::bad_request(msg).param("top_logprobs"))
+        }
+        (Some(true), n) => Ok(Some(n.unwrap_or(0) as usize)),
+        (_, Some(n)) if n > 0 => Err(ApiError::bad_request("top_logprobs needs logprobs: true").param("top_logprobs")),
+        _ => Ok(None),
+    }
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    let (req, sampling): (ChatRequest, Sampling) = (typed(&body)?, typed(&body)?);
+    let (req, sampling): (ChatRequest, Sampling) = (request(&body, &[SAMPLING_FIELDS, CHAT_FIELDS])?, typed(&body)?);
+    let n_probs = chat_n_probs(&req)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").param("messages"));
     }
@@ -347,12 +459,17 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
     let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    let mut pending = Generation::submit(&app, prompt, &sampling, "messages", "chatcmpl")?;
+    let constraint = constraint_of(&app, &sampling).await?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "messages", "chatcmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.chat_stream(app, usage)));
     }
-    let (text, done) = pending.collect().await?;
+    Ok(answer(peer, chat_answer(app, pending)).await)
+}
+
+async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
+    let (text, logprobs, done) = pending.collect().await?;
     let body = ChatCompletion {
         id: &pending.id,
         object: "chat.completion",
@@ -362,9 +479,10 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             index: 0,
             message: AssistantMessage { role: "assistant", content: &text },
             finish_reason: finish_reason(done.stop),
-            logprobs: None,
+            logprobs: pending.n_probs.map(|_| chat_logprobs(&app, &logprobs)),
         }],
         usage: usage(&done),
+        timings: timings(&done),
     };
     Ok(Json(body).into_response())
 }
@@ -393,9 +511,19 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
     Ok(ChatMessage { role: m.role.clone(), content })
 }
 
-async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions(
+    State(app): State<Arc<App>>,
+    peer: Option<Extension<Peer>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    let (req, sampling): (CompletionRequest, Sampling) = (typed(&body)?, typed(&body)?);
+    let known = [SAMPLING_FIELDS, COMPLETION_FIELDS];
+    let (req, sampling): (CompletionRequest, Sampling) = (request(&body, &known)?, typed(&body)?);
+    if let Some(n) = req.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        let msg = format!("logprobs = {n} is out of range (0 to {MAX_TOP_LOGPROBS})");
+        return Err(ApiError::bad_request(msg).param("logprobs"));
+    }
+    let n_probs = req.logprobs.map(|n| n as usize);
     let text = match req.prompt {
         Prompt::Text(t) => Some(t),
         // `[]` reads as an empty list of texts: an empty prompt, refused below.
@@ -404,7 +532,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         Prompt::Texts(_) => {
             return Err(ApiError::bad_request("only one prompt per request is supported").param("prompt"))
         }
-        Prompt::Tokens(ids) => return completion_of(app, ids, sampling).await,
+        Prompt::Tokens(ids) => return completion_of(app, peer, ids, sampling, n_probs).await,
     };
     let m = app.m;
     let prompt = match text {
@@ -412,24 +540,38 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         None => Ok(Vec::new()),
     };
     let prompt = prompt.map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))?;
-    completion_of(app, prompt, sampling).await
+    completion_of(app, peer, prompt, sampling, n_probs).await
 }
 
 /// The completion of prompt ids.
-async fn completion_of(app: Arc<App>, prompt: Vec<u32>, sampling: Sampling) -> Result<Response, ApiError> {
+async fn completion_of(
+    app: Arc<App>,
+    peer: Option<Extension<Peer>>,
+    prompt: Vec<u32>,
+    sampling: Sampling,
+    n_probs: Option<usize>,
+) -> Result<Response, ApiError> {
     let tok = &app.m.tokenizer;
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
     }
-    let mut pending = Generation::submit(&app, prompt, &sampling, "prompt", "cmpl")?;
+    let constraint = constraint_of(&app, &sampling).await?;
+    let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.completion_stream(app, usage)));
     }
-    let (text, done) = pending.collect().await?;
-    let choice =
-        CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs: None };
+    Ok(answer(peer, completion_answer(app, pending)).await)
+}
+
+async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
+    let (text, logprobs, done) = pending.collect().await?;
+    let logprobs = pending.n_probs.map(|_| {
+        let mut offset = 0;
+        completion_logprobs(&app, &logprobs, &mut offset)
+    });
+    let choice = CompletionChoice { index: 0, text: &text, finish_reason: Some(finish_reason(done.stop)), logprobs };
     let body = Completion {
         id: &pending.id,
         object: "text_completion",
@@ -437,8 +579,47 @@ async fn completion_of(app: Arc<App>, prompt: Vec<u32>, sampling: Sampling) -> R
         model: &app.model_id,
         choices: vec![choice],
         usage: Some(usage(&done)),
+        timings: Some(timings(&done)),
     };
     Ok(Json(body).into_response())
+}
+
+/// `response_format` as a grammar the output must follow (None for free text), compiled on the blocking pool
+/// (the first one also builds the grammar engine for the vocabulary); a schema that does not compile is a 400.
+async fn constraint_of(app: &Arc<App>, s: &Sampling) -> Result<Option<Constraint>, ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).param("response_format");
+    let Some(format) = &s.response_format else { return Ok(None) };
+    let spec = match (format.kind.as_str(), &format.json_schema) {
+        ("text", None) => return Ok(None),
+        ("json_object", None) => GrammarSpec::JsonObject,
+        ("json_schema", Some(f)) => match &f.schema {
+            Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
+                GrammarSpec::JsonSchema(schema.clone())
+            }
+            _ => return Err(bad("response_format.json_schema.schema must be a JSON schema (an object)".into())),
+        },
+        ("json_schema", None) => return Err(bad("response_format of type json_schema needs json_schema".into())),
+        ("text" | "json_object", Some(_)) => {
+            return Err(bad(format!("response_format of type {} takes no json_schema", format.kind)))
+        }
+        (other, _) => {
+            return Err(bad(format!(
+                "response_format type '{other}' is not supported (text, json_object, json_schema)"
+            )))
+        }
+    };
+    if s.ignore_eos == Some(true) {
+        return Err(bad("response_format and ignore_eos cannot be combined (a complete answer ends with EOS)".into()));
+    }
+    let app = app.clone();
+    blocking(move || {
+        let grammars = app.grammars.get_or_init(|| Grammars::new(&app.m.tokenizer).map_err(|e| e.to_string()));
+        let grammars = grammars
+            .as_ref()
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.clone(), "server_error"))?;
+        grammars.constraint(&spec).map(Some).map_err(|e| bad(e.to_string()))
+    })
+    .await?
 }
 
 /// A queued request: its id and the channel its text comes back on.
@@ -446,6 +627,8 @@ struct Generation {
     id: String,
     created: u64,
     events: UnboundedReceiver<Event>,
+    /// Log-probabilities were asked for (with this many alternatives per token).
+    n_probs: Option<usize>,
 }
 
 impl Generation {
@@ -454,6 +637,8 @@ impl Generation {
         app: &App,
         prompt: Vec<u32>,
         s: &Sampling,
+        n_probs: Option<usize>,
+        constraint: Option<Constraint>,
         prompt_param: &str,
         id_prefix: &str,
     ) -> Result<Self, ApiError> {
@@ -461,7 +646,9 @@ impl Generation {
         if prompt.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty").param(prompt_param));
         }
-        let params = s.gen_params().map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
+        let mut params =
+            s.gen_params(app.m.tokenizer.vocab_size()).map_err(|e| ApiError::bad_request(e.message).param(e.param))?;
+        params.sampler.n_probs = n_probs;
         let max_tokens = s.max_completion_tokens.or(s.max_tokens);
         let needed = prompt.len() + max_tokens.map_or(1, |n| n as usize);
         if needed > app.ctx {
@@ -472,7 +659,7 @@ impl Generation {
         }
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
-        let job = Job { prompt, params, events: tx };
+        let job = Job { prompt, params, constraint, events: tx, queued_at: std::time::Instant::now() };
         match app.scheduler.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Busy) => {
@@ -489,16 +676,21 @@ impl Generation {
             }
         }
         let n = app.next_id.fetch_add(1, Relaxed);
-        Ok(Self { id: format!("{id_prefix}-{:x}{n:06x}", app.started), created: unix_time(), events: rx })
+        let id = format!("{id_prefix}-{:x}{n:06x}", app.started);
+        Ok(Self { id, created: unix_time(), events: rx, n_probs })
     }
 
-    /// The whole text, for a non-streaming response.
-    async fn collect(&mut self) -> Result<(String, Done), ApiError> {
+    /// The whole text and the tokens' log-probabilities (if asked for), for a non-streaming response.
+    async fn collect(&mut self) -> Result<(String, Vec<EngineLogprob>, Done), ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         while let Some(event) = self.events.recv().await {
             match event {
-                Event::Text(t) => text.push_str(&t),
-                Event::Done(done) => return Ok((text, done)),
+                Event::Token { text: t, logprob } => {
+                    text.push_str(&t);
+                    logprobs.extend(logprob);
+                }
+                Event::Done(done) => return Ok((text, logprobs, done)),
                 Event::Failed(msg) => {
                     return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error"))
                 }
@@ -512,7 +704,7 @@ impl Generation {
         stream::unfold(Some(self.events), |rx| async move {
             let mut rx = rx?;
             match rx.recv().await {
-                Some(text @ Event::Text(_)) => Some((text, Some(rx))),
+                Some(token @ Event::Token { .. }) => Some((token, Some(rx))),
                 Some(last) => Some((last, None)),
                 None => Some((Event::Failed("the engine stopped".into()), None)),
             }
@@ -522,8 +714,9 @@ impl Generation {
     /// `chat.completion.chunk` events: the role, the text pieces, the finish reason, the usage if asked for.
     fn chat_stream(self, app: Arc<App>, include_usage: bool) -> impl Stream<Item = String> + Send + 'static {
         let (id, created) = (self.id.clone(), self.created);
-        let chunk = move |delta: Delta, finish_reason: Option<&'static str>, usage: Option<Usage>| {
-            let choice = usage.is_none().then_some(ChunkChoice { index: 0, delta, finish_reason, logprobs: None });
+        // The tokenizer for the log-probabilities' token texts, when they were asked for.
+        let with_logprobs = self.n_probs.map(|_| app.clone());
+        let chunk = move |choice: Option<ChunkChoice>, usage: Option<Usage>, timings: Option<Timings>| {
             let c = ChatChunk {
                 id: &id,
                 object: "chat.completion.chunk",
@@ -531,16 +724,24 @@ impl Generation {
                 model: &app.model_id,
                 choices: choice.into_iter().collect(),
                 usage,
+                timings,
             };
             to_json(&c)
         };
-        let first = chunk(Delta { role: Some("assistant"), content: Some("") }, None, None);
+        fn choice<'a>(d: Delta<'a>, end: Option<&'static str>, lp: Option<ChatLogprobs>) -> Option<ChunkChoice<'a>> {
+            Some(ChunkChoice { index: 0, delta: d, finish_reason: end, logprobs: lp })
+        }
+        let first = chunk(choice(Delta { role: Some("assistant"), content: Some("") }, None, None), None, None);
         let rest = self.events().flat_map(move |event| {
             stream::iter(match event {
-                Event::Text(t) => vec![chunk(Delta { role: None, content: Some(&t) }, None, None)],
+                Event::Token { text, logprob } => {
+                    let logprobs = with_logprobs.as_ref().map(|app| chat_logprobs(app, logprob.as_slice()));
+                    vec![chunk(choice(Delta { role: None, content: Some(&text) }, None, logprobs), None, None)]
+                }
                 Event::Done(d) => {
-                    let mut out = vec![chunk(Delta::default(), Some(finish_reason(d.stop)), None)];
-                    out.extend(include_usage.then(|| chunk(Delta::default(), None, Some(usage(&d)))));
+                    let last = choice(Delta::default(), Some(finish_reason(d.stop)), None);
+                    let mut out = vec![chunk(last, None, Some(timings(&d)))];
+                    out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
                     out
                 }
@@ -553,8 +754,8 @@ impl Generation {
     /// `text_completion` events: the text pieces, the finish reason, the usage if asked for.
     fn completion_stream(self, app: Arc<App>, include_usage: bool) -> impl Stream<Item = String> + Send + 'static {
         let (id, created) = (self.id.clone(), self.created);
-        let chunk = move |text: &str, finish_reason: Option<&'static str>, usage: Option<Usage>| {
-            let choice = usage.is_none().then_some(CompletionChoice { index: 0, text, finish_reason, logprobs: None });
+        let with_logprobs = self.n_probs.map(|_| app.clone());
+        let chunk = move |choice: Option<CompletionChoice>, usage: Option<Usage>, timings: Option<Timings>| {
             let c = Completion {
                 id: &id,
                 object: "text_completion",
@@ -562,15 +763,29 @@ impl Generation {
                 model: &app.model_id,
                 choices: choice.into_iter().collect(),
                 usage,
+                timings,
             };
             to_json(&c)
         };
+        fn choice<'a>(
+            text: &'a str,
+            end: Option<&'static str>,
+            lp: Option<CompletionLogprobs>,
+        ) -> Option<CompletionChoice<'a>> {
+            Some(CompletionChoice { index: 0, text, finish_reason: end, logprobs: lp })
+        }
+        // Where the next token starts in the text streamed so far (the chunks' `text_offset`).
+        let mut offset = 0;
         self.events().flat_map(move |event| {
             stream::iter(match event {
-                Event::Text(t) => vec![chunk(&t, None, None)],
+                Event::Token { text, logprob } => {
+                    let logprobs =
+                        with_logprobs.as_ref().map(|app| completion_logprobs(app, logprob.as_slice(), &mut offset));
+                    vec![chunk(choice(&text, None, logprobs), None, None)]
+                }
                 Event::Done(d) => {
-                    let mut out = vec![chunk("", Some(finish_reason(d.stop)), None)];
-                    out.extend(include_usage.then(|| chunk("", None, Some(usage(&d)))));
+                    let mut out = vec![chunk(choice("", Some(finish_reason(d.stop)), None), None, Some(timings(&d)))];
+                    out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
                     out
                 }
@@ -585,6 +800,39 @@ fn sse(data: impl Stream<Item = String> + Send + 'static) -> Response {
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// How often a client that closed its side while its non-streaming answer runs is sent a space.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A non-streaming answer, watching the client meanwhile. While the client's side is open, the answer
+/// comes as usual when ready. Once it closes, the server cannot tell a half-close (the client still
+/// reads: it must be answered) from a client gone for good (its slot must be freed) without writing;
+/// so the answer starts at once, as 200 with a chunked body, and a space (JSON allows leading
+/// whitespace) goes out every PROBE_INTERVAL until the JSON follows. A gone client's socket refuses the
+/// second write; hyper then drops the body, and with it the request, which frees its slot. A failure
+/// after that point is the usual error object, under the 200 already sent.
+async fn answer(
+    peer: Option<Extension<Peer>>,
+    work: impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Response {
+    let mut work = Box::pin(async move { work.await.unwrap_or_else(|e| e.into_response()) });
+    let Some(Extension(peer)) = peer else { return work.await };
+    tokio::select! {
+        response = &mut work => return response,
+        () = peer.read_closed() => {}
+    }
+    let body = stream::unfold(Some(work), |work| async move {
+        let mut work = work?;
+        tokio::select! {
+            response = &mut work => {
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                Some((body.map_err(axum::Error::new), None))
+            }
+            () = tokio::time::sleep(PROBE_INTERVAL) => Some((Ok(Bytes::from_static(b" ")), Some(work))),
+        }
+    });
+    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
+}
+
 fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("response types serialize")
 }
@@ -592,6 +840,47 @@ fn to_json(v: &impl serde::Serialize) -> String {
 /// A failure after the stream has started: an error object in place of the next chunk.
 fn stream_error(message: String) -> String {
     to_json(&ErrorBody { error: ErrorDetail { message, kind: "server_error", param: None, code: None } })
+}
+
+/// A token's text (U+FFFD for a piece of a UTF-8 character) and bytes.
+fn token_text(app: &App, token: u32) -> (String, Vec<u8>) {
+    let bytes = app.m.tokenizer.token_bytes(token);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// The chat API's `logprobs` of some generated tokens.
+fn chat_logprobs(app: &App, tokens: &[EngineLogprob]) -> ChatLogprobs {
+    let entry = |t: &EngineLogprob| {
+        let (token, bytes) = token_text(app, t.token);
+        let top_logprobs = (t.top.iter())
+            .map(|&(id, logprob)| {
+                let (token, bytes) = token_text(app, id);
+                TopLogprob { token, logprob, bytes }
+            })
+            .collect();
+        TokenLogprob { token, logprob: t.logprob, bytes, top_logprobs }
+    };
+    ChatLogprobs { content: tokens.iter().map(entry).collect() }
+}
+
+/// The completions API's `logprobs` of some generated tokens, the first starting at character `offset` of the
+/// completion (advanced past them).
+fn completion_logprobs(app: &App, tokens: &[EngineLogprob], offset: &mut usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for t in tokens {
+        let token = token_text(app, t.token).0;
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        out.tokens.push(token);
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs.push(t.top.iter().map(|&(id, logprob)| (token_text(app, id).0, logprob)).collect());
+    }
+    out
+}
+
+fn timings(d: &Done) -> Timings {
+    let t = &d.timings;
+    Timings::new(d.cached_tokens, t.prompt_n, t.prompt_ms, t.predicted_n, t.predicted_ms)
 }
 
 fn finish_reason(stop: StopReason) -> &'static str {
@@ -617,6 +906,55 @@ fn unix_time() -> u64 {
 async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     let card = ModelCard { id: &app.model_id, object: "model", created: app.started, owned_by: "bitnet" };
     Json(serde_json::json!(ModelList { object: "list", data: [card] }))
+}
+
+/// llama-server's /props: the server's settings and the model's.
+async fn props(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let tok = &app.m.tokenizer;
+    let token = |id: Option<u32>| id.map_or(String::new(), |id| String::from_utf8_lossy(&tok.token_bytes(id)).into());
+    let d = bitnet_engine::generate::sampler::SamplerParams::default();
+    Json(serde_json::json!({
+        "default_generation_settings": {
+            "n_ctx": app.ctx,
+            "params": {
+                "n_predict": -1,
+                "temperature": d.temperature,
+                "top_k": d.top_k,
+                "top_p": d.top_p,
+                "min_p": d.min_p,
+                "repeat_penalty": d.repeat_penalty,
+                "repeat_last_n": d.repeat_last_n,
+                "frequency_penalty": d.frequency_penalty,
+                "presence_penalty": d.presence_penalty,
+                "seed": -1,
+            },
+        },
+        "total_slots": app.scheduler.slots.len(),
+        "model_path": app.model_path,
+        "model_alias": app.model_id,
+        "chat_template": tok.chat_template().unwrap_or(""),
+        "bos_token": token(tok.bos()),
+        "eos_token": token(tok.eos()),
+        "build_info": format!("bitnet {}", env!("CARGO_PKG_VERSION")),
+        "modalities": { "vision": false, "audio": false },
+    }))
+}
+
+/// llama-server's /slots: what each slot is doing (counts only: no prompt text).
+async fn slots(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let slot = |(id, s): (usize, &scheduler::SlotStatus)| {
+        let n_decoded = s.n_decoded.load(Relaxed);
+        serde_json::json!({
+            "id": id,
+            "id_task": s.task.load(Relaxed),
+            "n_ctx": app.ctx,
+            "is_processing": s.busy.load(Relaxed),
+            "n_prompt_tokens": s.n_prompt.load(Relaxed),
+            "n_cached_tokens": s.n_cached.load(Relaxed),
+            "next_token": { "n_decoded": n_decoded },
+        })
+    };
+    Json(serde_json::Value::Array(app.scheduler.slots.iter().enumerate().map(slot).collect()))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

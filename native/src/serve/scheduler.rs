@@ -7,13 +7,15 @@
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
+use bitnet_engine::generate::grammar::Constraint;
+use bitnet_engine::generate::sampler::TokenLogprob;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
 use bitnet_engine::Error;
 use tokio::sync::mpsc::UnboundedSender;
@@ -29,12 +31,20 @@ const PREFILL_BUDGET: usize = 64;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: GenParams,
+    /// The grammar of `response_format`, if any.
+    pub constraint: Option<Constraint>,
     pub events: UnboundedSender<Event>,
+    /// When the handler queued it (time to first token counts from here).
+    pub queued_at: Instant,
 }
 
 pub enum Event {
-    /// Generated text (valid UTF-8, never part of a stop string).
-    Text(String),
+    /// The output of one generated token: its text (valid UTF-8, never part of a stop string; often empty:
+    /// text held back) and its log-probabilities if asked for.
+    Token {
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Done(Done),
     Failed(String),
 }
@@ -44,6 +54,19 @@ pub struct Done {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    pub timings: Timings,
+}
+
+/// How long the request's prompt and generation took, as llama-server reports them.
+#[derive(Clone, Copy)]
+pub struct Timings {
+    /// Prompt tokens evaluated (those not reused from the slot's cache), and the time from admission to
+    /// the prompt's last piece evaluated.
+    pub prompt_n: usize,
+    pub prompt_ms: f64,
+    /// Tokens generated, and the time from then to the end.
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
 }
 
 pub enum SubmitError {
@@ -57,8 +80,25 @@ pub enum SubmitError {
 pub struct Scheduler {
     queue: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
+    /// What each slot is doing (for /slots).
+    pub slots: Arc<[SlotStatus]>,
     /// Cleared when the engine thread ends, however it ends (for /health).
     alive: Arc<AtomicBool>,
+    /// Set to make the engine fail every request it holds and stop (the end of a graceful shutdown).
+    abort: Arc<AtomicBool>,
+}
+
+/// A slot as /slots shows it, published by the engine thread after each step.
+#[derive(Default)]
+pub struct SlotStatus {
+    pub busy: AtomicBool,
+    /// The admission number of its current (or last) request.
+    pub task: AtomicU64,
+    /// Tokens whose keys and values its cache holds.
+    pub n_cached: AtomicU64,
+    pub n_prompt: AtomicU64,
+    /// Tokens generated for its current (or last) request.
+    pub n_decoded: AtomicU64,
 }
 
 /// Clears the flag when dropped: on the engine thread's return or panic.
@@ -84,7 +124,18 @@ impl Scheduler {
         // One step holds every slot's token and the prompt budget.
         let batcher = m.weights.clone().batcher(slots.len() + PREFILL_BUDGET);
         let (tx, rx) = sync_channel(queue);
-        let engine = Engine { m, batcher, slots, queue: rx, metrics: metrics.clone(), clock: 0 };
+        let status: Arc<[SlotStatus]> = slots.iter().map(|_| SlotStatus::default()).collect();
+        let abort = Arc::new(AtomicBool::new(false));
+        let engine = Engine {
+            m,
+            batcher,
+            slots,
+            queue: rx,
+            metrics: metrics.clone(),
+            clock: 0,
+            status: status.clone(),
+            abort: abort.clone(),
+        };
         let alive = Arc::new(AtomicBool::new(true));
         let clear_on_exit = ClearOnDrop(alive.clone());
         std::thread::Builder::new()
@@ -94,11 +145,17 @@ impl Scheduler {
                 engine.run()
             })
             .map_err(|e| Error::Invalid(format!("starting the engine thread: {e}")))?;
-        Ok(Self { queue: tx, metrics, alive })
+        Ok(Self { queue: tx, metrics, slots: status, alive, abort })
     }
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Relaxed)
+    }
+
+    /// Ends every request the engine holds, running or queued, with a "shutting down" failure (a stream ends
+    /// with an error object instead of stopping mid-way), and stops the engine thread at its next step.
+    pub fn abort(&self) {
+        self.abort.store(true, Relaxed);
     }
 
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
@@ -131,6 +188,10 @@ struct Running {
     seq: u64,
     n_cached: usize,
     gen: Generation,
+    admitted: Instant,
+    /// When its prompt was evaluated (its first step), then when its last token was picked.
+    prompt_done: Option<Instant>,
+    last_token: Option<Instant>,
 }
 
 impl Slot {
@@ -159,16 +220,50 @@ struct Engine {
     queue: Receiver<Job>,
     metrics: Arc<Metrics>,
     clock: u64,
+    status: Arc<[SlotStatus]>,
+    abort: Arc<AtomicBool>,
 }
 
 impl Engine {
     fn run(mut self) {
         while self.admit() {
+            if self.abort.load(Relaxed) {
+                return self.shut_down();
+            }
             self.drop_abandoned();
             let mut work = self.sample();
             let n_decode = work.len();
             self.add_prompts(&mut work);
             self.forward(&work, n_decode);
+            self.publish();
+        }
+    }
+
+    /// Fails every running and queued request: the server is going away.
+    fn shut_down(&mut self) {
+        const MSG: &str = "the server is shutting down";
+        for i in 0..self.slots.len() {
+            if self.slots[i].req.is_some() {
+                self.fail(i, Error::Invalid(MSG.into()));
+            }
+        }
+        while let Ok(job) = self.queue.try_recv() {
+            self.metrics.queued.fetch_sub(1, Relaxed);
+            let _ = job.events.send(Event::Failed(MSG.into()));
+        }
+        self.publish();
+    }
+
+    /// Copies what each slot is doing where /slots reads it.
+    fn publish(&self) {
+        for (slot, status) in self.slots.iter().zip(self.status.iter()) {
+            status.busy.store(slot.req.is_some(), Relaxed);
+            status.n_cached.store(slot.cached.len() as u64, Relaxed);
+            if let Some(r) = &slot.req {
+                status.task.store(r.seq, Relaxed);
+                status.n_prompt.store(r.job.prompt.len() as u64, Relaxed);
+                status.n_decoded.store(r.gen.n_generated as u64, Relaxed);
+            }
         }
     }
 
@@ -203,7 +298,7 @@ impl Engine {
 
     /// Puts `job` in the free slot whose cache shares the longest prefix with its prompt
     /// (the least recently used one among equals, to keep other conversations cached).
-    fn start(&mut self, job: Job) {
+    fn start(&mut self, mut job: Job) {
         let reuse = |s: &Slot| reusable_prefix(&s.cached, &job.prompt);
         let slot = (0..self.slots.len())
             .filter(|&i| self.slots[i].req.is_none())
@@ -215,8 +310,13 @@ impl Engine {
         self.metrics.busy_slots.fetch_add(1, Relaxed);
         self.metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
         self.metrics.cached_tokens.fetch_add(keep as u64, Relaxed);
-        let gen = Generation::new(&job.params, job.prompt.len() - keep);
-        self.slots[slot].req = Some(Running { seq: self.clock, n_cached: keep, gen, job });
+        let mut gen = Generation::new(&job.params, job.prompt.len() - keep);
+        if let Some(constraint) = job.constraint.take() {
+            gen.constrain(constraint);
+        }
+        let admitted = Instant::now();
+        let r = Running { seq: self.clock, n_cached: keep, gen, job, admitted, prompt_done: None, last_token: None };
+        self.slots[slot].req = Some(r);
     }
 
     /// Frees the slots of requests whose client has gone away.
@@ -282,6 +382,9 @@ impl Engine {
         let slot = &mut self.slots[i];
         let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
         let r = slot.req.as_mut().expect("generating slots run a request");
+        let now = Instant::now();
+        r.prompt_done.get_or_insert(now);
+        let generated_before = r.gen.n_generated;
         let step = match r.gen.step(tok, out, &slot.cached, slot.seq.ctx()) {
             Ok(step) => step.expect("a request stops when its generation does"),
             // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
@@ -291,7 +394,14 @@ impl Engine {
                 return Err(StopReason::Cancelled);
             }
         };
-        if !step.text.is_empty() && r.job.events.send(Event::Text(step.text)).is_err() {
+        if r.gen.n_generated > generated_before {
+            match r.last_token.replace(now) {
+                None => self.metrics.first_token.observe(now - r.job.queued_at),
+                Some(last) => self.metrics.token_interval.observe(now - last),
+            }
+        }
+        let has_output = !step.text.is_empty() || step.logprob.is_some();
+        if has_output && r.job.events.send(Event::Token { text: step.text, logprob: step.logprob }).is_err() {
             r.gen.cancel();
         }
         match (r.gen.stop, step.eval) {
@@ -308,11 +418,21 @@ impl Engine {
         if stop == StopReason::Cancelled {
             self.metrics.cancelled.fetch_add(1, Relaxed);
         } else {
+            let now = Instant::now();
+            let prompt_done = r.prompt_done.unwrap_or(now);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let timings = Timings {
+                prompt_n: r.gen.n_prompt_eval,
+                prompt_ms: ms(prompt_done - r.admitted),
+                predicted_n: r.gen.n_generated,
+                predicted_ms: ms(now - prompt_done),
+            };
             let done = Done {
                 stop,
                 prompt_tokens: r.job.prompt.len(),
                 cached_tokens: r.n_cached,
                 completion_tokens: r.gen.n_generated,
+                timings,
             };
             let _ = r.job.events.send(Event::Done(done));
             self.metrics.finished.fetch_add(1, Relaxed);
