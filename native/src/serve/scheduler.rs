@@ -17,7 +17,9 @@ use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
 use bitnet_engine::generate::grammar::Constraint;
 use bitnet_engine::generate::sampler::TokenLogprob;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
+use bitnet_engine::text::tokenizer::Tokenizer;
 use bitnet_engine::Error;
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{add_time, Metrics};
@@ -360,12 +362,17 @@ impl Engine {
     /// Steps the generation of every generating slot: sends its text, and returns the tokens to
     /// evaluate; finishes the requests that stop.
     fn sample(&mut self) -> Vec<Work> {
+        // Each slot's step (sampling over the whole vocabulary, detokenizing) is independent of the others':
+        // they run on the host's cores together (one after another, they took most of a step's time at 64
+        // streams on a GPU).
+        let (tok, metrics) = (&self.m.tokenizer, &*self.metrics);
+        let stepped: Vec<(usize, Result<u32, StopReason>)> = (self.slots.par_iter_mut().enumerate())
+            .filter(|(_, s)| s.generating())
+            .map(|(i, s)| (i, step(s, tok, metrics)))
+            .collect();
         let mut work = Vec::new();
-        for slot in 0..self.slots.len() {
-            if !self.slots[slot].generating() {
-                continue;
-            }
-            match self.step(slot) {
+        for (slot, stepped) in stepped {
+            match stepped {
                 Ok(token) => {
                     let want = self.slots[slot].req.as_ref().map_or(Want::Logits, |r| r.gen.want());
                     work.push(Work { slot, tokens: vec![token], want })
@@ -374,41 +381,6 @@ impl Engine {
             }
         }
         work
-    }
-
-    /// One step of slot `i`'s generation: the token to evaluate next, or why its request stops.
-    fn step(&mut self, i: usize) -> Result<u32, StopReason> {
-        let tok = &self.m.tokenizer;
-        let slot = &mut self.slots[i];
-        let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
-        let r = slot.req.as_mut().expect("generating slots run a request");
-        let now = Instant::now();
-        r.prompt_done.get_or_insert(now);
-        let generated_before = r.gen.n_generated;
-        let step = match r.gen.step(tok, out, &slot.cached, slot.seq.ctx()) {
-            Ok(step) => step.expect("a request stops when its generation does"),
-            // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
-            // `finish` counts it as cancelled, as it does a client that went away.
-            Err(e) => {
-                let _ = r.job.events.send(Event::Failed(e.to_string()));
-                return Err(StopReason::Cancelled);
-            }
-        };
-        if r.gen.n_generated > generated_before {
-            match r.last_token.replace(now) {
-                None => self.metrics.first_token.observe(now - r.job.queued_at),
-                Some(last) => self.metrics.token_interval.observe(now - last),
-            }
-        }
-        let has_output = !step.text.is_empty() || step.logprob.is_some();
-        if has_output && r.job.events.send(Event::Token { text: step.text, logprob: step.logprob }).is_err() {
-            r.gen.cancel();
-        }
-        match (r.gen.stop, step.eval) {
-            (Some(stop), _) => Err(stop),
-            (None, Some(t)) => Ok(t),
-            (None, None) => unreachable!("a step without a token to evaluate ends the generation"),
-        }
     }
 
     /// Ends the request in slot `i` with its summary (its last text went out with its last step).
@@ -490,5 +462,38 @@ impl Engine {
         self.metrics.decode_rows.fetch_add(n_decode as u64, Relaxed);
         let prompt_tokens: usize = work[n_decode..].iter().map(|w| w.tokens.len()).sum();
         self.metrics.prompt_tokens_evaluated.fetch_add(prompt_tokens as u64, Relaxed);
+    }
+}
+
+/// One step of a generating slot: the token to evaluate next, or why its request stops.
+fn step(slot: &mut Slot, tok: &Tokenizer, metrics: &Metrics) -> Result<u32, StopReason> {
+    let out = slot.picked.take().map_or(Output::Logits(slot.seq.logits()), Output::Token);
+    let r = slot.req.as_mut().expect("generating slots run a request");
+    let now = Instant::now();
+    r.prompt_done.get_or_insert(now);
+    let generated_before = r.gen.n_generated;
+    let step = match r.gen.step(tok, out, &slot.cached, slot.seq.ctx()) {
+        Ok(step) => step.expect("a request stops when its generation does"),
+        // Broken logits (NaN: a broken model) fail this request; the engine goes on with the others.
+        // `finish` counts it as cancelled, as it does a client that went away.
+        Err(e) => {
+            let _ = r.job.events.send(Event::Failed(e.to_string()));
+            return Err(StopReason::Cancelled);
+        }
+    };
+    if r.gen.n_generated > generated_before {
+        match r.last_token.replace(now) {
+            None => metrics.first_token.observe(now - r.job.queued_at),
+            Some(last) => metrics.token_interval.observe(now - last),
+        }
+    }
+    let has_output = !step.text.is_empty() || step.logprob.is_some();
+    if has_output && r.job.events.send(Event::Token { text: step.text, logprob: step.logprob }).is_err() {
+        r.gen.cancel();
+    }
+    match (r.gen.stop, step.eval) {
+        (Some(stop), _) => Err(stop),
+        (None, Some(t)) => Ok(t),
+        (None, None) => unreachable!("a step without a token to evaluate ends the generation"),
     }
 }
