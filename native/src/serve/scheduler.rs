@@ -363,13 +363,16 @@ impl Engine {
     /// evaluate; finishes the requests that stop.
     fn sample(&mut self) -> Vec<Work> {
         // Each slot's step (sampling over the whole vocabulary, detokenizing) is independent of the others':
-        // they run on the host's cores together (one after another, they took most of a step's time at 64
-        // streams on a GPU).
+        // many run on the host's cores together (one after another, they took most of a step's time at 64
+        // streams on a GPU); a few run here (waking the thread pool would cost more than it saves).
         let (tok, metrics) = (&self.m.tokenizer, &*self.metrics);
-        let stepped: Vec<(usize, Result<u32, StopReason>)> = (self.slots.par_iter_mut().enumerate())
-            .filter(|(_, s)| s.generating())
-            .map(|(i, s)| (i, step(s, tok, metrics)))
-            .collect();
+        let generating: Vec<(usize, &mut Slot)> =
+            self.slots.iter_mut().enumerate().filter(|(_, s)| s.generating()).collect();
+        let stepped: Vec<(usize, Result<u32, StopReason>)> = if generating.len() < 4 {
+            generating.into_iter().map(|(i, s)| (i, step(s, tok, metrics))).collect()
+        } else {
+            generating.into_par_iter().map(|(i, s)| (i, step(s, tok, metrics))).collect()
+        };
         let mut work = Vec::new();
         for (slot, stepped) in stepped {
             match stepped {
