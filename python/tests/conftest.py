@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "tests" / "fixtures" / "models"
 HELDOUT = REPO / "tests" / "fixtures" / "heldout.txt"
 FIXTURES = sorted(str(p) for p in MODELS.glob("*.gguf"))
+# A model whose head dim (16) is no whole q8_0 block: a q8_0 KV cache is refused for it.
+TINY_A = str(MODELS / "tiny-a-i2_s.gguf")
 
 
 def bitnet_bin() -> str:

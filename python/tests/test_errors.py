@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import bitnet
-from conftest import FIXTURES, bitnet as cli
+from conftest import FIXTURES, TINY_A, bitnet as cli
 
 
 def cli_error(*args):
@@ -58,7 +58,7 @@ def test_bad_arguments(default_model):
     with pytest.raises(ValueError, match="unknown kv_type"):
         bitnet.Model(FIXTURES[0], kv_type="f8")
     with pytest.raises(bitnet.BitnetError, match="a q8_0 KV cache with head dim 16"):
-        bitnet.Model(FIXTURES[0], backend="cpu", kv_type="q8_0")
+        bitnet.Model(TINY_A, backend="cpu", kv_type="q8_0")
     with pytest.raises(ValueError, match="threads must be from 1"):
         bitnet.Model(FIXTURES[0], threads=0)
     with pytest.raises(OverflowError):
