@@ -251,10 +251,43 @@ __device__ __forceinline__ uint4 expand16(u32 w) {
                       __vsub4((w >> 4) & 0x03030303u, 0x01010101u), __vsub4((w >> 6) & 0x03030303u, 0x01010101u));
 }
 
+// Split-K: with few tokens (a many-sequence decode step, a short prompt) the grid has fewer blocks than the
+// device has multiprocessors, and each block walks all of K alone. Then block z of gridDim.z takes its share
+// of the k tiles, leaves its integer partial sums in `part` and the last of a tile's blocks to finish adds
+// them up (integers: exact, in any order) and runs the epilogue. `done` counts each tile's finished blocks.
+struct SplitK {
+    int* part;  // [tile][gridDim.z][256 threads × 32] partial accumulators
+    u32* done;  // [tile], zero between launches
+};
+
+// Adds the other splits' partial sums of this block's tile to `acc`, once they are all done; false in every
+// block but the last to finish.
+__device__ bool gather_splits(const SplitK& sk, int (&acc)[2][4][4]) {
+    __shared__ int last;
+    int splits = gridDim.z, tile = blockIdx.y * gridDim.x + blockIdx.x, tid = threadIdx.x;
+    int* mine = sk.part + ((i64)tile * splits + blockIdx.z) * 8192 + tid;
+#pragma unroll
+    for (int i = 0; i < 32; i++) mine[256 * i] = acc[i >> 4][(i >> 2) & 3][i & 3];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&sk.done[tile], 1u) == (u32)splits - 1;
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    for (int z = 0; z < splits; z++) {
+        if (z == (int)blockIdx.z) continue;
+        const int* other = sk.part + ((i64)tile * splits + z) * 8192 + tid;
+#pragma unroll
+        for (int i = 0; i < 32; i++) acc[i >> 4][(i >> 2) & 3][i & 3] += __ldcg(other + 256 * i);
+    }
+    if (tid == 0) sk.done[tile] = 0;
+    return true;
+}
+
 // Prompt tokens are at positions pos0.., the tokens of a many-sequence step where e.row_pos says.
 extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, const float* scales, int T, const u32* W,
                                                                  int words, const float* row_scale, int pairs,
-                                                                 int pos0, Epilogue e) {
+                                                                 int pos0, Epilogue e, SplitK sk) {
     __shared__ __align__(16) unsigned char As[GM * GS];
     __shared__ __align__(16) unsigned char Bs[GN * GS];
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
@@ -263,12 +296,14 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
     // Global → shared: each thread moves 16 activation bytes and 2 weight words (32 columns) per tile.
     int xr = tid >> 2, xc = (tid & 3) * 16, wr = tid >> 1, wc = (tid & 1) * 2;
     bool xok = m0 + xr < T, wok = n0 + wr < rows;
-    const i8* xp = X + (i64)(m0 + xr) * kp + xc;
-    const u32* wp = W + (i64)(n0 + wr) * words + wc;
-    uint2 wv = wok ? *(const uint2*)wp : make_uint2(0x55555555u, 0x55555555u);
+    int ktiles = words / 4, per = (ktiles + gridDim.z - 1) / gridDim.z;
+    int k0 = min((int)blockIdx.z * per, ktiles), k1 = min(k0 + per, ktiles);
+    const i8* xp = X + (i64)(m0 + xr) * kp + xc + k0 * 64;
+    const u32* wp = W + (i64)(n0 + wr) * words + wc + k0 * 4;
+    uint2 wv = wok && k0 < k1 ? *(const uint2*)wp : make_uint2(0x55555555u, 0x55555555u);
     pdl_trigger();
     pdl_wait();
-    uint4 xv = xok ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
+    uint4 xv = xok && k0 < k1 ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
     int acc[2][4][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -276,14 +311,13 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int k = 0; k < 4; k++) acc[i][j][k] = 0;
-    int ktiles = words / 4;
-    for (int kt = 0; kt < ktiles; kt++) {
+    for (int kt = 0; kt < k1 - k0; kt++) {
         __syncthreads();
         *(uint4*)(As + xr * GS + xc) = xv;
         *(uint4*)(Bs + wr * GS + wc * 16) = expand16(wv.x);
         *(uint4*)(Bs + wr * GS + wc * 16 + 16) = expand16(wv.y);
         __syncthreads();
-        if (kt + 1 < ktiles) {  // the next tile's loads fly while this one is multiplied
+        if (kt + 1 < k1 - k0) {  // the next tile's loads fly while this one is multiplied
             if (xok) xv = *(const uint4*)(xp + (kt + 1) * 64);
             if (wok) wv = *(const uint2*)(wp + (kt + 1) * 4);
         }
@@ -310,6 +344,7 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
                 for (int nt = 0; nt < 4; nt++) mma_s8(acc[mt][nt], af[mt], bf[nt]);
         }
     }
+    if (gridDim.z > 1 && !gather_splits(sk, acc)) return;
     // Accumulator (mt, nt, i): token wm + mt*16 + g (+8 for i >= 2), packed row wn + nt*8 + 2*tig (+1 for odd i):
     // each thread holds whole row pairs.
 #pragma unroll

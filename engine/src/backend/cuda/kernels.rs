@@ -47,6 +47,18 @@ pub struct Epilogue {
 // SAFETY: plain old data with the C layout of the kernel parameter it is passed as.
 unsafe impl DeviceRepr for Epilogue {}
 
+/// Where `bitlinear_gemm` leaves and counts its split-K partial sums (`struct SplitK` of bitlinear.cu):
+/// [`Kernels::split_k_sizes`] entries each; the default (null) one never splits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SplitK {
+    pub part: u64,
+    pub done: u64,
+}
+
+// SAFETY: plain old data with the C layout of the kernel parameter it is passed as.
+unsafe impl DeviceRepr for SplitK {}
+
 /// A BitLinear weight on the device: packed rows (in pairs) and each row's scale.
 pub struct Linear {
     pub w: u64,
@@ -64,6 +76,8 @@ const PQ: usize = 16;
 const PK: usize = 32;
 /// Keys per block of the decode attention kernel (DEC_CHUNK).
 pub const DEC_CHUNK: usize = 128;
+/// Accumulators of a `bitlinear_gemm` tile: 64 tokens × 128 rows.
+const GEMM_TILE: usize = 64 * 128;
 /// Tokens sharing a block of the LM head, at most (HEAD_TOKENS in head.cu).
 const HEAD_TOKENS: usize = 8;
 
@@ -298,11 +312,35 @@ impl Kernels {
         self.launch(&self.gemv, (lin.blocks, 1), 512, smem, p)
     }
 
-    /// Prompt BitLinear of `t` tokens already quantized (`xq`, `scales`) at positions `pos0..`.
-    pub fn gemm(&self, xq: u64, scales: u64, t: usize, lin: &Linear, pos0: usize, e: &Epilogue) -> Result<()> {
-        let grid = ((2 * lin.pairs).div_ceil(128), t.div_ceil(64));
+    /// The entries of a [`SplitK`]'s partial sums and counters that any `gemm` launch needs.
+    pub fn split_k_sizes(&self) -> (usize, usize) {
+        let sms = self.sms as usize;
+        (3 * sms * GEMM_TILE, sms)
+    }
+
+    /// Prompt BitLinear of `t` tokens already quantized (`xq`, `scales`) at positions `pos0..`. A grid of
+    /// fewer blocks than multiprocessors splits K over about two blocks per multiprocessor (see bitlinear.cu):
+    /// on an H100 a step of 55 tokens of the 2B4T shape gave its small matrices 20 blocks for 132
+    /// multiprocessors, each walking all 40 (down: 108) k tiles in turn.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        xq: u64,
+        scales: u64,
+        t: usize,
+        lin: &Linear,
+        pos0: usize,
+        e: &Epilogue,
+        sk: &SplitK,
+    ) -> Result<()> {
+        let (sms, ktiles) = (self.sms as usize, lin.words / 4);
+        let (gx, gy) = ((2 * lin.pairs).div_ceil(128), t.div_ceil(64));
+        let blocks = gx * gy;
+        // blocks × splits < 3 × sms: within `split_k_sizes`.
+        let splits = if blocks >= sms || sk.part == 0 { 1 } else { (2 * sms).div_ceil(blocks).min(ktiles / 2).max(1) };
         let (ti, words, pairs, pos0) = (i(t), i(lin.words), i(lin.pairs), i(pos0));
-        self.launch(&self.gemm, grid, 256, 0, params![xq, scales, ti, lin.w, words, lin.scales, pairs, pos0, *e])
+        let p = params![xq, scales, ti, lin.w, words, lin.scales, pairs, pos0, *e, *sk];
+        self.launch_3d(&self.gemm, (gx, gy, splits), 256, 0, p)
     }
 
     /// Decode attention of the queries `r` says (q, out: rows of n_head × hd floats) over their caches.

@@ -36,7 +36,7 @@ use crate::backend::{check_ctx, check_input, Batcher, Sequence, Step, Want, Weig
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
-use kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
+use kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, SplitK, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
 
 impl From<DriverError> for Error {
     fn from(e: DriverError) -> Self {
@@ -139,12 +139,18 @@ struct Acts {
     xq: Buf<i8>,
     scales: Buf<f32>,
     tokens: Buf<u32>,
+    /// The GEMM's split-K partial sums and tile counters.
+    part: Buf<i32>,
+    done: Buf<u32>,
 }
 
 impl Acts {
-    fn new(s: &Arc<CudaStream>, c: &Config, rows: usize) -> Result<Self> {
+    fn new(s: &Arc<CudaStream>, k: &Kernels, c: &Config, rows: usize) -> Result<Self> {
         let kp = [c.n_embd, c.q_dim(), c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
+        let (part, done) = k.split_k_sizes();
         Ok(Self {
+            part: zeros(s, part)?,
+            done: zeros(s, done)?,
             x: zeros(s, rows * c.n_embd)?,
             q: zeros(s, rows * c.q_dim())?,
             att: zeros(s, rows * c.q_dim())?,
@@ -362,18 +368,19 @@ impl CudaModel {
         let c = &self.c;
         let kp = |n: usize| pack::words(n) * 16;
         let (xq, sc) = (a.xq.ptr, a.scales.ptr);
+        let sk = &SplitK { part: a.part.ptr, done: a.done.ptr };
         k.embed(self.embd.ptr, c.n_embd, a.tokens.ptr, a.x.ptr, t)?;
         for (l, w) in self.layers.iter().enumerate() {
             let [qkv, glu, resid] = self.epilogues(a, rope, kv(l));
             k.norm_quant_rows(a.x.ptr, w.attn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv)?;
+            k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv, sk)?;
             attend(l)?;
             k.norm_quant_rows(a.att.ptr, w.attn_sub_norm(), c.q_dim(), kp(c.q_dim()), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid)?;
+            k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid, sk)?;
             k.norm_quant_rows(a.x.ptr, w.ffn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.gate_up.lin, pos0, &glu)?;
+            k.gemm(xq, sc, t, &w.gate_up.lin, pos0, &glu, sk)?;
             k.norm_quant_rows(a.h.ptr, w.ffn_sub_norm(), c.n_ff, kp(c.n_ff), c.eps, xq, sc, t)?;
-            k.gemm(xq, sc, t, &w.down.lin, pos0, &resid)?;
+            k.gemm(xq, sc, t, &w.down.lin, pos0, &resid, sk)?;
         }
         Ok(())
     }
@@ -481,7 +488,7 @@ impl Cuda {
         // SAFETY: a plain page-locked allocation, freed with the sequence.
         let mut params_host = unsafe { s.context().alloc_pinned_with_flags::<u32>(2, 0) }?;
         let mut seq = Cuda {
-            a: Acts::new(s, c, MAX_BATCH.min(ctx))?,
+            a: Acts::new(s, &k, c, MAX_BATCH.min(ctx))?,
             rope: Rope::new(s, c, ctx)?,
             scratch: Scratch::new(s, &k, c, 1, ctx)?,
             kc: zeros(s, c.n_layer * ctx * c.kv_dim())?,
@@ -669,7 +676,7 @@ impl BatchBuffers {
         let k = m.k.on(stream.clone());
         let s = &stream;
         Ok(Self {
-            a: Acts::new(s, c, rows)?,
+            a: Acts::new(s, &k, c, rows)?,
             rope: Rope::new(s, c, ctx)?,
             scratch: Scratch::new(s, &k, c, rows, ctx)?,
             row_pos: zeros(s, rows)?,

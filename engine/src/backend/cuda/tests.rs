@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 
-use super::kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
+use super::kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, SplitK, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
 use super::{pack, upload, zeros, Buf};
 use crate::backend::cpu::kernels::{quantize_activations, scalar::Scalar, Kernels as _};
 use crate::generate::sampler::SplitMix64;
@@ -154,22 +154,29 @@ fn bitlinear_kernels_are_exact() {
             let what = format!("gemv {rows}x{cols}, {} blocks of {} chunked pairs", lin.blocks, lin.chunk);
             assert_eq!(g.down(&out, rows), want, "{what}");
         }
-        // Prompt: tokens not a multiple of the 64-token tile.
+        // Prompt: tokens not a multiple of the 64-token tile; K whole in each block, and split over blocks
+        // where the grid is small (the split-K scratch given).
         let (lin, _w, _s) = g.linear(&all, cols, None);
-        for t in [1, 77, 130] {
+        let (part, done) = g.k.split_k_sizes();
+        let (part, done) = (g.zeros::<i32>(part), g.zeros::<u32>(done));
+        for (t, sk) in [1, 77, 130]
+            .into_iter()
+            .flat_map(|t| [(t, SplitK::default()), (t, SplitK { part: part.ptr, done: done.ptr })])
+        {
             let x = int_valued(&mut r, t * cols);
             let kp = lin.words * 16;
             let (xb, xq, sc, out) = (g.up(&x), g.zeros::<i8>(t * kp), g.zeros::<f32>(t), g.zeros::<f32>(t * rows));
             g.k.norm_quant_rows(xb.ptr, wb.ptr, cols, kp, EPS, xq.ptr, sc.ptr, t).unwrap();
             let e = Epilogue { out: out.ptr, kind: EPI_RESID, out_stride: rows as i32, ..Default::default() };
-            g.k.gemm(xq.ptr, sc.ptr, t, &lin, 0, &e).unwrap();
+            g.k.gemm(xq.ptr, sc.ptr, t, &lin, 0, &e, &sk).unwrap();
             let got = g.down(&out, t * rows);
             for tok in 0..t {
                 let want = cpu_bitlinear(&m, &x[tok * cols..(tok + 1) * cols], &w, EPS);
                 assert_eq!(
                     &got[tok * rows..(tok + 1) * rows],
                     &want[..],
-                    "gemm {rows}x{cols}, {t} tokens, token {tok}"
+                    "gemm {rows}x{cols}, {t} tokens, token {tok}, split-K scratch {}",
+                    sk.part != 0
                 );
             }
         }
@@ -264,7 +271,7 @@ fn qkv_epilogue_ropes_and_fills_the_cache() {
         let kp = lin.words * 16;
         let (xb, xq, sc) = (g.up(&x), g.zeros::<i8>(t * kp), g.zeros::<f32>(t));
         g.k.norm_quant_rows(xb.ptr, wb.ptr, c.n_embd, kp, EPS, xq.ptr, sc.ptr, t).unwrap();
-        g.k.gemm(xq.ptr, sc.ptr, t, &lin, pos0, &e).unwrap();
+        g.k.gemm(xq.ptr, sc.ptr, t, &lin, pos0, &e, &SplitK::default()).unwrap();
         let got_q_prompt = g.down(&q, t * q_dim);
         let xd = int_valued(&mut r, c.n_embd);
         let (xdb, params) = (g.up(&xd), g.up(&[0i32, (pos0 + t) as i32]));
