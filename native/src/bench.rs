@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use bitnet_engine::backend::Want;
+use bitnet_engine::backend::{Step, Want};
 use bitnet_engine::Error;
 use clap::Args;
 
@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Repetitions.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     reps: usize,
+    /// Sequences that generate together for the `tg` test, one batched step for all of them per token (as
+    /// `bitnet serve` steps its slots): tokens/s is then their total.
+    #[arg(short = 'b', long = "batch", default_value_t = 1)]
+    batch: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -74,7 +78,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
         Ok(Some(stats(&samples)))
     };
     let pp = measure(true, a.n_prompt)?;
-    let tg = measure(false, a.n_gen)?;
+    let tg = if a.batch > 1 && a.n_gen > 0 { Some(batched_tg(&m, &a, &tokens)?) } else { measure(false, a.n_gen)? };
     let threads = m.threads;
     if a.json {
         let entry =
@@ -84,16 +88,38 @@ pub fn bench(a: BenchArgs) -> Result<(), Error> {
             "backend": session.backend_name(),
             "pp": entry(a.n_prompt, pp),
             "tg": entry(a.n_gen, tg),
+            "batch": a.batch,
         });
         println!("{out}");
     } else {
         println!("| backend | threads | test | tokens/s |");
         println!("| --- | --- | --- | --- |");
-        for (name, n, s) in [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)] {
+        let batch = if a.batch > 1 { format!(" x{}", a.batch) } else { String::new() };
+        for (name, n, s, b) in [("pp", a.n_prompt, pp, ""), ("tg", a.n_gen, tg, &batch[..])] {
             if let Some((tps, sd)) = s {
-                println!("| {} | {threads} | {name}{n} | {tps:.2} ± {sd:.2} |", session.backend_name());
+                println!("| {} | {threads} | {name}{n}{b} | {tps:.2} ± {sd:.2} |", session.backend_name());
             }
         }
     }
     Ok(())
+}
+
+/// The `tg` test for `a.batch` sequences stepped together through the device's batcher, each generating
+/// `a.n_gen` tokens with their logits: mean and standard deviation of the total tokens/s.
+fn batched_tg(m: &Loaded, a: &BenchArgs, tokens: &[u32]) -> Result<(f64, f64), Error> {
+    let mut seqs = (0..a.batch).map(|_| m.weights.clone().sequence(a.n_gen + 1)).collect::<Result<Vec<_>, _>>()?;
+    let mut batcher = m.weights.clone().batcher(a.batch);
+    let mut run = || -> Result<f64, Error> {
+        let t = Instant::now();
+        for (pos, tok) in tokens[..a.n_gen].iter().enumerate() {
+            let tok = std::slice::from_ref(tok);
+            let mut steps: Vec<Step<'_>> =
+                seqs.iter_mut().map(|s| Step { seq: s.as_mut(), tokens: tok, pos, want: Want::Logits }).collect();
+            batcher.forward(&mut steps)?;
+        }
+        Ok((a.batch * a.n_gen) as f64 / t.elapsed().as_secs_f64())
+    };
+    run()?; // warm-up
+    let samples = (0..a.reps).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
+    Ok(stats(&samples))
 }

@@ -78,8 +78,10 @@ const PK: usize = 32;
 pub const DEC_CHUNK: usize = 128;
 /// Accumulators of a `bitlinear_gemm` tile: 64 tokens × 128 rows.
 const GEMM_TILE: usize = 64 * 128;
-/// Tokens sharing a block of the LM head, at most (HEAD_TOKENS in head.cu).
-const HEAD_TOKENS: usize = 8;
+/// Rows of E and tokens of a block of `lm_head_mma` (HR, HT in head.cu), and its dynamic shared memory.
+const HEAD_ROWS: usize = 256;
+const HEAD_TOKENS: usize = 64;
+const HEAD_MMA_SMEM: usize = 2 * HEAD_TOKENS * (256 + 32) * 2;
 
 /// Where the queries of a decode attention are: one sequence's token (position `params[1]`, the caches
 /// passed along), or `rows` tokens of as many sequences (`row_pos`, `row_kv`: see attention.cu). `chunks`:
@@ -99,8 +101,6 @@ pub struct Kernels {
     pub sms: u32,
     /// The dynamic shared memory of a block of `bitlinear_gemv`, at most.
     max_smem: usize,
-    /// The same for `lm_head_rows`.
-    head_smem: usize,
     /// Launch with programmatic dependent launch (see common.cuh), on by default on sm_90+.
     pdl: bool,
     norm_quant_rows: CudaFunction,
@@ -110,7 +110,8 @@ pub struct Kernels {
     attn_prefill: CudaFunction,
     embed: CudaFunction,
     lm_head: CudaFunction,
-    lm_head_rows: CudaFunction,
+    head_split_rows: CudaFunction,
+    lm_head_mma: CudaFunction,
 }
 
 fn i(v: usize) -> i32 {
@@ -168,11 +169,9 @@ impl Kernels {
         let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let gemv = f("bitlinear_gemv")?;
         let fixed = |f: &CudaFunction| f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
-        let lm_head_rows = f("lm_head_rows")?;
         let k = Kernels {
             pdl,
             max_smem: (optin - fixed(&gemv)?) as usize,
-            head_smem: (optin - fixed(&lm_head_rows)?) as usize,
             sms: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             norm_quant_rows: f("norm_quant_rows")?,
             gemv,
@@ -181,12 +180,21 @@ impl Kernels {
             attn_prefill: f("attn_prefill")?,
             embed: f("embed")?,
             lm_head: f("lm_head")?,
-            lm_head_rows,
+            head_split_rows: f("head_split_rows")?,
+            lm_head_mma: f("lm_head_mma")?,
             stream,
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for f in [&k.attn_prefill, &k.attn_decode, &k.gemv, &k.norm_quant_rows, &k.lm_head, &k.lm_head_rows] {
+        for f in [
+            &k.attn_prefill,
+            &k.attn_decode,
+            &k.gemv,
+            &k.norm_quant_rows,
+            &k.lm_head,
+            &k.head_split_rows,
+            &k.lm_head_mma,
+        ] {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -202,7 +210,8 @@ impl Kernels {
             &k.attn_prefill,
             &k.embed,
             &k.lm_head,
-            &k.lm_head_rows,
+            &k.head_split_rows,
+            &k.lm_head_mma,
         ] {
             f.set_attribute(carveout, 100)?;
         }
@@ -410,9 +419,21 @@ impl Kernels {
         self.launch(&self.lm_head, (blocks, 1), 256, smem, p)
     }
 
+    /// Rows of the `head_split_rows` output for `nt` tokens (whole token tiles of `lm_head_mma`).
+    pub fn head_split_rows_for(nt: usize) -> usize {
+        nt.next_multiple_of(16)
+    }
+
+    /// Blocks of `lm_head_mma` along E's `rows` (the size of its per-token scratch).
+    pub fn lm_head_mma_blocks(rows: usize) -> usize {
+        rows.div_ceil(HEAD_ROWS)
+    }
+
     /// [`Kernels::lm_head`] for the `nt` hidden states at `x` (rows of n floats) of a step of many
-    /// sequences: token t's logits and argmax to the addresses `outs[2t]` (none if 0) and `outs[2t + 1]`.
-    /// Scratch: `block_val`, `block_idx` of nt × `lm_head_blocks(rows)` entries, `counters` of nt.
+    /// sequences, on the tensor cores (see head.cu): token t's logits and argmax to the addresses `outs[2t]`
+    /// (none if 0) and `outs[2t + 1]`. Scratch: `xh`, `xl` of `head_split_rows_for(nt)` rows of n halves and
+    /// `inv_scale` of as many floats; `block_val`, `block_idx` of nt × `lm_head_mma_blocks(rows)` entries,
+    /// `counters` of `nt / 64` rounded up.
     #[allow(clippy::too_many_arguments)]
     pub fn lm_head_rows(
         &self,
@@ -424,19 +445,17 @@ impl Kernels {
         e: u64,
         rows: usize,
         outs: u64,
-        block_val: u64,
-        block_idx: u64,
-        counters: u64,
+        split: [u64; 3],
+        best: [u64; 3],
     ) -> Result<()> {
-        // Each block holds the norm weights and its tokens' normalized inputs in shared memory.
-        let per = HEAD_TOKENS.min(nt).min((self.head_smem / (4 * n)).saturating_sub(1));
-        if per == 0 {
-            return Err(Error::Unsupported(format!("CUDA backend: an LM head of {n} inputs")));
-        }
-        let (blocks, smem) = (self.lm_head_blocks(rows), 4 * n * (1 + per));
-        let (nti, peri, n, rows) = (i(nt), i(per), i(n), i(rows));
-        let p = params![x, nti, peri, norm_w, n, eps, e, rows, outs, block_val, block_idx, counters];
-        self.launch(&self.lm_head_rows, (blocks, nt.div_ceil(per)), 256, smem, p)
+        let [xh, xl, inv_scale] = split;
+        let [block_val, block_idx, counters] = best;
+        let (nti, ni, rowsi) = (i(nt), i(n), i(rows));
+        let p = params![x, nti, norm_w, ni, eps, xh, xl, inv_scale];
+        self.launch(&self.head_split_rows, (Self::head_split_rows_for(nt), 1), 256, 4 * n, p)?;
+        let grid = (Self::lm_head_mma_blocks(rows), nt.div_ceil(HEAD_TOKENS));
+        let p = params![xh, xl, inv_scale, nti, ni, e, rowsi, outs, block_val, block_idx, counters];
+        self.launch(&self.lm_head_mma, grid, 256, HEAD_MMA_SMEM, p)
     }
 }
 

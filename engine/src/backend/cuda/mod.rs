@@ -185,13 +185,21 @@ struct Scratch {
     block_val: Buf<f32>,
     block_idx: Buf<i32>,
     head_counters: Buf<u32>,
+    /// The split inputs of the many-token LM head (`head_split_rows` in head.cu).
+    head_xh: Buf<u16>,
+    head_xl: Buf<u16>,
+    head_inv: Buf<f32>,
 }
 
 impl Scratch {
     fn new(s: &Arc<CudaStream>, k: &Kernels, c: &Config, rows: usize, ctx: usize) -> Result<Self> {
         let max_chunks = ctx.div_ceil(DEC_CHUNK);
-        let blocks = k.lm_head_blocks(c.n_vocab);
+        let blocks = k.lm_head_blocks(c.n_vocab).max(Kernels::lm_head_mma_blocks(c.n_vocab));
+        let split_rows = if rows > 1 { Kernels::head_split_rows_for(rows) } else { 0 };
         Ok(Self {
+            head_xh: zeros(s, split_rows * c.n_embd)?,
+            head_xl: zeros(s, split_rows * c.n_embd)?,
+            head_inv: zeros(s, split_rows)?,
             part_o: zeros(s, rows * c.n_head * max_chunks * c.head_dim)?,
             part_ml: zeros(s, rows * c.n_head * max_chunks * 2)?,
             att_counters: zeros(s, rows * c.n_head)?,
@@ -409,13 +417,14 @@ impl CudaModel {
         )
     }
 
-    /// Logits and argmax of the `nt` hidden states at `x`, to the addresses in `outs` (see `lm_head_rows` in
+    /// Logits and argmax of the `nt` hidden states at `x`, to the addresses in `outs` (see `lm_head_mma` in
     /// head.cu).
     fn lm_head_rows(&self, k: &Kernels, x: u64, nt: usize, outs: u64, s: &Scratch) -> Result<()> {
         let c = &self.c;
-        let (val, idx, counters) = (s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr);
+        let best = [s.block_val.ptr, s.block_idx.ptr, s.head_counters.ptr];
+        let split = [s.head_xh.ptr, s.head_xl.ptr, s.head_inv.ptr];
         let (norm, e) = (self.output_norm.ptr, self.head_matrix());
-        k.lm_head_rows(x, nt, norm, c.n_embd, c.eps, e, c.n_vocab, outs, val, idx, counters)
+        k.lm_head_rows(x, nt, norm, c.n_embd, c.eps, e, c.n_vocab, outs, split, best)
     }
 }
 

@@ -440,12 +440,12 @@ fn embedding_and_lm_head_match_the_cpu() {
         for (i, &t) in tokens.iter().enumerate() {
             assert_eq!(&got[i * n..(i + 1) * n], &e[t as usize * n..(t as usize + 1) * n], "embedding of {t}");
         }
-        // LM head and argmax of one token and of 11 (two columns of blocks, the second partly filled; one
-        // token without a logits address, as a greedy-only step), twice (the argmax merge resets its counters).
+        // LM head and argmax of one token, of 11 (one token tile, partly filled; one token without a logits
+        // address, as a greedy-only step) and of 77 (two tiles), twice (the argmax merge resets its counters).
         let norm = uniform(&mut r, n, 0.5, 1.5);
         let nb = g.up(&norm);
-        let blocks = g.k.lm_head_blocks(rows);
-        for nt in [1, 11] {
+        let blocks = g.k.lm_head_blocks(rows).max(Kernels::lm_head_mma_blocks(rows));
+        for nt in [1, 11, 77] {
             let xv = uniform(&mut r, nt * n, -3.0, 3.0);
             let (xb, logits, best) = (g.up(&xv), g.zeros::<f32>(nt * rows), g.zeros::<i32>(nt));
             let greedy_only = if nt > 1 { 9 } else { usize::MAX };
@@ -453,13 +453,17 @@ fn embedding_and_lm_head_match_the_cpu() {
                 (0..nt).flat_map(|t| [if t == greedy_only { 0 } else { logits.at(t * rows) }, best.at(t)]).collect();
             let outs = g.up(&outs);
             let (bv, bi, counters) = (g.zeros::<f32>(nt * blocks), g.zeros::<i32>(nt * blocks), g.zeros::<u32>(nt));
+            let split_rows = Kernels::head_split_rows_for(nt);
+            let (xh, xl, inv) =
+                (g.zeros::<u16>(split_rows * n), g.zeros::<u16>(split_rows * n), g.zeros::<f32>(split_rows));
             // One token's own kernel (the decode graph's), then the many-token kernel, twice each.
             for run in 0..4 {
                 let (b, i, ctr) = (bv.ptr, bi.ptr, counters.ptr);
                 if run < 2 && nt == 1 {
                     g.k.lm_head(xb.ptr, nb.ptr, n, EPS, eb.ptr, rows, logits.ptr, b, i, ctr, best.ptr).unwrap();
                 } else {
-                    g.k.lm_head_rows(xb.ptr, nt, nb.ptr, n, EPS, eb.ptr, rows, outs.ptr, b, i, ctr).unwrap();
+                    let split = [xh.ptr, xl.ptr, inv.ptr];
+                    g.k.lm_head_rows(xb.ptr, nt, nb.ptr, n, EPS, eb.ptr, rows, outs.ptr, split, [b, i, ctr]).unwrap();
                 }
                 let (got, picked) = (g.down(&logits, nt * rows), g.down(&best, nt));
                 for t in 0..nt {
@@ -554,8 +558,10 @@ fn decode_kernel_times() {
     }
     let (rows, n) = (128256, 2560);
     let e = g.zeros::<u16>(rows * n);
-    let blocks = g.k.lm_head_blocks(rows);
+    let blocks = g.k.lm_head_blocks(rows).max(Kernels::lm_head_mma_blocks(rows));
     let nw = g.up(&vec![1f32; n]);
+    let split_rows = Kernels::head_split_rows_for(64);
+    let (xh, xl, inv) = (g.zeros::<u16>(split_rows * n), g.zeros::<u16>(split_rows * n), g.zeros::<f32>(split_rows));
     // As the backend runs it: the logits written into mapped page-locked host memory; for 64 tokens (a
     // batched step), into device memory and to host.
     let (_host, mapped) = super::mapped::<f32>(&g.s, 64 * rows).unwrap();
@@ -573,7 +579,8 @@ fn decode_kernel_times() {
             });
         }
         time(&format!("lm_head_rows 128256x2560, {nt} token(s), logits to {to}"), rows * n * 2, &|| {
-            g.k.lm_head_rows(x.ptr, nt, nw.ptr, n, EPS, e.ptr, rows, outs.ptr, bv.ptr, bi.ptr, counters.ptr).unwrap()
+            let (split, best) = ([xh.ptr, xl.ptr, inv.ptr], [bv.ptr, bi.ptr, counters.ptr]);
+            g.k.lm_head_rows(x.ptr, nt, nw.ptr, n, EPS, e.ptr, rows, outs.ptr, split, best).unwrap()
         });
     }
 }
