@@ -290,6 +290,43 @@ fn float_rows_and_gemm_match_the_reference_on_ragged_rows() {
     }
 }
 
+/// A step of many sequences gives each the logits of stepping it alone: every kernel set's `float_gemm` equals
+/// its own `float_rows` token by token, bit for bit, for every number of tokens (the tiles of tokens differ).
+#[test]
+fn float_gemm_equals_float_rows_bit_for_bit() {
+    let mut rng = Rng(21);
+    for (ty, cols) in [
+        (GgmlType::F16, 2561),
+        (GgmlType::F16, 576),
+        (GgmlType::Q8_0, 576),
+        (GgmlType::Q5_0, 576),
+        (GgmlType::Q6_K, 512),
+        (GgmlType::Q4_0, 64),
+    ] {
+        let rows = 11;
+        let src: Vec<f32> = (0..rows * cols).map(|_| rng.f32()).collect();
+        let data = quant::quantize(ty, &src).unwrap();
+        let w = FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data };
+        let x: Vec<f32> = (0..9 * cols).map(|_| rng.f32()).collect();
+        for k in kernels::available() {
+            for n in 1..=9 {
+                let mut got = vec![0f32; n * 10];
+                k.float_gemm(&w, 1..rows, &x, n, &mut got);
+                for t in 0..n {
+                    let mut want = vec![0f32; 10];
+                    k.float_rows(&w, 1..rows, &x[t * cols..(t + 1) * cols], &mut want);
+                    assert_eq!(
+                        &got[t * 10..(t + 1) * 10],
+                        &want[..],
+                        "{} kernel, {ty:?}, {n} tokens, token {t}",
+                        k.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The quantized head on realistic data (ggml's own quantizer, float activations): the reference
 /// stays close to the float product of the same quantized rows, which checks the lane layout, and
 /// every kernel equals the reference to float tolerance, for whole and partial row ranges.

@@ -100,15 +100,27 @@ impl Kernels for Avx512 {
     }
 
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
-        assert!(rows.end <= w.rows && x.len() >= w.cols && out.len() >= rows.len());
+        self.float_gemm(w, rows, x, 1, out)
+    }
+
+    fn float_gemm(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+        assert!(rows.end <= w.rows && x.len() >= n * w.cols && out.len() >= n * rows.len());
         // SAFETY: as above; rows hold `cols` elements of their type (checked when the matrix was built).
         unsafe {
             match w.ty {
-                GgmlType::F16 => f16_rows(w, rows, x, out),
-                GgmlType::Q8_0 => q8_0_rows(w, rows, x, out),
-                GgmlType::Q5_0 => q5_0_rows(w, rows, x, out),
-                GgmlType::Q6_K => q6_k_rows(w, rows, x, out),
-                _ => super::scalar::Scalar.float_rows(w, rows, x, out),
+                GgmlType::F16 => f16_gemm(w, rows, x, n, out),
+                GgmlType::Q8_0 => q8_0_gemm(w, rows, x, n, out),
+                GgmlType::Q5_0 => q5_0_gemm(w, rows, x, n, out),
+                _ => {
+                    let len = rows.len();
+                    for t in 0..n {
+                        let (x, out) = (&x[t * w.cols..(t + 1) * w.cols], &mut out[t * len..(t + 1) * len]);
+                        match w.ty {
+                            GgmlType::Q6_K => q6_k_rows(w, rows.clone(), x, out),
+                            _ => super::scalar::Scalar.float_rows(w, rows.clone(), x, out),
+                        }
+                    }
+                }
             }
         }
     }
@@ -284,45 +296,120 @@ unsafe fn sum_i8<D: Dot>(x: *const i8, p: usize) -> i32 {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Float rows (the LM head). Four rows at a time share each activation load.
+// Float rows (the LM head). A tile of rows × tokens shares each activation load and each decoded weight
+// vector. Each (row, token) goes through the same operations whatever the tile, so a step of many sequences
+// gives each one the logits of stepping it alone, bit for bit.
 
 const FLOAT_ROWS: usize = 4;
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn f16_rows(w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
-    by_tiles(rows, out, |r| f16_tile::<FLOAT_ROWS>(w, r, x), |r| f16_tile::<1>(w, r, x)[0]);
+/// A float storage type's tile: `Σ_c W(r0 + r, c)·x(t, c)` for rows `r0..r0 + R` and the `T` vectors at `x`
+/// (stride `w.cols`).
+trait FloatTile {
+    /// Tokens per tile, at most (what the registers hold).
+    const TOKENS: usize;
+    unsafe fn tile<const R: usize, const T: usize>(w: &FloatMatrix, r0: usize, x: *const f32) -> [[f32; T]; R];
 }
 
-/// F16 rows: 16 halves → 16 floats per `vcvtph2ps`, two accumulators per row; a masked tail.
+/// `float_gemm` (`float_rows` for n = 1) with tiles of `K`: tokens `TOKENS` at a time, rows `FLOAT_ROWS`.
 #[inline(always)]
-unsafe fn f16_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f32; R] {
-    let n = w.cols;
-    let row = |r: usize| w.data.as_ptr().add((r0 + r) * w.row_bytes) as *const u16;
-    let xp = x.as_ptr();
-    let mut acc0 = [_mm512_setzero_ps(); R];
-    let mut acc1 = [_mm512_setzero_ps(); R];
-    let mut i = 0;
-    while i + 32 <= n {
-        prefetch_tiles_ahead(row(0) as *const u8, R, w.row_bytes, 2 * i);
-        let (x0, x1) = (_mm512_loadu_ps(xp.add(i)), _mm512_loadu_ps(xp.add(i + 16)));
-        for r in 0..R {
-            let h0 = _mm256_loadu_si256(row(r).add(i) as *const __m256i);
-            let h1 = _mm256_loadu_si256(row(r).add(i + 16) as *const __m256i);
-            acc0[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h0), x0, acc0[r]);
-            acc1[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h1), x1, acc1[r]);
+unsafe fn float_gemm<K: FloatTile>(w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+    let mut t = 0;
+    while t < n {
+        let left = (n - t).min(K::TOKENS);
+        match left {
+            1 => float_tokens::<K, 1>(w, rows.clone(), x, t, out),
+            2 => float_tokens::<K, 2>(w, rows.clone(), x, t, out),
+            3 => float_tokens::<K, 3>(w, rows.clone(), x, t, out),
+            _ => float_tokens::<K, 4>(w, rows.clone(), x, t, out),
         }
-        i += 32;
+        t += left;
     }
-    while i < n {
-        let m = lanes(n - i);
-        let x0 = _mm512_maskz_loadu_ps(m, xp.add(i));
-        for r in 0..R {
-            let h = _mm256_maskz_loadu_epi16(m, row(r).add(i) as *const i16);
-            acc0[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), x0, acc0[r]);
+}
+
+/// Tokens `t0..t0 + T` against every row of `rows`; results token-major (`out[t·len + i]`).
+#[inline(always)]
+unsafe fn float_tokens<K: FloatTile, const T: usize>(
+    w: &FloatMatrix,
+    rows: Range<usize>,
+    x: &[f32],
+    t0: usize,
+    out: &mut [f32],
+) {
+    let (len, xp) = (rows.len(), x.as_ptr().add(t0 * w.cols));
+    let mut put = |r: usize, v: &[f32; T]| {
+        for (t, v) in v.iter().enumerate() {
+            out[(t0 + t) * len + r - rows.start] = *v;
         }
-        i += 16;
+    };
+    let mut r = rows.start;
+    while r + FLOAT_ROWS <= rows.end {
+        for (i, v) in K::tile::<FLOAT_ROWS, T>(w, r, xp).iter().enumerate() {
+            put(r + i, v);
+        }
+        r += FLOAT_ROWS;
     }
-    std::array::from_fn(|r| _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])))
+    while r < rows.end {
+        put(r, &K::tile::<1, T>(w, r, xp)[0]);
+        r += 1;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn f16_gemm(w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+    float_gemm::<F16>(w, rows, x, n, out)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn q8_0_gemm(w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+    float_gemm::<Q8_0>(w, rows, x, n, out)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn q5_0_gemm(w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+    float_gemm::<Q5_0>(w, rows, x, n, out)
+}
+
+struct F16;
+struct Q8_0;
+struct Q5_0;
+
+/// F16 rows: 16 halves → 16 floats per `vcvtph2ps`, two accumulators per (row, token); a masked tail.
+impl FloatTile for F16 {
+    const TOKENS: usize = 2;
+
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(w: &FloatMatrix, r0: usize, x: *const f32) -> [[f32; T]; R] {
+        let n = w.cols;
+        let row = |r: usize| w.data.as_ptr().add((r0 + r) * w.row_bytes) as *const u16;
+        let mut acc0 = [[_mm512_setzero_ps(); T]; R];
+        let mut acc1 = [[_mm512_setzero_ps(); T]; R];
+        let mut i = 0;
+        while i + 32 <= n {
+            prefetch_tiles_ahead(row(0) as *const u8, R, w.row_bytes, 2 * i);
+            let xs: [(__m512, __m512); T] =
+                std::array::from_fn(|t| (_mm512_loadu_ps(x.add(t * n + i)), _mm512_loadu_ps(x.add(t * n + i + 16))));
+            for r in 0..R {
+                let h0 = _mm512_cvtph_ps(_mm256_loadu_si256(row(r).add(i) as *const __m256i));
+                let h1 = _mm512_cvtph_ps(_mm256_loadu_si256(row(r).add(i + 16) as *const __m256i));
+                for t in 0..T {
+                    acc0[r][t] = _mm512_fmadd_ps(h0, xs[t].0, acc0[r][t]);
+                    acc1[r][t] = _mm512_fmadd_ps(h1, xs[t].1, acc1[r][t]);
+                }
+            }
+            i += 32;
+        }
+        while i < n {
+            let m = lanes(n - i);
+            for r in 0..R {
+                let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row(r).add(i) as *const i16));
+                for t in 0..T {
+                    acc0[r][t] = _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, x.add(t * n + i)), acc0[r][t]);
+                }
+            }
+            i += 16;
+        }
+        std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t]))))
+    }
 }
 
 /// The mask of the first `min(left, 16)` lanes.
@@ -348,46 +435,60 @@ unsafe fn i8x16_ps(q: __m128i) -> __m512 {
     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn q8_0_rows(w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
-    by_tiles(rows, out, |r| q8_0_tile::<FLOAT_ROWS>(w, r, x), |r| q8_0_tile::<1>(w, r, x)[0]);
+/// The blocks of 32 values of Q8_0 and Q5_0 (`decode` gives block `b` of a row as two vectors of 16
+/// floats, before its scale): acc += d·(q0·x0 + q1·x1) per (row, token).
+#[inline(always)]
+unsafe fn block32_tile<const R: usize, const T: usize>(
+    w: &FloatMatrix,
+    r0: usize,
+    x: *const f32,
+    block_bytes: usize,
+    decode: impl Fn(*const u8) -> (__m512, __m512),
+) -> [[f32; T]; R] {
+    let (n, row) = (w.cols, |r: usize| w.data.as_ptr().add((r0 + r) * w.row_bytes));
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for b in 0..n / 32 {
+        let xs: [(__m512, __m512); T] = std::array::from_fn(|t| {
+            (_mm512_loadu_ps(x.add(t * n + 32 * b)), _mm512_loadu_ps(x.add(t * n + 32 * b + 16)))
+        });
+        for r in 0..R {
+            let blk = row(r).add(block_bytes * b);
+            let (q0, q1) = decode(blk);
+            let d = block_scale(blk);
+            for t in 0..T {
+                let dot = _mm512_fmadd_ps(q1, xs[t].1, _mm512_mul_ps(q0, xs[t].0));
+                acc[r][t] = _mm512_fmadd_ps(dot, d, acc[r][t]);
+            }
+        }
+    }
+    std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(acc[r][t])))
 }
 
 /// Q8_0: blocks of an f16 scale `d` and 32 int8 values (34 bytes); value = d·q.
-#[inline(always)]
-unsafe fn q8_0_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f32; R] {
-    let row = |r: usize| w.data.as_ptr().add((r0 + r) * w.row_bytes);
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..w.cols / 32 {
-        let (x0, x1) = (_mm512_loadu_ps(x.as_ptr().add(32 * b)), _mm512_loadu_ps(x.as_ptr().add(32 * b + 16)));
-        for r in 0..R {
-            let blk = row(r).add(34 * b);
-            let q0 = i8x16_ps(_mm_loadu_si128(blk.add(2) as *const __m128i));
-            let q1 = i8x16_ps(_mm_loadu_si128(blk.add(18) as *const __m128i));
-            let dot = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-            acc[r] = _mm512_fmadd_ps(dot, block_scale(blk), acc[r]);
-        }
-    }
-    std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
-}
+impl FloatTile for Q8_0 {
+    const TOKENS: usize = 4;
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn q5_0_rows(w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
-    by_tiles(rows, out, |r| q5_0_tile::<FLOAT_ROWS>(w, r, x), |r| q5_0_tile::<1>(w, r, x)[0]);
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(w: &FloatMatrix, r0: usize, x: *const f32) -> [[f32; T]; R] {
+        block32_tile::<R, T>(w, r0, x, 34, |blk| {
+            (
+                i8x16_ps(_mm_loadu_si128(blk.add(2) as *const __m128i)),
+                i8x16_ps(_mm_loadu_si128(blk.add(18) as *const __m128i)),
+            )
+        })
+    }
 }
 
 /// Q5_0: blocks of an f16 scale `d`, 32 high bits `qh` and 16 bytes of nibbles (22 bytes); element
 /// `j < 16` is the low nibble of byte `j`, element `j + 16` its high nibble, bit `j` of `qh` is the
 /// fifth bit of element `j`; value = d·(q − 16).
-#[inline(always)]
-unsafe fn q5_0_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f32; R] {
-    let row = |r: usize| w.data.as_ptr().add((r0 + r) * w.row_bytes);
-    let (low4, bit4, sixteen) = (_mm_set1_epi8(0x0f), _mm256_set1_epi8(0x10), _mm256_set1_epi8(16));
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..w.cols / 32 {
-        let (x0, x1) = (_mm512_loadu_ps(x.as_ptr().add(32 * b)), _mm512_loadu_ps(x.as_ptr().add(32 * b + 16)));
-        for r in 0..R {
-            let blk = row(r).add(22 * b);
+impl FloatTile for Q5_0 {
+    const TOKENS: usize = 4;
+
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(w: &FloatMatrix, r0: usize, x: *const f32) -> [[f32; T]; R] {
+        let (low4, bit4, sixteen) = (_mm_set1_epi8(0x0f), _mm256_set1_epi8(0x10), _mm256_set1_epi8(16));
+        block32_tile::<R, T>(w, r0, x, 22, |blk| {
             let qh = (blk.add(2) as *const u32).read_unaligned();
             let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
             let nibbles = _mm256_inserti128_si256(
@@ -396,13 +497,9 @@ unsafe fn q5_0_tile<const R: usize>(w: &FloatMatrix, r0: usize, x: &[f32]) -> [f
                 1,
             );
             let q = _mm256_sub_epi8(_mm256_or_si256(nibbles, _mm256_maskz_mov_epi8(qh, bit4)), sixteen);
-            let q0 = i8x16_ps(_mm256_castsi256_si128(q));
-            let q1 = i8x16_ps(_mm256_extracti128_si256(q, 1));
-            let dot = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-            acc[r] = _mm512_fmadd_ps(dot, block_scale(blk), acc[r]);
-        }
+            (i8x16_ps(_mm256_castsi256_si128(q)), i8x16_ps(_mm256_extracti128_si256(q, 1)))
+        })
     }
-    std::array::from_fn(|r| _mm512_reduce_add_ps(acc[r]))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
