@@ -87,20 +87,21 @@ impl Kernels for Avx2 {
     }
 
     fn float_rows(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        self.float_gemm(w, rows, x, 1, out)
+    }
+
+    fn float_gemm(&self, w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+        assert!(rows.end <= w.rows && x.len() >= n * w.cols && out.len() >= n * rows.len());
         match w.ty {
-            GgmlType::F16 => {
-                for (o, r) in out.iter_mut().zip(rows) {
-                    // SAFETY: as above; the row holds `cols` halves (checked at load).
-                    *o = unsafe { f16_dot(w.row(r), &x[..w.cols]) };
+            // SAFETY: as above; rows hold `cols` halves, or cols/32 blocks of 34 bytes (checked at load).
+            GgmlType::F16 | GgmlType::Q8_0 => unsafe { float_gemm(w, rows, x, n, out) },
+            _ => {
+                let len = rows.len();
+                for t in 0..n {
+                    let (x, out) = (&x[t * w.cols..(t + 1) * w.cols], &mut out[t * len..(t + 1) * len]);
+                    super::scalar::Scalar.float_rows(w, rows.clone(), x, out);
                 }
             }
-            GgmlType::Q8_0 => {
-                for (o, r) in out.iter_mut().zip(rows) {
-                    // SAFETY: as above; the row holds cols/32 blocks of 34 bytes.
-                    *o = unsafe { q8_0_dot(w.row(r), &x[..w.cols]) };
-                }
-            }
-            _ => super::scalar::Scalar.float_rows(w, rows, x, out),
         }
     }
 
@@ -200,10 +201,42 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// F16 or Q8_0 rows against `n` vectors (token-major results), a row against up to four tokens at a time:
+/// each decoded weight vector serves them all, and each (row, token) takes `float_rows`' own operations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_gemm(w: &FloatMatrix, rows: Range<usize>, x: &[f32], n: usize, out: &mut [f32]) {
+    let len = rows.len();
+    let mut t = 0;
+    while t < n {
+        let left = (n - t).min(4);
+        for (i, r) in rows.clone().enumerate() {
+            let xt = x.as_ptr().add(t * w.cols);
+            let mut put = |v: &[f32]| v.iter().enumerate().for_each(|(k, &v)| out[(t + k) * len + i] = v);
+            match (w.ty == GgmlType::F16, left) {
+                (true, 1) => put(&f16_dots::<1>(w.row(r), xt, w.cols)),
+                (true, 2) => put(&f16_dots::<2>(w.row(r), xt, w.cols)),
+                (true, 3) => put(&f16_dots::<3>(w.row(r), xt, w.cols)),
+                (true, _) => put(&f16_dots::<4>(w.row(r), xt, w.cols)),
+                (false, 1) => put(&q8_0_dots::<1>(w.row(r), xt, w.cols)),
+                (false, 2) => put(&q8_0_dots::<2>(w.row(r), xt, w.cols)),
+                (false, 3) => put(&q8_0_dots::<3>(w.row(r), xt, w.cols)),
+                (false, _) => put(&q8_0_dots::<4>(w.row(r), xt, w.cols)),
+            }
+        }
+        t += left;
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len();
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    f16_dots::<1>(row, x.as_ptr(), x.len())[0]
+}
+
+/// An f16 row of `n` halves against the `T` vectors of `n` floats at `x`.
+#[inline(always)]
+unsafe fn f16_dots<const T: usize>(row: &[u8], x: *const f32, n: usize) -> [f32; T] {
+    let mut a0 = [_mm256_setzero_ps(); T];
+    let mut a1 = [_mm256_setzero_ps(); T];
     let mut i = 0;
     while i + 16 <= n {
         if i % 32 == 0 {
@@ -212,15 +245,19 @@ unsafe fn f16_dot(row: &[u8], x: &[f32]) -> f32 {
         let h = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
         let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
         let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), a0);
-        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
+        for t in 0..T {
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(t * n + i)), a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(t * n + i + 8)), a1[t]);
+        }
         i += 16;
     }
-    let mut sum = hsum_f32(_mm256_add_ps(a0, a1));
-    for j in i..n {
-        sum += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * x[j];
-    }
-    sum
+    std::array::from_fn(|t| {
+        let mut sum = hsum_f32(_mm256_add_ps(a0[t], a1[t]));
+        for j in i..n {
+            sum += half::f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32() * *x.add(t * n + j);
+        }
+        sum
+    })
 }
 
 /// The row loops of the attention kernels, compiled with the features so that the row kernels inline.
@@ -255,21 +292,26 @@ unsafe fn f16_axpy(p: f32, v: &[f16], out: &mut [f32]) {
     }
 }
 
-/// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (block, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+/// Q8_0: blocks of 32 int8 values and an f16 scale `d` (34 bytes); value = d · q. A row of `n` values against
+/// the `T` vectors at `x`.
+#[inline(always)]
+unsafe fn q8_0_dots<const T: usize>(row: &[u8], x: *const f32, n: usize) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
+    for (b, block) in row.chunks_exact(34).take(n / 32).enumerate() {
         let d = _mm256_set1_ps(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-        let mut partial = _mm256_setzero_ps();
+        let mut partial = [_mm256_setzero_ps(); T];
         for k in 0..4 {
             let q = _mm_loadl_epi64(block.as_ptr().add(2 + 8 * k) as *const __m128i);
             let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-            partial = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(8 * k)), partial);
+            for t in 0..T {
+                partial[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.add(t * n + 32 * b + 8 * k)), partial[t]);
+            }
         }
-        acc = _mm256_fmadd_ps(d, partial, acc);
+        for t in 0..T {
+            acc[t] = _mm256_fmadd_ps(d, partial[t], acc[t]);
+        }
     }
-    hsum_f32(acc)
+    std::array::from_fn(|t| hsum_f32(acc[t]))
 }
 
 // ---------------------------------------------------------------------------------------------------
