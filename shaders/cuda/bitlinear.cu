@@ -304,13 +304,7 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemm(const i8* X, co
     pdl_trigger();
     pdl_wait();
     uint4 xv = xok && k0 < k1 ? *(const uint4*)xp : make_uint4(0, 0, 0, 0);
-    int acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int k = 0; k < 4; k++) acc[i][j][k] = 0;
+    int acc[2][4][4] = {};
     for (int kt = 0; kt < k1 - k0; kt++) {
         __syncthreads();
         *(uint4*)(As + xr * GS + xc) = xv;

@@ -221,13 +221,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_mma(const u16* xh, con
         bok[j] = r < rows;
         brow[j] = (const uint4*)(E + (i64)min(r, rows - 1) * n) + tig;
     }
-    float acc[4][4][4];
-#pragma unroll
-    for (int a = 0; a < 4; a++)
-#pragma unroll
-        for (int b = 0; b < 4; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    float acc[4][4][4] = {};
     pdl_trigger();
     pdl_wait();
     for (int k0 = 0; k0 < n; k0 += HK) {
