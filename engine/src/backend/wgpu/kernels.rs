@@ -60,7 +60,7 @@ pub(crate) const MODE_STORE: u32 = 0;
 pub(crate) const MODE_ADD: u32 = 1;
 pub(crate) const MODE_GATE_UP: u32 = 2;
 /// The integer accumulators alone, for the test probes (probe.rs, native only).
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(all(feature = "probes", not(target_arch = "wasm32")))]
 pub(crate) const MODE_RAW: u32 = 3;
 
 /// float.wgsl's `Params`.

@@ -31,6 +31,7 @@
 
 mod gpu;
 mod kernels;
+#[cfg(feature = "probes")]
 mod probe;
 mod weights;
 
@@ -517,7 +518,7 @@ impl Wgpu {
     /// over `reps`. Barriers between the copies count, as they do in a forward pass. Then a whole decode
     /// step, attention at the context's last position in one pass and split over the sequence (where to
     /// switch), and a full prompt tile's dispatches of one layer.
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(all(feature = "probes", not(target_arch = "wasm32")))]
     pub fn time_kernels(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         self.run(&[0], 0, Head::Argmax)?;
         let gpu = &*self.m.gpu;
@@ -579,7 +580,7 @@ impl Wgpu {
     /// Host time (µs) of the parts of a one-token step with logits, for tuning: recording its command
     /// buffer (which [`Wgpu::run`] does while the device runs the step before), writing the step and
     /// submitting (what the device waits for), and reading the logits back once the device is done.
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(all(feature = "probes", not(target_arch = "wasm32")))]
     pub fn time_host(&mut self, reps: usize) -> Result<Vec<(&'static str, f64)>> {
         let gpu = self.m.gpu.clone();
         let idle =
