@@ -276,12 +276,46 @@ unsafe fn tile<D: Dot, const R: usize, const T: usize>(
     // Undo the plane factors: lanes 0..8 of acc_a hold 64·Σ, lanes 8..16 16·Σ; of acc_b 4·Σ and 1·Σ.
     let shift = |lo: i32, hi: i32| _mm512_inserti64x4(_mm512_set1_epi32(lo), _mm256_set1_epi32(hi), 1);
     let (shift_a, shift_b) = (shift(6, 4), shift(2, 0));
-    std::array::from_fn(|r| {
-        std::array::from_fn(|t| {
+    let mut v = [_mm512_setzero_si512(); 16];
+    for r in 0..R {
+        for t in 0..T {
             let a = _mm512_srav_epi32(acc_a[r][t], shift_a);
-            _mm512_reduce_add_epi32(_mm512_add_epi32(a, _mm512_srav_epi32(acc_b[r][t], shift_b)))
-        })
-    })
+            v[r * T + t] = _mm512_add_epi32(a, _mm512_srav_epi32(acc_b[r][t], shift_b));
+        }
+    }
+    let sums = hsum16(v);
+    std::array::from_fn(|r| std::array::from_fn(|t| sums[r * T + t]))
+}
+
+/// The lane sums of 16 vectors at once (a tile's R·T ≤ 16 accumulators, zeros past them): a transposition
+/// tree of 31 additions and shuffles, where one horizontal sum per accumulator took ~10 instructions each,
+/// as many as the whole dot product of a short row (576 columns: 4.5 blocks).
+#[inline(always)]
+unsafe fn hsum16(v: [__m512i; 16]) -> [i32; 16] {
+    // Each step adds the halves of two vectors and packs the two results into one.
+    let l1: [__m512i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm512_add_epi32(_mm512_shuffle_i32x4::<0x44>(a, b), _mm512_shuffle_i32x4::<0xEE>(a, b))
+    });
+    // 128-bit lane k of l2[i]: four partial sums of v[4i + k].
+    let l2: [__m512i; 4] = std::array::from_fn(|i| {
+        let (a, b) = (l1[2 * i], l1[2 * i + 1]);
+        _mm512_add_epi32(_mm512_shuffle_i32x4::<0x88>(a, b), _mm512_shuffle_i32x4::<0xDD>(a, b))
+    });
+    // Lane k of l3[i]: two partial sums of v[8i + k], then two of v[8i + 4 + k].
+    let l3: [__m512i; 2] = std::array::from_fn(|i| {
+        let (a, b) = (l2[2 * i], l2[2 * i + 1]);
+        _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+    });
+    // Lane k: the sums of v[k], v[4 + k], v[8 + k], v[12 + k] (elements 0, 2 and 1, 3 of each l3 lane).
+    let (a, b) = (_mm512_castsi512_ps(l3[0]), _mm512_castsi512_ps(l3[1]));
+    let s = _mm512_add_epi32(
+        _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(a, b)),
+        _mm512_castps_si512(_mm512_shuffle_ps::<0xDD>(a, b)),
+    );
+    // Element 4k + j holds v[4j + k]'s sum: into natural order.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    std::mem::transmute(_mm512_permutexvar_epi32(order, s))
 }
 
 /// `Σ x` over `p` int8 activations (`p` a multiple of 64), with the same dot step.
