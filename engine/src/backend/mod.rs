@@ -71,6 +71,46 @@ pub trait Weights: Send + Sync {
 /// CUDA 460 tok/s batched against 1,213 one by one).
 pub const MIN_GPU_BATCH: usize = 4;
 
+/// One sequence's decode token in a GPU batcher's pass (`S`: the device's sequence type).
+#[cfg(all(any(feature = "wgpu", feature = "cuda"), not(target_arch = "wasm32")))]
+pub(crate) struct DecodeRow<'a, S> {
+    pub seq: &'a mut S,
+    pub token: u32,
+    pub pos: usize,
+    pub want: Want,
+}
+
+/// A GPU batcher's step: from [`MIN_GPU_BATCH`] decode tokens on, they go through `decode` together, in
+/// passes of at most `per_pass` rows; prompt pieces, and the decode tokens of smaller steps, through each
+/// sequence's own forward pass. Every sequence must be an `S` (`device` names it in the error).
+#[cfg(all(any(feature = "wgpu", feature = "cuda"), not(target_arch = "wasm32")))]
+pub(crate) fn gpu_step<S: 'static>(
+    steps: &mut [Step<'_>],
+    device: &str,
+    per_pass: usize,
+    mut decode: impl FnMut(&mut [DecodeRow<'_, S>]) -> Result<Vec<Option<u32>>>,
+) -> Result<Vec<Option<u32>>> {
+    let mut out = vec![None; steps.len()];
+    let (mut rows, mut at) = (Vec::new(), Vec::new());
+    let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
+    for (i, s) in steps.iter_mut().enumerate() {
+        if s.tokens.len() != 1 || decode_rows < MIN_GPU_BATCH {
+            out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
+            continue;
+        }
+        let seq = s.seq.as_any_mut().downcast_mut::<S>();
+        let seq = seq.ok_or_else(|| Error::Invalid(format!("a {device} batch with a sequence of another device")))?;
+        rows.push(DecodeRow { seq, token: s.tokens[0], pos: s.pos, want: s.want });
+        at.push(i);
+    }
+    for (rows, at) in rows.chunks_mut(per_pass).zip(at.chunks(per_pass)) {
+        for (picked, &i) in decode(rows)?.into_iter().zip(at) {
+            out[i] = picked;
+        }
+    }
+    Ok(out)
+}
+
 /// One sequence's share of a batched step: `tokens` at positions `pos..` of `seq`.
 pub struct Step<'a> {
     pub seq: &'a mut dyn Sequence,

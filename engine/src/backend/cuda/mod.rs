@@ -32,7 +32,7 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_input, Batcher, Sequence, Step, Want, Weights, MIN_GPU_BATCH};
+use crate::backend::{check_ctx, check_input, gpu_step, Batcher, DecodeRow, Sequence, Step, Want, Weights};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
@@ -699,12 +699,7 @@ impl BatchBuffers {
 }
 
 /// One sequence's decode token in a batched pass.
-struct Row<'a> {
-    seq: &'a Cuda,
-    token: u32,
-    pos: usize,
-    want: Want,
-}
+type Row<'a> = DecodeRow<'a, Cuda>;
 
 impl CudaBatcher {
     /// The buffers for rows of contexts up to `ctx`.
@@ -765,27 +760,8 @@ impl CudaBatcher {
 
 impl Batcher for CudaBatcher {
     fn forward(&mut self, steps: &mut [Step<'_>]) -> Result<Vec<Option<u32>>> {
-        let mut out = vec![None; steps.len()];
-        let mut rows = Vec::new();
-        let mut at = Vec::new();
-        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
-        for (i, s) in steps.iter_mut().enumerate() {
-            if s.tokens.len() != 1 || decode_rows < MIN_GPU_BATCH {
-                out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
-                continue;
-            }
-            let seq = s.seq.as_any_mut().downcast_mut::<Cuda>();
-            let seq = seq.ok_or_else(|| Error::Invalid("a CUDA batch with a sequence of another device".into()))?;
-            rows.push(Row { seq, token: s.tokens[0], pos: s.pos, want: s.want });
-            at.push(i);
-        }
-        let rows_per_pass = self.rows;
-        for (rows, at) in rows.chunks(rows_per_pass).zip(at.chunks(rows_per_pass)) {
-            for (picked, &i) in self.decode(rows)?.into_iter().zip(at) {
-                out[i] = picked;
-            }
-        }
-        Ok(out)
+        let per_pass = self.rows;
+        gpu_step::<Cuda>(steps, "CUDA", per_pass, |rows| self.decode(rows))
     }
 }
 

@@ -821,12 +821,7 @@ impl BatchBufs {
 
 /// One sequence's decode token in a batched step.
 #[cfg(not(target_arch = "wasm32"))]
-struct Row<'a> {
-    seq: &'a mut Wgpu,
-    token: u32,
-    pos: usize,
-    want: Want,
-}
+type Row<'a> = crate::backend::DecodeRow<'a, Wgpu>;
 
 #[cfg(not(target_arch = "wasm32"))]
 impl WgpuBatcher {
@@ -908,24 +903,6 @@ impl WgpuBatcher {
 #[cfg(not(target_arch = "wasm32"))]
 impl crate::backend::Batcher for WgpuBatcher {
     fn forward(&mut self, steps: &mut [crate::backend::Step<'_>]) -> Result<Vec<Option<u32>>> {
-        let mut out = vec![None; steps.len()];
-        let (mut rows, mut at) = (Vec::new(), Vec::new());
-        let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
-        for (i, s) in steps.iter_mut().enumerate() {
-            if s.tokens.len() != 1 || decode_rows < crate::backend::MIN_GPU_BATCH {
-                out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
-                continue;
-            }
-            let seq = s.seq.as_any_mut().downcast_mut::<Wgpu>();
-            let seq = seq.ok_or_else(|| Error::Invalid("a wgpu batch with a sequence of another device".into()))?;
-            rows.push(Row { seq, token: s.tokens[0], pos: s.pos, want: s.want });
-            at.push(i);
-        }
-        for (rows, at) in rows.chunks_mut(TILE).zip(at.chunks(TILE)) {
-            for (picked, &i) in self.decode(rows)?.into_iter().zip(at) {
-                out[i] = picked;
-            }
-        }
-        Ok(out)
+        crate::backend::gpu_step::<Wgpu>(steps, "wgpu", TILE, |rows| self.decode(rows))
     }
 }
