@@ -4,7 +4,7 @@
 //!
 //! The `hf-hub` crate speaks the hub's protocol and keeps its cache layout: `models--OWNER--REPO/blobs/<etag>`,
 //! `snapshots/<commit>/<file>` (links to the blobs), `refs/main`. A download cut short stays as
-//! `blobs/<etag>.incomplete` and resumes from its length (an HTTP Range request) the next time; a file already
+//! `blobs/<etag>.part` and resumes from its length (an HTTP Range request) the next time; a file already
 //! in the cache is used with no network at all (offline). `HF_ENDPOINT` points at another hub (a mirror, or
 //! the tests' mock), and `HF_TOKEN` (else the token file `huggingface-cli login` writes) is sent for gated and
 //! private repositories. After a download, the file's size is checked against the one the hub announced and
@@ -206,7 +206,7 @@ pub fn models(a: ModelsArgs) -> Result<(), Error> {
                     println!("{repo}:{file}\t{}\t{}", human(size), path.display());
                 }
                 for entry in std::fs::read_dir(dir.join("blobs")).into_iter().flatten().flatten() {
-                    if entry.path().extension().is_some_and(|e| e == "incomplete") {
+                    if entry.path().extension().is_some_and(|e| e == "part") {
                         let size = entry.metadata().map_or(0, |m| m.len());
                         println!("{repo}\t(download cut short: {} so far, resumed by the next -hf)", human(size));
                     }

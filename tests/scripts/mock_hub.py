@@ -3,7 +3,7 @@
 Usage: mock_hub.py DIR LOG [--token T] [--cut-after N] [--corrupt]
 
 Serves the files DIR/OWNER/REPO/FILE as the hub does (what the `hf-hub` crate asks for):
-  GET /api/models/OWNER/REPO            -> {"sha": COMMIT, "siblings": [{"rfilename": FILE}, ...]}
+  GET /api/models/OWNER/REPO[/revision/main] -> {"sha": COMMIT, "siblings": [{"rfilename": FILE}, ...]}
   GET /OWNER/REPO/resolve/main/FILE     -> 206 for `Range: bytes=A-` or `bytes=A-B` (Content-Range, ETag = the
                                            file's SHA-256 as for an LFS file, X-Repo-Commit), 200 without Range
 Prints "listening on http://127.0.0.1:PORT" first. Each request is a line of LOG: "METHOD PATH RANGE AUTH".
@@ -35,6 +35,12 @@ class Hub(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def handle(self):
+        try:
+            super().handle()
+        except ConnectionResetError:  # a client that closed a kept-alive connection
+            pass
+
     def fail(self, status, message):
         body = json.dumps({"error": message}).encode()
         self.send_response(status)
@@ -50,7 +56,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
         if args.token and auth != f"Bearer {args.token}":
             return self.fail(401, "Invalid credentials")
         parts = self.path.strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) == 4:
+        if parts[:2] == ["api", "models"] and (len(parts) == 4 or parts[4:] == ["revision", "main"]):
             repo = os.path.join(args.dir, parts[2], parts[3])
             if not os.path.isdir(repo):
                 return self.fail(404, "Repository not found")
