@@ -85,7 +85,9 @@ for seed in range(1, 6):
 
 # A grammar (llguidance's Lark; the `grammar` field, llama-server's name, sent as extra_body): every reply is a
 # sentence of it, here a prefix and JSON valid against the schema above.
-lark = 'start: "Film: " %json ' + json.dumps(schema) + "\n"
+# (Inside a grammar the schema's own layout options apply: compact JSON, else a small model may pad forever.)
+compact = dict(schema, **{"x-guidance": {"whitespace_flexible": False}})
+lark = 'start: "Film: " %json ' + json.dumps(compact) + "\n"
 for seed in range(1, 4):
     done = client.completions.create(model=model, prompt="A film:", max_tokens=100, temperature=1.0, seed=seed,
                                      extra_body={"grammar": lark})
