@@ -950,6 +950,7 @@ fn props_slots_alias_and_api_key_file() {
     assert_eq!(props["model_alias"], "my-model");
     assert!(props["model_path"].as_str().unwrap().ends_with("tiny-a-i2_s.gguf"), "{props}");
     assert!(props["chat_template"].as_str().unwrap().contains("message"), "{props}");
+    assert_eq!(props["chat_template_caps"]["supports_tools"], false, "the 2B4T template has no tool support");
     let slots = get("/slots");
     assert_eq!(slots.as_array().unwrap().len(), 2);
     assert!(slots.as_array().unwrap().iter().all(|s| s["is_processing"] == false && s["n_ctx"] == 256), "{slots}");

@@ -17,6 +17,7 @@ import openai
 base, template_file, fmt = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
 model = client.models.list().data[0].id
+assert client.get("/../props", cast_to=object)["chat_template_caps"]["supports_tools"] is True
 
 weather = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather <now> in a city",

@@ -1145,6 +1145,8 @@ async fn props(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "model_path": app.model_path,
         "model_alias": app.model_id,
         "chat_template": tok.chat_template().unwrap_or(""),
+        // llama-server's: whether the template takes tools and writes tool calls (in a form this server knows).
+        "chat_template_caps": { "supports_tools": tok.tool_format().is_some(), "supports_tool_calls": tok.tool_format().is_some() },
         "bos_token": token(tok.bos()),
         "eos_token": token(tok.eos()),
         "build_info": format!("bitnet {}", env!("CARGO_PKG_VERSION")),
