@@ -91,11 +91,10 @@ impl ToolFormat {
             ToolChoice::Function(name) => tools.iter().filter(|t| &t.name == name).collect(),
             ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
         };
-        let (key, first) = match self {
-            ToolFormat::Hermes => ("arguments", '<'),
-            ToolFormat::Llama3 => ("parameters", '{'),
+        let key = match self {
+            ToolFormat::Hermes => "arguments",
+            ToolFormat::Llama3 => "parameters",
         };
-        let mut lark = String::new();
         let calls = match (self, parallel && self.parallel() && !matches!(choice, ToolChoice::Function(_))) {
             (ToolFormat::Hermes, true) => {
                 "calls: block (\"\\n\" block)*\nblock: \"<tool_call>\\n\" call \"\\n</tool_call>\""
@@ -103,23 +102,24 @@ impl ToolFormat {
             (ToolFormat::Hermes, false) => "calls: \"<tool_call>\\n\" call \"\\n</tool_call>\"",
             (ToolFormat::Llama3, _) => "calls: call",
         };
-        let start = match choice {
-            ToolChoice::Auto => "start: TEXT | calls",
-            _ => "start: calls",
-        };
-        lark.push_str(&format!("{start}\n{calls}\ncall: "));
-        let names: Vec<String> = (0..callable.len()).map(|i| format!("tool{i}")).collect();
-        lark.push_str(&names.join(" | "));
-        lark.push('\n');
-        for (name, tool) in names.iter().zip(&callable) {
-            let head = serde_json::to_string(&format!("{{\"name\": \"{}\", \"{key}\": ", tool.name)).expect("a string");
-            lark.push_str(&format!("{name}: {head} %json {} \"}}\"\n", arguments_schema(&tool.parameters)));
-        }
-        if *choice == ToolChoice::Auto {
+        // One rule per function: its name written out, then its arguments by its schema.
+        let alternatives: Vec<String> = (0..callable.len()).map(|i| format!("tool{i}")).collect();
+        let rules: Vec<String> = (callable.iter().enumerate())
+            .map(|(i, tool)| {
+                let head =
+                    serde_json::to_string(&format!("{{\"name\": \"{}\", \"{key}\": ", tool.name)).expect("a string");
+                format!("tool{i}: {head} %json {} \"}}\"", arguments_schema(&tool.parameters))
+            })
+            .collect();
+        let body = format!("{calls}\ncall: {}\n{}\n", alternatives.join(" | "), rules.join("\n"));
+        Some(match choice {
             // Text: anything that does not begin like a call (see the module's comment).
-            lark.push_str(&format!("TEXT: /(?s:[^{}].*)/\n", if first == '{' { "\\{" } else { "<" }));
-        }
-        Some(lark)
+            ToolChoice::Auto => {
+                let first = if self == ToolFormat::Llama3 { "\\{" } else { "<" };
+                format!("start: TEXT | calls\n{body}TEXT: /(?s:[^{first}].*)/\n")
+            }
+            _ => format!("start: calls\n{body}"),
+        })
     }
 
     /// The calls of a reply made under [`Self::grammar`], or None if the reply is text (or a call cut short,
