@@ -132,22 +132,26 @@ for choice_arg in ["required", "auto"]:
     args = dict(model=model, messages=messages, tools=tools, tool_choice=choice_arg, temperature=0, max_tokens=200,
                 parallel_tool_calls=False)
     whole = client.chat.completions.create(**args).choices[0]
-    calls, text, finish = {}, "", None
+    calls, text, finish, pieces = {}, "", None, 0
     for chunk in client.chat.completions.create(stream=True, **args):
         for c in chunk.choices:
             text += c.delta.content or ""
             finish = c.finish_reason or finish
             for d in c.delta.tool_calls or []:
+                # A call's first delta has its id and name; the next ones only more arguments.
+                assert (d.index in calls) == (d.id is None and d.function.name is None), d
                 call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
                 call["id"] = d.id or call["id"]
                 call["name"] += (d.function.name or "") if d.function else ""
                 call["arguments"] += (d.function.arguments or "") if d.function else ""
+                pieces += 1
     assert finish == whole.finish_reason, (finish, whole)
     if whole.message.tool_calls:
         assert all(calls[i]["id"].startswith("call_") for i in calls), calls
         got = [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)]
         assert got == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls], got
         assert text == ""
+        assert pieces > len(calls), "the arguments come in pieces, as OpenAI streams them"
     else:
         assert text == whole.message.content and not calls, (text, whole)
 

@@ -43,10 +43,11 @@ pub enum ToolChoice {
 }
 
 /// A call read back from the model's reply.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedCall {
     pub name: String,
-    pub arguments: Value,
+    /// The arguments' JSON text, as the model wrote it (a JSON object).
+    pub arguments: String,
 }
 
 impl ToolFormat {
@@ -143,12 +144,108 @@ impl ToolFormat {
     }
 }
 
-/// `{"name": "f", key: {...}}` as a call.
+/// A piece of a reply of calls, read as it comes (see [`CallReader`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallPiece {
+    /// Call `index` (from 0) begins: its function's name.
+    Start { index: usize, name: String },
+    /// More of call `index`'s arguments (JSON text; the pieces joined are the whole arguments).
+    Arguments { index: usize, text: String },
+}
+
+/// Reads a reply of calls made under [`ToolFormat::grammar`] piece by piece, for streaming as OpenAI does: each
+/// call's name once it is complete, then its arguments as they come. The grammar fixes the text around the
+/// arguments, so only a possible start of the text that ends a call is held back (`}\n</tool_call>`; Llama 3's
+/// closing `}`, which ends the reply, is never sent).
+pub struct CallReader {
+    format: ToolFormat,
+    text: String,
+    /// How much of `text` has been read.
+    read: usize,
+    /// The call whose arguments are being read, if any.
+    open: Option<usize>,
+    calls: usize,
+}
+
+impl CallReader {
+    pub fn new(format: ToolFormat) -> Self {
+        CallReader { format, text: String::new(), read: 0, open: None, calls: 0 }
+    }
+
+    /// Reads more of the reply.
+    pub fn push(&mut self, text: &str) -> Vec<CallPiece> {
+        self.text.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            let rest = &self.text[self.read..];
+            match self.open {
+                None => {
+                    let Some((name, len)) = self.head(rest) else { return out };
+                    out.push(CallPiece::Start { index: self.calls, name });
+                    self.read += len;
+                    self.open = Some(self.calls);
+                    self.calls += 1;
+                }
+                Some(index) => {
+                    let end = self.call_end();
+                    // The arguments end where the call's end text is (they hold no raw newline: compact JSON).
+                    let (args, next) = match rest.find(end).filter(|_| self.format == ToolFormat::Hermes) {
+                        Some(at) => (at, Some(at + end.len())),
+                        None => (rest.len() - held_back(rest, end), None),
+                    };
+                    if args > 0 {
+                        out.push(CallPiece::Arguments { index, text: rest[..args].to_owned() });
+                    }
+                    let Some(next) = next else {
+                        self.read += args;
+                        return out;
+                    };
+                    self.read += next;
+                    self.open = None;
+                }
+            }
+        }
+    }
+
+    /// A call's opening text, complete in `rest`: the function's name and the opening's length.
+    fn head(&self, rest: &str) -> Option<(String, usize)> {
+        let (open, key) = match self.format {
+            ToolFormat::Hermes => ("<tool_call>\n{\"name\": \"", "\", \"arguments\": "),
+            ToolFormat::Llama3 => ("{\"name\": \"", "\", \"parameters\": "),
+        };
+        let skipped = rest.len() - rest.trim_start_matches('\n').len(); // between Hermes blocks
+        let after = rest[skipped..].strip_prefix(open)?;
+        let name_len = after.find(key)?;
+        Some((after[..name_len].to_owned(), skipped + open.len() + name_len + key.len()))
+    }
+
+    fn call_end(&self) -> &'static str {
+        match self.format {
+            ToolFormat::Hermes => "}\n</tool_call>",
+            ToolFormat::Llama3 => "}",
+        }
+    }
+}
+
+/// The length of the longest end of `text` that begins `end` (it may be the start of `end`: not yet sent).
+fn held_back(text: &str, end: &str) -> usize {
+    (1..=end.len().min(text.len()))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && end.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
+}
+
+/// `{"name": "f", key: {...}}` as a call. The arguments' text is kept as written when the call has the
+/// grammar's form (so that a streamed call's pieces add up to it), else taken from the parsed value.
 fn call_of(json: &str, key: &str) -> Option<ParsedCall> {
-    let mut v: Value = serde_json::from_str(json.trim()).ok()?;
+    let json = json.trim();
+    let v: Value = serde_json::from_str(json).ok()?;
     let name = v.get("name")?.as_str()?.to_owned();
-    let arguments = v.get_mut(key)?.take();
-    arguments.is_object().then_some(ParsedCall { name, arguments })
+    let arguments = v.get(key).filter(|a| a.is_object())?;
+    let head = format!("{{\"name\": {}, \"{key}\": ", Value::from(name.as_str()));
+    let written = json.strip_prefix(&head).and_then(|rest| rest.strip_suffix('}'));
+    let arguments = written.map_or_else(|| arguments.to_string(), str::to_owned);
+    Some(ParsedCall { name, arguments })
 }
 
 /// A tool's parameter schema as the grammar takes it: an object (OpenAI's default when none is given), laid
@@ -183,13 +280,46 @@ mod tests {
         let hermes = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>";
         let calls = ToolFormat::Hermes.parse(hermes).unwrap();
         assert_eq!(calls.len(), 2);
-        assert_eq!((calls[0].name.as_str(), &calls[0].arguments), ("f", &json!({"a": 1})));
+        assert_eq!((calls[0].name.as_str(), calls[0].arguments.as_str()), ("f", "{\"a\": 1}"));
         assert_eq!(calls[1].name, "g");
         // Cut short, or text: not calls.
         assert_eq!(ToolFormat::Hermes.parse(&hermes[..40]), None);
         assert_eq!(ToolFormat::Hermes.parse("Hello"), None);
         let llama = ToolFormat::Llama3.parse("{\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}").unwrap();
-        assert_eq!(llama, vec![ParsedCall { name: "f".into(), arguments: json!({"x": "y"}) }]);
+        assert_eq!(llama, vec![ParsedCall { name: "f".into(), arguments: "{\"x\": \"y\"}".into() }]);
+        // Another layout parses too.
+        let other = ToolFormat::Llama3.parse("{\"parameters\":{\"x\":1},\"name\":\"f\"}").unwrap();
+        assert_eq!(other, vec![ParsedCall { name: "f".into(), arguments: "{\"x\":1}".into() }]);
         assert_eq!(ToolFormat::Llama3.parse("{\"name\": \"f\""), None);
+    }
+
+    /// Read a token at a time, the pieces put together are the calls `parse` reads from the whole reply.
+    #[test]
+    fn calls_read_piece_by_piece_are_the_whole_calls() {
+        let hermes = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": {\"b\": \"}\"}}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>";
+        let llama = "{\"name\": \"f\", \"parameters\": {\"x\": [1, {}]}}";
+        for (format, text) in [(ToolFormat::Hermes, hermes), (ToolFormat::Llama3, llama)] {
+            for step in [1, 2, 3, 7, 1000] {
+                let mut reader = CallReader::new(format);
+                let mut pieces = Vec::new();
+                let chars: Vec<char> = text.chars().collect();
+                for chunk in chars.chunks(step) {
+                    pieces.extend(reader.push(&chunk.iter().collect::<String>()));
+                }
+                let mut calls: Vec<(String, String)> = Vec::new();
+                for piece in pieces {
+                    match piece {
+                        CallPiece::Start { index, name } => {
+                            assert_eq!(index, calls.len());
+                            calls.push((name, String::new()));
+                        }
+                        CallPiece::Arguments { index, text } => calls[index].1.push_str(&text),
+                    }
+                }
+                let want: Vec<(String, String)> =
+                    format.parse(text).unwrap().into_iter().map(|c| (c.name, c.arguments)).collect();
+                assert_eq!(calls, want, "{format:?}, {step} chars at a time");
+            }
+        }
     }
 }

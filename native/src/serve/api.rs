@@ -383,11 +383,9 @@ pub struct AssistantMessage<'a> {
     pub tool_calls: Vec<ToolCallOut>,
 }
 
-/// A call the model made. In a stream, the whole call comes in one delta, with its `index`.
+/// A call the model made.
 #[derive(Serialize)]
 pub struct ToolCallOut {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub index: Option<u32>,
     pub id: String,
     #[serde(rename = "type")]
     pub kind: &'static str, // "function"
@@ -498,7 +496,26 @@ pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<ToolCallOut>>,
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A piece of a streamed call, as OpenAI sends them: the first of a call has its `id`, `type` and name (and
+/// `arguments: ""`), the next ones more of its arguments; `index` says which call.
+#[derive(Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// A text completion, or one chunk of a streamed one (same object, as in the OpenAI API).

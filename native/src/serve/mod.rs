@@ -31,7 +31,7 @@ use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
 use bitnet_engine::text::chat::{ChatMessage, FunctionCall, ToolCall};
-use bitnet_engine::text::tools::{ParsedCall, Tool, ToolChoice, ToolFormat};
+use bitnet_engine::text::tools::{CallPiece, CallReader, ParsedCall, Tool, ToolChoice, ToolFormat};
 use bitnet_engine::Error;
 use clap::Args;
 use futures_util::{stream, Stream, StreamExt};
@@ -518,7 +518,7 @@ async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response,
     let finish = if calls.is_some() { "tool_calls" } else { finish_reason(done.stop) };
     let message = match calls {
         Some(calls) => {
-            AssistantMessage { role: "assistant", content: None, tool_calls: tool_calls_out(&pending.id, calls, false) }
+            AssistantMessage { role: "assistant", content: None, tool_calls: tool_calls_out(&pending.id, calls) }
         }
         None => AssistantMessage { role: "assistant", content: Some(&text), tool_calls: Vec::new() },
     };
@@ -646,15 +646,18 @@ fn tool_use(app: &App, req: &ChatRequest, body: &serde_json::Value) -> Result<Op
     Ok(Some(ToolUse { format, json, grammar }))
 }
 
-/// The calls as the API reports them, numbered in order; ids are the request's id and that number.
-fn tool_calls_out(request_id: &str, calls: Vec<ParsedCall>, streamed: bool) -> Vec<ToolCallOut> {
-    let serial = request_id.rsplit('-').next().unwrap_or(request_id);
+/// A call's id: the request's and the call's number in the reply.
+fn call_id(request_id: &str, index: usize) -> String {
+    format!("call_{}_{index}", request_id.rsplit('-').next().unwrap_or(request_id))
+}
+
+/// The calls as the API reports them, in order.
+fn tool_calls_out(request_id: &str, calls: Vec<ParsedCall>) -> Vec<ToolCallOut> {
     (calls.into_iter().enumerate())
         .map(|(i, call)| ToolCallOut {
-            index: streamed.then_some(i as u32),
-            id: format!("call_{serial}_{i}"),
+            id: call_id(request_id, i),
             kind: "function",
-            function: FunctionCallOut { name: call.name, arguments: call.arguments.to_string() },
+            function: FunctionCallOut { name: call.name, arguments: call.arguments },
         })
         .collect()
 }
@@ -906,46 +909,37 @@ impl Generation {
             None,
         );
         let lp = move |tokens: &[EngineLogprob]| with_logprobs.as_ref().map(|app| chat_logprobs(app, tokens));
-        // With tools, the reply's first character tells text from calls (engine::text::tools): text is held
-        // until that character, then streamed; calls are held to the end and sent parsed, whole.
-        let mut held = self.tools.map(|format| Held { format, text: String::new(), logprobs: Vec::new() });
-        let request_id = self.id.clone();
+        let mut tool_reply = self.tools.map(|format| ToolReply::new(format, &self.id));
         let rest = self.events().flat_map(move |event| {
             let text_chunk = |text: &str, logprob: &[EngineLogprob]| {
                 chunk(choice(Delta { content: Some(text), ..Delta::default() }, None, lp(logprob)), None, None)
             };
             stream::iter(match event {
-                Event::Token { text, logprob } => match &mut held {
-                    Some(h) => {
-                        h.text.push_str(&text);
-                        h.logprobs.extend(logprob);
-                        if h.text.is_empty() || h.format.starts_call(&h.text) {
-                            vec![]
-                        } else {
-                            let h = held.take().expect("held");
-                            vec![text_chunk(&h.text, &h.logprobs)]
+                Event::Token { text, logprob } => match &mut tool_reply {
+                    None => vec![text_chunk(&text, logprob.as_slice())],
+                    Some(reply) => {
+                        reply.logprobs.extend(logprob);
+                        match reply.read(&text) {
+                            (Some(text), _) => vec![text_chunk(&text, &std::mem::take(&mut reply.logprobs))],
+                            (None, calls) if !calls.is_empty() => {
+                                let delta = Delta { tool_calls: Some(calls), ..Delta::default() };
+                                vec![chunk(choice(delta, None, lp(&std::mem::take(&mut reply.logprobs))), None, None)]
+                            }
+                            (None, _) => vec![],
                         }
                     }
-                    None => vec![text_chunk(&text, logprob.as_slice())],
                 },
                 Event::Done(d) => {
-                    let mut out = Vec::new();
                     let mut finish = finish_reason(d.stop);
-                    if let Some(h) = held.take() {
-                        match h.format.parse(&h.text) {
-                            Some(calls) => {
-                                finish = "tool_calls";
-                                let calls = tool_calls_out(&request_id, calls, true);
-                                let delta = Delta { tool_calls: Some(calls), ..Delta::default() };
-                                out.push(chunk(choice(delta, None, lp(&h.logprobs)), None, None));
-                            }
-                            // A call cut short (by max_tokens): its text.
-                            None if !h.text.is_empty() => out.push(text_chunk(&h.text, &h.logprobs)),
-                            None => {}
+                    let mut logprobs = None;
+                    if let Some(reply) = &tool_reply {
+                        if reply.made_calls() && d.stop == StopReason::EndToken {
+                            finish = "tool_calls";
                         }
+                        logprobs = Some(&reply.logprobs).filter(|l| !l.is_empty()).and_then(|l| lp(l));
                     }
-                    let last = choice(Delta::default(), Some(finish), None);
-                    out.push(chunk(last, None, Some(timings(&d))));
+                    let last = choice(Delta::default(), Some(finish), logprobs);
+                    let mut out = vec![chunk(last, None, Some(timings(&d)))];
                     out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
                     out
@@ -1000,11 +994,81 @@ impl Generation {
     }
 }
 
-/// A streamed reply's text held back while it may be (or is) a tool call.
-struct Held {
+/// A streamed reply when tools may be called. Its first character tells text from calls (see
+/// engine::text::tools): until then it is held; text then streams as it comes, calls as OpenAI streams them
+/// (each call's id and name, then its arguments in pieces).
+struct ToolReply {
     format: ToolFormat,
-    text: String,
+    state: ReplyState,
+    request_id: String,
+    /// The log-probabilities of the tokens not sent yet.
     logprobs: Vec<EngineLogprob>,
+}
+
+enum ReplyState {
+    Undecided(String),
+    Text,
+    Calls(CallReader),
+}
+
+impl ToolReply {
+    fn new(format: ToolFormat, request_id: &str) -> Self {
+        let state = ReplyState::Undecided(String::new());
+        ToolReply { format, state, request_id: request_id.to_owned(), logprobs: Vec::new() }
+    }
+
+    /// Reads a piece of the reply: text to send, or pieces of calls.
+    fn read(&mut self, text: &str) -> (Option<String>, Vec<ToolCallDelta>) {
+        let pieces = match &mut self.state {
+            ReplyState::Text => return (Some(text.to_owned()), Vec::new()),
+            ReplyState::Calls(reader) => reader.push(text),
+            ReplyState::Undecided(held) => {
+                held.push_str(text);
+                if held.is_empty() {
+                    return (None, Vec::new());
+                }
+                if !self.format.starts_call(held) {
+                    let held = std::mem::take(held);
+                    self.state = ReplyState::Text;
+                    return (Some(held), Vec::new());
+                }
+                let mut reader = CallReader::new(self.format);
+                let pieces = reader.push(held);
+                self.state = ReplyState::Calls(reader);
+                pieces
+            }
+        };
+        (None, self.deltas(pieces))
+    }
+
+    fn made_calls(&self) -> bool {
+        matches!(self.state, ReplyState::Calls(_))
+    }
+
+    /// Call pieces as deltas, a call's start and the arguments after it in one.
+    fn deltas(&self, pieces: Vec<CallPiece>) -> Vec<ToolCallDelta> {
+        let mut out: Vec<ToolCallDelta> = Vec::new();
+        for piece in pieces {
+            match piece {
+                CallPiece::Start { index, name } => out.push(ToolCallDelta {
+                    index,
+                    id: Some(call_id(&self.request_id, index)),
+                    kind: Some("function"),
+                    function: FunctionDelta { name: Some(name), arguments: String::new() },
+                }),
+                CallPiece::Arguments { index, text } => match out.last_mut() {
+                    Some(last) if last.index == index => last.function.arguments.push_str(&text),
+                    _ => out.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta { name: None, arguments: text },
+                    }),
+                },
+            }
+        }
+        out
+    }
 }
 
 fn sse(data: impl Stream<Item = String> + Send + 'static) -> Response {
