@@ -155,6 +155,13 @@ for choice_arg in ["required", "auto"]:
     else:
         assert text == whole.message.content and not calls, (text, whole)
 
+# A function without parameters is called with an empty object.
+bare = {"type": "function", "function": {"name": "ping"}}
+r = client.chat.completions.create(model=model, messages=messages, tools=[bare], tool_choice="required",
+                                   parallel_tool_calls=False, max_tokens=80)
+assert r.choices[0].finish_reason == "tool_calls", r
+assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {}, r
+
 # Bad tool requests are 400s naming the field.
 for bad, param in [
     (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
@@ -162,9 +169,12 @@ for bad, param in [
     (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools"),
     (dict(tools=[weather, weather]), "tools"),
     (dict(tools=tools, response_format={"type": "json_object"}), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
+    (dict(tools=tools, messages=messages + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "not json"}}]}]), "messages"),
 ]:
     try:
-        client.chat.completions.create(model=model, messages=messages, max_tokens=4, **bad)
+        client.chat.completions.create(**{"model": model, "messages": messages, "max_tokens": 4, **bad})
         raise AssertionError(f"accepted: {bad}")
     except openai.BadRequestError as e:
         assert e.body["param"] == param, (bad, e.body)

@@ -617,7 +617,8 @@ fn tool_use(app: &App, req: &ChatRequest, body: &serde_json::Value) -> Result<Op
             return Err(bad(format!("tool '{name}' is given twice")));
         }
         let parameters = match &def.function.parameters {
-            None => serde_json::json!({ "type": "object", "properties": {} }),
+            // No parameters: the call takes none (an empty object).
+            None => serde_json::json!({ "type": "object", "properties": {}, "additionalProperties": false }),
             Some(p @ serde_json::Value::Object(_)) => p.clone(),
             Some(_) => return Err(bad(format!("the parameters of tool '{name}' must be a JSON schema (an object)"))),
         };
