@@ -132,3 +132,176 @@ fn run_with_a_json_schema() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("grammar does not compile"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `run --grammar FILE` and `chat --grammar FILE` (llguidance's Lark): every reply is a sentence of the grammar;
+/// a grammar that does not compile is an error naming the file, and --grammar excludes --json-schema.
+#[test]
+fn run_and_chat_with_a_grammar() {
+    let model = fixture(TINY);
+    let m = model.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("bitnet-grammar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let grammar = dir.join("answer.lark");
+    std::fs::write(&grammar, "start: \"Answer: \" NUM \" \" UNIT\nNUM: /[1-9][0-9]{0,2}/\nUNIT: \"cm\" | \"kg\"\n")
+        .unwrap();
+    let g = grammar.to_str().unwrap();
+    // A sentence of the grammar: "Answer: ", 1 to 3 digits not starting with 0, " ", a unit.
+    let follows = |line: &str| {
+        let Some(rest) = line.strip_prefix("Answer: ") else { return false };
+        let Some((num, unit)) = rest.split_once(' ') else { return false };
+        let digits = (1..=3).contains(&num.len()) && num.bytes().all(|b| b.is_ascii_digit()) && !num.starts_with('0');
+        digits && ["cm", "kg"].contains(&unit)
+    };
+    for (temp, seed) in [("0", "1"), ("1.0", "2"), ("1.0", "3")] {
+        let out =
+            bitnet_ok(&["run", "-m", m, "-p", "Size:", "-n", "20", "--temp", temp, "--seed", seed, "--grammar", g]);
+        assert!(follows(out.trim_end()), "{out:?}");
+    }
+    let mut child = Command::new(bitnet_bin())
+        .args(["chat", "-m", m, "-n", "20", "--temp", "1.0", "--seed", "4", "-t", "1", "--grammar", g])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "How tall?\nHow heavy?").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let replies: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(replies.len(), 2, "{stdout:?}");
+    assert!(replies.iter().all(|r| follows(r.trim_start_matches("> "))), "{stdout:?}");
+    std::fs::write(&grammar, "start: ) (").unwrap();
+    let out = bitnet(&["run", "-m", m, "-p", "Data:", "--grammar", g]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("answer.lark") && stderr.contains("grammar does not compile"),
+        "{stderr}"
+    );
+    let out = bitnet(&["run", "-m", m, "-p", "Data:", "--grammar", g, "--json-schema", g]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A running tests/scripts/mock_hub.py (killed when dropped), and its request log.
+struct MockHub {
+    child: std::process::Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl MockHub {
+    fn start(dir: &std::path::Path, flags: &[&str]) -> MockHub {
+        use std::io::BufRead;
+        let log = dir.join(format!("hub-{}.log", flags.join("")));
+        let mut child = Command::new("python3")
+            .arg(repo().join("tests/scripts/mock_hub.py"))
+            .arg(dir.join("hub"))
+            .arg(&log)
+            .args(flags)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the mock hub");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).to_owned();
+        MockHub { child, url, log }
+    }
+
+    fn requests(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for MockHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bitnet ARGS` with the hub's environment variables set.
+fn with_hub(args: &[&str], home: &std::path::Path, endpoint: &str, token: &str) -> std::process::Output {
+    Command::new(bitnet_bin())
+        .args(args)
+        .env("HF_HOME", home)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+/// `-hf OWNER/REPO[:FILE]` against a mock hub on loopback: a download cut short fails and resumes from where it
+/// stopped (a Range request); the file is the fixture, byte for byte, and runs like it; the token is sent; then the
+/// cache works with the hub gone (offline), `bitnet models` lists and removes; a corrupted download fails its
+/// SHA-256 check and is deleted; a repository with several GGUFs needs the file named.
+#[test]
+fn models_by_name_from_a_mock_hub() {
+    let dir = std::env::temp_dir().join(format!("bitnet-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let repo_dir = dir.join("hub/owner/tiny");
+    std::fs::create_dir_all(&repo_dir).unwrap();
+    std::fs::copy(fixture(TINY), repo_dir.join("tiny.gguf")).unwrap();
+    std::fs::write(repo_dir.join("README.md"), "a tiny model").unwrap();
+    std::fs::create_dir_all(dir.join("hub/owner/two")).unwrap();
+    for f in ["a.gguf", "b.gguf"] {
+        std::fs::copy(fixture(TINY), dir.join("hub/owner/two").join(f)).unwrap();
+    }
+    let home = dir.join("home");
+    let run = ["run", "-p", "Once", "-n", "6", "--temp", "0", "-t", "1"];
+    let want = bitnet_ok(&[&run[..], &["-m", fixture(TINY).to_str().unwrap()]].concat());
+
+    let hub = MockHub::start(&dir, &["--token", "secret", "--cut-after", "100000"]);
+    let hf_run =
+        |hub: &str, token: &str| with_hub(&[&run[..], &["-hf", "owner/tiny:tiny.gguf"]].concat(), &home, hub, token);
+    let cut = hf_run(&hub.url, "secret");
+    assert!(!cut.status.success(), "the cut download succeeded");
+    let listed = String::from_utf8(with_hub(&["models"], &home, &hub.url, "").stdout).unwrap();
+    assert!(listed.contains("download cut short: 97.7 KiB"), "{listed}");
+    let resumed = hf_run(&hub.url, "secret");
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(String::from_utf8(resumed.stdout).unwrap(), want);
+    let log = hub.requests();
+    assert!(log.contains("bytes=100000- Bearer secret"), "no resumed Range request: {log}");
+    assert!(log.lines().all(|l| l.ends_with("Bearer secret")), "{log}");
+    let cached = home.join("hub/models--owner--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/tiny.gguf");
+    assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(fixture(TINY)).unwrap());
+    let wrong = with_hub(&[&run[..], &["-hf", "owner/tiny:README.md"]].concat(), &home, &hub.url, "nope");
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("401"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    drop(hub);
+
+    // The hub gone: the cache answers, with the file named or not (the repository's one GGUF).
+    for name in ["owner/tiny:tiny.gguf", "owner/tiny"] {
+        let out = with_hub(&[&run[..], &["-hf", name]].concat(), &home, "http://127.0.0.1:9", "");
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    }
+    let info = with_hub(&["info", "-hf", "owner/tiny"], &home, "http://127.0.0.1:9", "");
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let listed = String::from_utf8(with_hub(&["models"], &home, "", "").stdout).unwrap();
+    assert!(listed.starts_with("owner/tiny:tiny.gguf\t") && listed.lines().count() == 1, "{listed}");
+    assert!(with_hub(&["models", "rm", "owner/tiny:tiny.gguf"], &home, "", "").status.success());
+    assert_eq!(with_hub(&["models"], &home, "", "").stdout, b"");
+    let again = with_hub(&["models", "rm", "owner/tiny"], &home, "", "");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not in the cache"));
+
+    // A corrupted download fails its SHA-256 check and is not kept.
+    let hub = MockHub::start(&dir, &["--corrupt"]);
+    let bad = with_hub(&[&run[..], &["-hf", "owner/tiny:tiny.gguf"]].concat(), &home, &hub.url, "");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("SHA-256"), "{err}");
+    assert_eq!(with_hub(&["models"], &home, "", "").stdout, b"");
+    // Several GGUFs: the file must be named; a name that is not OWNER/REPO is refused.
+    let two = with_hub(&[&run[..], &["-hf", "owner/two"]].concat(), &home, &hub.url, "");
+    assert!(
+        String::from_utf8_lossy(&two.stderr).contains("a.gguf, b.gguf"),
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    let bad_name = with_hub(&[&run[..], &["-hf", "nonsense"]].concat(), &home, &hub.url, "");
+    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("not a model name"));
+    drop(hub);
+    let _ = std::fs::remove_dir_all(&dir);
+}

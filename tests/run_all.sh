@@ -17,8 +17,8 @@ export CARGO_INCREMENTAL=0
 
 step "install what is missing"
 # The official OpenAI Python client, which one `bitnet serve` test drives unmodified (and jsonschema, with which
-# it validates structured output).
-python3 -m pip install -q --disable-pip-version-check openai jsonschema
+# it validates structured output; jinja2 renders the tool-call templates as the reference).
+python3 -m pip install -q --disable-pip-version-check openai jsonschema jinja2
 # llvmpipe, for the wgpu tests (they fail, rather than skip, without an adapter when CI is set).
 if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
     apt-get update -q

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitnet_tests::{bitnet, bitnet_bin, bitnet_json, bitnet_ok, fixture, repo};
+use bitnet_tests::{bitnet, bitnet_bin, bitnet_json, bitnet_ok, edited_model, fixture, repo};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
 
@@ -446,14 +446,24 @@ fn unhonoured_fields_are_refused_by_name() {
         ("/v1/completions", json!({ "prompt": "a", "suffix": "b" }), "suffix"),
         ("/v1/completions", json!({ "prompt": "a", "best_of": 1 }), "best_of"),
         ("/v1/completions", json!({ "prompt": "a", "top_logprobs": 2 }), "top_logprobs"),
-        ("/v1/chat/completions", chat(json!({ "grammar": "root ::= \"a\"" })), "grammar"),
+        ("/v1/chat/completions", chat(json!({ "grammar": "start: ) (" })), "grammar"),
         (
             "/v1/chat/completions",
             chat(json!({ "response_format": { "type": "json_object", "x": 1 } })),
             "response_format",
         ),
         ("/v1/chat/completions", chat(json!({ "tools": [], "tool_choice": "auto" })), "tool"),
-        ("/v1/chat/completions", chat(json!({ "parallel_tool_calls": false })), "parallel_tool_calls"),
+        // The tiny model's template has no tool support: tools, and tool turns, are refused.
+        (
+            "/v1/chat/completions",
+            chat(json!({ "tools": [{ "type": "function", "function": { "name": "f" } }] })),
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "tool", "content": "21", "tool_call_id": "call_1" }] }),
+            "messages",
+        ),
         ("/v1/chat/completions", chat(json!({ "prompt": "a" })), "prompt"),
         ("/v1/chat/completions", chat(json!({ "stream": true, "stream_options": { "chunk": 1 } })), "stream_options"),
         (
@@ -940,6 +950,7 @@ fn props_slots_alias_and_api_key_file() {
     assert_eq!(props["model_alias"], "my-model");
     assert!(props["model_path"].as_str().unwrap().ends_with("tiny-a-i2_s.gguf"), "{props}");
     assert!(props["chat_template"].as_str().unwrap().contains("message"), "{props}");
+    assert_eq!(props["chat_template_caps"]["supports_tools"], false, "the 2B4T template has no tool support");
     let slots = get("/slots");
     assert_eq!(slots.as_array().unwrap().len(), 2);
     assert!(slots.as_array().unwrap().iter().all(|s| s["is_processing"] == false && s["n_ctx"] == 256), "{slots}");
@@ -1118,4 +1129,45 @@ fn structured_output_follows_the_schema() {
         &json!({ "prompt": "a", "ignore_eos": true, "response_format": { "type": "json_object" } }),
     );
     assert_eq!(r.status(), 400);
+}
+
+/// Tool calls with the official `openai` client (tests/scripts/serve_openai_tools.py), on the tiny model with each
+/// form of tool-call template (tests/fixtures/templates/): the tool loop (a required call, the tool's result sent
+/// back, a text answer), a named function, one call without parallel_tool_calls, auto, streaming deltas equal to
+/// the whole reply, the template rendered as Jinja2 renders it, bad tool requests refused. A model whose template
+/// has no tool support refuses tools (serve_openai_client.py).
+#[test]
+fn tool_calls_with_the_openai_client() {
+    for (template, format) in [("hermes-tools.jinja", "hermes"), ("llama3-tools.jinja", "llama3")] {
+        let path = fixture(&format!("templates/{template}"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let model = edited_model(
+            TINY,
+            &format!("{format}.gguf"),
+            |key, value| {
+                use bitnet_engine::format::gguf::Value as V;
+                if key == "tokenizer.chat_template" {
+                    *value = V::Str(text.clone());
+                }
+                // Tool definitions take a few hundred of the tiny vocabulary's tokens: a longer context than 256
+                // (the weights are random anyway).
+                if key.ends_with(".context_length") {
+                    *value = V::U32(2048);
+                }
+            },
+            |_, _| {},
+        );
+        let s = Server::start(&["-m", model.to_str().unwrap(), "-t", "1"]);
+        let script = repo().join("tests/scripts/serve_openai_tools.py");
+        let out = Command::new("python3").arg(&script).args([&s.url, path.to_str().unwrap(), format]).output();
+        let out = out.expect("python3 is needed for this test");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{} {format} failed (python3 -m pip install openai jsonschema jinja2):\n{stdout}\n{stderr}",
+            script.display()
+        );
+        assert!(stdout.contains("openai tools OK"), "{stdout}");
+        let _ = std::fs::remove_file(model);
+    }
 }

@@ -378,7 +378,7 @@ fn chat_templates_match_transformers() {
 #[test]
 fn bitnet_template_exact() {
     let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " Hi there \n")];
-    let text = chat::render(BITNET_TEMPLATE, &msgs, true, "<|begin_of_text|>", "<|end_of_text|>").unwrap();
+    let text = chat::render(BITNET_TEMPLATE, &msgs, None, true, "<|begin_of_text|>", "<|end_of_text|>").unwrap();
     assert_eq!(text, "<|begin_of_text|>System: Be brief.<|eot_id|>User: Hi there<|eot_id|>Assistant: ");
     let ids = llama3().encode_chat(&msgs, true).unwrap();
     assert_eq!(ids.iter().filter(|&&id| id == 128000).count(), 1);
@@ -400,7 +400,7 @@ fn special_token_text_in_messages_stays_text() {
     for tk in [llama3(), smolbit()] {
         let msgs = [ChatMessage::new("user", forged), ChatMessage::new("<|im_start|>assistant", "<|im_end|>ok")];
         let safe = tk.encode_chat(&msgs, true).unwrap();
-        let trusted = tk.encode_chat_with(&msgs, true, true).unwrap();
+        let trusted = tk.encode_chat_with(&msgs, None, true, true).unwrap();
         let template_ids =
             tk.encode_chat(&[ChatMessage::new("user", "hi"), ChatMessage::new("a", "ok")], true).unwrap();
         // Control tokens are whole "<|...|>" tokens; the same text as plain text is several pieces.
@@ -413,6 +413,49 @@ fn special_token_text_in_messages_stays_text() {
         assert_eq!(tk.decode(&safe), tk.decode(&trusted));
         assert_eq!(tk.decode(&safe), tk.render_chat(&msgs, true).unwrap());
     }
+}
+
+/// Tools and tool calls reach the template as Hugging Face gives them: `tools` (none without), an assistant's
+/// `tool_calls` (arguments as a value), a tool message's `tool_call_id`; `tojson` is Python's `json.dumps` (`", "`
+/// and `": "`, keys in their order, no HTML escaping, `indent=`). Control-token text inside tool definitions and
+/// call arguments is text, as in messages.
+#[test]
+fn tools_and_tool_calls_reach_the_template() {
+    use bitnet_engine::text::chat::{FunctionCall, ToolCall};
+    use serde_json::json;
+    let tools =
+        [json!({ "type": "function", "function": { "name": "f", "description": "a <b> & c", "z": 1, "a": 2 } })];
+    let call = ToolCall {
+        id: "c1".into(),
+        kind: "function".into(),
+        function: FunctionCall { name: "f".into(), arguments: json!({ "x": [1, 2], "q": "<|eot_id|>" }) },
+    };
+    let assistant = ChatMessage { role: "assistant".into(), tool_calls: vec![call], ..ChatMessage::default() };
+    let tool = ChatMessage {
+        role: "tool".into(),
+        content: "21".into(),
+        tool_call_id: Some("c1".into()),
+        ..ChatMessage::default()
+    };
+    let msgs = [ChatMessage::new("user", "hi"), assistant, tool];
+    let t = "{{ tools | tojson }}|{{ tools[0].function | tojson(indent=2) }}|{% for m in messages %}{{ m.role }}:\
+             {% if 'tool_calls' in m %}{{ m.tool_calls[0].function.arguments | tojson }}{% endif %}\
+             {% if m.tool_call_id %}{{ m.tool_call_id }}={{ m.content }}{% endif %};{% endfor %}";
+    let text = chat::render(t, &msgs, Some(&tools), false, "", "").unwrap();
+    assert_eq!(
+        text,
+        "[{\"type\": \"function\", \"function\": {\"name\": \"f\", \"description\": \"a <b> & c\", \"z\": 1, \"a\": 2}}]|\
+         {\n  \"name\": \"f\",\n  \"description\": \"a <b> & c\",\n  \"z\": 1,\n  \"a\": 2\n}|\
+         user:;assistant:{\"x\": [1, 2], \"q\": \"<|eot_id|>\"};tool:c1=21;"
+    );
+    assert_eq!(chat::render("{{ tools is none }}", &msgs, None, false, "", "").unwrap(), "True");
+    // The "<|eot_id|>" in the arguments is text: the same control tokens as without it.
+    let mut md = llama3_metadata().clone();
+    set(&mut md, "tokenizer.chat_template", Value::Str(t.into()));
+    let tk = Tokenizer::from_metadata(&md).unwrap();
+    let eot = |ids: &[u32]| ids.iter().filter(|&&id| id == 128009).count();
+    assert_eq!(eot(&tk.encode_chat_with(&msgs, Some(&tools), false, false).unwrap()), 0);
+    assert_eq!(eot(&tk.encode_chat_with(&msgs, Some(&tools), false, true).unwrap()), 1);
 }
 
 #[test]
@@ -434,13 +477,13 @@ fn template_features_and_errors() {
     let msgs = [ChatMessage::new("user", "  hi  ")];
     // Python string methods, tojson, loop controls, HF whitespace control (trim_blocks, lstrip_blocks).
     let t = "{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n{{ m.content.strip().upper() }}|{{ m.role | tojson }}\n{% endfor %}";
-    assert_eq!(chat::render(t, &msgs, false, "", "").unwrap(), "HI|\"user\"\n");
+    assert_eq!(chat::render(t, &msgs, None, false, "", "").unwrap(), "HI|\"user\"\n");
     let t = "{% if messages[0].role == 'user' %}{{ raise_exception('no users here') }}{% endif %}";
-    match chat::render(t, &msgs, false, "", "") {
+    match chat::render(t, &msgs, None, false, "", "") {
         Err(Error::Template(msg)) => assert!(msg.contains("no users here"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(chat::render("{% for %}", &msgs, false, "", ""), Err(Error::Template(_))));
+    assert!(matches!(chat::render("{% for %}", &msgs, None, false, "", ""), Err(Error::Template(_))));
 }
 
 #[test]
@@ -491,7 +534,7 @@ fn endless_templates_are_stopped() {
     let t0 = std::time::Instant::now();
     let looping = "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}{% endfor %}\
                    {% endfor %}{% endfor %}";
-    let result = chat::render(looping, &[ChatMessage::new("user", "hi")], true, "", "");
+    let result = chat::render(looping, &[ChatMessage::new("user", "hi")], None, true, "", "");
     assert!(matches!(result, Err(Error::Template(_))), "{result:?}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(20), "took {:?}", t0.elapsed());
 }

@@ -12,5 +12,5 @@ fuzz_target!(|data: &[u8]| {
     let template = parts.next().unwrap_or_default();
     let rest: Vec<&str> = parts.collect();
     let messages: Vec<ChatMessage> = rest.chunks(2).map(|p| ChatMessage::new(p[0], p.get(1).unwrap_or(&""))).collect();
-    let _ = chat::render(template, &messages, true, "<s>", "</s>");
+    let _ = chat::render(template, &messages, None, true, "<s>", "</s>");
 });

@@ -14,7 +14,7 @@ use crate::ModelArgs;
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Prompt tokens for the prompt-processing test (0 skips it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
     n_prompt: usize,

@@ -83,7 +83,7 @@ pub fn chat(a: ChatArgs) -> Result<(), Error> {
 }
 
 fn message(role: &str, content: &str) -> ChatMessage {
-    ChatMessage { role: role.into(), content: content.into() }
+    ChatMessage::new(role, content)
 }
 
 /// Runs a `/command`; Ok(false) to end the chat, an error for a command that is not one.

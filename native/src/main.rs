@@ -5,6 +5,7 @@ mod chat;
 mod convert;
 mod device;
 mod http;
+mod hub;
 mod model_file;
 mod serve;
 mod serve_www;
@@ -53,6 +54,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print a shell completion script: `source <(bitnet completions bash)`, or save it where the shell looks.
     Completions(CompletionsArgs),
+    /// List (`bitnet models`) or remove (`bitnet models rm OWNER/REPO[:FILE]`) models fetched with -hf.
+    Models(hub::ModelsArgs),
 }
 
 #[derive(Args)]
@@ -67,6 +70,10 @@ pub struct ModelArgs {
     /// GGUF model file (default: the small model embedded in this binary).
     #[arg(short, long)]
     model: Option<std::path::PathBuf>,
+    /// A model by name, OWNER/REPO[:FILE.gguf] on the Hugging Face hub (also -hf): downloaded into the hub's
+    /// cache, or taken from it (see `bitnet models`). HF_ENDPOINT and HF_TOKEN are honoured.
+    #[arg(long, value_name = "OWNER/REPO[:FILE]", conflicts_with = "model")]
+    hf: Option<String>,
     /// Worker threads, 1 to the number of CPUs (default: all of them).
     #[arg(short, long, value_parser = parse_threads)]
     threads: Option<usize>,
@@ -145,6 +152,10 @@ struct SamplingArgs {
     /// object), as the server's response_format does.
     #[arg(long, value_name = "FILE")]
     json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to the grammar in this file, in llguidance's Lark syntax (rule `start`), as the
+    /// server's `grammar` field does.
+    #[arg(long, value_name = "FILE", conflicts_with = "json_schema")]
+    grammar: Option<std::path::PathBuf>,
 }
 
 impl SamplingArgs {
@@ -165,8 +176,8 @@ impl SamplingArgs {
     }
 }
 
-/// `--json-schema FILE`: the grammar engine for the model's vocabulary and the schema, from which each
-/// generation gets a fresh constraint.
+/// `--json-schema FILE` or `--grammar FILE`: the grammar engine for the model's vocabulary and the schema or
+/// grammar, from which each generation gets a fresh constraint.
 struct Schema {
     grammars: Grammars,
     spec: GrammarSpec,
@@ -174,13 +185,23 @@ struct Schema {
 
 impl Schema {
     fn load(a: &SamplingArgs, m: &Loaded) -> Result<Option<Schema>, Error> {
-        let Some(path) = &a.json_schema else { return Ok(None) };
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-        let schema =
-            serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{} is not JSON: {e}", path.display())))?;
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+        };
+        let spec = match (&a.json_schema, &a.grammar) {
+            (Some(path), _) => GrammarSpec::JsonSchema(
+                serde_json::from_str(&read(path)?)
+                    .map_err(|e| Error::Invalid(format!("{} is not JSON: {e}", path.display())))?,
+            ),
+            (None, Some(path)) => GrammarSpec::Lark(read(path)?),
+            (None, None) => return Ok(None),
+        };
         let grammars = Grammars::new(&m.tokenizer)?;
-        let spec = GrammarSpec::JsonSchema(schema);
-        grammars.constraint(&spec)?; // a schema that does not compile fails now, not at the first reply
+        // A schema or grammar that does not compile fails now, not at the first reply.
+        grammars.constraint(&spec).map_err(|e| {
+            let path = a.json_schema.as_ref().or(a.grammar.as_ref()).expect("one of them");
+            Error::Invalid(format!("{}: {e}", path.display()))
+        })?;
         Ok(Some(Schema { grammars, spec }))
     }
 
@@ -223,6 +244,9 @@ struct InfoArgs {
     /// GGUF model file (default: the embedded model).
     #[arg(short, long)]
     model: Option<std::path::PathBuf>,
+    /// A model by name, OWNER/REPO[:FILE.gguf] on the Hugging Face hub (also -hf), as for `run`.
+    #[arg(long, value_name = "OWNER/REPO[:FILE]", conflicts_with = "model")]
+    hf: Option<String>,
     /// List the devices a model can run on instead (GPU adapters, best first, and the CPU).
     #[arg(long)]
     devices: bool,
@@ -260,8 +284,8 @@ struct PerplexityArgs {
 
 fn main() -> ExitCode {
     device::quiet_headless_vulkan();
-    let cli = cli();
-    let result = match cli.command {
+    let mut cli = cli();
+    let result = fetch_model(&mut cli.command).and_then(|()| match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat::chat(a),
         Command::Info(a) if a.devices => device::list(),
@@ -274,7 +298,8 @@ fn main() -> ExitCode {
         Command::ServeWww(a) => serve_www::serve_www(a),
         Command::Serve(a) => serve::serve(a),
         Command::Completions(a) => completions(a),
-    };
+        Command::Models(a) => hub::models(a),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -365,8 +390,28 @@ fn cli() -> Cli {
         })
         .mut_subcommands(with_env)
     }
-    let matches = with_env(Cli::command()).get_matches();
+    // llama.cpp spells the hub option `-hf`: clap's short options are one letter, so it is read as `--hf`.
+    let args = std::env::args_os().map(|a| if a == "-hf" { "--hf".into() } else { a });
+    let matches = with_env(Cli::command()).get_matches_from(args);
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `--hf NAME`: the model file from the hub's cache (downloaded first if needed) in place of `-m`.
+fn fetch_model(command: &mut Command) -> Result<(), Error> {
+    let (model, hf) = match command {
+        Command::Run(RunArgs { model: a, .. })
+        | Command::Chat(ChatArgs { model: a, .. })
+        | Command::Logits(LogitsArgs { model: a, .. })
+        | Command::Perplexity(PerplexityArgs { model: a, .. })
+        | Command::Bench(bench::BenchArgs { model: a, .. })
+        | Command::Serve(serve::ServeArgs { model: a, .. }) => (&mut a.model, &a.hf),
+        Command::Info(a) => (&mut a.model, &a.hf),
+        _ => return Ok(()),
+    };
+    if let Some(name) = hf {
+        *model = Some(hub::fetch(name)?);
+    }
+    Ok(())
 }
 
 fn completions(a: CompletionsArgs) -> Result<(), Error> {

@@ -171,8 +171,7 @@ impl Model {
         let sampler =
             SamplerParams { temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, ..Default::default() };
         let params = gen_params(sampler, seed, max_tokens, stop)?;
-        let messages: Vec<ChatMessage> =
-            messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+        let messages: Vec<ChatMessage> = messages.into_iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
         let tok = &self.m.tokenizer;
         let ids = py.detach(|| tok.encode_chat(&messages, true)).map_err(py_err)?;
         self.run(py, ids, params, stream)

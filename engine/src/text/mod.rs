@@ -1,4 +1,5 @@
-//! Text: the tokenizer (text to token ids and back) and chat templates.
+//! Text: the tokenizer (text to token ids and back) chat templates, and the tool-call formats of those templates.
 
 pub mod chat;
 pub mod tokenizer;
+pub mod tools;

@@ -290,33 +290,69 @@ impl Tokenizer {
 
     /// The conversation as prompt text, by the model's template (see `template_choice`).
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_chat_with(messages, None, add_generation_prompt)
+    }
+
+    /// `render_chat`, with the tools the model may call (OpenAI's `tools` list) given to the template.
+    pub fn render_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let text_of = |id: Option<u32>| id.and_then(|id| self.token_text(id)).unwrap_or("");
-        chat::render(self.template()?, messages, add_generation_prompt, text_of(self.bos), text_of(self.eos))
+        let (bos, eos) = (text_of(self.bos), text_of(self.eos));
+        chat::render(self.template()?, messages, tools, add_generation_prompt, bos, eos)
+    }
+
+    /// How the model's template writes tool calls, or None if it has no tool support.
+    pub fn tool_format(&self) -> Option<crate::text::tools::ToolFormat> {
+        self.template_choice().0.and_then(crate::text::tools::ToolFormat::of_template)
     }
 
     /// The conversation as prompt ids. BOS is added per `add_bos()` unless the template already wrote it.
     /// Control-token text inside a message ("<|eot_id|>" typed by a user) is tokenized as text, so that
     /// no message can forge a turn of another role; only the template writes control tokens.
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        self.encode_chat_with(messages, add_generation_prompt, false)
+        self.encode_chat_with(messages, None, add_generation_prompt, false)
     }
 
-    /// `encode_chat`, with `parse_special` making control-token text in messages real control tokens
-    /// (what llama.cpp does; for trusted input only).
+    /// `encode_chat`, with the tools the model may call (see `render_chat_with`), and `parse_special` making
+    /// control-token text in messages real control tokens (what llama.cpp does; for trusted input only).
     pub fn encode_chat_with(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
-        let base = if parse_special { None } else { Some(self.marker_base(messages)?) };
+        let base = if parse_special { None } else { Some(self.marker_base(messages, tools)?) };
         let text = match base {
-            None => self.render_chat(messages, add_generation_prompt)?,
+            None => self.render_chat_with(messages, tools, add_generation_prompt)?,
             Some(base) => {
+                // Tool definitions and calls are the client's text too: marked like the messages.
                 let mark = |text: &str| self.mark_control_text(text, base);
-                let marked: Vec<ChatMessage> =
-                    messages.iter().map(|m| ChatMessage { role: mark(&m.role), content: mark(&m.content) }).collect();
-                self.render_chat(&marked, add_generation_prompt)?
+                let mark_json = |v: &serde_json::Value| self.mark_json(v, base);
+                let marked: Vec<ChatMessage> = messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: mark(&m.role),
+                        content: mark(&m.content),
+                        tool_calls: (m.tool_calls.iter())
+                            .map(|c| chat::ToolCall {
+                                id: mark(&c.id),
+                                kind: mark(&c.kind),
+                                function: chat::FunctionCall {
+                                    name: mark(&c.function.name),
+                                    arguments: mark_json(&c.function.arguments),
+                                },
+                            })
+                            .collect(),
+                        tool_call_id: m.tool_call_id.as_deref().map(mark),
+                    })
+                    .collect();
+                let tools: Option<Vec<serde_json::Value>> = tools.map(|t| t.iter().map(mark_json).collect());
+                self.render_chat_with(&marked, tools.as_deref(), add_generation_prompt)?
             }
         };
         let bos_written = self.bos.and_then(|id| self.token_text(id)).is_some_and(|bos| text.starts_with(bos));
@@ -358,14 +394,29 @@ impl Tokenizer {
     }
 
     /// The first of MARKER_BASES whose markers appear nowhere in the conversation or the template.
-    fn marker_base(&self, messages: &[ChatMessage]) -> Result<u32> {
+    fn marker_base(&self, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) -> Result<u32> {
         let template = self.template()?;
-        let texts = || messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).chain([template]);
+        // Every string of the conversation is in its JSON (which escapes no private-use character).
+        let json = serde_json::to_string(&(messages, tools)).map_err(|e| Error::Invalid(e.to_string()))?;
+        let texts = || [json.as_str(), template].into_iter();
         let n = self.specials.len() as u32;
         let free = |base: u32| !texts().flat_map(str::chars).any(|c| (base..base + n).contains(&(c as u32)));
         MARKER_BASES.into_iter().find(|&base| free(base)).ok_or_else(|| {
             Error::Invalid("the chat messages use every private-use character range the tokenizer needs".into())
         })
+    }
+
+    /// `value` with control-token text replaced by markers in every string and key.
+    fn mark_json(&self, value: &serde_json::Value, base: u32) -> serde_json::Value {
+        use serde_json::Value as J;
+        match value {
+            J::String(s) => J::String(self.mark_control_text(s, base)),
+            J::Array(items) => J::Array(items.iter().map(|v| self.mark_json(v, base)).collect()),
+            J::Object(map) => {
+                J::Object(map.iter().map(|(k, v)| (self.mark_control_text(k, base), self.mark_json(v, base))).collect())
+            }
+            other => other.clone(),
+        }
     }
 
     /// `text` with each control-token text replaced by its marker character.

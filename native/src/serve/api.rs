@@ -32,9 +32,11 @@ pub const SAMPLING_FIELDS: &[&str] = &[
     "ignore_eos",
     "user",
     "response_format",
+    "grammar",
 ];
 /// The fields of [`ChatRequest`].
-pub const CHAT_FIELDS: &[&str] = &["messages", "logprobs", "top_logprobs"];
+pub const CHAT_FIELDS: &[&str] =
+    &["messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
 /// The fields of [`CompletionRequest`].
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs"];
 
@@ -85,6 +87,8 @@ pub struct Sampling {
     pub user: Option<String>,
     /// Structured output: `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
     pub response_format: Option<ResponseFormat>,
+    /// A grammar in llguidance's Lark syntax that the output must follow.
+    pub grammar: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -209,15 +213,85 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     /// ...and of this many most likely tokens at each position (0 to 20; needs `logprobs`).
     pub top_logprobs: Option<u32>,
+    /// Functions the model may call (given to the chat template as they are).
+    pub tools: Option<Vec<ToolDef>>,
+    pub tool_choice: Option<ToolChoiceField>,
+    /// Several calls in one reply (the default, where the template's format allows it).
+    pub parallel_tool_calls: Option<bool>,
 }
 
-/// A message; other fields (`name`, `tool_calls`, ...) are refused, not dropped.
+/// `{"type": "function", "function": {"name", "description", "parameters", "strict"}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolDef {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+/// A function; `description` and `strict` are accepted (the arguments always follow `parameters`, as
+/// `strict: true` asks).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct FunctionDef {
+    pub name: String,
+    pub description: Option<String>,
+    /// The arguments' JSON schema.
+    pub parameters: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// `"none" | "auto" | "required"`, or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoiceField {
+    Mode(String),
+    Function(NamedTool),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: NamedFunction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// A message; other fields (`name`, ...) are refused, not dropped.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     /// Null for an assistant message that only called tools.
     pub content: Option<Content>,
+    /// The calls an assistant message made.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A call as the client sends it back: `arguments` is JSON text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCallIn {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCallIn {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Deserialize)]
@@ -303,7 +377,26 @@ pub struct ChatChoice<'a> {
 #[derive(Serialize)]
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    /// Null when the reply is tool calls.
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A call the model made.
+#[derive(Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str, // "function"
+    pub function: FunctionCallOut,
+}
+
+#[derive(Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
 }
 
 /// One server-sent event of a streamed chat completion.
@@ -402,6 +495,27 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A piece of a streamed call, as OpenAI sends them: the first of a call has its `id`, `type` and name (and
+/// `arguments: ""`), the next ones more of its arguments; `index` says which call.
+#[derive(Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// A text completion, or one chunk of a streamed one (same object, as in the OpenAI API).

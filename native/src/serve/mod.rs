@@ -30,7 +30,8 @@ use axum::{Extension, Json, Router};
 use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
-use bitnet_engine::text::chat::ChatMessage;
+use bitnet_engine::text::chat::{ChatMessage, FunctionCall, ToolCall};
+use bitnet_engine::text::tools::{CallPiece, CallReader, ParsedCall, Tool, ToolChoice, ToolFormat};
 use bitnet_engine::Error;
 use clap::Args;
 use futures_util::{stream, Stream, StreamExt};
@@ -46,7 +47,7 @@ use scheduler::{Done, Event, Job, Scheduler, SubmitError};
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub model: ModelArgs,
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -245,6 +246,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/props", get(props))
         .route("/slots", get(slots))
         .route("/detokenize", post(detokenize))
+        .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/health", get(health))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "invalid_request_error") })
@@ -451,16 +453,23 @@ async fn chat(
     let body = json_body(body)?;
     let (req, sampling): (ChatRequest, Sampling) = (request(&body, &[SAMPLING_FIELDS, CHAT_FIELDS])?, typed(&body)?);
     let n_probs = chat_n_probs(&req)?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty").param("messages"));
-    }
-    let messages = req.messages.iter().map(chat_message).collect::<Result<Vec<_>, _>>()?;
+    let (messages, tools) = chat_input(&app, &req, &body)?;
     let (m, parse_special) = (app.m, app.parse_special);
-    let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, true, parse_special))
+    let tool_list = tools.as_ref().map(|t| t.json.clone());
+    let prompt = blocking(move || m.tokenizer.encode_chat_with(&messages, tool_list.as_deref(), true, parse_special))
         .await?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    let constraint = constraint_of(&app, &sampling).await?;
-    let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "messages", "chatcmpl")?;
+    let mut spec = grammar_spec(&sampling)?;
+    if let Some(lark) = tools.as_ref().and_then(|t| t.grammar.clone()) {
+        if spec.is_some() {
+            let msg = "tools (unless tool_choice is \"none\") cannot be combined with response_format or grammar";
+            return Err(ApiError::bad_request(msg).param("tools"));
+        }
+        spec = Some((GrammarSpec::Lark(lark), "tools"));
+    }
+    let constraint = compile(&app, spec, sampling.ignore_eos).await?;
+    let mut pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "messages", "chatcmpl")?;
+    pending.tools = tools.filter(|t| t.grammar.is_some()).map(|t| t.format);
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
         return Ok(sse(pending.chat_stream(app, usage)));
@@ -468,8 +477,51 @@ async fn chat(
     Ok(answer(peer, chat_answer(app, pending)).await)
 }
 
+/// The conversation and its tools, checked.
+fn chat_input(
+    app: &App,
+    req: &ChatRequest,
+    body: &serde_json::Value,
+) -> Result<(Vec<ChatMessage>, Option<ToolUse>), ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty").param("messages"));
+    }
+    let tools = tool_use(app, req, body)?;
+    let messages = req.messages.iter().map(chat_message).collect::<Result<Vec<_>, _>>()?;
+    let uses_tools = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+    if uses_tools && app.m.tokenizer.tool_format().is_none() {
+        return Err(no_tool_support("messages"));
+    }
+    Ok((messages, tools))
+}
+
+/// llama-server's /apply-template: the prompt text the model's chat template makes of a chat request's
+/// `messages` (and `tools`), without generating.
+async fn apply_template(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = json_body(body)?;
+    let req: ChatRequest = request(&body, &[SAMPLING_FIELDS, CHAT_FIELDS])?;
+    let (messages, tools) = chat_input(&app, &req, &body)?;
+    let m = app.m;
+    let tool_list = tools.map(|t| t.json);
+    let prompt = blocking(move || m.tokenizer.render_chat_with(&messages, tool_list.as_deref(), true))
+        .await?
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+    Ok(Json(serde_json::json!({ "prompt": prompt })))
+}
+
 async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response, ApiError> {
     let (text, logprobs, done) = pending.collect().await?;
+    let calls = pending.tools.and_then(|format| format.parse(&text));
+    let finish = if calls.is_some() { "tool_calls" } else { finish_reason(done.stop) };
+    let message = match calls {
+        Some(calls) => {
+            AssistantMessage { role: "assistant", content: None, tool_calls: tool_calls_out(&pending.id, calls) }
+        }
+        None => AssistantMessage { role: "assistant", content: Some(&text), tool_calls: Vec::new() },
+    };
     let body = ChatCompletion {
         id: &pending.id,
         object: "chat.completion",
@@ -477,8 +529,8 @@ async fn chat_answer(app: Arc<App>, mut pending: Generation) -> Result<Response,
         model: &app.model_id,
         choices: [ChatChoice {
             index: 0,
-            message: AssistantMessage { role: "assistant", content: &text },
-            finish_reason: finish_reason(done.stop),
+            message,
+            finish_reason: finish,
             logprobs: pending.n_probs.map(|_| chat_logprobs(&app, &logprobs)),
         }],
         usage: usage(&done),
@@ -508,7 +560,107 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
             text
         }
     };
-    Ok(ChatMessage { role: m.role.clone(), content })
+    let mut tool_calls = Vec::new();
+    for call in m.tool_calls.iter().flatten() {
+        let bad = |msg: String| ApiError::bad_request(msg).param("messages");
+        if call.kind != "function" {
+            return Err(bad(format!("tool call type '{}' is not supported (function only)", call.kind)));
+        }
+        let arguments = serde_json::from_str(&call.function.arguments).map_err(|e| {
+            bad(format!("the arguments of the call {} of '{}' are not JSON: {e}", call.id, call.function.name))
+        })?;
+        let function = FunctionCall { name: call.function.name.clone(), arguments };
+        tool_calls.push(ToolCall { id: call.id.clone(), kind: call.kind.clone(), function });
+    }
+    Ok(ChatMessage { role: m.role.clone(), content, tool_calls, tool_call_id: m.tool_call_id.clone() })
+}
+
+/// What a request's tools ask of the reply.
+struct ToolUse {
+    format: ToolFormat,
+    /// The tools as the client sent them, for the template.
+    json: Vec<serde_json::Value>,
+    /// The reply's grammar; None for `tool_choice: "none"` (text, parsed as such).
+    grammar: Option<String>,
+}
+
+fn no_tool_support(param: &str) -> ApiError {
+    let msg = "this model's chat template has no tool support (it writes no tool calls): tools, tool calls and \
+               tool messages cannot be used with it";
+    ApiError::bad_request(msg).param(param).code("unsupported_parameter")
+}
+
+/// The request's tools, checked (names as OpenAI allows them, once each; schemas objects), and its
+/// `tool_choice`; None without tools.
+fn tool_use(app: &App, req: &ChatRequest, body: &serde_json::Value) -> Result<Option<ToolUse>, ApiError> {
+    let defs = req.tools.as_deref().unwrap_or_default();
+    if defs.is_empty() {
+        return match &req.tool_choice {
+            Some(ToolChoiceField::Mode(m)) if m == "none" => Ok(None),
+            Some(_) => Err(ApiError::bad_request("tool_choice needs tools").param("tool_choice")),
+            None => Ok(None),
+        };
+    }
+    let format = app.m.tokenizer.tool_format().ok_or_else(|| no_tool_support("tools"))?;
+    let bad = |msg: String| ApiError::bad_request(msg).param("tools");
+    let mut tools: Vec<Tool> = Vec::new();
+    for def in defs {
+        let name = &def.function.name;
+        if def.kind != "function" {
+            return Err(bad(format!("tool type '{}' is not supported (function only)", def.kind)));
+        }
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
+            return Err(bad(format!("tool name '{name}' must be 1 to 64 letters, digits, '_' or '-'")));
+        }
+        if tools.iter().any(|t| &t.name == name) {
+            return Err(bad(format!("tool '{name}' is given twice")));
+        }
+        let parameters = match &def.function.parameters {
+            // No parameters: the call takes none (an empty object).
+            None => serde_json::json!({ "type": "object", "properties": {}, "additionalProperties": false }),
+            Some(p @ serde_json::Value::Object(_)) => p.clone(),
+            Some(_) => return Err(bad(format!("the parameters of tool '{name}' must be a JSON schema (an object)"))),
+        };
+        tools.push(Tool { name: name.clone(), parameters });
+    }
+    let bad_choice = |msg: String| ApiError::bad_request(msg).param("tool_choice");
+    let choice = match &req.tool_choice {
+        None => ToolChoice::Auto,
+        Some(ToolChoiceField::Mode(m)) => match m.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => return Err(bad_choice(format!("tool_choice '{other}' is not one of none, auto, required"))),
+        },
+        Some(ToolChoiceField::Function(named)) => {
+            let name = &named.function.name;
+            if named.kind != "function" || !tools.iter().any(|t| &t.name == name) {
+                return Err(bad_choice(format!("tool_choice names no function of tools ('{name}')")));
+            }
+            ToolChoice::Function(name.clone())
+        }
+    };
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    let grammar = format.grammar(&tools, &choice, parallel);
+    let json = body["tools"].as_array().cloned().unwrap_or_default();
+    Ok(Some(ToolUse { format, json, grammar }))
+}
+
+/// A call's id: the request's and the call's number in the reply.
+fn call_id(request_id: &str, index: usize) -> String {
+    format!("call_{}_{index}", request_id.rsplit('-').next().unwrap_or(request_id))
+}
+
+/// The calls as the API reports them, in order.
+fn tool_calls_out(request_id: &str, calls: Vec<ParsedCall>) -> Vec<ToolCallOut> {
+    (calls.into_iter().enumerate())
+        .map(|(i, call)| ToolCallOut {
+            id: call_id(request_id, i),
+            kind: "function",
+            function: FunctionCallOut { name: call.name, arguments: call.arguments },
+        })
+        .collect()
 }
 
 async fn completions(
@@ -556,7 +708,7 @@ async fn completion_of(
         return Err(ApiError::bad_request(format!("token id {bad} is outside the vocabulary of {}", tok.vocab_size()))
             .param("prompt"));
     }
-    let constraint = constraint_of(&app, &sampling).await?;
+    let constraint = compile(&app, grammar_spec(&sampling)?, sampling.ignore_eos).await?;
     let pending = Generation::submit(&app, prompt, &sampling, n_probs, constraint, "prompt", "cmpl")?;
     if sampling.stream == Some(true) {
         let usage = sampling.stream_options.and_then(|o| o.include_usage) == Some(true);
@@ -584,11 +736,18 @@ async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Res
     Ok(Json(body).into_response())
 }
 
-/// `response_format` as a grammar the output must follow (None for free text), compiled on the blocking pool
-/// (the first one also builds the grammar engine for the vocabulary); a schema that does not compile is a 400.
-async fn constraint_of(app: &Arc<App>, s: &Sampling) -> Result<Option<Constraint>, ApiError> {
+/// `response_format` or `grammar` as the grammar the output must follow, with the field it came from (None
+/// for free text).
+fn grammar_spec(s: &Sampling) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
     let bad = |msg: String| ApiError::bad_request(msg).param("response_format");
-    let Some(format) = &s.response_format else { return Ok(None) };
+    let format = match (&s.response_format, &s.grammar) {
+        (Some(f), Some(_)) if f.kind != "text" => {
+            return Err(bad("response_format and grammar cannot be combined: give one".into()))
+        }
+        (_, Some(lark)) => return Ok(Some((GrammarSpec::Lark(lark.clone()), "grammar"))),
+        (Some(f), None) => f,
+        (None, None) => return Ok(None),
+    };
     let spec = match (format.kind.as_str(), &format.json_schema) {
         ("text", None) => return Ok(None),
         ("json_object", None) => GrammarSpec::JsonObject,
@@ -608,8 +767,20 @@ async fn constraint_of(app: &Arc<App>, s: &Sampling) -> Result<Option<Constraint
             )))
         }
     };
-    if s.ignore_eos == Some(true) {
-        return Err(bad("response_format and ignore_eos cannot be combined (a complete answer ends with EOS)".into()));
+    Ok(Some((spec, "response_format")))
+}
+
+/// A grammar compiled on the blocking pool (the first one also builds the grammar engine for the vocabulary);
+/// one that does not compile is a 400 naming the field it came from.
+async fn compile(
+    app: &Arc<App>,
+    spec: Option<(GrammarSpec, &'static str)>,
+    ignore_eos: Option<bool>,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some((spec, param)) = spec else { return Ok(None) };
+    let bad = move |msg: String| ApiError::bad_request(msg).param(param);
+    if ignore_eos == Some(true) {
+        return Err(bad(format!("{param} and ignore_eos cannot be combined (a complete answer ends with EOS)")));
     }
     let app = app.clone();
     blocking(move || {
@@ -629,6 +800,8 @@ struct Generation {
     events: UnboundedReceiver<Event>,
     /// Log-probabilities were asked for (with this many alternatives per token).
     n_probs: Option<usize>,
+    /// The reply is text or tool calls of this format (tools were given, and tool_choice is not "none").
+    tools: Option<ToolFormat>,
 }
 
 impl Generation {
@@ -677,7 +850,7 @@ impl Generation {
         }
         let n = app.next_id.fetch_add(1, Relaxed);
         let id = format!("{id_prefix}-{:x}{n:06x}", app.started);
-        Ok(Self { id, created: unix_time(), events: rx, n_probs })
+        Ok(Self { id, created: unix_time(), events: rx, n_probs, tools: None })
     }
 
     /// The whole text and the tokens' log-probabilities (if asked for), for a non-streaming response.
@@ -731,15 +904,42 @@ impl Generation {
         fn choice<'a>(d: Delta<'a>, end: Option<&'static str>, lp: Option<ChatLogprobs>) -> Option<ChunkChoice<'a>> {
             Some(ChunkChoice { index: 0, delta: d, finish_reason: end, logprobs: lp })
         }
-        let first = chunk(choice(Delta { role: Some("assistant"), content: Some("") }, None, None), None, None);
+        let first = chunk(
+            choice(Delta { role: Some("assistant"), content: Some(""), ..Delta::default() }, None, None),
+            None,
+            None,
+        );
+        let lp = move |tokens: &[EngineLogprob]| with_logprobs.as_ref().map(|app| chat_logprobs(app, tokens));
+        let mut tool_reply = self.tools.map(|format| ToolReply::new(format, &self.id));
         let rest = self.events().flat_map(move |event| {
+            let text_chunk = |text: &str, logprob: &[EngineLogprob]| {
+                chunk(choice(Delta { content: Some(text), ..Delta::default() }, None, lp(logprob)), None, None)
+            };
             stream::iter(match event {
-                Event::Token { text, logprob } => {
-                    let logprobs = with_logprobs.as_ref().map(|app| chat_logprobs(app, logprob.as_slice()));
-                    vec![chunk(choice(Delta { role: None, content: Some(&text) }, None, logprobs), None, None)]
-                }
+                Event::Token { text, logprob } => match &mut tool_reply {
+                    None => vec![text_chunk(&text, logprob.as_slice())],
+                    Some(reply) => {
+                        reply.logprobs.extend(logprob);
+                        match reply.read(&text) {
+                            (Some(text), _) => vec![text_chunk(&text, &std::mem::take(&mut reply.logprobs))],
+                            (None, calls) if !calls.is_empty() => {
+                                let delta = Delta { tool_calls: Some(calls), ..Delta::default() };
+                                vec![chunk(choice(delta, None, lp(&std::mem::take(&mut reply.logprobs))), None, None)]
+                            }
+                            (None, _) => vec![],
+                        }
+                    }
+                },
                 Event::Done(d) => {
-                    let last = choice(Delta::default(), Some(finish_reason(d.stop)), None);
+                    let mut finish = finish_reason(d.stop);
+                    let mut logprobs = None;
+                    if let Some(reply) = &tool_reply {
+                        if reply.made_calls() && d.stop == StopReason::EndToken {
+                            finish = "tool_calls";
+                        }
+                        logprobs = Some(&reply.logprobs).filter(|l| !l.is_empty()).and_then(|l| lp(l));
+                    }
+                    let last = choice(Delta::default(), Some(finish), logprobs);
                     let mut out = vec![chunk(last, None, Some(timings(&d)))];
                     out.extend(include_usage.then(|| chunk(None, Some(usage(&d)), None)));
                     out.push("[DONE]".into());
@@ -792,6 +992,83 @@ impl Generation {
                 Event::Failed(msg) => vec![stream_error(msg)],
             })
         })
+    }
+}
+
+/// A streamed reply when tools may be called. Its first character tells text from calls (see
+/// engine::text::tools): until then it is held; text then streams as it comes, calls as OpenAI streams them
+/// (each call's id and name, then its arguments in pieces).
+struct ToolReply {
+    format: ToolFormat,
+    state: ReplyState,
+    request_id: String,
+    /// The log-probabilities of the tokens not sent yet.
+    logprobs: Vec<EngineLogprob>,
+}
+
+enum ReplyState {
+    Undecided(String),
+    Text,
+    Calls(CallReader),
+}
+
+impl ToolReply {
+    fn new(format: ToolFormat, request_id: &str) -> Self {
+        let state = ReplyState::Undecided(String::new());
+        ToolReply { format, state, request_id: request_id.to_owned(), logprobs: Vec::new() }
+    }
+
+    /// Reads a piece of the reply: text to send, or pieces of calls.
+    fn read(&mut self, text: &str) -> (Option<String>, Vec<ToolCallDelta>) {
+        let pieces = match &mut self.state {
+            ReplyState::Text => return (Some(text.to_owned()), Vec::new()),
+            ReplyState::Calls(reader) => reader.push(text),
+            ReplyState::Undecided(held) => {
+                held.push_str(text);
+                if held.is_empty() {
+                    return (None, Vec::new());
+                }
+                if !self.format.starts_call(held) {
+                    let held = std::mem::take(held);
+                    self.state = ReplyState::Text;
+                    return (Some(held), Vec::new());
+                }
+                let mut reader = CallReader::new(self.format);
+                let pieces = reader.push(held);
+                self.state = ReplyState::Calls(reader);
+                pieces
+            }
+        };
+        (None, self.deltas(pieces))
+    }
+
+    fn made_calls(&self) -> bool {
+        matches!(self.state, ReplyState::Calls(_))
+    }
+
+    /// Call pieces as deltas, a call's start and the arguments after it in one.
+    fn deltas(&self, pieces: Vec<CallPiece>) -> Vec<ToolCallDelta> {
+        let mut out: Vec<ToolCallDelta> = Vec::new();
+        for piece in pieces {
+            match piece {
+                CallPiece::Start { index, name } => out.push(ToolCallDelta {
+                    index,
+                    id: Some(call_id(&self.request_id, index)),
+                    kind: Some("function"),
+                    function: FunctionDelta { name: Some(name), arguments: String::new() },
+                }),
+                CallPiece::Arguments { index, text } => match out.last_mut() {
+                    Some(last) if last.index == index => last.function.arguments.push_str(&text),
+                    _ => out.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta { name: None, arguments: text },
+                    }),
+                },
+            }
+        }
+        out
     }
 }
 
@@ -933,6 +1210,8 @@ async fn props(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "model_path": app.model_path,
         "model_alias": app.model_id,
         "chat_template": tok.chat_template().unwrap_or(""),
+        // llama-server's: whether the template takes tools and writes tool calls (in a form this server knows).
+        "chat_template_caps": { "supports_tools": tok.tool_format().is_some(), "supports_tool_calls": tok.tool_format().is_some() },
         "bos_token": token(tok.bos()),
         "eos_token": token(tok.eos()),
         "build_info": format!("bitnet {}", env!("CARGO_PKG_VERSION")),
