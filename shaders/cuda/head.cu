@@ -280,13 +280,14 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_mma(const u16* xh, con
     for (int t = warp; t < m; t += 8) {
         const float* row = cs + t * (HR + 4);
         float* dst = (float*)outs[2 * (t0 + t)];
+        bool whole = ((u64)dst & 15) == 0;  // 16-byte stores where the logits are aligned (every sequence's are)
         float bv = NEG_INF;
         int bi = 0x7fffffff;
         for (int c = 4 * lane; c < valid; c += 128) {
             float4 v = *(const float4*)(row + c);
             if (dst) {
-                if (c + 4 <= valid) *(float4*)(dst + r0 + c) = v;
-                else for (int q = 0; q < valid - c; q++) dst[r0 + c + q] = (&v.x)[q];
+                if (whole && c + 4 <= valid) *(float4*)(dst + r0 + c) = v;
+                else for (int q = 0; q < min(4, valid - c); q++) dst[r0 + c + q] = (&v.x)[q];
             }
             for (int q = 0; q < 4 && c + q < valid; q++) better(bv, bi, (&v.x)[q], r0 + c + q);
         }
