@@ -7,4 +7,6 @@ module.exports = {
   mode: 'production',
   entry: './src/main.js',
   output: { path: path.resolve(__dirname, 'dist'), clean: true },
+  // The two wasm builds are 3 MB each: past webpack's default size hint, and fetched only when used.
+  performance: { hints: false },
 };
