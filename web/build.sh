@@ -9,6 +9,7 @@
 #   bash web/build.sh          both builds, the package and the site
 #   bash web/build.sh st       the single-threaded build only (the package then always runs single-threaded)
 #   bash web/build.sh test     the wasm tests (web/tests/web.rs) in headless Chromium, in the threaded build
+#   bash web/build.sh js       the TypeScript, the package and the site again, with the wasm builds already in pkg/
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(cd .. && pwd)
@@ -43,7 +44,11 @@ if [ "${1:-}" = test ]; then
 fi
 
 BUILDS=${*:-st mt}
-rm -rf pkg
+if [ "$BUILDS" = js ]; then
+  BUILDS=
+else
+  rm -rf pkg
+fi
 for build in $BUILDS; do
   case $build in
     st) st build --target web --release --no-pack --out-dir pkg/st --out-name bitnet_web . ;;
@@ -54,7 +59,7 @@ for build in $BUILDS; do
 done
 # wasm-bindgen-rayon's bundler-mode helper (the Worker that each pool thread runs) imports its package as
 # `import('../../..')`, a folder only bundlers resolve; naming the file works for bundlers and browsers alike.
-if [ -d pkg/mt ]; then
+if [ -d pkg/mt ] && ! grep -q "import('../../../bitnet_web.js')" pkg/mt/snippets/*/src/workerHelpers.js; then
   helper=$(find pkg/mt/snippets -name workerHelpers.js)
   [ -n "$helper" ] && grep -q "import('../../..')" "$helper" \
     || { echo "wasm-bindgen-rayon's workerHelpers.js changed: check its import of the package" >&2; exit 2; }
@@ -77,6 +82,9 @@ mkdir -p "$site/models"
 cp "$ROOT"/www/* "$site/"
 cp -r pkg "$site/bitnet"
 cp pkg/coi-serviceworker.js "$site/"
+# The page's Markdown rendering: marked, and DOMPurify to sanitize its HTML (npm packages, pinned in package.json).
+mkdir -p "$site/vendor"
+cp node_modules/marked/lib/marked.esm.js node_modules/dompurify/dist/purify.es.mjs "$site/vendor/"
 cp "$ROOT/engine/models/smolbit-135m.gguf" "$site/models/"
-echo "built web/pkg (bitnet-web $version: $BUILDS) and the demo site in $site"
+echo "built web/pkg (bitnet-web $version: ${BUILDS:-the wasm builds kept}) and the demo site in $site"
 echo "serve it: target/release/bitnet serve-www --port 8080"

@@ -224,6 +224,10 @@ export class BitNet {
 export class Generation implements AsyncIterable<string> {
   /** Resolves when generation ends (also after an abort); rejects on an error. */
   readonly stats: Promise<GenerationStats>;
+  /** Tokens generated so far (as of the last text piece), for a live speed. */
+  generatedTokens = 0;
+  /** Decode speed so far (tokens/s), as of the last text piece. */
+  tokensPerSecond = 0;
   private pieces: string[] = [];
   private finished = false;
   private error: unknown;
@@ -258,7 +262,13 @@ export class Generation implements AsyncIterable<string> {
 
   /** @internal */
   receive(r: Reply): void {
-    if (r.type === 'text') this.pieces.push(r.text);
+    if (r.type === 'text') {
+      this.pieces.push(r.text);
+      if (r.generated !== undefined && r.decodeMs) {
+        this.generatedTokens = r.generated;
+        this.tokensPerSecond = (r.generated * 1000) / r.decodeMs;
+      }
+    }
     else if (r.type === 'done') {
       this.finished = true;
       this.settle.resolve(r.stats!);

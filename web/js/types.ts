@@ -149,7 +149,7 @@ export type Request =
 export type Reply =
   | { type: 'progress'; id: number; progress: Progress }
   | { type: 'loaded'; id: number; info: ModelInfo }
-  | { type: 'text'; id: number; text: string }
+  | { type: 'text'; id: number; text: string; generated?: number; decodeMs?: number }
   | { type: 'tokens'; id: number; tokens: number[] }
   | { type: 'logits'; id: number; logits: Float32Array }
   | { type: 'done'; id: number; stats?: GenerationStats }

@@ -203,6 +203,7 @@ async function generate(req: GenerateRequest): Promise<void> {
   }
   const promptMs = performance.now() - t0;
   let decodeMs = 0;
+  let generated = 0;
   let stopped = false;
   for (;;) {
     await nextTask();
@@ -214,7 +215,8 @@ async function generate(req: GenerateRequest): Promise<void> {
     const text = await engine.step();
     decodeMs += performance.now() - t;
     if (text === undefined) break;
-    if (text) post({ type: 'text', id: req.id, text });
+    generated++;
+    if (text) post({ type: 'text', id: req.id, text, generated, decodeMs });
   }
   post({ type: 'done', id: req.id, stats: stats(promptMs, decodeMs, stopped) });
 }
