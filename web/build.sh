@@ -39,7 +39,8 @@ mt() { # wasm-pack wants its path argument before cargo's own options
 if [ "${1:-}" = test ]; then
   # Release: the tests then reuse the threaded package build's compiled dependencies.
   # webdriver.json gives Chromium --enable-unsafe-webgpu (SwiftShader's WebGPU adapter).
-  WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-300} mt test --headless --chrome --release . --test web
+  WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-300} mt test --headless --chrome --release . --test web \
+    --features test-threads
   exit
 fi
 

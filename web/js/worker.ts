@@ -196,9 +196,8 @@ async function generate(req: GenerateRequest): Promise<void> {
     await nextTask();
     if (aborted.delete(req.id)) {
       // Stopped inside the prompt: what was evaluated stays in the cache (a retry reuses it).
-      const s = stats(performance.now() - t0, 0, true);
       const promptTokens = Math.min(evaluated, toEval);
-      return post({ type: 'done', id: req.id, stats: { ...s, promptTokens, cachedTokens: s.cachedTokens, generatedTokens: 0 } });
+      return post({ type: 'done', id: req.id, stats: { ...stats(performance.now() - t0, 0, true), promptTokens, generatedTokens: 0 } });
     }
   }
   const promptMs = performance.now() - t0;
