@@ -275,6 +275,7 @@ test('OpenAI-shaped API: unknown and unsupported fields are errors naming them; 
       // Abort during a long prompt: the worker stops between prompt chunks, so only part of it is evaluated,
       // which the next request with that prompt finds in the cache.
       const long = Array.from({ length: 40 }, (_, i) => `word${i}`).join(' ');
+      await model.tokenize('x'); // requests run in order: once this answers, the worker is idle and starts the next at once
       const controller = new AbortController();
       const gen = model.generate(long, { maxTokens: 5, signal: controller.signal });
       controller.abort();
