@@ -6,7 +6,6 @@
 // threads=N, ctx=N, mode=chat|complete, model=URL, server=URL, system=TEXT) and keeps window.bitnetDemo =
 // { done, text, tokensPerSecond, tokens, backend, threads, error, conversation } up to date.
 
-import { BitNet } from './bitnet/index.js';
 import { render } from './markdown.js';
 import { ServerModel } from './server.js';
 import * as store from './store.js';
@@ -15,6 +14,10 @@ const DEFAULT_MODEL = 'models/smolbit-135m.gguf';
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const demo = (window.bitnetDemo = { done: false, text: '', tokensPerSecond: null, tokens: null, backend: null, threads: null, error: null, conversation: null });
+// The theme first, before anything is awaited: no flash of the other one.
+setTheme((localStorage.getItem('bitnet-theme') ?? (matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light')) === 'dark');
+/** The npm package, or null where the site was served without it (by `bitnet serve`, for server mode only). */
+const { BitNet } = (await import('./bitnet/index.js').catch(() => null)) ?? { BitNet: null };
 
 let model = null;
 let loading = null; // the AbortController of a load in progress
@@ -83,6 +86,7 @@ async function loadModel(source, name) {
       name = await server.connect();
       model = server;
     } else {
+      if (!BitNet) throw new Error('this page was served without the wasm engine: only server mode works here');
       const threads = params.has('threads') ? Number(params.get('threads')) : undefined;
       const ctx = params.has('ctx') ? Number(params.get('ctx')) : undefined;
       model = await BitNet.load(source, { backend: $('backend').value, threads, ctx, onProgress: showProgress, signal: loading.signal });
@@ -292,6 +296,7 @@ async function startNewConversation() {
 
 async function refreshCache() {
   const list = $('cache-list');
+  if (!BitNet) return;
   if (!('caches' in window)) {
     list.innerHTML = '<li class="muted">The Cache API needs a secure context (https or localhost).</li>';
     return;
@@ -372,12 +377,17 @@ $('backend').onchange = () => ($('server-url').hidden = $('backend').value !== '
 $('model-url').onfocus = () => (document.querySelector('input[name=source][value=url]').checked = true);
 $('model-file').onchange = () => (document.querySelector('input[name=source][value=file]').checked = true);
 $('theme').onclick = () => setTheme(document.documentElement.dataset.theme !== 'dark');
-setTheme((localStorage.getItem('bitnet-theme') ?? (matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light')) === 'dark');
 acceptDrops();
 
 // Automation: fill the form from the query string, then load the model and run the prompt.
 for (const [param, id] of [['n', 'n'], ['temp', 'temp'], ['seed', 'seed'], ['backend', 'backend'], ['mode', 'mode'], ['server', 'server-url']]) {
   if (params.has(param)) $(id).value = params.get(param);
+}
+if (!BitNet) {
+  // Only the page was served: it can talk to the server it came from, and nothing else.
+  $('backend').value = 'server';
+  for (const el of document.querySelectorAll('input[name=source], #model-url, #model-file, #backend')) el.disabled = true;
+  setStatus('This page was served without the wasm engine: it uses the server it came from.');
 }
 $('server-url').hidden = $('backend').value !== 'server';
 if (params.has('prompt')) {

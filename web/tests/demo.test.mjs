@@ -203,7 +203,10 @@ test('dark mode (the system setting, and the toggle) and a phone layout', async 
   await withPage(
     async (page) => {
       await page.goto(url({}));
-      const background = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+      const background = async () => {
+        await page.waitForFunction(() => document.documentElement.dataset.theme); // set by the page's script
+        return page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+      };
       assert.equal(await background(), 'rgb(16, 20, 24)');
       const scroll = await page.evaluate(() => document.documentElement.scrollWidth);
       assert.ok(scroll <= 390, `no horizontal scrolling on a phone (${scroll} px wide)`);
@@ -227,5 +230,15 @@ test('server mode: the same chat against bitnet serve (/v1/chat/completions, str
     assert.deepEqual(d.conversation, [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: want.trim() }]);
     assert.match(await page.locator('#status').innerText(), /^tiny-a-i2_s · backend server http:\/\/127\.0\.0\.1/);
     await page.screenshot({ path: `${OUT}/demo-server.png` });
+  });
+  // Served as `bitnet serve` would serve it, without the package (bitnet/): server mode on its own.
+  await withPage(async (page) => {
+    await page.route('**/bitnet/**', (route) => route.fulfill({ status: 404 }));
+    await page.goto(url({ n: 8, temp: 0, seed: 1, mode: 'chat', prompt: 'Hi', autorun: 1 }));
+    await waitDone(page);
+    const d = await demoState(page);
+    assert.equal(d.error, null);
+    assert.equal(await page.inputValue('#backend'), 'server');
+    assert.deepEqual(d.conversation, [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: want.trim() }]);
   });
 });
