@@ -68,6 +68,8 @@ if [ -d pkg/mt ] && ! grep -q "import('../../../bitnet_web.js')" pkg/mt/snippets
 fi
 # The worker type-checks against the single-threaded build's declarations (both builds have the same API).
 [ -d pkg/st ] || { echo "the st build is needed for the TypeScript declarations" >&2; exit 2; }
+# The worker imports both builds: with the st build only, mt/ is a copy of it (no initThreadPool, so never threaded).
+[ -d pkg/mt ] || cp -r pkg/st pkg/mt
 
 tsc -p tsconfig.json
 tsc -p tsconfig.worker.json

@@ -66,9 +66,12 @@ async function handle(req: Request): Promise<void> {
 
 /** The threaded build when the page is cross-origin isolated (SharedArrayBuffer), else the single-threaded one. */
 async function initWasm(threads: number): Promise<void> {
-  const threaded = threads > 1 && self.crossOriginIsolated === true;
+  // `bash web/build.sh st` makes mt/ a copy of st/, without a thread pool.
+  const threaded = threads > 1 && self.crossOriginIsolated === true && 'initThreadPool' in mt;
   if (threads > 1 && !threaded) {
-    threadsNote = 'threads need a cross-origin isolated page (COOP/COEP headers, or coi-serviceworker.js on a static host): running single-threaded';
+    threadsNote = self.crossOriginIsolated
+      ? 'this package was built without its threaded build: running single-threaded'
+      : 'threads need a cross-origin isolated page (COOP/COEP headers, or coi-serviceworker.js on a static host): running single-threaded';
     console.warn(`bitnet: ${threadsNote}`);
   }
   wasm = threaded ? (mt as unknown as Wasm) : st;
