@@ -132,7 +132,7 @@ test('chat with a system prompt as bitnet chat; regenerate, copy; the conversati
 
 test('a streamed answer rendered as sanitized Markdown, with the live speed (default model)', async () => {
   await withPage(async (page) => {
-    const prompt = '# Shopping list\n\n<img src=x onerror="window.pwned = 1">\n\n1. Apples\n2. Bread\n3.';
+    const prompt = 'Print it with `print(x)`:\n\n```python\nprint("apples")\n```\n\n# Shopping list\n\n1. Apples\n2. Bread\n3.';
     await page.goto(url({ backend: 'wasm', threads: 2, n: 48, temp: 0, seed: 1 }));
     await page.click('#load');
     await page.waitForFunction(() => !document.getElementById('prompt').disabled, null, { timeout: 300_000 });
@@ -141,17 +141,28 @@ test('a streamed answer rendered as sanitized Markdown, with the live speed (def
     await page.fill('#prompt', prompt);
     await page.click('#send');
     await page.waitForFunction(() => / tokens · [\d.]+ tokens\/s/.test(document.getElementById('stats').textContent) && !window.bitnetDemo.done, null, { timeout: 300_000, polling: 20 });
-    await page.screenshot({ path: `${OUT}/demo-markdown-streaming.png` });
+    await page.screenshot({ path: `${OUT}/demo-markdown-streaming.png`, fullPage: true });
     await waitDone(page);
     const live = await page.evaluate(() => window.liveStats);
     assert.ok(live.some((t) => / tokens · [\d.]+ tokens\/s/.test(t)), `live speed shown while streaming: ${live.slice(0, 3)}`);
     const answer = page.locator('.msg.assistant .body').last();
     assert.equal(await answer.locator('h1').innerText(), 'Shopping list');
     assert.ok((await answer.locator('ol li').count()) >= 2);
-    assert.equal(await page.locator('[onerror]').count(), 0, 'DOMPurify removed the handler');
-    assert.equal(await page.evaluate(() => window.pwned), undefined);
+    assert.equal(await answer.locator('pre code').innerText(), 'print("apples")\n');
+    assert.equal(await answer.locator('p code').first().innerText(), 'print(x)');
     assert.match(await page.locator('#stats').innerText(), /tokens at [\d.]+ tokens\/s/);
     await page.screenshot({ path: `${OUT}/demo-markdown.png` });
+
+    // HTML in a message is sanitized: no script runs.
+    await page.fill('#n', '1');
+    await page.fill('#prompt', 'A picture: <img src=x onerror="window.pwned = 1"> <script>window.pwned = 2</script>');
+    await page.evaluate(() => (window.bitnetDemo.done = false));
+    await page.click('#send');
+    await waitDone(page);
+    assert.equal(await page.locator('.msg.assistant img').count(), 1, 'the image itself stays');
+    assert.equal(await page.locator('[onerror]').count(), 0, 'DOMPurify removed the handler');
+    assert.equal(await page.locator('#messages script').count(), 0);
+    assert.equal(await page.evaluate(() => window.pwned), undefined);
   });
 });
 
@@ -196,6 +207,7 @@ test('drop a GGUF file on the page to load it; cancel a download', async () => {
     });
     await page.waitForFunction(() => !document.getElementById('prompt').disabled);
     assert.match(await page.locator('#status').innerText(), /^dropped\.gguf: bitnet-b1\.58, 2 layers/);
+    await page.screenshot({ path: `${OUT}/demo-dropped.png` });
   });
 });
 
