@@ -287,7 +287,7 @@ async fn fork_join_cost() {
     };
     for rounds in [0, 8] {
         let mut data = vec![0u32; 8 * 2048];
-        let mut parallel =
+        let parallel =
             |data: &mut [u32]| (0..LOOPS).for_each(|_| data.par_chunks_mut(2048).for_each(|c| work(c, rounds)));
         for _ in 0..3 {
             let serial = micros(&mut || (0..LOOPS).for_each(|_| data.chunks_mut(2048).for_each(|c| work(c, rounds))));
