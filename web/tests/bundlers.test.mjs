@@ -4,7 +4,7 @@
 // thread pool (2 threads) and with the single-threaded build; the text must equal `bitnet run`'s.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, cpSync, mkdirSync, rmSync } from 'node:fs';
 import { OUT, ROOT, launch, nativeRun, newPage, serve } from './helpers.mjs';
 
@@ -35,31 +35,56 @@ function build(name) {
   return `${app}/dist`;
 }
 
+/** Loads the example page at `url` with `threads`; checks its text and thread count; screenshots it as `name`. */
+async function check(url, threads, want, name) {
+  const log = [];
+  const page = await newPage(browser, log);
+  try {
+    await page.goto(`${url}?model=tiny.gguf&threads=${threads}&n=12&prompt=${encodeURIComponent(PROMPT)}`);
+    const got = await page.evaluate(() => window.example);
+    assert.equal(got.error, null);
+    assert.equal(got.text, want, `${name}: the text vs bitnet run`);
+    assert.equal(got.info.threads, threads);
+    assert.equal(got.info.build.threads, threads > 1);
+    await page.screenshot({ path: `${OUT}/${name}.png` });
+  } catch (err) {
+    console.log(`--- ${name}: page console\n${log.join('\n')}`);
+    throw err;
+  } finally {
+    await page.context().close();
+  }
+}
+
 for (const bundler of ['vite', 'webpack']) {
   test(`${bundler}: the example app built from the packed package generates text, threaded and not`, async () => {
     const want = nativeRun('-m', MODEL, '-p', PROMPT, '-n', '12', '--temp', '0', '--seed', '1');
     const server = await serve(build(bundler));
     try {
-      for (const threads of [2, 1]) {
-        const log = [];
-        const page = await newPage(browser, log);
-        try {
-          await page.goto(`${server.url}?model=tiny.gguf&threads=${threads}&n=12&prompt=${encodeURIComponent(PROMPT)}`);
-          const got = await page.evaluate(() => window.example);
-          assert.equal(got.error, null);
-          assert.equal(got.text, want, `${bundler}, ${threads} thread(s): the text vs bitnet run`);
-          assert.equal(got.info.threads, threads);
-          assert.equal(got.info.build.threads, threads > 1);
-          await page.screenshot({ path: `${OUT}/${bundler}-${threads}.png` });
-        } catch (err) {
-          console.log(`--- ${bundler}, ${threads} thread(s): page console\n${log.join('\n')}`);
-          throw err;
-        } finally {
-          await page.context().close();
-        }
-      }
+      for (const threads of [2, 1]) await check(server.url, threads, want, `${bundler}-${threads}`);
     } finally {
       server.stop();
     }
   });
 }
+
+test('vite: the dev server (vite dev) runs the example too, threaded', async () => {
+  const want = nativeRun('-m', MODEL, '-p', PROMPT, '-n', '12', '--temp', '0', '--seed', '1');
+  const app = `${dir}/vite`; // installed by the vite test above
+  mkdirSync(`${app}/public`, { recursive: true });
+  copyFileSync(MODEL, `${app}/public/tiny.gguf`);
+  const dev = spawn(`${app}/node_modules/.bin/vite`, ['--host', '127.0.0.1', '--port', '0'], { cwd: app, stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    const url = await new Promise((resolve, reject) => {
+      let out = '';
+      dev.on('exit', (code) => reject(new Error(`vite exited with ${code}: ${out}`)));
+      dev.stdout.on('data', (d) => {
+        out += d;
+        const m = out.match(/(http:\/\/127\.0\.0\.1:\d+\/)/);
+        if (m) resolve(m[1]);
+      });
+    });
+    await check(url, 2, want, 'vite-dev-2');
+  } finally {
+    dev.kill();
+  }
+});
