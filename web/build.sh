@@ -9,9 +9,12 @@
 #   bash web/build.sh          both builds, the package and the site
 #   bash web/build.sh st       the single-threaded build only (the package then always runs single-threaded)
 #   bash web/build.sh test     the wasm tests (web/tests/web.rs) in headless Chromium, in the threaded build
+#   bash web/build.sh js       the TypeScript, the package and the site again, with the wasm builds already in pkg/
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(cd .. && pwd)
+# Build outputs go under CARGO_TARGET_DIR when it is set (as cargo does), else target/.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 NIGHTLY=nightly-2026-05-20
 # Shared memory needs atomics in std (build-std) and these link arguments since nightly-2025-10 (rustc
 # stopped passing --shared-memory; see ../shared/notes/toolchain.md §1).
@@ -26,22 +29,27 @@ export PATH="$PWD/node_modules/.bin:$PATH"
 # would ship in the package, and wasm-opt takes minutes over it.
 export CARGO_PROFILE_RELEASE_DEBUG=false
 st() { # stable Rust; SIMD128 is in every browser since 2021
-  RUSTFLAGS='-C target-feature=+simd128' CARGO_TARGET_DIR="$ROOT/target/wasm-st" wasm-pack "$@"
+  RUSTFLAGS='-C target-feature=+simd128' CARGO_TARGET_DIR="$TARGET/wasm-st" wasm-pack "$@"
 }
 mt() { # wasm-pack wants its path argument before cargo's own options
-  RUSTFLAGS="$MT_RUSTFLAGS" CARGO_TARGET_DIR="$ROOT/target/wasm-mt" rustup run "$NIGHTLY" wasm-pack "$@" \
+  RUSTFLAGS="$MT_RUSTFLAGS" CARGO_TARGET_DIR="$TARGET/wasm-mt" rustup run "$NIGHTLY" wasm-pack "$@" \
     --features threads -Z build-std=panic_abort,std
 }
 
 if [ "${1:-}" = test ]; then
   # Release: the tests then reuse the threaded package build's compiled dependencies.
   # webdriver.json gives Chromium --enable-unsafe-webgpu (SwiftShader's WebGPU adapter).
-  WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-300} mt test --headless --chrome --release . --test web
+  WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-300} mt test --headless --chrome --release . --test web \
+    --features test-threads
   exit
 fi
 
 BUILDS=${*:-st mt}
-rm -rf pkg
+if [ "$BUILDS" = js ]; then
+  BUILDS=
+else
+  rm -rf pkg
+fi
 for build in $BUILDS; do
   case $build in
     st) st build --target web --release --no-pack --out-dir pkg/st --out-name bitnet_web . ;;
@@ -50,20 +58,36 @@ for build in $BUILDS; do
   esac
   rm -f "pkg/$build/.gitignore"
 done
+# wasm-bindgen-rayon's bundler-mode helper (the Worker that each pool thread runs) imports its package as
+# `import('../../..')`, a folder only bundlers resolve; naming the file works for bundlers and browsers alike.
+if [ -d pkg/mt ] && ! grep -q "import('../../../bitnet_web.js')" pkg/mt/snippets/*/src/workerHelpers.js; then
+  helper=$(find pkg/mt/snippets -name workerHelpers.js)
+  [ -n "$helper" ] && grep -q "import('../../..')" "$helper" \
+    || { echo "wasm-bindgen-rayon's workerHelpers.js changed: check its import of the package" >&2; exit 2; }
+  sed -i "s|import('../../..')|import('../../../bitnet_web.js')|" "$helper"
+fi
 # The worker type-checks against the single-threaded build's declarations (both builds have the same API).
 [ -d pkg/st ] || { echo "the st build is needed for the TypeScript declarations" >&2; exit 2; }
+# The worker imports both builds: with the st build only, mt/ is a copy of it (no initThreadPool, so never threaded).
+[ -d pkg/mt ] || cp -r pkg/st pkg/mt
 
 tsc -p tsconfig.json
 tsc -p tsconfig.worker.json
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
 sed "s/\"VERSION\"/\"$version\"/" js/package.json > pkg/package.json
 cp js/README.md pkg/README.md
+# For static hosts that cannot send COOP/COEP (threads need them): a service worker that adds them.
+cp node_modules/coi-serviceworker/coi-serviceworker.min.js pkg/coi-serviceworker.js
 
-site="$ROOT/target/www"
+site="$TARGET/www"
 rm -rf "$site"
 mkdir -p "$site/models"
 cp "$ROOT"/www/* "$site/"
 cp -r pkg "$site/bitnet"
+cp pkg/coi-serviceworker.js "$site/"
+# The page's Markdown rendering: marked, and DOMPurify to sanitize its HTML (npm packages, pinned in package.json).
+mkdir -p "$site/vendor"
+cp node_modules/marked/lib/marked.esm.js node_modules/dompurify/dist/purify.es.mjs "$site/vendor/"
 cp "$ROOT/engine/models/smolbit-135m.gguf" "$site/models/"
-echo "built web/pkg (bitnet-web $version: $BUILDS) and the demo site in target/www"
+echo "built web/pkg (bitnet-web $version: ${BUILDS:-the wasm builds kept}) and the demo site in $site"
 echo "serve it: target/release/bitnet serve-www --port 8080"

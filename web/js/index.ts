@@ -14,6 +14,7 @@ import type {
   WireSource,
 } from './types.js';
 import { CACHE_NAME } from './types.js';
+import { ChatCompletions, Completions } from './openai.js';
 
 export type {
   Backend,
@@ -27,6 +28,8 @@ export type {
   ModelSource,
   Progress,
 } from './types.js';
+export type * from './openai.js';
+export { ChatCompletions, Completions, Stream } from './openai.js';
 
 /** The largest GGUF file that can load: a wasm32 module has 4 GiB, and loading needs about twice the file. */
 export const MAX_MODEL_BYTES = 2 * 1024 ** 3;
@@ -37,6 +40,14 @@ type Handler = (reply: Reply) => void;
 export class BitNet {
   /** The model's shape and how it runs (backend, threads, wasm build). */
   readonly info: ModelInfo;
+  /** `model.chat(messages, options)` answers the last message of a conversation, rendered with the model's
+   *  chat template (the KV cache of the previous turn is reused when the conversation only grew).
+   *  `model.chat.completions.create({ messages, stream: true })` is the same, shaped as OpenAI's API. */
+  readonly chat: ((messages: ChatMessage[], options?: GenerateOptions) => Generation) & {
+    readonly completions: ChatCompletions;
+  };
+  /** The OpenAI-shaped text completion API: `await model.completions.create({ prompt })`. */
+  readonly completions: Completions;
   private nextId = 1;
   private handlers = new Map<number, Handler>();
   private failure: Error | undefined;
@@ -44,8 +55,14 @@ export class BitNet {
   private constructor(
     private worker: Worker,
     info: ModelInfo,
+    /** The name the OpenAI-shaped API reports as `model` (the file's name). */
+    readonly modelId: string,
   ) {
     this.info = info;
+    const chat = (messages: ChatMessage[], options: GenerateOptions = {}) =>
+      this.start({ messages: messages.map(({ role, content }) => ({ role, content })) }, options);
+    this.chat = Object.assign(chat, { completions: new ChatCompletions(this) });
+    this.completions = new Completions(this);
   }
 
   /** What runs the model, e.g. "cpu/simd128". */
@@ -56,8 +73,11 @@ export class BitNet {
   /** Loads a GGUF model into a new worker. Rejects with a clear message when it cannot (too big, not a
    *  BitNet GGUF, no WebGPU when `backend: 'webgpu'` was asked for, ...). */
   static async load(source: ModelSource, options: LoadOptions = {}): Promise<BitNet> {
-    const workerUrl = options.workerUrl ?? new URL('./worker.js', import.meta.url);
-    const worker = new Worker(workerUrl, { type: 'module', name: 'bitnet' });
+    // The literal `new Worker(new URL('./worker.js', import.meta.url), ...)` is what Vite and webpack look for
+    // to bundle the worker (and, through it, both wasm builds).
+    const worker = options.workerUrl
+      ? new Worker(options.workerUrl, { type: 'module', name: 'bitnet' })
+      : new Worker(new URL('./worker.js', import.meta.url), { type: 'module', name: 'bitnet' });
     const threads = Math.max(1, Math.floor(options.threads ?? navigator.hardwareConcurrency ?? 1));
     const request: Request = {
       type: 'load',
@@ -83,7 +103,7 @@ export class BitNet {
         };
         worker.postMessage(request);
       });
-      const model = new BitNet(worker, info);
+      const model = new BitNet(worker, info, modelName(source));
       worker.onmessage = (e: MessageEvent<Reply>) => model.handlers.get(e.data.id)?.(e.data);
       worker.onerror = (e) => model.fail(new Error(`the BitNet worker crashed: ${e.message ?? 'see the console'}`));
       return model;
@@ -98,23 +118,28 @@ export class BitNet {
     return this.start({ prompt }, options);
   }
 
-  /** Answers the last message of a conversation, rendered with the model's chat template. The KV cache of
-   *  the previous turn is reused when the conversation only grew. */
-  chat(messages: ChatMessage[], options: GenerateOptions = {}): Generation {
-    return this.start({ messages: messages.map(({ role, content }) => ({ role, content })) }, options);
-  }
-
   /** Forgets the conversation kept in the KV cache. */
   async reset(): Promise<void> {
-    const id = this.nextId++;
-    await new Promise<void>((resolve, reject) => {
-      this.handlers.set(id, (r) => {
-        this.handlers.delete(id);
-        if (r.type === 'error') reject(new Error(r.message));
-        else resolve();
-      });
-      this.send({ type: 'reset', id });
-    });
+    await this.call({ type: 'reset', id: this.nextId++ });
+  }
+
+  /** The token ids of `text`, with the model's BOS first when `addBos` (default false) and the model uses one. */
+  async tokenize(text: string, { addBos = false }: { addBos?: boolean } = {}): Promise<number[]> {
+    const r = await this.call({ type: 'tokenize', id: this.nextId++, text: String(text), addBos });
+    return r.type === 'tokens' ? r.tokens : [];
+  }
+
+  /** The text of token ids. */
+  async detokenize(tokens: ArrayLike<number>): Promise<string> {
+    const r = await this.call({ type: 'detokenize', id: this.nextId++, tokens: Array.from(tokens) });
+    return r.type === 'text' ? r.text : '';
+  }
+
+  /** The next-token logits (one per vocabulary entry) after `tokens`, evaluated in the model's KV cache
+   *  (reusing the prefix it holds, as a chat turn does). */
+  async logits(tokens: ArrayLike<number>): Promise<Float32Array> {
+    const r = await this.call({ type: 'logits', id: this.nextId++, tokens: Array.from(tokens) });
+    return r.type === 'logits' ? r.logits : new Float32Array();
   }
 
   /** Terminates the worker, which frees all of the model's memory. */
@@ -147,6 +172,23 @@ export class BitNet {
       return caches.delete(CACHE_NAME);
     },
   };
+
+  /** Sends a request that has one reply (or an error). */
+  private call(req: Request): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => {
+      this.handlers.set(req.id, (r) => {
+        this.handlers.delete(req.id);
+        if (r.type === 'error') reject(new Error(r.message));
+        else resolve(r);
+      });
+      try {
+        this.send(req);
+      } catch (err) {
+        this.handlers.delete(req.id);
+        reject(err);
+      }
+    });
+  }
 
   private send(req: Request): void {
     if (this.failure) throw this.failure;
@@ -182,6 +224,10 @@ export class BitNet {
 export class Generation implements AsyncIterable<string> {
   /** Resolves when generation ends (also after an abort); rejects on an error. */
   readonly stats: Promise<GenerationStats>;
+  /** Tokens generated so far (as of the last text piece), for a live speed. */
+  generatedTokens = 0;
+  /** Decode speed so far (tokens/s), as of the last text piece. */
+  tokensPerSecond = 0;
   private pieces: string[] = [];
   private finished = false;
   private error: unknown;
@@ -216,7 +262,13 @@ export class Generation implements AsyncIterable<string> {
 
   /** @internal */
   receive(r: Reply): void {
-    if (r.type === 'text') this.pieces.push(r.text);
+    if (r.type === 'text') {
+      this.pieces.push(r.text);
+      if (r.generated !== undefined && r.decodeMs) {
+        this.generatedTokens = r.generated;
+        this.tokensPerSecond = (r.generated * 1000) / r.decodeMs;
+      }
+    }
     else if (r.type === 'done') {
       this.finished = true;
       this.settle.resolve(r.stats!);
@@ -246,6 +298,13 @@ export class Generation implements AsyncIterable<string> {
       if (!this.finished && this.abortReason === undefined) this.abort();
     }
   }
+}
+
+/** The model's name for the OpenAI-shaped API: the file name of a URL or File, else "bitnet". */
+function modelName(source: ModelSource): string {
+  if (typeof source === 'string' || source instanceof URL) return String(source).split(/[?#]/)[0].split('/').pop() || 'bitnet';
+  if (typeof File !== 'undefined' && source instanceof File) return source.name;
+  return 'bitnet';
 }
 
 async function wireSource(source: ModelSource): Promise<WireSource> {

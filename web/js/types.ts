@@ -62,6 +62,8 @@ export interface ChatMessage {
 export interface GenerationStats {
   /** Prompt tokens evaluated (a prefix already in the cache is not evaluated again). */
   promptTokens: number;
+  /** Prompt tokens reused from the cache (the prompt is `promptTokens + cachedTokens` long). */
+  cachedTokens: number;
   generatedTokens: number;
   promptSeconds: number;
   /** Time spent generating (sampling and evaluating each new token). */
@@ -101,6 +103,8 @@ export interface ModelInfo {
   build: BuildInfo;
   /** Why `auto` did not pick WebGPU, when it did not. */
   backendNote?: string;
+  /** Why fewer threads run than were asked for (a page that is not cross-origin isolated), when so. */
+  threadsNote?: string;
 }
 
 export interface BuildInfo {
@@ -137,12 +141,17 @@ export type Request =
     }
   | { type: 'generate'; id: number; prompt?: string; messages?: ChatMessage[]; options: Record<string, unknown> }
   | { type: 'abort'; id: number }
-  | { type: 'reset'; id: number };
+  | { type: 'reset'; id: number }
+  | { type: 'tokenize'; id: number; text: string; addBos: boolean }
+  | { type: 'detokenize'; id: number; tokens: number[] }
+  | { type: 'logits'; id: number; tokens: number[] };
 
 export type Reply =
   | { type: 'progress'; id: number; progress: Progress }
   | { type: 'loaded'; id: number; info: ModelInfo }
-  | { type: 'text'; id: number; text: string }
+  | { type: 'text'; id: number; text: string; generated?: number; decodeMs?: number }
+  | { type: 'tokens'; id: number; tokens: number[] }
+  | { type: 'logits'; id: number; logits: Float32Array }
   | { type: 'done'; id: number; stats?: GenerationStats }
   | { type: 'error'; id: number; message: string };
 

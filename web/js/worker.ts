@@ -4,9 +4,14 @@
 
 import type { BuildInfo, GenerationStats, ModelInfo, Progress, Reply, Request, WireSource } from './types.js';
 import { CACHE_NAME } from './types.js';
+// Both builds are imported statically, so that bundlers (Vite, webpack) see them and their wasm files; only
+// the one that runs fetches and compiles its wasm. Both have the same API (the threaded one adds
+// initThreadPool); the st build's types stand for both.
+import * as st from './st/bitnet_web.js';
+import * as mt from './mt/bitnet_web.js';
 
-type Wasm = typeof import('./st/bitnet_web.js');
-type Engine = import('./st/bitnet_web.js').Engine;
+type Wasm = typeof st;
+type Engine = st.Engine;
 type LoadRequest = Extract<Request, { type: 'load' }>;
 type GenerateRequest = Extract<Request, { type: 'generate' }>;
 
@@ -14,6 +19,7 @@ let wasm: Wasm | undefined;
 let build: BuildInfo | undefined;
 let engine: Engine | undefined;
 let backendNote: string | undefined;
+let threadsNote: string | undefined;
 /** Requests run one at a time, in order; aborts act at once. */
 let queue: Promise<void> = Promise.resolve();
 const aborted = new Set<number>();
@@ -46,15 +52,29 @@ async function handle(req: Request): Promise<void> {
     case 'reset':
       engine?.reset();
       return post({ type: 'done', id: req.id });
+    case 'tokenize':
+      return post({ type: 'tokens', id: req.id, tokens: [...loaded().tokenize(req.text, req.addBos)] });
+    case 'detokenize':
+      return post({ type: 'text', id: req.id, text: loaded().detokenize(Uint32Array.from(req.tokens)) });
+    case 'logits': {
+      const logits = await loaded().logits(Uint32Array.from(req.tokens));
+      // Transferred, not copied (a vocabulary of 128k floats is half a megabyte).
+      return self.postMessage({ type: 'logits', id: req.id, logits } satisfies Reply, [logits.buffer]);
+    }
   }
 }
 
 /** The threaded build when the page is cross-origin isolated (SharedArrayBuffer), else the single-threaded one. */
 async function initWasm(threads: number): Promise<void> {
-  const threaded = threads > 1 && self.crossOriginIsolated === true;
-  // Both builds have the same API (the threaded one adds initThreadPool); the st build's types stand for both.
-  const module = threaded ? './mt/bitnet_web.js' : './st/bitnet_web.js';
-  wasm = (await import(module)) as Wasm;
+  // `bash web/build.sh st` makes mt/ a copy of st/, without a thread pool.
+  const threaded = threads > 1 && self.crossOriginIsolated === true && 'initThreadPool' in mt;
+  if (threads > 1 && !threaded) {
+    threadsNote = self.crossOriginIsolated
+      ? 'this package was built without its threaded build: running single-threaded'
+      : 'threads need a cross-origin isolated page (COOP/COEP headers, or coi-serviceworker.js on a static host): running single-threaded';
+    console.warn(`bitnet: ${threadsNote}`);
+  }
+  wasm = threaded ? (mt as unknown as Wasm) : st;
   await wasm.default();
   if (threaded) {
     await (wasm as unknown as { initThreadPool(n: number): Promise<void> }).initThreadPool(threads);
@@ -98,7 +118,7 @@ async function load(req: LoadRequest): Promise<void> {
     if (url) await caches.open(CACHE_NAME).then((c) => c.delete(url)).catch(() => {});
     throw err;
   }
-  const info = { ...JSON.parse(engine.info()), build, backendNote } as ModelInfo;
+  const info = { ...JSON.parse(engine.info()), build, backendNote, threadsNote } as ModelInfo;
   post({ type: 'loaded', id: req.id, info });
 }
 
@@ -161,15 +181,31 @@ function nextTask(): Promise<void> {
   });
 }
 
-async function generate(req: GenerateRequest): Promise<void> {
+function loaded(): Engine {
   if (!engine) throw new Error('no model loaded');
+  return engine;
+}
+
+/** Prompt tokens evaluated per engine call: an abort is seen between chunks, so a long prompt stops too. */
+const PROMPT_CHUNK = 32;
+
+async function generate(req: GenerateRequest): Promise<void> {
+  const engine = loaded();
   const options = JSON.stringify(req.options);
   if (aborted.delete(req.id)) return post({ type: 'done', id: req.id, stats: notStarted() });
   const t0 = performance.now();
-  if (req.messages) await engine.startChat(JSON.stringify(req.messages), options);
-  else await engine.start(req.prompt ?? '', options);
+  const toEval = req.messages ? engine.prepareChat(JSON.stringify(req.messages), options) : engine.prepare(req.prompt ?? '', options);
+  for (let evaluated = PROMPT_CHUNK; !(await engine.prefillChunk(PROMPT_CHUNK)); evaluated += PROMPT_CHUNK) {
+    await nextTask();
+    if (aborted.delete(req.id)) {
+      // Stopped inside the prompt: what was evaluated stays in the cache (a retry reuses it).
+      const promptTokens = Math.min(evaluated, toEval);
+      return post({ type: 'done', id: req.id, stats: { ...stats(performance.now() - t0, 0, true), promptTokens, generatedTokens: 0 } });
+    }
+  }
   const promptMs = performance.now() - t0;
   let decodeMs = 0;
+  let generated = 0;
   let stopped = false;
   for (;;) {
     await nextTask();
@@ -181,13 +217,14 @@ async function generate(req: GenerateRequest): Promise<void> {
     const text = await engine.step();
     decodeMs += performance.now() - t;
     if (text === undefined) break;
-    if (text) post({ type: 'text', id: req.id, text });
+    generated++;
+    if (text) post({ type: 'text', id: req.id, text, generated, decodeMs });
   }
   post({ type: 'done', id: req.id, stats: stats(promptMs, decodeMs, stopped) });
 }
 
 function notStarted(): GenerationStats {
-  const zero = { promptTokens: 0, generatedTokens: 0, promptSeconds: 0, decodeSeconds: 0 };
+  const zero = { promptTokens: 0, cachedTokens: 0, generatedTokens: 0, promptSeconds: 0, decodeSeconds: 0 };
   return { ...zero, promptTokensPerSecond: 0, decodeTokensPerSecond: 0, stop: 'Aborted', seed: 0, backend: engine!.backend };
 }
 
@@ -196,6 +233,7 @@ function stats(promptMs: number, decodeMs: number, abortedRun: boolean): Generat
   const perSecond = (n: number, ms: number) => (ms > 0 ? (n * 1000) / ms : 0);
   return {
     promptTokens: s.promptTokens ?? 0,
+    cachedTokens: s.cachedTokens ?? 0,
     generatedTokens: s.generatedTokens ?? 0,
     promptSeconds: promptMs / 1000,
     decodeSeconds: decodeMs / 1000,

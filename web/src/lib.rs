@@ -24,7 +24,7 @@ use bitnet_engine::backend::cpu::{kernels, CpuModel};
 use bitnet_engine::backend::{KvType, Want, Weights};
 use bitnet_engine::format::gguf::GgufFile;
 use bitnet_engine::generate::sampler::SamplerParams;
-use bitnet_engine::generate::{GenParams, Generation, Output, Session};
+use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, Session};
 use bitnet_engine::model::{Activation, Config, LoadOptions, Model};
 use bitnet_engine::text::chat::ChatMessage;
 use bitnet_engine::text::tokenizer::Tokenizer;
@@ -220,11 +220,12 @@ impl Runner {
         }
     }
 
-    /// Evaluates `token` after the cached ones; `logits()` then belongs to it.
-    async fn push(&mut self, token: u32) -> bitnet_engine::Result<()> {
+    /// Evaluates `tokens` after the cached ones; with `Want::Logits`, `logits()` then belongs to the last
+    /// (WebGPU always reads them back).
+    async fn push(&mut self, tokens: &[u32], want: Want) -> bitnet_engine::Result<()> {
         match self {
-            Runner::Cpu(s) => s.push(&[token], Want::Logits).map(drop),
-            Runner::Gpu(g) => g.push(&[token]).await,
+            Runner::Cpu(s) => s.push(tokens, want).map(drop),
+            Runner::Gpu(g) => g.push(tokens).await,
         }
     }
 
@@ -237,6 +238,16 @@ impl Runner {
     }
 }
 
+/// A prompt being evaluated chunk by chunk ([`Engine::prefill_chunk`]), so that the worker can stop a long
+/// one between chunks.
+struct Prompt {
+    /// The tokens still to evaluate.
+    rest: Vec<u32>,
+    /// How many tokens this prompt evaluates in all (the rest were already in the cache).
+    n_eval: usize,
+    params: GenParams,
+}
+
 /// A loaded model and its one conversation.
 #[wasm_bindgen]
 pub struct Engine {
@@ -244,6 +255,10 @@ pub struct Engine {
     tokenizer: Tokenizer,
     runner: Runner,
     generation: Option<Generation>,
+    /// The prompt of the generation to come, while it is evaluated.
+    prompt: Option<Prompt>,
+    /// The last prompt's length in tokens (those reused from the cache too).
+    prompt_len: usize,
     seed: u64,
 }
 
@@ -281,17 +296,43 @@ impl Engine {
                 Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?.with_kv(kv));
             Runner::Cpu(Session::open(&weights, ctx).map_err(js_error)?)
         };
-        Ok(Engine { config, tokenizer, runner, generation: None, seed: 0 })
+        Ok(Engine { config, tokenizer, runner, generation: None, prompt: None, prompt_len: 0, seed: 0 })
+    }
+
+    /// The prompt of a chat reply: `messages` (JSON `[{role, content}]`) rendered with the model's template.
+    fn chat_ids(&self, messages: &str) -> Result<Vec<u32>, JsError> {
+        let messages: Vec<Message> = parse_json("chat messages", messages)?;
+        let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+        self.tokenizer.encode_chat(&messages, true).map_err(js_error)
+    }
+
+    /// Sets up a generation after `prompt` without evaluating it: keeps the cached prefix and returns how
+    /// many tokens [`Engine::prefill_chunk`] then evaluates (at least the last one, for its logits).
+    fn prepare_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
+        let opts: GenOpts = parse_json("generation options", options)?;
+        self.generation = None;
+        self.prompt = None;
+        let ctx = self.runner.ctx();
+        if prompt.is_empty() {
+            return Err(js_error(bitnet_engine::Error::Invalid("empty prompt".into())));
+        }
+        if prompt.len() > ctx {
+            return Err(js_error(bitnet_engine::Error::ContextFull { needed: prompt.len(), ctx }));
+        }
+        self.seed = opts.seed;
+        self.prompt_len = prompt.len();
+        let keep = reusable_prefix(self.runner.tokens(), prompt);
+        self.runner.truncate(keep);
+        let rest = prompt[keep..].to_vec();
+        let n_eval = rest.len();
+        self.prompt = Some(Prompt { rest, n_eval, params: opts.params() });
+        Ok(n_eval as u32)
     }
 
     async fn start_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
-        let opts: GenOpts = parse_json("generation options", options)?;
-        self.seed = opts.seed;
-        self.generation = None;
-        let params = opts.params();
-        let n = self.runner.prefill(prompt).await.map_err(js_error)?;
-        self.generation = Some(Generation::new(&params, n));
-        Ok(n as u32)
+        let n = self.prepare_ids(prompt, options)?;
+        while !self.prefill_chunk(u32::MAX).await? {}
+        Ok(n)
     }
 }
 
@@ -329,6 +370,7 @@ impl Engine {
     /// The next-token logits after `ids` (evaluated in the conversation's cache, reusing its prefix).
     pub async fn logits(&mut self, ids: Vec<u32>) -> Result<Vec<f32>, JsError> {
         self.generation = None;
+        self.prompt = None;
         self.runner.prefill(&ids).await.map_err(js_error)?;
         Ok(self.runner.logits().to_vec())
     }
@@ -344,10 +386,43 @@ impl Engine {
     /// Starts a chat reply: `messages` is a JSON array of `{role, content}`, rendered with the model's template.
     #[wasm_bindgen(js_name = startChat)]
     pub async fn start_chat(&mut self, messages: String, options: String) -> Result<u32, JsError> {
-        let messages: Vec<Message> = parse_json("chat messages", &messages)?;
-        let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
-        let ids = self.tokenizer.encode_chat(&messages, true).map_err(js_error)?;
+        let ids = self.chat_ids(&messages)?;
         self.start_ids(&ids, &options).await
+    }
+
+    /// Sets up continuing `prompt` (as `start`) without evaluating it; returns how many tokens
+    /// `prefillChunk` will evaluate. A stop between chunks keeps what was evaluated in the cache.
+    pub fn prepare(&mut self, prompt: String, options: String) -> Result<u32, JsError> {
+        let ids = self.tokenize(&prompt, true)?;
+        self.prepare_ids(&ids, &options)
+    }
+
+    /// Sets up a chat reply (as `startChat`) without evaluating the prompt.
+    #[wasm_bindgen(js_name = prepareChat)]
+    pub fn prepare_chat(&mut self, messages: String, options: String) -> Result<u32, JsError> {
+        let ids = self.chat_ids(&messages)?;
+        self.prepare_ids(&ids, &options)
+    }
+
+    /// Evaluates up to `max` more prompt tokens; resolves to true once the whole prompt is in the cache and
+    /// `step` can run.
+    #[wasm_bindgen(js_name = prefillChunk)]
+    pub async fn prefill_chunk(&mut self, max: u32) -> Result<bool, JsError> {
+        let prompt = self.prompt.as_mut().ok_or_else(|| js_error("no prompt prepared"))?;
+        let n = prompt.rest.len().min(max.max(1) as usize);
+        let chunk: Vec<u32> = prompt.rest.drain(..n).collect();
+        // Only the prompt's last token needs logits (the first pick comes from them).
+        let want = if prompt.rest.is_empty() { Want::Logits } else { Want::Nothing };
+        let done = prompt.rest.is_empty();
+        if let Err(e) = self.runner.push(&chunk, want).await {
+            self.prompt = None;
+            return Err(js_error(e));
+        }
+        if done {
+            let p = self.prompt.take().expect("checked above");
+            self.generation = Some(Generation::new(&p.params, p.n_eval));
+        }
+        Ok(done)
     }
 
     /// Generates one token: returns its text (often "": held back until a character or a possible stop
@@ -359,18 +434,20 @@ impl Engine {
         let step = generation.step(&self.tokenizer, out, r.tokens(), r.ctx()).map_err(js_error)?;
         let Some(step) = step else { return Ok(None) };
         if let Some(t) = step.eval {
-            r.push(t).await.map_err(js_error)?;
+            r.push(&[t], Want::Logits).await.map_err(js_error)?;
         }
         Ok(Some(step.text))
     }
 
-    /// The current or last generation's counts as JSON: `{promptTokens, generatedTokens, stop, seed}`
+    /// The current or last generation's counts as JSON: `{promptTokens, cachedTokens, generatedTokens, stop,
+    /// seed}` (`promptTokens` were evaluated, `cachedTokens` of the prompt were already in the cache)
     /// (`stop` is null while it runs).
     pub fn stats(&self) -> String {
         let g = self.generation.as_ref();
         json!({
             "promptTokens": g.map(|g| g.n_prompt_eval),
             "generatedTokens": g.map(|g| g.n_generated),
+            "cachedTokens": g.map(|g| self.prompt_len - g.n_prompt_eval),
             "stop": g.and_then(|g| g.stop).map(|s| format!("{s:?}")),
             "seed": self.seed,
         })
@@ -380,6 +457,7 @@ impl Engine {
     /// Forgets the conversation (the KV cache).
     pub fn reset(&mut self) {
         self.generation = None;
+        self.prompt = None;
         self.runner.truncate(0);
     }
 }

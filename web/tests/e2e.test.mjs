@@ -6,7 +6,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
-import { OUT, ROOT, bitnet, launch, nativeRun, newPage, serve } from './helpers.mjs';
+import { OUT, SITE, bitnet, launch, nativeRun, newPage, serve } from './helpers.mjs';
 
 const PROMPT = 'The capital of France is';
 /** Generates 64 tokens before any end token: a decode-speed measurement like `bitnet bench -n 64`. */
@@ -17,7 +17,7 @@ const results = { prompt: PROMPT, n: 20, seed: 1, temp: 0, native: {}, browser: 
 before(async () => {
   expected = nativeRun('-p', PROMPT, '-n', '20', '--temp', '0', '--seed', '1');
   expectedBench = nativeRun('-p', BENCH_PROMPT, '-n', '64', '--temp', '0', '--seed', '1');
-  server = await serve(`${ROOT}target/www`);
+  server = await serve(SITE);
   browser = await launch();
 });
 

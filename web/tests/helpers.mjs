@@ -4,9 +4,14 @@ import { mkdirSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 
 export const ROOT = new URL('../../', import.meta.url).pathname;
-export const BITNET = `${ROOT}target/release/bitnet`;
+/** Build outputs: CARGO_TARGET_DIR when set (as cargo and web/build.sh use it), else target/. */
+export const TARGET = (process.env.CARGO_TARGET_DIR ?? `${ROOT}target`).replace(/\/$/, '');
+/** The native binary; BITNET overrides it (a binary built elsewhere from the same sources). */
+export const BITNET = process.env.BITNET ?? `${TARGET}/release/bitnet`;
+/** The demo site web/build.sh makes. */
+export const SITE = `${TARGET}/www`;
 /** Screenshots and measurements. */
-export const OUT = `${ROOT}target/web-test`;
+export const OUT = `${TARGET}/web-test`;
 mkdirSync(OUT, { recursive: true });
 
 /** stdout of `bitnet args...` */

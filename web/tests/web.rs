@@ -261,3 +261,42 @@ async fn the_thread_pool_runs_on_two_workers() {
         rayon::iter::ParallelIterator::sum(rayon::iter::IntoParallelIterator::into_par_iter(0..1_000_000u64));
     assert_eq!(sum, 499_999_500_000);
 }
+
+/// Not a test: what one parallel loop costs in this browser, started from the worker (outside rayon's pool, as a
+/// forward pass's loops are) and from inside the pool, against the same loop run serially: 8 tasks (as
+/// `rows_per_task` splits a matrix for 2 threads), of no work and of about as much work as one matrix of the default
+/// model takes per token. Prints; run it with `wasm-pack test ... --test web -- --include-ignored fork_join
+/// --nocapture` (with build.sh's `mt` flags).
+#[wasm_bindgen_test]
+#[ignore = "a measurement"]
+async fn fork_join_cost() {
+    use rayon::prelude::*;
+    setup().await;
+    const LOOPS: u32 = 500;
+    fn work(c: &mut [u32], rounds: u32) {
+        for x in c {
+            for _ in 0..rounds {
+                *x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            }
+        }
+    }
+    let micros = |f: &mut dyn FnMut()| {
+        let t = js_sys::Date::now();
+        f();
+        (js_sys::Date::now() - t) * 1000.0 / LOOPS as f64
+    };
+    for rounds in [0, 8] {
+        let mut data = vec![0u32; 8 * 2048];
+        let parallel =
+            |data: &mut [u32]| (0..LOOPS).for_each(|_| data.par_chunks_mut(2048).for_each(|c| work(c, rounds)));
+        for _ in 0..3 {
+            let serial = micros(&mut || (0..LOOPS).for_each(|_| data.chunks_mut(2048).for_each(|c| work(c, rounds))));
+            let outside = micros(&mut || parallel(&mut data));
+            let inside = micros(&mut || rayon::scope(|_| parallel(&mut data)));
+            console_log!(
+                "one loop of 8 tasks ({rounds} rounds), {} threads: serial {serial:.1} µs, from the worker {outside:.1} µs, inside the pool {inside:.1} µs",
+                rayon::current_num_threads()
+            );
+        }
+    }
+}
