@@ -135,6 +135,27 @@ pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Re
 }
 
 /// The one check of a context size, on every device.
+/// What the GPU backends run so far: ternary projections of the BitNet and Llama-ternary families. Others
+/// (Qwen3's q/k norms; Q1_0, Q2_0 and float projections) are refused by name until their kernels exist.
+pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
+    if model.family == crate::model::Family::Qwen3 {
+        return Err(Error::Unsupported(format!("the qwen3 architecture on {backend} (it runs on the CPU)")));
+    }
+    if let Some((i, l)) = model.layers.iter().enumerate().find(|(_, l)| l.ternary().is_none()) {
+        let ty = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+            .iter()
+            .find_map(|w| match w {
+                crate::tensor::Linear::Ggml(m) => Some(m.ty.name()),
+                crate::tensor::Linear::Ternary(_) => None,
+            })
+            .unwrap_or("?");
+        return Err(Error::Unsupported(format!(
+            "{ty} projections (layer {i}) on {backend}: it runs ternary ones only (the CPU runs every type)"
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_ctx(c: &Config, ctx: usize) -> Result<()> {
     if ctx == 0 || ctx > c.n_ctx_train {
         return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
