@@ -60,6 +60,46 @@ def cut_vocab(path):
     return tokens, types, merges, {a["content"]: K + i for i, a in enumerate(added)}
 
 
+TRICKY = ["Hello world", "  leading spaces and trailing  ", "12345 digits 3.14159 and 2026", "don't I'LL we've THEY'RE",
+          "line\nbreaks\r\n\n\ttabs   \n", "naïve café", "e\u0301 decomposed and A\u030a", "中文字符 and emoji 🤖👍🏽",
+          "<|im_start|>user\nhi<|im_end|>\n", "<think>\n\n</think>\n\nanswer", "a<|endoftext|>b", "x" * 40,
+          "fn main() { println!(\"{}\", 1+1); }"]
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}, {"role": "user", "content": "and 3+3?"}],
+]
+
+
+def cut_tokenizer_json(path, vocab):
+    """The HF tokenizer.json of the cut vocabulary: the real pre-tokenizer, normalizer and decoder."""
+    t = json.load(open(path))
+    tokens, _, merges, sid = vocab
+    t["model"]["vocab"] = {tok: i for i, tok in enumerate(tokens[:K])}
+    t["model"]["merges"] = [m.split(" ") for m in merges]
+    for a in t["added_tokens"]:
+        a["id"] = sid[a["content"]]
+    return t
+
+
+def tokenizer_refs(tok_path, template, vocab):
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+    cut = cut_tokenizer_json(tok_path, vocab)
+    with open(os.path.join(OUT, "qwen3-tokenizer.json"), "w") as f:
+        json.dump(cut, f, ensure_ascii=False)
+    full, small = tokenizers.Tokenizer.from_file(tok_path), tokenizers.Tokenizer.from_str(json.dumps(cut))
+    hf = PreTrainedTokenizerFast(tokenizer_object=full, chat_template=template, eos_token="<|im_end|>")
+    chats = []
+    for msgs in CHATS:
+        for gen in (True, False):
+            text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            chats.append({"messages": msgs, "add_generation_prompt": gen, "text": text,
+                          "ids_full": full.encode(text, add_special_tokens=False).ids})
+    return {"strings": TRICKY, "ids_full": [full.encode(x, add_special_tokens=False).ids for x in TRICKY],
+            "ids_cut": [small.encode(x, add_special_tokens=False).ids for x in TRICKY], "chats": chats}
+
+
 def random_weights(rng):
     c = CFG
     d, f, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
@@ -226,6 +266,7 @@ def main():
                               "float64": ref.astype(np.float32).tolist()})
             types = sorted({t.tensor_type.name for t in gguf.GGUFReader(dst).tensors})
             refs["models"][name] = {"type": ty, "tied": tied, "tensor_types": types, "cases": cases}
+    refs["tokenizer"] = tokenizer_refs(tok_path, template, vocab)
     with open(os.path.join(OUT, "references_qwen3.json"), "w") as f:
         json.dump(refs, f)
     print("wrote", ", ".join(files), "and references_qwen3.json")
