@@ -292,7 +292,7 @@ fn dequantize_q1_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Whether weight `j` of a Q1_0 block (18 bytes) is +d.
-pub(crate) fn q1_0_bit(b: &[u8], j: usize) -> bool {
+fn q1_0_bit(b: &[u8], j: usize) -> bool {
     (b[2 + j / 8] >> (j % 8)) & 1 == 1
 }
 
@@ -306,7 +306,7 @@ fn dequantize_q2_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// The stored 2-bit value u (code + 1) of weight `j` of a Q2_0 block (18 bytes).
-pub(crate) fn q2_0_code(b: &[u8], j: usize) -> u8 {
+fn q2_0_code(b: &[u8], j: usize) -> u8 {
     (b[2 + j / 4] >> (2 * (j % 4))) & 3
 }
 

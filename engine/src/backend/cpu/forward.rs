@@ -9,7 +9,7 @@ use super::kernels::{self, Kernels};
 use super::kv::{KvRows, KvStore};
 use super::CpuModel;
 use crate::backend::{check_ctx, check_input, sequence_bytes, KvType};
-use crate::model::{Activation, Config};
+use crate::model::{Activation, Config, Family};
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
 use crate::tensor::Linear;
@@ -429,6 +429,18 @@ impl CpuModel {
                 let (start, len) = (i * chunk, o.len() / n);
                 for (a, o) in acts.iter().zip(o.chunks_exact_mut(len)) {
                     k.quant_head_rows(qh, start..start + len, a, o);
+                }
+            });
+        } else if m.family == Family::Qwen3 && blocks::reads(head.ty) {
+            // As llama.cpp multiplies a Q8_0 (Q1_0, Q2_0) head: against Q8_0 activations.
+            let acts = &mut s.quant.blocks;
+            acts.resize_with(n.max(acts.len()), Q8Activations::default);
+            acts[..n].iter_mut().zip(xn.chunks_exact(d)).for_each(|(a, x)| a.quantize(x));
+            let acts = &acts[..n];
+            s.logits.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
+                let (start, len) = (i * chunk, o.len() / n);
+                for (a, o) in acts.iter().zip(o.chunks_exact_mut(len)) {
+                    k.block_rows(head, start..start + len, a, o);
                 }
             });
         } else {

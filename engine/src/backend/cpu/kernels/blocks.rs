@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use half::f16;
 
-use crate::format::quant::{q1_0_bit, q2_0_code, GgmlType, QK1_0, QK2_0};
+use crate::format::quant::{GgmlType, QK1_0, QK2_0};
 use crate::tensor::float::FloatMatrix;
 
 /// Values per Q8_0 activation block.
@@ -73,8 +73,45 @@ pub fn check_args(w: &FloatMatrix, rows: &Range<usize>, a: &Q8Activations, out: 
     assert_eq!(w.row_bytes, w.ty.row_bytes(w.cols).expect("checked at load"));
 }
 
-/// The reference: ggml's generic `vec_dot` of each row with `a`, in its order of float operations.
+/// The integer dot of one run of 32 values (activation block `y` of `a`) with 32 weights of each type.
+/// A kernel set that only speeds this part up runs [`rows_by`] with it and gives exactly the
+/// reference's floats.
+pub trait Dot32 {
+    /// Q1_0: `Σ ±q`, the sign of value `j` being bit `j % 8` of `bits[j / 8]` (4 bytes).
+    fn signs(bits: &[u8], a: &Q8Activations, y: usize) -> i32;
+    /// Q2_0: `Σ (u − 1)·q`, `u` of value `j` at bits `2(j % 4)` of `codes[j / 4]` (8 bytes).
+    fn codes(codes: &[u8], a: &Q8Activations, y: usize) -> i32;
+    /// Q8_0: `Σ w·q` of 32 int8 weights.
+    fn int8(w: &[u8], a: &Q8Activations, y: usize) -> i32;
+}
+
+/// Plain Rust: the definition.
+pub struct Plain;
+
+impl Dot32 for Plain {
+    fn signs(bits: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let q = &a.q[y * QK8_0..][..QK8_0];
+        (0..QK8_0).map(|j| if (bits[j / 8] >> (j % 8)) & 1 == 1 { q[j] as i32 } else { -(q[j] as i32) }).sum()
+    }
+
+    fn codes(codes: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let q = &a.q[y * QK8_0..][..QK8_0];
+        (0..QK8_0).map(|j| (((codes[j / 4] >> (2 * (j % 4))) & 3) as i32 - 1) * q[j] as i32).sum()
+    }
+
+    fn int8(w: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        w.iter().zip(&a.q[y * QK8_0..][..QK8_0]).map(|(&w, &x)| w as i8 as i32 * x as i32).sum()
+    }
+}
+
+/// The reference: ggml's generic `vec_dot` of each row with `a` (`ggml_vec_dot_q1_0_q8_0_generic` and
+/// its siblings), in its order of float operations.
 pub fn reference_rows(w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
+    rows_by::<Plain>(w, rows, a, out)
+}
+
+/// [`reference_rows`] with the integer dots of `D`.
+pub fn rows_by<D: Dot32>(w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
     check_args(w, &rows, a, out);
     let f16 = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
     for (o, r) in out.iter_mut().zip(rows) {
@@ -85,10 +122,8 @@ pub fn reference_rows(w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, ou
                 for (i, b) in row.chunks_exact(18).enumerate() {
                     let mut sumi = 0f32;
                     for k in 0..QK1_0 / QK8_0 {
-                        let (q, y) = (&a.q[(4 * i + k) * QK8_0..][..QK8_0], 4 * i + k);
-                        let dot: i32 =
-                            (0..QK8_0).map(|j| if q1_0_bit(b, 32 * k + j) { q[j] as i32 } else { -(q[j] as i32) }).sum();
-                        sumi += a.d[y] * dot as f32;
+                        let y = 4 * i + k;
+                        sumi += a.d[y] * D::signs(&b[2 + 4 * k..6 + 4 * k], a, y) as f32;
                     }
                     sumf += f16(b) * sumi;
                 }
@@ -97,19 +132,15 @@ pub fn reference_rows(w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, ou
                 for (i, b) in row.chunks_exact(18).enumerate() {
                     let mut sumi = 0f32;
                     for k in 0..QK2_0 / QK8_0 {
-                        let (q, y) = (&a.q[(2 * i + k) * QK8_0..][..QK8_0], 2 * i + k);
-                        let dot: i32 =
-                            (0..QK8_0).map(|j| (q2_0_code(b, 32 * k + j) as i32 - 1) * q[j] as i32).sum();
-                        sumi += a.d[y] * dot as f32;
+                        let y = 2 * i + k;
+                        sumi += a.d[y] * D::codes(&b[2 + 8 * k..10 + 8 * k], a, y) as f32;
                     }
                     sumf += f16(b) * sumi;
                 }
             }
             _ => {
                 for (i, b) in row.chunks_exact(34).enumerate() {
-                    let q = &a.q[i * QK8_0..][..QK8_0];
-                    let dot: i32 = b[2..].iter().zip(q).map(|(&w, &x)| w as i8 as i32 * x as i32).sum();
-                    sumf += dot as f32 * (f16(b) * a.d[i]);
+                    sumf += D::int8(&b[2..], a, i) as f32 * (f16(b) * a.d[i]);
                 }
             }
         }
