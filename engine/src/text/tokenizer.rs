@@ -610,8 +610,7 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     let plain_bpe = normalizer_ok
         && model["ignore_merges"].as_bool().unwrap_or(false) == (pre == Pre::Llama3)
         && !model["byte_fallback"].as_bool().unwrap_or(false)
-        && model["continuing_subword_prefix"].is_null()
-        && model["end_of_word_suffix"].is_null();
+        && [&model["continuing_subword_prefix"], &model["end_of_word_suffix"]].iter().all(|v| v.is_null() || *v == "");
     if !plain_bpe {
         return Err(Error::Unsupported(
             "tokenizer.json: a normalizer or BPE options other than byte-level BPE's".into(),
