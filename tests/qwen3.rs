@@ -171,3 +171,18 @@ fn qwen3_chat_template_renders_as_transformers() {
         assert_eq!(text, c["text"].as_str().unwrap());
     }
 }
+
+/// `bitnet info` names the family, and the GPU backends refuse Qwen3 by name (their kernels are to come).
+#[test]
+fn info_names_qwen3_and_gpus_refuse_it() {
+    let bytes = std::fs::read(fixture("models/qwen3-q1_0.gguf")).unwrap();
+    let report = bitnet_engine::info::report(&bytes).unwrap();
+    assert!(report.contains("family: Qwen3 block (q/k norms) (architecture qwen3"), "{report}");
+    assert!(report.contains("pre-tokenizer qwen2"), "{report}");
+    assert!(report.contains("blk.0.attn_q.weight               q1_0"), "{report}");
+    let model = load("qwen3-q1_0.gguf");
+    match bitnet_engine::backend::check_runs(&model, "wgpu") {
+        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("wgpu"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}

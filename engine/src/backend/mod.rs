@@ -44,6 +44,12 @@ pub trait Sequence: Send + Any {
     /// The logits of the last `forward` that asked for them.
     fn logits(&self) -> &[f32];
 
+    /// The final normed hidden state of the token whose logits were last asked for (what an embedding
+    /// model pools), where the device keeps it.
+    fn hidden(&self) -> Option<&[f32]> {
+        None
+    }
+
     /// For a device's [`Batcher`], which reaches its own sequence type through this.
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }

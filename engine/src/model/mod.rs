@@ -17,7 +17,9 @@
 //!
 //! Qwen3 ([`Family::Qwen3`]) is that block with an RMSNorm over each head of q and of k (`attn_q_norm`,
 //! `attn_k_norm`, one weight vector of head_dim shared by the heads) before RoPE, SwiGLU, and projections
-//! stored as llama.cpp stores them (Q1_0, Q2_0, Q8_0, float: [`Linear::Ggml`]) or ternary.
+//! stored as llama.cpp stores them (Q1_0, Q2_0, Q8_0, float: [`Linear::Ggml`]) or ternary. Microsoft's BitNet
+//! embedding models are Qwen3 with ternary (I2_S) projections and an RMSNorm on each projection's input
+//! (`Layer::norm_in`): `q = BitLinear_q(rmsnorm(h, attn_q_norm_in))` with h = rmsnorm(x, attn_norm), and so on.
 
 pub mod config;
 
@@ -41,6 +43,9 @@ pub struct Layer {
     /// Qwen3's per-head RMSNorm weights of q and k (head_dim each); empty for the other families.
     pub attn_q_norm: Vec<f32>,
     pub attn_k_norm: Vec<f32>,
+    /// BitNet embedding models (a Qwen3 backbone with BitLinear projections): an RMSNorm on the input of each
+    /// projection, in the order q, k, v, o, gate, up, down (`*_norm_in` tensors); empty otherwise.
+    pub norm_in: Vec<Vec<f32>>,
     pub wq: Linear,
     pub wk: Linear,
     pub wv: Linear,
@@ -103,6 +108,14 @@ impl Model {
             let v = |n: &str, len| vector(g, bytes, &format!("blk.{i}.{n}.weight"), len);
             let sub_norm = |n: &str, len| if family == Family::BitNet { v(n, len) } else { Ok(Vec::new()) };
             let qk_norm = |n: &str| if qwen3 { v(n, c.head_dim) } else { Ok(Vec::new()) };
+            let norm_in = match g.tensor(&format!("blk.{i}.attn_q_norm_in.weight")) {
+                Some(_) if qwen3 => NORM_IN
+                    .iter()
+                    .zip([c.n_embd, c.n_embd, c.n_embd, q_dim, c.n_embd, c.n_embd, c.n_ff])
+                    .map(|(n, len)| v(n, len))
+                    .collect::<Result<Vec<_>>>()?,
+                _ => Vec::new(),
+            };
             // llama.cpp's converter permuted q and k rows for its interleaved RoPE; back to NeoX order.
             let rope_rows = |m: Linear| match (llama, m) {
                 (true, Linear::Ternary(m)) => Linear::Ternary(m.gather_rows(|h| llama_row_of_hf_row(h, c.head_dim))),
@@ -115,6 +128,7 @@ impl Model {
                 ffn_sub_norm: sub_norm("ffn_sub_norm", c.n_ff)?,
                 attn_q_norm: qk_norm("attn_q_norm")?,
                 attn_k_norm: qk_norm("attn_k_norm")?,
+                norm_in,
                 wq: rope_rows(t("attn_q", q_dim, c.n_embd)?),
                 wk: rope_rows(t("attn_k", kv_dim, c.n_embd)?),
                 wv: t("attn_v", kv_dim, c.n_embd)?,
@@ -139,6 +153,17 @@ impl Model {
         self.output.as_ref().unwrap_or(&self.token_embd)
     }
 }
+
+/// The per-projection input norms of BitNet embedding models (Microsoft's bitnet-embeddings GGUF names).
+const NORM_IN: [&str; 7] = [
+    "attn_q_norm_in",
+    "attn_k_norm_in",
+    "attn_v_norm_in",
+    "attn_output_norm_in",
+    "ffn_gate_norm_in",
+    "ffn_up_norm_in",
+    "ffn_down_norm_in",
+];
 
 fn find<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
     g.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))

@@ -101,6 +101,7 @@ pub fn random_2b4t() -> Model {
             ffn_sub_norm: vec![1.0; c.n_ff],
             attn_q_norm: Vec::new(),
             attn_k_norm: Vec::new(),
+            norm_in: Vec::new(),
             wq: ternary(l * 8, q_dim, c.n_embd),
             wk: ternary(l * 8 + 1, kv_dim, c.n_embd),
             wv: ternary(l * 8 + 2, kv_dim, c.n_embd),

@@ -28,6 +28,8 @@ pub struct State {
     rope_cos: Vec<f32>, // [pos][rope_dim / 2]
     rope_sin: Vec<f32>,
     pub logits: Vec<f32>,
+    /// The final normed hidden state that gave `logits` (what embedding models pool).
+    pub hidden: Vec<f32>,
 }
 
 impl State {
@@ -54,6 +56,7 @@ impl State {
             rope_cos,
             rope_sin,
             logits: vec![0f32; c.n_vocab],
+            hidden: vec![0f32; c.n_embd],
         })
     }
 
@@ -102,6 +105,7 @@ pub struct BatchScratch {
     rows: Vec<Row>,
     x: Vec<f32>,                  // [tile][n_embd] the residual stream
     xn: Vec<f32>,                 // [tile][widest] normed activations, the inputs of projections
+    xin: Vec<f32>,                // [tile][widest] one projection's own input norm of them (BitNet embedding)
     y: Vec<f32>,                  // [tile][n_embd] the outputs of o and down
     quant: Quantized,             // the projections' inputs quantized
     q: Vec<f32>,                  // [tile][q_dim]
@@ -127,6 +131,7 @@ impl BatchScratch {
             rows: Vec::with_capacity(tile),
             x: vec![0f32; tile * c.n_embd],
             xn: vec![0f32; tile * widest],
+            xin: Vec::new(),
             y: vec![0f32; tile * c.n_embd],
             quant: Quantized {
                 xq: vec![0i8; tile * padded],
@@ -237,6 +242,34 @@ struct Quantized {
     sx: Vec<f32>,               // [tile] their scales
     acc: Vec<i32>,              // [tile][rows of one `bitlinear`] integer accumulators, in row chunks
     blocks: Vec<Q8Activations>, // [tile] Q8_0 blocks (Q1_0, Q2_0, Q8_0 weights; grown on first use)
+}
+
+/// The per-projection input norms of layer `w` from projection `first` on (q, k, v, o, gate, up, down), for a
+/// BitNet embedding model.
+fn norms_in<const M: usize>(w: &crate::model::Layer, first: usize) -> Option<[&[f32]; M]> {
+    (!w.norm_in.is_empty()).then(|| std::array::from_fn(|j| w.norm_in[first + j].as_slice()))
+}
+
+/// [`project`], or with `norms` (BitNet embedding models) each matrix on its own RMSNorm of `x` (in `tmp`).
+#[allow(clippy::too_many_arguments)]
+fn project_in<const M: usize>(
+    k: &dyn Kernels,
+    ws: [&Linear; M],
+    norms: Option<[&[f32]; M]>,
+    x: &[f32],
+    d: usize,
+    n: usize,
+    eps: f32,
+    tmp: &mut Vec<f32>,
+    qz: &mut Quantized,
+    ys: [&mut [f32]; M],
+) {
+    let Some(norms) = norms else { return project(k, ws, x, d, n, qz, ys) };
+    tmp.resize(n * d, 0.0);
+    for ((w, norm), y) in ws.into_iter().zip(norms).zip(ys) {
+        norm_rows(x, norm, eps, n, tmp);
+        project(k, [w], tmp, d, n, qz, [y]);
+    }
 }
 
 /// The projections `ws`, which share their input `x` (`n` rows of `d`): `ys[j]` gets `n` rows of
@@ -365,7 +398,9 @@ impl CpuModel {
         for (l, w) in m.layers.iter().enumerate() {
             // Attention.
             norm_rows(&s.x, &w.attn_norm, c.eps, n, &mut s.xn);
-            project(k, [&w.wq, &w.wk, &w.wv], &s.xn, d, n, &mut s.quant, [&mut s.q, &mut s.k, &mut s.v]);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            let qkv = [&w.wq, &w.wk, &w.wv];
+            project_in(k, qkv, norms_in(w, 0), xn, d, n, c.eps, xin, qz, [&mut s.q, &mut s.k, &mut s.v]);
             for (t, row) in s.rows.iter().enumerate() {
                 let state = &mut *items[row.item].state;
                 let (q, kk) = (&mut s.q[t * q_dim..(t + 1) * q_dim], &mut s.k[t * kv_dim..(t + 1) * kv_dim]);
@@ -381,12 +416,14 @@ impl CpuModel {
             }
             attention(k, c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
             sub_norm_rows(&s.att, &w.attn_sub_norm, q_dim, c.eps, n, &mut s.xn);
-            project(k, [&w.wo], &s.xn, q_dim, n, &mut s.quant, [&mut s.y]);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.wo], norms_in(w, 3), xn, q_dim, n, c.eps, xin, qz, [&mut s.y]);
             s.x[..n * d].iter_mut().zip(&s.y).for_each(|(x, o)| *x += o);
 
             // Feed-forward.
             norm_rows(&s.x, &w.ffn_norm, c.eps, n, &mut s.xn);
-            project(k, [&w.w_gate, &w.w_up], &s.xn, d, n, &mut s.quant, [&mut s.gate, &mut s.up]);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.w_gate, &w.w_up], norms_in(w, 4), xn, d, n, c.eps, xin, qz, [&mut s.gate, &mut s.up]);
             for (g, &u) in s.gate[..n * n_ff].iter_mut().zip(&s.up) {
                 let a = match c.activation {
                     Activation::Relu2 => g.max(0.0) * g.max(0.0),
@@ -395,7 +432,8 @@ impl CpuModel {
                 *g = a * u;
             }
             sub_norm_rows(&s.gate, &w.ffn_sub_norm, n_ff, c.eps, n, &mut s.xn);
-            project(k, [&w.w_down], &s.xn, n_ff, n, &mut s.quant, [&mut s.y]);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.w_down], norms_in(w, 6), xn, n_ff, n, c.eps, xin, qz, [&mut s.y]);
             s.x[..n * d].iter_mut().zip(&s.y).for_each(|(x, o)| *x += o);
         }
         self.head(s, items);
@@ -408,7 +446,9 @@ impl CpuModel {
         let mut n = 0; // tokens that want logits
         for (t, row) in s.rows.iter().enumerate() {
             if row.logits {
-                rmsnorm(&s.x[t * d..(t + 1) * d], &m.output_norm, m.config.eps, &mut s.xn[n * d..(n + 1) * d]);
+                let normed = &mut s.xn[n * d..(n + 1) * d];
+                rmsnorm(&s.x[t * d..(t + 1) * d], &m.output_norm, m.config.eps, normed);
+                items[row.item].state.hidden.copy_from_slice(normed);
                 n += 1;
             }
         }
