@@ -100,6 +100,8 @@ pub struct Tokenizer {
     /// Every id that ends a generation.
     end_ids: Vec<u32>,
     add_bos: bool,
+    /// `tokenizer.ggml.add_eos_token`: end every text with EOS (embedding models pool that token).
+    add_eos: bool,
     kind: Kind,
     chat_template: Option<String>,
     /// Control (and unknown) token texts, longest first, with their ids: the tokens a chat template writes, and
@@ -174,8 +176,12 @@ impl Tokenizer {
             // llama.cpp's defaults: SentencePiece and Llama 3 vocabularies start with BOS.
             None => matches!(kind, Kind::ByteLevel(Pre::Llama3) | Kind::SentencePiece { .. }),
         } && bos.is_some(); // a file may ask for BOS without saying which token it is
+        let add_eos = match get(md, "tokenizer.ggml.add_eos_token") {
+            Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_eos_token", "not a bool"))?,
+            None => false,
+        } && eos.is_some();
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, specials, plain })
+        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, add_eos, kind, chat_template, specials, plain })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -237,6 +243,10 @@ impl Tokenizer {
     /// SentencePiece vocabularies).
     pub fn add_bos(&self) -> bool {
         self.add_bos
+    }
+
+    pub fn add_eos(&self) -> bool {
+        self.add_eos
     }
 
     /// EOS, EOT, and the usual end-of-turn tokens found by text.
