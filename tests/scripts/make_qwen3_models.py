@@ -10,7 +10,11 @@ llama.cpp's own llama-quantize, with llama.cpp's logits on the same files and a 
      pre-tokenizer `qwen2`).
   2. llama-quantize (built from that source) makes `qwen3-q1_0.gguf` (Q1_0 projections, F16 tied embedding) and
      `qwen3-q2_0.gguf` (Q2_0 projections, F16 embedding, untied Q8_0 output head).
-  3. References: llama.cpp's logits of every prompt position (llama-cpp-python of the same source, `logits_all`,
+  3. A tiny BitNet embedding model in Microsoft's bitnet-embeddings layout (`qwen3-embed-i2_s.gguf`: I2_S
+     projections, `*_norm_in` tensors; see write_embedding) and its numpy embeddings (the same BitLinear math:
+     per-projection RMSNorm, per-token int8 activations, ternary weights; last-token pooling, L2 norm), with keys
+     and values rounded to f16 as the default KV cache holds them (`embedding`) and exact (`embedding_f32_cache`).
+  4. References: llama.cpp's logits of every prompt position (llama-cpp-python of the same source, `logits_all`,
      loading the libllama built in step 2), and a float64 numpy forward pass over the dequantized weights
      (no activation quantization: it bounds what quantizing the activations costs).
 
@@ -155,13 +159,83 @@ def write_f32(path, w, vocab, template, tied):
     wr.close()
 
 
+# ---- BitNet embedding model: ternary I2_S projections with per-projection input norms ----
+
+PROJ = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+NORM_IN = ["attn_q_norm_in", "attn_k_norm_in", "attn_v_norm_in", "attn_output_norm_in", "ffn_gate_norm_in",
+           "ffn_up_norm_in", "ffn_down_norm_in"]
+EMBED_TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "12345 digits and a \n newline",
+               "naïve café 中文"]
+
+
+def write_embedding(path, w, vocab, rng):
+    """Microsoft's bitnet-embeddings GGUF layout (docs/bitnet-embeddings-qwen3-gguf-conversion.md in microsoft/BitNet):
+    arch qwen3, projections I2_S (absmean ternary, f32 scale), `blk.N.*_norm_in` F16 (one per projection input),
+    F16 token_embd, no output.weight, EOS <|endoftext|> added to every text (pooled: the last token)."""
+    import make_test_models as mtm
+    import numpy_ref
+    c = CFG
+    tokens, types, merges, sid = vocab
+    wr = gguf.GGUFWriter(path, "qwen3")
+    wr.add_type(gguf.GGUFType.MODEL)
+    wr.add_name("tiny random BitNet embedding")
+    wr.add_context_length(c["max_position_embeddings"])
+    wr.add_embedding_length(c["hidden_size"])
+    wr.add_block_count(c["num_hidden_layers"])
+    wr.add_feed_forward_length(c["intermediate_size"])
+    wr.add_head_count(c["num_attention_heads"])
+    wr.add_head_count_kv(c["num_key_value_heads"])
+    wr.add_rope_freq_base(c["rope_theta"])
+    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    wr.add_key_length(c["head_dim"])
+    wr.add_value_length(c["head_dim"])
+    wr.add_pooling_type(gguf.PoolingType.LAST)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("qwen2")
+    wr.add_token_list(tokens)
+    wr.add_token_types(types)
+    wr.add_token_merges(merges)
+    wr.add_eos_token_id(sid["<|endoftext|>"])
+    wr.add_pad_token_id(sid["<|endoftext|>"])
+    wr.add_add_bos_token(False)
+    wr.add_add_eos_token(True)
+    proj = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    for name, t in w.items():
+        if name == "output.weight":
+            continue
+        layer_proj = name.split(".")[-2] in proj
+        if layer_proj:  # absmean ternary, as Microsoft's converter: scale = mean|w|, codes = round(w/scale)
+            scale = np.float32(np.abs(t).mean())
+            codes = np.clip(np.round(t / scale), -1, 1).astype(np.int8)
+            wr.add_tensor(name, mtm.pack_i2_s(codes, scale).view(np.int8), raw_shape=codes.shape,
+                          raw_dtype=numpy_ref.I2_S)
+        elif name == "token_embd.weight":
+            wr.add_tensor(name, t.astype(np.float16))
+        else:
+            wr.add_tensor(name, t)
+        if layer_proj:
+            i = int(name.split(".")[1])
+            n_in = NORM_IN[proj.index(name.split(".")[-2])]
+            wr.add_tensor(f"blk.{i}.{n_in}.weight", (1.0 + 0.2 * rng.standard_normal(t.shape[1])).astype(np.float16))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
 # ---- numpy reference: decode the quantized file, run the model in float64 ----
 
-def decode(t):
+def decode(t, r):
     ty, raw = t.tensor_type, np.frombuffer(bytes(t.data), dtype=np.uint8)
     shape = [int(x) for x in reversed(t.shape)]  # rows, cols
     n = int(np.prod(shape))
-    if ty == gguf.GGMLQuantizationType.F32:
+    if int(ty) == 36:
+        raw = np.asarray(r.data[t.data_offset:t.data_offset + n // 4 + 32])  # I2_S: codes (byte j of a 128-block: elements j, 32+j, 64+j, 96+j at bits 7:6..1:0) + f32 scale
+        codes = raw[:n // 4].reshape(-1, 32)
+        u = np.stack([(codes >> s) & 3 for s in (6, 4, 2, 0)], axis=1).reshape(-1)
+        scale = raw[n // 4:n // 4 + 4].view(np.float32)[0]
+        v = (u.astype(np.float32) - 1) * scale
+    elif ty == gguf.GGMLQuantizationType.F32:
         v = raw.view(np.float32)
     elif ty == gguf.GGMLQuantizationType.F16:
         v = raw.view(np.float16).astype(np.float32)
@@ -183,9 +257,20 @@ def decode(t):
     return v.reshape(-1)[:n].reshape(shape).astype(np.float64)
 
 
-def forward(path, tokens):
-    r = gguf.GGUFReader(path)
-    w = {t.name: decode(t) for t in r.tensors}
+def act_int8(x):
+    """BitNet's per-token activation quantization (absmax int8, half to even), dequantized."""
+    s = 127.0 / np.maximum(np.abs(x).max(-1, keepdims=True), 1e-5)
+    return np.clip(np.rint(x * s), -128, 127) / s
+
+
+def forward(path, tokens, pool=False, f16_cache=False):
+    """Logits of every position, or (pool) the final normed hidden state of the last token. A file with
+    `*_norm_in` tensors is a BitNet embedding model: each projection's input goes through its own RMSNorm and
+    then the int8 activation quantization of BitLinear."""
+    import numpy_ref
+    r = numpy_ref.read_gguf(path)  # gguf.GGUFReader with I2_S (type 36) registered
+    w = {t.name: decode(t, r) for t in r.tensors}
+    bitnet = "blk.0.attn_q_norm_in.weight" in w
     c = CFG
     hd, nh, nkv, eps = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
     rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g  # noqa: E731
@@ -201,21 +286,30 @@ def forward(path, tokens):
 
     for i in range(c["num_hidden_layers"]):
         p = lambda n: w[f"blk.{i}.{n}.weight"]  # noqa: E731
+
+        def lin(x, n):
+            if bitnet:
+                x = act_int8(rms(x, p(NORM_IN[PROJ.index(n)])))
+            return x @ p(n).T
         h = rms(x, p("attn_norm"))
-        q = (h @ p("attn_q").T).reshape(T, nh, hd)
-        k = (h @ p("attn_k").T).reshape(T, nkv, hd)
-        v = (h @ p("attn_v").T).reshape(T, nkv, hd)
+        q = lin(h, "attn_q").reshape(T, nh, hd)
+        k = lin(h, "attn_k").reshape(T, nkv, hd)
+        v = lin(h, "attn_v").reshape(T, nkv, hd)
         q, k = rope(rms(q, p("attn_q_norm"))), rope(rms(k, p("attn_k_norm")))
+        if f16_cache:  # keys (after RoPE) and values as an f16 KV cache holds them
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
         s = s + np.triu(np.full((T, T), -np.inf), 1)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         att = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
-        x = x + att @ p("attn_output").T
+        x = x + lin(att, "attn_output")
         h = rms(x, p("ffn_norm"))
-        g, u = h @ p("ffn_gate").T, h @ p("ffn_up").T
-        x = x + (g / (1 + np.exp(-g)) * u) @ p("ffn_down").T
+        g, u = lin(h, "ffn_gate"), lin(h, "ffn_up")
+        x = x + lin(g / (1 + np.exp(-g)) * u, "ffn_down")
+    if pool:
+        return rms(x, w["output_norm.weight"])[-1]
     head = w.get("output.weight", w["token_embd.weight"])
     return rms(x, w["output_norm.weight"]) @ head.T
 
@@ -267,6 +361,17 @@ def main():
             types = sorted({t.tensor_type.name for t in gguf.GGUFReader(dst).tensors})
             refs["models"][name] = {"type": ty, "tied": tied, "tensor_types": types, "cases": cases}
     refs["tokenizer"] = tokenizer_refs(tok_path, template, vocab)
+    emb = os.path.join(OUT, "qwen3-embed-i2_s.gguf")
+    write_embedding(emb, random_weights(np.random.default_rng(21)), vocab, np.random.default_rng(22))
+    import tokenizers
+    small = tokenizers.Tokenizer.from_str(json.dumps(cut_tokenizer_json(tok_path, vocab)))
+    cases = []
+    for text in EMBED_TEXTS:
+        ids = small.encode(text, add_special_tokens=False).ids + [vocab[3]["<|endoftext|>"]]
+        e16, e32 = forward(emb, ids, pool=True, f16_cache=True), forward(emb, ids, pool=True)
+        cases.append({"text": text, "tokens": ids, "embedding": (e16 / np.linalg.norm(e16)).tolist(),
+                      "embedding_f32_cache": (e32 / np.linalg.norm(e32)).tolist()})
+    refs["embedding"] = {"file": os.path.basename(emb), "cases": cases}
     with open(os.path.join(OUT, "references_qwen3.json"), "w") as f:
         json.dump(refs, f)
     print("wrote", ", ".join(files), "and references_qwen3.json")
