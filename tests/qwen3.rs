@@ -73,12 +73,16 @@ fn q1_0_and_q2_0_logits_match_llama_cpp() {
         let model = load(file);
         assert_eq!(model.family, Family::Qwen3);
         let ty = GgmlType::parse(info["type"].as_str().unwrap()).unwrap();
-        assert!(model.layers.iter().all(|l| matches!(&l.wq, Linear::Ggml(m) if m.ty == ty)), "{file}: {ty:?} projections");
+        assert!(
+            model.layers.iter().all(|l| matches!(&l.wq, Linear::Ggml(m) if m.ty == ty)),
+            "{file}: {ty:?} projections"
+        );
         assert_eq!(model.output.is_none(), info["tied"].as_bool().unwrap(), "{file}: tied head");
         // The reference kernels and the fastest ones of this CPU.
         for k in [kernels::available()[0], kernels::best()] {
-            let weights: Arc<dyn Weights> =
-                Arc::new(CpuModel::new(model.clone(), k, None, None).unwrap().with_kv(bitnet_engine::backend::KvType::F32));
+            let weights: Arc<dyn Weights> = Arc::new(
+                CpuModel::new(model.clone(), k, None, None).unwrap().with_kv(bitnet_engine::backend::KvType::F32),
+            );
             for case in info["cases"].as_array().unwrap() {
                 let tokens = ids(&case["tokens"]);
                 let got = all_logits(&weights, &tokens);

@@ -459,7 +459,13 @@ fn q4_0_and_q5_0_repack_to_q8_0_exactly() {
 }
 
 /// Random ggml rows of a block type: random code bytes, f16 scales from `scale` (called per block).
-fn block_rows_of(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize, scale: impl Fn(&mut Rng) -> f32) -> FloatMatrix {
+fn block_rows_of(
+    rng: &mut Rng,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    scale: impl Fn(&mut Rng) -> f32,
+) -> FloatMatrix {
     let (size, bytes) = (ty.block_size(), ty.block_bytes());
     let mut data = Vec::with_capacity(rows * cols / size * bytes);
     for _ in 0..rows * cols / size {

@@ -17,9 +17,8 @@ pub fn embed(session: &mut Session, tokenizer: &Tokenizer, text: &str) -> Result
     }
     session.truncate(0);
     session.prefill(&ids)?;
-    let hidden = session
-        .hidden()
-        .ok_or_else(|| Error::Unsupported(format!("embeddings on {}", session.backend_name())))?;
+    let hidden =
+        session.hidden().ok_or_else(|| Error::Unsupported(format!("embeddings on {}", session.backend_name())))?;
     Ok(l2_normalized(hidden))
 }
 

@@ -32,7 +32,7 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_runs, check_input, Batcher, Sequence, Step, Want, Weights, MIN_GPU_BATCH};
+use crate::backend::{check_ctx, check_input, check_runs, Batcher, Sequence, Step, Want, Weights, MIN_GPU_BATCH};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};

@@ -42,7 +42,7 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
-use crate::backend::{check_ctx, check_runs, check_input, KvType};
+use crate::backend::{check_ctx, check_input, check_runs, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
 use crate::model::{Activation, Config, Model};

@@ -379,8 +379,14 @@ impl Dot32 for SimdDot {
         let b = u64x2_splat(u64::from_le_bytes(codes[..8].try_into().unwrap()));
         let three = u8x16_splat(3);
         // Lanes 0-7 the plane shifted by 2k, lanes 8-15 by 2k + 2: two planes per vector, in order.
-        let p01 = v128_and(i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(b, u8x16_shr(b, 2)), three);
-        let p23 = v128_and(i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(u8x16_shr(b, 4), u8x16_shr(b, 6)), three);
+        let p01 = v128_and(
+            i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(b, u8x16_shr(b, 2)),
+            three,
+        );
+        let p23 = v128_and(
+            i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(u8x16_shr(b, 4), u8x16_shr(b, 6)),
+            three,
+        );
         hsum(i32x4_add(dot16(p01, load_i8(x)), dot16(p23, load_i8(&x[16..])))) - a.sum[y]
     }
 
