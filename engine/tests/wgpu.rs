@@ -574,7 +574,7 @@ fn bytes_per_token(m: &Model) -> usize {
     let t: usize = m
         .layers
         .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+        .flat_map(|l| l.ternary().expect("ternary layers"))
         .map(|w| w.data.len())
         .sum();
     t + m.lm_head().data.len()
