@@ -138,6 +138,7 @@ impl BatchScratch {
                 sx: vec![0f32; tile],
                 acc: vec![0i32; tile * (q_dim + 2 * kv_dim).max(2 * c.n_ff).max(widest)],
                 blocks: Vec::new(),
+                tmp: Vec::new(),
             },
             q: vec![0f32; tile * q_dim],
             k: vec![0f32; tile * kv_dim],
@@ -242,6 +243,7 @@ struct Quantized {
     sx: Vec<f32>,               // [tile] their scales
     acc: Vec<i32>,              // [tile][rows of one `bitlinear`] integer accumulators, in row chunks
     blocks: Vec<Q8Activations>, // [tile] Q8_0 blocks (Q1_0, Q2_0, Q8_0 weights; grown on first use)
+    tmp: Vec<f32>,              // [tile][rows] outputs of `ggml_rows`, in row chunks (grown on first use)
 }
 
 /// The per-projection input norms of layer `w` from projection `first` on (q, k, v, o, gate, up, down), for a
@@ -291,7 +293,7 @@ fn project<const M: usize>(
     for (w, y) in ws.into_iter().zip(ys) {
         match w {
             Linear::Ternary(t) => ternary_project(k, [t], x, d, n, qz, [y]),
-            Linear::Ggml(m) => ggml_rows(k, m, x, n, &mut qz.blocks, y),
+            Linear::Ggml(m) => ggml_rows(k, m, x, n, qz, y),
         }
     }
 }
@@ -314,25 +316,32 @@ fn ternary_project<const M: usize>(
 }
 
 /// `y = W·x` for the `n` rows of `x` (each `w.cols` long), `y` rows of `w.rows`: Q1_0, Q2_0 and Q8_0 against
-/// Q8_0 activations (ggml's `vec_dot_type` for them), the other types in float. Each token reads the
-/// weights once (fine for decoding; a tiled prompt path would read them once per tile).
-fn ggml_rows(k: &dyn Kernels, w: &FloatMatrix, x: &[f32], n: usize, acts: &mut Vec<Q8Activations>, y: &mut [f32]) {
-    let (d, chunk) = (w.cols, rows_per_task(w.rows));
-    let ys = y[..n * w.rows].par_chunks_mut(w.rows);
-    if blocks::reads(w.ty) {
-        acts.resize_with(n.max(acts.len()), Q8Activations::default);
-        acts[..n].par_iter_mut().zip(x.par_chunks(d)).for_each(|(a, x)| a.quantize(x));
-        ys.zip(&acts[..n]).for_each(|(y, a)| {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-                k.block_rows(w, i * chunk..i * chunk + o.len(), a, o);
-            })
-        });
-    } else {
-        ys.zip(x.par_chunks(d)).for_each(|(y, x)| {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-                k.float_rows(w, i * chunk..i * chunk + o.len(), x, o);
-            })
-        });
+/// Q8_0 activations (ggml's `vec_dot_type` for them), the other types in float. Threads take chunks of rows and
+/// run each for every token, so a tile reads the weights from memory once; a chunk's results come back
+/// token-major in `tmp`, then go to their rows of `y`.
+fn ggml_rows(k: &dyn Kernels, w: &FloatMatrix, x: &[f32], n: usize, qz: &mut Quantized, y: &mut [f32]) {
+    let (rows, chunk) = (w.rows, rows_per_task(w.rows));
+    let quantized = blocks::reads(w.ty);
+    if quantized {
+        qz.blocks.resize_with(n.max(qz.blocks.len()), Q8Activations::default);
+        qz.blocks[..n].par_iter_mut().zip(x.par_chunks(w.cols)).for_each(|(a, x)| a.quantize(x));
+    }
+    let acts = &qz.blocks[..if quantized { n } else { 0 }];
+    qz.tmp.resize(n * rows, 0.0);
+    qz.tmp.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
+        let (start, len) = (i * chunk, o.len() / n);
+        match quantized {
+            true => {
+                acts.iter().zip(o.chunks_exact_mut(len)).for_each(|(a, o)| k.block_rows(w, start..start + len, a, o))
+            }
+            false => k.float_gemm(w, start..start + len, &x[..n * w.cols], n, o),
+        }
+    });
+    for (i, o) in qz.tmp.chunks(chunk * n).enumerate() {
+        let len = o.len() / n;
+        for (t, o) in o.chunks_exact(len).enumerate() {
+            y[t * rows + i * chunk..][..len].copy_from_slice(o);
+        }
     }
 }
 
