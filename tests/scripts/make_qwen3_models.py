@@ -223,6 +223,33 @@ def write_embedding(path, w, vocab, rng):
     wr.close()
 
 
+# ---- Q1_0 / Q2_0 encodings by ggml itself (tests/fixtures/quant/q1_0.qfx, q2_0.qfx) ----
+
+def write_quant_fixtures():
+    """ggml's `quantize_row_q{1,2}_0_ref` and `dequantize_row_q{1,2}_0` (libggml-base of the same build, through
+    ctypes) on random values plus edge cases: an all-zero block (d = 0), negative zero (Q1_0: its sign bit is set,
+    since −0 ≥ 0), and a block of multiples of d/4 (Q2_0 rounding ties w/d = ±0.5, which roundf sends away from
+    zero)."""
+    import ctypes
+    import make_quant_fixtures as mqf
+    lib = ctypes.CDLL(os.path.join(LLAMA_CPP, "build", "bin", "libggml-base.so"))
+    f32p = ctypes.POINTER(ctypes.c_float)
+    rng = np.random.default_rng(41)
+    for name, qk, nbytes, ty in [("q1_0", 128, 18, 41), ("q2_0", 64, 18, 42)]:
+        x = rng.standard_normal(qk * 12).astype(np.float32) * np.float32(0.05)
+        x[:qk] = 0.0
+        x[qk] = -0.0
+        b = x[2 * qk:3 * qk]
+        b[:] = np.float32(0.25) * rng.integers(-4, 5, qk).astype(np.float32)  # exact multiples of d/4: ties
+        b[0] = 1.0
+        enc = np.zeros(len(x) // qk * nbytes, dtype=np.uint8)
+        quant, dequant = getattr(lib, f"quantize_row_{name}_ref"), getattr(lib, f"dequantize_row_{name}")
+        quant(x.ctypes.data_as(f32p), enc.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(len(x)))
+        dec = np.zeros(len(x), dtype=np.float32)
+        dequant(enc.ctypes.data_as(ctypes.c_void_p), dec.ctypes.data_as(f32p), ctypes.c_int64(len(x)))
+        mqf.write(name, ty, enc, dec, x)
+
+
 # ---- numpy reference: decode the quantized file, run the model in float64 ----
 
 def decode(t, r):
@@ -360,6 +387,7 @@ def main():
                               "float64": ref.astype(np.float32).tolist()})
             types = sorted({t.tensor_type.name for t in gguf.GGUFReader(dst).tensors})
             refs["models"][name] = {"type": ty, "tied": tied, "tensor_types": types, "cases": cases}
+    write_quant_fixtures()
     refs["tokenizer"] = tokenizer_refs(tok_path, template, vocab)
     emb = os.path.join(OUT, "qwen3-embed-i2_s.gguf")
     write_embedding(emb, random_weights(np.random.default_rng(21)), vocab, np.random.default_rng(22))
