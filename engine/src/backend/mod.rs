@@ -274,6 +274,10 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
     if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
         return cpu(model);
     }
+    // A model the GPU backends do not run yet (qwen3) keeps `auto` on the CPU too.
+    if opts.device == DeviceChoice::Auto && check_runs(&model, "a GPU").is_err() {
+        return cpu(model);
+    }
     if opts.device == DeviceChoice::Cuda && opts.kv != KvType::F16 {
         return Err(Error::Unsupported(format!(
             "a {} KV cache on CUDA (f16 only; --backend wgpu has f32 too, --backend cpu every type)",
