@@ -184,6 +184,9 @@ fn info_names_qwen3_and_gpus_refuse_it() {
     assert!(report.contains("family: Qwen3 block (q/k norms) (architecture qwen3"), "{report}");
     assert!(report.contains("pre-tokenizer qwen2"), "{report}");
     assert!(report.lines().any(|l| l.starts_with("blk.0.attn_q.weight ") && l.contains(" q1_0 ")), "{report}");
+    let bytes = std::fs::read(fixture("models/qwen3-embed-i2_s.gguf")).unwrap();
+    let report = bitnet_engine::info::report(&bytes).unwrap();
+    assert!(report.contains("a BitNet embedding model"), "{report}");
     let model = load("qwen3-q1_0.gguf");
     match bitnet_engine::backend::check_runs(&model, "wgpu") {
         Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("wgpu"), "{m}"),

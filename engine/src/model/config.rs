@@ -63,8 +63,16 @@ impl Family {
     pub fn detect(g: &GgufFile) -> Result<(Family, String)> {
         let arch = arch_name(g)?;
         if arch == "qwen3" {
-            let why = "architecture qwen3: GQA with per-head q/k RMSNorm, SwiGLU (projections Q1_0, Q2_0, Q8_0, \
-                       float or ternary)";
+            let why = match g.tensor("blk.0.attn_q_norm_in.weight") {
+                Some(_) => {
+                    "architecture qwen3 with *_norm_in tensors: a BitNet embedding model (BitLinear \
+                            projections, each input RMSNormed; `bitnet embed` pools the last token)"
+                }
+                None => {
+                    "architecture qwen3: GQA with per-head q/k RMSNorm, SwiGLU (projections Q1_0, Q2_0, Q8_0, \
+                         float or ternary)"
+                }
+            };
             return Ok((Family::Qwen3, why.into()));
         }
         if arch == "llama" {
