@@ -292,8 +292,13 @@ unsafe fn q8_0_dot(row: &[u8], x: &[f32]) -> f32 {
 // Q1_0, Q2_0 and Q8_0 projections against Q8_0 activations (see `blocks`): per 32 values an i32x8 of
 // partial integer sums, scaled by the activation's d into a block accumulator, then by the weight's d.
 
-fn f16_at(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32()
+/// The f16 at the start of `b`, converted by F16C (`half` converts in software where f16c is not a compile-time
+/// feature: a sixth of the decoding time once).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16_at(b: &[u8]) -> f32 {
+    let bits = u16::from_le_bytes([b[0], b[1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 /// Σ of the 32 bytes of `v` as signed values, in eight i32 lanes.
@@ -304,7 +309,7 @@ unsafe fn sum_i8(v: __m256i) -> __m256i {
 
 /// Q1_0: each activation byte negated where its weight's bit is clear (ggml's AVX2 trick: the bit
 /// spread to a byte mask), then summed.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q1_0_row(row: &[u8], a: &Q8Activations) -> f32 {
     let byte_of = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
@@ -329,7 +334,7 @@ unsafe fn q1_0_row(row: &[u8], a: &Q8Activations) -> f32 {
 
 /// Q2_0: the 8 bytes of 32 codes shifted by 0, 2, 4, 6 in the four 64-bit lanes give the four planes
 /// (`blocks`' plane order, in which the activations are kept too); `Σ u·x − Σ x`.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q2_0_row(row: &[u8], a: &Q8Activations) -> f32 {
     let shifts = _mm256_setr_epi64x(0, 2, 4, 6);
     let three = _mm256_set1_epi8(3);
@@ -351,7 +356,7 @@ unsafe fn q2_0_row(row: &[u8], a: &Q8Activations) -> f32 {
 }
 
 /// Q8_0 × Q8_0: `maddubs(|w|, x·sign(w))` (|−128| = 128 is right as an unsigned byte).
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_row(row: &[u8], a: &Q8Activations) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (i, b) in row.chunks_exact(34).enumerate() {
