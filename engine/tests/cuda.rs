@@ -107,8 +107,11 @@ impl<'m> Reference<'m> {
         let mut x = self.embd[token as usize * c.n_embd..][..c.n_embd].to_vec();
         for (l, w) in self.model.layers.iter().enumerate() {
             let xn = rmsnorm(&x, &w.attn_norm, c.eps);
-            let (mut q, mut k, v) =
-                (self.bitlinear(&w.wq, &xn), self.bitlinear(&w.wk, &xn), self.bitlinear(&w.wv, &xn));
+            let (mut q, mut k, v) = (
+                self.bitlinear(w.wq.ternary().unwrap(), &xn),
+                self.bitlinear(w.wk.ternary().unwrap(), &xn),
+                self.bitlinear(w.wv.ternary().unwrap(), &xn),
+            );
             for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
                 for j in 0..half {
                     let inv_freq = (c.rope_base as f64).powf(-2.0 * j as f64 / c.rope_dim as f64);
@@ -138,10 +141,11 @@ impl<'m> Reference<'m> {
                     out.iter_mut().zip(vh).for_each(|(o, v)| *o += p / sum * v);
                 }
             }
-            let o = self.bitlinear(&w.wo, &sub_norm(&att, &w.attn_sub_norm, c.eps));
+            let o = self.bitlinear(w.wo.ternary().unwrap(), &sub_norm(&att, &w.attn_sub_norm, c.eps));
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let xn = rmsnorm(&x, &w.ffn_norm, c.eps);
-            let (g, u) = (self.bitlinear(&w.w_gate, &xn), self.bitlinear(&w.w_up, &xn));
+            let (g, u) =
+                (self.bitlinear(w.w_gate.ternary().unwrap(), &xn), self.bitlinear(w.w_up.ternary().unwrap(), &xn));
             let gu: Vec<f32> = g
                 .iter()
                 .zip(&u)
@@ -150,7 +154,7 @@ impl<'m> Reference<'m> {
                     Activation::Silu => g / (1.0 + (-g).exp()) * u,
                 })
                 .collect();
-            let d = self.bitlinear(&w.w_down, &sub_norm(&gu, &w.ffn_sub_norm, c.eps));
+            let d = self.bitlinear(w.w_down.ternary().unwrap(), &sub_norm(&gu, &w.ffn_sub_norm, c.eps));
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let xn = rmsnorm(&x, &self.model.output_norm, c.eps);
@@ -436,12 +440,7 @@ fn bench(name: &str, model: &Model) {
     let ternary_bytes: usize = model
         .layers
         .iter()
-        .map(|l| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .iter()
-                .map(|m| m.rows * m.cols.div_ceil(64) * 16)
-                .sum::<usize>()
-        })
+        .map(|l| l.ternary().expect("ternary layers").iter().map(|m| m.rows * m.cols.div_ceil(64) * 16).sum::<usize>())
         .sum();
     let bytes = ternary_bytes + c.n_vocab * c.n_embd * 2;
     let floor = 3.35e12 / bytes as f64;

@@ -1,6 +1,7 @@
 //! Every kernel set against the scalar reference: integer accumulators bit-for-bit, float
 //! products to float tolerance, on random data and shapes that are not multiples of the blocks.
 
+use bitnet_engine::backend::cpu::kernels::blocks::Q8Activations;
 use bitnet_engine::backend::cpu::kernels::qhead::{HeadActivations, QuantHead};
 use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
 use bitnet_engine::format::quant::{self, GgmlType};
@@ -492,4 +493,111 @@ fn q4_0_and_q5_0_repack_to_q8_0_exactly() {
             assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{ty:?} row {r}");
         }
     }
+}
+
+/// Random ggml rows of a block type: random code bytes, f16 scales from `scale` (called per block).
+fn block_rows_of(
+    rng: &mut Rng,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    scale: impl Fn(&mut Rng) -> f32,
+) -> FloatMatrix {
+    let (size, bytes) = (ty.block_size(), ty.block_bytes());
+    let mut data = Vec::with_capacity(rows * cols / size * bytes);
+    for _ in 0..rows * cols / size {
+        data.extend(f16::from_f32(scale(rng)).to_le_bytes());
+        data.extend((0..bytes - 2).map(|_| rng.next() as u8));
+    }
+    FloatMatrix { ty, rows, cols, row_bytes: ty.row_bytes(cols).unwrap(), data }
+}
+
+/// Q1_0, Q2_0 and Q8_0 projections: every kernel against the reference (ggml's generic order of float
+/// operations), to float rounding, on random rows and activations.
+#[test]
+fn block_rows_match_the_reference() {
+    let mut rng = Rng(0x0b10_c0de);
+    let reference = kernels::available()[0];
+    for (ty, cols) in [(GgmlType::Q1_0, 128), (GgmlType::Q1_0, 640), (GgmlType::Q2_0, 64), (GgmlType::Q2_0, 448)]
+        .into_iter()
+        .chain([(GgmlType::Q8_0, 32), (GgmlType::Q8_0, 416)])
+    {
+        let rows = 11;
+        let w = block_rows_of(&mut rng, ty, rows, cols, |r| 0.001 + r.below(1000) as f32 * 1e-4);
+        let x: Vec<f32> = (0..cols).map(|_| rng.below(20001) as f32 / 1000.0 - 10.0).collect();
+        let mut a = Q8Activations::default();
+        a.quantize(&x);
+        let mut want = vec![0f32; rows];
+        reference.block_rows(&w, 0..rows, &a, &mut want);
+        let mut row = vec![0f32; cols];
+        for k in kernels::available() {
+            for range in [0..rows, 3..rows, 4..5] {
+                let mut got = vec![0f32; range.len()];
+                k.block_rows(&w, range.clone(), &a, &mut got);
+                for (i, (&g, &e)) in got.iter().zip(&want[range.clone()]).enumerate() {
+                    // The sum of |terms| bounds the rounding of any summation order.
+                    w.dequantize_row(range.start + i, &mut row);
+                    let mag: f32 = row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+                    assert!((g - e).abs() <= 1e-5 * mag, "{} {ty:?} x {cols}, row {}: {g} vs {e}", k.name(), i);
+                }
+            }
+        }
+    }
+}
+
+/// The integer part bit for bit: with power-of-two weight scales and activations whose Q8_0 blocks
+/// quantize exactly (scales 0.5 or 1), every float step is exact whatever its order, so each kernel
+/// must give exactly `Σ w·x` of the dequantized weights (f64). Full-range codes (random bytes: Q2_0's
+/// unused-by-ternary code 3 and Q8_0's −128 included), activations ±127 and an all-zero block.
+#[test]
+fn block_rows_integer_sums_are_exact() {
+    let mut rng = Rng(0x0b10_e8ac);
+    for (ty, cols) in [(GgmlType::Q1_0, 256), (GgmlType::Q2_0, 192), (GgmlType::Q8_0, 288)] {
+        let rows = 7;
+        let mut w = block_rows_of(&mut rng, ty, rows, cols, |r| 0.5 * (1 << r.below(3)) as f32);
+        if ty == GgmlType::Q8_0 {
+            w.data[2] = 0x80; // −128
+        }
+        for vector in 0..3 {
+            let x = exact_activations(&mut rng, cols, 32, vector == 1);
+            let mut a = Q8Activations::default();
+            a.quantize(&x);
+            let mut row = vec![0f32; cols];
+            let want: Vec<f64> = (0..rows)
+                .map(|r| {
+                    w.dequantize_row(r, &mut row);
+                    dot_f64(&row, &x)
+                })
+                .collect();
+            for k in kernels::available() {
+                let mut got = vec![0f32; rows];
+                k.block_rows(&w, 0..rows, &a, &mut got);
+                for (r, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g as f64, e, "{} kernel, {ty:?} x {cols}, vector {vector}, row {r}", k.name());
+                }
+            }
+        }
+    }
+}
+
+/// ggml's Q8_0 activation quantizer (`quantize_row_q8_0_ref`): d = max|x|/127 kept as f16, q = round(x/d)
+/// with ties away from zero, and the Q2_0 plane order (value 4b + k at 8k + b).
+#[test]
+fn q8_0_activations_are_ggml_s() {
+    let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.37).collect();
+    x[5] = 0.5 * (x[0].abs() / 127.0) * 3.0; // 1.5 steps: rounds away from zero to 2
+    let mut a = Q8Activations::default();
+    a.quantize(&x);
+    for (b, x) in x.chunks(32).enumerate() {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        assert_eq!(a.d[b], f16::from_f32(d).to_f32());
+        for (j, &v) in x.iter().enumerate() {
+            let q = (v * (1.0 / d)).round() as i8;
+            assert_eq!(a.q[32 * b + j], q, "block {b} value {j}");
+            assert_eq!(a.planes[32 * b + 8 * (j % 4) + j / 4], q);
+        }
+        assert_eq!(a.sum[b], a.q[32 * b..32 * b + 32].iter().map(|&q| q as i32).sum::<i32>());
+    }
+    assert_eq!(a.q[5], 2);
 }

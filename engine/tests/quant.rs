@@ -90,6 +90,8 @@ fn type_ids_names_and_sizes() {
         (GgmlType::TQ1_0, 34, "tq1_0", 256, 54),
         (GgmlType::TQ2_0, 35, "tq2_0", 256, 66),
         (GgmlType::I2_S, 36, "i2_s", 128, 32),
+        (GgmlType::Q1_0, 41, "q1_0", 128, 18),
+        (GgmlType::Q2_0, 42, "q2_0", 64, 18),
     ];
     for (ty, id, name, size, bytes) in table {
         assert_eq!((ty.id(), ty.name(), ty.block_size(), ty.block_bytes()), (id, name, size, bytes));
@@ -125,6 +127,16 @@ fn check_fixture(name: &str) {
 fn f32_f16_bf16_match_gguf_py() {
     // Includes f16 overflow to inf, subnormals, round-to-even ties, and bf16 NaNs (made quiet, as ggml does).
     for name in ["f32", "f16", "bf16"] {
+        check_fixture(name);
+    }
+}
+
+/// PrismML's Q1_0 and Q2_0 against ggml itself (`quantize_row_q{1,2}_0_ref`, `dequantize_row_q{1,2}_0` of the
+/// llama.cpp build that made the Qwen3 fixtures, called by tests/scripts/make_qwen3_models.py): bit for bit,
+/// zero blocks, negative zero and Q2_0 rounding ties included.
+#[test]
+fn q1_0_q2_0_match_ggml() {
+    for name in ["q1_0", "q2_0"] {
         check_fixture(name);
     }
 }

@@ -493,8 +493,8 @@ fn metadata_errors() {
     set(&mut sp, "tokenizer.ggml.model", Value::Str("unigram".into()));
     assert!(matches!(Tokenizer::from_metadata(&sp), Err(Error::Unsupported(m)) if m.contains("unigram")));
     let mut pre = md.clone();
-    set(&mut pre, "tokenizer.ggml.pre", Value::Str("qwen2".into()));
-    assert!(matches!(Tokenizer::from_metadata(&pre), Err(Error::Unsupported(m)) if m.contains("qwen2")));
+    set(&mut pre, "tokenizer.ggml.pre", Value::Str("deepseek-llm".into()));
+    assert!(matches!(Tokenizer::from_metadata(&pre), Err(Error::Unsupported(m)) if m.contains("deepseek-llm")));
     let missing = without(&md, &["tokenizer.ggml.tokens"]);
     assert!(
         matches!(Tokenizer::from_metadata(&missing), Err(Error::Metadata { key, .. }) if key == "tokenizer.ggml.tokens")

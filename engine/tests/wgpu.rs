@@ -571,12 +571,7 @@ fn bad_input_is_an_error() {
 
 /// Bytes a decode step must read: every ternary weight and the LM head.
 fn bytes_per_token(m: &Model) -> usize {
-    let t: usize = m
-        .layers
-        .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
-        .map(|w| w.data.len())
-        .sum();
+    let t: usize = m.layers.iter().flat_map(|l| l.ternary().expect("ternary layers")).map(|w| w.data.len()).sum();
     t + m.lm_head().data.len()
 }
 

@@ -40,6 +40,8 @@ enum Command {
     Info(InfoArgs),
     /// Print the next-token logits of a prompt as JSON.
     Logits(LogitsArgs),
+    /// Print the sentence embedding of a text (embedding models: last-token pooling, unit length).
+    Embed(EmbedArgs),
     /// Perplexity of a text file, as llama-perplexity computes it.
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed, as llama-bench measures them.
@@ -253,6 +255,18 @@ struct InfoArgs {
 }
 
 #[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to embed.
+    #[arg(short, long)]
+    prompt: String,
+    /// Print one JSON object ({"tokens", "embedding"}) instead of the values one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -291,6 +305,7 @@ fn main() -> ExitCode {
         Command::Info(a) if a.devices => device::list(),
         Command::Info(a) => model_file::info(a.model.as_deref()),
         Command::Logits(a) => logits(a),
+        Command::Embed(a) => embed(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench::bench(a),
         Command::Convert(a) => convert::convert(a),
@@ -438,6 +453,19 @@ fn logits(a: LogitsArgs) -> Result<(), Error> {
         out["logits"] = serde_json::json!(logits);
     }
     println!("{out}");
+    Ok(())
+}
+
+/// `bitnet embed`: the engine's last-token pooling, L2-normalized.
+fn embed(a: EmbedArgs) -> Result<(), Error> {
+    let m = Loaded::open(&a.model)?;
+    let mut session = m.session()?;
+    let embedding = bitnet_engine::generate::embed::embed(&mut session, &m.tokenizer, &a.prompt)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "tokens": session.tokens(), "embedding": embedding }));
+    } else {
+        embedding.iter().for_each(|v| println!("{v}"));
+    }
     Ok(())
 }
 

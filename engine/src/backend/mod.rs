@@ -44,6 +44,12 @@ pub trait Sequence: Send + Any {
     /// The logits of the last `forward` that asked for them.
     fn logits(&self) -> &[f32];
 
+    /// The final normed hidden state of the token whose logits were last asked for (what an embedding
+    /// model pools), where the device keeps it.
+    fn hidden(&self) -> Option<&[f32]> {
+        None
+    }
+
     /// For a device's [`Batcher`], which reaches its own sequence type through this.
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
@@ -175,6 +181,27 @@ pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Re
 }
 
 /// The one check of a context size, on every device.
+/// What the GPU backends run so far: ternary projections of the BitNet and Llama-ternary families. Others
+/// (Qwen3's q/k norms; Q1_0, Q2_0 and float projections) are refused by name until their kernels exist.
+pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
+    if model.family == crate::model::Family::Qwen3 {
+        return Err(Error::Unsupported(format!("the qwen3 architecture on {backend} (it runs on the CPU)")));
+    }
+    if let Some((i, l)) = model.layers.iter().enumerate().find(|(_, l)| l.ternary().is_none()) {
+        let ty = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+            .iter()
+            .find_map(|w| match w {
+                crate::tensor::Linear::Ggml(m) => Some(m.ty.name()),
+                crate::tensor::Linear::Ternary(_) => None,
+            })
+            .unwrap_or("?");
+        return Err(Error::Unsupported(format!(
+            "{ty} projections (layer {i}) on {backend}: it runs ternary ones only (the CPU runs every type)"
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_ctx(c: &Config, ctx: usize) -> Result<()> {
     if ctx == 0 || ctx > c.n_ctx_train {
         return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));
@@ -285,6 +312,10 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
     // Every device caches f16; wgpu f32 too, the CPU every type. Another type keeps `auto` on the CPU, and
     // is an error when a device without it was asked for by name.
     if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
+        return cpu(model);
+    }
+    // A model the GPU backends do not run yet (qwen3) keeps `auto` on the CPU too.
+    if opts.device == DeviceChoice::Auto && check_runs(&model, "a GPU").is_err() {
         return cpu(model);
     }
     if opts.device == DeviceChoice::Cuda && opts.kv != KvType::F16 {

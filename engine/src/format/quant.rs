@@ -13,6 +13,10 @@ use crate::{Error, Result};
 const QK_K: usize = 256;
 /// I2_S: weights per 32-byte block.
 const I2S_BLOCK: usize = 128;
+/// Q1_0 (PrismML's Bonsai, ggml type 41): weights per block (f16 d, then one sign bit per weight).
+pub const QK1_0: usize = 128;
+/// Q2_0 (Ternary-Bonsai, ggml type 42): weights per block (f16 d, then a 2-bit code per weight).
+pub const QK2_0: usize = 64;
 /// I2_S: the tensor ends with one 32-byte block whose first 4 bytes are the f32 scale.
 const I2S_SCALE_BYTES: usize = 32;
 
@@ -30,11 +34,13 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     I2_S,
+    Q1_0,
+    Q2_0,
 }
 
 use GgmlType::*;
 
-const ALL_TYPES: [GgmlType; 11] = [F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, BF16, TQ1_0, TQ2_0, I2_S];
+const ALL_TYPES: [GgmlType; 13] = [F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, BF16, TQ1_0, TQ2_0, I2_S, Q1_0, Q2_0];
 
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<Self> {
@@ -55,6 +61,8 @@ impl GgmlType {
             TQ1_0 => 34,
             TQ2_0 => 35,
             I2_S => 36,
+            Q1_0 => 41,
+            Q2_0 => 42,
         }
     }
 
@@ -72,6 +80,8 @@ impl GgmlType {
             TQ1_0 => "tq1_0",
             TQ2_0 => "tq2_0",
             I2_S => "i2_s",
+            Q1_0 => "q1_0",
+            Q2_0 => "q2_0",
         }
     }
 
@@ -102,6 +112,8 @@ impl GgmlType {
             TQ1_0 => (QK_K, 54),
             TQ2_0 => (QK_K, 66),
             I2_S => (I2S_BLOCK, 32),
+            Q1_0 => (QK1_0, 18),
+            Q2_0 => (QK2_0, 18),
         }
     }
 
@@ -165,6 +177,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
         Q6_K => dequantize_q6_k,
         TQ1_0 => dequantize_tq1_0,
         TQ2_0 => dequantize_tq2_0,
+        Q1_0 => dequantize_q1_0,
+        Q2_0 => dequantize_q2_0,
         I2_S => return dequantize_i2_s(data, out),
     };
     let needed = ty
@@ -269,6 +283,33 @@ fn dequantize_tq2_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// Q1_0: bit `j % 8` of qs[j / 8] is weight j's sign; set means +d, clear means −d (there is no zero).
+fn dequantize_q1_0(b: &[u8], y: &mut [f32]) {
+    let d = read_f16(b);
+    for (j, y) in y.iter_mut().enumerate() {
+        *y = if q1_0_bit(b, j) { d } else { -d };
+    }
+}
+
+/// Whether weight `j` of a Q1_0 block (18 bytes) is +d.
+fn q1_0_bit(b: &[u8], j: usize) -> bool {
+    (b[2 + j / 8] >> (j % 8)) & 1 == 1
+}
+
+/// Q2_0: bits 2(j % 4)..+2 of qs[j / 4] hold u = code + 1 for weight j; the value is (u − 1)·d, so
+/// u = 0, 1, 2, 3 mean −d, 0, +d, +2d (ggml's quantizer clamps round(w/d) to −1..=2).
+fn dequantize_q2_0(b: &[u8], y: &mut [f32]) {
+    let d = read_f16(b);
+    for (j, y) in y.iter_mut().enumerate() {
+        *y = (i32::from(q2_0_code(b, j)) - 1) as f32 * d;
+    }
+}
+
+/// The stored 2-bit value u (code + 1) of weight `j` of a Q2_0 block (18 bytes).
+fn q2_0_code(b: &[u8], j: usize) -> u8 {
+    (b[2 + j / 4] >> (2 * (j % 4))) & 3
+}
+
 /// TQ1_0 trit `n` (0 = most significant) of a base-3 byte: multiplying by 3^n drops the higher trits off the top
 /// of the fixed-point fraction q/256 ≈ value/243; the next trit is then the integer part of 3·q/256.
 pub(crate) fn tq1_trit(byte: u8, n: usize) -> u8 {
@@ -352,6 +393,8 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>> {
         Q4_0 => quantize_q4_0,
         Q6_K => quantize_q6_k,
         Q4_K => quantize_q4_k,
+        Q1_0 => quantize_q1_0,
+        Q2_0 => quantize_q2_0,
         TQ1_0 | TQ2_0 | I2_S => {
             return Err(invalid(format!(
                 "quantize does not write {}; ternary weights are encoded by TernaryMatrix::to_tensor",
@@ -392,6 +435,28 @@ fn inverse_or_zero(d: f32) -> f32 {
         1.0 / d
     } else {
         0.0
+    }
+}
+
+/// ggml's `quantize_row_q1_0_ref`: d = mean |x| (summed in order), a set bit for x ≥ 0.
+fn quantize_q1_0(x: &[f32], out: &mut Vec<u8>) {
+    let sum_abs = x.iter().fold(0.0f32, |s, v| s + v.abs());
+    out.extend_from_slice(&f16_bytes(sum_abs / QK1_0 as f32));
+    for byte in x.chunks_exact(8) {
+        out.push(byte.iter().enumerate().fold(0u8, |b, (i, &v)| b | (u8::from(v >= 0.0) << i)));
+    }
+}
+
+/// ggml's `quantize_row_q2_0_ref`: d = max |x|, u = clamp(roundf(x/d) + 1, 0, 3) (roundf: half away from zero).
+fn quantize_q2_0(x: &[f32], out: &mut Vec<u8>) {
+    let amax = x.iter().fold(0.0f32, |a, v| if v.abs() > a { v.abs() } else { a });
+    let id = if amax > 0.0 { 1.0 / amax } else { 0.0 };
+    out.extend_from_slice(&f16_bytes(amax));
+    for four in x.chunks_exact(4) {
+        out.push(four.iter().enumerate().fold(0u8, |b, (i, &w)| {
+            let u = ((w * id).round() as i32 + 1).clamp(0, 3) as u8;
+            b | (u << (2 * i))
+        }));
     }
 }
 

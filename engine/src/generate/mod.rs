@@ -3,6 +3,7 @@
 //! [`Session`] drives it over one sequence, the server's scheduler over many in batched steps, the
 //! browser one awaited step at a time.
 
+pub mod embed;
 pub mod generation;
 #[cfg(feature = "grammar")]
 pub mod grammar;

@@ -60,6 +60,11 @@ impl Session {
         self.seq.logits()
     }
 
+    /// The final normed hidden state behind `logits()`, where the backend keeps it (the CPU).
+    pub fn hidden(&self) -> Option<&[f32]> {
+        self.seq.hidden()
+    }
+
     /// Forgets the cache from position `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.tokens.truncate(len);

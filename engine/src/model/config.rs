@@ -43,6 +43,9 @@ pub enum Family {
     /// Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E): no sub-norms, SiLU, GGUF arch `llama` (whose q/k rows
     /// llama.cpp's converter permuted for its interleaved RoPE; the loader undoes it).
     LlamaTernary,
+    /// Qwen3 (GGUF arch `qwen3`): a Llama block with per-head q/k RMSNorm, SwiGLU, NeoX RoPE; projections in
+    /// any llama.cpp type, PrismML's 1-bit Q1_0 and ternary Q2_0 (Bonsai) included.
+    Qwen3,
 }
 
 impl fmt::Display for Family {
@@ -50,6 +53,7 @@ impl fmt::Display for Family {
         f.write_str(match self {
             Self::BitNet => "BitNet block (sub-norms)",
             Self::LlamaTernary => "Llama block with ternary projections (no sub-norms)",
+            Self::Qwen3 => "Qwen3 block (q/k norms)",
         })
     }
 }
@@ -58,6 +62,19 @@ impl Family {
     /// The family of a GGUF file, and why: its architecture name (the tensors it must have follow from it).
     pub fn detect(g: &GgufFile) -> Result<(Family, String)> {
         let arch = arch_name(g)?;
+        if arch == "qwen3" {
+            let why = match g.tensor("blk.0.attn_q_norm_in.weight") {
+                Some(_) => {
+                    "architecture qwen3 with *_norm_in tensors: a BitNet embedding model (BitLinear \
+                            projections, each input RMSNormed; `bitnet embed` pools the last token)"
+                }
+                None => {
+                    "architecture qwen3: GQA with per-head q/k RMSNorm, SwiGLU (projections Q1_0, Q2_0, Q8_0, \
+                         float or ternary)"
+                }
+            };
+            return Ok((Family::Qwen3, why.into()));
+        }
         if arch == "llama" {
             let why = "architecture llama: a Llama block (ternary projections required: I2_S, TQ1_0, TQ2_0 or \
                        ternary-valued floats)";
@@ -132,7 +149,7 @@ impl Config {
     }
 }
 
-const ARCHS: [&str; 4] = ["bitnet-b1.58", "bitnet-25", "bitnet", "llama"];
+const ARCHS: [&str; 5] = ["bitnet-b1.58", "bitnet-25", "bitnet", "llama", "qwen3"];
 
 /// `general.architecture`, checked against the ones the engine runs.
 fn arch_name(g: &GgufFile) -> Result<String> {
@@ -239,6 +256,9 @@ fn choose_activation(g: &GgufFile, arch: &str, opts: &LoadOptions) -> Result<(Ac
     }
     if arch == "llama" {
         return Ok((Activation::Silu, "architecture llama: LlamaForCausalLM's SiLU".into()));
+    }
+    if arch == "qwen3" {
+        return Ok((Activation::Silu, "architecture qwen3: SwiGLU".into()));
     }
     let vocab = g.get("tokenizer.ggml.model").and_then(Value::as_str);
     if vocab == Some("llama") {

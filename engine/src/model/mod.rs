@@ -14,6 +14,12 @@
 //!
 //! The Llama-architecture ternary family ([`Family::LlamaTernary`]) is the same block without the two sub-norms
 //! (their vectors are empty): o and down read the attention output and `act(gate) * up` as they are.
+//!
+//! Qwen3 ([`Family::Qwen3`]) is that block with an RMSNorm over each head of q and of k (`attn_q_norm`,
+//! `attn_k_norm`, one weight vector of head_dim shared by the heads) before RoPE, SwiGLU, and projections
+//! stored as llama.cpp stores them (Q1_0, Q2_0, Q8_0, float: [`Linear::Ggml`]) or ternary. Microsoft's BitNet
+//! embedding models are Qwen3 with ternary (I2_S) projections and an RMSNorm on each projection's input
+//! (`Layer::norm_in`): `q = BitLinear_q(rmsnorm(h, attn_q_norm_in))` with h = rmsnorm(x, attn_norm), and so on.
 
 pub mod config;
 
@@ -23,6 +29,7 @@ use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::quant;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::{llama_row_of_hf_row, TernaryMatrix};
+use crate::tensor::Linear;
 use crate::{Error, Result};
 
 #[derive(Clone)]
@@ -33,13 +40,28 @@ pub struct Layer {
     pub ffn_norm: Vec<f32>,
     /// Empty for a family without sub-norms ([`Family::LlamaTernary`]).
     pub ffn_sub_norm: Vec<f32>,
-    pub wq: TernaryMatrix,
-    pub wk: TernaryMatrix,
-    pub wv: TernaryMatrix,
-    pub wo: TernaryMatrix,
-    pub w_gate: TernaryMatrix,
-    pub w_up: TernaryMatrix,
-    pub w_down: TernaryMatrix,
+    /// Qwen3's per-head RMSNorm weights of q and k (head_dim each); empty for the other families.
+    pub attn_q_norm: Vec<f32>,
+    pub attn_k_norm: Vec<f32>,
+    /// BitNet embedding models (a Qwen3 backbone with BitLinear projections): an RMSNorm on the input of each
+    /// projection, in the order q, k, v, o, gate, up, down (`*_norm_in` tensors); empty otherwise.
+    pub norm_in: Vec<Vec<f32>>,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+impl Layer {
+    /// The seven projections (q, k, v, o, gate, up, down) if all are ternary: what the GPU backends run.
+    pub fn ternary(&self) -> Option<[&TernaryMatrix; 7]> {
+        let all = [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down];
+        let t = all.map(Linear::ternary);
+        t.iter().all(Option::is_some).then(|| t.map(Option::unwrap))
+    }
 }
 
 #[derive(Clone)]
@@ -74,20 +96,39 @@ impl Model {
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let mut layers = Vec::with_capacity(c.n_layer);
         let llama = family == Family::LlamaTernary;
+        let qwen3 = family == Family::Qwen3;
         for i in 0..c.n_layer {
-            let t = |n: &str, rows, cols| ternary(g, bytes, &format!("blk.{i}.{n}"), rows, cols, llama);
+            let t = |n: &str, rows, cols| {
+                let name = format!("blk.{i}.{n}");
+                match qwen3 {
+                    true => linear(g, bytes, &name, rows, cols),
+                    false => ternary(g, bytes, &name, rows, cols, llama).map(Linear::Ternary),
+                }
+            };
             let v = |n: &str, len| vector(g, bytes, &format!("blk.{i}.{n}.weight"), len);
-            let sub_norm = |n: &str, len| if llama { Ok(Vec::new()) } else { v(n, len) };
+            let sub_norm = |n: &str, len| if family == Family::BitNet { v(n, len) } else { Ok(Vec::new()) };
+            let qk_norm = |n: &str| if qwen3 { v(n, c.head_dim) } else { Ok(Vec::new()) };
+            let norm_in = match g.tensor(&format!("blk.{i}.attn_q_norm_in.weight")) {
+                Some(_) if qwen3 => NORM_IN
+                    .iter()
+                    .zip([c.n_embd, c.n_embd, c.n_embd, q_dim, c.n_embd, c.n_embd, c.n_ff])
+                    .map(|(n, len)| v(n, len))
+                    .collect::<Result<Vec<_>>>()?,
+                _ => Vec::new(),
+            };
             // llama.cpp's converter permuted q and k rows for its interleaved RoPE; back to NeoX order.
-            let rope_rows = |m: TernaryMatrix| match llama {
-                true => m.gather_rows(|h| llama_row_of_hf_row(h, c.head_dim)),
-                false => m,
+            let rope_rows = |m: Linear| match (llama, m) {
+                (true, Linear::Ternary(m)) => Linear::Ternary(m.gather_rows(|h| llama_row_of_hf_row(h, c.head_dim))),
+                (_, m) => m,
             };
             layers.push(Layer {
                 attn_norm: v("attn_norm", c.n_embd)?,
                 attn_sub_norm: sub_norm("attn_sub_norm", q_dim)?,
                 ffn_norm: v("ffn_norm", c.n_embd)?,
                 ffn_sub_norm: sub_norm("ffn_sub_norm", c.n_ff)?,
+                attn_q_norm: qk_norm("attn_q_norm")?,
+                attn_k_norm: qk_norm("attn_k_norm")?,
+                norm_in,
                 wq: rope_rows(t("attn_q", q_dim, c.n_embd)?),
                 wk: rope_rows(t("attn_k", kv_dim, c.n_embd)?),
                 wv: t("attn_v", kv_dim, c.n_embd)?,
@@ -102,7 +143,7 @@ impl Model {
         Ok(Model { config: c, family, token_embd, output, output_norm, layers })
     }
 
-    /// Whether the layers have attn/ffn sub-norms (every family but [`Family::LlamaTernary`]).
+    /// Whether the layers have attn/ffn sub-norms (the BitNet family).
     pub fn has_sub_norms(&self) -> bool {
         self.layers.iter().all(|l| !l.attn_sub_norm.is_empty() && !l.ffn_sub_norm.is_empty())
     }
@@ -112,6 +153,17 @@ impl Model {
         self.output.as_ref().unwrap_or(&self.token_embd)
     }
 }
+
+/// The per-projection input norms of BitNet embedding models (Microsoft's bitnet-embeddings GGUF names).
+const NORM_IN: [&str; 7] = [
+    "attn_q_norm_in",
+    "attn_k_norm_in",
+    "attn_v_norm_in",
+    "attn_output_norm_in",
+    "ffn_gate_norm_in",
+    "ffn_up_norm_in",
+    "ffn_down_norm_in",
+];
 
 fn find<'a>(g: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
     g.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))
@@ -141,6 +193,18 @@ fn vector(g: &GgufFile, bytes: &[u8], name: &str, len: usize) -> Result<Vec<f32>
     quant::dequantize(t.ty, g.tensor_data(bytes, t), &mut out)
         .map_err(|e| Error::Tensor { tensor: name.into(), reason: e.to_string() })?;
     Ok(out)
+}
+
+/// A projection `{name}.weight` of a family whose projections need not be ternary (Qwen3): ternary storage
+/// types run as BitLinear (BitNet embedding models), every other type as llama.cpp multiplies it.
+fn linear(g: &GgufFile, bytes: &[u8], name: &str, rows: usize, cols: usize) -> Result<Linear> {
+    let wname = format!("{name}.weight");
+    let t = find(g, &wname)?;
+    if crate::tensor::ternary::is_ternary_type(t.ty) {
+        return ternary(g, bytes, name, rows, cols, true).map(Linear::Ternary);
+    }
+    check_shape(t, rows, cols)?;
+    FloatMatrix::from_tensor(t, g.tensor_data(bytes, t)).map(Linear::Ggml)
 }
 
 /// A BitLinear weight `{name}.weight`, times the optional llama.cpp scale tensor `{name}.scale`.

@@ -297,13 +297,18 @@ fn ternary_valued(ty: GgmlType, w: &[f32]) -> bool {
 /// (not latent master weights). Undecodable data answers false.
 pub fn holds_ternary(ty: GgmlType, data: &[u8]) -> bool {
     match ty {
-        GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0 => true,
+        _ if is_ternary_type(ty) => true,
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
             let mut w = vec![0.0f32; data.len() / ty.block_bytes() * ty.block_size()];
             quant::dequantize(ty, data, &mut w).is_ok() && ternary_valued(ty, &w)
         }
         _ => false,
     }
+}
+
+/// Whether `ty` is a storage type made for ternary weights only (I2_S, TQ1_0, TQ2_0).
+pub fn is_ternary_type(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0)
 }
 
 /// llama.cpp's converter stores each head's q/k rows in the order its interleaved RoPE rotates (`permute` in

@@ -24,6 +24,10 @@ use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimi
 /// Llama 3's pre-tokenizer split (as in its tokenizer.json; llama.cpp's `llama-bpe` is the same expression).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2/Qwen3's split (tokenizer.json; llama.cpp's `qwen2`): Llama 3's with every digit on its own.
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Token texts that end a generation whatever the vocabulary's eos/eot ids say (chat models stop on these).
 const END_TEXTS: [&str; 5] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
 
@@ -56,6 +60,9 @@ enum Pre {
     SmolLm,
     /// GPT-2's regex and alphabet.
     Gpt2,
+    /// Qwen2/Qwen3: NFC normalization (as their tokenizer.json), the Qwen2 split regex, bytes to the GPT-2
+    /// alphabet; every merge applies (no whole-word shortcut).
+    Qwen2,
 }
 
 impl Pre {
@@ -64,16 +71,17 @@ impl Pre {
             Pre::Llama3 => "llama-bpe",
             Pre::SmolLm => "smollm",
             Pre::Gpt2 => "gpt2",
+            Pre::Qwen2 => "qwen2",
         }
     }
 
     fn pre_tokenizer(self) -> Result<PreTokenizerWrapper> {
         let gpt2 = ByteLevel::new(false, true, true);
         Ok(match self {
-            Pre::Llama3 => {
-                let split =
-                    Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                        .map_err(|e| Error::Tokenizer(format!("Llama 3 split regex: {e}")))?;
+            Pre::Llama3 | Pre::Qwen2 => {
+                let regex = if self == Pre::Qwen2 { QWEN2_REGEX } else { LLAMA3_REGEX };
+                let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| Error::Tokenizer(format!("{} split regex: {e}", self.name())))?;
                 Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
             }
             Pre::SmolLm => Sequence::new(vec![Digits::new(true).into(), gpt2.into()]).into(),
@@ -93,6 +101,8 @@ pub struct Tokenizer {
     /// Every id that ends a generation.
     end_ids: Vec<u32>,
     add_bos: bool,
+    /// `tokenizer.ggml.add_eos_token`: end every text with EOS (embedding models pool that token).
+    add_eos: bool,
     kind: Kind,
     chat_template: Option<String>,
     /// Control (and unknown) token texts, longest first, with their ids: the tokens a chat template writes, and
@@ -167,8 +177,12 @@ impl Tokenizer {
             // llama.cpp's defaults: SentencePiece and Llama 3 vocabularies start with BOS.
             None => matches!(kind, Kind::ByteLevel(Pre::Llama3) | Kind::SentencePiece { .. }),
         } && bos.is_some(); // a file may ask for BOS without saying which token it is
+        let add_eos = match get(md, "tokenizer.ggml.add_eos_token") {
+            Some(v) => v.as_bool().ok_or_else(|| bad("tokenizer.ggml.add_eos_token", "not a bool"))?,
+            None => false,
+        } && eos.is_some();
         let chat_template = get_str(md, "tokenizer.chat_template")?.map(str::to_owned);
-        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, kind, chat_template, specials, plain })
+        Ok(Tokenizer { bpe, tokens, types, bos, eos, end_ids, add_bos, add_eos, kind, chat_template, specials, plain })
     }
 
     /// Token ids of `text`; special-token text inside it (e.g. "<|eot_id|>") becomes that token, as in llama.cpp.
@@ -230,6 +244,10 @@ impl Tokenizer {
     /// SentencePiece vocabularies).
     pub fn add_bos(&self) -> bool {
         self.add_bos
+    }
+
+    pub fn add_eos(&self) -> bool {
+        self.add_eos
     }
 
     /// EOS, EOT, and the usual end-of-turn tokens found by text.
@@ -440,9 +458,10 @@ fn resolve_pre(pre: Option<&str>, tokens: &[String]) -> Result<Pre> {
         // Falcon3's pre-tokenizer is the Llama 3 split (llama.cpp maps `falcon3` to it).
         Some("llama-bpe" | "llama3" | "falcon3") => Ok(Pre::Llama3),
         Some("smollm") => Ok(Pre::SmolLm),
+        Some("qwen2") => Ok(Pre::Qwen2),
         Some("gpt2" | "default") => Ok(Pre::Gpt2),
         Some(other) => Err(Error::Unsupported(format!(
-            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, falcon3, smollm, gpt2, default)"
+            "tokenizer.ggml.pre '{other}' (supported: llama-bpe, llama3, falcon3, smollm, qwen2, gpt2, default)"
         ))),
         None if tokens.get(128000).is_some_and(|t| t == "<|begin_of_text|>") => Ok(Pre::Llama3),
         None => Ok(Pre::Gpt2),
@@ -510,6 +529,10 @@ fn build_tokenizer(model: BPE, kind: Kind, tokens: &[String], types: &[u64]) -> 
     match kind {
         Kind::ByteLevel(pre) => {
             tk.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+            if pre == Pre::Qwen2 {
+                tk.with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+                    .map_err(|e| Error::Tokenizer(format!("NFC normalizer: {e}")))?;
+            }
         }
         Kind::SentencePiece { space_prefix } => {
             // Spaces become ▁, then one ▁ goes before each stretch of text between special tokens (HF's legacy
@@ -644,11 +667,12 @@ pub fn metadata_from_hf(tokenizer_json: &str, tokenizer_config_json: Option<&str
     }
     let pre = hf_pre(&tj["pre_tokenizer"])
         .ok_or_else(|| Error::Unsupported(format!("tokenizer.json pre_tokenizer {}", tj["pre_tokenizer"])))?;
-    let plain_bpe = tj["normalizer"].is_null()
+    // Qwen2's tokenizer.json normalizes to NFC, which its pre-tokenizer brings along.
+    let normalizer_ok = tj["normalizer"].is_null() || (pre == Pre::Qwen2 && tj["normalizer"]["type"] == "NFC");
+    let plain_bpe = normalizer_ok
         && model["ignore_merges"].as_bool().unwrap_or(false) == (pre == Pre::Llama3)
         && !model["byte_fallback"].as_bool().unwrap_or(false)
-        && model["continuing_subword_prefix"].is_null()
-        && model["end_of_word_suffix"].is_null();
+        && [&model["continuing_subword_prefix"], &model["end_of_word_suffix"]].iter().all(|v| v.is_null() || *v == "");
     if !plain_bpe {
         return Err(Error::Unsupported(
             "tokenizer.json: a normalizer or BPE options other than byte-level BPE's".into(),
@@ -833,12 +857,15 @@ fn hf_pre(pt: &serde_json::Value) -> Option<Pre> {
     match pt["pretokenizers"].as_array()?.as_slice() {
         [split, bl]
             if split["type"] == "Split"
-                && split["pattern"]["Regex"] == LLAMA3_REGEX
                 && split["behavior"] == "Isolated"
                 && split["invert"] == false
                 && byte_level(bl, false) =>
         {
-            Some(Pre::Llama3)
+            match split["pattern"]["Regex"].as_str()? {
+                LLAMA3_REGEX => Some(Pre::Llama3),
+                QWEN2_REGEX => Some(Pre::Qwen2),
+                _ => None,
+            }
         }
         [digits, bl] if digits["type"] == "Digits" && digits["individual_digits"] == true && byte_level(bl, true) => {
             Some(Pre::SmolLm)

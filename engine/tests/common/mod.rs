@@ -9,6 +9,7 @@ use bitnet_engine::format::quant::GgmlType;
 use bitnet_engine::model::{Activation, Config, Family, Layer, LoadOptions, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
 use bitnet_engine::tensor::ternary::TernaryMatrix;
+use bitnet_engine::tensor::Linear;
 use bitnet_engine::text::tokenizer::Tokenizer;
 use rayon::prelude::*;
 
@@ -89,7 +90,7 @@ pub fn random_2b4t() -> Model {
     let ternary = |seed: u64, rows: usize, cols: usize| {
         let mut m = TernaryMatrix { rows, cols, scale: 0.02, data: vec![0; rows * cols.div_ceil(128) * 32] };
         m.data.par_iter_mut().enumerate().for_each(|(i, b)| *b = valid[(noise(seed, i) % valid.len() as u64) as usize]);
-        m
+        Linear::Ternary(m)
     };
     let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
     let layers = (0..c.n_layer as u64)
@@ -98,6 +99,9 @@ pub fn random_2b4t() -> Model {
             attn_sub_norm: vec![1.0; q_dim],
             ffn_norm: vec![1.0; c.n_embd],
             ffn_sub_norm: vec![1.0; c.n_ff],
+            attn_q_norm: Vec::new(),
+            attn_k_norm: Vec::new(),
+            norm_in: Vec::new(),
             wq: ternary(l * 8, q_dim, c.n_embd),
             wk: ternary(l * 8 + 1, kv_dim, c.n_embd),
             wv: ternary(l * 8 + 2, kv_dim, c.n_embd),

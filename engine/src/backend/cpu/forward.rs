@@ -3,13 +3,16 @@
 
 use rayon::prelude::*;
 
+use super::kernels::blocks::{self, Q8Activations};
 use super::kernels::qhead::HeadActivations;
 use super::kernels::{self, Kernels};
 use super::kv::{KvRows, KvStore};
 use super::CpuModel;
 use crate::backend::{check_ctx, check_input, sequence_bytes, KvType};
-use crate::model::{Activation, Config};
+use crate::model::{Activation, Config, Family};
+use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
+use crate::tensor::Linear;
 use crate::{Error, Result};
 
 /// One sequence: its KV cache, RoPE tables and next-token logits. The working buffers of the forward
@@ -25,6 +28,8 @@ pub struct State {
     rope_cos: Vec<f32>, // [pos][rope_dim / 2]
     rope_sin: Vec<f32>,
     pub logits: Vec<f32>,
+    /// The final normed hidden state that gave `logits` (what embedding models pool).
+    pub hidden: Vec<f32>,
 }
 
 impl State {
@@ -51,6 +56,7 @@ impl State {
             rope_cos,
             rope_sin,
             logits: vec![0f32; c.n_vocab],
+            hidden: vec![0f32; c.n_embd],
         })
     }
 
@@ -98,16 +104,16 @@ pub struct BatchScratch {
     dims: [usize; 4], // n_embd, q_dim, kv_dim, n_ff: the model this was made for
     rows: Vec<Row>,
     x: Vec<f32>,                  // [tile][n_embd] the residual stream
-    xn: Vec<f32>,                 // [tile][widest] normed activations (and BitLinear outputs)
-    xq: Vec<i8>,                  // [tile][padded widest] their int8 quantization
-    sx: Vec<f32>,                 // [tile] the quantization scales
+    xn: Vec<f32>,                 // [tile][widest] normed activations, the inputs of projections
+    xin: Vec<f32>,                // [tile][widest] one projection's own input norm of them (BitNet embedding)
+    y: Vec<f32>,                  // [tile][n_embd] the outputs of o and down
+    quant: Quantized,             // the projections' inputs quantized
     q: Vec<f32>,                  // [tile][q_dim]
     k: Vec<f32>,                  // [tile][kv_dim]
     v: Vec<f32>,                  // [tile][kv_dim]
     att: Vec<f32>,                // [tile][q_dim] attention outputs
     gate: Vec<f32>,               // [tile][n_ff]
     up: Vec<f32>,                 // [tile][n_ff]
-    acc: Vec<i32>,                // [tile][rows of the matrices of one `bitlinear`] integer accumulators, in row chunks
     logits: Vec<f32>,             // [tokens wanting logits][n_vocab] (grown on first use)
     head_x: Vec<HeadActivations>, // per token wanting logits, for a quantized head (grown on first use)
 }
@@ -125,15 +131,21 @@ impl BatchScratch {
             rows: Vec::with_capacity(tile),
             x: vec![0f32; tile * c.n_embd],
             xn: vec![0f32; tile * widest],
-            xq: vec![0i8; tile * padded],
-            sx: vec![0f32; tile],
+            xin: Vec::new(),
+            y: vec![0f32; tile * c.n_embd],
+            quant: Quantized {
+                xq: vec![0i8; tile * padded],
+                sx: vec![0f32; tile],
+                acc: vec![0i32; tile * (q_dim + 2 * kv_dim).max(2 * c.n_ff).max(widest)],
+                blocks: Vec::new(),
+                tmp: Vec::new(),
+            },
             q: vec![0f32; tile * q_dim],
             k: vec![0f32; tile * kv_dim],
             v: vec![0f32; tile * kv_dim],
             att: vec![0f32; tile * q_dim],
             gate: vec![0f32; tile * c.n_ff],
             up: vec![0f32; tile * c.n_ff],
-            acc: vec![0i32; tile * (q_dim + 2 * kv_dim).max(2 * c.n_ff).max(widest)],
             logits: Vec::new(),
             head_x: Vec::new(),
         }
@@ -184,59 +196,152 @@ fn bitlinear<const M: usize>(
     });
 }
 
+/// RMSNorm of one head (Qwen3's q/k norms), in place.
+fn rmsnorm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let inv = inv_rms(x, eps);
+    x.iter_mut().zip(w).for_each(|(v, &w)| *v = w * (*v * inv));
+}
+
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let inv = inv_rms(x, eps);
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = w * (v * inv);
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)`.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
     // Σ x² in 16 lanes, which vectorizes; a single running sum is a chain of dependent additions.
     let mut lanes = [0f32; 16];
     for c in x.chunks(16) {
         lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v * v);
     }
     let ms = lanes.iter().sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (ms + eps).sqrt();
-    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
-        *o = w * (v * inv);
-    }
+    1.0 / (ms + eps).sqrt()
 }
 
-/// RMSNorm then per-token int8 quantization of the `n` rows of `x` (each `w.len()` long) into rows of
-/// `stride` in `xq`, each with its own scale in `s`; `tmp` holds the normed rows.
-#[allow(clippy::too_many_arguments)]
-fn norm_quantize(
-    x: &[f32],
-    w: &[f32],
-    eps: f32,
-    n: usize,
-    tmp: &mut [f32],
-    xq: &mut [i8],
-    stride: usize,
-    s: &mut [f32],
-) {
+/// RMSNorm of the `n` rows of `x` (each `w.len()` long) into `out`.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, n: usize, out: &mut [f32]) {
     let d = w.len();
-    for t in 0..n {
-        let normed = &mut tmp[t * d..(t + 1) * d];
-        rmsnorm(&x[t * d..(t + 1) * d], w, eps, normed);
-        s[t] = kernels::quantize_activations(normed, &mut xq[t * stride..(t + 1) * stride]);
+    for (x, o) in x[..n * d].chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rmsnorm(x, w, eps, o);
     }
 }
 
-/// `norm_quantize` for a sub-norm slot of `d` columns: a family without sub-norms (empty `w`) quantizes `x` as
-/// it is.
-#[allow(clippy::too_many_arguments)]
-fn sub_norm_quantize(
-    x: &[f32],
-    w: &[f32],
-    d: usize,
-    eps: f32,
-    n: usize,
-    tmp: &mut [f32],
-    xq: &mut [i8],
-    stride: usize,
-    s: &mut [f32],
-) {
-    if !w.is_empty() {
-        return norm_quantize(x, w, eps, n, tmp, xq, stride, s);
+/// The input of `o` or `down`: its `n` rows of `d` through the sub-norm `w` into `out`, or as they are for a
+/// family without sub-norms (empty `w`).
+fn sub_norm_rows(x: &[f32], w: &[f32], d: usize, eps: f32, n: usize, out: &mut [f32]) {
+    match w.is_empty() {
+        true => out[..n * d].copy_from_slice(&x[..n * d]),
+        false => norm_rows(x, w, eps, n, out),
     }
+}
+
+/// The quantized inputs of a projection, each token with its own scales.
+struct Quantized {
+    xq: Vec<i8>,                // [tile][padded widest] per-token int8 (BitLinear)
+    sx: Vec<f32>,               // [tile] their scales
+    acc: Vec<i32>,              // [tile][rows of one `bitlinear`] integer accumulators, in row chunks
+    blocks: Vec<Q8Activations>, // [tile] Q8_0 blocks (Q1_0, Q2_0, Q8_0 weights; grown on first use)
+    tmp: Vec<f32>,              // [tile][rows] outputs of `ggml_rows`, in row chunks (grown on first use)
+}
+
+/// The per-projection input norms of layer `w` from projection `first` on (q, k, v, o, gate, up, down), for a
+/// BitNet embedding model.
+fn norms_in<const M: usize>(w: &crate::model::Layer, first: usize) -> Option<[&[f32]; M]> {
+    (!w.norm_in.is_empty()).then(|| std::array::from_fn(|j| w.norm_in[first + j].as_slice()))
+}
+
+/// [`project`], or with `norms` (BitNet embedding models) each matrix on its own RMSNorm of `x` (in `tmp`).
+#[allow(clippy::too_many_arguments)]
+fn project_in<const M: usize>(
+    k: &dyn Kernels,
+    ws: [&Linear; M],
+    norms: Option<[&[f32]; M]>,
+    x: &[f32],
+    d: usize,
+    n: usize,
+    eps: f32,
+    tmp: &mut Vec<f32>,
+    qz: &mut Quantized,
+    ys: [&mut [f32]; M],
+) {
+    let Some(norms) = norms else { return project(k, ws, x, d, n, qz, ys) };
+    tmp.resize(n * d, 0.0);
+    for ((w, norm), y) in ws.into_iter().zip(norms).zip(ys) {
+        norm_rows(x, norm, eps, n, tmp);
+        project(k, [w], tmp, d, n, qz, [y]);
+    }
+}
+
+/// The projections `ws`, which share their input `x` (`n` rows of `d`): `ys[j]` gets `n` rows of
+/// `ws[j].rows()`. Ternary matrices run as exact BitLinear (all of them in one parallel loop, see
+/// [`bitlinear`]); the others as llama.cpp multiplies their type ([`ggml_rows`]).
+fn project<const M: usize>(
+    k: &dyn Kernels,
+    ws: [&Linear; M],
+    x: &[f32],
+    d: usize,
+    n: usize,
+    qz: &mut Quantized,
+    ys: [&mut [f32]; M],
+) {
+    let ternary = ws.map(Linear::ternary);
+    if ternary.iter().all(Option::is_some) {
+        return ternary_project(k, ternary.map(Option::unwrap), x, d, n, qz, ys);
+    }
+    for (w, y) in ws.into_iter().zip(ys) {
+        match w {
+            Linear::Ternary(t) => ternary_project(k, [t], x, d, n, qz, [y]),
+            Linear::Ggml(m) => ggml_rows(k, m, x, n, qz, y),
+        }
+    }
+}
+
+/// [`bitlinear`] of `ts` on `x` (`n` rows of `d`), each token quantized to int8 with its own scale.
+fn ternary_project<const M: usize>(
+    k: &dyn Kernels,
+    ts: [&TernaryMatrix; M],
+    x: &[f32],
+    d: usize,
+    n: usize,
+    qz: &mut Quantized,
+    ys: [&mut [f32]; M],
+) {
+    let stride = ts[0].padded_cols();
     for t in 0..n {
-        s[t] = kernels::quantize_activations(&x[t * d..(t + 1) * d], &mut xq[t * stride..(t + 1) * stride]);
+        qz.sx[t] = kernels::quantize_activations(&x[t * d..(t + 1) * d], &mut qz.xq[t * stride..(t + 1) * stride]);
+    }
+    bitlinear(k, ts, &qz.xq, &qz.sx, n, &mut qz.acc, ys);
+}
+
+/// `y = W·x` for the `n` rows of `x` (each `w.cols` long), `y` rows of `w.rows`: Q1_0, Q2_0 and Q8_0 against
+/// Q8_0 activations (ggml's `vec_dot_type` for them), the other types in float. Threads take chunks of rows and
+/// run each for every token, so a tile reads the weights from memory once; a chunk's results come back
+/// token-major in `tmp`, then go to their rows of `y`.
+fn ggml_rows(k: &dyn Kernels, w: &FloatMatrix, x: &[f32], n: usize, qz: &mut Quantized, y: &mut [f32]) {
+    let (rows, chunk) = (w.rows, rows_per_task(w.rows));
+    let quantized = blocks::reads(w.ty);
+    if quantized {
+        qz.blocks.resize_with(n.max(qz.blocks.len()), Q8Activations::default);
+        qz.blocks[..n].par_iter_mut().zip(x.par_chunks(w.cols)).for_each(|(a, x)| a.quantize(x));
+    }
+    let acts = &qz.blocks[..if quantized { n } else { 0 }];
+    qz.tmp.resize(n * rows, 0.0);
+    qz.tmp.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
+        let (start, len) = (i * chunk, o.len() / n);
+        match quantized {
+            true => {
+                acts.iter().zip(o.chunks_exact_mut(len)).for_each(|(a, o)| k.block_rows(w, start..start + len, a, o))
+            }
+            false => k.float_gemm(w, start..start + len, &x[..n * w.cols], n, o),
+        }
+    });
+    for (i, o) in qz.tmp.chunks(chunk * n).enumerate() {
+        let len = o.len() / n;
+        for (t, o) in o.chunks_exact(len).enumerate() {
+            y[t * rows + i * chunk..][..len].copy_from_slice(o);
+        }
     }
 }
 
@@ -301,11 +406,17 @@ impl CpuModel {
         }
         for (l, w) in m.layers.iter().enumerate() {
             // Attention.
-            norm_quantize(&s.x, &w.attn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.wq.padded_cols(), &mut s.sx);
-            bitlinear(k, [&w.wq, &w.wk, &w.wv], &s.xq, &s.sx, n, &mut s.acc, [&mut s.q, &mut s.k, &mut s.v]);
+            norm_rows(&s.x, &w.attn_norm, c.eps, n, &mut s.xn);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            let qkv = [&w.wq, &w.wk, &w.wv];
+            project_in(k, qkv, norms_in(w, 0), xn, d, n, c.eps, xin, qz, [&mut s.q, &mut s.k, &mut s.v]);
             for (t, row) in s.rows.iter().enumerate() {
                 let state = &mut *items[row.item].state;
                 let (q, kk) = (&mut s.q[t * q_dim..(t + 1) * q_dim], &mut s.k[t * kv_dim..(t + 1) * kv_dim]);
+                if !w.attn_q_norm.is_empty() {
+                    q.chunks_exact_mut(hd).for_each(|h| rmsnorm_in_place(h, &w.attn_q_norm, c.eps));
+                    kk.chunks_exact_mut(hd).for_each(|h| rmsnorm_in_place(h, &w.attn_k_norm, c.eps));
+                }
                 let (cos, sin) = state.rope(row.pos);
                 for head in q.chunks_exact_mut(hd).chain(kk.chunks_exact_mut(hd)) {
                     rope(&mut head[..c.rope_dim], cos, sin);
@@ -313,14 +424,15 @@ impl CpuModel {
                 state.store_kv(l, row.pos, kk, &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
             attention(k, c, l, &s.rows, items, &s.q, &mut s.att[..n * q_dim]);
-            let (att, xn, xq) = (&s.att, &mut s.xn, &mut s.xq);
-            sub_norm_quantize(att, &w.attn_sub_norm, q_dim, c.eps, n, xn, xq, w.wo.padded_cols(), &mut s.sx);
-            bitlinear(k, [&w.wo], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
-            s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
+            sub_norm_rows(&s.att, &w.attn_sub_norm, q_dim, c.eps, n, &mut s.xn);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.wo], norms_in(w, 3), xn, q_dim, n, c.eps, xin, qz, [&mut s.y]);
+            s.x[..n * d].iter_mut().zip(&s.y).for_each(|(x, o)| *x += o);
 
             // Feed-forward.
-            norm_quantize(&s.x, &w.ffn_norm, c.eps, n, &mut s.xn, &mut s.xq, w.w_gate.padded_cols(), &mut s.sx);
-            bitlinear(k, [&w.w_gate, &w.w_up], &s.xq, &s.sx, n, &mut s.acc, [&mut s.gate, &mut s.up]);
+            norm_rows(&s.x, &w.ffn_norm, c.eps, n, &mut s.xn);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.w_gate, &w.w_up], norms_in(w, 4), xn, d, n, c.eps, xin, qz, [&mut s.gate, &mut s.up]);
             for (g, &u) in s.gate[..n * n_ff].iter_mut().zip(&s.up) {
                 let a = match c.activation {
                     Activation::Relu2 => g.max(0.0) * g.max(0.0),
@@ -328,10 +440,10 @@ impl CpuModel {
                 };
                 *g = a * u;
             }
-            let (gate, xn, xq) = (&s.gate, &mut s.xn, &mut s.xq);
-            sub_norm_quantize(gate, &w.ffn_sub_norm, n_ff, c.eps, n, xn, xq, w.w_down.padded_cols(), &mut s.sx);
-            bitlinear(k, [&w.w_down], &s.xq, &s.sx, n, &mut s.acc, [&mut s.xn]);
-            s.x[..n * d].iter_mut().zip(&s.xn).for_each(|(x, o)| *x += o);
+            sub_norm_rows(&s.gate, &w.ffn_sub_norm, n_ff, c.eps, n, &mut s.xn);
+            let (xn, xin, qz) = (&s.xn, &mut s.xin, &mut s.quant);
+            project_in(k, [&w.w_down], norms_in(w, 6), xn, n_ff, n, c.eps, xin, qz, [&mut s.y]);
+            s.x[..n * d].iter_mut().zip(&s.y).for_each(|(x, o)| *x += o);
         }
         self.head(s, items);
     }
@@ -343,7 +455,9 @@ impl CpuModel {
         let mut n = 0; // tokens that want logits
         for (t, row) in s.rows.iter().enumerate() {
             if row.logits {
-                rmsnorm(&s.x[t * d..(t + 1) * d], &m.output_norm, m.config.eps, &mut s.xn[n * d..(n + 1) * d]);
+                let normed = &mut s.xn[n * d..(n + 1) * d];
+                rmsnorm(&s.x[t * d..(t + 1) * d], &m.output_norm, m.config.eps, normed);
+                items[row.item].state.hidden.copy_from_slice(normed);
                 n += 1;
             }
         }
@@ -364,6 +478,18 @@ impl CpuModel {
                 let (start, len) = (i * chunk, o.len() / n);
                 for (a, o) in acts.iter().zip(o.chunks_exact_mut(len)) {
                     k.quant_head_rows(qh, start..start + len, a, o);
+                }
+            });
+        } else if m.family == Family::Qwen3 && blocks::reads(head.ty) {
+            // As llama.cpp multiplies a Q8_0 (Q1_0, Q2_0) head: against Q8_0 activations.
+            let acts = &mut s.quant.blocks;
+            acts.resize_with(n.max(acts.len()), Q8Activations::default);
+            acts[..n].iter_mut().zip(xn.chunks_exact(d)).for_each(|(a, x)| a.quantize(x));
+            let acts = &acts[..n];
+            s.logits.par_chunks_mut(chunk * n).enumerate().for_each(|(i, o)| {
+                let (start, len) = (i * chunk, o.len() / n);
+                for (a, o) in acts.iter().zip(o.chunks_exact_mut(len)) {
+                    k.block_rows(head, start..start + len, a, o);
                 }
             });
         } else {

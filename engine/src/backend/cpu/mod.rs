@@ -149,6 +149,10 @@ impl Sequence for CpuSequence {
         &self.state.logits
     }
 
+    fn hidden(&self) -> Option<&[f32]> {
+        Some(&self.state.hidden)
+    }
+
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }

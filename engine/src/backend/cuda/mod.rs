@@ -32,7 +32,7 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_input, gpu_step, Batcher, DecodeRow, Sequence, Step, Want, Weights};
+use crate::backend::{check_ctx, check_input, check_runs, gpu_step, Batcher, DecodeRow, Sequence, Step, Want, Weights};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
@@ -279,31 +279,33 @@ impl CudaModel {
         let (dst, rope) = pack::qkv_pairs(&c);
         let sub_norm = |v: &[f32]| (!v.is_empty()).then(|| upload(s, v)).transpose();
         let mut layers = Vec::with_capacity(c.n_layer);
+        check_runs(&model, "CUDA")?;
         for l in &model.layers {
+            let [wq, wk, wv, wo, w_gate, w_up, w_down] = l.ternary().expect("checked by check_runs");
             let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
             let qkv_rows: Vec<_> = dst
                 .iter()
                 .map(|&r| {
                     let r = r as usize;
                     if r < q_dim {
-                        (&l.wq, r)
+                        (wq, r)
                     } else if r < q_dim + kv_dim {
-                        (&l.wk, r - q_dim)
+                        (wk, r - q_dim)
                     } else {
-                        (&l.wv, r - q_dim - kv_dim)
+                        (wv, r - q_dim - kv_dim)
                     }
                 })
                 .collect();
-            let gate_up: Vec<_> = (0..c.n_ff).flat_map(|r| [(&l.w_gate, r), (&l.w_up, r)]).collect();
+            let gate_up: Vec<_> = (0..c.n_ff).flat_map(|r| [(w_gate, r), (w_up, r)]).collect();
             layers.push(Layer {
                 attn_norm: upload(s, &l.attn_norm)?,
                 attn_sub_norm: sub_norm(&l.attn_sub_norm)?,
                 ffn_norm: upload(s, &l.ffn_norm)?,
                 ffn_sub_norm: sub_norm(&l.ffn_sub_norm)?,
                 qkv: DeviceLinear::new(s, &k, &qkv_rows, c.n_embd)?,
-                wo: DeviceLinear::new(s, &k, &all_rows(&l.wo), q_dim)?,
+                wo: DeviceLinear::new(s, &k, &all_rows(wo), q_dim)?,
                 gate_up: DeviceLinear::new(s, &k, &gate_up, c.n_embd)?,
-                down: DeviceLinear::new(s, &k, &all_rows(&l.w_down), c.n_ff)?,
+                down: DeviceLinear::new(s, &k, &all_rows(w_down), c.n_ff)?,
             });
         }
         let m = CudaModel {

@@ -43,7 +43,7 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
-use crate::backend::{check_ctx, check_input, KvType};
+use crate::backend::{check_ctx, check_input, check_runs, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
 use crate::model::{Activation, Config, Model};
@@ -103,17 +103,19 @@ impl GpuModel {
         let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
         let sub_norm = |label: &str, v: &[f32]| (!v.is_empty()).then(|| f32s(label, v));
         let mut layers = Vec::with_capacity(c.n_layer);
+        check_runs(model, "wgpu")?;
         for (i, l) in model.layers.iter().enumerate() {
             let name = |n: &str| format!("blk.{i}.{n}");
+            let [wq, wk, wv, wo, w_gate, w_up, w_down] = l.ternary().expect("checked by check_runs");
             layers.push(GpuLayer {
                 attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
                 attn_sub_norm: sub_norm(&name("attn_sub_norm"), &l.attn_sub_norm),
                 ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
                 ffn_sub_norm: sub_norm(&name("ffn_sub_norm"), &l.ffn_sub_norm),
-                qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[&l.wq, &l.wk, &l.wv], false)?,
-                wo: TernaryGpu::upload(g, &name("attn_output"), &[&l.wo], false)?,
-                gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[&l.w_gate, &l.w_up], true)?,
-                down: TernaryGpu::upload(g, &name("ffn_down"), &[&l.w_down], false)?,
+                qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[wq, wk, wv], false)?,
+                wo: TernaryGpu::upload(g, &name("attn_output"), &[wo], false)?,
+                gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[w_gate, w_up], true)?,
+                down: TernaryGpu::upload(g, &name("ffn_down"), &[w_down], false)?,
             });
             gpu.check("uploading the weights")?;
         }

@@ -22,6 +22,7 @@ use std::ops::Range;
 use half::f16;
 
 use super::avx2::prefetch_tiles_ahead;
+use super::blocks::Q8Activations;
 use super::qhead::{self, HeadActivations, QuantHead};
 use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
@@ -133,6 +134,11 @@ impl Kernels for Avx512 {
 
     fn attn_values(&self, p: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
         super::avx2::AVX2.attn_values(p, values, stride, out)
+    }
+
+    // Q1_0/Q2_0/Q8_0 projections take the AVX2 loops too (no 512-bit version yet).
+    fn block_rows(&self, w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
+        super::avx2::AVX2.block_rows(w, rows, a, out)
     }
 }
 

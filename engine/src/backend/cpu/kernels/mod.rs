@@ -8,6 +8,7 @@
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod blocks;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod qhead;
@@ -22,6 +23,7 @@ use half::f16;
 use crate::format::quant::GgmlType;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
+use blocks::Q8Activations;
 use qhead::{HeadActivations, QuantHead};
 
 pub trait Kernels: Send + Sync {
@@ -77,6 +79,13 @@ pub trait Kernels: Send + Sync {
     /// quantized activations `a`. The default is the reference.
     fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
         qhead::reference_rows(h, rows, a, out);
+    }
+
+    /// Rows of a Q1_0, Q2_0 or Q8_0 projection ([`blocks`]) times activations quantized to Q8_0
+    /// blocks: `out[i]` = row `rows.start + i` of `w` · `a`, as ggml's `vec_dot` for the type. The
+    /// default is the reference.
+    fn block_rows(&self, w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
+        blocks::reference_rows(w, rows, a, out);
     }
 }
 
@@ -166,6 +175,19 @@ pub fn quantize_activations(x: &[f32], out: &mut [i8]) -> f32 {
     }
     out[x.len()..].fill(0);
     s
+}
+
+/// ggml's Q8_0 quantization of one block (`quantize_row_q8_0_ref`, used for the activations of
+/// quantized matrices): `d = max|x| / 127`, `q = round(x / d)` (half away from zero; within ±127).
+/// Writes `q` and returns `d` (in f32; ggml stores it as f16).
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &x) in q.iter_mut().zip(x) {
+        *q = (x * inv).round() as i8;
+    }
+    d
 }
 
 /// `v.round_ties_even()` for |v| < 2²² (every `v·s` above is within ±127), as plain arithmetic that

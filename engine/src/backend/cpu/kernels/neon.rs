@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use half::f16;
 
+use super::blocks::{self, Dot32, Q8Activations};
 use super::qhead::{self, HeadActivations, QuantHead};
 use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
@@ -98,6 +99,10 @@ impl Kernels for Neon {
                 qhead_widening(h, rows, a, out)
             }
         }
+    }
+
+    fn block_rows(&self, w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
+        blocks::rows_by::<NeonDot>(w, rows, a, out)
     }
 
     fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
@@ -397,4 +402,69 @@ unsafe fn q6_k_tile<D: HeadDot, const R: usize>(h: &QuantHead, r0: usize, a: &He
         }
     }
     std::array::from_fn(|r| vaddvq_f32(total[r]))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q1_0, Q2_0 and Q8_0 projections: the integer dot of each 32-value run in NEON, the float steps those
+// of the reference (`blocks::rows_by`), so the results equal the reference's exactly.
+
+struct NeonDot;
+
+/// `Σ a·b` of two 16-byte int8 vectors (widening multiplies, pairwise adds; no overflow for |a·b| ≤ 2¹⁴).
+#[inline(always)]
+unsafe fn dot16(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    let hi = vmull_s8(vget_high_s8(a), vget_high_s8(b));
+    vpadalq_s16(vpaddlq_s16(lo), hi)
+}
+
+impl Dot32 for NeonDot {
+    fn signs(bits: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let q = &a.q[y * 32..][..32];
+        // SAFETY: NEON is always present on AArch64; `bits` has 4 bytes and `q` 32 (slices above).
+        unsafe {
+            let word = vreinterpretq_u8_u32(vdupq_n_u32(u32::from_le_bytes([bits[0], bits[1], bits[2], bits[3]])));
+            let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+            let mut acc = vdupq_n_s32(0);
+            for h in 0..2 {
+                // Byte j of this half takes bits byte 2h + j/8; a clear bit negates its activation.
+                let idx = vcombine_u8(vdup_n_u8(2 * h as u8), vdup_n_u8(2 * h as u8 + 1));
+                let clear = vceqq_u8(vandq_u8(vqtbl1q_u8(word, idx), bit), vdupq_n_u8(0));
+                let x = vld1q_s8(q.as_ptr().add(16 * h));
+                let m = vreinterpretq_s8_u8(clear);
+                let signed = vsubq_s8(veorq_s8(x, m), m);
+                acc = vpadalq_s16(acc, vpaddlq_s8(signed));
+            }
+            vaddvq_s32(acc)
+        }
+    }
+
+    fn codes(codes: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let x = &a.planes[y * 32..][..32];
+        // SAFETY: as above; `codes` has 8 bytes, `x` 32: the four planes (shifts 0, 2, 4, 6) in order.
+        unsafe {
+            let b = vld1_u8(codes.as_ptr());
+            let three = vdup_n_u8(3);
+            let p01 = vcombine_u8(vand_u8(b, three), vand_u8(vshr_n_u8::<2>(b), three));
+            let p23 = vcombine_u8(vand_u8(vshr_n_u8::<4>(b), three), vshr_n_u8::<6>(b));
+            let acc = vaddq_s32(
+                dot16(vreinterpretq_s8_u8(p01), vld1q_s8(x.as_ptr())),
+                dot16(vreinterpretq_s8_u8(p23), vld1q_s8(x.as_ptr().add(16))),
+            );
+            vaddvq_s32(acc) - a.sum[y]
+        }
+    }
+
+    fn int8(w: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let x = &a.q[y * 32..][..32];
+        // SAFETY: as above; `w` has 32 bytes.
+        unsafe {
+            let w = w.as_ptr() as *const i8;
+            let acc = vaddq_s32(
+                dot16(vld1q_s8(w), vld1q_s8(x.as_ptr())),
+                dot16(vld1q_s8(w.add(16)), vld1q_s8(x.as_ptr().add(16))),
+            );
+            vaddvq_s32(acc)
+        }
+    }
 }

@@ -177,18 +177,13 @@ impl HeadActivations {
         self.q.resize(h.cols, 0);
         self.d.resize(blocks, 0.0);
         self.corr.resize(blocks, 0);
+        let mut q = [0i8; 32];
         for (b, x) in x[..h.cols].chunks_exact(l).enumerate() {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0;
-            for (v, &x) in x.iter().enumerate() {
-                let q = (x * inv).round() as i8;
+            self.d[b] = super::quantize_block(x, &mut q[..l]);
+            for (v, &q) in q[..l].iter().enumerate() {
                 self.q[lane_position(b * l + v, h.cols, l)] = q;
-                sum += q as i32;
             }
-            self.d[b] = d;
-            self.corr[b] = offset(h.ty) * sum;
+            self.corr[b] = offset(h.ty) * q[..l].iter().map(|&q| q as i32).sum::<i32>();
         }
     }
 }

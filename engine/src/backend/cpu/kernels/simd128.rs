@@ -14,6 +14,7 @@ use std::ops::Range;
 
 use half::f16;
 
+use super::blocks::{self, Dot32, Q8Activations};
 use super::qhead::{self, HeadActivations, QuantHead};
 use super::{by_tiles, Kernels};
 use crate::format::quant::GgmlType;
@@ -55,6 +56,10 @@ impl Kernels for Simd128 {
     fn quant_head_rows(&self, h: &QuantHead, rows: Range<usize>, a: &HeadActivations, out: &mut [f32]) {
         qhead::check_args(h, &rows, a, out);
         by_tiles(rows, out, |r| head_tile::<HEAD_ROWS>(h, r, a), |r| head_tile::<1>(h, r, a)[0]);
+    }
+
+    fn block_rows(&self, w: &FloatMatrix, rows: Range<usize>, a: &Q8Activations, out: &mut [f32]) {
+        blocks::rows_by::<SimdDot>(w, rows, a, out)
     }
 
     fn attn_scores(&self, q: &[f32], keys: &[f16], stride: usize, out: &mut [f32]) {
@@ -326,4 +331,67 @@ fn q6_k_tile<const R: usize>(h: &QuantHead, r0: usize, a: &HeadActivations) -> [
         }
     }
     std::array::from_fn(|r| hsum_f32(total[r]))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Q1_0, Q2_0 and Q8_0 projections: the integer dot of each 32-value run in SIMD128, the float steps
+// those of the reference (`blocks::rows_by`), so the results equal the reference's exactly.
+
+struct SimdDot;
+
+/// `Σ a·b` of two 16-byte int8 vectors, in four i32 lanes (widened to i16, then `i32x4.dot_i16x8`).
+#[inline(always)]
+fn dot16(a: v128, b: v128) -> v128 {
+    let lo = i32x4_dot_i16x8(i16x8_extend_low_i8x16(a), i16x8_extend_low_i8x16(b));
+    let hi = i32x4_dot_i16x8(i16x8_extend_high_i8x16(a), i16x8_extend_high_i8x16(b));
+    i32x4_add(lo, hi)
+}
+
+fn hsum(v: v128) -> i32 {
+    i32x4_extract_lane::<0>(v) + i32x4_extract_lane::<1>(v) + i32x4_extract_lane::<2>(v) + i32x4_extract_lane::<3>(v)
+}
+
+/// 16 int8 from `p`; the caller's slice holds them.
+fn load_i8(p: &[i8]) -> v128 {
+    // SAFETY: u8 and i8 have the same layout.
+    load(unsafe { std::slice::from_raw_parts(p.as_ptr() as *const u8, p.len()) })
+}
+
+impl Dot32 for SimdDot {
+    fn signs(bits: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let q = &a.q[y * 32..][..32];
+        let word = u32x4_splat(u32::from_le_bytes([bits[0], bits[1], bits[2], bits[3]]));
+        let bit = u64x2_splat(0x8040_2010_0804_0201);
+        let mut acc = i32x4_splat(0);
+        for h in 0..2 {
+            // Byte j of this half takes bits byte 2h + j/8; a clear bit negates its activation.
+            let (b0, b1) = (2 * h as u8, 2 * h as u8 + 1);
+            let idx = u8x16(b0, b0, b0, b0, b0, b0, b0, b0, b1, b1, b1, b1, b1, b1, b1, b1);
+            let clear = u8x16_eq(v128_and(u8x16_swizzle(word, idx), bit), u8x16_splat(0));
+            let signed = i8x16_sub(v128_xor(load_i8(&q[16 * h..]), clear), clear);
+            acc = i32x4_add(acc, i32x4_extadd_pairwise_i16x8(i16x8_extadd_pairwise_i8x16(signed)));
+        }
+        hsum(acc)
+    }
+
+    fn codes(codes: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let x = &a.planes[y * 32..][..32];
+        let b = u64x2_splat(u64::from_le_bytes(codes[..8].try_into().unwrap()));
+        let three = u8x16_splat(3);
+        // Lanes 0-7 the plane shifted by 2k, lanes 8-15 by 2k + 2: two planes per vector, in order.
+        let p01 = v128_and(
+            i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(b, u8x16_shr(b, 2)),
+            three,
+        );
+        let p23 = v128_and(
+            i8x16_shuffle::<0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23>(u8x16_shr(b, 4), u8x16_shr(b, 6)),
+            three,
+        );
+        hsum(i32x4_add(dot16(p01, load_i8(x)), dot16(p23, load_i8(&x[16..])))) - a.sum[y]
+    }
+
+    fn int8(w: &[u8], a: &Q8Activations, y: usize) -> i32 {
+        let x = &a.q[y * 32..][..32];
+        hsum(i32x4_add(dot16(load(w), load_i8(x)), dot16(load(&w[16..]), load_i8(&x[16..]))))
+    }
 }
