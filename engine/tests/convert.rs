@@ -635,6 +635,21 @@ fn sentencepiece_tokenizer_model_alone_converts() {
         let text = c["text"].as_str().unwrap();
         assert_eq!(ours.encode(text, true).unwrap(), json_tok.encode(text, true).unwrap(), "{text:?}");
     }
+    // tokenizer_config.json's added tokens (here a <pad> two ids past the pieces) extend the vocabulary as in
+    // llama.cpp's converter; a corrupt id is an error, not a huge table.
+    let added = json!({"pad_token": "<pad>", "added_tokens_decoder": {"608": {"content": "<pad>", "special": true}}});
+    let md = bitnet_engine::text::spm_model::metadata_from_spm_model(&spm, Some(&added.to_string())).unwrap();
+    let get = |key: &str| md.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    let (tokens, types) = (get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"));
+    let (tokens, types) = (tokens.as_array().unwrap(), types.as_array().unwrap());
+    assert_eq!(
+        (tokens.len(), &tokens[607], &tokens[608]),
+        (609, &Value::Str("[PAD607]".into()), &Value::Str("<pad>".into()))
+    );
+    assert_eq!((&types[607], &types[608]), (&Value::I32(5), &Value::I32(3)));
+    assert_eq!(get("tokenizer.ggml.padding_token_id"), Value::U32(608));
+    let corrupt = json!({"added_tokens_decoder": {"4000000000": {"content": "x"}}}).to_string();
+    assert!(bitnet_engine::text::spm_model::metadata_from_spm_model(&spm, Some(&corrupt)).is_err());
     // Truncated, or not a SentencePiece model at all: one line naming the file.
     for bad in [&spm[..spm.len() / 2], &b"\x0a\xff\xff\xff\xff\x0f"[..], &b""[..]] {
         let e = convert_with(HfTokenizer::SentencePiece(bad), None).err().unwrap().to_string();

@@ -84,6 +84,7 @@ pub fn metadata_from_spm_model(model: &[u8], tokenizer_config_json: Option<&str>
         Some(s) => serde_json::from_str(s).map_err(|e| Error::Tokenizer(format!("tokenizer_config.json: {e}")))?,
         None => serde_json::Value::Null,
     };
+    add_config_tokens(&config, &mut tokens, &mut scores, &mut types)?;
     let add_space_prefix = m.normalizer_spec.and_then(|n| n.add_dummy_prefix).unwrap_or(true);
     let md = vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("llama".into())),
@@ -113,4 +114,34 @@ pub fn metadata_from_spm_model(model: &[u8], tokenizer_config_json: Option<&str>
         }
     }
     Ok(md)
+}
+
+/// tokenizer_config.json's `added_tokens_decoder` (e.g. a `<pad>` after LLaMA's 32000 pieces) replaces or appends
+/// tokens as llama.cpp's converter does: control when special, user-defined otherwise, score −1000; ids skipped
+/// over become `[PADn]` placeholders of type unused.
+fn add_config_tokens(
+    config: &serde_json::Value,
+    tokens: &mut Vec<String>,
+    scores: &mut Vec<Value>,
+    types: &mut Vec<Value>,
+) -> Result<()> {
+    let Some(added) = config["added_tokens_decoder"].as_object() else { return Ok(()) };
+    for (id, t) in added {
+        let bad = || Error::Tokenizer(format!("tokenizer_config.json: bad added token {id}: {t}"));
+        let id: usize = id.parse().map_err(|_| bad())?;
+        let text = t["content"].as_str().ok_or_else(bad)?;
+        // Ids may leave a few holes (as in hf_tokens), not gigabytes of them.
+        if id >= 4 * (tokens.len() + added.len()) {
+            return Err(bad());
+        }
+        while tokens.len() <= id {
+            tokens.push(format!("[PAD{}]", tokens.len()));
+            scores.push(Value::F32(-1000.0));
+            types.push(Value::I32(5));
+        }
+        tokens[id] = text.to_owned();
+        scores[id] = Value::F32(-1000.0);
+        types[id] = Value::I32(if t["special"].as_bool().unwrap_or(false) { 3 } else { 4 });
+    }
+    Ok(())
 }
