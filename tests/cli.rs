@@ -305,3 +305,34 @@ fn models_by_name_from_a_mock_hub() {
     drop(hub);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bitnet convert` of a folder with a SentencePiece tokenizer.model and no tokenizer.json (LLaMA-style
+/// checkpoints): the GGUF gets the `llama` vocabulary of that file (tiny-a's weights with fam-1bitllm's
+/// tokenizer.model), tokenizing as fam-1bitllm-i2_s.gguf does; a folder with neither file names tokenizer.json.
+#[test]
+fn convert_reads_a_sentencepiece_tokenizer_model() {
+    use bitnet_engine::format::gguf::{GgufFile, Value};
+    use bitnet_engine::text::tokenizer::Tokenizer;
+    let dir = std::env::temp_dir().join(format!("bitnet-spm-convert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("models/tiny-a").join(f), dir.join(f)).unwrap();
+    }
+    let out = dir.join("out.gguf");
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let missing = bitnet(&["convert", d, "-o", o]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("tokenizer.json"), "{stderr}");
+    std::fs::copy(fixture("models/fam-1bitllm-tokenizer.model"), dir.join("tokenizer.model")).unwrap();
+    bitnet_ok(&["convert", d, "-o", o]);
+    let bytes = std::fs::read(&out).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    assert_eq!(g.get("tokenizer.ggml.model"), Some(&Value::Str("llama".into())));
+    let reference_bytes = std::fs::read(fixture("models/fam-1bitllm-i2_s.gguf")).unwrap();
+    let reference = Tokenizer::from_metadata(&GgufFile::parse(&reference_bytes).unwrap().metadata).unwrap();
+    let ours = Tokenizer::from_metadata(&g.metadata).unwrap();
+    for text in ["Hello world", " the nation and you,\n\tfor the station ☃"] {
+        assert_eq!(ours.encode(text, true).unwrap(), reference.encode(text, true).unwrap(), "{text:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -15,7 +15,7 @@ use bitnet_engine::generate::sampler::{Sampler, SamplerParams};
 use bitnet_engine::generate::Session;
 use bitnet_engine::model::{LoadOptions, Model};
 use bitnet_engine::text::tokenizer::Tokenizer;
-use bitnet_tests::{bitnet, bitnet_json, fixture};
+use bitnet_tests::{bitnet, bitnet_json, bitnet_ok, fixture};
 use serde_json::Value;
 
 fn references() -> Value {
@@ -244,6 +244,46 @@ fn families_match_independent_references() {
         }
     }
     assert_eq!(checked, 2 * (4 + 5 + 5 + 5), "1bitLLM 4 prompts (no chat template), 3 BPE files × 5, CPU and wgpu");
+}
+
+/// Upstream llama.cpp reads the TQ files we write and computes the same logits
+/// (tests/scripts/make_llamacpp_refs.py; references_llamacpp.json holds llama.cpp's top 24 logits per prompt).
+/// The files: fam-llama3-tq2_0.gguf as committed, and that file repacked to TQ1_0 by `bitnet quantize`.
+///
+/// Tolerance 1e-3 (observed ≤ 1.3e-5): llama.cpp dots TQ weights against Q8_K activations, one absmax scale
+/// per 256 values, and every ternary row of this model is 256 wide, so a Q8_K block is the whole row and its
+/// int8 codes are our per-token absmax codes (round-to-nearest-even of x·127/max|x|, both sides); the integer
+/// dots are then equal and only float summation order differs, as between our engine and the float32 numpy
+/// reference (the same 1e-3 bound as the flip-free references; these prompts are all flip-free there). With
+/// one int8 flip the logits would move by ~0.1–0.3 (formats.md), far above it. Top-1 must agree wherever
+/// llama.cpp's top two are more than 0.01 apart.
+#[test]
+fn llama_cpp_reads_our_tq_files() {
+    let text = std::fs::read_to_string(fixture("models/references_llamacpp.json")).expect("references_llamacpp.json");
+    let refs: Value = serde_json::from_str(&text).expect("valid JSON");
+    let source = fixture("models/fam-llama3-tq2_0.gguf");
+    let tq1 = std::env::temp_dir().join(format!("bitnet-llamacpp-tq1_0-{}.gguf", std::process::id()));
+    let (source, tq1_path) = (source.to_str().unwrap(), tq1.to_str().unwrap());
+    bitnet_ok(&["quantize", "--type", "tq1_0", source, tq1_path]);
+    let mut checked = 0;
+    for (file, path) in [("fam-llama3-tq2_0.gguf", source), ("fam-llama3-tq1_0.gguf", tq1_path)] {
+        for case in refs["files"][file]["cases"].as_array().expect("cases") {
+            let name = format!("{file} / {}", case["name"]);
+            let list: Vec<String> = ids(&case["ids"]).iter().map(u32::to_string).collect();
+            let args = ["logits", "-m", path, "--tokens", &list.join(","), "--all", "--json", "--kv-type", "f32"];
+            let got = floats(&bitnet_json(&args)["logits"]);
+            let top = case["top"].as_array().expect("top");
+            let logit = |pair: &Value| pair[1].as_f64().unwrap() as f32;
+            let d = top.iter().map(|p| (got[p[0].as_u64().unwrap() as usize] - logit(p)).abs()).fold(0.0, f32::max);
+            assert!(d < 1e-3, "{name}: max |Δ| vs llama.cpp over its top {} = {d}", top.len());
+            if logit(&top[0]) - logit(&top[1]) > 0.01 {
+                assert_eq!(argmax(&got) as u64, top[0][0].as_u64().unwrap(), "{name}: top-1 vs llama.cpp");
+            }
+            checked += 1;
+        }
+    }
+    std::fs::remove_file(&tq1).ok();
+    assert_eq!(checked, 2 * 4, "2 files × 4 prompts");
 }
 
 /// The chat prompt renders exactly as transformers' apply_chat_template does with the family's template, and

@@ -66,10 +66,17 @@ const CHUNK_ELEMENTS: usize = 1 << 20;
 /// The files of a Hugging Face checkpoint folder, as bytes.
 pub struct HfCheckpoint<'a> {
     pub config_json: &'a str,
-    pub tokenizer_json: &'a str,
+    pub tokenizer: HfTokenizer<'a>,
     pub tokenizer_config_json: Option<&'a str>,
     /// `model.safetensors`, or every shard listed by `model.safetensors.index.json` (any order).
     pub shards: &'a [&'a [u8]],
+}
+
+/// The tokenizer file of a checkpoint folder: tokenizer.json, or else a SentencePiece `tokenizer.model`.
+#[derive(Clone, Copy)]
+pub enum HfTokenizer<'a> {
+    Json(&'a str),
+    SentencePiece(&'a [u8]),
 }
 
 #[derive(Clone, Debug)]
@@ -487,7 +494,12 @@ pub fn convert(ckpt: &HfCheckpoint, o: &ConvertOptions, progress: &mut dyn FnMut
     for (k, v) in metadata(&c, arch, o.name.as_deref().unwrap_or("bitnet"), o.ternary) {
         g.add(&k, v);
     }
-    let tokenizer = crate::text::tokenizer::metadata_from_hf(ckpt.tokenizer_json, ckpt.tokenizer_config_json)?;
+    let tokenizer = match ckpt.tokenizer {
+        HfTokenizer::Json(json) => crate::text::tokenizer::metadata_from_hf(json, ckpt.tokenizer_config_json)?,
+        HfTokenizer::SentencePiece(model) => {
+            crate::text::spm_model::metadata_from_spm_model(model, ckpt.tokenizer_config_json)?
+        }
+    };
     check_vocab(&tokenizer, c.n_vocab)?;
     for (k, v) in tokenizer {
         g.add(&k, v);

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint};
+use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint, HfTokenizer};
 use bitnet_engine::format::gguf::{GgufFile, GgufWriter, Value};
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::model::{Activation, Family, LoadOptions, Model};
@@ -265,8 +265,12 @@ fn tokenizer_config() -> String {
 fn convert_shards(config: &str, shards: &[&[u8]], o: &ConvertOptions) -> Result<Converted, Error> {
     let tok = tokenizer_json(64);
     let tok_config = tokenizer_config();
-    let ckpt =
-        HfCheckpoint { config_json: config, tokenizer_json: &tok, tokenizer_config_json: Some(&tok_config), shards };
+    let ckpt = HfCheckpoint {
+        config_json: config,
+        tokenizer: HfTokenizer::Json(&tok),
+        tokenizer_config_json: Some(&tok_config),
+        shards,
+    };
     convert::convert(&ckpt, o, &mut |_, _| {})
 }
 
@@ -494,7 +498,12 @@ fn progress_reports_every_tensor() {
     let synth = Synth::new(SMALL, Layout::Int8, 14);
     let (st, tok) = (synth.safetensors(), tokenizer_json(64));
     let config = synth.config.to_string();
-    let ckpt = HfCheckpoint { config_json: &config, tokenizer_json: &tok, tokenizer_config_json: None, shards: &[&st] };
+    let ckpt = HfCheckpoint {
+        config_json: &config,
+        tokenizer: HfTokenizer::Json(&tok),
+        tokenizer_config_json: None,
+        shards: &[&st],
+    };
     let mut calls = Vec::new();
     convert::convert(&ckpt, &ConvertOptions::default(), &mut |done, total| calls.push((done, total))).unwrap();
     let total = 2 + 11 * SMALL.n_layer;
@@ -543,7 +552,7 @@ fn one_bit_llm_sentencepiece_tokenizer_converts() {
     let config = synth.config.to_string();
     let ckpt = HfCheckpoint {
         config_json: &config,
-        tokenizer_json: &tok_json,
+        tokenizer: HfTokenizer::Json(&tok_json),
         tokenizer_config_json: Some(&tok_config),
         shards: &[&st],
     };
@@ -574,9 +583,78 @@ fn one_bit_llm_sentencepiece_tokenizer_converts() {
     assert!(ours.encode(" the", false).unwrap().len() < 3);
     // A tokenizer.json with byte fallback but other space handling is refused.
     let odd = tok_json.replace("Prepend", "Strip");
-    let ckpt = HfCheckpoint { tokenizer_json: &odd, ..ckpt };
+    let ckpt = HfCheckpoint { tokenizer: HfTokenizer::Json(&odd), ..ckpt };
     let e = convert::convert(&ckpt, &opts(GgmlType::I2_S, GgmlType::F16), &mut |_, _| {}).err().unwrap();
     assert!(matches!(&e, Error::Unsupported(m) if m.contains("not LLaMA's SentencePiece")), "{e}");
+}
+
+/// Folders that ship only SentencePiece's `tokenizer.model` (many LLaMA-style checkpoints): the pieces, scores and
+/// types come from the ModelProto (fam-1bitllm-tokenizer.model, tests/scripts/make_spm_model.py), giving the
+/// tokenizer.json conversion's keys, llama.cpp's scores (those of fam-1bitllm-i2_s.gguf) and the same ids; the
+/// special ids come from the model when tokenizer_config.json is absent; a truncated file is a one-line error.
+#[test]
+fn sentencepiece_tokenizer_model_alone_converts() {
+    use bitnet_engine::text::tokenizer::Tokenizer;
+    let fixtures = format!("{}/../tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| std::fs::read(format!("{fixtures}/models/{name}")).unwrap();
+    let (spm, tok_json) = (read("fam-1bitllm-tokenizer.model"), read("fam-1bitllm-tokenizer.json"));
+    let tok_json = String::from_utf8(tok_json).unwrap();
+    let tok_config = json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}).to_string();
+    let shape = Shape { n_vocab: 607, n_embd: 128, n_ff: 256, n_layer: 1, n_head: 2, n_head_kv: 2, head_dim: 64 };
+    let mut synth = Synth::new(shape, Layout::TernaryValued(Dtype::F32), 17);
+    synth.config["model_type"] = json!("llama");
+    synth.config["hidden_act"] = json!("silu");
+    let (st, config) = (synth.safetensors(), synth.config.to_string());
+    let convert_with = |tokenizer: HfTokenizer, tok_config: Option<&str>| {
+        let ckpt = HfCheckpoint { config_json: &config, tokenizer, tokenizer_config_json: tok_config, shards: &[&st] };
+        convert::convert(&ckpt, &opts(GgmlType::I2_S, GgmlType::F16), &mut |_, _| {}).map(|c| c.gguf.to_bytes())
+    };
+    let from_json = convert_with(HfTokenizer::Json(&tok_json), Some(&tok_config)).unwrap();
+    let from_spm = convert_with(HfTokenizer::SentencePiece(&spm), Some(&tok_config)).unwrap();
+    let spm_alone = convert_with(HfTokenizer::SentencePiece(&spm), None).unwrap();
+    let reference_file = read("fam-1bitllm-i2_s.gguf");
+    let (gj, gs, ga) = (
+        GgufFile::parse(&from_json).unwrap(),
+        GgufFile::parse(&from_spm).unwrap(),
+        GgufFile::parse(&spm_alone).unwrap(),
+    );
+    let reference = GgufFile::parse(&reference_file).unwrap();
+    for (key, _) in gj.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")) {
+        // tokenizer.json has no scores (the engine derives them from the merges); tokenizer.model has the real ones.
+        let want = if key == "tokenizer.ggml.scores" { reference.get(key) } else { gj.get(key) };
+        assert_eq!(gs.get(key), want, "{key}");
+        assert_eq!(ga.get(key), want, "{key} without tokenizer_config.json");
+    }
+    assert_eq!(gs.get("tokenizer.ggml.unknown_token_id"), Some(&Value::U32(0)));
+    let (ours, json_tok) =
+        (Tokenizer::from_metadata(&ga.metadata).unwrap(), Tokenizer::from_metadata(&gj.metadata).unwrap());
+    assert_eq!((ours.model(), ours.bos(), ours.eos(), ours.add_bos()), ("llama", Some(1), Some(2), true));
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{fixtures}/tokenizer_refs.json")).unwrap()).unwrap();
+    for c in refs["llama2"]["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(ours.encode(text, true).unwrap(), json_tok.encode(text, true).unwrap(), "{text:?}");
+    }
+    // tokenizer_config.json's added tokens (here a <pad> two ids past the pieces) extend the vocabulary as in
+    // llama.cpp's converter; a corrupt id is an error, not a huge table.
+    let added = json!({"pad_token": "<pad>", "added_tokens_decoder": {"608": {"content": "<pad>", "special": true}}});
+    let md = bitnet_engine::text::spm_model::metadata_from_spm_model(&spm, Some(&added.to_string())).unwrap();
+    let get = |key: &str| md.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    let (tokens, types) = (get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"));
+    let (tokens, types) = (tokens.as_array().unwrap(), types.as_array().unwrap());
+    assert_eq!(
+        (tokens.len(), &tokens[607], &tokens[608]),
+        (609, &Value::Str("[PAD607]".into()), &Value::Str("<pad>".into()))
+    );
+    assert_eq!((&types[607], &types[608]), (&Value::I32(5), &Value::I32(3)));
+    assert_eq!(get("tokenizer.ggml.padding_token_id"), Value::U32(608));
+    let corrupt = json!({"added_tokens_decoder": {"4000000000": {"content": "x"}}}).to_string();
+    assert!(bitnet_engine::text::spm_model::metadata_from_spm_model(&spm, Some(&corrupt)).is_err());
+    // Truncated, or not a SentencePiece model at all: one line naming the file.
+    for bad in [&spm[..spm.len() / 2], &b"\x0a\xff\xff\xff\xff\x0f"[..], &b""[..]] {
+        let e = convert_with(HfTokenizer::SentencePiece(bad), None).err().unwrap().to_string();
+        assert!(e.starts_with("tokenizer: tokenizer.model: ") && !e.contains('\n'), "{e}");
+    }
 }
 
 /// Llama3-8B-1.58 / Falcon3-1.58bit / Falcon-E checkpoints: LlamaForCausalLM with a bitnet quantization_config and
@@ -902,7 +980,7 @@ fn convert_folder(dir: &std::path::Path, o: &ConvertOptions) -> Converted {
     let st = read(&dir.join("model.safetensors"));
     let ckpt = HfCheckpoint {
         config_json: &config,
-        tokenizer_json: &tok,
+        tokenizer: HfTokenizer::Json(&tok),
         tokenizer_config_json: tok_config.as_deref(),
         shards: &[&st],
     };

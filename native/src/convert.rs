@@ -6,15 +6,15 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint};
+use bitnet_engine::convert::{self, ConvertOptions, Converted, HfCheckpoint, HfTokenizer};
 use bitnet_engine::format::quant::GgmlType;
 use bitnet_engine::Error;
 use clap::Args;
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Hugging Face model folder: config.json, tokenizer.json, [tokenizer_config.json], model.safetensors (or
-    /// shards listed by model.safetensors.index.json).
+    /// Hugging Face model folder: config.json, tokenizer.json (or a SentencePiece tokenizer.model alone),
+    /// [tokenizer_config.json], model.safetensors (or shards listed by model.safetensors.index.json).
     hf_dir: PathBuf,
     /// Output GGUF file.
     #[arg(short, long)]
@@ -134,14 +134,24 @@ fn run(
 pub fn convert(a: ConvertArgs) -> Result<(), Error> {
     let dir = &a.hf_dir;
     let config = read_text(&dir.join("config.json"))?;
-    let tokenizer = read_text(&dir.join("tokenizer.json"))?;
+    // tokenizer.json, or else a SentencePiece tokenizer.model alone (LLaMA-style folders such as 1bitLLM's).
+    let (json_path, model_path) = (dir.join("tokenizer.json"), dir.join("tokenizer.model"));
+    let spm = if !json_path.exists() && model_path.exists() {
+        Some(std::fs::read(&model_path).map_err(|e| io_err(&model_path, e))?)
+    } else {
+        None
+    };
+    let json = if spm.is_none() { read_text(&json_path)? } else { String::new() };
     let tokenizer_config_path = dir.join("tokenizer_config.json");
     let tokenizer_config = if tokenizer_config_path.exists() { Some(read_text(&tokenizer_config_path)?) } else { None };
     let maps = safetensors_files(dir)?.iter().map(|p| map(p)).collect::<Result<Vec<_>, _>>()?;
     let shards: Vec<&[u8]> = maps.iter().map(|m| &m[..]).collect();
     let ckpt = HfCheckpoint {
         config_json: &config,
-        tokenizer_json: &tokenizer,
+        tokenizer: match &spm {
+            Some(model) => HfTokenizer::SentencePiece(model),
+            None => HfTokenizer::Json(&json),
+        },
         tokenizer_config_json: tokenizer_config.as_deref(),
         shards: &shards,
     };

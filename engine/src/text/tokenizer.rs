@@ -763,7 +763,7 @@ fn hf_spm_spaces(normalizer: &serde_json::Value, pre: &serde_json::Value) -> boo
 }
 
 /// `md` plus BOS/EOS/padding ids, add_bos and the chat template from tokenizer_config.json (or the post-processor).
-fn with_special_ids(
+pub(super) fn with_special_ids(
     mut md: Vec<(String, Value)>,
     tokens: &[String],
     tj: &serde_json::Value,
