@@ -13,6 +13,7 @@
 mod api;
 mod metrics;
 mod scheduler;
+mod webui;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -93,6 +94,9 @@ pub struct ServeArgs {
     /// Connections served at once; more wait to be accepted.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_connections: u32,
+    /// Do not serve the chat page at / (llama-server's flag).
+    #[arg(long)]
+    no_webui: bool,
 }
 
 /// What every handler sees.
@@ -113,6 +117,8 @@ struct App {
     allowed_hosts: Option<Vec<String>>,
     max_body: usize,
     body_timeout: Duration,
+    /// Serve the chat page at / (not --no-webui).
+    webui: bool,
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
@@ -141,6 +147,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         allowed_hosts: loopback_names(&a.host),
         max_body: a.max_body,
         body_timeout: Duration::from_secs(a.timeout),
+        webui: !a.no_webui,
     });
     let cors = cors_layer(&a.cors_origin)?;
     let limits = crate::http::Limits {
@@ -238,6 +245,8 @@ async fn log_request(req: Request, next: Next) -> Response {
 
 fn router(app: Arc<App>) -> Router {
     let max_body = app.max_body;
+    // The page is public, like /health (its API calls carry no key: with --api-key they are refused).
+    let page = if app.webui { webui::routes() } else { Router::new() };
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -251,6 +260,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/health", get(health))
+        .merge(page)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "invalid_request_error") })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(
