@@ -968,7 +968,7 @@ impl Generation {
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
         let job = Job { prompt, params, constraint, events: tx, queued_at: std::time::Instant::now() };
-        submit(app, Task::Generate(job))?;
+        submit(app, Task::Generate(Box::new(job)))?;
         let n = app.next_id.fetch_add(1, Relaxed);
         let id = format!("{id_prefix}-{:x}{n:06x}", app.started);
         Ok(Self { id, created: unix_time(), events: rx, n_probs, tools: None })

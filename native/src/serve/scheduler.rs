@@ -52,7 +52,8 @@ pub struct EmbedJob {
 
 /// What the queue carries.
 pub enum Task {
-    Generate(Job),
+    /// Boxed: a job (its sampling parameters) is large, and the queue holds up to --queue tasks.
+    Generate(Box<Job>),
     Embed(EmbedJob),
 }
 
@@ -309,7 +310,7 @@ impl Engine {
             };
             self.metrics.queued.fetch_sub(1, Relaxed);
             let job = match task {
-                Task::Generate(job) => job,
+                Task::Generate(job) => *job,
                 Task::Embed(job) => {
                     self.embed(job);
                     continue;
