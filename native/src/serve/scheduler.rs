@@ -358,7 +358,12 @@ impl Engine {
         let slot = (0..self.slots.len()).find(|&i| self.slots[i].req.is_none()).expect("admit checks for a free slot");
         let (s, device) = (&mut self.slots[slot], &self.m.weights);
         s.picked = None;
+        let reply = &job.reply;
         let mut one = |tokens: &[u32]| {
+            // A client gone mid-batch: the rest is not computed.
+            if reply.is_closed() {
+                return Err(Error::Invalid("the client went away".into()));
+            }
             s.cached.clear();
             s.seq.forward(tokens, 0, Want::Logits)?;
             s.cached.extend_from_slice(tokens);
@@ -372,6 +377,10 @@ impl Engine {
             s.cached.clear();
         }
         self.metrics.prompt_tokens.fetch_add(job.inputs.iter().map(|t| t.len() as u64).sum(), Relaxed);
+        if job.reply.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            return;
+        }
         self.metrics.finished.fetch_add(1, Relaxed);
         let _ = job.reply.send(embeddings.map_err(|e| e.to_string()));
     }
