@@ -1,7 +1,8 @@
 // `bitnet serve`'s chat page (the demo page of www/, compiled into the binary): opened at the server's own /, it
 // runs in server mode by itself (no wasm package there); a message typed and sent, as a person does it, comes
 // back streamed over /v1/chat/completions (server-sent events) and equals `bitnet chat`'s reply, rendered through
-// the vendored Markdown libraries. The page's files come with their content types; `--no-webui` leaves / out.
+// the vendored Markdown libraries. The page's files come with their content types; with `--api-key` the page asks
+// for the key and chats; `--no-webui` leaves / out.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -83,6 +84,36 @@ test('bitnet serve answers / with its chat page; a message sent there gets a str
   } catch (err) {
     console.log(`--- page console\n${log.join('\n')}`);
     throw err;
+  } finally {
+    await context.close();
+  }
+});
+
+test('with --api-key the page asks for the key, then chats', async () => {
+  const url = await startServe('--api-key', 'sekret');
+  const want = bitnetWithInput('Hi\n', 'chat', '-m', MODEL, '-n', '8', '--temp', '0').slice(0, -1).trim();
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const asked = [];
+  page.on('dialog', (d) => {
+    asked.push(d.message());
+    d.accept('sekret');
+  });
+  try {
+    await page.goto(`${url}/`);
+    await page.click('#load');
+    await page.waitForFunction(() => !document.getElementById('prompt').disabled);
+    assert.equal(asked.length, 1, 'asked for the key once');
+    assert.match(asked[0], /API key/);
+    await page.fill('#n', '8');
+    await page.fill('#temp', '0');
+    await page.selectOption('#mode', 'chat');
+    await page.fill('#prompt', 'Hi');
+    await page.click('#send');
+    await page.waitForFunction(() => window.bitnetDemo.done, null, { timeout: 120_000, polling: 100 });
+    const d = await page.evaluate(() => JSON.parse(JSON.stringify(window.bitnetDemo)));
+    assert.equal(d.error, null);
+    assert.deepEqual(d.conversation, [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: want }]);
   } finally {
     await context.close();
   }

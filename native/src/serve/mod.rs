@@ -245,7 +245,7 @@ async fn log_request(req: Request, next: Next) -> Response {
 
 fn router(app: Arc<App>) -> Router {
     let max_body = app.max_body;
-    // The page is public, like /health (its API calls carry no key: with --api-key they are refused).
+    // The page is public, like /health (with --api-key, it asks for the key and sends it with its API calls).
     let page = if app.webui { webui::routes() } else { Router::new() };
     Router::new()
         .route("/v1/chat/completions", post(chat))
