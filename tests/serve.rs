@@ -674,6 +674,41 @@ fn official_openai_python_client() {
     assert!(stdout.contains("openai client OK"), "{stdout}");
 }
 
+/// /v1/embeddings on a BitNet embedding model with the official `openai` Python client
+/// (tests/scripts/serve_openai_embeddings.py): texts, token ids and batches of each give exactly what `bitnet embed
+/// --json` gives on the same texts, as floats and as base64; `dimensions`, inputs longer than the context, empty
+/// inputs and unknown encodings are 400s naming the field; the generation endpoints refuse an embedding model.
+/// A model that is not an embedding model refuses /v1/embeddings.
+#[test]
+fn embeddings_with_the_openai_client() {
+    let model = fixture("models/qwen3-embed-i2_s.gguf");
+    let model = model.to_str().unwrap();
+    let ctx = "64";
+    let texts = ["Hello world", "The quick brown fox jumps over the lazy dog.", "naïve café 中文"];
+    let expected: Vec<Value> = (texts.iter())
+        .map(|text| {
+            let out = bitnet_json(&["embed", "-m", model, "-t", "1", "--ctx", ctx, "-p", text, "--json"]);
+            json!({ "text": text, "tokens": out["tokens"], "embedding": out["embedding"] })
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("bitnet-embeddings-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(&expected).unwrap()).unwrap();
+    let s = Server::start(&["-m", model, "-t", "1", "--ctx", ctx]);
+    let script = repo().join("tests/scripts/serve_openai_embeddings.py");
+    let out = Command::new("python3").arg(&script).arg(&s.url).arg(&path).arg(ctx).output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.expect("python3 is needed for this test");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} failed (python3 -m pip install openai):\n{stdout}\n{stderr}", script.display());
+    assert!(stdout.contains("openai embeddings OK"), "{stdout}");
+
+    let tiny = Server::tiny(&[]);
+    let r = tiny.post("/v1/embeddings", &json!({ "model": "x", "input": "Hello" }));
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("is not an embedding model"), "{body}");
+}
+
 /// The server on any device (`--backend`, here wgpu: llvmpipe in CI, a GPU on the GPU machine): requests
 /// that share the server in batched steps each get exactly `bitnet run`'s greedy text on that device.
 /// `BITNET_SERVE_BACKEND` picks another device (e.g. cuda on the GPU machine).

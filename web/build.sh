@@ -82,12 +82,10 @@ cp node_modules/coi-serviceworker/coi-serviceworker.min.js pkg/coi-serviceworker
 site="$TARGET/www"
 rm -rf "$site"
 mkdir -p "$site/models"
-cp "$ROOT"/www/* "$site/"
+cp -r "$ROOT"/www/* "$site/"
 cp -r pkg "$site/bitnet"
 cp pkg/coi-serviceworker.js "$site/"
-# The page's Markdown rendering: marked, and DOMPurify to sanitize its HTML (npm packages, pinned in package.json).
-mkdir -p "$site/vendor"
-cp node_modules/marked/lib/marked.esm.js node_modules/dompurify/dist/purify.es.mjs "$site/vendor/"
+# The page's Markdown rendering (marked, and DOMPurify to sanitize its HTML) is in www/vendor/, copied above.
 cp "$ROOT/engine/models/smolbit-135m.gguf" "$site/models/"
 echo "built web/pkg (bitnet-web $version: ${BUILDS:-the wasm builds kept}) and the demo site in $site"
 echo "serve it: target/release/bitnet serve-www --port 8080"

@@ -388,6 +388,8 @@ if (!BitNet) {
   $('backend').value = 'server';
   for (const el of document.querySelectorAll('input[name=source], #model-url, #model-file, #backend')) el.disabled = true;
   setStatus('This page was served without the wasm engine: it uses the server it came from.');
+  document.querySelector('h1').textContent = 'BitNet chat';
+  document.querySelector('header .sub').textContent = 'Served by bitnet serve: the model runs on the server this page came from.';
 }
 $('server-url').hidden = $('backend').value !== 'server';
 if (params.has('prompt')) {

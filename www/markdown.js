@@ -1,5 +1,5 @@
 // Markdown to safe HTML: marked parses (GitHub-flavoured), DOMPurify removes anything that could run script.
-// Both are vendored from npm by web/build.sh.
+// Both are vendored from npm in www/vendor/ (see its README).
 import { marked } from './vendor/marked.esm.js';
 import DOMPurify from './vendor/purify.es.mjs';
 

@@ -2,26 +2,41 @@
 // /v1/completions with stream: true, read as server-sent events). Shaped like the package's Generation:
 // an async iterable of text pieces with `stats`, `abort()`, and a live speed.
 
+/** Where the API key of a server run with --api-key is kept: this tab only, gone when it closes. */
+const KEY_ITEM = 'bitnet-server-api-key';
+
 export class ServerModel {
   constructor(base) {
     this.base = new URL(base || location.href);
+    this.key = sessionStorage.getItem(KEY_ITEM) ?? '';
   }
 
-  /** Checks that the server answers; resolves to its model's name. */
+  /** The Authorization header, once a key is known. */
+  auth() {
+    return this.key ? { authorization: `Bearer ${this.key}` } : {};
+  }
+
+  /** Checks that the server answers (asking for its API key if it wants one); resolves to its model's name. */
   async connect() {
-    const resp = await fetch(new URL('/v1/models', this.base));
+    const models = new URL('/v1/models', this.base);
+    let resp = await fetch(models, { headers: this.auth() });
+    if (resp.status === 401) {
+      this.key = window.prompt('This server wants an API key (bitnet serve --api-key):') ?? '';
+      resp = await fetch(models, { headers: this.auth() });
+    }
     if (!resp.ok) throw new Error(`the server answered HTTP ${resp.status} to /v1/models`);
+    if (this.key) sessionStorage.setItem(KEY_ITEM, this.key);
     const body = await resp.json();
     this.info = { backend: `server ${this.base.origin}`, threads: null, name: body.data?.[0]?.id ?? 'model' };
     return this.info.name;
   }
 
   chat(messages, options) {
-    return new ServerGeneration(new URL('/v1/chat/completions', this.base), { messages, ...wire(options) }, (c) => c.choices[0]?.delta?.content);
+    return new ServerGeneration(new URL('/v1/chat/completions', this.base), this.auth(), { messages, ...wire(options) }, (c) => c.choices[0]?.delta?.content);
   }
 
   generate(prompt, options) {
-    return new ServerGeneration(new URL('/v1/completions', this.base), { prompt, ...wire(options) }, (c) => c.choices[0]?.text);
+    return new ServerGeneration(new URL('/v1/completions', this.base), this.auth(), { prompt, ...wire(options) }, (c) => c.choices[0]?.text);
   }
 
   reset() {}
@@ -35,13 +50,13 @@ function wire(o) {
 }
 
 class ServerGeneration {
-  constructor(url, body, textOf) {
+  constructor(url, auth, body, textOf) {
     this.controller = new AbortController();
     this.generatedTokens = 0;
     this.tokensPerSecond = 0;
     this.stats = new Promise((resolve, reject) => (this.settle = { resolve, reject }));
     this.stats.catch(() => {});
-    this.events = this.run(url, body, textOf);
+    this.events = this.run(url, auth, body, textOf);
   }
 
   abort() {
@@ -58,10 +73,10 @@ class ServerGeneration {
     return this.events;
   }
 
-  async *run(url, body, textOf) {
+  async *run(url, auth, body, textOf) {
     const t0 = performance.now();
     try {
-      const resp = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), signal: this.controller.signal });
+      const resp = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', ...auth }, body: JSON.stringify(body), signal: this.controller.signal });
       if (!resp.ok) throw new Error(`the server answered HTTP ${resp.status}: ${(await resp.json().catch(() => ({}))).error?.message ?? resp.statusText}`);
       let usage = null;
       let finish = null;

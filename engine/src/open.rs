@@ -79,6 +79,8 @@ pub struct Loaded {
     /// CPU threads.
     pub threads: usize,
     pub ctx: usize,
+    /// An embedding model ([`Model::is_embedding`]): it embeds text and cannot generate it.
+    pub embedding: bool,
 }
 
 impl Loaded {
@@ -88,11 +90,12 @@ impl Loaded {
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata)?;
         let model = Model::load(&gguf, bytes, &opts.load, progress)?;
         let ctx = opts.ctx.unwrap_or(default_ctx(&model.config));
+        let embedding = model.is_embedding();
         let threads =
             opts.device.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let device = DeviceOptions { threads: Some(threads), ..opts.device.clone() };
         let weights = backend::open(model, &device)?;
-        Ok(Self { weights, tokenizer, threads, ctx, kv: device.kv })
+        Ok(Self { weights, tokenizer, threads, ctx, kv: device.kv, embedding })
     }
 
     /// A new conversation (one KV cache of the context size).

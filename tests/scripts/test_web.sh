@@ -7,7 +7,7 @@
 #      `bitnet run`; screenshots; browser tokens/s next to `bitnet bench`), the npm package imported by a
 #      plain ESM page (both APIs: the package's own and the OpenAI-shaped one), the Vite and webpack example
 #      apps (web/examples/) built from the packed package, and the demo on a static host without isolation
-#      headers (the service worker) (node --test web/tests/).
+#      headers (the service worker), and `bitnet serve`'s own chat page at / (node --test web/tests/).
 # Outputs (screenshots, results.json, the example builds) go to target/web-test/ (under CARGO_TARGET_DIR when set).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -8,6 +8,16 @@ use crate::{Error, Result};
 
 /// The unit-length embedding of `text`.
 pub fn embed(session: &mut Session, tokenizer: &Tokenizer, text: &str) -> Result<Vec<f32>> {
+    let ids = tokens(tokenizer, text)?;
+    session.truncate(0);
+    session.prefill(&ids)?;
+    let hidden =
+        session.hidden().ok_or_else(|| Error::Unsupported(format!("embeddings on {}", session.backend_name())))?;
+    Ok(l2_normalized(hidden))
+}
+
+/// The tokens the embedding of `text` reads: BOS and EOS where the vocabulary adds them.
+pub fn tokens(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let mut ids = tokenizer.encode(text, tokenizer.add_bos())?;
     if let Some(eos) = tokenizer.eos().filter(|_| tokenizer.add_eos()) {
         ids.push(eos);
@@ -15,11 +25,7 @@ pub fn embed(session: &mut Session, tokenizer: &Tokenizer, text: &str) -> Result
     if ids.is_empty() {
         return Err(Error::Invalid("empty text: nothing to embed".into()));
     }
-    session.truncate(0);
-    session.prefill(&ids)?;
-    let hidden =
-        session.hidden().ok_or_else(|| Error::Unsupported(format!("embeddings on {}", session.backend_name())))?;
-    Ok(l2_normalized(hidden))
+    Ok(ids)
 }
 
 /// `v / |v|` (in f64 for the norm); a zero vector stays zero.

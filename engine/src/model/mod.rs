@@ -144,6 +144,11 @@ impl Model {
     }
 
     /// Whether the layers have attn/ffn sub-norms (the BitNet family).
+    /// A BitNet embedding model (`*_norm_in` tensors): its output is a sentence embedding, not text.
+    pub fn is_embedding(&self) -> bool {
+        self.layers.first().is_some_and(|l| !l.norm_in.is_empty())
+    }
+
     pub fn has_sub_norms(&self) -> bool {
         self.layers.iter().all(|l| !l.attn_sub_norm.is_empty() && !l.ffn_sub_norm.is_empty())
     }

@@ -325,6 +325,65 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// The fields of [`EmbeddingRequest`].
+pub const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "user"];
+
+/// Most inputs in one embedding request (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// /v1/embeddings.
+#[derive(Deserialize)]
+pub struct EmbeddingRequest {
+    pub input: EmbeddingInput,
+    /// Any name is accepted (the server has one model), but it must be a string.
+    #[allow(dead_code)]
+    pub model: Option<String>,
+    /// "float" (the default) or "base64" (the floats' little-endian bytes).
+    pub encoding_format: Option<String>,
+    /// An end-user id (OpenAI's abuse monitoring); nothing is done with it.
+    #[allow(dead_code)]
+    pub user: Option<String>,
+}
+
+/// What to embed: a text, texts, a text's token ids, or several texts' token ids (as the OpenAI API allows).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Serialize)]
+pub struct EmbeddingList<'a> {
+    pub object: &'static str, // "list"
+    pub data: Vec<EmbeddingData>,
+    pub model: &'a str,
+    pub usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+pub struct EmbeddingData {
+    pub object: &'static str, // "embedding"
+    pub index: usize,
+    pub embedding: EmbeddingValue,
+}
+
+/// The vector as JSON numbers, or as base64 of its little-endian f32s (`encoding_format: "base64"`).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
 /// llama-server's /tokenize.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

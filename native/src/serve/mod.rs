@@ -13,6 +13,7 @@
 mod api;
 mod metrics;
 mod scheduler;
+mod webui;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use bitnet_engine::generate::embed;
 use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
 use bitnet_engine::generate::sampler::TokenLogprob as EngineLogprob;
 use bitnet_engine::generate::{GenParams, StopReason};
@@ -42,7 +44,7 @@ use crate::http::Peer;
 use crate::model_file::Loaded;
 use crate::ModelArgs;
 use api::*;
-use scheduler::{Done, Event, Job, Scheduler, SubmitError};
+use scheduler::{Done, EmbedJob, Event, Job, Scheduler, SubmitError, Task};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -92,6 +94,9 @@ pub struct ServeArgs {
     /// Connections served at once; more wait to be accepted.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     max_connections: u32,
+    /// Do not serve the chat page at / (llama-server's flag).
+    #[arg(long)]
+    no_webui: bool,
 }
 
 /// What every handler sees.
@@ -112,6 +117,8 @@ struct App {
     allowed_hosts: Option<Vec<String>>,
     max_body: usize,
     body_timeout: Duration,
+    /// Serve the chat page at / (not --no-webui).
+    webui: bool,
 }
 
 pub fn serve(a: ServeArgs) -> Result<(), Error> {
@@ -140,6 +147,7 @@ pub fn serve(a: ServeArgs) -> Result<(), Error> {
         allowed_hosts: loopback_names(&a.host),
         max_body: a.max_body,
         body_timeout: Duration::from_secs(a.timeout),
+        webui: !a.no_webui,
     });
     let cors = cors_layer(&a.cors_origin)?;
     let limits = crate::http::Limits {
@@ -237,9 +245,12 @@ async fn log_request(req: Request, next: Next) -> Response {
 
 fn router(app: Arc<App>) -> Router {
     let max_body = app.max_body;
+    // The page is public, like /health (with --api-key, it asks for the key and sends it with its API calls).
+    let page = if app.webui { webui::routes() } else { Router::new() };
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
@@ -249,6 +260,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth))
         .route("/health", get(health))
+        .merge(page)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "invalid_request_error") })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(
@@ -451,6 +463,7 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
+    generates(&app)?;
     let (req, sampling): (ChatRequest, Sampling) = (request(&body, &[SAMPLING_FIELDS, CHAT_FIELDS])?, typed(&body)?);
     let n_probs = chat_n_probs(&req)?;
     let (messages, tools) = chat_input(&app, &req, &body)?;
@@ -475,6 +488,108 @@ async fn chat(
         return Ok(sse(pending.chat_stream(app, usage)));
     }
     Ok(answer(peer, chat_answer(app, pending)).await)
+}
+
+/// 400 for an embedding model, which cannot generate text.
+fn generates(app: &App) -> Result<(), ApiError> {
+    if !app.m.embedding {
+        return Ok(());
+    }
+    let msg = format!("'{}' is an embedding model: it cannot generate text (use /v1/embeddings)", app.model_id);
+    Err(ApiError::bad_request(msg).param("model").code("model_not_supported"))
+}
+
+/// /v1/embeddings: the unit-length sentence embedding of each input (embedding models only), computed on the
+/// engine thread.
+async fn embeddings(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: EmbeddingRequest = request(&json_body(body)?, &[EMBEDDING_FIELDS])?;
+    if !app.m.embedding {
+        let msg = format!(
+            "'{}' is not an embedding model: it generates text (use /v1/chat/completions or /v1/completions)",
+            app.model_id
+        );
+        return Err(ApiError::bad_request(msg).param("model").code("model_not_supported"));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            let msg = format!("encoding_format '{other}' is not supported (float, base64)");
+            return Err(ApiError::bad_request(msg).param("encoding_format"));
+        }
+    };
+    let inputs = embedding_tokens(&app, req.input).await?;
+    app.scheduler.metrics.requests.fetch_add(1, Relaxed);
+    let prompt_tokens = inputs.iter().map(Vec::len).sum();
+    let (reply, done) = tokio::sync::oneshot::channel();
+    submit(&app, Task::Embed(EmbedJob { inputs, reply }))?;
+    let failed = |msg: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg, "server_error");
+    let vectors = done.await.map_err(|_| failed("the engine stopped".into()))?.map_err(failed)?;
+    let value = |v: Vec<f32>| match base64 {
+        false => EmbeddingValue::Float(v),
+        true => {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            EmbeddingValue::Base64(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes))
+        }
+    };
+    let data = (vectors.into_iter().enumerate())
+        .map(|(index, v)| EmbeddingData { object: "embedding", index, embedding: value(v) })
+        .collect();
+    let usage = EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens };
+    Ok(Json(EmbeddingList { object: "list", data, model: &app.model_id, usage }).into_response())
+}
+
+/// The tokens of each input (texts tokenized on the blocking pool as `bitnet embed` does; ids as given),
+/// checked: at least one input and at most MAX_EMBEDDING_INPUTS, none empty, ids in the vocabulary, each
+/// within the context.
+async fn embedding_tokens(app: &App, input: EmbeddingInput) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).param("input");
+    let texts = match input {
+        EmbeddingInput::Text(t) => vec![t],
+        EmbeddingInput::Texts(t) => t,
+        EmbeddingInput::Tokens(ids) => return check_embedding_inputs(app, vec![ids]),
+        EmbeddingInput::TokenLists(lists) => return check_embedding_inputs(app, lists),
+    };
+    if texts.iter().any(String::is_empty) {
+        return Err(bad("an input text is empty: nothing to embed".into()));
+    }
+    if texts.len() > MAX_EMBEDDING_INPUTS {
+        return Err(bad(format!("{} inputs: at most {MAX_EMBEDDING_INPUTS} per request", texts.len())));
+    }
+    let m = app.m;
+    let tokens = blocking(move || texts.iter().map(|t| embed::tokens(&m.tokenizer, t)).collect::<Result<Vec<_>, _>>())
+        .await?
+        .map_err(|e| bad(e.to_string()))?;
+    check_embedding_inputs(app, tokens)
+}
+
+fn check_embedding_inputs(app: &App, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = |msg: String| ApiError::bad_request(msg).param("input");
+    let vocab = app.m.tokenizer.vocab_size();
+    if inputs.is_empty() {
+        return Err(bad("input is empty: nothing to embed".into()));
+    }
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(bad(format!("{} inputs: at most {MAX_EMBEDDING_INPUTS} per request", inputs.len())));
+    }
+    for (i, ids) in inputs.iter().enumerate() {
+        if ids.is_empty() {
+            return Err(bad(format!("input {i} is empty: nothing to embed")));
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(bad(format!("input {i}: token id {t} is outside the vocabulary of {vocab}")));
+        }
+        if ids.len() > app.ctx {
+            let msg = format!(
+                "This model's maximum context length is {} tokens. However, input {i} has {} tokens. Please reduce \
+                 the length of the input.",
+                app.ctx,
+                ids.len()
+            );
+            return Err(bad(msg).code("context_length_exceeded"));
+        }
+    }
+    Ok(inputs)
 }
 
 /// The conversation and its tools, checked.
@@ -669,6 +784,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
+    generates(&app)?;
     let known = [SAMPLING_FIELDS, COMPLETION_FIELDS];
     let (req, sampling): (CompletionRequest, Sampling) = (request(&body, &known)?, typed(&body)?);
     if let Some(n) = req.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
@@ -793,6 +909,25 @@ async fn compile(
     .await?
 }
 
+/// Queues a task for the engine thread: 429 when the queue is full, 503 once the engine has stopped.
+fn submit(app: &App, task: Task) -> Result<(), ApiError> {
+    match app.scheduler.submit(task) {
+        Ok(()) => Ok(()),
+        Err(SubmitError::Busy) => {
+            app.scheduler.metrics.rejected.fetch_add(1, Relaxed);
+            let e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the server is busy: every slot is in use and the queue is full; retry later",
+                "server_error",
+            );
+            Err(e.code("rate_limit_exceeded"))
+        }
+        Err(SubmitError::Stopped) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped", "server_error"))
+        }
+    }
+}
+
 /// A queued request: its id and the channel its text comes back on.
 struct Generation {
     id: String,
@@ -833,21 +968,7 @@ impl Generation {
         let params = GenParams { max_tokens: max_tokens.map_or(app.ctx - prompt.len(), |n| n as usize), ..params };
         let (tx, rx) = unbounded_channel();
         let job = Job { prompt, params, constraint, events: tx, queued_at: std::time::Instant::now() };
-        match app.scheduler.submit(job) {
-            Ok(()) => {}
-            Err(SubmitError::Busy) => {
-                app.scheduler.metrics.rejected.fetch_add(1, Relaxed);
-                let e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "the server is busy: every slot is in use and the queue is full; retry later",
-                    "server_error",
-                );
-                return Err(e.code("rate_limit_exceeded"));
-            }
-            Err(SubmitError::Stopped) => {
-                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped", "server_error"));
-            }
-        }
+        submit(app, Task::Generate(Box::new(job)))?;
         let n = app.next_id.fetch_add(1, Relaxed);
         let id = format!("{id_prefix}-{:x}{n:06x}", app.started);
         Ok(Self { id, created: unix_time(), events: rx, n_probs, tools: None })

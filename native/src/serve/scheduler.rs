@@ -6,6 +6,8 @@
 //! step for all of them, so a step of 16 sequences costs far less than 16 steps).
 //! Text goes back to the HTTP handlers through a channel per request; a handler that went away
 //! (its receiver dropped) frees its slot at the next step.
+//! Embedding requests (embedding models, which do not generate) run whole as they are admitted, in a free
+//! slot's sequence.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bitnet_engine::backend::{Batcher, Sequence, Step, Want};
+use bitnet_engine::generate::embed::l2_normalized;
 use bitnet_engine::generate::grammar::Constraint;
 use bitnet_engine::generate::sampler::TokenLogprob;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, StopReason};
@@ -38,6 +41,20 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// When the handler queued it (time to first token counts from here).
     pub queued_at: Instant,
+}
+
+/// An embedding request: each input's tokens, known to fit the context; the unit-length embeddings (or
+/// why there are none) come back on `reply`.
+pub struct EmbedJob {
+    pub inputs: Vec<Vec<u32>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+}
+
+/// What the queue carries.
+pub enum Task {
+    /// Boxed: a job (its sampling parameters) is large, and the queue holds up to --queue tasks.
+    Generate(Box<Job>),
+    Embed(EmbedJob),
 }
 
 pub enum Event {
@@ -80,7 +97,7 @@ pub enum SubmitError {
 
 /// The handlers' side: a bounded queue into the engine thread.
 pub struct Scheduler {
-    queue: SyncSender<Job>,
+    queue: SyncSender<Task>,
     pub metrics: Arc<Metrics>,
     /// What each slot is doing (for /slots).
     pub slots: Arc<[SlotStatus]>,
@@ -160,9 +177,9 @@ impl Scheduler {
         self.abort.store(true, Relaxed);
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+    pub fn submit(&self, task: Task) -> Result<(), SubmitError> {
         self.metrics.queued.fetch_add(1, Relaxed);
-        self.queue.try_send(job).map_err(|e| {
+        self.queue.try_send(task).map_err(|e| {
             self.metrics.queued.fetch_sub(1, Relaxed);
             match e {
                 TrySendError::Full(_) => SubmitError::Busy,
@@ -219,7 +236,7 @@ struct Engine {
     m: &'static Loaded,
     batcher: Box<dyn Batcher>,
     slots: Vec<Slot>,
-    queue: Receiver<Job>,
+    queue: Receiver<Task>,
     metrics: Arc<Metrics>,
     clock: u64,
     status: Arc<[SlotStatus]>,
@@ -249,9 +266,12 @@ impl Engine {
                 self.fail(i, Error::Invalid(MSG.into()));
             }
         }
-        while let Ok(job) = self.queue.try_recv() {
+        while let Ok(task) = self.queue.try_recv() {
             self.metrics.queued.fetch_sub(1, Relaxed);
-            let _ = job.events.send(Event::Failed(MSG.into()));
+            match task {
+                Task::Generate(job) => drop(job.events.send(Event::Failed(MSG.into()))),
+                Task::Embed(job) => drop(job.reply.send(Err(MSG.into()))),
+            }
         }
         self.publish();
     }
@@ -277,18 +297,25 @@ impl Engine {
     /// Returns false once the server has shut down.
     fn admit(&mut self) -> bool {
         while self.busy() < self.slots.len() {
-            let job = if self.busy() == 0 {
+            let task = if self.busy() == 0 {
                 match self.queue.recv() {
-                    Ok(job) => job,
+                    Ok(task) => task,
                     Err(_) => return false,
                 }
             } else {
                 match self.queue.try_recv() {
-                    Ok(job) => job,
+                    Ok(task) => task,
                     Err(_) => break,
                 }
             };
             self.metrics.queued.fetch_sub(1, Relaxed);
+            let job = match task {
+                Task::Generate(job) => *job,
+                Task::Embed(job) => {
+                    self.embed(job);
+                    continue;
+                }
+            };
             if job.events.is_closed() {
                 self.metrics.cancelled.fetch_add(1, Relaxed);
                 continue;
@@ -319,6 +346,43 @@ impl Engine {
         let admitted = Instant::now();
         let r = Running { seq: self.clock, n_cached: keep, gen, job, admitted, prompt_done: None, last_token: None };
         self.slots[slot].req = Some(r);
+    }
+
+    /// Runs an embedding request at once in a free slot's sequence: each input from position 0, then the final
+    /// hidden state of its last token, scaled to unit length (as `bitnet embed` does).
+    fn embed(&mut self, job: EmbedJob) {
+        if job.reply.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            return;
+        }
+        let slot = (0..self.slots.len()).find(|&i| self.slots[i].req.is_none()).expect("admit checks for a free slot");
+        let (s, device) = (&mut self.slots[slot], &self.m.weights);
+        s.picked = None;
+        let reply = &job.reply;
+        let mut one = |tokens: &[u32]| {
+            // A client gone mid-batch: the rest is not computed.
+            if reply.is_closed() {
+                return Err(Error::Invalid("the client went away".into()));
+            }
+            s.cached.clear();
+            s.seq.forward(tokens, 0, Want::Logits)?;
+            s.cached.extend_from_slice(tokens);
+            let hidden =
+                s.seq.hidden().ok_or_else(|| Error::Unsupported(format!("embeddings on {}", device.name())))?;
+            Ok::<_, Error>(l2_normalized(hidden))
+        };
+        let embeddings = job.inputs.iter().map(|t| one(t)).collect::<Result<Vec<_>, _>>();
+        if embeddings.is_err() {
+            // What the cache holds is unknown after an error.
+            s.cached.clear();
+        }
+        self.metrics.prompt_tokens.fetch_add(job.inputs.iter().map(|t| t.len() as u64).sum(), Relaxed);
+        if job.reply.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            return;
+        }
+        self.metrics.finished.fetch_add(1, Relaxed);
+        let _ = job.reply.send(embeddings.map_err(|e| e.to_string()));
     }
 
     /// Frees the slots of requests whose client has gone away.
