@@ -122,12 +122,12 @@ def random_weights(rng):
     return w
 
 
-def write_f32(path, w, vocab, template, tied):
+def qwen3_writer(path, name):
+    """A GGUF writer of arch qwen3 with CFG's hyperparameters (the keys llama.cpp's Qwen3 conversion writes)."""
     c = CFG
-    tokens, types, merges, sid = vocab
     wr = gguf.GGUFWriter(path, "qwen3")
     wr.add_type(gguf.GGUFType.MODEL)
-    wr.add_name("tiny random Qwen3")
+    wr.add_name(name)
     wr.add_context_length(c["max_position_embeddings"])
     wr.add_embedding_length(c["hidden_size"])
     wr.add_block_count(c["num_hidden_layers"])
@@ -138,12 +138,24 @@ def write_f32(path, w, vocab, template, tied):
     wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
     wr.add_key_length(c["head_dim"])
     wr.add_value_length(c["head_dim"])
-    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
+    return wr
+
+
+def add_vocab(wr, tokens, types, merges):
+    """The byte-level BPE vocabulary with Qwen's pre-tokenizer."""
     wr.add_tokenizer_model("gpt2")
     wr.add_tokenizer_pre("qwen2")
     wr.add_token_list(tokens)
     wr.add_token_types(types)
     wr.add_token_merges(merges)
+
+
+def write_f32(path, w, vocab, template, tied):
+    c = CFG
+    tokens, types, merges, sid = vocab
+    wr = qwen3_writer(path, "tiny random Qwen3")
+    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_vocab(wr, tokens, types, merges)
     wr.add_eos_token_id(sid["<|im_end|>"])
     wr.add_pad_token_id(sid["<|endoftext|>"])
     wr.add_bos_token_id(sid["<|endoftext|>"])
@@ -176,25 +188,9 @@ def write_embedding(path, w, vocab, rng):
     import numpy_ref
     c = CFG
     tokens, types, merges, sid = vocab
-    wr = gguf.GGUFWriter(path, "qwen3")
-    wr.add_type(gguf.GGUFType.MODEL)
-    wr.add_name("tiny random BitNet embedding")
-    wr.add_context_length(c["max_position_embeddings"])
-    wr.add_embedding_length(c["hidden_size"])
-    wr.add_block_count(c["num_hidden_layers"])
-    wr.add_feed_forward_length(c["intermediate_size"])
-    wr.add_head_count(c["num_attention_heads"])
-    wr.add_head_count_kv(c["num_key_value_heads"])
-    wr.add_rope_freq_base(c["rope_theta"])
-    wr.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    wr.add_key_length(c["head_dim"])
-    wr.add_value_length(c["head_dim"])
+    wr = qwen3_writer(path, "tiny random BitNet embedding")
     wr.add_pooling_type(gguf.PoolingType.LAST)
-    wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("qwen2")
-    wr.add_token_list(tokens)
-    wr.add_token_types(types)
-    wr.add_token_merges(merges)
+    add_vocab(wr, tokens, types, merges)
     wr.add_eos_token_id(sid["<|endoftext|>"])
     wr.add_pad_token_id(sid["<|endoftext|>"])
     wr.add_add_bos_token(False)
