@@ -67,19 +67,22 @@ for (const bundler of ['vite', 'webpack']) {
   });
 }
 
-test('vite: the dev server (vite dev) runs the example too, threaded', async () => {
+test('vite: the dev server (vite dev) runs the example too, threaded', { timeout: 180_000 }, async () => {
   const want = nativeRun('-m', MODEL, '-p', PROMPT, '-n', '12', '--temp', '0', '--seed', '1');
   const app = `${dir}/vite`; // installed by the vite test above
   mkdirSync(`${app}/public`, { recursive: true });
   copyFileSync(MODEL, `${app}/public/tiny.gguf`);
-  const dev = spawn(`${app}/node_modules/.bin/vite`, ['--host', '127.0.0.1', '--port', '0'], { cwd: app, stdio: ['ignore', 'pipe', 'inherit'] });
+  // NO_COLOR: with CI set, vite colours its output even into a pipe, and the port of the URL it prints is bold.
+  const env = { ...process.env, NO_COLOR: '1' };
+  const dev = spawn(`${app}/node_modules/.bin/vite`, ['--host', '127.0.0.1', '--port', '0'], { cwd: app, env, stdio: ['ignore', 'pipe', 'inherit'] });
   try {
     const url = await new Promise((resolve, reject) => {
       let out = '';
       dev.on('exit', (code) => reject(new Error(`vite exited with ${code}: ${out}`)));
+      setTimeout(() => reject(new Error(`vite printed no URL in 60 s: ${out}`)), 60_000).unref();
       dev.stdout.on('data', (d) => {
         out += d;
-        const m = out.match(/(http:\/\/127\.0\.0\.1:\d+\/)/);
+        const m = out.replace(/\x1b\[[0-9;]*m/g, '').match(/(http:\/\/127\.0\.0\.1:\d+\/)/);
         if (m) resolve(m[1]);
       });
     });
