@@ -13,7 +13,7 @@ use std::time::Instant;
 use bitnet_engine::backend::cpu::kernels;
 use bitnet_engine::backend::cpu::CpuModel;
 use bitnet_engine::backend::cuda::{Cuda, CudaModel};
-use bitnet_engine::backend::{Batcher, Sequence, Step, Want, Weights};
+use bitnet_engine::backend::{Batcher, KvType, Sequence, Step, Want, Weights};
 use bitnet_engine::model::{Activation, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
 use bitnet_engine::tensor::ternary::TernaryMatrix;
@@ -45,6 +45,34 @@ fn f16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
 }
 
+/// Keys or values as a cache of type `kv` gives them back: f16-rounded, as they are (f32), or through
+/// ggml's reference q8_0 quantizer (per 32 values d = max|x| / 127 kept as f16, q = round(x / d)).
+fn cache_round(kv: KvType, v: &[f32]) -> Vec<f32> {
+    match kv {
+        KvType::F16 => f16_round(v),
+        KvType::F32 => v.to_vec(),
+        KvType::Q8_0 => v
+            .chunks(32)
+            .flat_map(|b| {
+                let d = b.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let d16 = f16::from_f32(d).to_f32();
+                b.iter().map(move |x| d16 * (x * inv).round())
+            })
+            .collect(),
+    }
+}
+
+/// How much a cache type's own rounding may move logits besides float noise (q8_0 rounds keys and values
+/// to 8 bits: a rounding that float noise flips moves them by a few thousandths).
+fn kv_tolerance(kv: KvType) -> f32 {
+    if kv == KvType::Q8_0 {
+        0.05
+    } else {
+        0.0
+    }
+}
+
 /// A sub-norm: the input as it is for a family without them (empty weights).
 fn sub_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     if w.is_empty() {
@@ -61,7 +89,7 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// model.rs's forward pass, written out again with what the GPU keeps in f16 rounded to f16: keys and
-/// values, and the embedding and LM head when stored in another type. The GPU computes this function; it
+/// values (or as the cache type `kv` keeps them), and the embedding and LM head when stored in another type. The GPU computes this function; it
 /// must agree up to float summation order (the CPU backend differs by the f16 rounding as well, which
 /// can flip int8 activation roundings and move logits by tenths).
 struct Reference<'m> {
@@ -70,10 +98,11 @@ struct Reference<'m> {
     head: Vec<f32>,
     kc: Vec<Vec<f32>>,
     vc: Vec<Vec<f32>>,
+    kv: KvType,
 }
 
 impl<'m> Reference<'m> {
-    fn new(model: &'m Model) -> Self {
+    fn with_kv(model: &'m Model, kv: KvType) -> Self {
         let decode = |m: &FloatMatrix| {
             let mut all = vec![0f32; m.rows * m.cols];
             all.chunks_mut(m.cols).enumerate().for_each(|(r, row)| m.dequantize_row(r, row));
@@ -86,6 +115,7 @@ impl<'m> Reference<'m> {
             head: decode(model.lm_head()),
             kc: vec![vec![]; n],
             vc: vec![vec![]; n],
+            kv,
         }
     }
 
@@ -122,8 +152,8 @@ impl<'m> Reference<'m> {
                     head[j + half] = b * cos + a * sin;
                 }
             }
-            self.kc[l].extend(f16_round(&k));
-            self.vc[l].extend(f16_round(&v));
+            self.kc[l].extend(cache_round(self.kv, &k));
+            self.vc[l].extend(cache_round(self.kv, &v));
             let (group, scale) = (c.n_head / c.n_head_kv, 1.0 / (hd as f32).sqrt());
             let mut att = vec![0f32; q.len()];
             for (h, out) in att.chunks_exact_mut(hd).enumerate() {
@@ -175,9 +205,15 @@ struct Tolerance {
 /// against the reference and the CPU backend at every position; the GPU's own argmax must be the argmax
 /// of its logits. Returns the largest differences to the reference and to the CPU.
 fn compare(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Tolerance) -> (f32, f32) {
-    let mut cpu = Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap()).sequence(ctx).unwrap();
-    let mut gpu = Cuda::new(&Arc::new(CudaModel::new(model.clone()).unwrap()), ctx).unwrap();
-    let mut reference = Reference::new(model);
+    compare_kv(model, ctx, prompt, steps, t, KvType::F16)
+}
+
+/// `compare` with caches of type `kv` on the GPU, the CPU and in the reference.
+fn compare_kv(model: &Model, ctx: usize, prompt: &[u32], steps: usize, t: &Tolerance, kv: KvType) -> (f32, f32) {
+    let cpu = CpuModel::new(model.clone(), kernels::best(), None, None).unwrap().with_kv(kv);
+    let mut cpu = Arc::new(cpu).sequence(ctx).unwrap();
+    let mut gpu = Cuda::new(&Arc::new(CudaModel::new(model.clone()).unwrap().with_kv(kv).unwrap()), ctx).unwrap();
+    let mut reference = Reference::with_kv(model, kv);
     cpu.forward(prompt, 0, Want::Logits).unwrap();
     gpu.forward(prompt, 0, Want::Logits).unwrap();
     let mut want = prompt.iter().map(|&tok| reference.step(tok)).last().unwrap();
@@ -252,6 +288,46 @@ fn family_models_match_the_cpu() {
     }
 }
 
+/// The exact (f32) and q8_0 caches: every fixture's stable prompts against the reference keeping keys and values
+/// the same way (f32: within 1e-3, as exact as the CPU backend), and the default model.
+#[test]
+fn kv_types_match_the_cpu() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
+    for kv in [KvType::F32, KvType::Q8_0] {
+        let mut checked = 0;
+        for (file, info) in refs["files"].as_object().unwrap() {
+            let (model, _) = load(&fixture(file));
+            if kv == KvType::Q8_0 && !model.config.head_dim.is_multiple_of(32) {
+                assert!(CudaModel::new(model.clone()).unwrap().with_kv(kv).is_err(), "{file}: q8_0 heads");
+                continue;
+            }
+            for case in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap() {
+                if case["stable"].as_bool() != Some(true) {
+                    continue;
+                }
+                let ids: Vec<u32> =
+                    case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                let tol = 1e-3 + kv_tolerance(kv);
+                let t = Tolerance { tol, margin: 0.05 + tol, tol_cpu: 1.0, margin_cpu: 1.0 };
+                let (d, d_cpu) = compare_kv(&model, 64, &ids, 6, &t, kv);
+                eprintln!(
+                    "{} cache, {file} / {}: max |Δlogit| {d} (reference), {d_cpu} (CPU)",
+                    kv.name(),
+                    case["name"]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 6, "{} cache: {checked} stable cases", kv.name());
+        let (model, tok) = load(&engine_path("models/smolbit-135m.gguf"));
+        let t = Tolerance { tol: 1.0, margin: 0.5, tol_cpu: 1.5, margin_cpu: 1.0 };
+        let prompt = tok.encode(&"Paris is the capital and largest city of France. ".repeat(12), true).unwrap();
+        let (d, d_cpu) = compare_kv(&model, 1024, &prompt, 8, &t, kv);
+        eprintln!("{} cache, default model: max |Δlogit| {d} (reference), {d_cpu} (CPU)", kv.name());
+    }
+}
+
 /// The default model (smolbit-135m: 30 layers, Q5_0 embedding converted to f16, head dim 64, GQA 3:1),
 /// also with a prompt longer than one prefill batch (512 tokens).
 #[test]
@@ -303,22 +379,39 @@ fn decode_step(
 /// with sequences leaving the batch and joining it again.
 #[test]
 fn batched_steps_match_the_reference() {
+    batched_steps(KvType::F16, 6);
+}
+
+/// The batched step over f32 and q8_0 caches (each row's keys and values quantized into its own sequence's
+/// cache at its own position).
+#[test]
+fn batched_steps_with_other_kv_types() {
+    batched_steps(KvType::F32, 2);
+    batched_steps(KvType::Q8_0, 2);
+}
+
+/// `batched_steps_match_the_reference` on the first `files` fixtures that fit caches of type `kv`.
+fn batched_steps(kv: KvType, files: usize) {
     let refs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("references.json")).unwrap()).unwrap();
     let mut checked = 0;
-    for (file, info) in refs["files"].as_object().unwrap() {
+    // q8_0 blocks of 32 values need heads of a multiple of 32 (tiny-a's are 16).
+    let fits = |file: &str| kv != KvType::Q8_0 || load(&fixture(file)).0.config.head_dim.is_multiple_of(32);
+    for (file, info) in refs["files"].as_object().unwrap().iter().filter(|(f, _)| fits(f)).take(files) {
         let (model, _) = load(&fixture(file));
         let cases = refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap();
         let prompts: Vec<Vec<u32>> = cases
             .iter()
             .map(|c| c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
             .collect();
-        let tols: Vec<f32> =
-            cases.iter().map(|c| if c["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 }).collect();
-        let m = Arc::new(CudaModel::new(model.clone()).unwrap());
+        let tols: Vec<f32> = cases
+            .iter()
+            .map(|c| if c["stable"].as_bool() == Some(true) { 1e-3 + kv_tolerance(kv) } else { 0.5 })
+            .collect();
+        let m = Arc::new(CudaModel::new(model.clone()).unwrap().with_kv(kv).unwrap());
         let mut batcher = m.clone().batcher(16);
         let mut seqs: Vec<Box<dyn Sequence>> = prompts.iter().map(|_| m.clone().sequence(64).unwrap()).collect();
-        let mut reference: Vec<Reference> = prompts.iter().map(|_| Reference::new(&model)).collect();
+        let mut reference: Vec<Reference> = prompts.iter().map(|_| Reference::with_kv(&model, kv)).collect();
         let mut want: Vec<Vec<f32>> =
             prompts.iter().zip(&mut reference).map(|(p, r)| p.iter().map(|&t| r.step(t)).last().unwrap()).collect();
         let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
@@ -378,7 +471,10 @@ fn batched_steps_match_the_reference() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 6 * 7, "6 files × 7 steps");
+    assert!(checked >= 7, "{} cache: {checked} steps", kv.name());
+    if kv == KvType::F16 {
+        assert_eq!(checked, 6 * 7, "6 files × 7 steps");
+    }
 }
 
 #[test]

@@ -94,7 +94,7 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_head)]
     head: Option<bitnet_engine::format::quant::GgmlType>,
     /// KV cache type: f32 (exact), f16 (half the memory; the default) or q8_0 (about a quarter of f32's).
-    /// The GPU backends have f16 only.
+    /// CUDA has every type, wgpu f32 and f16.
     #[arg(long = "kv-type", value_parser = parse_kv_type, default_value = "f16")]
     kv_type: KvType,
     /// Where to run: cpu, wgpu (the best GPU adapter, a CPU-type one such as llvmpipe included), or auto

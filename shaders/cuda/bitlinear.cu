@@ -15,8 +15,8 @@ struct Epilogue {
     const int* dst;     // QKV: original row (q, then k, then v) of each packed row
     const int* rope;    // QKV: rotary frequency index of each pair, -1 for none
     float* out;         // QKV: q; GLU: h; RESID: x. Row t at out + t * out_stride
-    u16* kc;            // QKV: this layer's caches, [ctx][kv_dim] f16
-    u16* vc;
+    char* kc;           // QKV: this layer's caches, [ctx] rows of kv_row_bytes(kv_type, kv_dim)
+    char* vc;
     const float* cos;   // QKV: [ctx][rope_half]
     const float* sin;
     int kind;
@@ -29,6 +29,10 @@ struct Epilogue {
     // of this layer ([t][2] addresses). Null for one sequence: positions pos0 + t, caches kc and vc.
     const int* row_pos;
     const u64* row_kv;
+    // QKV into a q8_0 cache: each token's keys then values as f32 ([t][2 kv_dim]), which kv_quant (attention.cu)
+    // quantizes into the caches (a block's scale needs all its 32 values).
+    float* stage;
+    int kv_type;
 };
 
 __device__ __forceinline__ int row_position(const Epilogue& e, int t, int pos0) {
@@ -36,11 +40,21 @@ __device__ __forceinline__ int row_position(const Epilogue& e, int t, int pos0) 
 }
 
 __device__ __forceinline__ void store_qkv(const Epilogue& e, int r, int t, int pos, float y) {
-    u16* kc = e.row_kv ? (u16*)e.row_kv[2 * t] : e.kc;
-    u16* vc = e.row_kv ? (u16*)e.row_kv[2 * t + 1] : e.vc;
-    if (r < e.q_dim) e.out[(i64)t * e.out_stride + r] = y;
-    else if (r < e.q_dim + e.kv_dim) kc[(i64)pos * e.kv_dim + r - e.q_dim] = f2h(y);
-    else vc[(i64)pos * e.kv_dim + r - e.q_dim - e.kv_dim] = f2h(y);
+    if (r < e.q_dim) {
+        e.out[(i64)t * e.out_stride + r] = y;
+        return;
+    }
+    int i = r - e.q_dim;  // in [key | value]
+    if (e.kv_type == KV_Q8) {
+        e.stage[(i64)t * 2 * e.kv_dim + i] = y;
+        return;
+    }
+    bool key = i < e.kv_dim;
+    char* cache = e.row_kv ? (char*)e.row_kv[2 * t + (key ? 0 : 1)] : key ? e.kc : e.vc;
+    char* row = cache + pos * kv_row_bytes(e.kv_type, e.kv_dim);
+    int d = key ? i : i - e.kv_dim;
+    if (e.kv_type == KV_F16) ((u16*)row)[d] = f2h(y);
+    else ((float*)row)[d] = y;
 }
 
 // What the epilogue of pair p at position pos needs besides its outputs (QKV): the rotation (cos and sin of

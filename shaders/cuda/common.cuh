@@ -9,6 +9,22 @@ typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// KV cache types (KvType in backend/mod.rs; cuda/kernels.rs mirrors the numbers).
+#define KV_F16 0
+#define KV_F32 1
+#define KV_Q8 2  // llama.cpp's q8_0: int8 values, an f16 scale per 32
+
+// Bytes per cached value in a row (q8_0: the int8 values; their scales follow the row's values).
+__host__ __device__ constexpr int kv_bytes(int type) { return type == KV_F16 ? 2 : type == KV_F32 ? 4 : 1; }
+
+// Bytes of one token's keys (or values) of kv_dim values: for q8_0 the kv_dim int8 values, then the kv_dim / 32
+// f16 scales, padded to 16 bytes, so that every row and every head's values start 16-byte aligned. Mirrors
+// `kv_row_bytes` in cuda/kernels.rs.
+__device__ __forceinline__ i64 kv_row_bytes(int type, int kv_dim) {
+    if (type != KV_Q8) return (i64)kv_bytes(type) * kv_dim;
+    return ((i64)kv_dim + kv_dim / 16 + 15) / 16 * 16;
+}
+
 // Programmatic dependent launch (sm_90+; cuda/kernels.rs launches with it): a kernel may start while the
 // previous one in the stream finishes. `pdl_wait` blocks until that one has completed and its writes are
 // visible, so everything before it must read only constant data (weights); `pdl_trigger` lets the next

@@ -292,7 +292,7 @@ pub struct DeviceOptions {
     pub threads: Option<usize>,
     /// CPU: requantize the LM head to this type for the int8 head kernels (see [`cpu::CpuModel::new`]).
     pub head: Option<GgmlType>,
-    /// The KV cache type of every sequence (wgpu: f32 and f16; CUDA: f16 only so far).
+    /// The KV cache type of every sequence (the CPU and CUDA: every type; wgpu: f32 and f16).
     pub kv: KvType,
 }
 
@@ -309,27 +309,23 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
         let m = cpu::CpuModel::new(model, cpu::kernels::best(), opts.head, opts.threads)?;
         Ok(Arc::new(m.with_kv(opts.kv)))
     };
-    // Every device caches f16; wgpu f32 too, the CPU every type. Another type keeps `auto` on the CPU, and
-    // is an error when a device without it was asked for by name.
-    if opts.device == DeviceChoice::Cpu || (opts.device == DeviceChoice::Auto && opts.kv != KvType::F16) {
+    if opts.device == DeviceChoice::Cpu {
         return cpu(model);
     }
-    // A model the GPU backends do not run yet (qwen3) keeps `auto` on the CPU too.
+    // A model the GPU backends do not run yet (qwen3) keeps `auto` on the CPU.
     if opts.device == DeviceChoice::Auto && check_runs(&model, "a GPU").is_err() {
         return cpu(model);
     }
-    if opts.device == DeviceChoice::Cuda && opts.kv != KvType::F16 {
-        return Err(Error::Unsupported(format!(
-            "a {} KV cache on CUDA (f16 only; --backend wgpu has f32 too, --backend cpu every type)",
-            opts.kv.name()
-        )));
-    }
     #[cfg(feature = "cuda")]
     if opts.device == DeviceChoice::Cuda || (opts.device == DeviceChoice::Auto && cuda::available()) {
-        return Ok(Arc::new(cuda::CudaModel::new(model)?));
+        return Ok(Arc::new(cuda::CudaModel::new(model)?.with_kv(opts.kv)?));
     }
     if opts.device == DeviceChoice::Cuda {
         return Err(Error::Unsupported("this build has no CUDA backend (cargo feature `cuda`)".into()));
+    }
+    // wgpu caches f32 and f16: a q8_0 cache keeps `auto` on the CPU (and is an error when wgpu is named).
+    if opts.device == DeviceChoice::Auto && opts.kv == KvType::Q8_0 {
+        return cpu(model);
     }
     #[cfg(all(feature = "wgpu", not(target_arch = "wasm32")))]
     {

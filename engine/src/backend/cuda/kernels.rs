@@ -9,6 +9,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUlaun
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
+use crate::backend::KvType;
 use crate::{Error, Result};
 
 const SOURCES: [&str; 4] = [
@@ -42,10 +43,32 @@ pub struct Epilogue {
     pub silu: i32,
     pub row_pos: u64,
     pub row_kv: u64,
+    pub stage: u64,
+    /// [`kv_code`] of the caches' type.
+    pub kv_type: i32,
 }
 
 // SAFETY: plain old data with the C layout of the kernel parameter it is passed as.
 unsafe impl DeviceRepr for Epilogue {}
+
+/// A cache type's number in the kernels (KV_* in common.cuh), which also indexes the kernels made per type.
+pub fn kv_code(kv: KvType) -> usize {
+    match kv {
+        KvType::F16 => 0,
+        KvType::F32 => 1,
+        KvType::Q8_0 => 2,
+    }
+}
+
+/// Bytes of one token's keys (or values) of `kv_dim` values in a cache of type `kv`: as `kv_row_bytes` in
+/// common.cuh (q8_0: the int8 values, then an f16 scale per 32, padded to 16 bytes).
+pub fn kv_row_bytes(kv: KvType, kv_dim: usize) -> usize {
+    match kv {
+        KvType::F16 => 2 * kv_dim,
+        KvType::F32 => 4 * kv_dim,
+        KvType::Q8_0 => (kv_dim + kv_dim / 16).div_ceil(16) * 16,
+    }
+}
 
 /// Where `bitlinear_gemm` leaves and counts its split-K partial sums (`struct SplitK` of bitlinear.cu):
 /// [`Kernels::split_k_sizes`] entries each; the default (null) one never splits.
@@ -106,8 +129,12 @@ pub struct Kernels {
     norm_quant_rows: CudaFunction,
     gemv: CudaFunction,
     gemm: CudaFunction,
-    attn_decode: CudaFunction,
-    attn_prefill: CudaFunction,
+    /// The attention kernels per cache type ([`kv_code`]), and the q8_0 cache store.
+    attn_decode: [CudaFunction; 3],
+    attn_prefill: [CudaFunction; 3],
+    kv_quant: CudaFunction,
+    /// The most dynamic shared memory a block may ask for.
+    optin: usize,
     embed: CudaFunction,
     lm_head: CudaFunction,
     head_split_rows: CudaFunction,
@@ -138,15 +165,20 @@ fn gemv_smem(n: usize, words: usize, chunk: usize) -> usize {
     4 * n + 16 * words + chunk * (8 * words + PAIR_CONST)
 }
 
-/// Dynamic shared memory of `attn_decode` for heads of `hd`: a chunk's keys (rows padded by 16 bytes) and
-/// values in f16, then q, the probabilities and four partial outputs in f32.
-fn attn_decode_smem(hd: usize) -> usize {
-    2 * DEC_CHUNK * (2 * hd + 8) + 4 * (5 * hd + DEC_CHUNK)
+/// Dynamic shared memory of `attn_decode` for heads of `hd` and caches of type `kv`: a chunk's keys (rows
+/// padded by 16 bytes) and values as they are cached (q8_0: with their scales as floats), then q, the
+/// probabilities and four partial outputs in f32.
+fn attn_decode_smem(hd: usize, kv: KvType) -> usize {
+    let bytes = [2, 4, 1][kv_code(kv)];
+    let scales = if kv == KvType::Q8_0 { 2 * DEC_CHUNK * hd / 32 * 4 } else { 0 };
+    DEC_CHUNK * (2 * hd * bytes + 16) + scales + 4 * (5 * hd + DEC_CHUNK)
 }
 
-/// Dynamic shared memory of `attn_prefill` for heads of `hd`.
-fn attn_prefill_smem(hd: usize) -> usize {
-    4 * (PQ * hd + PQ * PK + 2 * PQ) + 4 * (PK * (hd / 2 + 1) + PK * hd / 2)
+/// Dynamic shared memory of `attn_prefill` for heads of `hd`: f16 keys and values stay packed (4 bytes a
+/// pair), the other types are staged as floats (8).
+fn attn_prefill_smem(hd: usize, kv: KvType) -> usize {
+    let pair = if kv == KvType::F16 { 4 } else { 8 };
+    4 * (PQ * hd + PQ * PK + 2 * PQ) + pair * (PK * (hd / 2 + 1) + PK * hd / 2)
 }
 
 impl Kernels {
@@ -176,8 +208,10 @@ impl Kernels {
             norm_quant_rows: f("norm_quant_rows")?,
             gemv,
             gemm: f("bitlinear_gemm")?,
-            attn_decode: f("attn_decode")?,
-            attn_prefill: f("attn_prefill")?,
+            attn_decode: [f("attn_decode_f16")?, f("attn_decode_f32")?, f("attn_decode_q8")?],
+            attn_prefill: [f("attn_prefill_f16")?, f("attn_prefill_f32")?, f("attn_prefill_q8")?],
+            kv_quant: f("kv_quant")?,
+            optin: optin as usize,
             embed: f("embed")?,
             lm_head: f("lm_head")?,
             head_split_rows: f("head_split_rows")?,
@@ -186,15 +220,13 @@ impl Kernels {
         };
         // Inputs of more than 48 KB of shared memory (the default limit) take the device's opt-in limit.
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        for f in [
-            &k.attn_prefill,
-            &k.attn_decode,
+        for f in k.attn_prefill.iter().chain(&k.attn_decode).chain([
             &k.gemv,
             &k.norm_quant_rows,
             &k.lm_head,
             &k.head_split_rows,
             &k.lm_head_mma,
-        ] {
+        ]) {
             let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
             f.set_attribute(attr, optin - fixed)?;
         }
@@ -206,13 +238,16 @@ impl Kernels {
             &k.norm_quant_rows,
             &k.gemv,
             &k.gemm,
-            &k.attn_decode,
-            &k.attn_prefill,
+            &k.kv_quant,
             &k.embed,
             &k.lm_head,
             &k.head_split_rows,
             &k.lm_head_mma,
-        ] {
+        ]
+        .into_iter()
+        .chain(&k.attn_decode)
+        .chain(&k.attn_prefill)
+        {
             f.set_attribute(carveout, 100)?;
         }
         Ok(k)
@@ -371,8 +406,8 @@ impl Kernels {
         let (params, row_pos, row_kv) = (r.params, r.row_pos, r.row_kv);
         let p =
             params![q, kc, vc, hd, kv_dim, group, scale, params, row_pos, row_kv, part_o, part_ml, mc, counters, out];
-        let smem = attn_decode_smem(d.hd);
-        self.launch_3d(&self.attn_decode, (r.chunks.min(max_chunks), d.n_head, r.rows), 128, smem, p)
+        let (f, smem) = (&self.attn_decode[kv_code(d.kv)], attn_decode_smem(d.hd, d.kv));
+        self.launch_3d(f, (r.chunks.min(max_chunks), d.n_head, r.rows), 128, smem, p)
     }
 
     /// Causal attention of `t` prompt tokens at positions `pos0..` (`q`, `out`: rows of n_head × hd floats).
@@ -381,8 +416,31 @@ impl Kernels {
         let (ti, pos0, hd, q_dim, kv_dim, group, scale) =
             (i(t), i(pos0), i(d.hd), i(d.n_head * d.hd), i(d.kv_dim), i(d.group), d.scale());
         let p = params![q, kc, vc, ti, pos0, hd, q_dim, kv_dim, group, scale, out];
-        // The shared memory limit was raised for the model's head size in `new`.
-        self.launch(&self.attn_prefill, (t.div_ceil(PQ), d.n_head), 256, attn_prefill_smem(d.hd), p)
+        // The shared memory limit was raised in `new`; `check_attention` checked it is enough.
+        let (f, smem) = (&self.attn_prefill[kv_code(d.kv)], attn_prefill_smem(d.hd, d.kv));
+        self.launch(f, (t.div_ceil(PQ), d.n_head), 256, smem, p)
+    }
+
+    /// Whether the attention kernels fit heads of this shape and cache type in a block's shared memory.
+    pub fn check_attention(&self, d: &AttnDims) -> Result<()> {
+        let need = attn_decode_smem(d.hd, d.kv).max(attn_prefill_smem(d.hd, d.kv));
+        if need > self.optin {
+            return Err(Error::Unsupported(format!(
+                "CUDA attention over a {} KV cache with heads of {}: {need} bytes of shared memory a block, the device has {}",
+                d.kv.name(),
+                d.hd,
+                self.optin
+            )));
+        }
+        Ok(())
+    }
+
+    /// Quantizes `t` rows of keys and values from `stage` into q8_0 caches: see `kv_quant` in attention.cu.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_quant(&self, stage: u64, kv_dim: usize, t: usize, pos0: usize, params: u64, kv: KvDest) -> Result<()> {
+        let (kv_dimi, pos0) = (i(kv_dim), i(pos0));
+        let p = params![stage, kv_dimi, pos0, params, kv.row_pos, kv.row_kv, kv.kc, kv.vc];
+        self.launch(&self.kv_quant, (t, 2 * kv_dim / 32), 32, 0, p)
     }
 
     /// `x[i] = E[tokens[i]]` for `t` tokens (f16 rows of n; ids checked against the vocabulary by the caller).
@@ -467,6 +525,18 @@ pub struct AttnDims {
     pub kv_dim: usize,
     /// Query heads per kv head.
     pub group: usize,
+    pub kv: KvType,
+}
+
+/// Where a layer's keys and values go: one sequence's caches (`kc`, `vc`; positions from the pass's
+/// `pos0` or the decode step's parameters), or in a step of many sequences each row's own (`row_pos`,
+/// `row_kv`: device arrays, see `Epilogue` in bitlinear.cu).
+#[derive(Clone, Copy, Default)]
+pub struct KvDest {
+    pub kc: u64,
+    pub vc: u64,
+    pub row_pos: u64,
+    pub row_kv: u64,
 }
 
 impl AttnDims {

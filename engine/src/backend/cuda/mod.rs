@@ -1,5 +1,6 @@
 //! The CUDA backend (feature `cuda`): the whole forward pass on an NVIDIA GPU, computing what the CPU
-//! backend computes (W1.58A8 BitLinear exact in its integer part; keys and values cached in f16).
+//! backend computes (W1.58A8 BitLinear exact in its integer part; keys and values cached in f16, or f32 (exact)
+//! or q8_0: [`CudaModel::with_kv`]).
 //!
 //! - [`CudaModel`]: the weights, uploaded once and shared by every sequence: ternary rows repacked to 2-bit
 //!   codes, 16 columns per u32 word ([`pack`]), the q/k/v and gate/up matrices fused; the embedding and LM
@@ -32,11 +33,16 @@ use cudarc::driver::{
     CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, PinnedHostSlice, ValidAsZeroBits,
 };
 
-use crate::backend::{check_ctx, check_input, check_runs, gpu_step, Batcher, DecodeRow, Sequence, Step, Want, Weights};
+use crate::backend::{
+    check_ctx, check_input, check_runs, gpu_step, Batcher, DecodeRow, KvType, Sequence, Step, Want, Weights,
+};
 use crate::model::{Activation, Config, Model};
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
-use kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, SplitK, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
+use kernels::{
+    kv_code, kv_row_bytes, AttnDims, DecodeRows, Epilogue, Kernels, KvDest, Linear, SplitK, DEC_CHUNK, EPI_GLU,
+    EPI_QKV, EPI_RESID,
+};
 
 impl From<DriverError> for Error {
     fn from(e: DriverError) -> Self {
@@ -142,10 +148,12 @@ struct Acts {
     /// The GEMM's split-K partial sums and tile counters.
     part: Buf<i32>,
     done: Buf<u32>,
+    /// A q8_0 cache's keys and values before `kv_quant` (`[row][2 kv_dim]`; unused by the other types).
+    stage: Buf<f32>,
 }
 
 impl Acts {
-    fn new(s: &Arc<CudaStream>, k: &Kernels, c: &Config, rows: usize) -> Result<Self> {
+    fn new(s: &Arc<CudaStream>, k: &Kernels, c: &Config, rows: usize, kv: KvType) -> Result<Self> {
         let kp = [c.n_embd, c.q_dim(), c.n_ff].into_iter().map(|n| pack::words(n) * 16).max().unwrap_or(0);
         let (part, done) = k.split_k_sizes();
         Ok(Self {
@@ -158,6 +166,7 @@ impl Acts {
             xq: zeros(s, rows * kp)?,
             scales: zeros(s, rows)?,
             tokens: zeros(s, rows)?,
+            stage: zeros(s, if kv == KvType::Q8_0 { rows * 2 * c.kv_dim() } else { 0 })?,
         })
     }
 }
@@ -211,17 +220,6 @@ impl Scratch {
     }
 }
 
-/// Where a layer's keys and values go: one sequence's caches (`kc`, `vc`; positions from the pass's
-/// `pos0` or the decode step's parameters), or in a step of many sequences each row's own (`row_pos`,
-/// `row_kv`: device arrays, see `Epilogue` in bitlinear.cu).
-#[derive(Clone, Copy, Default)]
-struct KvDest {
-    kc: u64,
-    vc: u64,
-    row_pos: u64,
-    row_kv: u64,
-}
-
 /// The model on the first CUDA device: its weights and the compiled kernels, shared (`Arc`) by every
 /// sequence and batcher.
 pub struct CudaModel {
@@ -237,6 +235,8 @@ pub struct CudaModel {
     output_norm: Buf<f32>,
     qkv_dst: Buf<i32>,
     qkv_rope: Buf<i32>,
+    /// The KV cache type of its sequences.
+    kv: KvType,
 }
 
 /// Whether a CUDA driver, NVRTC and at least one device are present (for `--backend auto`).
@@ -319,14 +319,30 @@ impl CudaModel {
             stream: stream.clone(),
             k,
             layers,
+            kv: KvType::F16,
         };
+        m.k.check_attention(&m.attn_dims())?;
         stream.synchronize()?;
         Ok(m)
     }
 
+    /// Its sequences cache keys and values as `kv` (f16 unless this is called): q8_0 needs heads of a
+    /// multiple of 32 (its blocks), f32 twice f16's shared memory in the attention kernels.
+    pub fn with_kv(mut self, kv: KvType) -> Result<Self> {
+        if kv == KvType::Q8_0 && !self.c.head_dim.is_multiple_of(32) {
+            return Err(Error::Unsupported(format!(
+                "a q8_0 KV cache needs heads of a multiple of 32 values (this model's are {})",
+                self.c.head_dim
+            )));
+        }
+        self.kv = kv;
+        self.k.check_attention(&self.attn_dims())?;
+        Ok(self)
+    }
+
     fn attn_dims(&self) -> AttnDims {
         let c = &self.c;
-        AttnDims { n_head: c.n_head, hd: c.head_dim, kv_dim: c.kv_dim(), group: c.n_head / c.n_head_kv }
+        AttnDims { n_head: c.n_head, hd: c.head_dim, kv_dim: c.kv_dim(), group: c.n_head / c.n_head_kv, kv: self.kv }
     }
 
     /// The epilogues of a layer over the activations `a`: q/k/v store with RoPE (keys and values to `kv`),
@@ -349,6 +365,8 @@ impl CudaModel {
             silu: 0,
             row_pos: kv.row_pos,
             row_kv: kv.row_kv,
+            stage: a.stage.ptr,
+            kv_type: kv_code(self.kv) as i32,
         };
         let glu = Epilogue {
             out: a.h.ptr,
@@ -384,6 +402,7 @@ impl CudaModel {
             let [qkv, glu, resid] = self.epilogues(a, rope, kv(l));
             k.norm_quant_rows(a.x.ptr, w.attn_norm.ptr, c.n_embd, kp(c.n_embd), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.qkv.lin, pos0, &qkv, sk)?;
+            self.quantize_kv(k, a, t, pos0, 0, kv(l))?;
             attend(l)?;
             k.norm_quant_rows(a.att.ptr, w.attn_sub_norm(), c.q_dim(), kp(c.q_dim()), c.eps, xq, sc, t)?;
             k.gemm(xq, sc, t, &w.wo.lin, pos0, &resid, sk)?;
@@ -393,6 +412,19 @@ impl CudaModel {
             k.gemm(xq, sc, t, &w.down.lin, pos0, &resid, sk)?;
         }
         Ok(())
+    }
+
+    /// With a q8_0 cache, stores the `t` rows of keys and values the QKV epilogue left in `a.stage`.
+    fn quantize_kv(&self, k: &Kernels, a: &Acts, t: usize, pos0: usize, params: u64, kv: KvDest) -> Result<()> {
+        if self.kv != KvType::Q8_0 {
+            return Ok(());
+        }
+        k.kv_quant(a.stage.ptr, self.c.kv_dim(), t, pos0, params, kv)
+    }
+
+    /// Bytes of one token's keys (or values) in a cache.
+    fn kv_row_bytes(&self) -> usize {
+        kv_row_bytes(self.kv, self.c.kv_dim())
     }
 
     /// The LM head's matrix.
@@ -468,8 +500,9 @@ pub struct Cuda {
     a: Acts,
     rope: Rope,
     scratch: Scratch,
-    kc: Buf<u16>,
-    vc: Buf<u16>,
+    /// Keys and values, `[layer][ctx]` rows of `CudaModel::kv_row_bytes`.
+    kc: Buf<u8>,
+    vc: Buf<u8>,
     /// The decode step's token and position: copied by the step's graph, as its first node, from the
     /// page-locked `_params_host`, where `set_params` writes them.
     params: Buf<i32>,
@@ -499,11 +532,11 @@ impl Cuda {
         // SAFETY: a plain page-locked allocation, freed with the sequence.
         let mut params_host = unsafe { s.context().alloc_pinned_with_flags::<u32>(2, 0) }?;
         let mut seq = Cuda {
-            a: Acts::new(s, &k, c, MAX_BATCH.min(ctx))?,
+            a: Acts::new(s, &k, c, MAX_BATCH.min(ctx), m.kv)?,
             rope: Rope::new(s, c, ctx)?,
             scratch: Scratch::new(s, &k, c, 1, ctx)?,
-            kc: zeros(s, c.n_layer * ctx * c.kv_dim())?,
-            vc: zeros(s, c.n_layer * ctx * c.kv_dim())?,
+            kc: zeros(s, c.n_layer * ctx * m.kv_row_bytes())?,
+            vc: zeros(s, c.n_layer * ctx * m.kv_row_bytes())?,
             params: zeros(s, 2)?,
             params_host_ptr: params_host.as_mut_ptr()? as usize,
             _params_host: params_host,
@@ -540,7 +573,7 @@ impl Cuda {
 
     /// This layer's key and value caches.
     fn caches(&self, l: usize) -> (u64, u64) {
-        let off = l * self.ctx * self.m.c.kv_dim();
+        let off = l * self.ctx * self.m.kv_row_bytes();
         (self.kc.at(off), self.vc.at(off))
     }
 
@@ -573,6 +606,7 @@ impl Cuda {
             let (kc, vc) = self.caches(l);
             let p = self.params.ptr;
             k.gemv(a.x.ptr, w.attn_norm.ptr, c.n_embd, c.eps, &w.qkv.lin, p, &qkv)?;
+            m.quantize_kv(k, a, 1, 0, p, self.kv_dest(l))?;
             let (part_o, part_ml, counters) = (s.part_o.ptr, s.part_ml.ptr, s.att_counters.ptr);
             k.attn_decode(a.q.ptr, kc, vc, m.attn_dims(), &rows, part_o, part_ml, s.max_chunks, counters, a.att.ptr)?;
             k.gemv(a.att.ptr, w.attn_sub_norm(), c.q_dim(), c.eps, &w.wo.lin, p, &resid)?;
@@ -687,7 +721,7 @@ impl BatchBuffers {
         let k = m.k.on(stream.clone());
         let s = &stream;
         Ok(Self {
-            a: Acts::new(s, &k, c, rows)?,
+            a: Acts::new(s, &k, c, rows, m.kv)?,
             rope: Rope::new(s, c, ctx)?,
             scratch: Scratch::new(s, &k, c, rows, ctx)?,
             row_pos: zeros(s, rows)?,

@@ -11,6 +11,7 @@ use half::f16;
 use super::kernels::{AttnDims, DecodeRows, Epilogue, Kernels, Linear, SplitK, DEC_CHUNK, EPI_GLU, EPI_QKV, EPI_RESID};
 use super::{pack, upload, zeros, Buf};
 use crate::backend::cpu::kernels::{quantize_activations, scalar::Scalar, Kernels as _};
+use crate::backend::KvType;
 use crate::generate::sampler::SplitMix64;
 use crate::model::{Activation, Config};
 use crate::tensor::ternary::TernaryMatrix;
@@ -339,7 +340,7 @@ fn attention_kernels_match_the_reference() {
     let g = gpu();
     let mut r = rng(5);
     for (n_head, n_kv, hd) in [(6, 2, 16), (4, 4, 64), (20, 5, 128)] {
-        let dims = AttnDims { n_head, hd, kv_dim: n_kv * hd, group: n_head / n_kv };
+        let dims = AttnDims { n_head, hd, kv_dim: n_kv * hd, group: n_head / n_kv, kv: KvType::F16 };
         let (q_dim, kv_dim, ctx) = (n_head * hd, n_kv * hd, 1100);
         let (k, v) = (
             f16_round(&uniform(&mut r, ctx * kv_dim, -2.0, 2.0)),
@@ -540,7 +541,7 @@ fn decode_kernel_times() {
             time(&what, p.data.len() * 4, &|| g.k.gemv(x.ptr, nw.ptr, cols, EPS, &lin, params.ptr, &e).unwrap());
         }
     }
-    let dims = AttnDims { n_head: 20, hd: 128, kv_dim: 640, group: 4 };
+    let dims = AttnDims { n_head: 20, hd: 128, kv_dim: 640, group: 4, kv: KvType::F16 };
     let ctx = 4096;
     let (kc, vc) = (g.zeros::<u16>(ctx * 640), g.zeros::<u16>(ctx * 640));
     let max_chunks = ctx.div_ceil(DEC_CHUNK);
