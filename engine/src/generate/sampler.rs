@@ -155,6 +155,11 @@ impl Sampler {
         self.params.check()?;
         let p = &self.params;
         self.candidates.clear();
+        if p.temperature > 0.0 && p.top_k > 0 && p.logit_bias.is_empty() && !p.penalizes() {
+            // Nothing changes the logits before top-k: take its candidates straight from them.
+            top_k_of(logits, p.top_k, &mut self.candidates);
+            return self.truncate_and_draw();
+        }
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         for &(token, bias) in &p.logit_bias {
             if let Some(c) = self.candidates.get_mut(token as usize) {
@@ -171,6 +176,12 @@ impl Sampler {
         if p.top_k > 0 && p.top_k < self.candidates.len() {
             top_k(&mut self.candidates, p.top_k);
         }
+        self.truncate_and_draw()
+    }
+
+    /// Top-p and min-p over the candidates, then the draw.
+    fn truncate_and_draw(&mut self) -> Result<u32> {
+        let p = &self.params;
         if p.top_p < 1.0 {
             top_p(&mut self.candidates, p.top_p);
         }
@@ -223,10 +234,53 @@ fn penalize(c: &mut [(u32, f32)], recent: &[u32], p: &SamplerParams) {
 
 /// Keeps the k largest logits (all of those tied with the k-th), in id order.
 fn top_k(c: &mut Vec<(u32, f32)>, k: usize) {
-    let mut logits: Vec<f32> = c.iter().map(|x| x.1).collect();
-    let (_, kth, _) = logits.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let kth = *kth;
+    let kth = kth_largest(c, k);
     c.retain(|x| x.1 >= kth);
+}
+
+/// The candidates `top_k` keeps from every token (the logits at least the k-th largest, in id order), in one
+/// pass over the logits that keeps only those above a rising floor: the k-th largest of what it has kept so
+/// far, which never exceeds the final k-th largest. (Candidates for all of Llama 3's 128k tokens, as `top_k`
+/// takes them, cost a serving step more than its sampling.)
+fn top_k_of(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    let prune_at = 2 * k + 64;
+    let mut floor = f32::NEG_INFINITY;
+    // Most blocks of 64 have no logit above the floor: their maximum says so.
+    for (b, block) in logits.chunks(64).enumerate() {
+        if block_max(block) < floor {
+            continue;
+        }
+        for (i, &l) in block.iter().enumerate() {
+            if l >= floor {
+                out.push(((b * 64 + i) as u32, l));
+                if out.len() >= prune_at {
+                    floor = kth_largest(out, k);
+                    out.retain(|x| x.1 >= floor);
+                }
+            }
+        }
+    }
+    if k < out.len() {
+        let kth = kth_largest(out, k);
+        out.retain(|x| x.1 >= kth);
+    }
+}
+
+/// The largest of `x` (no NaN), in 8 independent lanes that the compiler turns into vector maxima.
+fn block_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(m, &l)| *m = if l > *m { l } else { *m });
+    }
+    lanes.into_iter().fold(rest, f32::max)
+}
+
+/// The k-th largest logit among the candidates (k ≤ their number).
+fn kth_largest(c: &[(u32, f32)], k: usize) -> f32 {
+    let mut logits: Vec<f32> = c.iter().map(|x| x.1).collect();
+    *logits.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
 }
 
 /// Softmax probabilities of the candidates (at temperature 1, as llama.cpp's truncation uses), in f64.
@@ -331,6 +385,32 @@ mod tests {
         let mut m = c.clone();
         min_p(&mut m, 0.3); // exp(-1) = 0.37 passes, exp(-2) = 0.14 does not
         assert_eq!(m.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    /// The one-pass top-k keeps what top-k over every token keeps, ties at the k-th and -infinity included.
+    #[test]
+    fn top_k_from_the_logits_equals_top_k_of_every_token() {
+        let mut r = SplitMix64::new(3);
+        for (n, k, levels) in [(5000, 40, 0), (5000, 40, 50), (3000, 1, 7), (100, 99, 0), (2000, 500, 20), (10, 40, 3)]
+        {
+            let logits: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = r.uniform() as f32;
+                    match levels {
+                        0 => 20.0 * u - 10.0,                                                     // distinct values
+                        l => (u * l as f32).floor() - if u < 0.05 { f32::INFINITY } else { 0.0 }, // ties, -inf
+                    }
+                })
+                .collect();
+            let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            if k < all.len() {
+                top_k(&mut all, k);
+            }
+            let mut fast = Vec::new();
+            top_k_of(&logits, k, &mut fast);
+            assert_eq!(fast, all, "n {n}, k {k}, levels {levels}");
+            assert!(fast.len() >= k.min(n), "n {n}, k {k}: {} kept", fast.len());
+        }
     }
 
     #[test]
