@@ -390,6 +390,73 @@ fn batched_steps_with_other_kv_types() {
     batched_steps(KvType::Q8_0, 2);
 }
 
+/// A batched step whose decode tokens carry short prompt pieces as more rows of the same pass (a new
+/// sequence's whole prompt, then another one's prompt in two pieces): each piece's last row gives its
+/// sequence's logits, the decode rows theirs, all as the reference computes them.
+#[test]
+fn prompt_pieces_join_a_batched_step() {
+    let (model, _) = load(&fixture("tiny-b-tq2_0.gguf"));
+    let m = Arc::new(CudaModel::new(model.clone()).unwrap());
+    let mut batcher = m.clone().batcher(64);
+    let vocab = model.config.n_vocab as u32;
+    let prompts: Vec<Vec<u32>> =
+        (0..6u32).map(|s| (0..5 + 3 * s).map(|i| (i * 131 + 17 * s + 7) % vocab).collect()).collect();
+    let mut seqs: Vec<Box<dyn Sequence>> = prompts.iter().map(|_| m.clone().sequence(64).unwrap()).collect();
+    let mut reference: Vec<Reference> = prompts.iter().map(|_| Reference::with_kv(&model, KvType::F16)).collect();
+    let mut want: Vec<Vec<f32>> = vec![vec![]; prompts.len()];
+    let mut pos = vec![0usize; prompts.len()];
+    // Sequences 0-3 take their prompts alone; 4 and 5 wait.
+    for i in 0..4 {
+        seqs[i].forward(&prompts[i], 0, Want::Logits).unwrap();
+        want[i] = prompts[i].iter().map(|&t| reference[i].step(t)).last().unwrap();
+        pos[i] = prompts[i].len();
+    }
+    // Step 1: four decode tokens, sequence 4's whole prompt, and the first 4 tokens of sequence 5's.
+    // Step 2: the decode tokens again, and the rest of sequence 5's prompt.
+    let split = 4;
+    for step in 0..2 {
+        let next: Vec<u32> = want.iter().map(|l| if l.is_empty() { 0 } else { argmax(l) as u32 }).collect();
+        let pieces: Vec<(usize, &[u32])> = match step {
+            0 => vec![(4, &prompts[4][..]), (5, &prompts[5][..split])],
+            _ => vec![(5, &prompts[5][split..])],
+        };
+        let mut steps: Vec<Step> = Vec::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if i < 4 {
+                steps.push(Step {
+                    seq: s.as_mut(),
+                    tokens: std::slice::from_ref(&next[i]),
+                    pos: pos[i],
+                    want: Want::Logits,
+                });
+            } else if let Some((_, piece)) = pieces.iter().find(|(j, _)| *j == i) {
+                let w = if step == 0 && i == 5 { Want::Nothing } else { Want::Logits };
+                steps.push(Step { seq: s.as_mut(), tokens: piece, pos: pos[i], want: w });
+            }
+        }
+        batcher.forward(&mut steps).unwrap();
+        drop(steps);
+        for i in 0..4 {
+            want[i] = reference[i].step(next[i]);
+            pos[i] += 1;
+        }
+        for &(i, piece) in &pieces {
+            want[i] = piece.iter().map(|&t| reference[i].step(t)).last().unwrap();
+            pos[i] += piece.len();
+        }
+        for i in 0..6 {
+            if (step == 0 && i == 5) || want[i].is_empty() {
+                continue;
+            }
+            let d = max_abs_diff(&want[i], seqs[i].logits());
+            assert!(d <= 0.5, "step {step}, sequence {i}: max |Δlogit| to the f16 reference = {d}");
+            if margin(&want[i]) > 0.05f32.max(2.0 * d) {
+                assert_eq!(argmax(seqs[i].logits()), argmax(&want[i]), "step {step}, sequence {i}: top-1");
+            }
+        }
+    }
+}
+
 /// `batched_steps_match_the_reference` on the first `files` fixtures that fit caches of type `kv`.
 fn batched_steps(kv: KvType, files: usize) {
     let refs: serde_json::Value =

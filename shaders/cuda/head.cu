@@ -199,7 +199,7 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 // the rows 32w.. of those, as 4 tiles of 8, and every token, as up to 4 tiles of 16. E is read once per 64
 // tokens, straight into registers (each lane 16 bytes of a row per 32 columns); the inputs go through shared
 // memory, a chunk of 256 columns at a time. Token t's logits go to the address outs[2t] (none where it is
-// 0), its argmax to outs[2t + 1]: the tile is staged in shared memory so that each token's 256 logits are
+// 0), its argmax to outs[2t + 1] (likewise): the tile is staged in shared memory so that each token's 256 logits are
 // written in whole 16-byte stores (`outs` may point into page-locked host memory, where each store is a PCIe
 // transaction). Each block leaves its best per token, and the last block of a column to finish reduces them.
 // Block: 256 threads; dynamic shared memory: 2 · 64 · HKS halves (also holds the 64 × 256 output tile).
@@ -310,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(256) lm_head_mma(const u16* xh, con
         for (int b = lane; b < (int)gridDim.x; b += 32)
             better(bv, bi, __ldcg(&block_val[(i64)(t0 + t) * gridDim.x + b]), __ldcg(&block_idx[(i64)(t0 + t) * gridDim.x + b]));
         warp_argmax(bv, bi);
-        if (lane == 0) *(int*)outs[2 * (t0 + t) + 1] = bi;
+        if (lane == 0 && outs[2 * (t0 + t) + 1]) *(int*)outs[2 * (t0 + t) + 1] = bi;
     }
     if (tid == 0) counters[blockIdx.y] = 0;
 }

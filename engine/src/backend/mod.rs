@@ -77,42 +77,56 @@ pub trait Weights: Send + Sync {
 /// CUDA 460 tok/s batched against 1,213 one by one).
 pub const MIN_GPU_BATCH: usize = 4;
 
-/// One sequence's decode token in a GPU batcher's pass (`S`: the device's sequence type).
+/// One token of a GPU batcher's pass: `token` at position `pos` of the sequence `seq` (an index into the
+/// pass's sequences), and what its step wants after it.
 #[cfg(all(any(feature = "wgpu", feature = "cuda"), not(target_arch = "wasm32")))]
-pub(crate) struct DecodeRow<'a, S> {
-    pub seq: &'a mut S,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DecodeRow {
+    pub seq: usize,
     pub token: u32,
     pub pos: usize,
     pub want: Want,
 }
 
 /// A GPU batcher's step: from [`MIN_GPU_BATCH`] decode tokens on, they go through `decode` together, in
-/// passes of at most `per_pass` rows; prompt pieces, and the decode tokens of smaller steps, through each
-/// sequence's own forward pass. Every sequence must be an `S` (`device` names it in the error).
+/// passes of at most `per_pass` rows, with the prompt pieces of at most `fold_prompts` tokens as rows of
+/// the same passes (one row per token, in order: each row's keys and values are in its sequence's cache
+/// before any row attends, so a piece's rows see each other causally, as in its own prompt pass; only its
+/// last row wants anything). Longer pieces, and everything of smaller steps, go through each sequence's
+/// own forward pass. `decode` gets the batched sequences (every one an `S`: `device` names it in the error)
+/// and a pass's rows.
 #[cfg(all(any(feature = "wgpu", feature = "cuda"), not(target_arch = "wasm32")))]
 pub(crate) fn gpu_step<S: 'static>(
     steps: &mut [Step<'_>],
     device: &str,
     per_pass: usize,
-    mut decode: impl FnMut(&mut [DecodeRow<'_, S>]) -> Result<Vec<Option<u32>>>,
+    fold_prompts: usize,
+    mut decode: impl FnMut(&mut [&mut S], &[DecodeRow]) -> Result<Vec<Option<u32>>>,
 ) -> Result<Vec<Option<u32>>> {
     let mut out = vec![None; steps.len()];
-    let (mut rows, mut at) = (Vec::new(), Vec::new());
     let decode_rows = steps.iter().filter(|s| s.tokens.len() == 1).count();
+    let (mut seqs, mut rows, mut last_row_of) = (Vec::new(), Vec::new(), Vec::new());
     for (i, s) in steps.iter_mut().enumerate() {
-        if s.tokens.len() != 1 || decode_rows < MIN_GPU_BATCH {
+        if decode_rows < MIN_GPU_BATCH || s.tokens.is_empty() || s.tokens.len() > fold_prompts.max(1) {
             out[i] = s.seq.forward(s.tokens, s.pos, s.want)?;
             continue;
         }
         let seq = s.seq.as_any_mut().downcast_mut::<S>();
         let seq = seq.ok_or_else(|| Error::Invalid(format!("a {device} batch with a sequence of another device")))?;
-        rows.push(DecodeRow { seq, token: s.tokens[0], pos: s.pos, want: s.want });
-        at.push(i);
-    }
-    for (rows, at) in rows.chunks_mut(per_pass).zip(at.chunks(per_pass)) {
-        for (picked, &i) in decode(rows)?.into_iter().zip(at) {
-            out[i] = picked;
+        let last = s.tokens.len() - 1;
+        for (j, &token) in s.tokens.iter().enumerate() {
+            let want = if j == last { s.want } else { Want::Nothing };
+            rows.push(DecodeRow { seq: seqs.len(), token, pos: s.pos + j, want });
         }
+        seqs.push(seq);
+        last_row_of.push((i, rows.len() - 1));
+    }
+    let mut picked = Vec::with_capacity(rows.len());
+    for pass in rows.chunks(per_pass) {
+        picked.extend(decode(&mut seqs, pass)?);
+    }
+    for (i, row) in last_row_of {
+        out[i] = picked[row];
     }
     Ok(out)
 }
@@ -348,4 +362,92 @@ pub fn open(model: Model, opts: &DeviceOptions) -> Result<Arc<dyn Weights>> {
         return Err(Error::Unsupported("this build has no wgpu backend (cargo feature `wgpu`)".into()));
     }
     cpu(model)
+}
+
+#[cfg(all(test, any(feature = "wgpu", feature = "cuda"), not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    /// A sequence that records what goes through its own forward pass; its greedy pick is 1000 + its id.
+    struct Fake {
+        id: u32,
+        own: Vec<(Vec<u32>, usize)>,
+    }
+
+    impl Sequence for Fake {
+        fn ctx(&self) -> usize {
+            64
+        }
+
+        fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Option<u32>> {
+            self.own.push((tokens.to_vec(), pos));
+            Ok((want == Want::Greedy).then_some(1000 + self.id))
+        }
+
+        fn logits(&self) -> &[f32] {
+            &[]
+        }
+
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    /// Runs one step through `gpu_step` (passes of 3 rows, pieces of up to 4 tokens folded in) with a
+    /// decode that answers a Greedy row with 2000 + its sequence's id; returns the step's picks, the
+    /// rows each pass got (sequence id, token, position, want) and what each sequence ran alone.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        tokens: &[Vec<u32>],
+        wants: &[Want],
+    ) -> (Vec<Option<u32>>, Vec<Vec<(u32, u32, usize, Want)>>, Vec<Vec<(Vec<u32>, usize)>>) {
+        let mut seqs: Vec<Fake> = (0..tokens.len() as u32).map(|id| Fake { id, own: vec![] }).collect();
+        let mut steps: Vec<Step> = seqs
+            .iter_mut()
+            .zip(tokens)
+            .zip(wants)
+            .map(|((s, t), &want)| Step { seq: s, tokens: t, pos: 10, want })
+            .collect();
+        let mut passes = Vec::new();
+        let picked = gpu_step::<Fake>(&mut steps, "test", 3, 4, |seqs, rows| {
+            passes.push(rows.iter().map(|r| (seqs[r.seq].id, r.token, r.pos, r.want)).collect());
+            Ok(rows.iter().map(|r| (r.want == Want::Greedy).then(|| 2000 + seqs[r.seq].id)).collect())
+        })
+        .unwrap();
+        drop(steps);
+        (picked, passes, seqs.into_iter().map(|s| s.own).collect())
+    }
+
+    #[test]
+    fn prompt_pieces_fold_into_the_decode_rows() {
+        use Want::{Greedy, Logits, Nothing};
+        let tokens = vec![vec![1], vec![2], vec![3, 4, 5], vec![6], vec![7; 9], vec![8]];
+        let wants = [Greedy, Logits, Greedy, Nothing, Greedy, Greedy];
+        let (picked, passes, own) = run(&tokens, &wants);
+        // Sequence 4's piece is too long: it runs alone; the others are rows, in order, 3 per pass, only a
+        // piece's last row wanting anything.
+        assert_eq!(picked, vec![Some(2000), None, Some(2002), None, Some(1004), Some(2005)]);
+        let rows: Vec<_> = passes.concat();
+        assert_eq!(
+            rows,
+            vec![
+                (0, 1, 10, Greedy),
+                (1, 2, 10, Logits),
+                (2, 3, 10, Nothing),
+                (2, 4, 11, Nothing),
+                (2, 5, 12, Greedy),
+                (3, 6, 10, Nothing),
+                (5, 8, 10, Greedy),
+            ]
+        );
+        assert!(passes.iter().all(|p| p.len() <= 3));
+        assert_eq!(own[4], vec![(vec![7; 9], 10)]);
+        assert!(own.iter().enumerate().all(|(i, o)| i == 4 || o.is_empty()));
+        // Fewer decode tokens than MIN_GPU_BATCH: everything alone; an empty piece is left to the sequence's
+        // own check.
+        let (picked, passes, own) = run(&[vec![1], vec![2, 3], vec![]], &[Greedy, Greedy, Logits]);
+        assert!(passes.is_empty());
+        assert_eq!(picked, vec![Some(1000), Some(1001), None]);
+        assert_eq!(own[2], vec![(vec![], 10)]);
+    }
 }

@@ -734,8 +734,10 @@ impl BatchBuffers {
     }
 }
 
-/// One sequence's decode token in a batched pass.
-type Row<'a> = DecodeRow<'a, Cuda>;
+/// Prompt pieces of at most this many tokens go through a batched step's pass as rows beside the decode
+/// tokens (longer ones through their own prompt pass): an own pass reads every weight once more, and its
+/// launches are not a graph's, which costs a serving step more than a few more rows of the pass.
+const FOLD_PROMPTS: usize = 64;
 
 impl CudaBatcher {
     /// The buffers for rows of contexts up to `ctx`.
@@ -747,27 +749,32 @@ impl CudaBatcher {
         Ok(self.bufs.as_ref().expect("made above"))
     }
 
-    /// One token of each row's sequence, in one pass.
-    fn decode(&mut self, rows: &[Row<'_>]) -> Result<Vec<Option<u32>>> {
+    /// The rows' tokens (each at its own position of its sequence in `seqs`), in one pass.
+    fn decode(&mut self, seqs: &mut [&mut Cuda], rows: &[DecodeRow]) -> Result<Vec<Option<u32>>> {
         let m = self.m.clone();
         let c = &m.c;
+        let seq = |r: &DecodeRow| &*seqs[r.seq];
         for r in rows {
-            if !Arc::ptr_eq(&r.seq.m, &m) {
+            if !Arc::ptr_eq(&seq(r).m, &m) {
                 return Err(Error::Invalid("a CUDA batch of sequences of different models".into()));
             }
-            check_input(r.seq.ctx, c.n_vocab, &[r.token], r.pos)?;
+            check_input(seq(r).ctx, c.n_vocab, &[r.token], r.pos)?;
             // Its own stream's work (a prompt piece) is done before this pass reads its cache.
-            r.seq.stream.synchronize()?;
+            seq(r).stream.synchronize()?;
         }
-        let ctx = rows.iter().map(|r| r.seq.ctx).max().unwrap_or(1);
+        let ctx = rows.iter().map(|r| seq(r).ctx).max().unwrap_or(1);
         let t = rows.len();
         let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let pos: Vec<i32> = rows.iter().map(|r| r.pos as i32).collect();
         let kv: Vec<u64> =
-            (0..c.n_layer).flat_map(|l| rows.iter().flat_map(move |r| <[u64; 2]>::from(r.seq.caches(l)))).collect();
+            (0..c.n_layer).flat_map(|l| rows.iter().flat_map(move |r| <[u64; 2]>::from(seq(r).caches(l)))).collect();
+        // Where the LM head leaves each row's logits and argmax (nothing for a prompt piece's earlier rows).
         let outs: Vec<u64> = rows
             .iter()
-            .flat_map(|r| [if r.want == Want::Logits { r.seq.logits_dev } else { 0 }, r.seq.best_dev])
+            .flat_map(|r| {
+                let logits = if r.want == Want::Logits { seq(r).logits_dev } else { 0 };
+                [logits, if r.want == Want::Nothing { 0 } else { seq(r).best_dev }]
+            })
             .collect();
         self.buffers(ctx)?;
         let b = self.bufs.as_mut().expect("made by buffers");
@@ -790,14 +797,14 @@ impl CudaBatcher {
             m.lm_head_rows(&b.k, b.a.x.ptr, t, b.outs.ptr, s)?;
         }
         b.stream.synchronize()?;
-        rows.iter().map(|r| if r.want == Want::Greedy { r.seq.best().map(Some) } else { Ok(None) }).collect()
+        rows.iter().map(|r| if r.want == Want::Greedy { seq(r).best().map(Some) } else { Ok(None) }).collect()
     }
 }
 
 impl Batcher for CudaBatcher {
     fn forward(&mut self, steps: &mut [Step<'_>]) -> Result<Vec<Option<u32>>> {
         let per_pass = self.rows;
-        gpu_step::<Cuda>(steps, "CUDA", per_pass, |rows| self.decode(rows))
+        gpu_step::<Cuda>(steps, "CUDA", per_pass, FOLD_PROMPTS, |seqs, rows| self.decode(seqs, rows))
     }
 }
 

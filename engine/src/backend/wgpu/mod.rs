@@ -823,7 +823,12 @@ impl BatchBufs {
 
 /// One sequence's decode token in a batched step.
 #[cfg(not(target_arch = "wasm32"))]
-type Row<'a> = crate::backend::DecodeRow<'a, Wgpu>;
+struct Row<'a> {
+    seq: &'a mut Wgpu,
+    token: u32,
+    pos: usize,
+    want: Want,
+}
 
 #[cfg(not(target_arch = "wasm32"))]
 impl WgpuBatcher {
@@ -905,6 +910,13 @@ impl WgpuBatcher {
 #[cfg(not(target_arch = "wasm32"))]
 impl crate::backend::Batcher for WgpuBatcher {
     fn forward(&mut self, steps: &mut [crate::backend::Step<'_>]) -> Result<Vec<Option<u32>>> {
-        crate::backend::gpu_step::<Wgpu>(steps, "wgpu", TILE, |rows| self.decode(rows))
+        // One row per sequence (no prompt folded in), in the order of `seqs`.
+        crate::backend::gpu_step::<Wgpu>(steps, "wgpu", TILE, 0, |seqs, rows| {
+            let first = rows.first().map_or(0, |r| r.seq);
+            let seqs = seqs[first..first + rows.len()].iter_mut();
+            let mut rows: Vec<Row> =
+                seqs.zip(rows).map(|(seq, r)| Row { seq, token: r.token, pos: r.pos, want: r.want }).collect();
+            self.decode(&mut rows)
+        })
     }
 }
