@@ -1,6 +1,6 @@
 // Structured output and embeddings in the npm package (web/pkg, served as built, imported by a plain page):
 // JSON schemas, JSON objects and Lark grammars constrain the browser's tokens as `bitnet run --json-schema` /
-// `--grammar` constrain the CLI's (same text at temperature 0; sampled outputs validated with Ajv), bad
+// `--grammar` constrain the CLI's (same text at temperature 0, on wasm and WebGPU; sampled outputs validated with Ajv), bad
 // schemas and grammars are clear errors; embed() and embeddings.create() equal `bitnet embed --json`.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -69,32 +69,43 @@ function nativeConstrained(flag, contents, ...args) {
   return nativeRun('-m', `${MODELS}/tiny-a-i2_s.gguf`, ...args, `--${flag}`, file);
 }
 
-for (const threads of [2, 1]) {
-  test(`json_schema: the output validates, and at temperature 0 is bitnet run --json-schema's (${threads === 1 ? 'single-threaded' : 'threaded'} build)`, async () => {
+// SwiftShader takes about 30 ms a token: WebGPU only checks the greedy output.
+const BUILDS = [
+  { backend: 'wasm', threads: 2, name: 'threaded build', seeds: 4 },
+  { backend: 'wasm', threads: 1, name: 'single-threaded build', seeds: 4 },
+  { backend: 'webgpu', threads: 1, name: 'WebGPU (SwiftShader)', seeds: 0 },
+];
+for (const { backend, threads, name, seeds } of BUILDS) {
+  test(`json_schema: the output validates, and at temperature 0 is bitnet run --json-schema's (${name})`, async () => {
     const want = nativeConstrained('json-schema', JSON.stringify(SCHEMA), '-p', 'Data:', '-n', '120', '--temp', '0');
     const got = await inPage(
-      async (BitNet, { schema, threads }) => {
-        const model = await BitNet.load('tiny-a-i2_s.gguf', { backend: 'wasm', threads, cache: false });
+      async (BitNet, { schema, backend, threads, seeds }) => {
+        const model = await BitNet.load('tiny-a-i2_s.gguf', { backend, threads, cache: false });
         const response_format = { type: 'json_schema', json_schema: { name: 'person', schema, strict: true } };
         const greedy = await model.completions.create({ prompt: 'Data:', max_tokens: 120, temperature: 0, response_format });
         const sampled = [];
-        for (let seed = 1; seed <= 4; seed++) {
+        for (let seed = 1; seed <= seeds; seed++) {
           const messages = [{ role: 'user', content: 'Describe a person.' }];
           const r = await model.chat.completions.create({ messages, max_tokens: 120, temperature: 1, seed, response_format });
           sampled.push({ text: r.choices[0].message.content, finish: r.choices[0].finish_reason });
         }
         // The package's own API, streamed piece by piece.
-        let streamed = '';
-        for await (const piece of model.generate('Data:', { maxTokens: 120, temperature: 0, responseFormat: { type: 'json_schema', schema } })) streamed += piece;
+        let streamed = null;
+        if (seeds) {
+          streamed = '';
+          const responseFormat = { type: 'json_schema', schema };
+          for await (const piece of model.generate('Data:', { maxTokens: 120, temperature: 0, responseFormat })) streamed += piece;
+        }
         model.unload();
-        return { greedy: greedy.choices[0], sampled, streamed };
+        return { greedy: greedy.choices[0], sampled, streamed, backend: model.backend };
       },
-      { schema: SCHEMA, threads },
+      { schema: SCHEMA, backend, threads, seeds },
     );
     const validate = new Ajv().compile(SCHEMA);
+    assert.match(got.backend, backend === 'webgpu' ? /^wgpu/ : /^cpu/);
     assert.equal(got.greedy.text, want);
     assert.equal(got.greedy.finish_reason, 'stop');
-    assert.equal(got.streamed, want);
+    if (seeds) assert.equal(got.streamed, want);
     for (const { text, finish } of [{ text: want, finish: 'stop' }, ...got.sampled]) {
       assert.equal(finish, 'stop', text);
       const value = JSON.parse(text);
