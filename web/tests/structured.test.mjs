@@ -1,7 +1,7 @@
 // Structured output and embeddings in the npm package (web/pkg, served as built, imported by a plain page):
 // JSON schemas, JSON objects and Lark grammars constrain the browser's tokens as `bitnet run --json-schema` /
-// `--grammar` constrain the CLI's (same text at temperature 0, on wasm and WebGPU; sampled outputs validated with Ajv), bad
-// schemas and grammars are clear errors; embed() and embeddings.create() equal `bitnet embed --json`.
+// `--grammar` constrain the CLI's (same text at temperature 0, on wasm and WebGPU; sampled outputs validated
+// with Ajv), bad schemas and grammars are clear errors; embed() and embeddings.create() equal `bitnet embed --json`.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
