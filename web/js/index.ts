@@ -151,6 +151,7 @@ export class BitNet {
    *  is not an embedding model rejects, as `bitnet serve`'s /v1/embeddings answers it with a 400. */
   embed(input: string): Promise<Float32Array>;
   embed(input: string[]): Promise<Float32Array[]>;
+  embed(input: string | string[]): Promise<Float32Array | Float32Array[]>;
   async embed(input: string | string[]): Promise<Float32Array | Float32Array[]> {
     const texts = typeof input === 'string' ? [input] : input;
     if (!Array.isArray(texts) || !texts.every((t) => typeof t === 'string')) throw new TypeError('embed() takes a string or an array of strings');

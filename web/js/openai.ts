@@ -230,18 +230,29 @@ export class Completions {
 export class Embeddings {
   constructor(private model: TextModel) {}
 
-  /** The unit-length embedding of each input (embedding models only), in OpenAI's shape. */
-  async create(body: EmbeddingCreateParams, _options: RequestOptions = {}): Promise<CreateEmbeddingResponse> {
+  /** The unit-length embedding of each input (embedding models only), in OpenAI's shape. An abort rejects at once
+   *  (the worker finishes the inputs it was given). */
+  async create(body: EmbeddingCreateParams, options: RequestOptions = {}): Promise<CreateEmbeddingResponse> {
     checkKnown(body, EMBEDDING_FIELDS);
     const base64 = body.encoding_format === 'base64';
     if (body.encoding_format != null && !base64 && body.encoding_format !== 'float') {
       throw new TypeError(`encoding_format '${String(body.encoding_format)}' is not supported (float, base64)`);
     }
     const inputs = embeddingInputs(body.input);
-    const { embeddings, tokens } = await this.model.embedInputs(inputs);
+    const { embeddings, tokens } = await abortable(this.model.embedInputs(inputs), options.signal);
     const data = embeddings.map((e, index) => ({ object: 'embedding' as const, index, embedding: base64 ? toBase64(e) : Array.from(e) }));
     return { object: 'list', data, model: body.model ?? this.model.modelId, usage: { prompt_tokens: tokens, total_tokens: tokens } };
   }
+}
+
+/** `promise`, rejected with the signal's reason once it aborts. */
+function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+    promise.then(resolve, reject);
+  });
 }
 
 /** `input` as a list of texts or token id lists, checked as the server checks it. */

@@ -78,8 +78,9 @@ await model.completions.create({ prompt: 'x', grammar: 'start: "a"', stream: tru
 console.log(json.choices[0].message.content, await model.generate('x', { grammar: 'start: "a"', responseFormat: { type: 'text' } }).text());
 const one: Float32Array = await model.embed('a');
 const many: Float32Array[] = await model.embed(['a', 'b']);
+const either: Float32Array | Float32Array[] = await model.embed(Math.random() < 0.5 ? 'a' : ['a']);
 const embeddings: CreateEmbeddingResponse = await model.embeddings.create({ input: [[1, 2]], encoding_format: 'base64' });
-console.log(one.length, many.length, embeddings.usage.total_tokens, model.info.embedding);
+console.log(one.length, many.length, either.length, embeddings.usage.total_tokens, model.info.embedding);
 // @ts-expect-error: a field the API does not know is a type error too
 await model.completions.create({ prompt: 'x', frequency_penalty: 1 });
 `,

@@ -216,6 +216,7 @@ test('embed() and embeddings.create() equal bitnet embed --json (cosine >= 0.999
         emptyText: await error(model.embeddings.create({ input: ['a', ''] })),
         dimensions: await error(model.embeddings.create({ input: 'a', dimensions: 8 })),
         vocab: await error(model.embeddings.create({ input: [1, 1e6] })),
+        aborted: await model.embeddings.create({ input: 'a' }, { signal: AbortSignal.abort() }).then(() => 'no error', (e) => e.name),
       };
       model.unload();
       return { one, many, openai, fromIds, decoded, errors, embedding: model.info.embedding };
@@ -248,4 +249,5 @@ test('embed() and embeddings.create() equal bitnet embed --json (cosine >= 0.999
   assert.match(got.errors.emptyText, /input 1 is empty/);
   assert.match(got.errors.dimensions, /unsupported field: dimensions/);
   assert.match(got.errors.vocab, /outside the vocabulary/);
+  assert.equal(got.errors.aborted, 'AbortError');
 });
