@@ -26,6 +26,7 @@ export type {
   LoadOptions,
   ModelInfo,
   ModelSource,
+  JsonSchemaFormat,
   Progress,
   ResponseFormat,
 } from './types.js';

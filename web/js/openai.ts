@@ -3,7 +3,7 @@
 // chunks, as `bitnet serve` does, so that code moves between the server and the browser unchanged. A field this
 // API does not honour is an error naming it (as the server's 400), never silently dropped.
 
-import type { ChatMessage, GenerateOptions, GenerationStats } from './types.js';
+import type { ChatMessage, GenerateOptions, GenerationStats, ResponseFormat } from './types.js';
 import type { Generation } from './index.js';
 
 /** What the OpenAI layer needs of a loaded model (BitNet implements it). */
@@ -37,25 +37,12 @@ export interface SamplingParams {
   stream_options?: { include_usage?: boolean } | null;
   /** Structured output, as `bitnet serve`: `json_object` (any JSON object) or `json_schema` (JSON valid against
    *  `json_schema.schema`); every token is constrained, so the output parses unless `max_tokens` cuts it. */
-  response_format?:
-    | { type: 'text' }
-    | { type: 'json_object' }
-    | { type: 'json_schema'; json_schema: JsonSchemaFormat }
-    | null;
+  response_format?: ResponseFormat | null;
   /** Structured output: a grammar in llguidance's Lark syntax (start rule `start`) that the output follows,
    *  as `bitnet serve`'s `grammar` field. */
   grammar?: string | null;
   /** Metadata only. */
   user?: string;
-}
-
-/** OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows the
- *  schema, as `strict: true` asks). */
-export interface JsonSchemaFormat {
-  name?: string;
-  description?: string;
-  schema?: Record<string, unknown> | boolean;
-  strict?: boolean | null;
 }
 
 export interface ChatCompletionCreateParams extends SamplingParams {
@@ -287,33 +274,6 @@ function checkKnown(body: object, known: string[]): void {
   }
 }
 
-/** `response_format` and `grammar` as the package's options, checked as the server checks them. */
-function structured(body: SamplingParams): Pick<GenerateOptions, 'responseFormat' | 'grammar'> {
-  const { response_format: format, grammar } = body;
-  if (grammar != null && typeof grammar !== 'string') throw new TypeError('grammar must be a string (a Lark grammar)');
-  if (format == null) return grammar == null ? {} : { grammar };
-  if (typeof format !== 'object') throw new TypeError('response_format must be an object');
-  const extraKeys = Object.keys(format).filter((k) => k !== 'type' && k !== 'json_schema');
-  if (extraKeys.length) throw new TypeError(`response_format: unsupported field${extraKeys.length > 1 ? 's' : ''}: ${extraKeys.join(', ')}`);
-  const type: unknown = format.type;
-  const schemaFormat = 'json_schema' in format ? format.json_schema : undefined;
-  if (type !== 'json_schema' && schemaFormat != null) throw new TypeError(`response_format of type ${String(type)} takes no json_schema`);
-  if (type === 'text') return grammar == null ? {} : { grammar };
-  if (type !== 'json_object' && type !== 'json_schema') {
-    throw new TypeError(`response_format type '${String(type)}' is not supported (text, json_object, json_schema)`);
-  }
-  if (grammar != null) throw new TypeError('response_format and grammar cannot be combined: give one');
-  if (type === 'json_object') return { responseFormat: { type: 'json_object' } };
-  if (schemaFormat == null) throw new TypeError('response_format of type json_schema needs json_schema');
-  const { schema, ...rest } = schemaFormat;
-  const extra = Object.keys(rest).filter((k) => !['name', 'description', 'strict'].includes(k));
-  if (extra.length) throw new TypeError(`response_format.json_schema: unsupported field${extra.length > 1 ? 's' : ''}: ${extra.join(', ')}`);
-  if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema))) {
-    throw new TypeError('response_format.json_schema.schema must be a JSON schema (an object)');
-  }
-  return { responseFormat: { type: 'json_schema', schema } };
-}
-
 /** Checks the request's fields and turns the sampling ones into the package's options. */
 function checkFields(body: SamplingParams, own: string[]): GenerateOptions {
   checkKnown(body, [...SAMPLING_FIELDS, ...own]);
@@ -338,7 +298,9 @@ function checkFields(body: SamplingParams, own: string[]): GenerateOptions {
     repeatLastN: number('repeat_last_n', count, 'an integer, 0 or more'),
     seed: seed !== undefined && seed >= 0 ? seed : undefined,
     stop,
-    ...structured(body),
+    // Read by the engine as the server reads them (a bad one is an error when the generation starts).
+    responseFormat: body.response_format ?? undefined,
+    grammar: body.grammar ?? undefined,
   };
   // Absent fields keep the package's defaults.
   return Object.fromEntries(Object.entries(out).filter(([, v]) => v !== undefined)) as GenerateOptions;

@@ -51,9 +51,10 @@ export interface GenerateOptions {
   seed?: number;
   /** Generation stops before any of these strings. */
   stop?: string[];
-  /** Structured output (as `bitnet serve`'s `response_format`): `{ type: 'json_object' }` makes the text a JSON
-   *  object, `{ type: 'json_schema', schema }` JSON valid against the schema; every token is constrained (llguidance),
-   *  so the text always parses unless `maxTokens` cuts it short. A schema that does not compile is an error. */
+  /** Structured output, OpenAI's `response_format` (read as `bitnet serve` reads it): `{ type: 'json_object' }` makes
+   *  the text a JSON object, `{ type: 'json_schema', json_schema: { schema } }` JSON valid against the schema; every
+   *  token is constrained (llguidance), so the text always parses unless `maxTokens` cuts it short. A schema that
+   *  does not compile is an error. */
   responseFormat?: ResponseFormat;
   /** Structured output: the text follows this grammar, in llguidance's Lark syntax (start rule `start`), as
    *  `bitnet serve`'s `grammar` field and `bitnet run --grammar`. Not with `responseFormat` (other than `text`). */
@@ -64,7 +65,16 @@ export interface GenerateOptions {
 export type ResponseFormat =
   | { type: 'text' }
   | { type: 'json_object' }
-  | { type: 'json_schema'; schema: Record<string, unknown> | boolean };
+  | { type: 'json_schema'; json_schema: JsonSchemaFormat };
+
+/** OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows the
+ *  schema, as `strict: true` asks). */
+export interface JsonSchemaFormat {
+  name?: string;
+  description?: string;
+  schema?: Record<string, unknown> | boolean;
+  strict?: boolean | null;
+}
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | string;

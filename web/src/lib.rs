@@ -25,7 +25,7 @@ use bitnet_engine::backend::cpu::{kernels, CpuModel};
 use bitnet_engine::backend::{KvType, Want, Weights};
 use bitnet_engine::format::gguf::GgufFile;
 use bitnet_engine::generate::embed;
-use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars};
+use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars, ResponseFormat};
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, Session};
 use bitnet_engine::model::{Activation, Config, LoadOptions, Model};
@@ -97,19 +97,10 @@ pub struct GenOpts {
     /// The worker always sends one (a random one when the user gave none), so that stats can show it.
     pub seed: u64,
     pub stop: Vec<String>,
-    /// Structured output: JSON (any object, or valid against a schema).
-    pub response_format: Option<ResponseFormat>,
+    /// Structured output: JSON (any object, or valid against a schema), in OpenAI's shape ([`ResponseFormat`]).
+    pub response_format: Option<serde_json::Value>,
     /// Structured output: text in this grammar (llguidance's Lark syntax, as `bitnet serve`'s `grammar`).
     pub grammar: Option<String>,
-}
-
-/// The package's `responseFormat` (OpenAI's, with the schema given directly).
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ResponseFormat {
-    Text,
-    JsonObject,
-    JsonSchema { schema: serde_json::Value },
 }
 
 impl Default for GenOpts {
@@ -132,21 +123,12 @@ impl Default for GenOpts {
 }
 
 impl GenOpts {
-    /// The grammar the output must follow, if any.
-    fn grammar(&mut self) -> Result<Option<GrammarSpec>, JsError> {
-        let spec = match (self.response_format.take(), self.grammar.take()) {
-            (Some(ResponseFormat::Text) | None, None) => None,
-            (Some(ResponseFormat::Text) | None, Some(lark)) => Some(GrammarSpec::Lark(lark)),
-            (Some(_), Some(_)) => return Err(js_error("responseFormat and grammar cannot be combined: give one")),
-            (Some(ResponseFormat::JsonObject), None) => Some(GrammarSpec::JsonObject),
-            (Some(ResponseFormat::JsonSchema { schema }), None) if schema.is_object() || schema.is_boolean() => {
-                Some(GrammarSpec::JsonSchema(schema))
-            }
-            (Some(ResponseFormat::JsonSchema { .. }), None) => {
-                return Err(js_error("responseFormat.schema must be a JSON schema (an object)"))
-            }
-        };
-        Ok(spec)
+    /// The grammar the output must follow, if any (read as `bitnet serve` reads these fields).
+    fn grammar(&self) -> Result<Option<GrammarSpec>, JsError> {
+        let format = self.response_format.as_ref().map(ResponseFormat::deserialize);
+        let format = format.transpose().map_err(|e| js_error(format!("bad response_format: {e}")))?;
+        let spec = GrammarSpec::from_request(format.as_ref(), self.grammar.as_deref());
+        Ok(spec.map_err(js_error)?.map(|(spec, _field)| spec))
     }
 
     fn params(self) -> GenParams {
@@ -361,7 +343,7 @@ impl Engine {
     /// Sets up a generation after `prompt` without evaluating it: keeps the cached prefix and returns how
     /// many tokens [`Engine::prefill_chunk`] then evaluates (at least the last one, for its logits).
     fn prepare_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
-        let mut opts: GenOpts = parse_json("generation options", options)?;
+        let opts: GenOpts = parse_json("generation options", options)?;
         self.generation = None;
         self.prompt = None;
         if self.embedding {

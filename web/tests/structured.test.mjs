@@ -93,7 +93,7 @@ for (const { backend, threads, name, seeds } of BUILDS) {
         let streamed = null;
         if (seeds) {
           streamed = '';
-          const responseFormat = { type: 'json_schema', schema };
+          const responseFormat = { type: 'json_schema', json_schema: { schema } };
           for await (const piece of model.generate('Data:', { maxTokens: 120, temperature: 0, responseFormat })) streamed += piece;
         }
         model.unload();
@@ -164,7 +164,7 @@ test('bad schemas, grammars and formats are clear errors, and the model works af
         schema: await error(model.chat.completions.create({ messages, response_format: schema({ type: 'nonsense' }) })),
         schemaStreamed: await error(model.completions.create({ prompt: 'a', stream: true, response_format: schema({ type: 5 }) })),
         grammar: await error(model.completions.create({ prompt: 'a', grammar: 'start: ) (' })),
-        ownSchema: await error(model.generate('a', { responseFormat: { type: 'json_schema', schema: { type: 'nonsense' } } }).text()),
+        ownSchema: await error(model.generate('a', { responseFormat: schema({ type: 'nonsense' }) }).text()),
         ownGrammar: await error(model.generate('a', { grammar: 'start: ) (' }).text()),
         ownBoth: await error(model.generate('a', { grammar, responseFormat: { type: 'json_object' } }).text()),
         noSchema: await error(model.completions.create({ prompt: 'a', response_format: { type: 'json_schema' } })),
@@ -186,11 +186,11 @@ test('bad schemas, grammars and formats are clear errors, and the model works af
   assert.match(e.grammar, /the grammar does not compile/);
   assert.match(e.ownSchema, /the grammar does not compile: .*nonsense/);
   assert.match(e.ownGrammar, /the grammar does not compile/);
-  assert.match(e.ownBoth, /responseFormat and grammar cannot be combined/);
+  assert.match(e.ownBoth, /response_format and grammar cannot be combined/);
   assert.match(e.noSchema, /response_format of type json_schema needs json_schema/);
   assert.match(e.notObject, /response_format\.json_schema\.schema must be a JSON schema/);
   assert.match(e.yaml, /response_format type 'yaml' is not supported \(text, json_object, json_schema\)/);
-  assert.match(e.extra, /response_format: unsupported field: schema/);
+  assert.match(e.extra, /bad response_format: unknown field `schema`/);
   assert.match(e.both, /response_format and grammar cannot be combined/);
   assert.match(e.embed, /not an embedding model/);
   assert.match(got.after, SENTENCE);
