@@ -5,7 +5,8 @@
 #      references, WebGPU (SwiftShader) vs the CPU, SIMD128 kernels vs scalar, the thread pool),
 #   2. the demo page end to end (Playwright: 20 tokens with wasm threads, one thread and WebGPU, each equal to
 #      `bitnet run`; screenshots; browser tokens/s next to `bitnet bench`), the npm package imported by a
-#      plain ESM page (both APIs: the package's own and the OpenAI-shaped one), the Vite and webpack example
+#      plain ESM page (both APIs: the package's own and the OpenAI-shaped one; structured output and embeddings
+#      against `bitnet run --json-schema`/`--grammar` and `bitnet embed`), the Vite and webpack example
 #      apps (web/examples/) built from the packed package, and the demo on a static host without isolation
 #      headers (the service worker), and `bitnet serve`'s own chat page at / (node --test web/tests/).
 # Outputs (screenshots, results.json, the example builds) go to target/web-test/ (under CARGO_TARGET_DIR when set).

@@ -14,7 +14,7 @@ import type {
   WireSource,
 } from './types.js';
 import { CACHE_NAME } from './types.js';
-import { ChatCompletions, Completions } from './openai.js';
+import { ChatCompletions, Completions, Embeddings } from './openai.js';
 
 export type {
   Backend,
@@ -26,10 +26,12 @@ export type {
   LoadOptions,
   ModelInfo,
   ModelSource,
+  JsonSchemaFormat,
   Progress,
+  ResponseFormat,
 } from './types.js';
 export type * from './openai.js';
-export { ChatCompletions, Completions, Stream } from './openai.js';
+export { ChatCompletions, Completions, Embeddings, Stream } from './openai.js';
 
 /** The largest GGUF file that can load: a wasm32 module has 4 GiB, and loading needs about twice the file. */
 export const MAX_MODEL_BYTES = 2 * 1024 ** 3;
@@ -48,6 +50,8 @@ export class BitNet {
   };
   /** The OpenAI-shaped text completion API: `await model.completions.create({ prompt })`. */
   readonly completions: Completions;
+  /** The OpenAI-shaped embeddings API (embedding models): `await model.embeddings.create({ input })`. */
+  readonly embeddings: Embeddings;
   private nextId = 1;
   private handlers = new Map<number, Handler>();
   private failure: Error | undefined;
@@ -63,6 +67,7 @@ export class BitNet {
       this.start({ messages: messages.map(({ role, content }) => ({ role, content })) }, options);
     this.chat = Object.assign(chat, { completions: new ChatCompletions(this) });
     this.completions = new Completions(this);
+    this.embeddings = new Embeddings(this);
   }
 
   /** What runs the model, e.g. "cpu/simd128". */
@@ -140,6 +145,25 @@ export class BitNet {
   async logits(tokens: ArrayLike<number>): Promise<Float32Array> {
     const r = await this.call({ type: 'logits', id: this.nextId++, tokens: Array.from(tokens) });
     return r.type === 'logits' ? r.logits : new Float32Array();
+  }
+
+  /** The unit-length sentence embedding of a text, or of each text (embedding models such as BitNet's, on the wasm
+   *  backend: last-token pooling, as `bitnet embed`; BOS and EOS are added as the vocabulary says). A model that
+   *  is not an embedding model rejects, as `bitnet serve`'s /v1/embeddings answers it with a 400. */
+  embed(input: string): Promise<Float32Array>;
+  embed(input: string[]): Promise<Float32Array[]>;
+  embed(input: string | string[]): Promise<Float32Array | Float32Array[]>;
+  async embed(input: string | string[]): Promise<Float32Array | Float32Array[]> {
+    const texts = typeof input === 'string' ? [input] : input;
+    if (!Array.isArray(texts) || !texts.every((t) => typeof t === 'string')) throw new TypeError('embed() takes a string or an array of strings');
+    const { embeddings } = await this.embedInputs(texts);
+    return typeof input === 'string' ? embeddings[0] : embeddings;
+  }
+
+  /** @internal Embeddings of texts or token ids, and how many tokens they read. */
+  async embedInputs(inputs: (string | number[])[]): Promise<{ embeddings: Float32Array[]; tokens: number }> {
+    const r = await this.call({ type: 'embed', id: this.nextId++, inputs });
+    return r.type === 'embeddings' ? r : { embeddings: [], tokens: 0 };
   }
 
   /** Terminates the worker, which frees all of the model's memory. */
@@ -224,6 +248,9 @@ export class BitNet {
 export class Generation implements AsyncIterable<string> {
   /** Resolves when generation ends (also after an abort); rejects on an error. */
   readonly stats: Promise<GenerationStats>;
+  /** Resolves once the worker has accepted the request (its options checked, a schema or grammar compiled) and
+   *  evaluates the prompt; rejects when it refused it. */
+  readonly started: Promise<void>;
   /** Tokens generated so far (as of the last text piece), for a live speed. */
   generatedTokens = 0;
   /** Decode speed so far (tokens/s), as of the last text piece. */
@@ -233,6 +260,7 @@ export class Generation implements AsyncIterable<string> {
   private error: unknown;
   private wake: (() => void) | undefined;
   private settle!: { resolve(s: GenerationStats): void; reject(e: unknown): void };
+  private settleStart!: { resolve(): void; reject(e: unknown): void };
   private abortReason: unknown;
 
   constructor(
@@ -241,6 +269,8 @@ export class Generation implements AsyncIterable<string> {
   ) {
     this.stats = new Promise((resolve, reject) => (this.settle = { resolve, reject }));
     this.stats.catch(() => {}); // the iterator reports errors too; no unhandled rejection when stats is unused
+    this.started = new Promise((resolve, reject) => (this.settleStart = { resolve, reject }));
+    this.started.catch(() => {});
     if (signal?.aborted) this.abort(signal.reason);
     signal?.addEventListener('abort', () => this.abort(signal.reason), { once: true });
   }
@@ -262,7 +292,8 @@ export class Generation implements AsyncIterable<string> {
 
   /** @internal */
   receive(r: Reply): void {
-    if (r.type === 'text') {
+    if (r.type === 'started') this.settleStart.resolve();
+    else if (r.type === 'text') {
       this.pieces.push(r.text);
       if (r.generated !== undefined && r.decodeMs) {
         this.generatedTokens = r.generated;
@@ -271,10 +302,12 @@ export class Generation implements AsyncIterable<string> {
     }
     else if (r.type === 'done') {
       this.finished = true;
+      this.settleStart.resolve(); // aborted before it started
       this.settle.resolve(r.stats!);
     } else if (r.type === 'error') {
       this.finished = true;
       this.error = new Error(r.message);
+      this.settleStart.reject(this.error);
       this.settle.reject(this.error);
     }
     this.wake?.();

@@ -1,9 +1,9 @@
-// The OpenAI-shaped API: `model.chat.completions.create(...)` and `model.completions.create(...)` take OpenAI's
-// request fields (snake_case) and return its objects and stream chunks, as `bitnet serve` does, so that code
-// moves between the server and the browser unchanged. A field this API does not honour is an error naming it
-// (as the server's 400), never silently dropped.
+// The OpenAI-shaped API: `model.chat.completions.create(...)`, `model.completions.create(...)` and
+// `model.embeddings.create(...)` take OpenAI's request fields (snake_case) and return its objects and stream
+// chunks, as `bitnet serve` does, so that code moves between the server and the browser unchanged. A field this
+// API does not honour is an error naming it (as the server's 400), never silently dropped.
 
-import type { ChatMessage, GenerateOptions, GenerationStats } from './types.js';
+import type { ChatMessage, GenerateOptions, GenerationStats, ResponseFormat } from './types.js';
 import type { Generation } from './index.js';
 
 /** What the OpenAI layer needs of a loaded model (BitNet implements it). */
@@ -11,6 +11,7 @@ export interface TextModel {
   readonly modelId: string;
   generate(prompt: string, options?: GenerateOptions): Generation;
   chat(messages: ChatMessage[], options?: GenerateOptions): Generation;
+  embedInputs(inputs: (string | number[])[]): Promise<{ embeddings: Float32Array[]; tokens: number }>;
 }
 
 /** The request fields both endpoints share (llama-server's top_k, min_p, repeat_penalty, repeat_last_n too). */
@@ -34,8 +35,12 @@ export interface SamplingParams {
   stream?: boolean | null;
   /** `include_usage`: a last chunk with no choices and the usage. */
   stream_options?: { include_usage?: boolean } | null;
-  /** Only `{ type: 'text' }` in the browser (structured output needs the native server's grammar engine). */
-  response_format?: { type: 'text' | 'json_object' | 'json_schema'; json_schema?: unknown } | null;
+  /** Structured output, as `bitnet serve`: `json_object` (any JSON object) or `json_schema` (JSON valid against
+   *  `json_schema.schema`); every token is constrained, so the output parses unless `max_tokens` cuts it. */
+  response_format?: ResponseFormat | null;
+  /** Structured output: a grammar in llguidance's Lark syntax (start rule `start`) that the output follows,
+   *  as `bitnet serve`'s `grammar` field. */
+  grammar?: string | null;
   /** Metadata only. */
   user?: string;
 }
@@ -96,10 +101,31 @@ export interface Completion {
   usage?: CompletionUsage;
 }
 
+export interface EmbeddingCreateParams {
+  /** A text, texts, a text's token ids, or several texts' token ids. */
+  input: string | string[] | number[] | number[][];
+  /** Any name (the model is the loaded one), reported back as given. */
+  model?: string;
+  /** `float` (the default) or `base64` (the little-endian bytes of the float32 values). */
+  encoding_format?: 'float' | 'base64' | null;
+  /** Metadata only. */
+  user?: string;
+}
+
+export interface CreateEmbeddingResponse {
+  object: 'list';
+  data: { object: 'embedding'; index: number; embedding: number[] | string }[];
+  model: string;
+  usage: { prompt_tokens: number; total_tokens: number };
+}
+
 const SAMPLING_FIELDS = [
   'model', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'min_p', 'repeat_penalty',
-  'repeat_last_n', 'seed', 'stop', 'n', 'stream', 'stream_options', 'response_format', 'user',
+  'repeat_last_n', 'seed', 'stop', 'n', 'stream', 'stream_options', 'response_format', 'grammar', 'user',
 ];
+const EMBEDDING_FIELDS = ['input', 'model', 'encoding_format', 'user'];
+/** Most inputs in one embedding request (OpenAI's limit, as `bitnet serve`'s). */
+const MAX_EMBEDDING_INPUTS = 2048;
 
 /** A streamed answer: `for await (const chunk of stream)`. `controller.abort()` stops it (as the OpenAI
  *  client's Stream), and so does the request's `signal`; the iterator then throws an AbortError. */
@@ -141,8 +167,11 @@ export class ChatCompletions {
       object: 'chat.completion.chunk',
       choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }],
     });
+    // Started now, so that a request the engine refuses (a schema that does not compile) rejects here, as the
+    // server answers it with a 400 before any chunk.
+    const g = run();
+    await g.started;
     return new Stream(async function* () {
-      const g = run();
       yield chunk({ role: 'assistant', content: '' }, null);
       for await (const text of g) yield chunk({ content: text }, null);
       const stats = await g.stats;
@@ -173,8 +202,9 @@ export class Completions {
       return { ...head, choices: [choice(text, finishReason(stats))], usage: usage(stats) };
     }
     const includeUsage = body.stream_options?.include_usage === true;
+    const g = run();
+    await g.started;
     return new Stream(async function* () {
-      const g = run();
       for await (const text of g) yield { ...head, choices: [choice(text, null)] };
       const stats = await g.stats;
       yield { ...head, choices: [choice('', finishReason(stats))] };
@@ -183,19 +213,71 @@ export class Completions {
   }
 }
 
-/** Checks the request's fields and turns the sampling ones into the package's options. */
-function checkFields(body: SamplingParams, own: string[]): GenerateOptions {
+/** `model.embeddings` */
+export class Embeddings {
+  constructor(private model: TextModel) {}
+
+  /** The unit-length embedding of each input (embedding models only), in OpenAI's shape. An abort rejects at once
+   *  (the worker finishes the inputs it was given). */
+  async create(body: EmbeddingCreateParams, options: RequestOptions = {}): Promise<CreateEmbeddingResponse> {
+    checkKnown(body, EMBEDDING_FIELDS);
+    const base64 = body.encoding_format === 'base64';
+    if (body.encoding_format != null && !base64 && body.encoding_format !== 'float') {
+      throw new TypeError(`encoding_format '${String(body.encoding_format)}' is not supported (float, base64)`);
+    }
+    const inputs = embeddingInputs(body.input);
+    const { embeddings, tokens } = await abortable(this.model.embedInputs(inputs), options.signal);
+    const data = embeddings.map((e, index) => ({ object: 'embedding' as const, index, embedding: base64 ? toBase64(e) : Array.from(e) }));
+    return { object: 'list', data, model: body.model ?? this.model.modelId, usage: { prompt_tokens: tokens, total_tokens: tokens } };
+  }
+}
+
+/** `promise`, rejected with the signal's reason once it aborts. */
+function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+    promise.then(resolve, reject);
+  });
+}
+
+/** `input` as a list of texts or token id lists, checked as the server checks it. */
+function embeddingInputs(input: unknown): (string | number[])[] {
+  const ids = (v: unknown): v is number[] => Array.isArray(v) && v.every((t) => Number.isInteger(t) && t >= 0);
+  let inputs: (string | number[])[];
+  if (typeof input === 'string') inputs = [input];
+  else if (ids(input) && input.length > 0) inputs = [input];
+  else if (Array.isArray(input) && input.every((v) => typeof v === 'string' || ids(v))) inputs = input;
+  else throw new TypeError('input must be a string, an array of strings, an array of token ids, or an array of those');
+  if (inputs.length === 0) throw new TypeError('input is empty: nothing to embed');
+  if (inputs.length > MAX_EMBEDDING_INPUTS) throw new RangeError(`${inputs.length} inputs: at most ${MAX_EMBEDDING_INPUTS} per request`);
+  const empty = inputs.findIndex((v) => v.length === 0);
+  if (empty >= 0) throw new TypeError(`input ${empty} is empty: nothing to embed`);
+  return inputs;
+}
+
+function toBase64(v: Float32Array): string {
+  // Float32Array is in the platform's byte order, little-endian in every browser.
+  const bytes = new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  let binary = '';
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary);
+}
+
+/** A request field this API does not know is an error naming it. */
+function checkKnown(body: object, known: string[]): void {
   if (typeof body !== 'object' || body === null) throw new TypeError('the request must be an object');
-  const known = [...SAMPLING_FIELDS, ...own];
   const unknown = Object.entries(body).filter(([k, v]) => v != null && !known.includes(k)).map(([k]) => k);
   if (unknown.length) {
     throw new TypeError(`unsupported field${unknown.length > 1 ? 's' : ''}: ${unknown.join(', ')} (supported: ${known.join(', ')})`);
   }
+}
+
+/** Checks the request's fields and turns the sampling ones into the package's options. */
+function checkFields(body: SamplingParams, own: string[]): GenerateOptions {
+  checkKnown(body, [...SAMPLING_FIELDS, ...own]);
   if (body.n != null && body.n !== 1) throw new RangeError('n: only n = 1 is supported');
-  const format = body.response_format;
-  if (format != null && format.type !== 'text') {
-    throw new TypeError(`response_format: type '${format.type}' is not supported in the browser (only 'text'; bitnet serve has structured output)`);
-  }
   const number = (name: keyof SamplingParams, ok: (v: number) => boolean, range: string): number | undefined => {
     const v = body[name];
     if (v == null) return undefined;
@@ -216,6 +298,9 @@ function checkFields(body: SamplingParams, own: string[]): GenerateOptions {
     repeatLastN: number('repeat_last_n', count, 'an integer, 0 or more'),
     seed: seed !== undefined && seed >= 0 ? seed : undefined,
     stop,
+    // Read by the engine as the server reads them (a bad one is an error when the generation starts).
+    responseFormat: body.response_format ?? undefined,
+    grammar: body.grammar ?? undefined,
   };
   // Absent fields keep the package's defaults.
   return Object.fromEntries(Object.entries(out).filter(([, v]) => v !== undefined)) as GenerateOptions;

@@ -51,7 +51,29 @@ export interface GenerateOptions {
   seed?: number;
   /** Generation stops before any of these strings. */
   stop?: string[];
+  /** Structured output, OpenAI's `response_format` (read as `bitnet serve` reads it): `{ type: 'json_object' }` makes
+   *  the text a JSON object, `{ type: 'json_schema', json_schema: { schema } }` JSON valid against the schema; every
+   *  token is constrained (llguidance), so the text always parses unless `maxTokens` cuts it short. A schema that
+   *  does not compile is an error. */
+  responseFormat?: ResponseFormat;
+  /** Structured output: the text follows this grammar, in llguidance's Lark syntax (start rule `start`), as
+   *  `bitnet serve`'s `grammar` field and `bitnet run --grammar`. Not with `responseFormat` (other than `text`). */
+  grammar?: string;
   signal?: AbortSignal;
+}
+
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | { type: 'json_schema'; json_schema: JsonSchemaFormat };
+
+/** OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows the
+ *  schema, as `strict: true` asks). */
+export interface JsonSchemaFormat {
+  name?: string;
+  description?: string;
+  schema?: Record<string, unknown> | boolean;
+  strict?: boolean | null;
 }
 
 export interface ChatMessage {
@@ -97,6 +119,8 @@ export interface ModelInfo {
   eos: number | null;
   addBos: boolean;
   chatTemplate: boolean;
+  /** An embedding model: `embed()` works and generation does not. */
+  embedding: boolean;
   /** WebAssembly memory in use after loading. */
   memoryBytes: number;
   /** Which wasm build runs: threads or not, SIMD128, the CPU kernels, WebGPU support. */
@@ -144,14 +168,17 @@ export type Request =
   | { type: 'reset'; id: number }
   | { type: 'tokenize'; id: number; text: string; addBos: boolean }
   | { type: 'detokenize'; id: number; tokens: number[] }
-  | { type: 'logits'; id: number; tokens: number[] };
+  | { type: 'logits'; id: number; tokens: number[] }
+  | { type: 'embed'; id: number; inputs: (string | number[])[] };
 
 export type Reply =
   | { type: 'progress'; id: number; progress: Progress }
   | { type: 'loaded'; id: number; info: ModelInfo }
+  | { type: 'started'; id: number }
   | { type: 'text'; id: number; text: string; generated?: number; decodeMs?: number }
   | { type: 'tokens'; id: number; tokens: number[] }
   | { type: 'logits'; id: number; logits: Float32Array }
+  | { type: 'embeddings'; id: number; embeddings: Float32Array[]; tokens: number }
   | { type: 'done'; id: number; stats?: GenerationStats }
   | { type: 'error'; id: number; message: string };
 

@@ -61,6 +61,18 @@ async function handle(req: Request): Promise<void> {
       // Transferred, not copied (a vocabulary of 128k floats is half a megabyte).
       return self.postMessage({ type: 'logits', id: req.id, logits } satisfies Reply, [logits.buffer]);
     }
+    case 'embed': {
+      const engine = loaded();
+      const embeddings: Float32Array[] = [];
+      let tokens = 0;
+      for (const input of req.inputs) {
+        const ids = typeof input === 'string' ? engine.embeddingTokens(input) : Uint32Array.from(input);
+        embeddings.push(engine.embed(ids));
+        tokens += ids.length;
+      }
+      const reply: Reply = { type: 'embeddings', id: req.id, embeddings, tokens };
+      return self.postMessage(reply, embeddings.map((e) => e.buffer as ArrayBuffer));
+    }
   }
 }
 
@@ -195,6 +207,7 @@ async function generate(req: GenerateRequest): Promise<void> {
   if (aborted.delete(req.id)) return post({ type: 'done', id: req.id, stats: notStarted() });
   const t0 = performance.now();
   const toEval = req.messages ? engine.prepareChat(JSON.stringify(req.messages), options) : engine.prepare(req.prompt ?? '', options);
+  post({ type: 'started', id: req.id });
   for (let evaluated = PROMPT_CHUNK; !(await engine.prefillChunk(PROMPT_CHUNK)); evaluated += PROMPT_CHUNK) {
     await nextTask();
     if (aborted.delete(req.id)) {

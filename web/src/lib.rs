@@ -5,7 +5,8 @@
 //! - [`Loader`] takes a GGUF file chunk by chunk, after checking that it can fit in wasm memory;
 //! - [`Engine`] is a loaded model with one conversation (its KV cache), on the CPU (the engine's `Session`)
 //!   or on WebGPU ([`GpuSession`]); it generates one token per [`Engine::step`] call so that the worker's
-//!   event loop sees an abort between tokens;
+//!   event loop sees an abort between tokens, optionally constrained by a JSON schema or a Lark grammar
+//!   (the engine's `grammar` module, as `bitnet serve`); on an embedding model it embeds texts instead;
 //! - [`build_info`] says what this build can do (threads, SIMD128, WebGPU).
 //!
 //! Whatever evaluates tokens returns a Promise: WebGPU's results can only be awaited (the CPU's are ready
@@ -23,6 +24,8 @@ use std::sync::Arc;
 use bitnet_engine::backend::cpu::{kernels, CpuModel};
 use bitnet_engine::backend::{KvType, Want, Weights};
 use bitnet_engine::format::gguf::GgufFile;
+use bitnet_engine::generate::embed;
+use bitnet_engine::generate::grammar::{Constraint, GrammarSpec, Grammars, ResponseFormat};
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::{reusable_prefix, GenParams, Generation, Output, Session};
 use bitnet_engine::model::{Activation, Config, LoadOptions, Model};
@@ -94,6 +97,10 @@ pub struct GenOpts {
     /// The worker always sends one (a random one when the user gave none), so that stats can show it.
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Structured output: JSON (any object, or valid against a schema), in OpenAI's shape ([`ResponseFormat`]).
+    pub response_format: Option<serde_json::Value>,
+    /// Structured output: text in this grammar (llguidance's Lark syntax, as `bitnet serve`'s `grammar`).
+    pub grammar: Option<String>,
 }
 
 impl Default for GenOpts {
@@ -109,11 +116,21 @@ impl Default for GenOpts {
             repeat_last_n: s.repeat_last_n,
             seed: 0,
             stop: Vec::new(),
+            response_format: None,
+            grammar: None,
         }
     }
 }
 
 impl GenOpts {
+    /// The grammar the output must follow, if any (read as `bitnet serve` reads these fields).
+    fn grammar(&self) -> Result<Option<GrammarSpec>, JsError> {
+        let format = self.response_format.as_ref().map(ResponseFormat::deserialize);
+        let format = format.transpose().map_err(|e| js_error(format!("bad response_format: {e}")))?;
+        let spec = GrammarSpec::from_request(format.as_ref(), self.grammar.as_deref());
+        Ok(spec.map_err(js_error)?.map(|(spec, _field)| spec))
+    }
+
     fn params(self) -> GenParams {
         let sampler = SamplerParams {
             temperature: self.temperature,
@@ -246,6 +263,8 @@ struct Prompt {
     /// How many tokens this prompt evaluates in all (the rest were already in the cache).
     n_eval: usize,
     params: GenParams,
+    /// The grammar the output must follow, compiled before the prompt is evaluated.
+    constraint: Option<Constraint>,
 }
 
 /// A loaded model and its one conversation.
@@ -260,6 +279,10 @@ pub struct Engine {
     /// The last prompt's length in tokens (those reused from the cache too).
     prompt_len: usize,
     seed: u64,
+    /// An embedding model (its output is a sentence embedding, not text).
+    embedding: bool,
+    /// The grammar engine for this vocabulary, built by the first request for structured output.
+    grammars: Option<Grammars>,
 }
 
 impl Engine {
@@ -282,6 +305,7 @@ impl Engine {
         let config = Config::from_gguf(&gguf, &load).map_err(js_error)?;
         let ctx = opts.ctx.unwrap_or(config.n_ctx_train.min(4096));
         let model = Model::load(&gguf, bytes, &load, progress).map_err(js_error)?;
+        let embedding = model.is_embedding();
         let kv = match opts.kv_type.as_deref() {
             None => KvType::F16,
             Some(t) => KvType::parse(t).ok_or_else(|| js_error(format!("unknown kvType '{t}' (f32, f16 or q8_0)")))?,
@@ -296,7 +320,17 @@ impl Engine {
                 Arc::new(CpuModel::new(model, kernels::best(), None, None).map_err(js_error)?.with_kv(kv));
             Runner::Cpu(Session::open(&weights, ctx).map_err(js_error)?)
         };
-        Ok(Engine { config, tokenizer, runner, generation: None, prompt: None, prompt_len: 0, seed: 0 })
+        Ok(Engine {
+            config,
+            tokenizer,
+            runner,
+            generation: None,
+            prompt: None,
+            prompt_len: 0,
+            seed: 0,
+            embedding,
+            grammars: None,
+        })
     }
 
     /// The prompt of a chat reply: `messages` (JSON `[{role, content}]`) rendered with the model's template.
@@ -312,6 +346,14 @@ impl Engine {
         let opts: GenOpts = parse_json("generation options", options)?;
         self.generation = None;
         self.prompt = None;
+        if self.embedding {
+            return Err(js_error("this is an embedding model: it cannot generate text (use embed())"));
+        }
+        // A schema or grammar that does not compile fails here, before the prompt is evaluated.
+        let constraint = match opts.grammar()? {
+            Some(spec) => Some(self.grammars()?.constraint(&spec).map_err(js_error)?),
+            None => None,
+        };
         let ctx = self.runner.ctx();
         if prompt.is_empty() {
             return Err(js_error(bitnet_engine::Error::Invalid("empty prompt".into())));
@@ -325,8 +367,16 @@ impl Engine {
         self.runner.truncate(keep);
         let rest = prompt[keep..].to_vec();
         let n_eval = rest.len();
-        self.prompt = Some(Prompt { rest, n_eval, params: opts.params() });
+        self.prompt = Some(Prompt { rest, n_eval, params: opts.params(), constraint });
         Ok(n_eval as u32)
+    }
+
+    /// The grammar engine, built once per model (a trie of the vocabulary).
+    fn grammars(&mut self) -> Result<&Grammars, JsError> {
+        if self.grammars.is_none() {
+            self.grammars = Some(Grammars::new(&self.tokenizer).map_err(js_error)?);
+        }
+        Ok(self.grammars.as_ref().expect("built above"))
     }
 
     async fn start_ids(&mut self, prompt: &[u32], options: &str) -> Result<u32, JsError> {
@@ -353,7 +403,7 @@ impl Engine {
             "nHead": c.n_head, "nHeadKv": c.n_head_kv, "headDim": c.head_dim, "nFf": c.n_ff,
             "activation": c.activation.to_string(), "ctx": self.runner.ctx(), "backend": self.backend(),
             "threads": rayon::current_num_threads(), "bos": t.bos(), "eos": t.eos(), "addBos": t.add_bos(),
-            "chatTemplate": t.chat_template().is_some(), "memoryBytes": memory_in_use(),
+            "chatTemplate": t.chat_template().is_some(), "memoryBytes": memory_in_use(), "embedding": self.embedding,
         })
         .to_string()
     }
@@ -420,7 +470,11 @@ impl Engine {
         }
         if done {
             let p = self.prompt.take().expect("checked above");
-            self.generation = Some(Generation::new(&p.params, p.n_eval));
+            let mut generation = Generation::new(&p.params, p.n_eval);
+            if let Some(c) = p.constraint {
+                generation.constrain(c);
+            }
+            self.generation = Some(generation);
         }
         Ok(done)
     }
@@ -452,6 +506,26 @@ impl Engine {
             "seed": self.seed,
         })
         .to_string()
+    }
+
+    /// The tokens whose embedding is `text`'s (BOS and EOS where the vocabulary adds them, as `bitnet embed`).
+    #[wasm_bindgen(js_name = embeddingTokens)]
+    pub fn embedding_tokens(&self, text: &str) -> Result<Vec<u32>, JsError> {
+        embed::tokens(&self.tokenizer, text).map_err(js_error)
+    }
+
+    /// The unit-length sentence embedding of `ids` (an embedding model's last-token pooling, as `bitnet
+    /// embed`); the conversation's cache is cleared. Embedding models only, on the wasm backend.
+    pub fn embed(&mut self, ids: Vec<u32>) -> Result<Vec<f32>, JsError> {
+        if !self.embedding {
+            return Err(js_error("this is not an embedding model: it generates text (use generate() or chat())"));
+        }
+        self.generation = None;
+        self.prompt = None;
+        match &mut self.runner {
+            Runner::Cpu(session) => embed::embed_tokens(session, &ids).map_err(js_error),
+            Runner::Gpu(_) => Err(js_error("embeddings run on the wasm backend only: load with backend 'wasm'")),
+        }
     }
 
     /// Forgets the conversation (the KV cache).

@@ -57,7 +57,7 @@ test('the package ships its types, and a user file type-checks against them', ()
   }
   writeFileSync(
     `${site}/user.ts`,
-    `import { BitNet, type ChatCompletion, type Completion, type GenerationStats, type Progress } from 'bitnet-web';
+    `import { BitNet, type ChatCompletion, type Completion, type CreateEmbeddingResponse, type GenerationStats, type Progress } from 'bitnet-web';
 const model = await BitNet.load('x.gguf', { backend: 'auto', onProgress: (p: Progress) => console.log(p.loaded / p.total) });
 for await (const text of model.generate('Hi', { maxTokens: 5, signal: new AbortController().signal })) console.log(text.toUpperCase());
 const stats: GenerationStats = await model.chat([{ role: 'user', content: 'hi' }]).stats;
@@ -72,6 +72,15 @@ console.log(done.choices[0].text, done.usage?.completion_tokens);
 const ids: number[] = await model.tokenize('x', { addBos: true });
 const logits: Float32Array = await model.logits(ids);
 console.log(await model.detokenize(ids), logits.length);
+const schema = { type: 'object', properties: { n: { type: 'integer' } } };
+const json: ChatCompletion = await model.chat.completions.create({ messages: [], response_format: { type: 'json_schema', json_schema: { name: 'n', schema, strict: true } } });
+await model.completions.create({ prompt: 'x', grammar: 'start: "a"', stream: true });
+console.log(json.choices[0].message.content, await model.generate('x', { grammar: 'start: "a"', responseFormat: { type: 'text' } }).text());
+const one: Float32Array = await model.embed('a');
+const many: Float32Array[] = await model.embed(['a', 'b']);
+const either: Float32Array | Float32Array[] = await model.embed(Math.random() < 0.5 ? 'a' : ['a']);
+const embeddings: CreateEmbeddingResponse = await model.embeddings.create({ input: [[1, 2]], encoding_format: 'base64' });
+console.log(one.length, many.length, either.length, embeddings.usage.total_tokens, model.info.embedding);
 // @ts-expect-error: a field the API does not know is a type error too
 await model.completions.create({ prompt: 'x', frequency_penalty: 1 });
 `,
@@ -255,7 +264,7 @@ test('OpenAI-shaped API: unknown and unsupported fields are errors naming them; 
       const error = (p) => p.then(() => 'no error', (e) => `${e.name}: ${e.message}`);
       const errors = {
         unknown: await error(model.completions.create({ prompt, foo: 1, logit_bias: { 1: 2 } })),
-        format: await error(model.chat.completions.create({ messages: [{ role: 'user', content: 'x' }], response_format: { type: 'json_object' } })),
+        format: await error(model.chat.completions.create({ messages: [{ role: 'user', content: 'x' }], response_format: { type: 'yaml' } })),
         n: await error(model.completions.create({ prompt, n: 2 })),
         temperature: await error(model.completions.create({ prompt, temperature: -1 })),
         messages: await error(model.chat.completions.create({ messages: [{ role: 'user', content: 'x', tool_calls: [] }] })),
@@ -291,7 +300,7 @@ test('OpenAI-shaped API: unknown and unsupported fields are errors naming them; 
     { prompt: PROMPT },
   );
   assert.match(got.errors.unknown, /^TypeError: unsupported fields: foo, logit_bias/);
-  assert.match(got.errors.format, /response_format: type 'json_object' is not supported/);
+  assert.match(got.errors.format, /response_format type 'yaml' is not supported/);
   assert.match(got.errors.n, /n: only n = 1/);
   assert.match(got.errors.temperature, /temperature = -1 is out of range/);
   assert.match(got.errors.messages, /messages\[0\]: unsupported field: tool_calls/);

@@ -8,9 +8,14 @@ use crate::{Error, Result};
 
 /// The unit-length embedding of `text`.
 pub fn embed(session: &mut Session, tokenizer: &Tokenizer, text: &str) -> Result<Vec<f32>> {
-    let ids = tokens(tokenizer, text)?;
+    embed_tokens(session, &tokens(tokenizer, text)?)
+}
+
+/// The unit-length embedding of a text's tokens (as [`tokens`] gives them, or ids given by the caller);
+/// the session's cache is cleared first.
+pub fn embed_tokens(session: &mut Session, ids: &[u32]) -> Result<Vec<f32>> {
     session.truncate(0);
-    session.prefill(&ids)?;
+    session.prefill(ids)?;
     let hidden =
         session.hidden().ok_or_else(|| Error::Unsupported(format!("embeddings on {}", session.backend_name())))?;
     Ok(l2_normalized(hidden))

@@ -26,6 +26,63 @@ pub enum GrammarSpec {
     Lark(String),
 }
 
+/// OpenAI's `response_format`: `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows
+/// the schema, as `strict: true` asks).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+impl GrammarSpec {
+    /// What a request's `response_format` (OpenAI's) or `grammar` (llama-server's field, a Lark grammar here)
+    /// asks for, with the field it came from; None for free text. The one reading of these fields for the
+    /// server and the browser; the error is a message about `response_format`.
+    pub fn from_request(
+        format: Option<&ResponseFormat>,
+        grammar: Option<&str>,
+    ) -> std::result::Result<Option<(GrammarSpec, &'static str)>, String> {
+        let format = match (format, grammar) {
+            (Some(f), Some(_)) if f.kind != "text" => {
+                return Err("response_format and grammar cannot be combined: give one".into())
+            }
+            (_, Some(lark)) => return Ok(Some((GrammarSpec::Lark(lark.to_string()), "grammar"))),
+            (Some(f), None) => f,
+            (None, None) => return Ok(None),
+        };
+        let spec = match (format.kind.as_str(), &format.json_schema) {
+            ("text", None) => return Ok(None),
+            ("json_object", None) => GrammarSpec::JsonObject,
+            ("json_schema", Some(f)) => match &f.schema {
+                Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
+                    GrammarSpec::JsonSchema(schema.clone())
+                }
+                _ => return Err("response_format.json_schema.schema must be a JSON schema (an object)".into()),
+            },
+            ("json_schema", None) => return Err("response_format of type json_schema needs json_schema".into()),
+            ("text" | "json_object", Some(_)) => {
+                return Err(format!("response_format of type {} takes no json_schema", format.kind))
+            }
+            (other, _) => {
+                return Err(format!("response_format type '{other}' is not supported (text, json_object, json_schema)"))
+            }
+        };
+        Ok(Some((spec, "response_format")))
+    }
+}
+
 /// The grammar engine for one tokenizer.
 pub struct Grammars {
     factory: ParserFactory,

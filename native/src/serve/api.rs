@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use bitnet_engine::generate::grammar::ResponseFormat;
 use bitnet_engine::generate::sampler::SamplerParams;
 use bitnet_engine::generate::GenParams;
 use serde::{Deserialize, Serialize};
@@ -89,26 +90,6 @@ pub struct Sampling {
     pub response_format: Option<ResponseFormat>,
     /// A grammar in llguidance's Lark syntax that the output must follow.
     pub grammar: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResponseFormat {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub json_schema: Option<JsonSchemaFormat>,
-}
-
-/// OpenAI's `json_schema` object; `name`, `description` and `strict` are accepted (the output always follows
-/// the schema, as `strict: true` asks).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct JsonSchemaFormat {
-    pub name: Option<String>,
-    pub description: Option<String>,
-    pub schema: Option<serde_json::Value>,
-    pub strict: Option<bool>,
 }
 
 /// A request field out of range: the message and the field's name (a 400 naming it).

@@ -855,35 +855,8 @@ async fn completion_answer(app: Arc<App>, mut pending: Generation) -> Result<Res
 /// `response_format` or `grammar` as the grammar the output must follow, with the field it came from (None
 /// for free text).
 fn grammar_spec(s: &Sampling) -> Result<Option<(GrammarSpec, &'static str)>, ApiError> {
-    let bad = |msg: String| ApiError::bad_request(msg).param("response_format");
-    let format = match (&s.response_format, &s.grammar) {
-        (Some(f), Some(_)) if f.kind != "text" => {
-            return Err(bad("response_format and grammar cannot be combined: give one".into()))
-        }
-        (_, Some(lark)) => return Ok(Some((GrammarSpec::Lark(lark.clone()), "grammar"))),
-        (Some(f), None) => f,
-        (None, None) => return Ok(None),
-    };
-    let spec = match (format.kind.as_str(), &format.json_schema) {
-        ("text", None) => return Ok(None),
-        ("json_object", None) => GrammarSpec::JsonObject,
-        ("json_schema", Some(f)) => match &f.schema {
-            Some(schema @ (serde_json::Value::Object(_) | serde_json::Value::Bool(_))) => {
-                GrammarSpec::JsonSchema(schema.clone())
-            }
-            _ => return Err(bad("response_format.json_schema.schema must be a JSON schema (an object)".into())),
-        },
-        ("json_schema", None) => return Err(bad("response_format of type json_schema needs json_schema".into())),
-        ("text" | "json_object", Some(_)) => {
-            return Err(bad(format!("response_format of type {} takes no json_schema", format.kind)))
-        }
-        (other, _) => {
-            return Err(bad(format!(
-                "response_format type '{other}' is not supported (text, json_object, json_schema)"
-            )))
-        }
-    };
-    Ok(Some((spec, "response_format")))
+    GrammarSpec::from_request(s.response_format.as_ref(), s.grammar.as_deref())
+        .map_err(|msg| ApiError::bad_request(msg).param("response_format"))
 }
 
 /// A grammar compiled on the blocking pool (the first one also builds the grammar engine for the vocabulary);
