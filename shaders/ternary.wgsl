@@ -29,6 +29,8 @@ struct Params {
     scale2: f32,
     x_stride: u32,   // a prompt tile's input rows: vec4 from one token's to the next (tile.wgsl)
     out_stride: u32, // and its output rows: elements from one token's to the next
+    ty: u32,         // 0 ternary; blocks.wgsl: the ggml block type (1 Q1_0, 2 Q2_0, 3 Q8_0)
+    d_off: u32,      // blocks.wgsl: the vec4 of `w` where the weight blocks' scales start
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -70,20 +72,25 @@ fn pack4(q: vec4<f32>) -> u32 {
     return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
 }
 
+// The RMS norm's 1 / rms of the input row at vec4 `x0` (1 without prenorm), from the whole workgroup.
+fn norm_inv(x0: u32, t: u32) -> f32 {
+    if p.prenorm == 0u {
+        return 1.0;
+    }
+    var ss = 0.0;
+    for (var wi = t; wi < (p.k + 3u) / 4u; wi += WG) {
+        let v = below_k(x[x0 + wi], wi);
+        ss += dot(v, v);
+    }
+    return 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+}
+
 // The RMS norm's 1 / rms (1 without prenorm) and the int8 scale s = 127 / absmax of the input row at
 // vec4 `x0`, from the whole workgroup. x and the norm weights come from global memory again in each
 // pass, but from L1 after the first.
 fn row_scales(x0: u32, t: u32) -> vec2<f32> {
     let kw = (p.k + 3u) / 4u; // words holding input
-    var inv = 1.0;
-    if p.prenorm == 1u {
-        var ss = 0.0;
-        for (var wi = t; wi < kw; wi += WG) {
-            let v = below_k(x[x0 + wi], wi);
-            ss += dot(v, v);
-        }
-        inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
-    }
+    let inv = norm_inv(x0, t);
     var amax = 0.0;
     for (var wi = t; wi < kw; wi += WG) {
         amax = max(amax, max4(abs(input4(x0, wi, inv))));

@@ -176,9 +176,10 @@ fn qwen3_chat_template_renders_as_transformers() {
     }
 }
 
-/// `bitnet info` names the family, and the GPU backends refuse Qwen3 by name (their kernels are to come).
+/// `bitnet info` names the family; CUDA refuses Qwen3 by name (its kernels are to come), wgpu runs it
+/// (engine/tests/wgpu.rs) but refuses BitNet embedding models by name.
 #[test]
-fn info_names_qwen3_and_gpus_refuse_it() {
+fn info_names_qwen3_and_cuda_refuses_it() {
     let bytes = std::fs::read(fixture("models/qwen3-q1_0.gguf")).unwrap();
     let report = bitnet_engine::info::report(&bytes).unwrap();
     assert!(report.contains("family: Qwen3 block (q/k norms) (architecture qwen3"), "{report}");
@@ -188,8 +189,13 @@ fn info_names_qwen3_and_gpus_refuse_it() {
     let report = bitnet_engine::info::report(&bytes).unwrap();
     assert!(report.contains("a BitNet embedding model"), "{report}");
     let model = load("qwen3-q1_0.gguf");
-    match bitnet_engine::backend::check_runs(&model, "wgpu") {
-        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("wgpu"), "{m}"),
+    match bitnet_engine::backend::check_runs(&model, "CUDA") {
+        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("CUDA"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    bitnet_engine::backend::check_runs(&model, "wgpu").expect("wgpu runs Q1_0 Qwen3");
+    match bitnet_engine::backend::check_runs(&load("qwen3-embed-i2_s.gguf"), "wgpu") {
+        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("embedding") && m.contains("wgpu"), "{m}"),
         other => panic!("{other:?}"),
     }
 }

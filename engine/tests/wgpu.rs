@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
 use bitnet_engine::backend::cpu::CpuModel;
 use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu, TILE};
-use bitnet_engine::backend::{Sequence, Step, Want, Weights};
+use bitnet_engine::backend::{KvType, Sequence, Step, Want, Weights};
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::model::{Activation, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
@@ -667,4 +667,88 @@ fn bench_default_model() {
 #[ignore]
 fn bench_2b4t_shape() {
     bench("2B4T-shape", &random_2b4t());
+}
+
+/// The Qwen3 fixtures (tests/fixtures/models/references_qwen3.json: PrismML's Q1_0 with a tied F16 head,
+/// Q2_0 with an untied Q8_0 head, both quantized by llama.cpp's llama-quantize) on the device, both KV
+/// caches f32 as the references: every prompt position's logits, token by token (the decode path) and the
+/// whole prompt in one call (the tile path: its last position), against the CPU backend and against
+/// llama.cpp's logits on the same file, with the same top-1.
+///
+/// Tolerance: the device quantizes each projection's input to Q8_0 blocks as the CPU does, and the integer
+/// dot products are exact, but its float sums (RMS norms, the block scales' sums) run in another order, so
+/// a Q8_0 rounding of one activation can flip on another device. Measured on llvmpipe: max |Δ| 1.1e-5 vs
+/// the CPU (no flip), 0.0043 vs llama.cpp (the CPU's own difference). Bounds: 0.01 vs the CPU (room for a
+/// flip or two on other GPUs, far below the quantization error itself), and the CPU's own bound against
+/// llama.cpp (0.02, tests/qwen3.rs).
+#[test]
+fn qwen3_models_match_the_cpu_and_llama_cpp() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references_qwen3.json")).unwrap()).unwrap();
+    if gpu().is_none() {
+        return;
+    }
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let (mut checked, mut worst_cpu, mut worst_lc) = (0, 0f32, 0f32);
+    for (file, info) in refs["models"].as_object().unwrap() {
+        let (model, _) = load(&fixture(file));
+        let cpu: Arc<dyn Weights> =
+            Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap().with_kv(KvType::F32));
+        let devices = [gpu().unwrap(), gpu().unwrap().without_dot4()];
+        for dev in devices {
+            let gm = Arc::new(GpuModel::upload(Arc::new(dev), &model).unwrap().with_kv(KvType::F32).unwrap());
+            let name = format!("{file} on {}", gm.gpu().adapter().name);
+            for case in info["cases"].as_array().unwrap() {
+                let tokens: Vec<u32> =
+                    case["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                let lc = case["llama_cpp"].as_array().unwrap();
+                let (mut c, mut g) = (cpu.clone().sequence(64).unwrap(), Wgpu::with_model(gm.clone(), 64).unwrap());
+                let mut whole = Wgpu::with_model(gm.clone(), 64).unwrap();
+                whole.forward(&tokens, 0, Want::Logits).unwrap();
+                for (pos, &t) in tokens.iter().enumerate() {
+                    c.forward(&[t], pos, Want::Logits).unwrap();
+                    g.forward(&[t], pos, Want::Logits).unwrap();
+                    let (want, lc) = (c.logits(), floats(&lc[pos]));
+                    let what = format!("{name}, prompt of {}, position {pos}", tokens.len());
+                    let (d_cpu, d_lc) = (max_abs_diff(g.logits(), want), max_abs_diff(g.logits(), &lc));
+                    assert!(d_cpu <= 0.01, "{what}: max |Δ| vs the CPU = {d_cpu}");
+                    assert!(d_lc <= 0.02, "{what}: max |Δ| vs llama.cpp = {d_lc}");
+                    assert_eq!(argmax(g.logits()), argmax(want), "{what}: top-1 vs the CPU");
+                    assert_eq!(argmax(g.logits()), argmax(&lc), "{what}: top-1 vs llama.cpp");
+                    (worst_cpu, worst_lc) = (worst_cpu.max(d_cpu), worst_lc.max(d_lc));
+                    checked += 1;
+                }
+                let d = max_abs_diff(whole.logits(), g.logits());
+                assert!(d <= 1e-4, "{name}: the prompt in one call vs token by token: max |Δ| = {d}");
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 2 * (12 + 8), "2 files × 2 dot products × 20 positions");
+    eprintln!("qwen3: max |Δlogit| {worst_cpu} vs the CPU, {worst_lc} vs llama.cpp");
+}
+
+/// The batched step on Qwen3 (Q1_0 projections; Q2_0 with the Q8_0 head): each row as its sequence alone.
+#[test]
+fn qwen3_batched_steps_match_one_at_a_time() {
+    let prompts: Vec<Vec<u32>> =
+        [3, 1, 7, 2, 12].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
+    for file in ["qwen3-q1_0.gguf", "qwen3-q2_0.gguf"] {
+        let Some(gpu) = gpu() else { return };
+        let (model, _) = load(&fixture(file));
+        batch_matches_one_at_a_time(&upload(gpu, &model), &prompts);
+    }
+}
+
+/// A BitNet embedding model (qwen3 with `*_norm_in` tensors) is refused on wgpu by name, not run wrongly.
+#[test]
+fn qwen3_embedding_models_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let (model, _) = load(&fixture("qwen3-embed-i2_s.gguf"));
+    match GpuModel::upload(Arc::new(gpu), &model) {
+        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("embedding") && m.contains("wgpu"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("uploaded"),
+    }
 }
