@@ -780,14 +780,55 @@ fn qwen3_batched_steps_match_one_at_a_time() {
     }
 }
 
-/// A BitNet embedding model (qwen3 with `*_norm_in` tensors) is refused on wgpu by name, not run wrongly.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "embedding lengths");
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// A BitNet embedding model (qwen3 with I2_S projections and an RMSNorm on each projection's input: q, k, v,
+/// gate and up each on their own input, the double norm fused into the quantization) on the device: the final
+/// hidden state of the reference's tokens (last-token pooling) against the CPU's and against the numpy
+/// reference of references_qwen3.json (cosine ≥ 0.9999, as `bitnet embed` on the CPU), with the f16 and the
+/// f32 KV cache; the prompt in one call (tiles) equal to token by token; and its batched steps.
 #[test]
-fn qwen3_embedding_models_are_refused() {
+fn qwen3_embedding_model_matches_the_cpu_and_reference() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references_qwen3.json")).unwrap()).unwrap();
+    let refs = &refs["embedding"];
     let Some(gpu) = gpu() else { return };
-    let (model, _) = load(&fixture("qwen3-embed-i2_s.gguf"));
-    match GpuModel::upload(Arc::new(gpu), &model) {
-        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("embedding") && m.contains("wgpu"), "{m}"),
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("uploaded"),
+    let (model, _) = load(&fixture(refs["file"].as_str().unwrap()));
+    assert!(model.is_embedding());
+    let gpu = Arc::new(gpu);
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let (mut worst_cpu, mut worst_ref) = (1f64, 1f64);
+    for (kv, want) in [(KvType::F16, "embedding"), (KvType::F32, "embedding_f32_cache")] {
+        let gm = Arc::new(GpuModel::upload(gpu.clone(), &model).unwrap().with_kv(kv).unwrap());
+        let cpu: Arc<dyn Weights> =
+            Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap().with_kv(kv));
+        for case in refs["cases"].as_array().unwrap() {
+            let tokens: Vec<u32> =
+                case["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let (mut c, mut g) = (cpu.clone().sequence(64).unwrap(), Wgpu::with_model(gm.clone(), 64).unwrap());
+            c.forward(&tokens, 0, Want::Logits).unwrap();
+            g.forward(&tokens, 0, Want::Logits).unwrap();
+            let what = format!("{:?}, {kv:?} cache", case["text"]);
+            let hidden = g.hidden().expect("an embedding model's hidden state").to_vec();
+            let (to_cpu, to_ref) = (cosine(&hidden, c.hidden().unwrap()), cosine(&hidden, &floats(&case[want])));
+            assert!(to_cpu >= 0.9999, "{what}: cosine {to_cpu} with the CPU's");
+            assert!(to_ref >= 0.9999, "{what}: cosine {to_ref} with the numpy reference");
+            (worst_cpu, worst_ref) = (worst_cpu.min(to_cpu), worst_ref.min(to_ref));
+            let mut single = Wgpu::with_model(gm.clone(), 64).unwrap();
+            for (i, &t) in tokens.iter().enumerate() {
+                single.forward(&[t], i, Want::Logits).unwrap();
+            }
+            let d = max_abs_diff(single.hidden().unwrap(), &hidden);
+            assert!(d <= 1e-5, "{what}: token by token vs the prompt in one call: max |Δ| {d}");
+        }
     }
+    eprintln!("embedding model: cosine ≥ {worst_cpu} with the CPU, ≥ {worst_ref} with the numpy reference");
+    let prompts: Vec<Vec<u32>> = [3, 1, 6, 2].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
+    batch_matches_one_at_a_time(&Arc::new(GpuModel::upload(gpu, &model).unwrap()), &prompts);
 }

@@ -182,19 +182,14 @@ pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Re
 
 /// What a device backend runs: `backend` is "wgpu", "CUDA", or "a GPU" (the choice of `auto`, which keeps
 /// to what every GPU backend runs). All of them run ternary projections (the BitNet and Llama-ternary
-/// families); wgpu also Qwen3 with projections in ggml's Q1_0, Q2_0 or Q8_0 blocks. Anything else (Qwen3 on
-/// CUDA, float projections, BitNet embedding models on wgpu) is refused by name.
+/// families); wgpu also Qwen3 (BitNet embedding models included) with projections in ggml's Q1_0, Q2_0 or
+/// Q8_0 blocks. Anything else (Qwen3 on CUDA, float projections) is refused by name.
 pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
     use crate::format::quant::GgmlType;
     use crate::tensor::Linear;
     let wgpu = backend == "wgpu";
     if model.family == crate::model::Family::Qwen3 && !wgpu {
         return Err(Error::Unsupported(format!("the qwen3 architecture on {backend} (it runs on the CPU and wgpu)")));
-    }
-    if wgpu && model.is_embedding() {
-        return Err(Error::Unsupported(
-            "a BitNet embedding model (*_norm_in tensors) on wgpu (it runs on the CPU)".into(),
-        ));
     }
     let runs = |w: &&Linear| match w {
         Linear::Ternary(_) => true,

@@ -57,11 +57,16 @@ pub(crate) struct TernaryParams {
     pub ty: u32,
     /// blocks.wgsl: the vec4 where the weight blocks' scales start.
     pub d_off: u32,
+    /// Where the output rows start in the output buffer.
+    pub out_off: u32,
+    pub _pad: [u32; 3],
 }
 
 pub(crate) const MODE_STORE: u32 = 0;
 pub(crate) const MODE_ADD: u32 = 1;
 pub(crate) const MODE_GATE_UP: u32 = 2;
+/// `out = act(out)·y`: the up projection after the gate's, each on its own input (BitNet embedding models).
+pub(crate) const MODE_ACT_MUL: u32 = 4;
 /// The integer accumulators alone, for the test probes (probe.rs, native only).
 #[cfg(all(feature = "probes", not(target_arch = "wasm32")))]
 pub(crate) const MODE_RAW: u32 = 3;

@@ -50,23 +50,42 @@ use crate::model::{Activation, Config, Family, Model};
 use crate::tensor::Linear;
 use crate::{Error, Result};
 use kernels::{
-    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP,
-    MODE_STORE, SHORT_ROW, STEP_STRIDE,
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ACT_MUL, MODE_ADD,
+    MODE_GATE_UP, MODE_STORE, SHORT_ROW, STEP_STRIDE,
 };
 use weights::{FloatGpu, LinearGpu};
 
+/// A projection as a layer runs it (or projections stacked, sharing their input): its weights, what it does
+/// with its output, and the norms of its input.
+struct Part {
+    w: LinearGpu,
+    mode: u32,
+    /// The input's RMS norm weights (`prenorm` 1), two norms' back to back (`prenorm` 2: a BitNet embedding
+    /// model's block norm, then the projection's own `*_norm_in`), or none (`prenorm` 0: a family without
+    /// sub-norms quantizes the o and down projections' raw input).
+    norm: Option<wgpu::Buffer>,
+    prenorm: u32,
+    /// Where its rows go in the output: q, k and v each on its own input write their parts of `qkv`.
+    out_off: usize,
+}
+
 struct GpuLayer {
-    attn_norm: wgpu::Buffer,
-    /// None for a family without sub-norms (the o and down projections quantize their raw input).
-    attn_sub_norm: Option<wgpu::Buffer>,
-    ffn_norm: wgpu::Buffer,
-    ffn_sub_norm: Option<wgpu::Buffer>,
     /// Qwen3's RMSNorm weights of each q head, then of each k head (norm.wgsl's head_norm); None otherwise.
     qk_norm: Option<wgpu::Buffer>,
-    qkv: LinearGpu,
-    wo: LinearGpu,
-    gate_up: LinearGpu,
-    down: LinearGpu,
+    /// q, k and v stacked (or each on its own input norm), from x into `qkv`.
+    qkv: Vec<Part>,
+    /// From the attention output, added to x.
+    wo: Part,
+    /// Gate and up interleaved, act(gate)·up into `h` (or gate then up, each on its own input norm).
+    gate_up: Vec<Part>,
+    /// From h, added to x.
+    down: Part,
+}
+
+impl GpuLayer {
+    fn parts(&self) -> impl Iterator<Item = &Part> {
+        self.qkv.iter().chain([&self.wo]).chain(&self.gate_up).chain([&self.down])
+    }
 }
 
 /// A model's weights on one device, with the compiled kernels: shared by every context ([`Wgpu`]).
@@ -96,6 +115,8 @@ pub struct GpuModel {
     lookup: Kernel,
     /// Keys and values cached as computed (`KvType::F32`), or rounded to f16.
     exact_kv: bool,
+    /// A BitNet embedding model: contexts read back the final hidden state with the logits.
+    embedding: bool,
 }
 
 /// The LM head on the device.
@@ -103,9 +124,13 @@ enum LmHead {
     /// The float embedding, tied.
     Embedding,
     Float(FloatGpu),
-    /// Qwen3's head in Q1_0, Q2_0 or Q8_0 (tied or not), multiplied as its projections are.
-    Blocks(LinearGpu),
+    /// Qwen3's head in Q1_0, Q2_0 or Q8_0 (tied or not), multiplied as its projections are (the final norm
+    /// fused in).
+    Blocks(Part),
 }
+
+/// `Layer::norm_in`'s index of no projection: a stacked projection has no input norm of its own.
+const NO_NORM_IN: usize = usize::MAX;
 
 /// Whether blocks.wgsl multiplies matrices of type `ty` (the CPU's `blocks::reads`).
 fn blocks_type(ty: crate::format::quant::GgmlType) -> bool {
@@ -145,22 +170,53 @@ impl GpuModel {
         }
         let g = &gpu;
         let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
-        let sub_norm = |label: &str, v: &[f32]| (!v.is_empty()).then(|| f32s(label, v));
         let mut layers = Vec::with_capacity(c.n_layer);
         check_runs(model, "wgpu")?;
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         for (i, l) in model.layers.iter().enumerate() {
             let name = |n: &str| format!("blk.{i}.{n}");
+            // A projection `ws` on its input through the block's norm `block` (empty: none) and its own norm
+            // `norm_in[own]` where the model has those.
+            let part = |label: &str, ws: &[&Linear], mode, block: &[f32], own: usize, out_off| -> Result<Part> {
+                let label = name(label);
+                let (norm, prenorm) = match (block.is_empty(), l.norm_in.get(own)) {
+                    (true, None) => (None, 0),
+                    (false, None) => (Some(f32s(&label, block)), 1),
+                    (true, Some(own)) => (Some(f32s(&label, own)), 1),
+                    (false, Some(own)) => {
+                        let mut both = block.to_vec();
+                        both.resize(s4(block.len()), 0.0);
+                        both.extend_from_slice(own);
+                        (Some(f32s(&label, &both)), 2)
+                    }
+                };
+                let w = upload_linear(g, &label, ws, mode == MODE_GATE_UP)?;
+                Ok(Part { w, mode, norm, prenorm, out_off })
+            };
+            let (qkv, gate_up) = match l.norm_in.is_empty() {
+                true => (
+                    vec![part("attn_qkv", &[&l.wq, &l.wk, &l.wv], MODE_STORE, &l.attn_norm, NO_NORM_IN, 0)?],
+                    vec![part("ffn_gate_up", &[&l.w_gate, &l.w_up], MODE_GATE_UP, &l.ffn_norm, NO_NORM_IN, 0)?],
+                ),
+                false => (
+                    vec![
+                        part("attn_q", &[&l.wq], MODE_STORE, &l.attn_norm, 0, 0)?,
+                        part("attn_k", &[&l.wk], MODE_STORE, &l.attn_norm, 1, q_dim)?,
+                        part("attn_v", &[&l.wv], MODE_STORE, &l.attn_norm, 2, q_dim + kv_dim)?,
+                    ],
+                    vec![
+                        part("ffn_gate", &[&l.w_gate], MODE_STORE, &l.ffn_norm, 4, 0)?,
+                        part("ffn_up", &[&l.w_up], MODE_ACT_MUL, &l.ffn_norm, 5, 0)?,
+                    ],
+                ),
+            };
             let qk_norm = [l.attn_q_norm.as_slice(), &l.attn_k_norm].concat();
             layers.push(GpuLayer {
-                attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
-                attn_sub_norm: sub_norm(&name("attn_sub_norm"), &l.attn_sub_norm),
-                ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
-                ffn_sub_norm: sub_norm(&name("ffn_sub_norm"), &l.ffn_sub_norm),
-                qk_norm: sub_norm(&name("attn_qk_norm"), &qk_norm),
-                qkv: upload_linear(g, &name("attn_qkv"), &[&l.wq, &l.wk, &l.wv], false)?,
-                wo: upload_linear(g, &name("attn_output"), &[&l.wo], false)?,
-                gate_up: upload_linear(g, &name("ffn_gate_up"), &[&l.w_gate, &l.w_up], true)?,
-                down: upload_linear(g, &name("ffn_down"), &[&l.w_down], false)?,
+                qk_norm: (!qk_norm.is_empty()).then(|| f32s(&name("attn_qk_norm"), &qk_norm)),
+                qkv,
+                wo: part("attn_output", &[&l.wo], MODE_ADD, &l.attn_sub_norm, 3, 0)?,
+                gate_up,
+                down: part("ffn_down", &[&l.w_down], MODE_ADD, &l.ffn_sub_norm, 6, 0)?,
             });
             gpu.check("uploading the weights")?;
         }
@@ -168,13 +224,19 @@ impl GpuModel {
         let head = model.lm_head();
         // As the CPU multiplies it: a Qwen3 head in Q1_0/Q2_0/Q8_0 against Q8_0 activations, others in float.
         let lm_head = match (&model.output, model.family == Family::Qwen3 && blocks_type(head.ty)) {
-            (_, true) => LmHead::Blocks(LinearGpu::upload_blocks(g, "lm_head", &[head], false)?),
+            (_, true) => LmHead::Blocks(Part {
+                w: LinearGpu::upload_blocks(g, "lm_head", &[head], false)?,
+                mode: MODE_STORE,
+                norm: Some(f32s("output_norm", &model.output_norm)),
+                prenorm: 1,
+                out_off: 0,
+            }),
             (Some(out), false) => LmHead::Float(FloatGpu::upload(g, "lm_head", out)?),
             (None, false) => LmHead::Embedding,
         };
         let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
-        let any_blocks = matches!(lm_head, LmHead::Blocks(_))
-            || layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).any(|w| w.params.ty != 0);
+        let any_blocks =
+            matches!(lm_head, LmHead::Blocks(_)) || layers.iter().flat_map(GpuLayer::parts).any(|p| p.w.params.ty != 0);
         let head_format = match &lm_head {
             LmHead::Float(f) => f.format,
             _ => token_embd.format,
@@ -199,6 +261,7 @@ impl GpuModel {
             config: c,
             gpu: gpu.clone(),
             exact_kv: false,
+            embedding: model.is_embedding(),
         };
         gpu.check("compiling the kernels")?;
         Ok(m)
@@ -251,9 +314,8 @@ impl GpuModel {
         let (c, gpu) = (&self.config, &*self.gpu);
         let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let ternary =
-            self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).filter(|w| w.params.ty == 0);
-        let widest = ternary.map(|w| w.params.vpr).max();
+        let ternary = self.layers.iter().flat_map(GpuLayer::parts).filter(|p| p.w.params.ty == 0);
+        let widest = ternary.map(|p| p.w.params.vpr).max();
         let attn = AttnParams {
             qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
             out_stride: s4(q_dim) as u32,
@@ -279,24 +341,23 @@ impl GpuModel {
         embd.shards.iter().map(|s| self.float(&self.lookup, embd, s, step, &t.h, &t.x)).collect()
     }
 
-    /// The dispatches of projection `w` on `input` (RMS-normalized with `norm` first, where given) into
-    /// `out` in `mode`, for a decode step's token, or for a tile's rows (`tile`: its buffers, and the rows'
-    /// input and output lengths): a ternary matrix's GEMV, or its tile's norm + quantization and GEMM; a
-    /// matrix in ggml blocks's one dispatch (blocks.wgsl) either way.
+    /// The dispatches of `part` on `input` (through its norms) into `out`, for a decode step's token, or for
+    /// a tile's rows (`tile`: its buffers, and the rows' input and output lengths): a ternary matrix's GEMV,
+    /// or its tile's norm + quantization and GEMM; a matrix in ggml blocks's one dispatch (blocks.wgsl)
+    /// either way.
     fn projection(
         &self,
         step: &wgpu::Buffer,
-        w: &LinearGpu,
-        mode: u32,
+        part: &Part,
         [input, out]: [&wgpu::Buffer; 2],
-        norm: Option<&wgpu::Buffer>,
         tile: Option<(&TileBufs, usize, usize)>,
     ) -> Vec<Dispatch> {
-        let (c, gpu) = (&self.config, &*self.gpu);
+        let (c, gpu, w) = (&self.config, &*self.gpu, &part.w);
         let act = u32::from(c.activation == Activation::Silu);
-        let (norm, prenorm) = norm.map_or((input, 0), |n| (n, 1)); // no norm: any buffer, unread
+        let norm = part.norm.as_ref().unwrap_or(input); // no norm: any buffer, unread
         let (x_stride, out_stride) = tile.map_or((0, 0), |(_, i, o)| ((s4(i) / 4) as u32, s4(o) as u32));
-        let p = TernaryParams { mode, act, prenorm, eps: c.eps, x_stride, out_stride, ..w.params };
+        let (mode, prenorm, out_off) = (part.mode, part.prenorm, part.out_off as u32);
+        let p = TernaryParams { mode, act, prenorm, eps: c.eps, x_stride, out_stride, out_off, ..w.params };
         let uniform = gpu.uniform("projection params", &p);
         let gemv = |k: &Kernel| {
             k.dispatch(gpu, step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
@@ -351,17 +412,14 @@ impl GpuModel {
         self.layers
             .iter()
             .map(|l| {
-                let mut before =
-                    self.projection(step, &l.qkv, MODE_STORE, [x, qkv], Some(&l.attn_norm), sized(d, qkv_len));
+                let mut before: Vec<Dispatch> =
+                    l.qkv.iter().flat_map(|p| self.projection(step, p, [x, qkv], sized(d, qkv_len))).collect();
                 before.extend(self.head_norm(step, l, [qkv, spare], s4(qkv_len), rows));
-                let after = [
-                    self.projection(step, &l.wo, MODE_ADD, [att_out, x], l.attn_sub_norm.as_ref(), sized(q_dim, d)),
-                    self.projection(step, &l.gate_up, MODE_GATE_UP, [x, h], Some(&l.ffn_norm), sized(d, ff)),
-                    self.projection(step, &l.down, MODE_ADD, [h, x], l.ffn_sub_norm.as_ref(), sized(ff, d)),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
+                let after = std::iter::once((&l.wo, [att_out, x], sized(q_dim, d)))
+                    .chain(l.gate_up.iter().map(|p| (p, [x, h], sized(d, ff))))
+                    .chain([(&l.down, [h, x], sized(ff, d))])
+                    .flat_map(|(p, io, tile)| self.projection(step, p, io, tile))
+                    .collect();
                 Around { before, after }
             })
             .collect()
@@ -483,6 +541,9 @@ pub struct Wgpu {
     best_buf: wgpu::Buffer,
     best_read: wgpu::Buffer,
     logits: Vec<f32>,
+    /// An embedding model's final normed hidden state (`Sequence::hidden`), read back with the logits (the
+    /// device's `xn`, the float head's input); None for other models.
+    hidden: Option<(wgpu::Buffer, wgpu::Buffer, Vec<f32>)>,
     /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
     ready: Option<(Head, bool, wgpu::CommandBuffer)>,
     /// The RoPE table and each layer's key and value caches, for a [`WgpuBatcher`]'s dispatches (the
@@ -577,7 +638,7 @@ impl Wgpu {
         let norm =
             |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, q_heads: 0, stride: 0 });
         let head = match &m.lm_head {
-            LmHead::Blocks(w) => m.projection(&step, w, MODE_STORE, [&x, &logits_buf], Some(&m.output_norm), None),
+            LmHead::Blocks(part) => m.projection(&step, part, [&x, &logits_buf], None),
             LmHead::Float(_) | LmHead::Embedding => {
                 let f = if let LmHead::Float(f) = &m.lm_head { f } else { &m.token_embd };
                 let mut head = vec![m.rmsnorm.dispatch(
@@ -593,7 +654,12 @@ impl Wgpu {
         let argmax =
             m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
         gpu.check("creating a context")?;
+        let hidden = match m.lm_head {
+            LmHead::Blocks(_) => None,
+            _ => m.embedding.then(|| (xn.clone(), gpu.readback("hidden", c.n_embd as u64 * 4), vec![0.0; c.n_embd])),
+        };
         Ok(Wgpu {
+            hidden,
             logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
             best_read: gpu.readback("best", 4),
             logits: vec![0.0; c.n_vocab],
@@ -778,6 +844,16 @@ impl Wgpu {
         self.m.gpu.check("running the model")
     }
 
+    /// Reads back the logits (and an embedding model's hidden state) that a step with `Head::Logits` copied.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_logits(&mut self) -> Result<()> {
+        self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+        match &mut self.hidden {
+            Some((_, read, h)) => self.m.gpu.read(read, h),
+            None => Ok(()),
+        }
+    }
+
     /// The command buffer of a decode step, with attention split over the sequence or not, then `head`.
     fn record(&self, head: Head, split: bool) -> wgpu::CommandBuffer {
         let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
@@ -833,7 +909,10 @@ impl Wgpu {
         match head {
             // The device buffer may be padded (to whole 16 bytes): copy the logits only.
             Head::Logits => {
-                enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, self.logits.len() as u64 * 4)
+                enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, self.logits.len() as u64 * 4);
+                if let Some((xn, read, h)) = &self.hidden {
+                    enc.copy_buffer_to_buffer(xn, 0, read, 0, h.len() as u64 * 4);
+                }
             }
             Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
             Head::None => {}
@@ -854,7 +933,7 @@ impl Sequence for Wgpu {
             Want::Greedy => return self.forward_argmax(tokens, pos).map(Some),
             Want::Logits => {
                 self.run(tokens, pos, Head::Logits)?;
-                self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+                self.read_logits()?;
             }
             Want::Nothing => self.run(tokens, pos, Head::None)?,
         }
@@ -863,6 +942,10 @@ impl Sequence for Wgpu {
 
     fn logits(&self) -> &[f32] {
         &self.logits
+    }
+
+    fn hidden(&self) -> Option<&[f32]> {
+        self.hidden.as_ref().map(|(_, _, h)| h.as_slice())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -1017,7 +1100,7 @@ impl WgpuBatcher {
         rows.iter_mut()
             .map(|r| match r.want {
                 Want::Nothing => Ok(None),
-                Want::Logits => gpu.read(&r.seq.logits_read, &mut r.seq.logits).map(|_| None),
+                Want::Logits => r.seq.read_logits().map(|_| None),
                 Want::Greedy => {
                     let mut best = [0u32];
                     gpu.read(&r.seq.best_read, &mut best)?;
