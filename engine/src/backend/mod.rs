@@ -185,7 +185,6 @@ pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Re
 /// families); wgpu also Qwen3 (BitNet embedding models included) with projections in ggml's Q1_0, Q2_0 or
 /// Q8_0 blocks. Anything else (Qwen3 on CUDA, float projections) is refused by name.
 pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
-    use crate::format::quant::GgmlType;
     use crate::tensor::Linear;
     let wgpu = backend == "wgpu";
     if model.family == crate::model::Family::Qwen3 && !wgpu {
@@ -193,7 +192,7 @@ pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
     }
     let runs = |w: &&Linear| match w {
         Linear::Ternary(_) => true,
-        Linear::Ggml(m) => wgpu && matches!(m.ty, GgmlType::Q1_0 | GgmlType::Q2_0 | GgmlType::Q8_0),
+        Linear::Ggml(m) => wgpu && cpu::kernels::blocks::reads(m.ty), // Q1_0, Q2_0, Q8_0
     };
     for (i, l) in model.layers.iter().enumerate() {
         let all = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];

@@ -43,6 +43,7 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
+use crate::backend::cpu::kernels::blocks;
 use crate::backend::{check_ctx, check_input, check_runs, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
@@ -132,12 +133,6 @@ enum LmHead {
 /// `Layer::norm_in`'s index of no projection: a stacked projection has no input norm of its own.
 const NO_NORM_IN: usize = usize::MAX;
 
-/// Whether blocks.wgsl multiplies matrices of type `ty` (the CPU's `blocks::reads`).
-fn blocks_type(ty: crate::format::quant::GgmlType) -> bool {
-    use crate::format::quant::GgmlType;
-    matches!(ty, GgmlType::Q1_0 | GgmlType::Q2_0 | GgmlType::Q8_0)
-}
-
 /// Projections that share an input, stacked (or interleaved) into one matrix: ternary ones for ternary.wgsl,
 /// ggml blocks of one type for blocks.wgsl.
 fn upload_linear(gpu: &Gpu, label: &str, parts: &[&Linear], interleave: bool) -> Result<LinearGpu> {
@@ -151,7 +146,7 @@ fn upload_linear(gpu: &Gpu, label: &str, parts: &[&Linear], interleave: bool) ->
         .collect();
     match (ternary, blocks) {
         (Some(t), _) => LinearGpu::upload(gpu, label, &t, interleave),
-        (_, Some(b)) if b.iter().all(|m| blocks_type(m.ty) && m.ty == b[0].ty) => {
+        (_, Some(b)) if b.iter().all(|m| blocks::reads(m.ty) && m.ty == b[0].ty) => {
             LinearGpu::upload_blocks(gpu, label, &b, interleave)
         }
         _ => Err(Error::Unsupported(format!(
@@ -223,7 +218,7 @@ impl GpuModel {
         let token_embd = FloatGpu::upload(g, "token_embd", &model.token_embd)?;
         let head = model.lm_head();
         // As the CPU multiplies it: a Qwen3 head in Q1_0/Q2_0/Q8_0 against Q8_0 activations, others in float.
-        let lm_head = match (&model.output, model.family == Family::Qwen3 && blocks_type(head.ty)) {
+        let lm_head = match (&model.output, model.family == Family::Qwen3 && blocks::reads(head.ty)) {
             (_, true) => LmHead::Blocks(Part {
                 w: LinearGpu::upload_blocks(g, "lm_head", &[head], false)?,
                 mode: MODE_STORE,

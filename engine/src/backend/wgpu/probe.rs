@@ -195,6 +195,20 @@ impl Gpu {
             .collect())
     }
 
+    /// A projection in ggml blocks (Q1_0, Q2_0, Q8_0) as blocks.wgsl runs it: `rmsnorm(x, norm)` (no norm where
+    /// `norm` is empty), Q8_0 quantization, the block dot products; `y` of every row.
+    pub fn probe_blocks(&self, m: &FloatMatrix, x: &[f32], norm: &[f32], eps: f32) -> Result<Vec<f32>> {
+        let g = LinearGpu::upload_blocks(self, "w", &[m], false)?;
+        let k = Kernel::blocks(self, m.cols.next_multiple_of(128))?;
+        let prenorm = u32::from(!norm.is_empty());
+        let p = TernaryParams { mode: MODE_STORE, prenorm, eps, ..g.params };
+        let (x, out) = (self.storage("x", bytemuck::cast_slice(x)), self.zeros("out", m.rows as u64 * 4));
+        let norm = if norm.is_empty() { &x } else { &self.storage("norm", bytemuck::cast_slice(norm)) };
+        let grid = grid(m.rows, k.rows_per_group);
+        let d = k.dispatch(self, &self.probe_step(0), &[&self.uniform("params", &p), &g.buf, &x, norm, &out], grid);
+        self.probe_run(&[d], &out, m.rows)
+    }
+
     fn probe_float(&self, m: &FloatMatrix, entry: &str, x: &[f32], token: u32, n: usize) -> Result<Vec<f32>> {
         let fm = FloatGpu::upload(self, "m", m)?;
         let k = Kernel::float(self, fm.format, entry);
