@@ -22,6 +22,13 @@
 //! activations, accumulators and float operations are those of the decode path, so a prompt in tiles gives
 //! the logits of the same prompt run token by token.
 //!
+//! The model families differ only in data: a family without sub-norms quantizes o's and down's raw input;
+//! Qwen3 adds one dispatch after qkv (norm.wgsl's head_norm: each q and k head RMS-normalized in place), and
+//! its projections in ggml blocks (Q1_0, Q2_0, Q8_0; a head in those types too) run blocks.wgsl in place of
+//! ternary.wgsl, against Q8_0 activations as the CPU and llama.cpp multiply them, one dispatch for a token or
+//! a whole tile. A BitNet embedding model's projections each have their own input norm (after the block's:
+//! both fused into the quantization), so q, k, v and gate, up run as separate `Part`s.
+//!
 //! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
 //! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
 //!
