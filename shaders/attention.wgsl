@@ -18,7 +18,7 @@
 // to `part`, and `combine` merges a head's chunks. Otherwise one head's positions would keep one
 // workgroup (one GPU core) busy while the rest of the GPU idles.
 //
-// Prepended by the host: WG, MAX_HD (>= head_dim), and reduce.wgsl.
+// Prepended by the host: WG, MAX_HD (>= head_dim), reduce.wgsl and f16.wgsl.
 
 struct Step { token: u32, pos: u32, row: u32, n: u32 }
 
@@ -52,20 +52,12 @@ var<workgroup> kp: array<f32, MAX_HD>;
 var<workgroup> vp: array<f32, MAX_HD>;
 var<workgroup> red: array<f32, WG>; // the partial Σ p·v
 
-// Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
-// x rounded to the nearest f16 (ties to even), as the CPU's `half::f16::from_f32`: integer operations on its
-// bits, because `quantizeToF16` rounds as the implementation likes (SwiftShader's results differed from the
-// CPU's). Exact over f16's normal range, where keys and values are; a subnormal keeps 10 bits (f16 has fewer).
-fn f16_round(x: f32) -> f32 {
-    let b = bitcast<u32>(x);
-    return bitcast<f32>((b + 0x0fffu + ((b >> 13u) & 1u)) & 0xffffe000u);
-}
-
 // A key or value as the cache keeps it.
 fn cached_value(x: f32) -> f32 {
     return select(f16_round(x), x, p.exact == 1u);
 }
 
+// Element i of the head starting at `base` in `qkv`, rotated for position `pos` (as model.rs's rope).
 fn rotated(base: u32, i: u32, pos: u32) -> f32 {
     let h = p.rope_half;
     if i < h {

@@ -1,13 +1,16 @@
 // The final RMS norm before the LM head (one workgroup; the other norms are fused into ternary.wgsl),
-// and the greedy argmax over the logits, so that generation can read back one id instead of the vocabulary.
+// Qwen3's RMS norm of each q and k head, and the greedy argmax over the logits, so that generation can read
+// back one id instead of the vocabulary.
 //
 // Prepended by the host: WG and reduce.wgsl.
 
-struct Step { token: u32, pos: u32 }
+struct Step { token: u32, pos: u32, row: u32, n: u32 }
 
 struct Params {
-    n: u32,
+    n: u32,       // elements (head_norm: the head dim)
     eps: f32,
+    q_heads: u32, // head_norm: the query heads, whose weights come first in `w` (the key heads' follow)
+    stride: u32,  // head_norm: floats from one token's q, k, v to the next's
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -29,6 +32,27 @@ fn rmsnorm(@builtin(local_invocation_index) t: u32) {
     let inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.n) + p.eps);
     for (var i = t; i < p.n; i += WG) {
         out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+// Qwen3's q and k norms, in place in `out` (the q, k, v rows of step.n tokens from step.row on): one
+// workgroup per (head, token), of the query heads then the key heads, each head normalized on its own with
+// the weights of its kind, as the CPU's `rmsnorm_in_place` (head dim at most WG).
+@compute @workgroup_size(WG)
+fn head_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let tok = wid.y;
+    if tok >= step.n {
+        return;
+    }
+    let base = (step.row + tok) * p.stride + wid.x * p.n; // k's heads follow q's
+    let wb = select(p.n, 0u, wid.x < p.q_heads);
+    var v = 0.0;
+    if t < p.n {
+        v = out[base + t];
+    }
+    let inv = 1.0 / sqrt(sum_f(v * v, t) / f32(p.n) + p.eps);
+    if t < p.n {
+        out[base + t] = w[wb + t] * (v * inv);
     }
 }
 

@@ -18,17 +18,22 @@ struct Params {
     rows: u32,    // weight rows
     k: u32,       // input length
     vpr: u32,     // vec4<u32> per weight row (padded_cols / 64)
-    mode: u32,    // 0 store, 1 add to out, 2 act(gate)·up of row pairs, 3 raw accumulators (tests)
+    mode: u32,    // 0 store, 1 add to out, 2 act(gate)·up of row pairs, 3 raw accumulators (tests),
+                  // 4 out = act(out)·y (up after gate, each with its own input: BitNet embedding models)
     seg1: u32,    // rows [0, seg1) use scale0, [seg1, seg2) scale1, the rest scale2 (mode 2: even/odd rows)
     seg2: u32,
     act: u32,     // mode 2: 0 relu², 1 SiLU
-    prenorm: u32, // 1: RMS-normalize the input with `norm` before quantizing (0: tests quantize it as is)
+    prenorm: u32, // 1: RMS-normalize the input with `norm` before quantizing (0: as it is; 2: twice, with
+                  // the two halves of `norm`: a BitNet embedding model's block norm, then the projection's own)
     eps: f32,
     scale0: f32,
     scale1: f32,
     scale2: f32,
     x_stride: u32,   // a prompt tile's input rows: vec4 from one token's to the next (tile.wgsl)
     out_stride: u32, // and its output rows: elements from one token's to the next
+    ty: u32,         // 0 ternary; blocks.wgsl: the ggml block type (1 Q1_0, 2 Q2_0, 3 Q8_0)
+    d_off: u32,      // blocks.wgsl: the vec4 of `w` where the weight blocks' scales start
+    out_off: u32,    // where the output rows start in `out` (one of q, k, v on its own)
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -56,12 +61,17 @@ fn below_k(v: vec4<f32>, wi: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, 4u * wi + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k));
 }
 
-// Word `wi` of the input row starting at vec4 `x0`, normalized as the CPU does it: w · (x · inv).
-fn input4(x0: u32, wi: u32, inv: f32) -> vec4<f32> {
-    if p.prenorm == 1u {
-        return below_k(norm[wi] * (x[x0 + wi] * inv), wi);
+// Word `wi` of the input row starting at vec4 `x0`, normalized as the CPU does it: h = w · (x · inv.x), and
+// with prenorm 2, w' · (h · inv.y) with the second half of `norm`.
+fn input4(x0: u32, wi: u32, inv: vec2<f32>) -> vec4<f32> {
+    if p.prenorm == 0u {
+        return below_k(x[x0 + wi], wi);
     }
-    return below_k(x[x0 + wi], wi);
+    let h = norm[wi] * (x[x0 + wi] * inv.x);
+    if p.prenorm == 1u {
+        return below_k(h, wi);
+    }
+    return below_k(norm[(p.k + 3u) / 4u + wi] * (h * inv.y), wi);
 }
 
 // The four int8 of `q` (integers in [-128, 127]) packed into a word, the first in the low byte.
@@ -70,29 +80,45 @@ fn pack4(q: vec4<f32>) -> u32 {
     return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
 }
 
-// The RMS norm's 1 / rms (1 without prenorm) and the int8 scale s = 127 / absmax of the input row at
-// vec4 `x0`, from the whole workgroup. x and the norm weights come from global memory again in each
-// pass, but from L1 after the first.
-fn row_scales(x0: u32, t: u32) -> vec2<f32> {
-    let kw = (p.k + 3u) / 4u; // words holding input
-    var inv = 1.0;
-    if p.prenorm == 1u {
-        var ss = 0.0;
-        for (var wi = t; wi < kw; wi += WG) {
-            let v = below_k(x[x0 + wi], wi);
-            ss += dot(v, v);
-        }
-        inv = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+// The RMS norms' 1 / rms of the input row at vec4 `x0` and (prenorm 2) of its first norm's output (1
+// where there is no such norm), from the whole workgroup.
+fn norm_inv(x0: u32, t: u32) -> vec2<f32> {
+    var inv = vec2<f32>(1.0);
+    if p.prenorm == 0u {
+        return inv;
     }
+    var ss = 0.0;
+    for (var wi = t; wi < (p.k + 3u) / 4u; wi += WG) {
+        let v = below_k(x[x0 + wi], wi);
+        ss += dot(v, v);
+    }
+    inv.x = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+    if p.prenorm == 2u {
+        ss = 0.0;
+        for (var wi = t; wi < (p.k + 3u) / 4u; wi += WG) {
+            let h = below_k(norm[wi] * (x[x0 + wi] * inv.x), wi);
+            ss += dot(h, h);
+        }
+        inv.y = 1.0 / sqrt(sum_f(ss, t) / f32(p.k) + p.eps);
+    }
+    return inv;
+}
+
+// The RMS norms' factors (`norm_inv`) and the int8 scale s = 127 / absmax of the input row at vec4 `x0`,
+// from the whole workgroup. x and the norm weights come from global memory again in each pass, but from
+// L1 after the first.
+fn row_scales(x0: u32, t: u32) -> vec3<f32> {
+    let kw = (p.k + 3u) / 4u; // words holding input
+    let inv = norm_inv(x0, t);
     var amax = 0.0;
     for (var wi = t; wi < kw; wi += WG) {
         amax = max(amax, max4(abs(input4(x0, wi, inv))));
     }
-    return vec2<f32>(inv, 127.0 / max(max_f(amax, t), 1e-5));
+    return vec3<f32>(inv, 127.0 / max(max_f(amax, t), 1e-5));
 }
 
 // Word `wi` of the input row at `x0` quantized to int8 (round half to even) and packed.
-fn quantize4(x0: u32, wi: u32, inv: f32, s: f32) -> u32 {
+fn quantize4(x0: u32, wi: u32, inv: vec2<f32>, s: f32) -> u32 {
     return pack4(clamp(round(input4(x0, wi, inv) * s), vec4<f32>(-128.0), vec4<f32>(127.0)));
 }
 
@@ -115,17 +141,19 @@ fn row_scale(row: u32) -> f32 {
 }
 
 // Writes output row `row` (accumulator `a`, BitLinear output `y`; `up`: the up row's output in mode 2)
-// at `base` + the row's index.
+// at `base` + `p.out_off` + the row's index.
 fn store(row: u32, a: i32, y: f32, up: f32, base: u32) {
+    let o = base + p.out_off;
     switch p.mode {
-        case 0u: { out[base + row] = bitcast<u32>(y); }
-        case 1u: { out[base + row] = bitcast<u32>(bitcast<f32>(out[base + row]) + y); }
+        case 0u: { out[o + row] = bitcast<u32>(y); }
+        case 1u: { out[o + row] = bitcast<u32>(bitcast<f32>(out[o + row]) + y); }
         case 2u: {
             if (row & 1u) == 0u && row + 1u < p.rows {
-                out[base + row / 2u] = bitcast<u32>(activation(y) * up);
+                out[o + row / 2u] = bitcast<u32>(activation(y) * up);
             }
         }
-        default: { out[base + row] = bitcast<u32>(a); }
+        case 4u: { out[o + row] = bitcast<u32>(activation(bitcast<f32>(out[o + row])) * y); }
+        default: { out[o + row] = bitcast<u32>(a); }
     }
 }
 
@@ -153,13 +181,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
     // Prologue: RMS norm, absmax, int8 quantization, Σq.
     let sc = row_scales(0u, t);
-    let s = sc.y;
+    let s = sc.z;
     let kw = (p.k + 3u) / 4u;
     var qsum = 0;
     for (var wi = t; wi < p.vpr * 16u; wi += WG) {
         var word = 0u;
         if wi < kw {
-            word = quantize4(0u, wi, sc.x, s);
+            word = quantize4(0u, wi, sc.xy, s);
             qsum += dot4(word, ONES);
         }
         xq[wi / 4u][wi % 4u] = word;

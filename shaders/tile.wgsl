@@ -30,7 +30,7 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     for (var wi = t; wi < n; wi += WG) {
         var word = 0u;
         if wi < kw {
-            word = quantize4(x0, wi, sc.x, sc.y);
+            word = quantize4(x0, wi, sc.xy, sc.z);
             qsum += dot4(word, ONES);
         }
         // Token-interleaved vec4s: the GEMM's threads (consecutive tokens) then load consecutive vec4s.
@@ -39,7 +39,7 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     // Σq is an integer below 2^24 in magnitude (6912 columns × 128): the f32 sum is exact.
     let total = sum_f(f32(qsum), t);
     if t == 0u {
-        scales[tok] = vec2<f32>(sc.y, total);
+        scales[tok] = vec2<f32>(sc.z, total);
     }
 }
 

@@ -176,9 +176,10 @@ fn qwen3_chat_template_renders_as_transformers() {
     }
 }
 
-/// `bitnet info` names the family, and the GPU backends refuse Qwen3 by name (their kernels are to come).
+/// `bitnet info` names the family; CUDA refuses Qwen3 by name (its kernels are to come), wgpu runs it
+/// (engine/tests/wgpu.rs), BitNet embedding models included.
 #[test]
-fn info_names_qwen3_and_gpus_refuse_it() {
+fn info_names_qwen3_and_cuda_refuses_it() {
     let bytes = std::fs::read(fixture("models/qwen3-q1_0.gguf")).unwrap();
     let report = bitnet_engine::info::report(&bytes).unwrap();
     assert!(report.contains("family: Qwen3 block (q/k norms) (architecture qwen3"), "{report}");
@@ -188,10 +189,12 @@ fn info_names_qwen3_and_gpus_refuse_it() {
     let report = bitnet_engine::info::report(&bytes).unwrap();
     assert!(report.contains("a BitNet embedding model"), "{report}");
     let model = load("qwen3-q1_0.gguf");
-    match bitnet_engine::backend::check_runs(&model, "wgpu") {
-        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("wgpu"), "{m}"),
+    match bitnet_engine::backend::check_runs(&model, "CUDA") {
+        Err(bitnet_engine::Error::Unsupported(m)) => assert!(m.contains("qwen3") && m.contains("CUDA"), "{m}"),
         other => panic!("{other:?}"),
     }
+    bitnet_engine::backend::check_runs(&model, "wgpu").expect("wgpu runs Q1_0 Qwen3");
+    bitnet_engine::backend::check_runs(&load("qwen3-embed-i2_s.gguf"), "wgpu").expect("and embedding models");
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -204,7 +207,8 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// projection's input): `bitnet embed` gives the reference's tokens (EOS appended) and its embedding (numpy,
 /// the same BitLinear math, last-token pooling, L2 norm) to cosine ≥ 0.9999, at unit length, with the default
 /// f16 KV cache (the reference rounds keys and values to f16 too: without that, the rounding flips int8
-/// activations downstream and the cosine drops to ~0.9997) and with an f32 cache.
+/// activations downstream and the cosine drops to ~0.9997) and with an f32 cache; on the CPU and on wgpu
+/// (llvmpipe in CI).
 #[test]
 fn bitnet_embed_matches_the_numpy_reference() {
     let refs = &references()["embedding"];
@@ -213,15 +217,17 @@ fn bitnet_embed_matches_the_numpy_reference() {
     assert!(model.layers.iter().all(|l| l.norm_in.len() == 7 && l.ternary().is_some()), "norm_in + ternary");
     for case in refs["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        for (kv, want) in [("f16", "embedding"), ("f32", "embedding_f32_cache")] {
-            let args = ["embed", "-m", path.to_str().unwrap(), "-p", text, "--json", "--kv-type", kv];
+        let runs = [("f16", "embedding"), ("f32", "embedding_f32_cache")].into_iter();
+        for ((kv, want), backend) in runs.flat_map(|r| [(r, "cpu"), (r, "wgpu")]) {
+            let args =
+                ["embed", "-m", path.to_str().unwrap(), "-p", text, "--json", "--kv-type", kv, "--backend", backend];
             let out = bitnet_tests::bitnet_json(&args);
             assert_eq!(ids(&out["tokens"]), ids(&case["tokens"]), "{text:?}: tokens");
             let (got, want) = (floats(&out["embedding"]), floats(&case[want]));
             let norm: f64 = got.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "{text:?}: |e| = {norm}");
             let cos = cosine(&got, &want);
-            assert!(cos >= 0.9999, "{text:?}, {kv} cache: cosine {cos}");
+            assert!(cos >= 0.9999, "{text:?}, {kv} cache, {backend}: cosine {cos}");
         }
     }
 }

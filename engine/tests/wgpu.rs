@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use bitnet_engine::backend::cpu::kernels::{self, quantize_activations};
 use bitnet_engine::backend::cpu::CpuModel;
 use bitnet_engine::backend::wgpu::{Gpu, GpuModel, Wgpu, TILE};
-use bitnet_engine::backend::{Sequence, Step, Want, Weights};
+use bitnet_engine::backend::{KvType, Sequence, Step, Want, Weights};
 use bitnet_engine::format::quant::{self, GgmlType};
 use bitnet_engine::model::{Activation, Model};
 use bitnet_engine::tensor::float::FloatMatrix;
@@ -309,6 +309,45 @@ fn lm_head_and_embedding_match_the_cpu_for_every_type() {
     }
 }
 
+/// blocks.wgsl against the CPU reference (blocks.rs's `reference_rows`, ggml's generic C) on Bonsai-wide rows
+/// (Q1_0 4096 columns: 32 blocks a row over 8 threads; Q2_0 and Q8_0 too): on the raw input the Q8_0
+/// activations and integer dots are the CPU's and only float sums run in another order (1e-5 relative);
+/// through the fused RMS norm, whose sum also runs in another order, a Q8_0 rounding may flip (measured: one
+/// step of one activation moved a Q8_0 output by 0.018 of 96), so there 2e-3 relative, which a wrong norm
+/// (off by a factor) exceeds by far.
+#[test]
+fn block_projections_match_the_cpu_reference() {
+    use bitnet_engine::backend::cpu::kernels::blocks::{reference_rows, Q8Activations};
+    let mut rng = Rng(20);
+    for gpu in both_dot4() {
+        for (ty, rows, cols) in [(GgmlType::Q1_0, 300, 4096), (GgmlType::Q2_0, 97, 1536), (GgmlType::Q8_0, 64, 4096)] {
+            let m = float_matrix(&mut rng, ty, rows, cols);
+            let x = rng.vec(cols, 3.0);
+            let norm: Vec<f32> = (0..cols).map(|_| 0.5 + rng.f32().abs()).collect();
+            for with_norm in [false, true] {
+                let input = match with_norm {
+                    false => x.clone(),
+                    true => {
+                        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / cols as f32 + 1e-6).sqrt();
+                        x.iter().zip(&norm).map(|(v, w)| w * (v * inv)).collect()
+                    }
+                };
+                let mut a = Q8Activations::default();
+                a.quantize(&input);
+                let mut want = vec![0f32; rows];
+                reference_rows(&m, 0..rows, &a, &mut want);
+                let got = gpu.probe_blocks(&m, &x, if with_norm { &norm } else { &[] }, 1e-6).unwrap();
+                let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
+                let d = max_abs_diff(&got, &want);
+                let what = format!("{ty:?} {rows}x{cols}, norm {with_norm} ({})", gpu.adapter().name);
+                let tol = if with_norm { 2e-3 } else { 1e-5 };
+                assert!(d <= tol * scale, "{what}: max |Δ| {d} (outputs up to {scale})");
+                eprintln!("{what}: max |Δ| {d} (outputs up to {scale})");
+            }
+        }
+    }
+}
+
 #[test]
 fn argmax_is_the_greedy_choice() {
     let mut rng = Rng(0x5eed_0005);
@@ -429,6 +468,45 @@ fn fixture_models_match_the_cpu() {
     }
     assert_eq!(checked, 30, "6 files × 5 prompts");
     eprintln!("fixtures: max |Δlogit| {stable_worst} on stable prompts, {worst} anywhere");
+}
+
+/// The other BitNet b1.58 families (tests/scripts/make_family_models.py, references_families.json): 1bitLLM
+/// (arch `bitnet`, SiLU, I2_S rows 160 wide: not a multiple of 128), Llama3-8B-1.58 (arch `llama`, TQ2_0, no
+/// sub-norms), Falcon-E (arch `llama`, I2_S and ternary-valued F16, untied F16 head, head dim 16) on their
+/// reference prompts and 4 greedy steps, against the CPU (1e-3 on flip-free prompts, as the fixtures above),
+/// the first prompt also with the plain-WGSL dot product; and their batched steps. Measured on llvmpipe: max
+/// |Δlogit| 9.5e-6 anywhere (no int8 rounding flipped).
+#[test]
+fn family_models_match_the_cpu() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references_families.json")).unwrap()).unwrap();
+    if gpu().is_none() {
+        return;
+    }
+    let (mut checked, mut stable_worst, mut worst) = (0, 0f32, 0f32);
+    for (file, info) in refs["files"].as_object().unwrap() {
+        let (model, _) = load(&fixture(file));
+        let gm = upload(gpu().unwrap(), &model);
+        let plain = upload(gpu().unwrap().without_dot4(), &model);
+        for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate()
+        {
+            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+            for gm in std::iter::once(&gm).chain(if i == 0 { Some(&plain) } else { None }) {
+                let (first, all) = compare_with_cpu(&model, gm, &ids, 4, tol, 0.05);
+                if tol < 0.5 {
+                    stable_worst = stable_worst.max(first);
+                }
+                worst = worst.max(all);
+            }
+            checked += 1;
+        }
+        let prompts: Vec<Vec<u32>> =
+            [3, 1, 6, 2].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
+        batch_matches_one_at_a_time(&gm, &prompts);
+    }
+    assert_eq!(checked, 4 + 5 + 5 + 5, "1bitLLM 4 prompts, 3 BPE files × 5");
+    eprintln!("families: max |Δlogit| {stable_worst} on stable prompts, {worst} anywhere");
 }
 
 /// The default model (smolbit-135m: 30 layers, Q5_0 embedding, head dim 64, GQA 3:1).
@@ -667,4 +745,129 @@ fn bench_default_model() {
 #[ignore]
 fn bench_2b4t_shape() {
     bench("2B4T-shape", &random_2b4t());
+}
+
+/// The Qwen3 fixtures (tests/fixtures/models/references_qwen3.json: PrismML's Q1_0 with a tied F16 head,
+/// Q2_0 with an untied Q8_0 head, both quantized by llama.cpp's llama-quantize) on the device, both KV
+/// caches f32 as the references: every prompt position's logits, token by token (the decode path) and the
+/// whole prompt in one call (the tile path: its last position), against the CPU backend and against
+/// llama.cpp's logits on the same file, with the same top-1.
+///
+/// Tolerance: the device quantizes each projection's input to Q8_0 blocks as the CPU does, and the integer
+/// dot products are exact, but its float sums (RMS norms, the block scales' sums) run in another order, so
+/// a Q8_0 rounding of one activation can flip on another device. Measured on llvmpipe: max |Δ| 1.1e-5 vs
+/// the CPU (no flip), 0.0043 vs llama.cpp (the CPU's own difference). Bounds: 0.01 vs the CPU (room for a
+/// flip or two on other GPUs, far below the quantization error itself), and the CPU's own bound against
+/// llama.cpp (0.02, tests/qwen3.rs).
+#[test]
+fn qwen3_models_match_the_cpu_and_llama_cpp() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references_qwen3.json")).unwrap()).unwrap();
+    if gpu().is_none() {
+        return;
+    }
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let (mut checked, mut worst_cpu, mut worst_lc) = (0, 0f32, 0f32);
+    for (file, info) in refs["models"].as_object().unwrap() {
+        let (model, _) = load(&fixture(file));
+        let cpu: Arc<dyn Weights> =
+            Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap().with_kv(KvType::F32));
+        let devices = [gpu().unwrap(), gpu().unwrap().without_dot4()];
+        for dev in devices {
+            let gm = Arc::new(GpuModel::upload(Arc::new(dev), &model).unwrap().with_kv(KvType::F32).unwrap());
+            let name = format!("{file} on {}", gm.gpu().adapter().name);
+            for case in info["cases"].as_array().unwrap() {
+                let tokens: Vec<u32> =
+                    case["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                let lc = case["llama_cpp"].as_array().unwrap();
+                let (mut c, mut g) = (cpu.clone().sequence(64).unwrap(), Wgpu::with_model(gm.clone(), 64).unwrap());
+                let mut whole = Wgpu::with_model(gm.clone(), 64).unwrap();
+                whole.forward(&tokens, 0, Want::Logits).unwrap();
+                for (pos, &t) in tokens.iter().enumerate() {
+                    c.forward(&[t], pos, Want::Logits).unwrap();
+                    g.forward(&[t], pos, Want::Logits).unwrap();
+                    let (want, lc) = (c.logits(), floats(&lc[pos]));
+                    let what = format!("{name}, prompt of {}, position {pos}", tokens.len());
+                    let (d_cpu, d_lc) = (max_abs_diff(g.logits(), want), max_abs_diff(g.logits(), &lc));
+                    assert!(d_cpu <= 0.01, "{what}: max |Δ| vs the CPU = {d_cpu}");
+                    assert!(d_lc <= 0.02, "{what}: max |Δ| vs llama.cpp = {d_lc}");
+                    assert_eq!(argmax(g.logits()), argmax(want), "{what}: top-1 vs the CPU");
+                    assert_eq!(argmax(g.logits()), argmax(&lc), "{what}: top-1 vs llama.cpp");
+                    (worst_cpu, worst_lc) = (worst_cpu.max(d_cpu), worst_lc.max(d_lc));
+                    checked += 1;
+                }
+                let d = max_abs_diff(whole.logits(), g.logits());
+                assert!(d <= 1e-4, "{name}: the prompt in one call vs token by token: max |Δ| = {d}");
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 2 * (12 + 8), "2 files × 2 dot products × 20 positions");
+    eprintln!("qwen3: max |Δlogit| {worst_cpu} vs the CPU, {worst_lc} vs llama.cpp");
+}
+
+/// The batched step on Qwen3 (Q1_0 projections; Q2_0 with the Q8_0 head): each row as its sequence alone.
+#[test]
+fn qwen3_batched_steps_match_one_at_a_time() {
+    let prompts: Vec<Vec<u32>> =
+        [3, 1, 7, 2, 12].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
+    for file in ["qwen3-q1_0.gguf", "qwen3-q2_0.gguf"] {
+        let Some(gpu) = gpu() else { return };
+        let (model, _) = load(&fixture(file));
+        batch_matches_one_at_a_time(&upload(gpu, &model), &prompts);
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "embedding lengths");
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// A BitNet embedding model (qwen3 with I2_S projections and an RMSNorm on each projection's input: q, k, v,
+/// gate and up each on their own input, the double norm fused into the quantization) on the device: the final
+/// hidden state of the reference's tokens (last-token pooling) against the CPU's and against the numpy
+/// reference of references_qwen3.json (cosine ≥ 0.9999, as `bitnet embed` on the CPU), with the f16 and the
+/// f32 KV cache; the prompt in one call (tiles) equal to token by token; and its batched steps.
+#[test]
+fn qwen3_embedding_model_matches_the_cpu_and_reference() {
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("references_qwen3.json")).unwrap()).unwrap();
+    let refs = &refs["embedding"];
+    let Some(gpu) = gpu() else { return };
+    let (model, _) = load(&fixture(refs["file"].as_str().unwrap()));
+    assert!(model.is_embedding());
+    let gpu = Arc::new(gpu);
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let (mut worst_cpu, mut worst_ref) = (1f64, 1f64);
+    for (kv, want) in [(KvType::F16, "embedding"), (KvType::F32, "embedding_f32_cache")] {
+        let gm = Arc::new(GpuModel::upload(gpu.clone(), &model).unwrap().with_kv(kv).unwrap());
+        let cpu: Arc<dyn Weights> =
+            Arc::new(CpuModel::new(model.clone(), kernels::best(), None, None).unwrap().with_kv(kv));
+        for case in refs["cases"].as_array().unwrap() {
+            let tokens: Vec<u32> =
+                case["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let (mut c, mut g) = (cpu.clone().sequence(64).unwrap(), Wgpu::with_model(gm.clone(), 64).unwrap());
+            c.forward(&tokens, 0, Want::Logits).unwrap();
+            g.forward(&tokens, 0, Want::Logits).unwrap();
+            let what = format!("{:?}, {kv:?} cache", case["text"]);
+            let hidden = g.hidden().expect("an embedding model's hidden state").to_vec();
+            let (to_cpu, to_ref) = (cosine(&hidden, c.hidden().unwrap()), cosine(&hidden, &floats(&case[want])));
+            assert!(to_cpu >= 0.9999, "{what}: cosine {to_cpu} with the CPU's");
+            assert!(to_ref >= 0.9999, "{what}: cosine {to_ref} with the numpy reference");
+            (worst_cpu, worst_ref) = (worst_cpu.min(to_cpu), worst_ref.min(to_ref));
+            let mut single = Wgpu::with_model(gm.clone(), 64).unwrap();
+            for (i, &t) in tokens.iter().enumerate() {
+                single.forward(&[t], i, Want::Logits).unwrap();
+            }
+            let d = max_abs_diff(single.hidden().unwrap(), &hidden);
+            assert!(d <= 1e-5, "{what}: token by token vs the prompt in one call: max |Δ| {d}");
+        }
+    }
+    eprintln!("embedding model: cosine ≥ {worst_cpu} with the CPU, ≥ {worst_ref} with the numpy reference");
+    let prompts: Vec<Vec<u32>> = [3, 1, 6, 2].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
+    batch_matches_one_at_a_time(&Arc::new(GpuModel::upload(gpu, &model).unwrap()), &prompts);
 }

@@ -199,28 +199,34 @@ pub fn check_input(ctx: usize, n_vocab: usize, tokens: &[u32], pos: usize) -> Re
     Ok(())
 }
 
-/// The one check of a context size, on every device.
-/// What the GPU backends run so far: ternary projections of the BitNet and Llama-ternary families. Others
-/// (Qwen3's q/k norms; Q1_0, Q2_0 and float projections) are refused by name until their kernels exist.
+/// What a device backend runs: `backend` is "wgpu", "CUDA", or "a GPU" (the choice of `auto`, which keeps
+/// to what every GPU backend runs). All of them run ternary projections (the BitNet and Llama-ternary
+/// families); wgpu also Qwen3 (BitNet embedding models included) with projections in ggml's Q1_0, Q2_0 or
+/// Q8_0 blocks. Anything else (Qwen3 on CUDA, float projections) is refused by name.
 pub fn check_runs(model: &Model, backend: &str) -> Result<()> {
-    if model.family == crate::model::Family::Qwen3 {
-        return Err(Error::Unsupported(format!("the qwen3 architecture on {backend} (it runs on the CPU)")));
+    use crate::tensor::Linear;
+    let wgpu = backend == "wgpu";
+    if model.family == crate::model::Family::Qwen3 && !wgpu {
+        return Err(Error::Unsupported(format!("the qwen3 architecture on {backend} (it runs on the CPU and wgpu)")));
     }
-    if let Some((i, l)) = model.layers.iter().enumerate().find(|(_, l)| l.ternary().is_none()) {
-        let ty = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-            .iter()
-            .find_map(|w| match w {
-                crate::tensor::Linear::Ggml(m) => Some(m.ty.name()),
-                crate::tensor::Linear::Ternary(_) => None,
-            })
-            .unwrap_or("?");
-        return Err(Error::Unsupported(format!(
-            "{ty} projections (layer {i}) on {backend}: it runs ternary ones only (the CPU runs every type)"
-        )));
+    let runs = |w: &&Linear| match w {
+        Linear::Ternary(_) => true,
+        Linear::Ggml(m) => wgpu && cpu::kernels::blocks::reads(m.ty), // Q1_0, Q2_0, Q8_0
+    };
+    for (i, l) in model.layers.iter().enumerate() {
+        let all = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];
+        if let Some(Linear::Ggml(m)) = all.iter().find(|w| !runs(w)) {
+            let which = if wgpu { "ternary, Q1_0, Q2_0 and Q8_0 ones" } else { "ternary ones only" };
+            return Err(Error::Unsupported(format!(
+                "{} projections (layer {i}) on {backend}: it runs {which} (the CPU runs every type)",
+                m.ty.name()
+            )));
+        }
     }
     Ok(())
 }
 
+/// The one check of a context size, on every device.
 pub fn check_ctx(c: &Config, ctx: usize) -> Result<()> {
     if ctx == 0 || ctx > c.n_ctx_train {
         return Err(Error::Invalid(format!("context {ctx} must be between 1 and the model's {}", c.n_ctx_train)));

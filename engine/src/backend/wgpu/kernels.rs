@@ -53,12 +53,20 @@ pub(crate) struct TernaryParams {
     pub scale2: f32,
     pub x_stride: u32,
     pub out_stride: u32,
-    pub _pad: [u32; 2],
+    /// 0: ternary (ternary.wgsl); a ggml block type (blocks.wgsl, `weights::TY_*`).
+    pub ty: u32,
+    /// blocks.wgsl: the vec4 where the weight blocks' scales start.
+    pub d_off: u32,
+    /// Where the output rows start in the output buffer.
+    pub out_off: u32,
+    pub _pad: [u32; 3],
 }
 
 pub(crate) const MODE_STORE: u32 = 0;
 pub(crate) const MODE_ADD: u32 = 1;
 pub(crate) const MODE_GATE_UP: u32 = 2;
+/// `out = act(out)·y`: the up projection after the gate's, each on its own input (BitNet embedding models).
+pub(crate) const MODE_ACT_MUL: u32 = 4;
 /// The integer accumulators alone, for the test probes (probe.rs, native only).
 #[cfg(all(feature = "probes", not(target_arch = "wasm32")))]
 pub(crate) const MODE_RAW: u32 = 3;
@@ -79,7 +87,9 @@ pub(crate) struct FloatParams {
 pub(crate) struct NormParams {
     pub n: u32,
     pub eps: f32,
-    pub _pad: [u32; 2],
+    /// head_norm: the query heads (k's follow), and the floats from one token's q, k, v to the next's.
+    pub q_heads: u32,
+    pub stride: u32,
 }
 
 /// attention.wgsl's `Params`.
@@ -170,8 +180,17 @@ pub(crate) const TILE_WGSL: &str = concat!(
     include_str!("../../../../shaders/ternary.wgsl"),
     include_str!("../../../../shaders/tile.wgsl")
 );
-pub(crate) const ATTENTION_WGSL: &str =
-    concat!(include_str!("../../../../shaders/reduce.wgsl"), include_str!("../../../../shaders/attention.wgsl"));
+pub(crate) const ATTENTION_WGSL: &str = concat!(
+    include_str!("../../../../shaders/reduce.wgsl"),
+    include_str!("../../../../shaders/f16.wgsl"),
+    include_str!("../../../../shaders/attention.wgsl")
+);
+pub(crate) const BLOCKS_WGSL: &str = concat!(
+    include_str!("../../../../shaders/reduce.wgsl"),
+    include_str!("../../../../shaders/f16.wgsl"),
+    include_str!("../../../../shaders/ternary.wgsl"),
+    include_str!("../../../../shaders/blocks.wgsl")
+);
 
 impl Kernel {
     /// Compiles `entry` of `source` (after a header defining `consts`) for bindings 0 (step) and `slots`.
@@ -223,6 +242,24 @@ impl Kernel {
         Ok(Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, TERNARY_WGSL, "main", &consts, &slots) })
     }
 
+    /// blocks.wgsl for inputs of up to `max_cols` (padded) columns: projections in ggml blocks, for one token
+    /// or a tile's (it runs each weight row for every token of the step: rows stay in the cache).
+    pub fn blocks(gpu: &Gpu, max_cols: usize) -> Result<Kernel> {
+        let xq_vec4 = (max_cols / 16).max(1) as u32;
+        // The int8 activations (xq), each block's scale and Σq, reduce.wgsl's two levels, the row parts.
+        let bytes = 16 * xq_vec4 + 4 * xq_vec4 + 2 * 4 * WG + 4 * WG;
+        let limit = gpu.limits.max_compute_workgroup_storage_size;
+        if bytes > limit {
+            let why =
+                format!("a Q1_0/Q2_0/Q8_0 projection over {max_cols} columns needs {bytes} bytes of workgroup memory");
+            return Err(Error::Gpu(format!("{why}, the adapter has {limit}")));
+        }
+        let tpr = threads_per_row(gpu, "BITNET_WGPU_TPR", 8).min(WG / 2); // gate/up pairs need 2 rows a group
+        let consts = [("TPR", tpr), ("XQ_VEC4", xq_vec4)];
+        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
+        Ok(Kernel { rows_per_group: (WG / tpr) as usize, ..Kernel::new(gpu, BLOCKS_WGSL, "blocks", &consts, &slots) })
+    }
+
     /// tile.wgsl's `entry` (quantize or gemm), for a prompt tile. ternary.wgsl's GEMV constants must be
     /// defined but go unused: 1 keeps its unused workgroup arrays small.
     pub fn tile(gpu: &Gpu, entry: &str) -> Kernel {
@@ -248,7 +285,7 @@ impl Kernel {
         Kernel { rows_per_group, ..Kernel::new(gpu, FLOAT_WGSL, entry, &consts, &slots) }
     }
 
-    /// norm.wgsl's `entry` (rmsnorm or argmax).
+    /// norm.wgsl's `entry` (rmsnorm, head_norm or argmax).
     pub fn norm(gpu: &Gpu, entry: &str) -> Kernel {
         Kernel::new(gpu, NORM_WGSL, entry, &[], &[Slot::Uniform, Slot::Read, Slot::Read, Slot::Write, Slot::Write])
     }

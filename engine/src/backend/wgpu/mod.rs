@@ -22,6 +22,13 @@
 //! activations, accumulators and float operations are those of the decode path, so a prompt in tiles gives
 //! the logits of the same prompt run token by token.
 //!
+//! The model families differ only in data: a family without sub-norms quantizes o's and down's raw input;
+//! Qwen3 adds one dispatch after qkv (norm.wgsl's head_norm: each q and k head RMS-normalized in place), and
+//! its projections in ggml blocks (Q1_0, Q2_0, Q8_0; a head in those types too) run blocks.wgsl in place of
+//! ternary.wgsl, against Q8_0 activations as the CPU and llama.cpp multiply them, one dispatch for a token or
+//! a whole tile. A BitNet embedding model's projections each have their own input norm (after the block's:
+//! both fused into the quantization), so q, k, v and gate, up run as separate `Part`s.
+//!
 //! The integer part of BitLinear is exact, as on the CPU. Float sums run in a different order (and WGSL's
 //! division and square root are not correctly rounded), so logits agree with the CPU's to float tolerance.
 //!
@@ -43,27 +50,50 @@ pub use gpu::adapters_async;
 pub use gpu::{AdapterDesc, Gpu};
 pub use kernels::TILE;
 
+use crate::backend::cpu::kernels::blocks;
 use crate::backend::{check_ctx, check_input, check_runs, KvType};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::backend::{Sequence, Want, Weights};
-use crate::model::{Activation, Config, Model};
+use crate::model::{Activation, Config, Family, Model};
+use crate::tensor::Linear;
 use crate::{Error, Result};
 use kernels::{
-    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP,
-    MODE_STORE, SHORT_ROW, STEP_STRIDE,
+    grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ACT_MUL, MODE_ADD,
+    MODE_GATE_UP, MODE_STORE, SHORT_ROW, STEP_STRIDE,
 };
-use weights::{FloatGpu, TernaryGpu};
+use weights::{FloatGpu, LinearGpu};
+
+/// A projection as a layer runs it (or projections stacked, sharing their input): its weights, what it does
+/// with its output, and the norms of its input.
+struct Part {
+    w: LinearGpu,
+    mode: u32,
+    /// The input's RMS norm weights (`prenorm` 1), two norms' back to back (`prenorm` 2: a BitNet embedding
+    /// model's block norm, then the projection's own `*_norm_in`), or none (`prenorm` 0: a family without
+    /// sub-norms quantizes the o and down projections' raw input).
+    norm: Option<wgpu::Buffer>,
+    prenorm: u32,
+    /// Where its rows go in the output: q, k and v each on its own input write their parts of `qkv`.
+    out_off: usize,
+}
 
 struct GpuLayer {
-    attn_norm: wgpu::Buffer,
-    /// None for a family without sub-norms (the o and down projections quantize their raw input).
-    attn_sub_norm: Option<wgpu::Buffer>,
-    ffn_norm: wgpu::Buffer,
-    ffn_sub_norm: Option<wgpu::Buffer>,
-    qkv: TernaryGpu,
-    wo: TernaryGpu,
-    gate_up: TernaryGpu,
-    down: TernaryGpu,
+    /// Qwen3's RMSNorm weights of each q head, then of each k head (norm.wgsl's head_norm); None otherwise.
+    qk_norm: Option<wgpu::Buffer>,
+    /// q, k and v stacked (or each on its own input norm), from x into `qkv`.
+    qkv: Vec<Part>,
+    /// From the attention output, added to x.
+    wo: Part,
+    /// Gate and up interleaved, act(gate)·up into `h` (or gate then up, each on its own input norm).
+    gate_up: Vec<Part>,
+    /// From h, added to x.
+    down: Part,
+}
+
+impl GpuLayer {
+    fn parts(&self) -> impl Iterator<Item = &Part> {
+        self.qkv.iter().chain([&self.wo]).chain(&self.gate_up).chain([&self.down])
+    }
 }
 
 /// A model's weights on one device, with the compiled kernels: shared by every context ([`Wgpu`]).
@@ -72,11 +102,14 @@ pub struct GpuModel {
     config: Config,
     layers: Vec<GpuLayer>,
     output_norm: wgpu::Buffer,
-    lm_head: FloatGpu,
-    /// The embedding when it is not tied to the LM head.
-    token_embd: Option<FloatGpu>,
+    /// The embedding (the lookup), also the LM head when tied to it and float.
+    token_embd: FloatGpu,
+    lm_head: LmHead,
     /// BitLinear for rows of up to `SHORT_ROW` columns, and for longer ones.
     ternary: [Kernel; 2],
+    /// Projections in ggml blocks (blocks.wgsl), where the model has any.
+    blocks: Option<Kernel>,
+    head_norm: Kernel,
     attention: Kernel,
     /// A prompt tile's kernels: norm + quantization, the ternary GEMM, the keys' and values' store.
     quantize: Kernel,
@@ -90,6 +123,44 @@ pub struct GpuModel {
     lookup: Kernel,
     /// Keys and values cached as computed (`KvType::F32`), or rounded to f16.
     exact_kv: bool,
+    /// A BitNet embedding model: contexts read back the final hidden state with the logits.
+    embedding: bool,
+}
+
+/// The LM head on the device.
+enum LmHead {
+    /// The float embedding, tied.
+    Embedding,
+    Float(FloatGpu),
+    /// Qwen3's head in Q1_0, Q2_0 or Q8_0 (tied or not), multiplied as its projections are (the final norm
+    /// fused in).
+    Blocks(Part),
+}
+
+/// `Layer::norm_in`'s index of no projection: a stacked projection has no input norm of its own.
+const NO_NORM_IN: usize = usize::MAX;
+
+/// Projections that share an input, stacked (or interleaved) into one matrix: ternary ones for ternary.wgsl,
+/// ggml blocks of one type for blocks.wgsl.
+fn upload_linear(gpu: &Gpu, label: &str, parts: &[&Linear], interleave: bool) -> Result<LinearGpu> {
+    let ternary: Option<Vec<_>> = parts.iter().map(|w| w.ternary()).collect();
+    let blocks: Option<Vec<_>> = parts
+        .iter()
+        .map(|w| match w {
+            Linear::Ggml(m) => Some(m),
+            Linear::Ternary(_) => None,
+        })
+        .collect();
+    match (ternary, blocks) {
+        (Some(t), _) => LinearGpu::upload(gpu, label, &t, interleave),
+        (_, Some(b)) if b.iter().all(|m| blocks::reads(m.ty) && m.ty == b[0].ty) => {
+            LinearGpu::upload_blocks(gpu, label, &b, interleave)
+        }
+        _ => Err(Error::Unsupported(format!(
+            "{label}: projections of types other than one of Q1_0, Q2_0, Q8_0 or ternary on wgpu (the CPU runs every \
+             type)"
+        ))),
+    }
 }
 
 impl GpuModel {
@@ -101,34 +172,82 @@ impl GpuModel {
         }
         let g = &gpu;
         let f32s = |label: &str, v: &[f32]| g.storage(label, bytemuck::cast_slice(v));
-        let sub_norm = |label: &str, v: &[f32]| (!v.is_empty()).then(|| f32s(label, v));
         let mut layers = Vec::with_capacity(c.n_layer);
         check_runs(model, "wgpu")?;
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         for (i, l) in model.layers.iter().enumerate() {
             let name = |n: &str| format!("blk.{i}.{n}");
-            let [wq, wk, wv, wo, w_gate, w_up, w_down] = l.ternary().expect("checked by check_runs");
+            // A projection `ws` on its input through the block's norm `block` (empty: none) and its own norm
+            // `norm_in[own]` where the model has those.
+            let part = |label: &str, ws: &[&Linear], mode, block: &[f32], own: usize, out_off| -> Result<Part> {
+                let label = name(label);
+                let (norm, prenorm) = match (block.is_empty(), l.norm_in.get(own)) {
+                    (true, None) => (None, 0),
+                    (false, None) => (Some(f32s(&label, block)), 1),
+                    (true, Some(own)) => (Some(f32s(&label, own)), 1),
+                    (false, Some(own)) => {
+                        let mut both = block.to_vec();
+                        both.resize(s4(block.len()), 0.0);
+                        both.extend_from_slice(own);
+                        (Some(f32s(&label, &both)), 2)
+                    }
+                };
+                let w = upload_linear(g, &label, ws, mode == MODE_GATE_UP)?;
+                Ok(Part { w, mode, norm, prenorm, out_off })
+            };
+            let (qkv, gate_up) = match l.norm_in.is_empty() {
+                true => (
+                    vec![part("attn_qkv", &[&l.wq, &l.wk, &l.wv], MODE_STORE, &l.attn_norm, NO_NORM_IN, 0)?],
+                    vec![part("ffn_gate_up", &[&l.w_gate, &l.w_up], MODE_GATE_UP, &l.ffn_norm, NO_NORM_IN, 0)?],
+                ),
+                false => (
+                    vec![
+                        part("attn_q", &[&l.wq], MODE_STORE, &l.attn_norm, 0, 0)?,
+                        part("attn_k", &[&l.wk], MODE_STORE, &l.attn_norm, 1, q_dim)?,
+                        part("attn_v", &[&l.wv], MODE_STORE, &l.attn_norm, 2, q_dim + kv_dim)?,
+                    ],
+                    vec![
+                        part("ffn_gate", &[&l.w_gate], MODE_STORE, &l.ffn_norm, 4, 0)?,
+                        part("ffn_up", &[&l.w_up], MODE_ACT_MUL, &l.ffn_norm, 5, 0)?,
+                    ],
+                ),
+            };
+            let qk_norm = [l.attn_q_norm.as_slice(), &l.attn_k_norm].concat();
             layers.push(GpuLayer {
-                attn_norm: f32s(&name("attn_norm"), &l.attn_norm),
-                attn_sub_norm: sub_norm(&name("attn_sub_norm"), &l.attn_sub_norm),
-                ffn_norm: f32s(&name("ffn_norm"), &l.ffn_norm),
-                ffn_sub_norm: sub_norm(&name("ffn_sub_norm"), &l.ffn_sub_norm),
-                qkv: TernaryGpu::upload(g, &name("attn_qkv"), &[wq, wk, wv], false)?,
-                wo: TernaryGpu::upload(g, &name("attn_output"), &[wo], false)?,
-                gate_up: TernaryGpu::upload(g, &name("ffn_gate_up"), &[w_gate, w_up], true)?,
-                down: TernaryGpu::upload(g, &name("ffn_down"), &[w_down], false)?,
+                qk_norm: (!qk_norm.is_empty()).then(|| f32s(&name("attn_qk_norm"), &qk_norm)),
+                qkv,
+                wo: part("attn_output", &[&l.wo], MODE_ADD, &l.attn_sub_norm, 3, 0)?,
+                gate_up,
+                down: part("ffn_down", &[&l.w_down], MODE_ADD, &l.ffn_sub_norm, 6, 0)?,
             });
             gpu.check("uploading the weights")?;
         }
-        let lm_head = FloatGpu::upload(g, "lm_head", model.lm_head())?;
-        let token_embd = match &model.output {
-            Some(_) => Some(FloatGpu::upload(g, "token_embd", &model.token_embd)?),
-            None => None,
+        let token_embd = FloatGpu::upload(g, "token_embd", &model.token_embd)?;
+        let head = model.lm_head();
+        // As the CPU multiplies it: a Qwen3 head in Q1_0/Q2_0/Q8_0 against Q8_0 activations, others in float.
+        let lm_head = match (&model.output, model.family == Family::Qwen3 && blocks::reads(head.ty)) {
+            (_, true) => LmHead::Blocks(Part {
+                w: LinearGpu::upload_blocks(g, "lm_head", &[head], false)?,
+                mode: MODE_STORE,
+                norm: Some(f32s("output_norm", &model.output_norm)),
+                prenorm: 1,
+                out_off: 0,
+            }),
+            (Some(out), false) => LmHead::Float(FloatGpu::upload(g, "lm_head", out)?),
+            (None, false) => LmHead::Embedding,
         };
-        let embd_format = token_embd.as_ref().unwrap_or(&lm_head).format;
         let max_cols = [c.n_embd, c.n_head * c.head_dim, c.n_ff].into_iter().max().unwrap_or(0).div_ceil(128) * 128;
+        let any_blocks =
+            matches!(lm_head, LmHead::Blocks(_)) || layers.iter().flat_map(GpuLayer::parts).any(|p| p.w.params.ty != 0);
+        let head_format = match &lm_head {
+            LmHead::Float(f) => f.format,
+            _ => token_embd.format,
+        };
         let m = GpuModel {
             output_norm: f32s("output_norm", &model.output_norm),
             ternary: [Kernel::ternary(g, max_cols, false)?, Kernel::ternary(g, max_cols, true)?],
+            blocks: if any_blocks { Some(Kernel::blocks(g, max_cols)?) } else { None },
+            head_norm: Kernel::norm(g, "head_norm"),
             attention: Kernel::attention(g, c.head_dim, "main"),
             quantize: Kernel::tile(g, "quantize"),
             gemm: Kernel::tile(g, "gemm"),
@@ -136,14 +255,15 @@ impl GpuModel {
             combine: Kernel::attention(g, c.head_dim, "combine"),
             rmsnorm: Kernel::norm(g, "rmsnorm"),
             argmax: Kernel::norm(g, "argmax"),
-            matvec: Kernel::float(g, lm_head.format, "matvec"),
-            lookup: Kernel::float(g, embd_format, "lookup"),
+            matvec: Kernel::float(g, head_format, "matvec"),
+            lookup: Kernel::float(g, token_embd.format, "lookup"),
             lm_head,
             token_embd,
             layers,
             config: c,
             gpu: gpu.clone(),
             exact_kv: false,
+            embedding: model.is_embedding(),
         };
         gpu.check("compiling the kernels")?;
         Ok(m)
@@ -196,7 +316,8 @@ impl GpuModel {
         let (c, gpu) = (&self.config, &*self.gpu);
         let f32_buf = |label: &str, n: usize| gpu.zeros(label, n as u64 * 4);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let widest = self.layers.iter().flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down]).map(|w| w.params.vpr).max();
+        let ternary = self.layers.iter().flat_map(GpuLayer::parts).filter(|p| p.w.params.ty == 0);
+        let widest = ternary.map(|p| p.w.params.vpr).max();
         let attn = AttnParams {
             qkv_stride: s4(q_dim + 2 * kv_dim) as u32,
             out_stride: s4(q_dim) as u32,
@@ -217,44 +338,98 @@ impl GpuModel {
 
     /// The embedding lookup into a tile's row `step.row`: one dispatch per shard of the embedding.
     fn tile_embed(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<Dispatch> {
-        let embd = self.token_embd.as_ref().unwrap_or(&self.lm_head);
+        let embd = &self.token_embd;
         // The lookup's input binding is unused: any buffer of the right kind.
         embd.shards.iter().map(|s| self.float(&self.lookup, embd, s, step, &t.h, &t.x)).collect()
     }
 
-    /// Every layer's BitLinears for a tile's rows: for qkv, wo, gate/up and down, the rows' norm and
-    /// quantization, then the GEMM.
-    fn tile_bitlinears(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<[Dispatch; 8]> {
-        let (c, gpu) = (&self.config, &*self.gpu);
-        let bitlinear = |w: &TernaryGpu,
-                         mode: u32,
-                         input: &wgpu::Buffer,
-                         in_len,
-                         norm: Option<&wgpu::Buffer>,
-                         out: &wgpu::Buffer,
-                         out_len| {
-            let act = u32::from(c.activation == Activation::Silu);
-            let (x_stride, out_stride) = ((s4(in_len) / 4) as u32, s4(out_len) as u32);
-            let (norm, prenorm) = norm.map_or((input, 0), |n| (n, 1)); // no norm: any buffer, unread
-            let p = TernaryParams { mode, act, prenorm, eps: c.eps, x_stride, out_stride, ..w.params };
-            let uniform = gpu.uniform("tile params", &p);
-            let gemm_grid = grid(p.rows as usize, self.gemm.rows_per_group);
-            [
-                self.quantize.dispatch(gpu, step, &[&uniform, &t.words, input, norm, &t.scales], (TILE as u32, 1)),
-                self.gemm.dispatch(gpu, step, &[&uniform, &w.buf, &t.words, &t.scales, out], gemm_grid),
-            ]
+    /// The dispatches of `part` on `input` (through its norms) into `out`, for a decode step's token, or for
+    /// a tile's rows (`tile`: its buffers, and the rows' input and output lengths): a ternary matrix's GEMV,
+    /// or its tile's norm + quantization and GEMM; a matrix in ggml blocks's one dispatch (blocks.wgsl)
+    /// either way.
+    fn projection(
+        &self,
+        step: &wgpu::Buffer,
+        part: &Part,
+        [input, out]: [&wgpu::Buffer; 2],
+        tile: Option<(&TileBufs, usize, usize)>,
+    ) -> Vec<Dispatch> {
+        let (c, gpu, w) = (&self.config, &*self.gpu, &part.w);
+        let act = u32::from(c.activation == Activation::Silu);
+        let norm = part.norm.as_ref().unwrap_or(input); // no norm: any buffer, unread
+        let (x_stride, out_stride) = tile.map_or((0, 0), |(_, i, o)| ((s4(i) / 4) as u32, s4(o) as u32));
+        let (mode, prenorm, out_off) = (part.mode, part.prenorm, part.out_off as u32);
+        let p = TernaryParams { mode, act, prenorm, eps: c.eps, x_stride, out_stride, out_off, ..w.params };
+        let uniform = gpu.uniform("projection params", &p);
+        let gemv = |k: &Kernel| {
+            k.dispatch(gpu, step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
         };
-        let (d, q_dim, kv_dim) = (c.n_embd, c.q_dim(), c.kv_dim());
+        match (p.ty, tile) {
+            (0, Some((t, _, _))) => vec![
+                self.quantize.dispatch(gpu, step, &[&uniform, &t.words, input, norm, &t.scales], (TILE as u32, 1)),
+                self.gemm.dispatch(
+                    gpu,
+                    step,
+                    &[&uniform, &w.buf, &t.words, &t.scales, out],
+                    grid(p.rows as usize, self.gemm.rows_per_group),
+                ),
+            ],
+            (0, None) => vec![gemv(&self.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)])],
+            _ => vec![gemv(self.blocks.as_ref().expect("compiled for a model with block projections"))],
+        }
+    }
+
+    /// Qwen3's q and k head norms, in place in `qkv` (token rows of `stride` floats) for up to `rows` tokens;
+    /// None for other families. `spare`: any writable buffer but `qkv` (bound, unused).
+    fn head_norm(
+        &self,
+        step: &wgpu::Buffer,
+        l: &GpuLayer,
+        [qkv, spare]: [&wgpu::Buffer; 2],
+        stride: usize,
+        rows: usize,
+    ) -> Option<Dispatch> {
+        let c = &self.config;
+        let norm = l.qk_norm.as_ref()?;
+        let p = NormParams { n: c.head_dim as u32, eps: c.eps, q_heads: c.n_head as u32, stride: stride as u32 };
+        let uniform = self.gpu.uniform("head norm params", &p);
+        let heads = (c.n_head + c.n_head_kv) as u32;
+        Some(self.head_norm.dispatch(&self.gpu, step, &[&uniform, norm, norm, qkv, spare], (heads, rows as u32)))
+    }
+
+    /// Every layer's dispatches around its attention, over the buffers `x`, `qkv`, `att_out` and `h` (see
+    /// [`TileBufs`]): for a decode step's token, or for the rows of `tile` (whose buffers they are).
+    fn layer_dispatches(
+        &self,
+        step: &wgpu::Buffer,
+        [x, qkv, att_out, h]: [&wgpu::Buffer; 4],
+        spare: &wgpu::Buffer,
+        tile: Option<&TileBufs>,
+    ) -> Vec<Around> {
+        let c = &self.config;
+        let (d, q_dim, ff) = (c.n_embd, c.q_dim(), c.n_ff);
+        let qkv_len = q_dim + 2 * c.kv_dim();
+        let sized = |i, o| tile.map(|t| (t, i, o));
+        let rows = if tile.is_some() { TILE } else { 1 };
         self.layers
             .iter()
             .map(|l| {
-                let [a, b] = bitlinear(&l.qkv, MODE_STORE, &t.x, d, Some(&l.attn_norm), &t.qkv, q_dim + 2 * kv_dim);
-                let [c0, c1] = bitlinear(&l.wo, MODE_ADD, &t.att_out, q_dim, l.attn_sub_norm.as_ref(), &t.x, d);
-                let [e0, e1] = bitlinear(&l.gate_up, MODE_GATE_UP, &t.x, d, Some(&l.ffn_norm), &t.h, c.n_ff);
-                let [f0, f1] = bitlinear(&l.down, MODE_ADD, &t.h, c.n_ff, l.ffn_sub_norm.as_ref(), &t.x, d);
-                [a, b, c0, c1, e0, e1, f0, f1]
+                let mut before: Vec<Dispatch> =
+                    l.qkv.iter().flat_map(|p| self.projection(step, p, [x, qkv], sized(d, qkv_len))).collect();
+                before.extend(self.head_norm(step, l, [qkv, spare], s4(qkv_len), rows));
+                let after = std::iter::once((&l.wo, [att_out, x], sized(q_dim, d)))
+                    .chain(l.gate_up.iter().map(|p| (p, [x, h], sized(d, ff))))
+                    .chain([(&l.down, [h, x], sized(ff, d))])
+                    .flat_map(|(p, io, tile)| self.projection(step, p, io, tile))
+                    .collect();
+                Around { before, after }
             })
             .collect()
+    }
+
+    /// Every layer's projections (and head norms) for a tile's rows.
+    fn tile_layers(&self, step: &wgpu::Buffer, t: &TileBufs) -> Vec<Around> {
+        self.layer_dispatches(step, [&t.x, &t.qkv, &t.att_out, &t.h], &t.scales, Some(t))
     }
 
     /// A layer's attention for a tile's rows over the caches `kv`: the store of their keys and values,
@@ -303,6 +478,13 @@ fn s4(n: usize) -> usize {
     n.next_multiple_of(4)
 }
 
+/// A layer's dispatches on either side of its attention: the q/k/v projection (and Qwen3's q/k head norms)
+/// before it, the output projection and the feed-forward after.
+struct Around {
+    before: Vec<Dispatch>,
+    after: Vec<Dispatch>,
+}
+
 /// The buffers of a tile of up to [`TILE`] token rows: a prompt tile, or one token of each of many sequences.
 struct TileBufs {
     /// The residual stream, `[TILE][n_embd rounded up to 4]`.
@@ -330,8 +512,8 @@ enum Head {
 struct Tile {
     /// The embedding lookup, recorded once per token of the tile (at its step slot).
     embed: Vec<Dispatch>,
-    /// Per layer, its BitLinears (see [`GpuModel::tile_bitlinears`]) and its attention.
-    bitlinear: Vec<[Dispatch; 8]>,
+    /// Per layer, its projections (see [`GpuModel::tile_layers`]) and its attention.
+    layers: Vec<Around>,
     attention: Vec<[Dispatch; 2]>,
     bufs: TileBufs,
 }
@@ -345,8 +527,9 @@ pub struct Wgpu {
     x: wgpu::Buffer,
     /// The embedding lookup, one dispatch per shard of the embedding (only the token's shard does work).
     embed: Vec<Dispatch>,
-    /// Five dispatches per layer (see the module documentation).
-    layers: Vec<Dispatch>,
+    /// Per layer, its dispatches around attention (see the module documentation), and its attention.
+    layers: Vec<Around>,
+    attention: Vec<Dispatch>,
     /// Per layer, its attention split over the sequence and the merge of the chunks: in place of the
     /// single-pass attention from position `split_from` on.
     split_attention: Vec<[Dispatch; 2]>,
@@ -360,6 +543,9 @@ pub struct Wgpu {
     best_buf: wgpu::Buffer,
     best_read: wgpu::Buffer,
     logits: Vec<f32>,
+    /// An embedding model's final normed hidden state (`Sequence::hidden`), read back with the logits (the
+    /// device's `xn`, the float head's input); None for other models.
+    hidden: Option<(wgpu::Buffer, wgpu::Buffer, Vec<f32>)>,
     /// A decode step with this head, and split attention or not, recorded ahead (see [`Wgpu::run`]).
     ready: Option<(Head, bool, wgpu::CommandBuffer)>,
     /// The RoPE table and each layer's key and value caches, for a [`WgpuBatcher`]'s dispatches (the
@@ -397,7 +583,11 @@ impl Wgpu {
         }
         let step = m.step_buffer();
         let x = f32_buf("x", c.n_embd);
-        let xn = f32_buf("xn", m.lm_head.vpr * m.lm_head.format.per_vec4()); // zero-padded LM head input
+        let xn = match &m.lm_head {
+            LmHead::Float(f) => f32_buf("xn", f.vpr * f.format.per_vec4()), // zero-padded LM head input
+            LmHead::Embedding => f32_buf("xn", m.token_embd.vpr * m.token_embd.format.per_vec4()),
+            LmHead::Blocks(_) => f32_buf("xn", 4), // unused: blocks.wgsl normalizes x itself
+        };
         let qkv = f32_buf("qkv", q_dim + 2 * kv_dim);
         let att_out = f32_buf("att_out", q_dim);
         let h = f32_buf("h", c.n_ff);
@@ -408,14 +598,6 @@ impl Wgpu {
         let logits_buf = f32_buf("logits", c.n_vocab);
         let best_buf = gpu.zeros("best", 4);
 
-        let ternary = |w: &TernaryGpu, mode: u32, input: &wgpu::Buffer, norm: Option<&wgpu::Buffer>, out| {
-            let act = u32::from(c.activation == Activation::Silu);
-            let (norm, prenorm) = norm.map_or((input, 0), |n| (n, 1)); // no norm: any buffer, unread
-            let p = TernaryParams { mode, act, prenorm, eps: c.eps, ..w.params };
-            let uniform = gpu.uniform("ternary params", &p);
-            let k = &m.ternary[usize::from(p.vpr as usize * 64 > SHORT_ROW)];
-            k.dispatch(gpu, &step, &[&uniform, &w.buf, input, norm, out], grid(p.rows as usize, k.rows_per_group))
-        };
         // A decode step: one token (row 0), its k and v from `qkv`.
         let attn_params = m.attn_params(ctx);
         let attn_uniform = gpu.uniform("attention params", &attn_params);
@@ -425,22 +607,19 @@ impl Wgpu {
         let split_uniform = gpu.uniform("split attention params", &AttnParams { chunk: chunk as u32, ..attn_params });
         let tile_bufs = m.tile_buffers(ctx);
 
-        let mut layers = Vec::with_capacity(5 * c.n_layer);
+        let layers = m.layer_dispatches(&step, [&x, &qkv, &att_out, &h], &best_buf, None);
+        let mut attention = Vec::with_capacity(c.n_layer);
         let mut split_attention = Vec::with_capacity(c.n_layer);
         let mut caches = Vec::with_capacity(c.n_layer);
         let mut tile_attention = Vec::with_capacity(c.n_layer);
-        for (i, l) in m.layers.iter().enumerate() {
+        for i in 0..c.n_layer {
             let (kc, vc) = (gpu.zeros(&format!("k_cache.{i}"), kv_bytes), gpu.zeros(&format!("v_cache.{i}"), kv_bytes));
-            layers.push(ternary(&l.qkv, MODE_STORE, &x, Some(&l.attn_norm), &qkv));
-            layers.push(m.attention.dispatch(
+            attention.push(m.attention.dispatch(
                 gpu,
                 &step,
                 &[&attn_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part],
                 (c.n_head as u32, 1),
             ));
-            layers.push(ternary(&l.wo, MODE_ADD, &att_out, l.attn_sub_norm.as_ref(), &x));
-            layers.push(ternary(&l.gate_up, MODE_GATE_UP, &x, Some(&l.ffn_norm), &h));
-            layers.push(ternary(&l.down, MODE_ADD, &h, l.ffn_sub_norm.as_ref(), &x));
             let split = [&split_uniform, &qkv, &rope, &kc, &vc, &att, &att_out, &part];
             split_attention.push([
                 m.attention.dispatch(gpu, &step, &split, (c.n_head as u32, ctx.div_ceil(chunk) as u32)),
@@ -450,22 +629,39 @@ impl Wgpu {
             caches.push([kc, vc]);
         }
 
-        let embd = m.token_embd.as_ref().unwrap_or(&m.lm_head);
+        let embd = &m.token_embd;
         let embed = embd.shards.iter().map(|s| m.float(&m.lookup, embd, s, &step, &xn, &x)).collect();
         let tile = Tile {
             embed: m.tile_embed(&step, &tile_bufs),
-            bitlinear: m.tile_bitlinears(&step, &tile_bufs),
+            layers: m.tile_layers(&step, &tile_bufs),
             attention: tile_attention,
             bufs: tile_bufs,
         };
-        let norm = |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, _pad: [0; 2] });
-        let mut head =
-            vec![m.rmsnorm.dispatch(gpu, &step, &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf], (1, 1))];
-        head.extend(m.lm_head.shards.iter().map(|s| m.float(&m.matvec, &m.lm_head, s, &step, &xn, &logits_buf)));
+        let norm =
+            |n: usize| gpu.uniform("norm params", &NormParams { n: n as u32, eps: c.eps, q_heads: 0, stride: 0 });
+        let head = match &m.lm_head {
+            LmHead::Blocks(part) => m.projection(&step, part, [&x, &logits_buf], None),
+            LmHead::Float(_) | LmHead::Embedding => {
+                let f = if let LmHead::Float(f) = &m.lm_head { f } else { &m.token_embd };
+                let mut head = vec![m.rmsnorm.dispatch(
+                    gpu,
+                    &step,
+                    &[&norm(c.n_embd), &x, &m.output_norm, &xn, &best_buf],
+                    (1, 1),
+                )];
+                head.extend(f.shards.iter().map(|s| m.float(&m.matvec, f, s, &step, &xn, &logits_buf)));
+                head
+            }
+        };
         let argmax =
             m.argmax.dispatch(gpu, &step, &[&norm(c.n_vocab), &logits_buf, &m.output_norm, &xn, &best_buf], (1, 1));
         gpu.check("creating a context")?;
+        let hidden = match m.lm_head {
+            LmHead::Blocks(_) => None,
+            _ => m.embedding.then(|| (xn.clone(), gpu.readback("hidden", c.n_embd as u64 * 4), vec![0.0; c.n_embd])),
+        };
         Ok(Wgpu {
+            hidden,
             logits_read: gpu.readback("logits", c.n_vocab as u64 * 4),
             best_read: gpu.readback("best", 4),
             logits: vec![0.0; c.n_vocab],
@@ -475,6 +671,7 @@ impl Wgpu {
             step,
             embed,
             layers,
+            attention,
             split_attention,
             // One chunk's positions are what the single pass takes per workgroup; the split's second
             // dispatch pays off only past that (where exactly is for measuring on each GPU).
@@ -537,14 +734,14 @@ impl Wgpu {
             gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
             Ok(t.elapsed().as_secs_f64())
         };
-        let l = &self.layers;
+        let (l, attn) = (&self.layers[0], &self.attention[0]);
         let kinds: [(&str, Vec<&Dispatch>); 9] = [
             ("embedding lookup", vec![&self.embed[0]]),
-            ("qkv (norm + quantize + ternary)", vec![&l[0]]),
-            ("attention (rope + kv store), pos 0", vec![&l[1]]),
-            ("wo (+ residual)", vec![&l[2]]),
-            ("gate/up (+ relu²·up)", vec![&l[3]]),
-            ("down (+ residual)", vec![&l[4]]),
+            ("qkv (norm + quantize + ternary)", vec![&l.before[0]]),
+            ("attention (rope + kv store), pos 0", vec![attn]),
+            ("wo (+ residual)", vec![&l.after[0]]),
+            ("gate/up (+ relu²·up)", vec![&l.after[1]]),
+            ("down (+ residual)", vec![&l.after[2]]),
             ("final norm", vec![&self.head[0]]),
             ("LM head (all shards)", self.head[1..].iter().collect()),
             ("argmax", vec![&self.argmax]),
@@ -561,20 +758,22 @@ impl Wgpu {
         }
         // All of a decode step's dispatches: their sum above, plus what streaming every weight from memory
         // (not from the cache, as in the repeated single dispatches) adds.
-        let whole = self.embed.iter().chain(&self.layers).chain(&self.head).collect();
+        let layers =
+            self.layers.iter().zip(&self.attention).flat_map(|(l, a)| l.before.iter().chain([a]).chain(&l.after));
+        let whole = self.embed.iter().chain(layers).chain(&self.head).collect();
         measure("a whole decode step (pos 0, logits)", whole)?;
         let step = |s: Step| gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&s));
         step(Step { token: 0, pos: (self.ctx - 1) as u32, row: 0, n: 1 });
-        measure("attention, last position of the context, single pass", vec![&l[1]])?;
+        measure("attention, last position of the context, single pass", vec![attn])?;
         measure("attention, last position of the context, split + combine", self.split_attention[0].iter().collect())?;
         step(Step { token: 0, pos: 0, row: 0, n: TILE as u32 });
-        let (t, a) = (&self.tile.bitlinear[0], &self.tile.attention[0]);
-        measure("prompt tile: qkv quantize", vec![&t[0]])?;
-        measure("prompt tile: qkv GEMM", vec![&t[1]])?;
+        let (t, a) = (&self.tile.layers[0], &self.tile.attention[0]);
+        measure("prompt tile: qkv quantize", vec![&t.before[0]])?;
+        measure("prompt tile: qkv GEMM", vec![&t.before[1]])?;
         measure("prompt tile: kv store + attention", a.iter().collect())?;
-        measure("prompt tile: gate/up GEMM", vec![&t[5]])?;
-        measure("prompt tile: down GEMM", vec![&t[7]])?;
-        measure("prompt tile: a whole layer", t[..2].iter().chain(a).chain(&t[2..]).collect())?;
+        measure("prompt tile: gate/up GEMM", vec![&t.after[3]])?;
+        measure("prompt tile: down GEMM", vec![&t.after[5]])?;
+        measure("prompt tile: a whole layer", t.before.iter().chain(a).chain(&t.after).collect())?;
         gpu.check("timing the kernels")?;
         Ok(out)
     }
@@ -647,20 +846,26 @@ impl Wgpu {
         self.m.gpu.check("running the model")
     }
 
+    /// Reads back the logits (and an embedding model's hidden state) that a step with `Head::Logits` copied.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_logits(&mut self) -> Result<()> {
+        self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+        match &mut self.hidden {
+            Some((_, read, h)) => self.m.gpu.read(read, h),
+            None => Ok(()),
+        }
+    }
+
     /// The command buffer of a decode step, with attention split over the sequence or not, then `head`.
     fn record(&self, head: Head, split: bool) -> wgpu::CommandBuffer {
         let mut enc = self.m.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             self.embed.iter().for_each(|d| d.record(&mut pass, 0));
-            for (i, d) in self.layers.iter().enumerate() {
-                // Each layer's second dispatch is its attention.
-                if split && i % 5 == 1 {
-                    self.split_attention[i / 5].iter().for_each(|d| d.record(&mut pass, 0));
-                } else {
-                    d.record(&mut pass, 0);
-                }
-            }
+            record_layers(&mut pass, &self.layers, 0, |l, pass| match split {
+                true => self.split_attention[l].iter().for_each(|d| d.record(pass, 0)),
+                false => self.attention[l].record(pass, 0),
+            });
             self.record_head(&mut pass, head);
         }
         self.copy_head(&mut enc, head);
@@ -676,7 +881,7 @@ impl Wgpu {
             for slot in 0..n {
                 self.tile.embed.iter().for_each(|d| d.record(&mut pass, slot));
             }
-            record_tile_layers(&mut pass, &self.tile.bitlinear, 0, |l, pass| {
+            record_layers(&mut pass, &self.tile.layers, 0, |l, pass| {
                 self.tile.attention[l].iter().for_each(|d| d.record(pass, 0));
             });
         }
@@ -706,7 +911,10 @@ impl Wgpu {
         match head {
             // The device buffer may be padded (to whole 16 bytes): copy the logits only.
             Head::Logits => {
-                enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, self.logits.len() as u64 * 4)
+                enc.copy_buffer_to_buffer(&self.logits_buf, 0, &self.logits_read, 0, self.logits.len() as u64 * 4);
+                if let Some((xn, read, h)) = &self.hidden {
+                    enc.copy_buffer_to_buffer(xn, 0, read, 0, h.len() as u64 * 4);
+                }
             }
             Head::Argmax => enc.copy_buffer_to_buffer(&self.best_buf, 0, &self.best_read, 0, 4),
             Head::None => {}
@@ -727,7 +935,7 @@ impl Sequence for Wgpu {
             Want::Greedy => return self.forward_argmax(tokens, pos).map(Some),
             Want::Logits => {
                 self.run(tokens, pos, Head::Logits)?;
-                self.m.gpu.read(&self.logits_read, &mut self.logits)?;
+                self.read_logits()?;
             }
             Want::Nothing => self.run(tokens, pos, Head::None)?,
         }
@@ -736,6 +944,10 @@ impl Sequence for Wgpu {
 
     fn logits(&self) -> &[f32] {
         &self.logits
+    }
+
+    fn hidden(&self) -> Option<&[f32]> {
+        self.hidden.as_ref().map(|(_, _, h)| h.as_slice())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -762,18 +974,17 @@ impl Weights for GpuModel {
     }
 }
 
-/// Every layer of a tile's rows: each BitLinear's dispatches at the step entry `slot`, and `attend(l, pass)`
-/// between the q/k/v projection and the output projection.
-fn record_tile_layers(
+/// Every layer: its dispatches around attention at the step entry `slot`, and `attend(l, pass)` between.
+fn record_layers(
     pass: &mut wgpu::ComputePass,
-    bitlinear: &[[Dispatch; 8]],
+    layers: &[Around],
     slot: usize,
     mut attend: impl FnMut(usize, &mut wgpu::ComputePass),
 ) {
-    for (l, d) in bitlinear.iter().enumerate() {
-        d[..2].iter().for_each(|d| d.record(pass, slot));
+    for (l, d) in layers.iter().enumerate() {
+        d.before.iter().for_each(|d| d.record(pass, slot));
         attend(l, pass);
-        d[2..].iter().for_each(|d| d.record(pass, slot));
+        d.after.iter().for_each(|d| d.record(pass, slot));
     }
 }
 
@@ -798,7 +1009,7 @@ struct BatchBufs {
     step: wgpu::Buffer,
     tile: TileBufs,
     embed: Vec<Dispatch>,
-    bitlinear: Vec<[Dispatch; 8]>,
+    layers: Vec<Around>,
     part: wgpu::Buffer,
 }
 
@@ -812,7 +1023,7 @@ impl BatchBufs {
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ctx,
             embed: m.tile_embed(&step, &tile),
-            bitlinear: m.tile_bitlinears(&step, &tile),
+            layers: m.tile_layers(&step, &tile),
             // Unused by a tile's attention (no split), but bound.
             part: m.gpu.zeros("attention chunks", 4 * (m.config.head_dim as u64 + 2)),
             tile,
@@ -876,7 +1087,7 @@ impl WgpuBatcher {
             for slot in 0..rows.len() {
                 b.embed.iter().for_each(|d| d.record(&mut pass, slot));
             }
-            record_tile_layers(&mut pass, &b.bitlinear, TILE, |l, pass| {
+            record_layers(&mut pass, &b.layers, TILE, |l, pass| {
                 for (slot, r) in rows.iter().enumerate() {
                     let (_, attention) = r.seq.batched.as_ref().expect("made above");
                     attention[l].iter().for_each(|d| d.record(pass, slot));
@@ -896,7 +1107,7 @@ impl WgpuBatcher {
         rows.iter_mut()
             .map(|r| match r.want {
                 Want::Nothing => Ok(None),
-                Want::Logits => gpu.read(&r.seq.logits_read, &mut r.seq.logits).map(|_| None),
+                Want::Logits => r.seq.read_logits().map(|_| None),
                 Want::Greedy => {
                     let mut best = [0u32];
                     gpu.read(&r.seq.best_read, &mut best)?;

@@ -7,7 +7,7 @@ use super::kernels::{
     grid, AttnParams, Dispatch, FloatParams, Kernel, NormParams, Step, TernaryParams, MODE_ADD, MODE_GATE_UP, MODE_RAW,
     MODE_STORE, SHORT_ROW, TILE,
 };
-use super::weights::{FloatGpu, TernaryGpu};
+use super::weights::{FloatGpu, LinearGpu};
 use crate::model::Activation;
 use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
@@ -36,7 +36,7 @@ impl Gpu {
 
     fn probe_ternary(
         &self,
-        w: &TernaryGpu,
+        w: &LinearGpu,
         p: TernaryParams,
         x: &[f32],
         norm: &[f32],
@@ -62,7 +62,7 @@ impl Gpu {
     /// BitLinear's integer part: quantizes `x` as it is (no norm) to int8 on the device and returns the
     /// accumulators `Σ_c code(r, c)·q[c]` of every row and the activation scale `s`.
     pub fn probe_bitlinear_acc(&self, w: &TernaryMatrix, x: &[f32]) -> Result<(Vec<i32>, f32)> {
-        let g = TernaryGpu::upload(self, "w", &[w], false)?;
+        let g = LinearGpu::upload(self, "w", &[w], false)?;
         let p = TernaryParams { mode: MODE_RAW, prenorm: 0, ..g.params };
         let raw = self.probe_ternary(&g, p, x, x, &vec![0.0; w.rows + 1], w.rows + 1)?;
         Ok((raw[..w.rows].iter().map(|&a| a as i32).collect(), f32::from_bits(raw[w.rows])))
@@ -71,7 +71,7 @@ impl Gpu {
     /// A prompt's BitLinear integer part (tile.wgsl): quantizes each of `xs` as it is (no norm) and runs
     /// the GEMM, in tiles as the forward pass does; returns each token's accumulators and activation scale.
     pub fn probe_gemm_acc(&self, w: &TernaryMatrix, xs: &[Vec<f32>]) -> Result<Vec<(Vec<i32>, f32)>> {
-        let g = TernaryGpu::upload(self, "w", &[w], false)?;
+        let g = LinearGpu::upload(self, "w", &[w], false)?;
         let stride = w.cols.next_multiple_of(4);
         let p = TernaryParams {
             mode: MODE_RAW,
@@ -167,7 +167,7 @@ impl Gpu {
         eps: f32,
         residual: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        let g = TernaryGpu::upload(self, "w", parts, false)?;
+        let g = LinearGpu::upload(self, "w", parts, false)?;
         let rows = g.params.rows as usize;
         let mode = if residual.is_some() { MODE_ADD } else { MODE_STORE };
         let p = TernaryParams { mode, prenorm: 1, eps, ..g.params };
@@ -185,7 +185,7 @@ impl Gpu {
         norm: &[f32],
         eps: f32,
     ) -> Result<Vec<f32>> {
-        let g = TernaryGpu::upload(self, "w", &[gate, up], true)?;
+        let g = LinearGpu::upload(self, "w", &[gate, up], true)?;
         let p =
             TernaryParams { mode: MODE_GATE_UP, prenorm: 1, eps, act: u32::from(act == Activation::Silu), ..g.params };
         Ok(self
@@ -193,6 +193,20 @@ impl Gpu {
             .into_iter()
             .map(f32::from_bits)
             .collect())
+    }
+
+    /// A projection in ggml blocks (Q1_0, Q2_0, Q8_0) as blocks.wgsl runs it: `rmsnorm(x, norm)` (no norm where
+    /// `norm` is empty), Q8_0 quantization, the block dot products; `y` of every row.
+    pub fn probe_blocks(&self, m: &FloatMatrix, x: &[f32], norm: &[f32], eps: f32) -> Result<Vec<f32>> {
+        let g = LinearGpu::upload_blocks(self, "w", &[m], false)?;
+        let k = Kernel::blocks(self, m.cols.next_multiple_of(128))?;
+        let prenorm = u32::from(!norm.is_empty());
+        let p = TernaryParams { mode: MODE_STORE, prenorm, eps, ..g.params };
+        let (x, out) = (self.storage("x", bytemuck::cast_slice(x)), self.zeros("out", m.rows as u64 * 4));
+        let norm = if norm.is_empty() { &x } else { &self.storage("norm", bytemuck::cast_slice(norm)) };
+        let grid = grid(m.rows, k.rows_per_group);
+        let d = k.dispatch(self, &self.probe_step(0), &[&self.uniform("params", &p), &g.buf, &x, norm, &out], grid);
+        self.probe_run(&[d], &out, m.rows)
     }
 
     fn probe_float(&self, m: &FloatMatrix, entry: &str, x: &[f32], token: u32, n: usize) -> Result<Vec<f32>> {
@@ -232,7 +246,7 @@ impl Gpu {
     /// The greedy argmax kernel.
     pub fn probe_argmax(&self, x: &[f32]) -> Result<u32> {
         let k = Kernel::norm(self, "argmax");
-        let p = NormParams { n: x.len() as u32, eps: 0.0, _pad: [0; 2] };
+        let p = NormParams { n: x.len() as u32, eps: 0.0, q_heads: 0, stride: 0 };
         let (xb, w, out, best) = (
             self.storage("x", bytemuck::cast_slice(x)),
             self.zeros("w", 4),

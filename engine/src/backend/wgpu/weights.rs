@@ -2,7 +2,9 @@
 //!
 //! Ternary matrices keep the engine layout (read as vec4<u32>); the three attention projections share
 //! one buffer (one GEMV over q, k and v rows), and gate and up rows are interleaved so that one workgroup
-//! sees both halves of each act(gate)·up product. Float matrices keep F16/BF16 as they are; Q8_0, Q5_0
+//! sees both halves of each act(gate)·up product. Projections in ggml blocks (Q1_0, Q2_0, Q8_0: Qwen3)
+//! are stacked and interleaved the same way, each block's bits split from its f16 scale (see
+//! [`LinearGpu::upload_blocks`]). Float matrices keep F16/BF16 as they are; Q8_0, Q5_0
 //! and Q4_0 become int8 blocks with f32 scales (the same values: checked while repacking); anything else
 //! is decoded to F32.
 
@@ -17,13 +19,14 @@ use crate::tensor::float::FloatMatrix;
 use crate::tensor::ternary::TernaryMatrix;
 use crate::{Error, Result};
 
-/// A ternary matrix (or several stacked) on the device, with the parameters of its GEMV.
-pub(crate) struct TernaryGpu {
+/// A projection's matrix (or several stacked) on the device, with the parameters of its GEMV: ternary
+/// (`params.ty` 0, ternary.wgsl) or in ggml blocks (`params.ty` one of the `TY_*`, blocks.wgsl).
+pub(crate) struct LinearGpu {
     pub buf: wgpu::Buffer,
     pub params: TernaryParams,
 }
 
-impl TernaryGpu {
+impl LinearGpu {
     /// Rows of `parts` stacked in order (up to three, each with its own scale), or interleaved
     /// (two parts: gate row i at 2i, up row i at 2i+1).
     pub fn upload(gpu: &Gpu, label: &str, parts: &[&TernaryMatrix], interleave: bool) -> Result<Self> {
@@ -56,7 +59,56 @@ impl TernaryGpu {
             scale2: scale(2),
             ..Default::default()
         };
-        Ok(TernaryGpu { buf: gpu.storage(label, &bytes), params })
+        Ok(LinearGpu { buf: gpu.storage(label, &bytes), params })
+    }
+}
+
+/// blocks.wgsl's weight types (`TernaryParams::ty`).
+pub(crate) const TY_Q1_0: u32 = 1;
+pub(crate) const TY_Q2_0: u32 = 2;
+pub(crate) const TY_Q8_0: u32 = 3;
+
+impl LinearGpu {
+    /// Matrices in ggml blocks (all of one type and width), stacked or interleaved as [`LinearGpu::upload`]
+    /// does. A row becomes its blocks' bits, one vec4<u32> per Q1_0 (128 signs) or Q2_0 block (64 codes),
+    /// two per Q8_0 block (32 int8), as the file stores them; the blocks' f16 scales follow all the rows,
+    /// as f32 (exact), from vec4 `d_off` on: row r's block b at word `4·d_off + r·blocks + b`.
+    pub fn upload_blocks(gpu: &Gpu, label: &str, parts: &[&FloatMatrix], interleave: bool) -> Result<Self> {
+        let first = parts[0];
+        assert!(parts.iter().all(|m| m.cols == first.cols && m.ty == first.ty), "same type and width");
+        let (ty, vec4s) = match first.ty {
+            GgmlType::Q1_0 => (TY_Q1_0, 1),
+            GgmlType::Q2_0 => (TY_Q2_0, 1),
+            GgmlType::Q8_0 => (TY_Q8_0, 2),
+            other => return Err(Error::Unsupported(format!("{label}: {} projections on wgpu", other.name()))),
+        };
+        let order: Vec<(&FloatMatrix, usize)> = match interleave {
+            true => (0..first.rows).flat_map(|r| [(parts[0], r), (parts[1], r)]).collect(),
+            false => parts.iter().flat_map(|&m| (0..m.rows).map(move |r| (m, r))).collect(),
+        };
+        let block_bytes = first.ty.block_bytes(); // the f16 scale, then the bits
+        let blocks = first.row_bytes / block_bytes;
+        let (mut bits, mut scales) = (Vec::new(), Vec::new());
+        for (m, r) in order.iter().copied() {
+            for b in m.row(r).chunks_exact(block_bytes) {
+                bits.extend_from_slice(&b[2..]);
+                scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            }
+        }
+        let d_off = bits.len() / 16;
+        bits.extend_from_slice(bytemuck::cast_slice(&scales));
+        if bits.len() as u64 > gpu.max_binding() {
+            return Err(Error::Gpu(format!("{label}: {} bytes exceed the largest storage binding", bits.len())));
+        }
+        let params = TernaryParams {
+            rows: order.len() as u32,
+            k: first.cols as u32,
+            vpr: (blocks * vec4s) as u32,
+            ty,
+            d_off: d_off as u32,
+            ..Default::default()
+        };
+        Ok(LinearGpu { buf: gpu.storage(label, &bits), params })
     }
 }
 
