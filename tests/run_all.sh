@@ -7,7 +7,7 @@
 #   1b. the Python module: `pip install ./python`, then its pytest suite against the `bitnet` binary
 #   2. the NEON kernels under qemu-aarch64 (with and without dotprod) and SIMD128 under Node's WASI
 #   3. the browser: both wasm builds, the npm package and the demo page in headless Chromium
-#   4. fuzzing: each cargo-fuzz target for 60 s (GGUF reader, tokenizer, chat templates, request bodies)
+#   4. fuzzing: each cargo-fuzz target for 45 s (GGUF reader, tokenizer, chat templates, request bodies)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -53,7 +53,7 @@ bash tests/scripts/test_cross.sh
 step "browser"
 bash tests/scripts/test_web.sh
 
-step "fuzzing (60 s per target)"
-bash tests/scripts/fuzz.sh 60
+step "fuzzing (45 s per target)"
+bash tests/scripts/fuzz.sh 45
 
 step "all passed"
