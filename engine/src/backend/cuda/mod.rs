@@ -6,9 +6,9 @@
 //!   codes, 16 columns per u32 word ([`pack`]), the q/k/v and gate/up matrices fused; the embedding and LM
 //!   head as f16. The kernels are compiled once too.
 //! - [`Cuda`]: one sequence (its KV cache, activations and CUDA graphs, on a stream of its own).
-//! - [`CudaBatcher`]: a decode step of many sequences at once, their tokens as the rows of the prompt path's
-//!   GEMM (each row's keys and values going to its own sequence's cache), attention per row over its own
-//!   cache, and one LM head pass for all rows.
+//! - [`CudaBatcher`]: a decode step of many sequences at once (short prompt pieces included), their tokens
+//!   as the rows of the prompt path's GEMM (each row's keys and values going to its own sequence's cache at
+//!   its own position), attention per row over its own cache, and one LM head pass for all rows.
 //! - Decode (one token): per layer five kernels, each BitLinear fused with the RMSNorm and int8
 //!   quantization of its input and with its epilogue (RoPE + KV-cache store, relu²·up, residual add);
 //!   attention is flash-decoding over 128-key chunks. The step is one CUDA graph, replayed for every
@@ -688,9 +688,10 @@ impl Sequence for Cuda {
     }
 }
 
-/// Steps of many sequences of one [`CudaModel`]: each sequence's prompt pieces through its own prefill
-/// path, and the sequences' single decode tokens together, as the rows of one pass (the GEMM reads each
-/// weight once for all of them, where one decode graph per sequence reads them all once per token).
+/// Steps of many sequences of one [`CudaModel`]: the sequences' decode tokens, and their prompt pieces of
+/// up to [`FOLD_PROMPTS`] tokens, together as the rows of one pass (the GEMM reads each weight once for all
+/// of them, where one decode graph per sequence reads them all once per token); longer pieces through each
+/// sequence's own prefill path.
 pub struct CudaBatcher {
     m: Arc<CudaModel>,
     /// The most rows of one pass.
