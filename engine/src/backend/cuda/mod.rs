@@ -689,7 +689,7 @@ impl Sequence for Cuda {
 }
 
 /// Steps of many sequences of one [`CudaModel`]: the sequences' decode tokens, and their prompt pieces of
-/// up to [`FOLD_PROMPTS`] tokens, together as the rows of one pass (the GEMM reads each weight once for all
+/// up to `FOLD_PROMPTS` tokens, together as the rows of one pass (the GEMM reads each weight once for all
 /// of them, where one decode graph per sequence reads them all once per token); longer pieces through each
 /// sequence's own prefill path.
 pub struct CudaBatcher {
