@@ -5,12 +5,13 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { OUT, ROOT, bitnet, bitnetWithInput, launch, nativeRun, newPage, serve } from './helpers.mjs';
+import { OUT, ROOT, bitnet, bitnetWithInput, nativeRun, openBitNetPage } from './helpers.mjs';
 
 const MODEL = `${ROOT}tests/fixtures/models/tiny-a-i2_s.gguf`;
 const PROMPT = 'Hello world, the';
 const site = `${OUT}/esm-site`;
-let server, browser, page;
+/** The open page (openBitNetPage). */
+let opened;
 const log = [];
 
 before(async () => {
@@ -29,27 +30,15 @@ before(async () => {
   window.BitNet = BitNet;
 </script>`,
   );
-  server = await serve(site);
-  browser = await launch();
-  page = await newPage(browser, log);
-  await page.goto(server.url);
-  await page.waitForFunction(() => window.BitNet);
+  opened = await openBitNetPage(site, log);
 });
 
 after(async () => {
-  await browser?.close();
-  server?.stop();
+  await opened?.close();
 });
 
 /** Runs `fn(BitNet, arg)` in the page; prints the page's console on failure. */
-async function inPage(fn, arg) {
-  try {
-    return await page.evaluate(`(${fn})(window.BitNet, ${JSON.stringify(arg)})`);
-  } catch (err) {
-    console.log(`--- page console\n${log.join('\n')}`);
-    throw err;
-  }
-}
+const inPage = (fn, arg) => opened.inPage(fn, arg);
 
 test('the package ships its types, and a user file type-checks against them', () => {
   for (const f of ['index.js', 'index.d.ts', 'types.d.ts', 'worker.js', 'st/bitnet_web_bg.wasm', 'mt/bitnet_web_bg.wasm', 'README.md']) {
@@ -118,7 +107,7 @@ for (const threads of [2, 1]) {
     assert.equal(got.again, want);
     assert.deepEqual(got.phases, ['download', 'load']);
     assert.deepEqual(got.phasesAgain, ['cache', 'load']);
-    assert.deepEqual(got.cached.map((m) => [m.url, m.size]), [[`${server.url}tiny.gguf`, 215552]]);
+    assert.deepEqual(got.cached.map((m) => [m.url, m.size]), [[`${opened.server.url}tiny.gguf`, 215552]]);
     assert.equal(got.stats.generatedTokens, 12);
     assert.equal(got.stats.stop, 'MaxTokens');
     assert.equal(got.stats.seed, 1);

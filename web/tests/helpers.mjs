@@ -62,3 +62,29 @@ export async function newPage(browser, log) {
   page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
   return page;
 }
+
+/**
+ * Serves `site` (an index.html that puts the package's `BitNet` on `window`) and opens it in Chromium. Returns the
+ * server, the browser and the page, `inPage(fn, arg)`, which runs `fn(BitNet, arg)` in the page and prints the
+ * page's console (collected into `log`) when it throws, and `close()`.
+ */
+export async function openBitNetPage(site, log) {
+  const server = await serve(site);
+  const browser = await launch();
+  const page = await newPage(browser, log);
+  await page.goto(server.url);
+  await page.waitForFunction(() => window.BitNet);
+  const inPage = async (fn, arg) => {
+    try {
+      return await page.evaluate(`(${fn})(window.BitNet, ${JSON.stringify(arg)})`);
+    } catch (err) {
+      console.log(`--- page console\n${log.join('\n')}`);
+      throw err;
+    }
+  };
+  const close = async () => {
+    await browser.close();
+    server.stop();
+  };
+  return { server, browser, page, inPage, close };
+}

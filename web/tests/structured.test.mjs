@@ -6,7 +6,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { cpSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import Ajv from 'ajv';
-import { OUT, ROOT, bitnet, launch, nativeRun, newPage, serve } from './helpers.mjs';
+import { OUT, ROOT, bitnet, nativeRun, openBitNetPage } from './helpers.mjs';
 
 const MODELS = `${ROOT}tests/fixtures/models`;
 const site = `${OUT}/structured-site`;
@@ -24,7 +24,8 @@ const SCHEMA = {
 // As tests/cli.rs's grammar test: "Answer: ", 1 to 3 digits not starting with 0, " ", a unit.
 const GRAMMAR = 'start: "Answer: " NUM " " UNIT\nNUM: /[1-9][0-9]{0,2}/\nUNIT: "cm" | "kg"\n';
 const SENTENCE = /^Answer: [1-9][0-9]{0,2} (cm|kg)$/;
-let server, browser, page;
+/** The open page (openBitNetPage). */
+let opened;
 const log = [];
 
 before(async () => {
@@ -40,27 +41,15 @@ before(async () => {
   window.BitNet = BitNet;
 </script>`,
   );
-  server = await serve(site);
-  browser = await launch();
-  page = await newPage(browser, log);
-  await page.goto(server.url);
-  await page.waitForFunction(() => window.BitNet);
+  opened = await openBitNetPage(site, log);
 });
 
 after(async () => {
-  await browser?.close();
-  server?.stop();
+  await opened?.close();
 });
 
 /** Runs `fn(BitNet, arg)` in the page; prints the page's console on failure. */
-async function inPage(fn, arg) {
-  try {
-    return await page.evaluate(`(${fn})(window.BitNet, ${JSON.stringify(arg)})`);
-  } catch (err) {
-    console.log(`--- page console\n${log.join('\n')}`);
-    throw err;
-  }
-}
+const inPage = (fn, arg) => opened.inPage(fn, arg);
 
 /** `bitnet run` on the tiny model with a schema or grammar file. */
 function nativeConstrained(flag, contents, ...args) {
