@@ -429,6 +429,33 @@ fn upload(gpu: Gpu, model: &Model) -> Arc<GpuModel> {
     Arc::new(GpuModel::upload(Arc::new(gpu), model).unwrap())
 }
 
+/// A model's reference prompts (`cases` of a references file) and `steps` greedy steps on `gm` against the CPU,
+/// the first prompt also on each of `variants`: (prompts checked, worst |Δlogit| at the prompts' last
+/// position on stable prompts, worst anywhere). Stable prompts have no int8 rounding flips under small float
+/// noise: logits agree to 1e-3. Elsewhere (and on the generated tokens, which nobody checked for flips) a
+/// flip moves logits by a few tenths.
+fn compare_cases(
+    model: &Model,
+    cases: &[serde_json::Value],
+    gm: &Arc<GpuModel>,
+    variants: &[Arc<GpuModel>],
+    steps: usize,
+) -> (usize, f32, f32) {
+    let (mut stable_worst, mut worst) = (0f32, 0f32);
+    for (i, case) in cases.iter().enumerate() {
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
+        for gm in std::iter::once(gm).chain(if i == 0 { variants } else { &[] }) {
+            let (first, all) = compare_with_cpu(model, gm, &ids, steps, tol, 0.05);
+            if tol < 0.5 {
+                stable_worst = stable_worst.max(first);
+            }
+            worst = worst.max(all);
+        }
+    }
+    (cases.len(), stable_worst, worst)
+}
+
 /// Every fixture model (every weight type: I2_S, TQ1_0, TQ2_0, F32/F16/BF16-stored ternary, per-tensor
 /// scales, tied and untied heads, GQA) on its reference prompts; the first prompt also with the
 /// plain-WGSL dot product, with the LM head and embedding split into shards, and with the decode steps'
@@ -449,22 +476,9 @@ fn fixture_models_match_the_cpu() {
             upload(gpu().unwrap().with_max_shard(8192), &model),
             upload(gpu().unwrap().with_attention_chunk(2), &model),
         ];
-        for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate()
-        {
-            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            // Stable prompts have no int8 rounding flips under small float noise: logits agree to 1e-3.
-            // Elsewhere (and on the generated tokens, which nobody checked for flips) a flip moves logits
-            // by a few tenths.
-            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
-            for gm in std::iter::once(&gm).chain(if i == 0 { &variants[..] } else { &[] }) {
-                let (first, all) = compare_with_cpu(&model, gm, &ids, 6, tol, 0.05);
-                if tol < 0.5 {
-                    stable_worst = stable_worst.max(first);
-                }
-                worst = worst.max(all);
-            }
-            checked += 1;
-        }
+        let cases = refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap();
+        let (n, stable, all) = compare_cases(&model, cases, &gm, &variants, 6);
+        (checked, stable_worst, worst) = (checked + n, stable_worst.max(stable), worst.max(all));
     }
     assert_eq!(checked, 30, "6 files × 5 prompts");
     eprintln!("fixtures: max |Δlogit| {stable_worst} on stable prompts, {worst} anywhere");
@@ -488,19 +502,9 @@ fn family_models_match_the_cpu() {
         let (model, _) = load(&fixture(file));
         let gm = upload(gpu().unwrap(), &model);
         let plain = upload(gpu().unwrap().without_dot4(), &model);
-        for (i, case) in refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap().iter().enumerate()
-        {
-            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let tol = if case["stable"].as_bool() == Some(true) { 1e-3 } else { 0.5 };
-            for gm in std::iter::once(&gm).chain(if i == 0 { Some(&plain) } else { None }) {
-                let (first, all) = compare_with_cpu(&model, gm, &ids, 4, tol, 0.05);
-                if tol < 0.5 {
-                    stable_worst = stable_worst.max(first);
-                }
-                worst = worst.max(all);
-            }
-            checked += 1;
-        }
+        let cases = refs["models"][info["model"].as_str().unwrap()]["cases"].as_array().unwrap();
+        let (n, stable, all) = compare_cases(&model, cases, &gm, std::slice::from_ref(&plain), 4);
+        (checked, stable_worst, worst) = (checked + n, stable_worst.max(stable), worst.max(all));
         let prompts: Vec<Vec<u32>> =
             [3, 1, 6, 2].iter().map(|&n| (0..n).map(|i| (i * 37 + n) % 500).collect()).collect();
         batch_matches_one_at_a_time(&gm, &prompts);
